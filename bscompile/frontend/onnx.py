@@ -1,0 +1,188 @@
+"""ONNX import: TVM's Relax ONNX frontend plus bscompile's recurrent converters.
+
+Besides the Relax module this records what later stages need and Relax forgets:
+the graph's input/output signature and a name for every constant weight (by
+content fingerprint, since constants lose their names inside Relax).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import tvm
+from onnx import numpy_helper
+from tvm import relax
+from tvm.relax.frontend.onnx import onnx_frontend as tvm_onnx
+
+from bscompile.errors import BscompileError, UnsupportedModelError
+from bscompile.frontend.recurrent import convert_recurrent
+
+RECURRENT_OPS = {"GRU": "gru", "LSTM": "lstm", "RNN": "rnn"}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "TensorSpec":
+        return cls(d["name"], tuple(d["shape"]), d["dtype"])
+
+
+@dataclass
+class ImportedModel:
+    mod: tvm.IRModule
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    weight_names: dict[str, str] = field(default_factory=dict)  # fingerprint -> name
+    opset: int = 0
+
+
+def fingerprint(w: np.ndarray) -> str:
+    """Content key of a weight matrix, stable across Relax constant folding."""
+    w = np.ascontiguousarray(w, dtype=np.float32) + np.float32(0)  # -0.0 and 0.0 alike
+    return hashlib.sha1(repr(w.shape).encode() + w.tobytes()).hexdigest()
+
+
+def load_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
+    if isinstance(model, onnx.ModelProto):
+        return model
+    path = os.fspath(model)
+    if not os.path.exists(path):
+        raise BscompileError(f"no such file: {path}")
+    try:
+        proto = onnx.load(path)
+    except Exception as err:  # protobuf raises several types for garbage input
+        raise BscompileError(f"{path} is not an ONNX model ({type(err).__name__})") from None
+    if not proto.graph.node:
+        raise BscompileError(f"{path} is not an ONNX model (no graph nodes)")
+    return proto
+
+
+def supported_ops() -> set[str]:
+    return set(tvm_onnx._get_convert_map()) | set(RECURRENT_OPS) | {"If", "Constant"}
+
+
+def check_supported(model: onnx.ModelProto) -> None:
+    ops = supported_ops()
+    for i, node in enumerate(model.graph.node):
+        if node.domain not in ("", "ai.onnx") or node.op_type not in ops:
+            name = node.name or f"#{i}"
+            dom = f"{node.domain}." if node.domain not in ("", "ai.onnx") else ""
+            raise UnsupportedModelError(f"unsupported op '{dom}{node.op_type}' at node '{name}'")
+
+
+def _elem_dtype(elem_type: int) -> str:
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)).name
+
+
+def graph_inputs(model: onnx.ModelProto, overrides: dict[str, tuple[int, ...]] | None) -> list[TensorSpec]:
+    """Static input signature; dynamic dims must be given in ``overrides``."""
+    overrides = dict(overrides or {})
+    inits = {t.name for t in model.graph.initializer}
+    specs = []
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+        if vi.name in overrides:
+            shape = tuple(int(v) for v in overrides.pop(vi.name))
+            if len(shape) != len(dims) or any(d is not None and d != s for d, s in zip(dims, shape)):
+                raise BscompileError(f"input '{vi.name}': shape {shape} does not fit the model's {dims}")
+        elif any(d is None or d <= 0 for d in dims):
+            raise BscompileError(
+                f"input '{vi.name}' has dynamic shape {['?' if d is None else d for d in dims]}; "
+                f"give it with --input-shape {vi.name}=" + ",".join(str(d or 1) for d in dims)
+            )
+        else:
+            shape = tuple(dims)
+        specs.append(TensorSpec(vi.name, shape, _elem_dtype(tt.elem_type)))
+    if overrides:
+        raise BscompileError(f"--input-shape names unknown input(s): {', '.join(overrides)}; "
+                             f"inputs are {', '.join(s.name for s in specs)}")
+    return specs
+
+
+def weight_name_table(model: onnx.ModelProto) -> dict[str, str]:
+    """Fingerprints of every float initializer (both orientations, per-direction slices)."""
+    table: dict[str, str] = {}
+    for init in model.graph.initializer:
+        arr = numpy_helper.to_array(init)
+        if arr.dtype.kind != "f" or arr.ndim not in (2, 3):
+            continue
+        slices = [(arr, init.name)] if arr.ndim == 2 else [(a, f"{init.name}[{d}]") for d, a in enumerate(arr)]
+        for a, name in slices:
+            table.setdefault(fingerprint(a), name)
+            table.setdefault(fingerprint(a.T), name)
+    return table
+
+
+class _Importer(tvm_onnx.ONNXGraphImporter):
+    """TVM's importer with GRU/LSTM/RNN converters."""
+
+    def __init__(self, *args, nodes_by_name: dict, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._onnx_nodes = nodes_by_name
+
+    def _check_for_unsupported_ops(self, graph):  # done by check_supported, with node names
+        pass
+
+    def _convert_operator(self, op_name, inputs, attrs, opset):
+        if op_name in RECURRENT_OPS:
+            node = self._onnx_nodes[attrs["tvm_custom"]["name"]]
+            return convert_recurrent(RECURRENT_OPS[op_name], self.bb, inputs, attrs, node)
+        return super()._convert_operator(op_name, inputs, attrs, opset)
+
+
+def import_onnx(model: str | os.PathLike | onnx.ModelProto,
+                input_shapes: dict[str, tuple[int, ...]] | None = None) -> ImportedModel:
+    proto = load_model(model)
+    check_supported(proto)
+    proto = _with_node_names(proto)
+    inputs = graph_inputs(proto, input_shapes)
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
+    importer = _Importer(
+        {s.name: list(s.shape) for s in inputs}, {s.name: s.dtype for s in inputs},
+        nodes_by_name={n.name: n for n in proto.graph.node},
+    )
+    try:
+        mod = importer.from_onnx(proto.graph, opset)
+    except BscompileError:
+        raise
+    except Exception as err:
+        raise UnsupportedModelError(f"ONNX import failed: {_first_line(err)}") from err
+    ret = mod["main"].ret_ty
+    fields = ret.fields if isinstance(ret, relax.TupleType) else [ret]
+    outputs = [
+        TensorSpec(o.name, tuple(int(v) for v in f.shape.values), str(f.dtype.dtype) if hasattr(f.dtype, "dtype") else str(f.dtype))
+        for o, f in zip(proto.graph.output, fields)
+    ]
+    return ImportedModel(mod, inputs, outputs, weight_name_table(proto), opset)
+
+
+def _with_node_names(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Give every node a unique name so errors and weight names can point at it."""
+    if all(n.name for n in model.graph.node) and len({n.name for n in model.graph.node}) == len(model.graph.node):
+        return model
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    seen: set[str] = set()
+    for i, n in enumerate(model.graph.node):
+        if not n.name or n.name in seen:
+            n.name = f"{n.op_type}_{i}"
+        seen.add(n.name)
+    return model
+
+
+def _first_line(err: Exception) -> str:
+    lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else type(err).__name__

@@ -1,0 +1,46 @@
+"""Analytical cost of the block-row kernels, used to pick a layout per weight.
+
+The kernels stream every stored block once per M tile and do one vector FMA per
+(block column, batch row, ceil(r / lanes) vectors). A layout's time is the larger of
+its memory time and its compute time, plus a per-block overhead (index load, loop
+control, broadcasts of ``x``). The machine constants are defaults for a current
+x86 core; ``bscompile tune`` replaces the choice by measurement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MachineModel:
+    bandwidth: float = 12e9  # bytes/s streamed from memory by all threads
+    vector_fma_rate: float = 8e9  # vector FMAs/s (2 cores x 2 FMA/cycle x ~2 GHz)
+    lanes: int = 8  # fp32 lanes per vector register
+    block_overhead_s: float = 1.2e-9  # per stored block and M tile
+    call_overhead_s: float = 2e-6  # kernel launch / thread-pool wake-up
+
+
+@dataclass(frozen=True)
+class KernelShape:
+    """What a layout costs to run: stored blocks of r x c, over nbr block rows."""
+
+    nnz_blocks: int
+    r: int
+    c: int
+    num_block_rows: int
+    m: int
+    m_tile: int
+    k: int
+    n: int
+
+
+def estimate_time(ks: KernelShape, machine: MachineModel = MachineModel()) -> float:
+    weight_bytes = ks.nnz_blocks * (ks.r * ks.c * 4 + 4) + (ks.num_block_rows + 1) * 4
+    act_bytes = (ks.m * ks.k + ks.m * ks.n) * 4
+    t_mem = (weight_bytes + act_bytes) / machine.bandwidth
+    vectors = -(-ks.r // machine.lanes)
+    t_fma = ks.nnz_blocks * ks.c * ks.m * vectors / machine.vector_fma_rate
+    m_tiles = -(-ks.m // ks.m_tile)
+    t_blocks = ks.nnz_blocks * m_tiles * machine.block_overhead_s
+    return max(t_mem, t_fma + t_blocks) + machine.call_overhead_s

@@ -1,0 +1,237 @@
+"""TIR kernels for LLVM CPU targets (x86 AVX2/AVX-512 and aarch64 NEON).
+
+All matrix work goes through one block-row micro-kernel: for block row ``ib`` it
+keeps an ``m_tile x r`` accumulator tile in registers, walks the row's non-zero
+blocks, and for each column ``kk`` of a block does ``acc[m, :] += blk[kk, :] * x[m, col+kk]``
+vectorised over the ``r`` rows of the block. The same code is the dense kernel (one
+full-width block per block row, see :meth:`BSRMatrix.dense`), the block-sparse kernel,
+and the recurrent mat-vec inside the time loop of GRU/LSTM/RNN layers.
+
+Two facts about TVM's LLVM backend shape the code:
+- accumulators are small ``global`` allocations and scalars are ``T.Bind`` lets; a
+  ``local``-scope tile or a ``x: T.int32 = buf[i]`` binding becomes a workspace
+  allocation per tile, 2-5x slower;
+- ``T.parallel`` inside a serial loop is one thread-pool launch per iteration, which
+  is how the recurrent kernels parallelise each time step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tvm
+from tvm.script import tirx as T
+
+from bscompile.codegen.layout import BSRMatrix
+from bscompile.codegen.recurrent_cells import CellSpec, gate_update
+
+
+@dataclass(frozen=True)
+class CpuSchedule:
+    """How a block-row kernel is laid out on the CPU."""
+
+    m_tile: int  # batch rows sharing one pass over a block row's weights
+    parallel: bool  # parallelise over block rows
+    unroll_c: bool  # fully unroll the columns of a block (small blocks)
+
+    def to_json(self) -> dict:
+        return {"m_tile": self.m_tile, "parallel": self.parallel, "unroll_c": self.unroll_c}
+
+
+#: Vector registers worth of accumulators a tile may use (x86 has 16 ymm, NEON 32 q).
+_ACC_REGISTERS = 12
+
+
+def default_schedule(mat: BSRMatrix, m: int, vector_lanes: int = 8) -> CpuSchedule:
+    """A schedule that fits the accumulator tile in registers and splits M evenly."""
+    regs_per_row = max(1, -(-mat.block.r // vector_lanes))
+    limit = max(1, min(8, _ACC_REGISTERS // regs_per_row))
+    m_tile = max(d for d in range(1, limit + 1) if m % d == 0)
+    work = mat.nnz_blocks * mat.block.r * mat.block.c * m
+    return CpuSchedule(m_tile=m_tile, parallel=work >= 1 << 16 and mat.num_block_rows > 1,
+                       unroll_c=mat.block.c <= 32)
+
+
+def _block_row_loops(mat: BSRMatrix, sched: CpuSchedule, k_limit: int | None, n_limit: int | None):
+    """The micro-kernel as a TVMScript macro over one block row and one M tile.
+
+    ``k_limit`` clamps reads of ``x`` when K is not a multiple of the block width (the
+    weights there are zero padding, so any in-bounds value will do); ``n_limit``
+    guards the stores when N is not a multiple of the block height.
+    """
+    r, c, mt = mat.block.r, mat.block.c, sched.m_tile
+    cloop = T.unroll if sched.unroll_c else T.serial
+
+    if k_limit is None:
+        def xcol(col, kk):
+            return col + kk
+    else:
+        def xcol(col, kk):
+            return T.min(col + kk, k_limit - 1)
+
+    if n_limit is None:
+
+        @T.macro
+        def store(y, acc, m0, row0):
+            for m in T.unroll(mt):
+                for rr in T.vectorized(r):
+                    y[m0 + m, row0 + rr] = acc[m, rr]
+
+    else:
+
+        @T.macro
+        def store(y, acc, m0, row0):
+            for m in T.unroll(mt):
+                for rr in T.serial(r):
+                    if row0 + rr < n_limit:
+                        y[m0 + m, row0 + rr] = acc[m, rr]
+
+    @T.macro
+    def block_row(x, data, indices, indptr, bias, y, ib, m0, y_col0):
+        acc = T.alloc_buffer((mt, r), "float32")
+        for m in T.unroll(mt):
+            for rr in T.vectorized(r):
+                acc[m, rr] = bias[ib * r + rr]
+        for p in range(indptr[ib], indptr[ib + 1]):
+            col = T.Bind(indices[p] * c)
+            for kk in cloop(c):
+                for m in T.unroll(mt):
+                    for rr in T.vectorized(r):
+                        acc[m, rr] = acc[m, rr] + data[p, kk, rr] * x[m0 + m, xcol(col, kk)]
+        store(y, acc, m0, y_col0 + ib * r)
+
+    return block_row
+
+
+def _matmul_macro(mat: BSRMatrix, m: int, sched: CpuSchedule,
+                  k_limit: int | None = None, n_limit: int | None = None):
+    """``y[:, y_col0 : y_col0 + n_pad] = x @ W.T + bias`` for all block rows."""
+    block_row = _block_row_loops(mat, sched, k_limit, n_limit)
+    nbr, mt = mat.num_block_rows, sched.m_tile
+    rows = T.parallel if sched.parallel else T.serial
+
+    @T.macro
+    def matmul(x, data, indices, indptr, bias, y, y_col0):
+        for ib in rows(nbr):
+            for mo in T.serial(m // mt):
+                block_row(x, data, indices, indptr, bias, y, ib, mo * mt, y_col0)
+
+    return matmul
+
+
+def linear_kernel(mat: BSRMatrix, m: int, sched: CpuSchedule) -> tvm.tirx.PrimFunc:
+    """``y[M, N] = x[M, K] @ W.T + bias`` with W in ``mat``'s block layout, ``bias[N_pad]``."""
+    n, k = mat.shape
+    n_pad, k_pad = mat.padded_shape
+    nnzb, nbr, r, c = mat.nnz_blocks, mat.num_block_rows, mat.block.r, mat.block.c
+    matmul = _matmul_macro(mat, m, sched, k if k_pad != k else None, n if n_pad != n else None)
+
+    @T.prim_func(s_tir=True)
+    def bsr_linear(
+        x: T.Buffer((m, k), "float32"),
+        data: T.Buffer((nnzb, c, r), "float32"),
+        indices: T.Buffer((nnzb,), "int32"),
+        indptr: T.Buffer((nbr + 1,), "int32"),
+        bias: T.Buffer((n_pad,), "float32"),
+        y: T.Buffer((m, n), "float32"),
+    ):
+        T.func_attr({"tir.noalias": True})
+        matmul(x, data, indices, indptr, bias, y, 0)
+
+    return bsr_linear.without_attr("global_symbol")
+
+
+def recurrent_kernel(
+    cell: CellSpec, mats: list[BSRMatrix], seq: int, batch: int, scheds: list[CpuSchedule]
+) -> tvm.tirx.PrimFunc:
+    """One direction of a GRU/LSTM/RNN layer with the time loop inside the kernel.
+
+    Arguments: ``xp[T, B, G*H]`` (input projection incl. its bias), per matrix its
+    BSR arrays and recurrent bias, ``h0``, ``c0``, ``seq_lens``, ``peep[3H]``; outputs
+    ``Y[T, B, H]``, ``h_T``, ``c_T``. ``mats[0]`` are the rows multiplied by ``h``;
+    a GRU with ``linear_before_reset=0`` has ``mats[1]``, the candidate rows,
+    multiplied by ``r * h``. Each step runs the mat-vec over all gates, then the gate
+    arithmetic fused in one pass over ``[B, H]``.
+    """
+    hid, gates = cell.hidden, cell.num_gates
+    gh = gates * hid
+    assert len(mats) in (1, 2) and len(scheds) == len(mats)
+    mv0 = _matmul_macro(mats[0], batch, scheds[0])
+    g0 = mats[0].padded_shape[0]
+    two = len(mats) == 2
+    mv1 = _matmul_macro(mats[1], batch, scheds[1]) if two else None
+    g1 = mats[1].padded_shape[0] if two else 1
+    n0, r0, c0_ = mats[0].nnz_blocks, mats[0].block.r, mats[0].block.c
+    n1 = mats[1].nnz_blocks if two else 1
+    r1 = mats[1].block.r if two else 1
+    c1_ = mats[1].block.c if two else 1
+    b0 = mats[0].num_block_rows
+    b1 = mats[1].num_block_rows if two else 1
+    kp0 = mats[0].padded_shape[1]
+    kp1 = mats[1].padded_shape[1] if two else 1
+    rev = 1 if cell.reverse else 0
+    step = gate_update(cell)
+
+    if two:  # GRU without linear-before-reset: R_h multiplies r * h, a second mat-vec
+
+        @T.macro
+        def reset_phase(xp, g, h, rh, seq_lens, data1, indices1, indptr1, rbias1, t):
+            for b in T.serial(batch):
+                tt = T.Bind(seq_lens[b] * rev + t * (1 - 2 * rev) - rev)
+                if t < seq_lens[b]:
+                    for j in T.serial(hid):
+                        rh[b, j] = cell.f_act(cell.clip_expr(xp[tt, b, hid + j] + g[b, hid + j])) * h[b, j]
+            mv1(rh, data1, indices1, indptr1, rbias1, g, g0)
+
+    else:
+
+        @T.macro
+        def reset_phase(xp, g, h, rh, seq_lens, data1, indices1, indptr1, rbias1, t):
+            T.evaluate(0)
+    gate_rows = T.parallel if scheds[0].parallel else T.serial
+
+    @T.prim_func(s_tir=True)
+    def recurrence(
+        xp: T.Buffer((seq, batch, gh), "float32"),
+        data0: T.Buffer((n0, c0_, r0), "float32"),
+        indices0: T.Buffer((n0,), "int32"),
+        indptr0: T.Buffer((b0 + 1,), "int32"),
+        rbias0: T.Buffer((g0,), "float32"),
+        data1: T.Buffer((n1, c1_, r1), "float32"),
+        indices1: T.Buffer((n1,), "int32"),
+        indptr1: T.Buffer((b1 + 1,), "int32"),
+        rbias1: T.Buffer((g1,), "float32"),
+        h0: T.Buffer((batch, hid), "float32"),
+        c0: T.Buffer((batch, hid), "float32"),
+        seq_lens: T.Buffer((batch,), "int32"),
+        peep: T.Buffer((3 * hid,), "float32"),
+        y: T.Buffer((seq, batch, hid), "float32"),
+        h_out: T.Buffer((batch, hid), "float32"),
+        c_out: T.Buffer((batch, hid), "float32"),
+    ):
+        T.func_attr({"tir.noalias": True})
+        h = T.alloc_buffer((batch, kp0), "float32")
+        rh = T.alloc_buffer((batch, kp1), "float32")
+        g = T.alloc_buffer((batch, g0 + g1), "float32")
+        for b in T.serial(batch):
+            for j in T.serial(kp0):
+                h[b, j] = T.if_then_else(j < hid, h0[b, T.min(j, hid - 1)], T.float32(0))
+            for j in T.serial(kp1):
+                rh[b, j] = T.float32(0)
+            for j in T.serial(hid):
+                c_out[b, j] = c0[b, j]
+        for t in T.serial(seq):
+            mv0(h, data0, indices0, indptr0, rbias0, g, 0)
+            reset_phase(xp, g, h, rh, seq_lens, data1, indices1, indptr1, rbias1, t)
+            for b in T.serial(batch):
+                tt = T.Bind(seq_lens[b] * rev + t * (1 - 2 * rev) - rev)
+                for j in gate_rows(hid):
+                    if t < seq_lens[b]:
+                        step(xp, g, h, c_out, peep, y, b, j, tt, g0)
+                    else:
+                        y[t, b, j] = T.float32(0)
+        for b in T.serial(batch):
+            for j in T.serial(hid):
+                h_out[b, j] = h[b, j]
+
+    return recurrence.without_attr("global_symbol")

@@ -1,0 +1,155 @@
+"""Block layouts of weight matrices and the sparsity statistics the cost model reads.
+
+Every weight is normalised to the ``W[N, K]`` convention (output features x input
+features, ``y = x @ W.T``), so one kernel family serves MatMul, Gemm and the W / R
+inputs of ONNX recurrent ops.
+
+A dense matrix is stored in the same structure as a block-sparse one: a BSR matrix
+whose blocks are ``r`` rows by the full (padded) width. One kernel generator thus
+covers dense and sparse weights, and "bscompile's own dense path" is the very same
+code with every block present.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+#: Block edge lengths the analysis considers (rows and columns independently).
+CANDIDATE_EDGES: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+
+
+@dataclass(frozen=True)
+class BlockShape:
+    """An r x c block: r output rows by c input columns."""
+
+    r: int
+    c: int
+
+    def __str__(self) -> str:
+        return f"{self.r}x{self.c}"
+
+    @classmethod
+    def parse(cls, text: str) -> "BlockShape":
+        r, c = (int(v) for v in text.lower().split("x"))
+        return cls(r, c)
+
+
+@dataclass(frozen=True)
+class BlockStats:
+    """Occupancy of one block shape over one matrix."""
+
+    block: BlockShape
+    nnz_blocks: int
+    total_blocks: int
+    padded_shape: tuple[int, int]
+
+    @property
+    def block_density(self) -> float:
+        return self.nnz_blocks / max(self.total_blocks, 1)
+
+    @property
+    def stored_values(self) -> int:
+        """Values a BSR layout of this shape stores, zero fill included."""
+        return self.nnz_blocks * self.block.r * self.block.c
+
+
+def padded(n: int, b: int) -> int:
+    return -(-n // b) * b
+
+
+def _pad_to(w: np.ndarray, n_pad: int, k_pad: int) -> np.ndarray:
+    n, k = w.shape
+    if (n, k) == (n_pad, k_pad):
+        return w
+    return np.pad(w, ((0, n_pad - n), (0, k_pad - k)))
+
+
+def block_stats(w: np.ndarray, block: BlockShape) -> BlockStats:
+    """Count the blocks of ``block`` shape that hold at least one non-zero."""
+    n, k = w.shape
+    n_pad, k_pad = padded(n, block.r), padded(k, block.c)
+    nz = _pad_to(w != 0, n_pad, k_pad)
+    occupied = nz.reshape(n_pad // block.r, block.r, k_pad // block.c, block.c).any(axis=(1, 3))
+    return BlockStats(block, int(occupied.sum()), occupied.size, (n_pad, k_pad))
+
+
+@dataclass
+class BSRMatrix:
+    """A weight in block-sparse-row form, blocks stored transposed (``[nnzb, c, r]``).
+
+    Blocks are stored column-major inside (``c`` rows of ``r`` values) so that the
+    kernels' innermost loop runs over the ``r`` output rows of a block with unit
+    stride: that is the axis they vectorise.
+    """
+
+    shape: tuple[int, int]  # logical (N, K), before padding
+    block: BlockShape
+    data: np.ndarray  # [nnzb, c, r] float32
+    indices: np.ndarray  # [nnzb] int32, block-column index
+    indptr: np.ndarray  # [n_pad / r + 1] int32
+
+    @property
+    def padded_shape(self) -> tuple[int, int]:
+        return padded(self.shape[0], self.block.r), padded(self.shape[1], self.block.c)
+
+    @property
+    def num_block_rows(self) -> int:
+        return self.padded_shape[0] // self.block.r
+
+    @property
+    def nnz_blocks(self) -> int:
+        return int(self.indices.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes + self.indices.nbytes + self.indptr.nbytes
+
+    @classmethod
+    def from_dense(cls, w: np.ndarray, block: BlockShape) -> "BSRMatrix":
+        """Keep the blocks of ``w`` that hold a non-zero (zero-padded to the block grid)."""
+        w = np.asarray(w, dtype=np.float32)
+        n_pad, k_pad = padded(w.shape[0], block.r), padded(w.shape[1], block.c)
+        bsr = sp.bsr_array(_pad_to(w, n_pad, k_pad), blocksize=(block.r, block.c))
+        bsr.sort_indices()
+        data = np.ascontiguousarray(bsr.data.transpose(0, 2, 1), dtype=np.float32)
+        indices = bsr.indices.astype(np.int32)
+        indptr = bsr.indptr.astype(np.int32)
+        if data.shape[0] == 0:  # all-zero weight: keep one zero block so buffers are non-empty
+            data = np.zeros((1, block.c, block.r), np.float32)
+            indices = np.zeros(1, np.int32)
+            indptr = np.zeros(n_pad // block.r + 1, np.int32)
+        return cls((w.shape[0], w.shape[1]), block, data, indices, indptr)
+
+    @classmethod
+    def dense(cls, w: np.ndarray, rows_per_block: int) -> "BSRMatrix":
+        """Every block present, each ``rows_per_block`` rows by the whole width."""
+        w = np.asarray(w, dtype=np.float32)
+        n, k = w.shape
+        n_pad = padded(n, rows_per_block)
+        nbr = n_pad // rows_per_block
+        data = _pad_to(w, n_pad, k).reshape(nbr, rows_per_block, k).transpose(0, 2, 1)
+        return cls(
+            (n, k),
+            BlockShape(rows_per_block, k),
+            np.ascontiguousarray(data),
+            np.zeros(nbr, np.int32),
+            np.arange(nbr + 1, dtype=np.int32),
+        )
+
+    def to_dense(self) -> np.ndarray:
+        r, c = self.block.r, self.block.c
+        n_pad, k_pad = self.padded_shape
+        out = np.zeros((n_pad, k_pad), np.float32)
+        for ib in range(self.num_block_rows):
+            for p in range(self.indptr[ib], self.indptr[ib + 1]):
+                col = int(self.indices[p]) * c
+                out[ib * r : (ib + 1) * r, col : col + c] += self.data[p].T
+        return out[: self.shape[0], : self.shape[1]]
+
+    def summary(self) -> dict:
+        d = dataclasses.asdict(self.block)
+        return {"block": d, "nnz_blocks": self.nnz_blocks, "bytes": self.nbytes}

@@ -1,0 +1,85 @@
+"""ChooseLayout: pick dense or BSR (and the block shape) for every weight site.
+
+Contract
+- Input: ``plan.sites`` filled by ``AnalyzeSparsity``; the module is not changed.
+- Output: every site gets a :class:`LayoutDecision` with the layout, block shape,
+  kernel schedule, the cost model's estimates and a one-line reason.
+
+Every candidate BSR shape r x c (r, c in 1..32) is costed with
+:func:`codegen.cost_model.estimate_time` from its measured block count, against
+the dense layout of the same kernel family. Sparse wins only when it is estimated
+at least ``MARGIN`` faster, so bscompile never trades a sure dense kernel for a
+marginal sparse one. ``plan.sparse=False`` (the dense path) and
+``plan.force_block`` (a user override) bypass the search.
+"""
+
+from __future__ import annotations
+
+import tvm
+
+from bscompile.codegen.cost_model import KernelShape, MachineModel, estimate_time
+from bscompile.codegen.layout import BlockShape, BlockStats, BSRMatrix, padded
+from bscompile.passes.sites import CompilePlan, LayoutDecision, WeightSite
+
+MARGIN = 0.85
+DENSE_ROWS = 16
+
+
+def _m_tile(r: int, m: int, lanes: int) -> int:
+    regs = max(1, -(-r // lanes))
+    limit = max(1, min(8, 12 // regs))
+    return max(d for d in range(1, limit + 1) if m % d == 0)
+
+
+def _kernel_shape(stats: BlockStats, m: int, lanes: int, n: int, k: int) -> KernelShape:
+    r, c = stats.block.r, stats.block.c
+    return KernelShape(max(stats.nnz_blocks, 1), r, c, stats.padded_shape[0] // r, m, _m_tile(r, m, lanes), k, n)
+
+
+def dense_shape(n: int, k: int, m: int, lanes: int) -> KernelShape:
+    nbr = padded(n, DENSE_ROWS) // DENSE_ROWS
+    return KernelShape(nbr, DENSE_ROWS, k, nbr, m, _m_tile(DENSE_ROWS, m, lanes), k, n)
+
+
+def decide(site: WeightSite, plan: CompilePlan, machine: MachineModel) -> LayoutDecision:
+    n, k = site.shape
+    lanes = plan.vector_lanes
+    t_dense = estimate_time(dense_shape(n, k, site.m, lanes), machine)
+    dense = LayoutDecision("dense", BlockShape(DENSE_ROWS, k), t_dense, t_dense, "")
+    report = site.report
+    if not plan.sparse:
+        dense.reason = "dense path requested"
+        return dense
+    if plan.force_block is not None and report.structure != "dense":
+        st = next((s for s in report.blocks if s.block == plan.force_block), None)
+        t = estimate_time(_kernel_shape(st, site.m, lanes, n, k), machine) if st else t_dense
+        return LayoutDecision("bsr", plan.force_block, t, t_dense, f"block {plan.force_block} forced by the user")
+    best = min(report.blocks, key=lambda s: estimate_time(_kernel_shape(s, site.m, lanes, n, k), machine))
+    t_best = estimate_time(_kernel_shape(best, site.m, lanes, n, k), machine)
+    if t_best < MARGIN * t_dense:
+        kept = best.block_density * 100
+        return LayoutDecision(
+            "bsr", best.block, t_best, t_dense,
+            f"bsr {best.block} keeps {kept:.1f}% of blocks; est {t_best * 1e6:.1f} us vs dense "
+            f"{t_dense * 1e6:.1f} us ({t_dense / t_best:.1f}x)")
+    dense.reason = (f"dense: best sparse ({best.block}, {best.block_density * 100:.0f}% blocks) est "
+                    f"{t_best * 1e6:.1f} us is not {1 / MARGIN:.2f}x under dense {t_dense * 1e6:.1f} us")
+    return dense
+
+
+def build_matrix(w, decision: LayoutDecision) -> BSRMatrix:
+    if decision.layout == "dense":
+        return BSRMatrix.dense(w, decision.block.r)
+    return BSRMatrix.from_dense(w, decision.block)
+
+
+@tvm.transform.module_pass(opt_level=0, name="ChooseLayout")
+class ChooseLayout:
+    def __init__(self, plan: CompilePlan, machine: MachineModel | None = None):
+        self.plan = plan
+        self.machine = machine or MachineModel(lanes=plan.vector_lanes)
+
+    def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        for site in self.plan.sites:
+            site.decision = decide(site, self.plan, self.machine)
+        return mod

@@ -1,0 +1,121 @@
+"""The compiled artifact: one ``.bsc`` file (a tar) holding the module library and a
+JSON manifest that describes it and guards it with a checksum.
+
+``manifest.json`` -- :class:`Manifest`; ``module.so`` -- TVM ``export_library``
+output for the artifact's target. Writes are atomic (temp file + rename), so a
+failed compile or export never leaves a half-written artifact behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import tarfile
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bscompile.errors import ArtifactError
+from bscompile.frontend.onnx import TensorSpec
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class Manifest:
+    bscompile_version: str
+    tvm_version: str
+    target_name: str
+    target: dict
+    device: str
+    arch: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    weights: list[dict]
+    module_file: str = "module.so"
+    module_sha256: str = ""
+    compile_seconds: float = 0.0
+    source: str = ""
+    format_version: int = FORMAT_VERSION
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["inputs"] = [t.to_json() for t in self.inputs]
+        d["outputs"] = [t.to_json() for t in self.outputs]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Manifest":
+        d = dict(d)
+        if d.get("format_version") != FORMAT_VERSION:
+            raise ArtifactError(f"artifact format {d.get('format_version')} is not supported "
+                                f"(this bscompile reads format {FORMAT_VERSION})")
+        d["inputs"] = [TensorSpec.from_json(t) for t in d["inputs"]]
+        d["outputs"] = [TensorSpec.from_json(t) for t in d["outputs"]]
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def summary(self) -> dict:
+        """Totals over all weights: dense bytes, stored bytes, saved bytes."""
+        dense = sum(w["dense_bytes"] for w in self.weights)
+        stored = sum(w.get("stored_bytes", w["dense_bytes"]) for w in self.weights)
+        return {"weights": len(self.weights), "dense_bytes": dense, "stored_bytes": stored,
+                "bytes_saved": dense - stored}
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call ``write(tmp_path)`` then rename onto ``path``; on failure nothing is left."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_artifact(path: str | os.PathLike, manifest: Manifest, module_path: str | os.PathLike) -> None:
+    data = Path(module_path).read_bytes()
+    manifest.module_sha256 = hashlib.sha256(data).hexdigest()
+    blob = json.dumps(manifest.to_json(), indent=2).encode()
+
+    def write(tmp: str) -> None:
+        with tarfile.open(tmp, "w") as tar:
+            for name, payload in ((MANIFEST, blob), (manifest.module_file, data)):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                info.mode = 0o644
+                tar.addfile(info, io.BytesIO(payload))
+
+    atomic_write(path, write)
+
+
+def read_artifact(path: str | os.PathLike) -> tuple[Manifest, bytes]:
+    """Read and verify an artifact; raise :class:`ArtifactError` saying what is wrong."""
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"no such artifact: {path}")
+    try:
+        with tarfile.open(path, "r") as tar:
+            members = {m.name: m for m in tar.getmembers()}
+            if MANIFEST not in members:
+                raise ArtifactError(f"{path} is not a bscompile artifact (no {MANIFEST})")
+            manifest = Manifest.from_json(json.loads(tar.extractfile(members[MANIFEST]).read()))
+            if manifest.module_file not in members:
+                raise ArtifactError(f"{path} is truncated: {manifest.module_file} is missing")
+            data = tar.extractfile(members[manifest.module_file]).read()
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise ArtifactError(f"{path} is corrupted or truncated ({err})") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ArtifactError(f"{path} has an invalid manifest ({err})") from None
+    if hashlib.sha256(data).hexdigest() != manifest.module_sha256:
+        raise ArtifactError(f"{path} is corrupted: the module's checksum does not match its manifest")
+    return manifest, data

@@ -1,0 +1,93 @@
+"""Load a ``.bsc`` artifact and run it from Python, checking every call's inputs."""
+
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from bscompile.errors import ArtifactError, InputError
+from bscompile.runtime.artifact import Manifest, read_artifact
+
+
+def host_arch() -> str:
+    m = platform.machine().lower()
+    return "aarch64" if m in ("aarch64", "arm64") else "x86_64"
+
+
+class CompiledModule:
+    """A loaded artifact. ``run({name: array}) -> {output name: array}``."""
+
+    def __init__(self, manifest: Manifest, lib: tvm.runtime.Module, device: tvm.runtime.Device, tmpdir=None):
+        self.manifest = manifest
+        self.device = device
+        self._tmpdir = tmpdir  # keeps the extracted library alive with the module
+        self._vm = relax.VirtualMachine(lib, device)
+        self._main = self._vm["main"]
+
+    @property
+    def inputs(self):
+        return self.manifest.inputs
+
+    @property
+    def outputs(self):
+        return self.manifest.outputs
+
+    def check_inputs(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        expected = {s.name: s for s in self.manifest.inputs}
+        unknown = sorted(set(feeds) - set(expected))
+        missing = [n for n in expected if n not in feeds]
+        if unknown or missing:
+            raise InputError(
+                "inputs do not match the model: "
+                + (f"unknown {unknown}; " if unknown else "")
+                + (f"missing {missing}; " if missing else "")
+                + "expected " + ", ".join(f"{s.name}{list(s.shape)}:{s.dtype}" for s in self.manifest.inputs))
+        arrays = []
+        for spec in self.manifest.inputs:
+            a = np.asarray(feeds[spec.name])
+            if tuple(a.shape) != tuple(spec.shape):
+                raise InputError(f"input '{spec.name}' has shape {list(a.shape)}, expected {list(spec.shape)}")
+            if a.dtype != np.dtype(spec.dtype):
+                raise InputError(f"input '{spec.name}' has dtype {a.dtype}, expected {spec.dtype}")
+            arrays.append(np.ascontiguousarray(a))
+        return arrays
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        args = [tvm.runtime.tensor(a, self.device) for a in self.check_inputs(feeds)]
+        out = self._main(*args)
+        outs = [out] if isinstance(out, tvm.runtime.Tensor) else list(out)
+        return {spec.name: o.numpy() for spec, o in zip(self.manifest.outputs, outs)}
+
+    def benchmark(self, feeds: dict[str, np.ndarray], number: int = 10, repeat: int = 5) -> list[float]:
+        """Seconds per call for each of ``repeat`` runs of ``number`` calls (TVM's timer)."""
+        args = [tvm.runtime.tensor(a, self.device) for a in self.check_inputs(feeds)]
+        self._vm.save_function("main", "bsc_bench", *args)
+        timer = self._vm.time_evaluator("bsc_bench", self.device, number=number, repeat=repeat)
+        return list(timer().results)
+
+
+def _device(kind: str) -> tvm.runtime.Device:
+    return tvm.cuda(0) if kind == "cuda" else tvm.cpu(0)
+
+
+def load(path: str | os.PathLike) -> CompiledModule:
+    manifest, data = read_artifact(path)
+    if manifest.arch != host_arch():
+        raise ArtifactError(
+            f"{path} was compiled for {manifest.arch} ({manifest.target_name}); this machine is {host_arch()}. "
+            "Run it there, e.g. with `bscompile package` and the bundle's runner")
+    tmp = tempfile.TemporaryDirectory(prefix="bscompile-")
+    lib_path = Path(tmp.name) / manifest.module_file
+    lib_path.write_bytes(data)
+    try:
+        lib = tvm.runtime.load_module(str(lib_path))
+        return CompiledModule(manifest, lib, _device(manifest.device), tmp)
+    except Exception as err:  # noqa: BLE001 - TVM raises several types
+        tmp.cleanup()
+        raise ArtifactError(f"{path}: the module could not be loaded ({str(err).strip().splitlines()[-1]})") from None

@@ -1,0 +1,98 @@
+"""Small ONNX models with controlled sparsity, built with onnx.helper (no torch needed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+
+
+def sparsify(w: np.ndarray, rng: np.random.Generator, kind: str, density: float = 0.1) -> np.ndarray:
+    """``kind``: 'dense', 'zero', 'unstructured', or 'RxC' block sparsity (blocks along the last two axes)."""
+    if kind == "dense":
+        return w
+    if kind == "zero":
+        return np.zeros_like(w)
+    n, k = w.shape[-2:]
+    if kind == "unstructured":
+        return (w * (rng.random(w.shape) < density)).astype(w.dtype)
+    r, c = (int(v) for v in kind.split("x"))
+    keep = rng.random((*w.shape[:-2], -(-n // r), -(-k // c))) < density
+    mask = np.repeat(np.repeat(keep, r, axis=-2), c, axis=-1)[..., :n, :k]
+    return (w * mask).astype(w.dtype)
+
+
+def mlp(sizes: list[int], batch: int, kinds: list[str], rng: np.random.Generator, gemm: bool = True):
+    """Linear stack: Gemm(transB=1)+bias+Relu (or MatMul) per layer; returns (model, weights)."""
+    nodes, inits, weights = [], [], []
+    cur = "x"
+    for i, (k, n) in enumerate(zip(sizes[:-1], sizes[1:])):
+        w = sparsify(rng.standard_normal((n, k)).astype(np.float32) / np.sqrt(k), rng, kinds[i]).astype(np.float32)
+        weights.append(w)
+        out = f"h{i}"
+        if gemm:
+            b = rng.standard_normal(n).astype(np.float32)
+            inits += [numpy_helper.from_array(w, f"fc{i}.weight"), numpy_helper.from_array(b, f"fc{i}.bias")]
+            nodes.append(helper.make_node("Gemm", [cur, f"fc{i}.weight", f"fc{i}.bias"], [out], transB=1, name=f"fc{i}"))
+        else:
+            inits.append(numpy_helper.from_array(np.ascontiguousarray(w.T), f"fc{i}.weight"))
+            nodes.append(helper.make_node("MatMul", [cur, f"fc{i}.weight"], [out], name=f"fc{i}"))
+        cur = out
+        if i < len(sizes) - 2:
+            nodes.append(helper.make_node("Relu", [cur], [f"r{i}"], name=f"relu{i}"))
+            cur = f"r{i}"
+    nodes.append(helper.make_node("Identity", [cur], ["y"], name="out"))
+    graph = helper.make_graph(
+        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, sizes[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, sizes[-1]])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), weights
+
+
+def recurrent(op: str, input_size: int, hidden: int, seq: int, batch: int, layers: int, bidirectional: bool,
+              kind: str, rng: np.random.Generator, layout: int = 0):
+    """A stack of ONNX GRU/LSTM/RNN layers as PyTorch exports them (GRU: linear_before_reset=1)."""
+    gates = {"GRU": 3, "LSTM": 4, "RNN": 1}[op]
+    d = 2 if bidirectional else 1
+    nodes, inits = [], []
+    cur, cur_size = "x", input_size
+    x_shape = [seq, batch, input_size] if layout == 0 else [batch, seq, input_size]
+    for li in range(layers):
+        w = sparsify(rng.standard_normal((d, gates * hidden, cur_size)).astype(np.float32) * 0.3, rng, kind).astype(np.float32)
+        r = sparsify(rng.standard_normal((d, gates * hidden, hidden)).astype(np.float32) * 0.3, rng, kind).astype(np.float32)
+        b = rng.standard_normal((d, 2 * gates * hidden)).astype(np.float32) * 0.1
+        h0 = rng.standard_normal((d, batch, hidden) if layout == 0 else (batch, d, hidden)).astype(np.float32)
+        names = [f"l{li}.W", f"l{li}.R", f"l{li}.B"]
+        inits += [numpy_helper.from_array(a, n) for a, n in zip((w, r, b), names)]
+        inits.append(numpy_helper.from_array(h0, f"l{li}.h0"))
+        attrs = dict(hidden_size=hidden, direction="bidirectional" if bidirectional else "forward", layout=layout)
+        if op == "GRU":
+            attrs["linear_before_reset"] = 1
+        ins = [cur, *names, "", f"l{li}.h0"]
+        outs = [f"l{li}.Y", f"l{li}.Yh"] + ([f"l{li}.Yc"] if op == "LSTM" else [])
+        nodes.append(helper.make_node(op, ins, outs, name=f"{op.lower()}{li}", **attrs))
+        # [T, D, B, H] -> [T, B, D*H] (layout 0); [B, T, D, H] -> [B, T, D*H] (layout 1)
+        perm = [0, 2, 1, 3] if layout == 0 else [0, 1, 2, 3]
+        nodes.append(helper.make_node("Transpose", [outs[0]], [f"l{li}.Yt"], perm=perm, name=f"t{li}"))
+        shape = np.array([seq, batch, d * hidden] if layout == 0 else [batch, seq, d * hidden], np.int64)
+        inits.append(numpy_helper.from_array(shape, f"l{li}.shape"))
+        nodes.append(helper.make_node("Reshape", [f"l{li}.Yt", f"l{li}.shape"], [f"l{li}.out"], name=f"rs{li}"))
+        cur, cur_size = f"l{li}.out", d * hidden
+    nodes.append(helper.make_node("Identity", [cur], ["y"], name="out_y"))
+    nodes.append(helper.make_node("Identity", [f"l{layers - 1}.Yh"], ["h_n"], name="out_h"))
+    out_shape = [seq, batch, d * hidden] if layout == 0 else [batch, seq, d * hidden]
+    graph = helper.make_graph(
+        nodes, op.lower(), [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape),
+         helper.make_tensor_value_info("h_n", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+
+
+def ort_run(model: onnx.ModelProto, feeds: dict) -> dict:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(None, feeds)))
