@@ -14,6 +14,8 @@ import onnx
 import tvm
 
 from bscompile import __version__
+from bscompile.build import build
+from bscompile.codegen.family import family_for
 from bscompile.codegen.layout import BlockShape
 from bscompile.frontend.onnx import ImportedModel, import_onnx
 from bscompile.passes.pipeline import run_pipeline
@@ -67,7 +69,8 @@ def analyze_model(model, input_shapes=None, target="llvm", *, sparse: bool = Tru
     if progress:
         progress("importing ONNX")
     im = import_onnx(model, input_shapes)
-    plan = CompilePlan(im.weight_names, vector_lanes=spec.vector_lanes, sparse=sparse, force_block=block)
+    plan = CompilePlan(im.weight_names, kernels=family_for(spec.device), vector_lanes=spec.vector_lanes,
+                       sparse=sparse, force_block=block)
     mod = run_pipeline(im.mod, plan, dump_ir, progress)
     return im, plan, mod, spec
 
@@ -87,8 +90,7 @@ def compile(model: str | os.PathLike | onnx.ModelProto, target: str | dict | Tar
                                         dump_ir=dump_ir, progress=progress)
     if progress:
         progress(f"building for {spec.name} ({len(plan.sites)} weight sites)")
-    with tvm.target.Target(spec.target):
-        executable = tvm.compile(mod, target=spec.tvm_target())
+    executable = build(mod, spec)
     manifest = Manifest(
         bscompile_version=__version__, tvm_version=tvm.__version__, target_name=spec.name,
         target=spec.target, device=spec.device, arch=spec.arch, inputs=im.inputs, outputs=im.outputs,

@@ -4,7 +4,7 @@ Contract
 - Input: sites tagged with ``site_index`` (``AnalyzeSparsity``) and decided
   (``ChooseLayout``).
 - Output: each site call invokes a freshly generated kernel for its decision --
-  :func:`codegen.cpu.linear_kernel` or :func:`codegen.cpu.recurrent_kernel` on the
+  the target's kernel family (``plan.kernels``, :mod:`codegen.family`) on the
   chosen BSR / dense layout -- with the layout's data, indices and row pointers as
   constants and the bias re-padded to the layout's row count. The decision's
   ``schedule`` and the site's ``stored_bytes`` are recorded in the plan.
@@ -19,7 +19,6 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from bscompile.codegen.cpu import CpuSchedule, default_schedule, linear_kernel, recurrent_kernel
 from bscompile.codegen.layout import BSRMatrix
 from bscompile.codegen.recurrent_cells import CellSpec
 from bscompile.passes.choose_layout import build_matrix
@@ -36,11 +35,11 @@ def _repad_bias(bb: relax.BlockBuilder, bias: relax.Expr, n: int, n_pad: int) ->
     return b if n_pad == n else bb.emit(relax.op.nn.pad(b, [0, n_pad - n]))
 
 
-def _schedule(site: WeightSite, mat: BSRMatrix, lanes: int) -> CpuSchedule:
+def _schedule(site: WeightSite, mat: BSRMatrix, plan: CompilePlan):
     tuned = site.decision.schedule
     if tuned:
-        return CpuSchedule(**tuned)
-    return default_schedule(mat, site.m, lanes)
+        return plan.kernels.schedule_from_json(tuned)
+    return plan.kernels.default_schedule(mat, site.m, plan.vector_lanes)
 
 
 @relax.expr_functor.mutator
@@ -59,15 +58,15 @@ class _Lowerer(relax.PyExprMutator):
         mats, scheds = [], []
         for pos, (rows, _), row0 in site_matrices(attrs):
             mat = build_matrix(site.weight[row0:row0 + rows], site.decision)
-            sched = _schedule(site, mat, self.plan.vector_lanes)
+            sched = _schedule(site, mat, self.plan)
             args[pos:pos + 4] = [relax.const(mat.data), relax.const(mat.indices), relax.const(mat.indptr),
                                  _repad_bias(self.builder_, args[pos + 3], rows, mat.padded_shape[0])]
             mats.append(mat)
             scheds.append(sched)
         if site.kind == "linear":
-            func = linear_kernel(mats[0], site.m, scheds[0])
+            func = self.plan.kernels.linear(mats[0], site.m, scheds[0])
         else:
-            func = recurrent_kernel(CellSpec.from_json(attrs["cell"]), mats, attrs["seq"], attrs["batch"], scheds)
+            func = self.plan.kernels.recurrent(CellSpec.from_json(attrs["cell"]), mats, attrs["seq"], attrs["batch"], scheds)
         site.decision.schedule = scheds[0].to_json()
         site.attrs["stored_bytes"] = sum(m.nbytes for m in mats)
         attrs["layout"] = site.decision.to_json()

@@ -19,6 +19,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from bscompile.codegen.family import CPU, KernelFamily
 from bscompile.codegen.layout import BlockShape, BlockStats, BSRMatrix
 
 SITE_ATTR = "bscompile.site"
@@ -107,6 +108,7 @@ class CompilePlan:
     """State shared by the passes of one compilation."""
 
     weight_names: dict[str, str]  # fingerprint -> ONNX initializer name
+    kernels: KernelFamily = CPU  # generators of the target's kernels
     vector_lanes: int = 8
     sparse: bool = True  # False: bscompile's own dense path
     force_block: BlockShape | None = None  # user override for every sparse-able weight
