@@ -1,0 +1,304 @@
+"""The ``bscompile`` command line. ``bscompile MODEL.onnx ...`` is ``bscompile compile MODEL.onnx ...``.
+
+Every user error is one line on stderr and exit status 2; nothing is written on
+failure (artifacts are written to a temp file and renamed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+COMMANDS = ("compile", "run", "inspect", "package", "demo", "targets", "tune")
+
+
+def _shape_arg(text: str) -> tuple[str, tuple[int, ...]]:
+    try:
+        name, dims = text.rsplit("=", 1)
+        return name, tuple(int(d) for d in dims.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=D0,D1,..., got '{text}'") from None
+
+
+def _input_arg(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected NAME=FILE.npy, got '{text}'")
+    name, path = text.split("=", 1)
+    return name, path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bscompile", description="Compile pruned ONNX models into block-sparse kernels.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def model_opts(sp):
+        sp.add_argument("--input-shape", type=_shape_arg, action="append", default=[], metavar="NAME=D0,D1,...",
+                        help="static shape of an input with dynamic dims (repeatable)")
+        sp.add_argument("--target", default="llvm", help="llvm (this CPU), x86_64, aarch64, a board preset "
+                        "(see `bscompile targets`) or a TVM target JSON dict")
+        sp.add_argument("--cpu", help="LLVM CPU model for CPU targets, e.g. cortex-a76")
+        sp.add_argument("--arch", help="GPU architecture for the cuda target, e.g. sm_80, sm_90")
+        sp.add_argument("--dense", action="store_true", help="compile bscompile's dense path (no sparsity)")
+        sp.add_argument("--block", metavar="RxC", help="force this block shape on every weight with zeros")
+
+    c = sub.add_parser("compile", help="compile an ONNX model to a .bsc artifact")
+    c.add_argument("model")
+    c.add_argument("-o", "--output", help="artifact path (default: MODEL.bsc)")
+    c.add_argument("--dump-ir", metavar="DIR", help="write the IR after each pipeline phase to DIR")
+    c.add_argument("-q", "--quiet", action="store_true")
+    model_opts(c)
+
+    r = sub.add_parser("run", help="run a .bsc artifact on .npy inputs")
+    r.add_argument("artifact")
+    r.add_argument("--input", type=_input_arg, action="append", default=[], metavar="NAME=FILE.npy")
+    r.add_argument("--random", action="store_true", help="feed random inputs of the right shapes")
+    r.add_argument("--output", help="write outputs: FILE.npz, or a directory for NAME.npy files")
+    r.add_argument("--check", metavar="MODEL.onnx", help="compare the outputs with onnxruntime on this model")
+    r.add_argument("--bench", type=int, default=0, metavar="N", help="time N calls (and onnxruntime with --check)")
+
+    i = sub.add_parser("inspect", help="per-weight sparsity report and layout choice, without compiling")
+    i.add_argument("model")
+    i.add_argument("--json", action="store_true", help="print JSON")
+    model_opts(i)
+
+    k = sub.add_parser("package", help="bundle a .bsc with a native runner for deployment")
+    k.add_argument("artifact")
+    k.add_argument("-o", "--output", required=True, help="bundle path (.tar.gz)")
+
+    d = sub.add_parser("demo", help="compile the bundled pruned GRU model, check it against onnxruntime, time both")
+    d.add_argument("--model", help="ONNX model (default: the bundled char-level GRU)")
+    d.add_argument("--runs", type=int, default=50)
+
+    sub.add_parser("targets", help="list named targets")
+
+    t = sub.add_parser("tune", help="measure candidate layouts/schedules per weight and compile the fastest")
+    t.add_argument("model")
+    t.add_argument("-o", "--output", help="artifact path (default: MODEL.bsc)")
+    t.add_argument("--records", help="tuning records JSON to write (default: MODEL.tune.json)")
+    model_opts(t)
+    return p
+
+
+def _progress(quiet: bool):
+    if quiet:
+        return None
+    from bscompile.driver import stderr_progress
+
+    return stderr_progress
+
+
+def _compile_kwargs(args) -> dict:
+    target = args.target
+    if args.arch:
+        from bscompile.target import with_arch  # cuda targets
+
+        target = with_arch(target, args.arch)
+    return dict(target=target, cpu=args.cpu, input_shapes=dict(args.input_shape) or None,
+                sparse=not args.dense, block=args.block)
+
+
+def cmd_compile(args) -> int:
+    import bscompile
+    from bscompile.report import weight_table
+
+    out = args.output or str(Path(args.model).with_suffix(".bsc"))
+    art = bscompile.compile(args.model, dump_ir=args.dump_ir, progress=_progress(args.quiet), **_compile_kwargs(args))
+    art.export(out)
+    if not args.quiet:
+        print(weight_table(art.manifest.weights))
+        s = art.manifest.summary()
+        print(f"\nwrote {out}: {len(art.manifest.weights)} weights, {s['dense_bytes'] / 2**20:.2f} MiB dense -> "
+              f"{s['stored_bytes'] / 2**20:.2f} MiB stored, compiled in {art.manifest.compile_seconds:.1f} s")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from bscompile.driver import analyze_model
+    from bscompile.report import reasons, weight_table
+
+    kw = _compile_kwargs(args)
+    from bscompile.target import resolve_target
+
+    spec = resolve_target(kw["target"], kw["cpu"])
+    _, plan, _, _ = analyze_model(args.model, kw["input_shapes"], spec, sparse=kw["sparse"], block=kw["block"])
+    weights = [s.to_json() for s in plan.sites]
+    if args.json:
+        print(json.dumps(weights, indent=2))
+    else:
+        print(weight_table(weights))
+        print("\nlayout choices:")
+        print(reasons(weights))
+    return 0
+
+
+def _load_inputs(mod, args) -> dict[str, np.ndarray]:
+    from bscompile.errors import InputError
+
+    feeds = {}
+    for name, path in args.input:
+        if not os.path.exists(path):
+            raise InputError(f"input '{name}': no such file {path}")
+        try:
+            feeds[name] = np.load(path, allow_pickle=False)
+        except Exception as err:  # noqa: BLE001
+            raise InputError(f"input '{name}': {path} is not a .npy file ({type(err).__name__})") from None
+    if args.random:
+        feeds.update({s.name: random_input(s) for s in mod.inputs if s.name not in feeds})
+    return feeds
+
+
+def random_input(spec, rng=None) -> np.ndarray:
+    """A random array for an input spec: normal floats, small non-negative integers (token ids)."""
+    rng = rng or np.random.default_rng()
+    if np.dtype(spec.dtype).kind in "iu":
+        return rng.integers(0, 8, size=spec.shape).astype(spec.dtype)
+    return rng.standard_normal(spec.shape).astype(spec.dtype)
+
+
+def _write_outputs(outs: dict[str, np.ndarray], path: str) -> None:
+    from bscompile.runtime.artifact import atomic_write
+
+    if path.endswith(".npz"):
+        atomic_write(path, lambda tmp: np.savez(open(tmp, "wb"), **outs))
+        return
+    os.makedirs(path, exist_ok=True)
+    for name, a in outs.items():
+        atomic_write(os.path.join(path, f"{name}.npy"), lambda tmp, a=a: np.save(open(tmp, "wb"), a))
+
+
+def cmd_run(args) -> int:
+    import bscompile
+
+    mod = bscompile.load(args.artifact)
+    feeds = _load_inputs(mod, args)
+    outs = mod.run(feeds)
+    for name, a in outs.items():
+        print(f"{name}: shape {list(a.shape)} {a.dtype}  mean {a.mean():.6g}  std {a.std():.6g}")
+    if args.output:
+        _write_outputs(outs, args.output)
+    if args.check:
+        ok = check_against_ort(args.check, feeds, outs)
+        if not ok:
+            return 1
+    if args.bench:
+        t = np.median(mod.benchmark(feeds, number=args.bench, repeat=3))
+        print(f"bscompile: {t * 1e3:.3f} ms per run")
+        if args.check:
+            print(f"onnxruntime: {time_ort(args.check, feeds, args.bench) * 1e3:.3f} ms per run")
+    return 0
+
+
+def _ort_session(model_path: str, threads: int | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(model_path, opts, providers=["CPUExecutionProvider"])
+
+
+def check_against_ort(model_path: str, feeds, outs, rtol=1e-4, atol=1e-5) -> bool:
+    sess = _ort_session(model_path)
+    ref = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+    ok = True
+    for name, a in outs.items():
+        err = np.abs(a - ref[name]).max() if a.size else 0.0
+        good = np.allclose(a, ref[name], rtol=rtol, atol=atol)
+        ok &= good
+        print(f"check {name} vs onnxruntime: max abs err {err:.3g} ({'ok' if good else 'MISMATCH'}, rtol {rtol} atol {atol})")
+    return ok
+
+
+def time_ort(model_path: str, feeds, runs: int, threads: int | None = None) -> float:
+    sess = _ort_session(model_path, threads)
+    sess.run(None, feeds)
+    ts = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        sess.run(None, feeds)
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+
+def cmd_demo(args) -> int:
+    import bscompile
+    from bscompile.report import weight_table
+
+    model = args.model or str(Path(bscompile.__file__).parent / "data" / "char_gru_bp4x4.onnx")
+    print(f"model: {model}")
+    with __import__("tempfile").TemporaryDirectory() as tmp:
+        art = bscompile.compile(model, progress=_progress(False))
+        print(weight_table(art.manifest.weights))
+        mod = bscompile.load(art.export(Path(tmp) / "model.bsc"))
+    feeds = {s.name: random_input(s) for s in mod.inputs}
+    outs = mod.run(feeds)
+    ok = check_against_ort(model, feeds, outs)
+    t_bsc = float(np.median(mod.benchmark(feeds, number=args.runs, repeat=3)))
+    t_ort = time_ort(model, feeds, args.runs)
+    print(f"time per run: bscompile {t_bsc * 1e3:.3f} ms, onnxruntime {t_ort * 1e3:.3f} ms "
+          f"({t_ort / t_bsc:.1f}x), threads: TVM_NUM_THREADS={os.environ.get('TVM_NUM_THREADS', 'all')}, "
+          "onnxruntime default")
+    return 0 if ok else 1
+
+
+def cmd_package(args) -> int:
+    from bscompile.runtime.package import package_artifact
+
+    report = package_artifact(args.artifact, args.output, progress=_progress(False))
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_targets(args) -> int:
+    from bscompile.target import TARGETS
+
+    for name, make in TARGETS.items():
+        spec = make()
+        print(f"{name:14s} {spec.description:40s} {json.dumps(spec.target)}")
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from bscompile.tune import tune_command
+
+    return tune_command(args, _compile_kwargs(args), _progress(False))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `bscompile model.onnx ...` is `bscompile compile model.onnx ...`
+    first = next((a for a in argv if a != "--debug"), None)
+    if first is not None and first not in COMMANDS and not first.startswith("-"):
+        argv.insert(argv.index(first), "compile")
+    args = build_parser().parse_args(argv)
+    from bscompile.errors import BscompileError
+
+    try:
+        return {"compile": cmd_compile, "run": cmd_run, "inspect": cmd_inspect, "package": cmd_package,
+                "demo": cmd_demo, "targets": cmd_targets, "tune": cmd_tune}[args.command](args)
+    except BscompileError as err:
+        if args.debug:
+            raise
+        print(f"bscompile: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bscompile: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - last line of defence: no raw tracebacks
+        if args.debug:
+            raise
+        msg = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+        print(f"bscompile: internal error: {type(err).__name__}: {msg[-1] if msg else ''} "
+              "(rerun with --debug for the traceback)", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
