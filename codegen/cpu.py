@@ -17,12 +17,15 @@ Two facts about TVM's LLVM backend shape the code:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+
+import numpy as np
 
 import tvm
 from tvm.script import tirx as T
 
-from bscompile.codegen.layout import BSRMatrix
+from bscompile.codegen.layout import BlockShape, BSRMatrix, padded
 from bscompile.codegen.recurrent_cells import CellSpec, gate_update
 
 
@@ -120,22 +123,49 @@ def _matmul_macro(mat: BSRMatrix, m: int, sched: CpuSchedule,
 
 
 def linear_kernel(mat: BSRMatrix, m: int, sched: CpuSchedule) -> tvm.tirx.PrimFunc:
-    """``y[M, N] = x[M, K] @ W.T + bias`` with W in ``mat``'s block layout, ``bias[N_pad]``."""
+    """``y[M, N] = x[M, K] @ W.T + bias`` with W in ``mat``'s block layout, ``bias[N_pad]``.
+
+    The number of stored blocks is a symbolic dimension, so weights of one shape and
+    block layout share a kernel (and its parse and LLVM compile).
+    """
+    return _linear_kernel(LayoutKey.of(mat), m, sched)
+
+
+@dataclass(frozen=True)
+class LayoutKey:
+    """What a kernel depends on: everything of a layout but its block count and values."""
+
+    shape: tuple[int, int]
+    block: BlockShape
+
+    @classmethod
+    def of(cls, mat: BSRMatrix) -> "LayoutKey":
+        return cls(tuple(mat.shape), mat.block)
+
+    def skeleton(self) -> BSRMatrix:
+        """A stand-in matrix with this layout (block counts are symbolic in the kernels)."""
+        n_pad, _ = (padded(self.shape[0], self.block.r), padded(self.shape[1], self.block.c))
+        nbr = n_pad // self.block.r
+        return BSRMatrix(self.shape, self.block, np.zeros((1, self.block.c, self.block.r), np.float32),
+                         np.zeros(1, np.int32), np.zeros(nbr + 1, np.int32))
+
+
+@functools.lru_cache(maxsize=256)
+def _linear_kernel(key: LayoutKey, m: int, sched: CpuSchedule) -> tvm.tirx.PrimFunc:
+    mat = key.skeleton()
     n, k = mat.shape
     n_pad, k_pad = mat.padded_shape
-    nnzb, nbr, r, c = mat.nnz_blocks, mat.num_block_rows, mat.block.r, mat.block.c
+    nbr, r, c = mat.num_block_rows, mat.block.r, mat.block.c
     matmul = _matmul_macro(mat, m, sched, k if k_pad != k else None, n if n_pad != n else None)
 
     @T.prim_func(s_tir=True)
-    def bsr_linear(
-        x: T.Buffer((m, k), "float32"),
-        data: T.Buffer((nnzb, c, r), "float32"),
-        indices: T.Buffer((nnzb,), "int32"),
-        indptr: T.Buffer((nbr + 1,), "int32"),
-        bias: T.Buffer((n_pad,), "float32"),
-        y: T.Buffer((m, n), "float32"),
-    ):
+    def bsr_linear(x: T.Buffer((m, k), "float32"), data_h: T.handle, indices_h: T.handle,
+                   indptr: T.Buffer((nbr + 1,), "int32"), bias: T.Buffer((n_pad,), "float32"),
+                   y: T.Buffer((m, n), "float32")):
         T.func_attr({"tir.noalias": True})
+        nnzb = T.int32()
+        data = T.match_buffer(data_h, (nnzb, c, r), "float32")
+        indices = T.match_buffer(indices_h, (nnzb,), "int32")
         matmul(x, data, indices, indptr, bias, y, 0)
 
     return bsr_linear.without_attr("global_symbol")
@@ -153,6 +183,13 @@ def recurrent_kernel(
     multiplied by ``r * h``. Each step runs the mat-vec over all gates, then the gate
     arithmetic fused in one pass over ``[B, H]``.
     """
+    return _recurrent_kernel(cell, tuple(LayoutKey.of(m) for m in mats), seq, batch, tuple(scheds))
+
+
+@functools.lru_cache(maxsize=64)
+def _recurrent_kernel(cell: CellSpec, keys: tuple[LayoutKey, ...], seq: int, batch: int,
+                      scheds: tuple[CpuSchedule, ...]) -> tvm.tirx.PrimFunc:
+    mats = [k.skeleton() for k in keys]
     hid, gates = cell.hidden, cell.num_gates
     gh = gates * hid
     assert len(mats) in (1, 2) and len(scheds) == len(mats)
@@ -161,8 +198,7 @@ def recurrent_kernel(
     two = len(mats) == 2
     mv1 = _matmul_macro(mats[1], batch, scheds[1]) if two else None
     g1 = mats[1].padded_shape[0] if two else 1
-    n0, r0, c0_ = mats[0].nnz_blocks, mats[0].block.r, mats[0].block.c
-    n1 = mats[1].nnz_blocks if two else 1
+    r0, c0_ = mats[0].block.r, mats[0].block.c
     r1 = mats[1].block.r if two else 1
     c1_ = mats[1].block.c if two else 1
     b0 = mats[0].num_block_rows
@@ -193,12 +229,12 @@ def recurrent_kernel(
     @T.prim_func(s_tir=True)
     def recurrence(
         xp: T.Buffer((seq, batch, gh), "float32"),
-        data0: T.Buffer((n0, c0_, r0), "float32"),
-        indices0: T.Buffer((n0,), "int32"),
+        data0_h: T.handle,
+        indices0_h: T.handle,
         indptr0: T.Buffer((b0 + 1,), "int32"),
         rbias0: T.Buffer((g0,), "float32"),
-        data1: T.Buffer((n1, c1_, r1), "float32"),
-        indices1: T.Buffer((n1,), "int32"),
+        data1_h: T.handle,
+        indices1_h: T.handle,
         indptr1: T.Buffer((b1 + 1,), "int32"),
         rbias1: T.Buffer((g1,), "float32"),
         h0: T.Buffer((batch, hid), "float32"),
@@ -210,6 +246,12 @@ def recurrent_kernel(
         c_out: T.Buffer((batch, hid), "float32"),
     ):
         T.func_attr({"tir.noalias": True})
+        n0 = T.int32()
+        n1 = T.int32()
+        data0 = T.match_buffer(data0_h, (n0, c0_, r0), "float32")
+        indices0 = T.match_buffer(indices0_h, (n0,), "int32")
+        data1 = T.match_buffer(data1_h, (n1, c1_, r1), "float32")
+        indices1 = T.match_buffer(indices1_h, (n1,), "int32")
         h = T.alloc_buffer((batch, kp0), "float32")
         rh = T.alloc_buffer((batch, kp1), "float32")
         g = T.alloc_buffer((batch, g0 + g1), "float32")

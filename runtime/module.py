@@ -55,7 +55,7 @@ class CompiledModule:
                 raise InputError(f"input '{spec.name}' has shape {list(a.shape)}, expected {list(spec.shape)}")
             if a.dtype != np.dtype(spec.dtype):
                 raise InputError(f"input '{spec.name}' has dtype {a.dtype}, expected {spec.dtype}")
-            arrays.append(np.ascontiguousarray(a))
+            arrays.append(np.require(a, requirements="C"))  # (ascontiguousarray makes 0-d arrays 1-d)
         return arrays
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

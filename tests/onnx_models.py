@@ -60,10 +60,12 @@ def recurrent(op: str, input_size: int, hidden: int, seq: int, batch: int, layer
     cur, cur_size = "x", input_size
     x_shape = [seq, batch, input_size] if layout == 0 else [batch, seq, input_size]
     for li in range(layers):
-        w = sparsify(rng.standard_normal((d, gates * hidden, cur_size)).astype(np.float32) * 0.3, rng, kind).astype(np.float32)
-        r = sparsify(rng.standard_normal((d, gates * hidden, hidden)).astype(np.float32) * 0.3, rng, kind).astype(np.float32)
+        w = sparsify(rng.standard_normal((d, gates * hidden, cur_size)).astype(np.float32) / np.sqrt(cur_size), rng, kind).astype(np.float32)
+        r = sparsify(rng.standard_normal((d, gates * hidden, hidden)).astype(np.float32) / np.sqrt(hidden), rng, kind).astype(np.float32)
         b = rng.standard_normal((d, 2 * gates * hidden)).astype(np.float32) * 0.1
-        h0 = rng.standard_normal((d, batch, hidden) if layout == 0 else (batch, d, hidden)).astype(np.float32)
+        h0 = rng.standard_normal((d, batch, hidden)).astype(np.float32)
+        if layout == 1:  # same values as the layout-0 model built from the same seed
+            h0 = np.ascontiguousarray(h0.transpose(1, 0, 2))
         names = [f"l{li}.W", f"l{li}.R", f"l{li}.B"]
         inits += [numpy_helper.from_array(a, n) for a, n in zip((w, r, b), names)]
         inits.append(numpy_helper.from_array(h0, f"l{li}.h0"))

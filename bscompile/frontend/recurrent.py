@@ -51,8 +51,15 @@ def _const_or_zeros(bb, expr, shape, dtype="float32"):
     return expr
 
 
+def _const(expr) -> np.ndarray | None:
+    return expr.value.numpy() if isinstance(expr, tvm.ir.expr.Constant) else None
+
+
 def pack_dense_rows(bb: relax.BlockBuilder, w: relax.Expr, rows: int, cols: int) -> relax.Expr:
-    """Relax ops computing ``BSRMatrix.dense(w, DENSE_ROWS).data`` from ``w[rows, cols]``."""
+    """``BSRMatrix.dense(w, DENSE_ROWS).data`` of ``w[rows, cols]``: NumPy for constants, else Relax ops."""
+    arr = _const(w)
+    if arr is not None:
+        return relax.const(BSRMatrix.dense(arr, DENSE_ROWS).data)
     n_pad = -(-rows // DENSE_ROWS) * DENSE_ROWS
     if n_pad != rows:
         w = bb.emit(relax.op.nn.pad(w, [0, n_pad - rows, 0, 0]))
@@ -66,7 +73,18 @@ def _dense_index_consts(rows: int) -> tuple[relax.Constant, relax.Constant]:
 
 
 def _pad_vec(bb, v: relax.Expr, n: int, n_pad: int) -> relax.Expr:
+    arr = _const(v)
+    if arr is not None:
+        return relax.const(np.pad(arr.astype(np.float32), (0, n_pad - n)))
     return v if n_pad == n else bb.emit(relax.op.nn.pad(v, [0, n_pad - n]))
+
+
+def _slice(bb, t: relax.Expr, axis: int, lo: int, hi: int, shape) -> relax.Expr:
+    """``t[lo:hi]`` along ``axis``, reshaped: NumPy for constants, else Relax ops."""
+    arr = _const(t)
+    if arr is not None:
+        return relax.const(np.ascontiguousarray(np.take(arr, range(lo, hi), axis=axis).reshape(shape)))
+    return bb.emit(relax.op.reshape(relax.op.strided_slice(t, [axis], [lo], [hi]), shape))
 
 
 def _parse_cells(kind: str, attr: dict, hidden: int, node: str) -> list[CellSpec]:
@@ -145,13 +163,12 @@ def convert_recurrent(kind: str, bb: relax.BlockBuilder, inputs, attr: dict, onn
 
     ys, hs, cs = [], [], []
     for d, cell in enumerate(cells):
-        take = lambda t, shape: bb.emit(relax.op.reshape(  # noqa: E731
-            relax.op.strided_slice(t, [0], [d], [d + 1]), shape))
-        w_d, r_d = take(w, (gh, in_size)), take(r, (gh, hidden))
-        b_d = take(b, (2 * gh,))
-        wb = bb.emit(relax.op.strided_slice(b_d, [0], [0], [gh]))
-        rb = bb.emit(relax.op.strided_slice(b_d, [0], [gh], [2 * gh]))
-        xp = bb.emit(relax.op.add(relax.op.matmul(x2d, relax.op.permute_dims(w_d, [1, 0])), wb))
+        w_d, r_d = _slice(bb, w, 0, d, d + 1, (gh, in_size)), _slice(bb, r, 0, d, d + 1, (gh, hidden))
+        b_d = _slice(bb, b, 0, d, d + 1, (2 * gh,))
+        wb, rb = _slice(bb, b_d, 0, 0, gh, (gh,)), _slice(bb, b_d, 0, gh, 2 * gh, (gh,))
+        w_t = relax.const(np.ascontiguousarray(_const(w_d).T)) if _const(w_d) is not None \
+            else relax.op.permute_dims(w_d, [1, 0])
+        xp = bb.emit(relax.op.add(relax.op.matmul(x2d, w_t), wb))
         xp = bb.emit(relax.op.reshape(xp, [seq, batch, gh]))
         # GRU without linear-before-reset multiplies R_h by (r * h): a second matrix.
         split = cell.kind == "gru" and not cell.linear_before_reset
@@ -159,8 +176,8 @@ def convert_recurrent(kind: str, bb: relax.BlockBuilder, inputs, attr: dict, onn
         mats_args = []
         for lo, hi in parts:
             rows = hi - lo
-            r_part = r_d if not split else bb.emit(relax.op.strided_slice(r_d, [0], [lo], [hi]))
-            rb_part = rb if not split else bb.emit(relax.op.strided_slice(rb, [0], [lo], [hi]))
+            r_part = _slice(bb, r_d, 0, lo, hi, (rows, hidden))
+            rb_part = _slice(bb, rb, 0, lo, hi, (rows,))
             indices, indptr = _dense_index_consts(rows)
             n_pad = -(-rows // DENSE_ROWS) * DENSE_ROWS
             mats_args += [pack_dense_rows(bb, r_part, rows, hidden), indices, indptr,
@@ -169,8 +186,8 @@ def convert_recurrent(kind: str, bb: relax.BlockBuilder, inputs, attr: dict, onn
             one = BSRMatrix.dense(np.zeros((1, 1), np.float32), 1)
             mats_args += [relax.const(one.data), relax.const(one.indices), relax.const(one.indptr),
                           relax.const(np.zeros(1, np.float32))]
-        h0_d, c0_d = take(h0, (batch, hidden)), take(c0, (batch, hidden))
-        p_d = take(peep, (3 * hidden,))
+        h0_d, c0_d = _slice(bb, h0, 0, d, d + 1, (batch, hidden)), _slice(bb, c0, 0, d, d + 1, (batch, hidden))
+        p_d = _slice(bb, peep, 0, d, d + 1, (3 * hidden,))
         func = dense_recurrence_func(cell, seq, batch, split, weight_name=f"{onnx_node.input[2]}[{d}]")
         gv = bb.add_func(func, f"recurrence_{kind}")
         out = bb.emit(relax.call_tir(gv, [xp, *mats_args, h0_d, c0_d, lens, p_d], [

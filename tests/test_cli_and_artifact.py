@@ -1,0 +1,193 @@
+"""CLI behaviour (one-line errors, exit codes, no half-written files) and the artifact format."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+from onnx_models import mlp, ort_run, recurrent
+
+import bscompile
+from bscompile.cli import main
+from bscompile.errors import ArtifactError, InputError
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    rng = np.random.default_rng(7)
+    model, _ = mlp([128, 256, 32], 2, ["4x4", "8x8"], rng)
+    onnx.save(model, d / "mlp.onnx")
+    np.save(d / "x.npy", rng.standard_normal((2, 128)).astype(np.float32))
+    return d
+
+
+def run_cli(*args, cwd=None):
+    """Run the real console entry point in a subprocess: exit code, stdout, stderr."""
+    p = subprocess.run([sys.executable, "-m", "bscompile.cli", *map(str, args)], capture_output=True, text=True,
+                       cwd=cwd, timeout=300)
+    return p.returncode, p.stdout, p.stderr
+
+
+def test_compile_run_inspect_roundtrip(model_dir):
+    bsc = model_dir / "mlp.bsc"
+    rc, out, err = run_cli(model_dir / "mlp.onnx", "--target", "llvm", "-o", bsc)
+    assert rc == 0, err
+    assert "fc0.weight" in out and "bsr 4x4" in out
+    rc, out, err = run_cli("run", bsc, "--input", f"x={model_dir / 'x.npy'}", "--output", model_dir / "y.npz",
+                           "--check", model_dir / "mlp.onnx")
+    assert rc == 0, err
+    assert "ok" in out
+    y = np.load(model_dir / "y.npz")["y"]
+    ref = ort_run(onnx.load(model_dir / "mlp.onnx"), {"x": np.load(model_dir / "x.npy")})["y"]
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5)
+    rc, out, _ = run_cli("inspect", model_dir / "mlp.onnx", "--json")
+    assert rc == 0
+    report = json.loads(out)
+    assert [w["sparsity"]["detected_block"] for w in report] == ["4x4", "8x8"]
+
+
+def test_run_writes_npy_directory(model_dir, tmp_path):
+    art = bscompile.compile(model_dir / "mlp.onnx")
+    art.export(tmp_path / "m.bsc")
+    assert main(["run", str(tmp_path / "m.bsc"), "--input", f"x={model_dir / 'x.npy'}",
+                 "--output", str(tmp_path / "outs")]) == 0
+    assert np.load(tmp_path / "outs" / "y.npy").shape == (2, 32)
+
+
+def _one_line_error(rc, err, *needles):
+    assert rc == 2
+    lines = [ln for ln in err.splitlines() if not ln.startswith("[bscompile]") and "Warning" not in ln]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("bscompile: error:")
+    for n in needles:
+        assert n in lines[0]
+    assert "Traceback" not in err
+
+
+def test_error_missing_file(tmp_path):
+    _one_line_error(*run_cli(tmp_path / "nope.onnx", "-o", tmp_path / "a.bsc")[::2], "no such file")
+    assert not (tmp_path / "a.bsc").exists()
+
+
+def test_error_not_onnx(tmp_path):
+    (tmp_path / "junk.onnx").write_bytes(b"\x00\xffnot a model at all")
+    _one_line_error(*run_cli(tmp_path / "junk.onnx", "-o", tmp_path / "a.bsc")[::2], "not an ONNX model")
+    assert not list(tmp_path.glob("*.bsc*"))
+
+
+def test_error_unsupported_op_names_op_and_node(tmp_path):
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["h"], name="r"),
+                           helper.make_node("FancyOp", ["h"], ["y"], name="my_fancy_node", domain="com.acme")],
+                          "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.acme", 1)])
+    onnx.save(m, tmp_path / "u.onnx")
+    _one_line_error(*run_cli(tmp_path / "u.onnx", "-o", tmp_path / "u.bsc")[::2], "FancyOp", "my_fancy_node")
+    assert not list(tmp_path.glob("*.bsc*"))  # nothing half-written
+
+
+def test_error_unsupported_rnn_attribute(tmp_path):
+    m = recurrent("GRU", 4, 8, 3, 1, 1, False, "dense", np.random.default_rng(0))
+    gru = next(n for n in m.graph.node if n.op_type == "GRU")
+    gru.attribute.append(helper.make_attribute("activations", ["Sigmoid", "Gelu"]))
+    onnx.save(m, tmp_path / "g.onnx")
+    _one_line_error(*run_cli(tmp_path / "g.onnx")[::2], "gru0", "Gelu")
+
+
+def test_error_unknown_target(model_dir):
+    _one_line_error(*run_cli(model_dir / "mlp.onnx", "--target", "tpu9000")[::2], "unknown target 'tpu9000'")
+
+
+def test_error_dynamic_shape_asks_for_input_shape(tmp_path):
+    m, _ = mlp([8, 4], 1, ["dense"], np.random.default_rng(0))
+    m.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    onnx.save(m, tmp_path / "d.onnx")
+    _one_line_error(*run_cli(tmp_path / "d.onnx")[::2], "--input-shape x=")
+    rc, _, err = run_cli(tmp_path / "d.onnx", "--input-shape", "x=3,8", "-o", tmp_path / "d.bsc", "-q")
+    assert rc == 0, err
+    assert bscompile.load(tmp_path / "d.bsc").inputs[0].shape == (3, 8)
+
+
+def test_error_wrong_inputs_at_run_time(model_dir, tmp_path):
+    bsc = tmp_path / "m.bsc"
+    bscompile.compile(model_dir / "mlp.onnx").export(bsc)
+    np.save(tmp_path / "bad.npy", np.zeros((3, 128), np.float32))
+    _one_line_error(*run_cli("run", bsc, "--input", f"wrong={model_dir / 'x.npy'}")[::2], "unknown ['wrong']",
+                    "expected x[2, 128]:float32")
+    _one_line_error(*run_cli("run", bsc, "--input", f"x={tmp_path / 'bad.npy'}")[::2], "shape [3, 128]",
+                    "expected [2, 128]")
+    mod = bscompile.load(bsc)
+    with pytest.raises(InputError, match="dtype float64"):
+        mod.run({"x": np.zeros((2, 128))})
+
+
+def test_artifact_manifest(model_dir, tmp_path):
+    art = bscompile.compile(model_dir / "mlp.onnx")
+    art.export(tmp_path / "m.bsc")
+    with tarfile.open(tmp_path / "m.bsc") as tar:
+        man = json.loads(tar.extractfile("manifest.json").read())
+    assert man["bscompile_version"] == bscompile.__version__
+    import tvm
+
+    assert man["tvm_version"] == tvm.__version__
+    assert man["target"]["kind"] == "llvm"
+    assert man["inputs"] == [{"name": "x", "shape": [2, 128], "dtype": "float32"}]
+    assert man["outputs"] == [{"name": "y", "shape": [2, 32], "dtype": "float32"}]
+    for w in man["weights"]:
+        assert w["decision"]["layout"] == "bsr"
+        assert w["bytes_saved"] > 0.8 * w["dense_bytes"]
+        assert 0.05 < w["sparsity"]["density"] < 0.2
+    assert not list(tmp_path.glob(".*tmp"))  # no temp files left behind
+
+
+def test_artifact_refuses_corruption(model_dir, tmp_path):
+    bsc = tmp_path / "m.bsc"
+    bscompile.compile(model_dir / "mlp.onnx").export(bsc)
+    raw = bsc.read_bytes()
+    (tmp_path / "trunc.bsc").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ArtifactError, match="truncated|corrupted"):
+        bscompile.load(tmp_path / "trunc.bsc")
+    # flip one byte inside module.so: the checksum catches it
+    with tarfile.open(bsc) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for m, data in members:
+            if m.name == "module.so":
+                data = data[:100] + bytes([data[100] ^ 0xFF]) + data[101:]
+            tar.addfile(m, io.BytesIO(data))
+    (tmp_path / "flip.bsc").write_bytes(buf.getvalue())
+    with pytest.raises(ArtifactError, match="checksum"):
+        bscompile.load(tmp_path / "flip.bsc")
+    _one_line_error(*run_cli("run", tmp_path / "flip.bsc", "--random")[::2], "checksum")
+
+
+def test_failed_export_leaves_previous_artifact(model_dir, tmp_path, monkeypatch):
+    bsc = tmp_path / "m.bsc"
+    art = bscompile.compile(model_dir / "mlp.onnx")
+    art.export(bsc)
+    before = bsc.read_bytes()
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("bscompile.runtime.artifact.tarfile.TarFile.addfile", boom)
+    with pytest.raises(RuntimeError):
+        art.export(bsc)
+    assert bsc.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.bsc"]
+
+
+def test_dump_ir_writes_every_phase(model_dir, tmp_path):
+    bscompile.compile(model_dir / "mlp.onnx", dump_ir=tmp_path / "ir")
+    names = sorted(p.name for p in (tmp_path / "ir").iterdir())
+    assert names == ["00_import.py", "01_simplify.py", "02_sites.py", "03_analyze.py", "04_lower.py",
+                     "05_finalize.py"]
+    assert "bscompile.site" in (tmp_path / "ir" / "04_lower.py").read_text()
