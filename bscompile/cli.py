@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model")
     c.add_argument("-o", "--output", help="artifact path (default: MODEL.bsc)")
     c.add_argument("--dump-ir", metavar="DIR", help="write the IR after each pipeline phase to DIR")
+    c.add_argument("--records", help="tuning records from `bscompile tune` to apply")
     c.add_argument("-q", "--quiet", action="store_true")
     model_opts(c)
 
@@ -109,7 +110,8 @@ def cmd_compile(args) -> int:
     from bscompile.report import weight_table
 
     out = args.output or str(Path(args.model).with_suffix(".bsc"))
-    art = bscompile.compile(args.model, dump_ir=args.dump_ir, progress=_progress(args.quiet), **_compile_kwargs(args))
+    art = bscompile.compile(args.model, dump_ir=args.dump_ir, records=args.records, progress=_progress(args.quiet),
+                            **_compile_kwargs(args))
     art.export(out)
     if not args.quiet:
         print(weight_table(art.manifest.weights))

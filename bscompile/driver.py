@@ -60,7 +60,7 @@ class Artifact:
 
 
 def analyze_model(model, input_shapes=None, target="llvm", *, sparse: bool = True,
-                  block: BlockShape | str | None = None, dump_ir=None,
+                  block: BlockShape | str | None = None, records: dict | None = None, dump_ir=None,
                   progress: Progress | None = None) -> tuple[ImportedModel, CompilePlan, tvm.IRModule, TargetSpec]:
     """Import and run bscompile's pipeline (no TVM build): what ``inspect`` reports."""
     spec = resolve_target(target)
@@ -70,23 +70,29 @@ def analyze_model(model, input_shapes=None, target="llvm", *, sparse: bool = Tru
         progress("importing ONNX")
     im = import_onnx(model, input_shapes)
     plan = CompilePlan(im.weight_names, kernels=family_for(spec.device), vector_lanes=spec.vector_lanes,
-                       sparse=sparse, force_block=block)
+                       sparse=sparse, force_block=block, records=records or {})
     mod = run_pipeline(im.mod, plan, dump_ir, progress)
     return im, plan, mod, spec
 
 
 def compile(model: str | os.PathLike | onnx.ModelProto, target: str | dict | TargetSpec = "llvm", *,
             input_shapes: dict[str, tuple[int, ...]] | None = None, sparse: bool = True,
-            block: BlockShape | str | None = None, cpu: str | None = None, dump_ir=None,
+            block: BlockShape | str | None = None, cpu: str | None = None, records: dict | str | None = None,
+            dump_ir=None,
             progress: Progress | None = None) -> Artifact:
     """Compile an ONNX model (path or ModelProto) for ``target``.
 
     ``sparse=False`` compiles bscompile's own dense path (same kernels, every block
-    present); ``block`` forces one block shape on every weight that has zeros.
+    present); ``block`` forces one block shape on every weight that has zeros;
+    ``records`` (a path or loaded dict) applies measured choices from ``bscompile tune``.
     """
     t0 = time.perf_counter()
     spec = resolve_target(target, cpu)
-    im, plan, mod, spec = analyze_model(model, input_shapes, spec, sparse=sparse, block=block,
+    if isinstance(records, (str, os.PathLike)):
+        from bscompile.tune import load_records
+
+        records = load_records(records)
+    im, plan, mod, spec = analyze_model(model, input_shapes, spec, sparse=sparse, block=block, records=records,
                                         dump_ir=dump_ir, progress=progress)
     if progress:
         progress(f"building for {spec.name} ({len(plan.sites)} weight sites)")

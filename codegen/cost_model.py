@@ -33,14 +33,21 @@ class KernelShape:
     m_tile: int
     k: int
     n: int
+    variant: str = "rows"
+    m_vec: int = 8
 
 
 def estimate_time(ks: KernelShape, machine: MachineModel = MachineModel()) -> float:
     weight_bytes = ks.nnz_blocks * (ks.r * ks.c * 4 + 4) + (ks.num_block_rows + 1) * 4
     act_bytes = (ks.m * ks.k + ks.m * ks.n) * 4
+    if ks.variant == "batch":  # vectors along the batch: r FMAs per block column and batch tile
+        m_tiles = -(-ks.m // ks.m_vec)
+        fmas = ks.nnz_blocks * ks.c * ks.r * m_tiles * -(-ks.m_vec // machine.lanes)
+        act_bytes *= 2  # the transposed copy of x
+    else:  # vectors along the block's rows
+        m_tiles = -(-ks.m // ks.m_tile)
+        fmas = ks.nnz_blocks * ks.c * ks.m * -(-ks.r // machine.lanes)
+    t_fma = fmas / machine.vector_fma_rate
     t_mem = (weight_bytes + act_bytes) / machine.bandwidth
-    vectors = -(-ks.r // machine.lanes)
-    t_fma = ks.nnz_blocks * ks.c * ks.m * vectors / machine.vector_fma_rate
-    m_tiles = -(-ks.m // ks.m_tile)
     t_blocks = ks.nnz_blocks * m_tiles * machine.block_overhead_s
     return max(t_mem, t_fma + t_blocks) + machine.call_overhead_s

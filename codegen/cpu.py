@@ -33,12 +33,15 @@ from bscompile.codegen.recurrent_cells import CellSpec, gate_update
 class CpuSchedule:
     """How a block-row kernel is laid out on the CPU."""
 
-    m_tile: int  # batch rows sharing one pass over a block row's weights
+    m_tile: int  # batch rows sharing one pass over a block row's weights (rows variant)
     parallel: bool  # parallelise over block rows
     unroll_c: bool  # fully unroll the columns of a block (small blocks)
+    variant: str = "rows"  # "rows": vectorise over a block's rows; "batch": over batch rows
+    m_vec: int = 8  # batch rows per vector tile (batch variant)
 
     def to_json(self) -> dict:
-        return {"m_tile": self.m_tile, "parallel": self.parallel, "unroll_c": self.unroll_c}
+        return {"m_tile": self.m_tile, "parallel": self.parallel, "unroll_c": self.unroll_c,
+                "variant": self.variant, "m_vec": self.m_vec}
 
 
 #: Vector registers worth of accumulators a tile may use (x86 has 16 ymm, NEON 32 q).
@@ -46,13 +49,39 @@ _ACC_REGISTERS = 12
 
 
 def default_schedule(mat: BSRMatrix, m: int, vector_lanes: int = 8) -> CpuSchedule:
-    """A schedule that fits the accumulator tile in registers and splits M evenly."""
-    regs_per_row = max(1, -(-mat.block.r // vector_lanes))
+    return schedule_for(mat.block, mat.nnz_blocks, mat.num_block_rows, m, vector_lanes)
+
+
+def schedule_for(block: BlockShape, nnz_blocks: int, num_block_rows: int, m: int,
+                 vector_lanes: int = 8) -> CpuSchedule:
+    """The default schedule, from block statistics alone (the cost model uses it too).
+
+    Blocks at least a vector high are vectorised over their rows with an M tile that
+    keeps accumulators in registers; narrower blocks, once the batch fills a vector,
+    are vectorised over the batch instead.
+    """
+    regs_per_row = max(1, -(-block.r // vector_lanes))
     limit = max(1, min(8, _ACC_REGISTERS // regs_per_row))
     m_tile = max(d for d in range(1, limit + 1) if m % d == 0)
-    work = mat.nnz_blocks * mat.block.r * mat.block.c * m
-    return CpuSchedule(m_tile=m_tile, parallel=work >= 1 << 16 and mat.num_block_rows > 1,
-                       unroll_c=mat.block.c <= 32)
+    work = nnz_blocks * block.r * block.c * m
+    parallel = work >= 1 << 16 and num_block_rows > 1
+    unroll = block.c <= 32
+    if m >= vector_lanes and block.r < vector_lanes and block.c <= 64:
+        m_vec = 2 * vector_lanes if block.r <= 4 and m >= 2 * vector_lanes else vector_lanes
+        return CpuSchedule(1, parallel, unroll, "batch", m_vec)
+    return CpuSchedule(m_tile=m_tile, parallel=parallel, unroll_c=unroll)
+
+
+def accumulator_chains(mat: BSRMatrix, sched: CpuSchedule, lanes: int = 8) -> int:
+    """Independent accumulators per (row, vector): enough FMAs in flight to cover latency.
+
+    About 8 FMAs must be in flight (2 units x 4 cycles); ``m_tile`` rows and the
+    vectors of a block row already give ``m_tile * ceil(r / lanes)`` chains. The
+    count divides the block width so each chain owns whole columns.
+    """
+    vecs = -(-mat.block.r // lanes)
+    want = max(1, 8 // (sched.m_tile * vecs))
+    return max(d for d in range(1, min(want, mat.block.c) + 1) if mat.block.c % d == 0)
 
 
 def _block_row_loops(mat: BSRMatrix, sched: CpuSchedule, k_limit: int | None, n_limit: int | None):
@@ -63,6 +92,7 @@ def _block_row_loops(mat: BSRMatrix, sched: CpuSchedule, k_limit: int | None, n_
     guards the stores when N is not a multiple of the block height.
     """
     r, c, mt = mat.block.r, mat.block.c, sched.m_tile
+    q = accumulator_chains(mat, sched)
     cloop = T.unroll if sched.unroll_c else T.serial
 
     if k_limit is None:
@@ -72,36 +102,45 @@ def _block_row_loops(mat: BSRMatrix, sched: CpuSchedule, k_limit: int | None, n_
         def xcol(col, kk):
             return T.min(col + kk, k_limit - 1)
 
+    def total(acc, bias, row, m, rr):
+        e = bias[row + rr]
+        for j in range(q):
+            e = e + acc[j, m, rr]
+        return e
+
     if n_limit is None:
 
         @T.macro
-        def store(y, acc, m0, row0):
+        def store(y, acc, bias, m0, row0, brow):
             for m in T.unroll(mt):
                 for rr in T.vectorized(r):
-                    y[m0 + m, row0 + rr] = acc[m, rr]
+                    y[m0 + m, row0 + rr] = total(acc, bias, brow, m, rr)
 
     else:
 
         @T.macro
-        def store(y, acc, m0, row0):
+        def store(y, acc, bias, m0, row0, brow):
             for m in T.unroll(mt):
                 for rr in T.serial(r):
                     if row0 + rr < n_limit:
-                        y[m0 + m, row0 + rr] = acc[m, rr]
+                        y[m0 + m, row0 + rr] = total(acc, bias, brow, m, rr)
 
     @T.macro
     def block_row(x, data, indices, indptr, bias, y, ib, m0, y_col0):
-        acc = T.alloc_buffer((mt, r), "float32")
-        for m in T.unroll(mt):
-            for rr in T.vectorized(r):
-                acc[m, rr] = bias[ib * r + rr]
+        # q independent accumulator chains over the block's columns hide FMA latency
+        acc = T.alloc_buffer((q, mt, r), "float32")
+        for j in T.unroll(q):
+            for m in T.unroll(mt):
+                for rr in T.vectorized(r):
+                    acc[j, m, rr] = T.float32(0)
         for p in range(indptr[ib], indptr[ib + 1]):
             col = T.Bind(indices[p] * c)
-            for kk in cloop(c):
-                for m in T.unroll(mt):
-                    for rr in T.vectorized(r):
-                        acc[m, rr] = acc[m, rr] + data[p, kk, rr] * x[m0 + m, xcol(col, kk)]
-        store(y, acc, m0, y_col0 + ib * r)
+            for ko in cloop(c // q):
+                for j in T.unroll(q):
+                    for m in T.unroll(mt):
+                        for rr in T.vectorized(r):
+                            acc[j, m, rr] = acc[j, m, rr] + data[p, ko * q + j, rr] * x[m0 + m, xcol(col, ko * q + j)]
+        store(y, acc, bias, m0, y_col0 + ib * r, ib * r)
 
     return block_row
 
@@ -152,6 +191,8 @@ class LayoutKey:
 
 @functools.lru_cache(maxsize=256)
 def _linear_kernel(key: LayoutKey, m: int, sched: CpuSchedule) -> tvm.tirx.PrimFunc:
+    if sched.variant == "batch":
+        return _linear_kernel_batch(key, m, sched)
     mat = key.skeleton()
     n, k = mat.shape
     n_pad, k_pad = mat.padded_shape
@@ -169,6 +210,51 @@ def _linear_kernel(key: LayoutKey, m: int, sched: CpuSchedule) -> tvm.tirx.PrimF
         matmul(x, data, indices, indptr, bias, y, 0)
 
     return bsr_linear.without_attr("global_symbol")
+
+
+def _linear_kernel_batch(key: LayoutKey, m: int, sched: CpuSchedule) -> tvm.tirx.PrimFunc:
+    """Batch variant: ``x`` is transposed (and zero-padded) into ``xt[K_pad, M_pad]`` so the
+    innermost loop runs over ``m_vec`` batch rows: full vectors whatever the block height.
+    Per block column: one load of ``x``, ``r`` broadcasts of weights, ``r`` FMAs."""
+    mat = key.skeleton()
+    n, k = mat.shape
+    n_pad, k_pad = mat.padded_shape
+    nbr, r, c, mv = mat.num_block_rows, mat.block.r, mat.block.c, sched.m_vec
+    m_pad = -(-m // mv) * mv
+    rows = T.parallel if sched.parallel else T.serial
+    cloop = T.unroll if sched.unroll_c else T.serial
+
+    @T.prim_func(s_tir=True)
+    def bsr_linear_batch(x: T.Buffer((m, k), "float32"), data_h: T.handle, indices_h: T.handle,
+                         indptr: T.Buffer((nbr + 1,), "int32"), bias: T.Buffer((n_pad,), "float32"),
+                         y: T.Buffer((m, n), "float32")):
+        T.func_attr({"tir.noalias": True})
+        nnzb = T.int32()
+        data = T.match_buffer(data_h, (nnzb, c, r), "float32")
+        indices = T.match_buffer(indices_h, (nnzb,), "int32")
+        xt = T.alloc_buffer((m_pad // mv, k_pad, mv), "float32")  # one contiguous slice per batch tile
+        for kk in T.parallel(k_pad):
+            for mm in T.serial(m_pad):
+                xt[mm // mv, kk, mm % mv] = T.if_then_else(
+                    kk < k and mm < m, x[T.min(mm, m - 1), T.min(kk, k - 1)], T.float32(0))
+        for mo in T.serial(m_pad // mv):
+            for ib in rows(nbr):
+                acc = T.alloc_buffer((r, mv), "float32")
+                for rr in T.unroll(r):
+                    for mi in T.vectorized(mv):
+                        acc[rr, mi] = T.float32(0)
+                for p in range(indptr[ib], indptr[ib + 1]):
+                    col = T.Bind(indices[p] * c)
+                    for kk in cloop(c):
+                        for rr in T.unroll(r):
+                            for mi in T.vectorized(mv):
+                                acc[rr, mi] = acc[rr, mi] + data[p, kk, rr] * xt[mo, col + kk, mi]
+                for rr in T.unroll(r):
+                    for mi in T.serial(mv):
+                        if mo * mv + mi < m and ib * r + rr < n:
+                            y[mo * mv + mi, ib * r + rr] = acc[rr, mi] + bias[ib * r + rr]
+
+    return bsr_linear_batch.without_attr("global_symbol")
 
 
 def recurrent_kernel(

@@ -10,35 +10,36 @@ Every candidate BSR shape r x c (r, c in 1..32) is costed with
 the dense layout of the same kernel family. Sparse wins only when it is estimated
 at least ``MARGIN`` faster, so bscompile never trades a sure dense kernel for a
 marginal sparse one. ``plan.sparse=False`` (the dense path) and
-``plan.force_block`` (a user override) bypass the search.
+``plan.force_block`` (a user override) bypass the search; tuning records
+(``plan.records``, measured by :mod:`bscompile.tune`) replace it by measurement.
 """
 
 from __future__ import annotations
 
 import tvm
 
+from bscompile.codegen.cpu import schedule_for
 from bscompile.codegen.cost_model import KernelShape, MachineModel, estimate_time
 from bscompile.codegen.layout import BlockShape, BlockStats, BSRMatrix, padded
+from bscompile.frontend.onnx import fingerprint
 from bscompile.passes.sites import CompilePlan, LayoutDecision, WeightSite
 
 MARGIN = 0.85
 DENSE_ROWS = 16
 
 
-def _m_tile(r: int, m: int, lanes: int) -> int:
-    regs = max(1, -(-r // lanes))
-    limit = max(1, min(8, 12 // regs))
-    return max(d for d in range(1, limit + 1) if m % d == 0)
+def _shape(block: BlockShape, nnzb: int, nbr: int, m: int, lanes: int, n: int, k: int) -> KernelShape:
+    sched = schedule_for(block, nnzb, nbr, m, lanes)
+    return KernelShape(max(nnzb, 1), block.r, block.c, nbr, m, sched.m_tile, k, n, sched.variant, sched.m_vec)
 
 
 def _kernel_shape(stats: BlockStats, m: int, lanes: int, n: int, k: int) -> KernelShape:
-    r, c = stats.block.r, stats.block.c
-    return KernelShape(max(stats.nnz_blocks, 1), r, c, stats.padded_shape[0] // r, m, _m_tile(r, m, lanes), k, n)
+    return _shape(stats.block, stats.nnz_blocks, stats.padded_shape[0] // stats.block.r, m, lanes, n, k)
 
 
 def dense_shape(n: int, k: int, m: int, lanes: int) -> KernelShape:
     nbr = padded(n, DENSE_ROWS) // DENSE_ROWS
-    return KernelShape(nbr, DENSE_ROWS, k, nbr, m, _m_tile(DENSE_ROWS, m, lanes), k, n)
+    return _shape(BlockShape(DENSE_ROWS, k), nbr, nbr, m, lanes, n, k)
 
 
 def decide(site: WeightSite, plan: CompilePlan, machine: MachineModel) -> LayoutDecision:
@@ -50,6 +51,12 @@ def decide(site: WeightSite, plan: CompilePlan, machine: MachineModel) -> Layout
     if not plan.sparse:
         dense.reason = "dense path requested"
         return dense
+    rec = plan.records.get(f"{fingerprint(site.weight)}:{site.m}")
+    if rec is not None:
+        block = BlockShape(DENSE_ROWS, k) if rec.layout == "dense" else BlockShape.parse(rec.block)
+        return LayoutDecision(rec.layout, block, rec.time_us * 1e-6, rec.dense_time_us * 1e-6,
+                              f"tuned: {rec.layout} {block} measured {rec.time_us:.1f} us vs dense "
+                              f"{rec.dense_time_us:.1f} us", dict(rec.schedule))
     if plan.force_block is not None and report.structure != "dense":
         st = next((s for s in report.blocks if s.block == plan.force_block), None)
         t = estimate_time(_kernel_shape(st, site.m, lanes, n, k), machine) if st else t_dense

@@ -4,8 +4,8 @@ Phases (each a ``tvm.transform.Sequential``):
 
 1. ``simplify``  fold constant weight transforms (transposes, reshapes, packing) so
    weights are plain constants; drop dead code.
-2. ``sites``     ``OutlineLinearSites``: constant-weight matmuls become weight sites
-   (recurrent sites come from the frontend).
+2. ``sites``     ``Conv1dToMatmul`` (im2col), then ``OutlineLinearSites``: constant-weight
+   matmuls become weight sites (recurrent sites come from the frontend).
 3. ``analyze``   ``AnalyzeSparsity`` then ``ChooseLayout``: measure each weight,
    pick dense or BSR r x c by the cost model.
 4. ``lower``     ``LowerWeightSites``: generate the kernels, embed BSR constants.
@@ -25,6 +25,7 @@ from tvm import relax
 
 from bscompile.passes.analyze_sparsity import AnalyzeSparsity
 from bscompile.passes.choose_layout import ChooseLayout
+from bscompile.passes.conv1d_to_matmul import Conv1dToMatmul
 from bscompile.passes.lower_weight_sites import LowerWeightSites
 from bscompile.passes.outline_linear_sites import OutlineLinearSites
 from bscompile.passes.sites import CompilePlan
@@ -34,7 +35,7 @@ def phases(plan: CompilePlan) -> list[tuple[str, list[tvm.transform.Pass]]]:
     simplify = [relax.transform.FoldConstant(), relax.transform.DeadCodeElimination()]
     return [
         ("simplify", simplify),
-        ("sites", [OutlineLinearSites()]),
+        ("sites", [Conv1dToMatmul(), OutlineLinearSites()]),
         ("analyze", [AnalyzeSparsity(plan), ChooseLayout(plan)]),
         ("lower", [LowerWeightSites(plan)]),
         ("finalize", simplify),

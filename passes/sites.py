@@ -112,6 +112,7 @@ class CompilePlan:
     vector_lanes: int = 8
     sparse: bool = True  # False: bscompile's own dense path
     force_block: BlockShape | None = None  # user override for every sparse-able weight
+    records: dict = field(default_factory=dict)  # "fingerprint:m" -> TuningRecord (bscompile.tune)
     sites: list[WeightSite] = field(default_factory=list)
 
 

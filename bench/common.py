@@ -1,0 +1,99 @@
+"""Shared benchmark plumbing: thread settings, interleaved timing, cache flushing, roofline.
+
+Every benchmark runs all implementations of a case in one process, interleaved
+rep by rep, and reports medians. "warm" times a call right after another call
+(weights cached, as in steady-state inference); "cold" evicts the caches first by
+streaming a buffer larger than the last-level cache.
+"""
+
+from __future__ import annotations
+
+import os
+
+THREADS = int(os.environ.get("BENCH_THREADS", "2"))
+# Must be set before TVM / onnxruntime / torch start their thread pools.
+os.environ["TVM_NUM_THREADS"] = str(THREADS)
+os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ["OMP_NUM_THREADS"] = str(THREADS)
+
+import datetime  # noqa: E402
+import platform  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+from typing import Callable  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+_FLUSH = np.ones(64 * 2**20 // 8)  # 64 MiB, larger than any LLC here
+
+
+def flush_caches() -> None:
+    _FLUSH.sum()
+
+
+def interleaved(fns: dict[str, Callable[[], object]], reps: int, cold: bool = False) -> dict[str, float]:
+    """Median seconds per call of each function, timed in round-robin order."""
+    for f in fns.values():  # warm-up (and first-call allocations)
+        f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for name, f in fns.items():
+            if cold:
+                flush_caches()
+            t0 = time.perf_counter()
+            f()
+            times[name].append(time.perf_counter() - t0)
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def reps_for(seconds_per_call: float, budget: float = 0.6, lo: int = 5, hi: int = 40) -> int:
+    return int(np.clip(budget / max(seconds_per_call, 1e-6), lo, hi))
+
+
+def machine_info() -> dict:
+    model = "unknown"
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        model = next(ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name"))
+    except (OSError, StopIteration):
+        pass
+    import onnxruntime
+    import tvm
+
+    import bscompile
+
+    info = {"cpu": model, "cores": os.cpu_count(), "threads": THREADS, "machine": platform.machine(),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "bscompile": bscompile.__version__, "tvm": tvm.__version__, "onnxruntime": onnxruntime.__version__}
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def measure_roofline() -> dict:
+    """Read bandwidth (GB/s) and peak fp32 GFLOP/s attainable with THREADS threads (PyTorch)."""
+    import torch
+
+    torch.set_num_threads(THREADS)
+    big = torch.ones(128 * 2**20 // 4)  # 128 MiB
+    t = interleaved({"sum": lambda: big.sum()}, 10)["sum"]
+    bw = big.numel() * 4 / t
+    a = torch.randn(1536, 1536)
+    t = interleaved({"mm": lambda: a @ a}, 10)["mm"]
+    flops = 2 * 1536**3 / t
+    return {"bandwidth_GBps": bw / 1e9, "peak_GFLOPs": flops / 1e9}
+
+
+def floor_time(weight_bytes: float, act_bytes: float, flops: float, roof: dict) -> float:
+    """Roofline lower bound: the larger of the memory time and the compute time."""
+    return max((weight_bytes + act_bytes) / (roof["bandwidth_GBps"] * 1e9), flops / (roof["peak_GFLOPs"] * 1e9))
+
+
+def geomean(xs) -> float:
+    xs = [x for x in xs if x > 0]
+    return float(np.exp(np.mean(np.log(xs)))) if xs else float("nan")

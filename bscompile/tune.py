@@ -1,0 +1,145 @@
+"""Autotuning: measure candidate layouts and schedules of every weight on this machine.
+
+The cost model ranks layouts analytically; tuning replaces the ranking by
+measurement. For each weight site it times the dense kernel and the cost model's
+best few BSR shapes, each under the schedule variants that apply, and records the
+fastest in a :class:`TuningRecord`. ``bscompile compile --records FILE`` (or
+``bscompile tune``) then compiles with the measured choices. The dense kernel is
+always a candidate, so a tuned model never runs a weight slower than dense.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tvm
+
+from bscompile.codegen import cpu
+from bscompile.codegen.cost_model import MachineModel, estimate_time
+from bscompile.codegen.layout import BlockShape, BSRMatrix
+from bscompile.errors import BscompileError
+from bscompile.frontend.onnx import fingerprint
+from bscompile.passes.choose_layout import DENSE_ROWS, _kernel_shape
+from bscompile.passes.sites import CompilePlan, WeightSite
+from bscompile.runtime.artifact import atomic_write
+from bscompile.target import TargetSpec
+
+
+@dataclass
+class TuningRecord:
+    """The measured best layout of one weight at one batch size on one target."""
+
+    key: str  # weight fingerprint
+    name: str
+    m: int
+    target: str
+    layout: str  # "dense" | "bsr"
+    block: str
+    schedule: dict
+    time_us: float
+    dense_time_us: float
+    candidates: list[dict] = dataclasses.field(default_factory=list)  # everything measured
+
+
+def record_key(key: str, m: int) -> str:
+    return f"{key}:{m}"
+
+
+def load_records(path: str | os.PathLike) -> dict[str, TuningRecord]:
+    try:
+        data = json.loads(Path(path).read_text())
+        recs = [TuningRecord(**r) for r in data["records"]]
+    except FileNotFoundError:
+        raise BscompileError(f"no such tuning records file: {path}") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise BscompileError(f"{path} is not a bscompile tuning records file ({err})") from None
+    return {record_key(r.key, r.m): r for r in recs}
+
+
+def save_records(path: str | os.PathLike, records: list[TuningRecord]) -> None:
+    blob = json.dumps({"format": 1, "records": [dataclasses.asdict(r) for r in records]}, indent=1)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(blob))
+
+
+def _time_kernel(func: tvm.tirx.PrimFunc, mat: BSRMatrix, m: int, spec: TargetSpec, repeat: int) -> float:
+    lib = tvm.compile(tvm.IRModule({"k": func.with_attr("global_symbol", "k")}), target=spec.tvm_target())
+    dev = tvm.cpu(0)
+    n, k = mat.shape
+    rng = np.random.default_rng(0)
+    args = [rng.standard_normal((m, k)).astype(np.float32), mat.data, mat.indices, mat.indptr,
+            np.zeros(mat.padded_shape[0], np.float32), np.zeros((m, n), np.float32)]
+    args = [tvm.runtime.tensor(a, dev) for a in args]
+    timer = lib.mod.time_evaluator("k", dev, number=max(1, int(2e5 // max(mat.nnz_blocks * m, 1))) + 3,
+                                   repeat=repeat, min_repeat_ms=20)
+    return float(np.median(timer(*args).results))
+
+
+def schedule_space(mat: BSRMatrix, m: int, lanes: int) -> list[cpu.CpuSchedule]:
+    """The default schedule plus the variants worth trying for this shape."""
+    base = cpu.default_schedule(mat, m, lanes)
+    out = [base]
+    out.append(dataclasses.replace(base, parallel=not base.parallel))
+    if base.variant == "rows" and m >= lanes and mat.block.c <= 64:
+        out.append(cpu.CpuSchedule(1, base.parallel, base.unroll_c, "batch", lanes))
+    if base.variant == "batch":
+        out.append(cpu.CpuSchedule(max(d for d in range(1, 9) if m % d == 0), base.parallel, base.unroll_c))
+    return out
+
+
+def tune_site(site: WeightSite, plan: CompilePlan, spec: TargetSpec, top_k: int = 3,
+              repeat: int = 5, progress=None) -> TuningRecord:
+    n, k = site.shape
+    machine = MachineModel(lanes=plan.vector_lanes)
+    ranked = sorted(site.report.blocks, key=lambda s: estimate_time(_kernel_shape(s, site.m, plan.vector_lanes, n, k),
+                                                                     machine))
+    layouts = [("dense", BlockShape(DENSE_ROWS, k))] + [("bsr", s.block) for s in ranked[:top_k]]
+    tried = []
+    for layout, block in layouts:
+        mat = BSRMatrix.dense(site.weight, DENSE_ROWS) if layout == "dense" else BSRMatrix.from_dense(site.weight, block)
+        for sched in schedule_space(mat, site.m, plan.vector_lanes):
+            t = _time_kernel(cpu.linear_kernel(mat, site.m, sched), mat, site.m, spec, repeat)
+            tried.append({"layout": layout, "block": str(block), "schedule": sched.to_json(), "time_us": t * 1e6})
+    best = min(tried, key=lambda c: c["time_us"])
+    dense = min(c["time_us"] for c in tried if c["layout"] == "dense")
+    if progress:
+        progress(f"tuned {site.name} {n}x{k} m={site.m}: {best['layout']} {best['block']} "
+                 f"{best['time_us']:.1f} us (dense {dense:.1f} us, {len(tried)} candidates)")
+    return TuningRecord(fingerprint(site.weight), site.name, site.m, spec.name, best["layout"], best["block"],
+                        best["schedule"], best["time_us"], dense, tried)
+
+
+def tune_model(model, compile_kwargs: dict, progress=None) -> list[TuningRecord]:
+    from bscompile.driver import analyze_model
+    from bscompile.target import resolve_target
+
+    spec = resolve_target(compile_kwargs["target"], compile_kwargs.get("cpu"))
+    if spec.device != "cpu" or spec.cross_compiler:
+        raise BscompileError(f"tuning measures on this machine; target '{spec.name}' does not run here")
+    _, plan, _, _ = analyze_model(model, compile_kwargs.get("input_shapes"), spec, sparse=compile_kwargs["sparse"])
+    t0 = time.perf_counter()
+    records = [tune_site(s, plan, spec, progress=progress) for s in plan.sites]
+    if progress:
+        progress(f"tuned {len(records)} weights in {time.perf_counter() - t0:.1f} s")
+    return records
+
+
+def tune_command(args, compile_kwargs: dict, progress) -> int:
+    import bscompile
+    from bscompile.report import weight_table
+
+    records_path = args.records or str(Path(args.model).with_suffix(".tune.json"))
+    records = tune_model(args.model, compile_kwargs, progress)
+    save_records(records_path, records)
+    out = args.output or str(Path(args.model).with_suffix(".bsc"))
+    art = bscompile.compile(args.model, records={record_key(r.key, r.m): r for r in records}, progress=progress,
+                            **compile_kwargs)
+    art.export(out)
+    print(weight_table(art.manifest.weights))
+    print(f"\nwrote {records_path} and {out}")
+    return 0
