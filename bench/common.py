@@ -1,8 +1,8 @@
 """Shared benchmark plumbing: thread settings, interleaved timing, cache flushing, roofline.
 
 Every benchmark runs all implementations of a case in one process, interleaved
-rep by rep, and reports medians. "warm" times a call right after another call
-(weights cached, as in steady-state inference); "cold" evicts the caches first by
+rep by rep, and reports medians. "warm" times a call right after an untimed call of
+the same function (its weights cached, as in steady-state inference); "cold" evicts the caches first by
 streaming a buffer larger than the last-level cache.
 """
 
@@ -41,6 +41,8 @@ def interleaved(fns: dict[str, Callable[[], object]], reps: int, cold: bool = Fa
         for name, f in fns.items():
             if cold:
                 flush_caches()
+            else:
+                f()  # warm: the timed call follows a call of the same function
             t0 = time.perf_counter()
             f()
             times[name].append(time.perf_counter() - t0)

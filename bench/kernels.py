@@ -56,6 +56,7 @@ def matmul_model(w: np.ndarray, m: int):
 def ort_session(model):
     so = ort.SessionOptions()
     so.intra_op_num_threads = common.THREADS
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle spinning steals cores
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 

@@ -68,6 +68,35 @@ def _pad_to(w: np.ndarray, n_pad: int, k_pad: int) -> np.ndarray:
     return np.pad(w, ((0, n_pad - n), (0, k_pad - k)))
 
 
+def all_block_stats(w: np.ndarray, edges: tuple[int, ...] = CANDIDATE_EDGES) -> list[BlockStats]:
+    """:func:`block_stats` for every ``r x c`` in ``edges x edges`` (powers of two).
+
+    Occupancy grids are built hierarchically: the grid of ``2r x c`` blocks ORs pairs
+    of rows of the ``r x c`` grid, so the whole sweep costs about two passes over
+    the matrix instead of one per shape.
+    """
+    n, k = w.shape
+    top = max(edges)
+    nz = _pad_to(w != 0, padded(n, top), padded(k, top))
+    out = []
+    col_grid = nz
+    c = 1
+    while c <= top:
+        grid = col_grid
+        r = 1
+        while r <= top:
+            if r in edges and c in edges:
+                rows, cols = -(-n // r), -(-k // c)
+                out.append(BlockStats(BlockShape(r, c), int(grid[:rows, :cols].sum()), rows * cols,
+                                      (rows * r, cols * c)))
+            grid = grid.reshape(grid.shape[0] // 2, 2, grid.shape[1]).any(axis=1) if r < top else grid
+            r *= 2
+        col_grid = col_grid.reshape(col_grid.shape[0], col_grid.shape[1] // 2, 2).any(axis=2) if c < top else col_grid
+        c *= 2
+    order = {(r, c): i for i, (r, c) in enumerate((r, c) for r in edges for c in edges)}
+    return sorted(out, key=lambda st: order[(st.block.r, st.block.c)])
+
+
 def block_stats(w: np.ndarray, block: BlockShape) -> BlockStats:
     """Count the blocks of ``block`` shape that hold at least one non-zero."""
     n, k = w.shape

@@ -24,7 +24,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from bscompile.codegen.layout import CANDIDATE_EDGES, BlockShape, block_stats
+from bscompile.codegen.layout import BlockShape, all_block_stats
 from bscompile.frontend.onnx import fingerprint
 from bscompile.passes.sites import SITE_ATTR, CompilePlan, SparsityReport, WeightSite, decode_matrix, site_attr, site_matrices
 
@@ -34,7 +34,7 @@ FILL = 0.95
 def analyze(w: np.ndarray) -> SparsityReport:
     nnz = int(np.count_nonzero(w))
     density = nnz / max(w.size, 1)
-    stats = [block_stats(w, BlockShape(r, c)) for r in CANDIDATE_EDGES for c in CANDIDATE_EDGES]
+    stats = all_block_stats(w)
     if nnz == 0:
         return SparsityReport(w.shape, 0.0, stats, "all-zero", None)
     if density >= 0.99:

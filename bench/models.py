@@ -1,0 +1,150 @@
+"""Whole models: bscompile against onnxruntime on the same ONNX files.
+
+    python bench/models.py            # bundled char GRU LM + DeepSpeech-like at hidden 1760 and 2560
+    python bench/models.py --quick    # bundled model + DeepSpeech-like at hidden 704
+
+Models are pruned to 90% with 4x4 blocks (BP, one-shot on random weights for the
+DeepSpeech-like model, trained for the bundled LM). For each model and batch (1, 8;
+sequence 50) onnxruntime runs the dense file (the same architecture with every weight
+non-zero) and the pruned file, and bscompile compiles the pruned file; the three run
+interleaved in one process. Compile time is reported. Writes bench/results/models.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+import numpy as np  # noqa: E402
+import onnx  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+from onnx import numpy_helper  # noqa: E402
+
+import bscompile  # noqa: E402
+
+OUT = Path(__file__).resolve().parent / "results"
+BUNDLED = Path(bscompile.__file__).parent / "data" / "char_gru_bp4x4.onnx"
+
+
+def with_batch(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
+    m = onnx.ModelProto.FromString(model.SerializeToString())
+    m.graph.input[0].type.tensor_type.shape.dim[0].dim_value = batch
+    for o in m.graph.output:
+        o.type.tensor_type.shape.dim[0].dim_value = batch
+    return m
+
+
+def densified(model: onnx.ModelProto, rng) -> onnx.ModelProto:
+    """The same model with the pruned zeros of every weight matrix refilled (the dense baseline)."""
+    m = onnx.ModelProto.FromString(model.SerializeToString())
+    for i, init in enumerate(m.graph.initializer):
+        a = numpy_helper.to_array(init)
+        if a.dtype == np.float32 and a.ndim >= 2 and (a == 0).mean() > 0.5:
+            fill = rng.standard_normal(a.shape).astype(np.float32) * float(np.abs(a[a != 0]).mean() if a.any() else 0.01)
+            m.graph.initializer[i].CopyFrom(numpy_helper.from_array(np.where(a == 0, fill, a), init.name))
+    return m
+
+
+def session(model_bytes: bytes):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = common.THREADS
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle spinning steals cores
+    return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+
+
+def bench_model(name: str, pruned: onnx.ModelProto, rng, log) -> dict:
+    dense = densified(pruned, rng)
+    t0 = time.perf_counter()
+    art = bscompile.compile(pruned)
+    compile_s = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as tmp:
+        mod = bscompile.load(art.export(Path(tmp) / "m.bsc"))
+    feeds = {s.name: (rng.integers(0, 50, s.shape) if np.dtype(s.dtype).kind in "iu"
+                      else rng.standard_normal(s.shape)).astype(s.dtype) for s in mod.inputs}
+    s_dense, s_pruned = session(dense.SerializeToString()), session(pruned.SerializeToString())
+    ref = s_pruned.run(None, feeds)
+    got = list(mod.run(feeds).values())
+    err = max(float(np.abs(a - b).max()) for a, b in zip(got, ref))
+    fns = {"ort_dense": lambda: s_dense.run(None, feeds), "ort_pruned": lambda: s_pruned.run(None, feeds),
+           "bscompile": lambda: mod.run(feeds)}
+    probe = common.interleaved(fns, 1)
+    t = common.interleaved(fns, common.reps_for(max(probe.values()), budget=8, lo=5, hi=30))
+    summary = art.manifest.summary()
+    row = {"model": name, "batch": mod.inputs[0].shape[0], "compile_s": compile_s, "max_abs_err_vs_ort": err,
+           **{f"{k}_ms": v * 1e3 for k, v in t.items()},
+           "speedup_vs_ort_dense": t["ort_dense"] / t["bscompile"],
+           "speedup_vs_ort_pruned": t["ort_pruned"] / t["bscompile"],
+           "weights": summary["weights"], "dense_MB": summary["dense_bytes"] / 1e6,
+           "stored_MB": summary["stored_bytes"] / 1e6,
+           "layouts": sorted({f"{w['decision']['layout']} {w['decision']['block']}" if w["decision"]["layout"] == "bsr"
+                              else "dense" for w in art.manifest.weights})}
+    log(f"{name} batch {row['batch']}: bscompile {row['bscompile_ms']:.2f} ms, ort dense {row['ort_dense_ms']:.2f} ms "
+        f"({row['speedup_vs_ort_dense']:.1f}x), ort pruned {row['ort_pruned_ms']:.2f} ms; compile {compile_s:.1f} s; "
+        f"err {err:.2e}")
+    return row
+
+
+def deepspeech(hidden: int, batch: int, tmp: Path) -> onnx.ModelProto:
+    from bscompile.models.deepspeech import DeepSpeechConfig, export_pruned
+
+    path = tmp / f"ds{hidden}_b{batch}.onnx"
+    export_pruned(path, DeepSpeechConfig(hidden=hidden), sparsity=0.9, block=(4, 4), frames=100, batch=batch,
+                  atol=1e-2)
+    return onnx.load(path)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=str(OUT))
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(common.THREADS)
+    t0 = time.perf_counter()
+    log = lambda msg: print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)  # noqa: E731
+    rng = np.random.default_rng(0)
+    info = common.machine_info()
+    rows = []
+    hiddens = [704] if args.quick else [1760, 2560]
+    with tempfile.TemporaryDirectory() as tmp:
+        for batch in (1, 8):
+            rows.append(bench_model("char-GRU LM (bundled, 2x256)", with_batch(onnx.load(BUNDLED), batch), rng, log))
+        for hidden in hiddens:
+            for batch in (1, 8):
+                log(f"exporting DeepSpeech-like hidden {hidden} batch {batch}")
+                rows.append(bench_model(f"DeepSpeech-like GRU {hidden} (3 bi-GRU layers)",
+                                        deepspeech(hidden, batch, Path(tmp)), rng, log))
+    wall = time.perf_counter() - t0
+    cmd = "python bench/models.py" + (" --quick" if args.quick else "")
+    lines = [f"# Whole-model benchmark, fp32, {info['threads']} threads", "",
+             f"- command: `{cmd}`", f"- machine: {info['cpu']}, {info['cores']} cores",
+             f"- date: {info['date']}; wall time {wall / 60:.1f} min",
+             f"- versions: bscompile {info['bscompile']}, TVM {info['tvm']}, onnxruntime {info['onnxruntime']}", "",
+             "Pruned to 90% with 4x4 blocks; sequence 50 (the DeepSpeech-like model: 100 input frames, "
+             "stride-2 convolution). *ort dense*: onnxruntime on the same architecture with all weights non-zero; "
+             "*ort pruned*: onnxruntime on the pruned file bscompile compiled. Medians of interleaved runs.", "",
+             "| model | batch | bscompile ms | ort dense ms | ort pruned ms | vs ort dense | vs ort pruned | "
+             "weights MB dense → stored | layouts | compile s | max abs err |", "|" + "---|" * 11]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['batch']} | {r['bscompile_ms']:.2f} | {r['ort_dense_ms']:.2f} | "
+                     f"{r['ort_pruned_ms']:.2f} | {r['speedup_vs_ort_dense']:.1f}x | {r['speedup_vs_ort_pruned']:.1f}x | "
+                     f"{r['dense_MB']:.1f} → {r['stored_MB']:.1f} | {', '.join(r['layouts'])} | {r['compile_s']:.1f} | "
+                     f"{r['max_abs_err_vs_ort']:.1e} |")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "models_quick" if args.quick else "models"
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
