@@ -46,6 +46,8 @@ class CpuSchedule:
 
 #: Vector registers worth of accumulators a tile may use (x86 has 16 ymm, NEON 32 q).
 _ACC_REGISTERS = 12
+#: Lanes of the vectorised gate update (8 fp32 = one AVX2 register, two NEON registers).
+_GATE_LANES = 8
 
 
 def default_schedule(mat: BSRMatrix, m: int, vector_lanes: int = 8) -> CpuSchedule:
@@ -353,10 +355,14 @@ def _recurrent_kernel(cell: CellSpec, keys: tuple[LayoutKey, ...], seq: int, bat
             reset_phase(xp, g, h, rh, seq_lens, data1, indices1, indptr1, rbias1, t)
             for b in T.serial(batch):
                 tt = T.Bind(seq_lens[b] * rev + t * (1 - 2 * rev) - rev)
-                for j in gate_rows(hid):
-                    if t < seq_lens[b]:
-                        step(xp, g, h, c_out, peep, y, b, j, tt, g0)
-                    else:
+                if t < seq_lens[b]:  # branch outside the lanes so the update vectorises
+                    for jo in gate_rows(hid // _GATE_LANES):
+                        for ji in T.vectorized(_GATE_LANES):
+                            step(xp, g, h, c_out, peep, y, b, jo * _GATE_LANES + ji, tt, g0)
+                    for jt in T.serial(hid % _GATE_LANES):
+                        step(xp, g, h, c_out, peep, y, b, hid - hid % _GATE_LANES + jt, tt, g0)
+                else:
+                    for j in T.serial(hid):
                         y[t, b, j] = T.float32(0)
         for b in T.serial(batch):
             for j in T.serial(hid):

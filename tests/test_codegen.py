@@ -1,0 +1,56 @@
+"""Kernel building blocks checked against NumPy."""
+
+import numpy as np
+import tvm
+from tvm.script import tirx as T
+
+from bscompile.codegen.recurrent_cells import ACTIVATIONS, Activation
+from bscompile.target import resolve_target
+
+N = 4096
+
+
+def _apply(expr_fn) -> callable:
+    @T.prim_func(s_tir=True)
+    def f(x: T.Buffer((N,), "float32"), y: T.Buffer((N,), "float32")):
+        T.func_attr({"global_symbol": "f", "tir.noalias": True})
+        for io in T.serial(N // 8):
+            for ii in T.vectorized(8):
+                y[io * 8 + ii] = expr_fn(x[io * 8 + ii])
+
+    lib = tvm.compile(tvm.IRModule({"f": f}), target=resolve_target("llvm").tvm_target())
+
+    def run(x):
+        y = tvm.runtime.empty((N,), "float32")
+        lib["f"](tvm.runtime.tensor(x), y)
+        return y.numpy()
+
+    return run
+
+
+def test_vectorised_exp_sigmoid_tanh_accuracy(rng):
+    x = np.concatenate([rng.uniform(-87, 88, N // 2), rng.standard_normal(N // 2) * 3]).astype(np.float32)
+    x64 = x.astype(np.float64)
+    sig = _apply(Activation("Sigmoid"))(x)
+    np.testing.assert_allclose(sig, 1 / (1 + np.exp(-x64)), rtol=1e-6, atol=1e-7)
+    th = _apply(Activation("Tanh"))(x)
+    np.testing.assert_allclose(th, np.tanh(x64), rtol=1e-6, atol=2e-7)
+    from bscompile.codegen.recurrent_cells import vexp
+
+    e = _apply(vexp)(x)
+    np.testing.assert_allclose(e, np.exp(x64), rtol=4e-7)
+
+
+def test_every_activation_matches_onnx_definition(rng):
+    x = (rng.standard_normal(N) * 4).astype(np.float32)
+    x64 = x.astype(np.float64)
+    ref = {
+        "Sigmoid": 1 / (1 + np.exp(-x64)), "Tanh": np.tanh(x64), "Relu": np.maximum(x64, 0),
+        "LeakyRelu": np.where(x64 >= 0, x64, 0.01 * x64), "ThresholdedRelu": np.where(x64 > 1, x64, 0),
+        "HardSigmoid": np.clip(0.2 * x64 + 0.5, 0, 1), "Affine": x64, "ScaledTanh": np.tanh(x64),
+        "Elu": np.where(x64 >= 0, x64, np.exp(x64) - 1), "Softsign": x64 / (1 + np.abs(x64)),
+        "Softplus": np.log1p(np.exp(x64)),
+    }
+    assert set(ref) == set(ACTIVATIONS)
+    for name, want in ref.items():
+        np.testing.assert_allclose(_apply(Activation(name))(x), want, rtol=1e-5, atol=1e-6, err_msg=name)
