@@ -7,8 +7,19 @@
 
 __version__ = "0.1.0"
 
-from bscompile.driver import Artifact, compile  # noqa: E402
-from bscompile.errors import BscompileError  # noqa: E402
-from bscompile.runtime.module import CompiledModule, load  # noqa: E402
-
 __all__ = ["Artifact", "BscompileError", "CompiledModule", "compile", "load", "__version__"]
+
+_LAZY = {
+    "Artifact": "bscompile.driver", "compile": "bscompile.driver",
+    "BscompileError": "bscompile.errors",
+    "CompiledModule": "bscompile.runtime.module", "load": "bscompile.runtime.module",
+}
+
+
+def __getattr__(name):
+    # Lazy, so that `import bscompile.models` (training, pruning) does not load TVM.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'bscompile' has no attribute {name!r}")

@@ -1,0 +1,25 @@
+"""Train and prune models before compiling them (``pip install bscompile[train]``).
+
+WP/BP (:class:`BlockPruner` on ``torch.ao.pruning.BaseSparsifier``) with the
+threshold schedule of Narang et al. (:class:`PruneSchedule`), group lasso
+(:func:`group_lasso_penalty`), a char-level LM on CPython's own docs
+(:mod:`.charlm`), a DeepSpeech-like benchmark shape (:mod:`.deepspeech`), ONNX
+export checked against onnxruntime (:mod:`.export`) and the papers' tables
+(``python -m bscompile.models.reproduce``). Needs torch; the compiler does not.
+"""
+
+from .group_lasso import block_norms, group_lasso_penalty, prunable_weights
+from .schedule import PruneSchedule
+from .sparsifier import REDUCTIONS, BlockPruner, block_scores, make_config, prune_once
+
+__all__ = [
+    "REDUCTIONS",
+    "BlockPruner",
+    "PruneSchedule",
+    "block_norms",
+    "block_scores",
+    "group_lasso_penalty",
+    "make_config",
+    "prunable_weights",
+    "prune_once",
+]
