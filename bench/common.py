@@ -99,3 +99,13 @@ def floor_time(weight_bytes: float, act_bytes: float, flops: float, roof: dict) 
 def geomean(xs) -> float:
     xs = [x for x in xs if x > 0]
     return float(np.exp(np.mean(np.log(xs)))) if xs else float("nan")
+
+
+def ort_session(model_bytes: bytes):
+    """An onnxruntime CPU session with THREADS intra-op threads that do not spin when idle."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = THREADS
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle spinning steals cores
+    return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])

@@ -24,7 +24,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (sets thread env vars first)
 
 import numpy as np  # noqa: E402
-import onnxruntime as ort  # noqa: E402
 import scipy.sparse as sp  # noqa: E402
 import torch  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
@@ -55,11 +54,6 @@ def matmul_model(w: np.ndarray, m: int):
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def ort_session(model):
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = common.THREADS
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle spinning steals cores
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
 def run_group(shape, m, cells, roof, rng, log) -> list[dict]:
@@ -67,7 +61,7 @@ def run_group(shape, m, cells, roof, rng, log) -> list[dict]:
     x = rng.standard_normal((m, k)).astype(np.float32)
     xt = torch.from_numpy(x)
     dense_w = rng.standard_normal((n, k)).astype(np.float32)
-    sess = ort_session(matmul_model(dense_w, m))
+    sess = common.ort_session(matmul_model(dense_w, m).SerializeToString())
     own_dense = bscompile.compile(matmul_model(dense_w, m), sparse=False).load()
     wt = torch.from_numpy(dense_w)
     fns = {"ort_dense": lambda: sess.run(None, {"x": x}),

@@ -24,7 +24,6 @@ import common  # noqa: E402
 
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
-import onnxruntime as ort  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
 
 import bscompile  # noqa: E402
@@ -52,11 +51,6 @@ def densified(model: onnx.ModelProto, rng) -> onnx.ModelProto:
     return m
 
 
-def session(model_bytes: bytes):
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = common.THREADS
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle spinning steals cores
-    return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
 
 
 def bench_model(name: str, pruned: onnx.ModelProto, rng, log) -> dict:
@@ -68,7 +62,7 @@ def bench_model(name: str, pruned: onnx.ModelProto, rng, log) -> dict:
         mod = bscompile.load(art.export(Path(tmp) / "m.bsc"))
     feeds = {s.name: (rng.integers(0, 50, s.shape) if np.dtype(s.dtype).kind in "iu"
                       else rng.standard_normal(s.shape)).astype(s.dtype) for s in mod.inputs}
-    s_dense, s_pruned = session(dense.SerializeToString()), session(pruned.SerializeToString())
+    s_dense, s_pruned = common.ort_session(dense.SerializeToString()), common.ort_session(pruned.SerializeToString())
     ref = s_pruned.run(None, feeds)
     got = list(mod.run(feeds).values())
     err = max(float(np.abs(a - b).max()) for a, b in zip(got, ref))

@@ -26,7 +26,7 @@ from tvm import relax
 
 from bscompile.codegen.layout import BlockShape, all_block_stats
 from bscompile.frontend.onnx import fingerprint
-from bscompile.passes.sites import SITE_ATTR, CompilePlan, SparsityReport, WeightSite, decode_matrix, site_attr, site_matrices
+from bscompile.passes.sites import rewrite_relax_functions, SITE_ATTR, CompilePlan, SparsityReport, WeightSite, decode_matrix, site_attr, site_matrices
 
 FILL = 0.95
 
@@ -100,7 +100,4 @@ class AnalyzeSparsity:
     def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
         self.plan.sites.clear()
         collector = _Collector(mod, self.plan)
-        for gv, func in list(mod.functions.items()):
-            if isinstance(func, relax.Function):
-                collector.builder_.update_func(gv, collector.visit_expr(func))
-        return relax.transform.DeadCodeElimination()(collector.builder_.get())
+        return relax.transform.DeadCodeElimination()(rewrite_relax_functions(collector, mod))

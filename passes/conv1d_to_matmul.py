@@ -18,7 +18,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from bscompile.passes.sites import const_array
+from bscompile.passes.sites import rewrite_relax_functions, const_array
 
 _CONV1D = tvm.ir.Op.get("relax.nn.conv1d")
 
@@ -56,8 +56,4 @@ class _Rewriter(relax.PyExprMutator):
 @tvm.transform.module_pass(opt_level=0, name="Conv1dToMatmul")
 class Conv1dToMatmul:
     def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        rw = _Rewriter(mod)
-        for gv, func in list(mod.functions.items()):
-            if isinstance(func, relax.Function):
-                rw.builder_.update_func(gv, rw.visit_expr(func))
-        return rw.builder_.get()
+        return rewrite_relax_functions(_Rewriter(mod), mod)

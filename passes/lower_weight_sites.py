@@ -22,7 +22,7 @@ from tvm import relax
 from bscompile.codegen.layout import BSRMatrix
 from bscompile.codegen.recurrent_cells import CellSpec
 from bscompile.passes.choose_layout import build_matrix
-from bscompile.passes.sites import SITE_ATTR, CompilePlan, WeightSite, const_array, site_attr, site_matrices
+from bscompile.passes.sites import rewrite_relax_functions, SITE_ATTR, CompilePlan, WeightSite, const_array, site_attr, site_matrices
 
 
 def _repad_bias(bb: relax.BlockBuilder, bias: relax.Expr, n: int, n_pad: int) -> relax.Expr:
@@ -82,7 +82,4 @@ class LowerWeightSites:
 
     def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
         lowerer = _Lowerer(mod, self.plan)
-        for gv, func in list(mod.functions.items()):
-            if isinstance(func, relax.Function):
-                lowerer.builder_.update_func(gv, lowerer.visit_expr(func))
-        return relax.transform.DeadCodeElimination()(lowerer.builder_.get())
+        return relax.transform.DeadCodeElimination()(rewrite_relax_functions(lowerer, mod))

@@ -21,7 +21,7 @@ from tvm import relax
 
 from bscompile.codegen.cpu import default_schedule, linear_kernel
 from bscompile.codegen.layout import BSRMatrix
-from bscompile.passes.sites import SITE_ATTR, const_array
+from bscompile.passes.sites import rewrite_relax_functions, SITE_ATTR, const_array
 
 DENSE_ROWS = 16
 _MATMUL = tvm.ir.Op.get("relax.matmul")
@@ -106,8 +106,7 @@ class _Outliner(relax.PyExprMutator):
 class OutlineLinearSites:
     def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
         outliner = _Outliner(mod)
-        for gv, func in list(mod.functions.items()):
-            if isinstance(func, relax.Function):
-                outliner.var2val = relax.analysis.get_var2val(func)
-                outliner.builder_.update_func(gv, outliner.visit_expr(func))
-        return relax.transform.DeadCodeElimination()(outliner.builder_.get())
+        def index(func):
+            outliner.var2val = relax.analysis.get_var2val(func)
+
+        return relax.transform.DeadCodeElimination()(rewrite_relax_functions(outliner, mod, index))

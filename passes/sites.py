@@ -151,3 +151,16 @@ def site_matrices(attrs: dict) -> list[tuple[int, tuple[int, int], int]]:
     if attrs["split"]:
         return [(1, (2 * hid, hid), 0), (5, (hid, hid), 2 * hid)]
     return [(1, (gh, hid), 0)]
+
+
+def rewrite_relax_functions(mutator: relax.PyExprMutator, mod: tvm.IRModule, before_each=None) -> tvm.IRModule:
+    """Run ``mutator`` over every Relax function of ``mod``; return the builder's module.
+
+    ``before_each(func)`` runs before a function is visited (e.g. to index its bindings).
+    """
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function):
+            if before_each is not None:
+                before_each(func)
+            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    return mutator.builder_.get()
