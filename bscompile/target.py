@@ -4,7 +4,7 @@ rest of bscompile needs to know about it. Adding a target is a table entry."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import tvm
 from tvm.target import codegen
@@ -46,6 +46,42 @@ def _aarch64(name: str, cpu: str | None, description: str) -> TargetSpec:
     return TargetSpec(name, tgt, vector_lanes=4, cross_compiler="aarch64-linux-gnu-g++", description=description)
 
 
+#: GPU architectures ``--arch`` accepts (Ampere A100, Jetson Orin, Ada, Hopper H100).
+CUDA_ARCHS = ("sm_80", "sm_86", "sm_87", "sm_89", "sm_90")
+#: Default CUDA architecture: sm_80 (A100). Its code also runs on later GPUs (sm_86/89/90)
+#: through the driver; pass ``--arch sm_90`` to compile natively for an H100.
+DEFAULT_CUDA_ARCH = "sm_80"
+_CUDA_GPUS = {"sm_80": "A100", "sm_86": "RTX 30xx / A10", "sm_87": "Jetson Orin", "sm_89": "L4 / RTX 40xx",
+              "sm_90": "H100 / H200"}
+
+
+def _cuda(arch: str = DEFAULT_CUDA_ARCH) -> TargetSpec:
+    """NVIDIA GPU; the host code (VM, kernel launches) is x86-64 (aarch64 for Jetson Orin)."""
+    if arch not in CUDA_ARCHS:
+        raise BscompileError(f"unknown CUDA architecture '{arch}'; known: {', '.join(CUDA_ARCHS)}")
+    triple = "aarch64-linux-gnu" if arch == "sm_87" else "x86_64-linux-gnu"
+    tgt = {"kind": "cuda", "arch": arch, "host": {"kind": "llvm", "mtriple": triple}}
+    cross = "aarch64-linux-gnu-g++" if arch == "sm_87" else None
+    return TargetSpec("cuda", tgt, device="cuda", cross_compiler=cross,
+                      description=f"NVIDIA GPU, {arch} ({_CUDA_GPUS[arch]}); --arch to change")
+
+
+def with_arch(target: str | dict | TargetSpec, arch: str) -> TargetSpec:
+    """``--arch``: the cuda target (short name or JSON) for GPU architecture ``arch`` (e.g. sm_90)."""
+    arch = arch.strip().lower()
+    if not arch.startswith("sm_"):
+        arch = f"sm_{arch}"
+    spec = target if isinstance(target, TargetSpec) else resolve_target(target)
+    if spec.device != "cuda":
+        raise BscompileError(f"--arch applies to the cuda target, not '{spec.name}'")
+    if spec.name == "cuda" and spec.target.get("host", {}).get("mtriple") in (None, "x86_64-linux-gnu",
+                                                                            "aarch64-linux-gnu"):
+        return _cuda(arch)
+    if arch not in CUDA_ARCHS:
+        raise BscompileError(f"unknown CUDA architecture '{arch}'; known: {', '.join(CUDA_ARCHS)}")
+    return _from_json(dict(spec.target, arch=arch))
+
+
 #: Named targets. Values are factories so that host detection runs only when asked for.
 TARGETS: dict[str, callable] = {
     "llvm": _host_cpu,
@@ -57,6 +93,7 @@ TARGETS: dict[str, callable] = {
     "cortex-a76": lambda: _aarch64("cortex-a76", "cortex-a76", "Cortex-A76 (e.g. Raspberry Pi 5)"),
     "graviton2": lambda: _aarch64("graviton2", "neoverse-n1", "AWS Graviton2 (Neoverse-N1)"),
     "neoverse-n1": lambda: _aarch64("neoverse-n1", "neoverse-n1", "Neoverse-N1"),
+    "cuda": _cuda,
 }
 
 
@@ -74,7 +111,7 @@ def resolve_target(target: str | dict | TargetSpec, cpu: str | None = None) -> T
         if spec.target.get("kind") != "llvm":
             raise BscompileError(f"--cpu applies to CPU targets, not '{spec.name}'")
         tgt = dict(spec.target, mcpu=cpu)
-        if not codegen.llvm_is_valid_cpu(cpu, tvm.target.Target(tgt)):
+        if not codegen.llvm_is_valid_cpu(cpu, str(tgt.get("mtriple") or "x86_64-linux-gnu")):  # (cpu, triple)
             raise BscompileError(f"LLVM does not know CPU '{cpu}' for {spec.arch}")
         spec = TargetSpec(spec.name, tgt, spec.device, spec.vector_lanes, spec.cross_compiler, f"{spec.arch} {cpu}")
     return spec
@@ -83,12 +120,21 @@ def resolve_target(target: str | dict | TargetSpec, cpu: str | None = None) -> T
 def _from_json(target: str | dict) -> TargetSpec:
     try:
         tgt = json.loads(target) if isinstance(target, str) else dict(target)
+        if tgt.get("kind") == "cuda":  # without an arch TVM probes for a local GPU
+            tgt.setdefault("arch", DEFAULT_CUDA_ARCH)
+            tgt.setdefault("host", {"kind": "llvm", "mtriple": "x86_64-linux-gnu"})
         tvm.target.Target(tgt)
     except Exception as err:  # noqa: BLE001 - TVM raises several types
         raise BscompileError(f"invalid target JSON: {str(err).strip().splitlines()[-1]}") from None
     kind = tgt.get("kind")
+    if kind == "cuda":
+        host = tgt["host"]
+        host = json.loads(host) if isinstance(host, str) else host
+        cross = "aarch64-linux-gnu-g++" if "aarch64" in str(host.get("mtriple", "")) else None
+        arch = tgt["arch"]
+        return TargetSpec("cuda", tgt, device="cuda", cross_compiler=cross, description=f"NVIDIA GPU, {arch}")
     if kind != "llvm":
-        raise BscompileError(f"target kind '{kind}' is not supported (yet); supported: llvm")
+        raise BscompileError(f"target kind '{kind}' is not supported (yet); supported: llvm, cuda")
     if "aarch64" in str(tgt.get("mtriple", "")):
         return TargetSpec("aarch64", tgt, vector_lanes=4, cross_compiler="aarch64-linux-gnu-g++")
     return TargetSpec("llvm", tgt)

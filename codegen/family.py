@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import tvm
 
-from bscompile.codegen import cpu
+from bscompile.codegen import cpu, cuda
 from bscompile.codegen.layout import BSRMatrix
 from bscompile.codegen.recurrent_cells import CellSpec
 
@@ -33,7 +33,10 @@ class KernelFamily:
 CPU = KernelFamily("cpu", cpu.linear_kernel, cpu.recurrent_kernel, cpu.default_schedule,
                    lambda d: cpu.CpuSchedule(**d))
 
-FAMILIES: dict[str, KernelFamily] = {"cpu": CPU}
+CUDA = KernelFamily("cuda", cuda.linear_kernel, cuda.recurrent_kernel, cuda.default_schedule,
+                    cuda.CudaSchedule.from_json)
+
+FAMILIES: dict[str, KernelFamily] = {"cpu": CPU, "cuda": CUDA}
 
 
 def family_for(device: str) -> KernelFamily:

@@ -1,0 +1,101 @@
+"""Compile the CUDA source of a built module with nvcc and read ptxas' resource report.
+
+TVM 0.27 stores CUDA *source* in the module (``fmt == "cuda"``) and compiles it when
+the module is loaded on the GPU machine (``tvm_callback_cuda_compile``: NVRTC via
+``cuda-bindings``, or nvcc with ``TVM_CUDA_COMPILE_MODE=nvcc``). The build machine
+therefore proves the artifact by compiling the very same source ahead of time with
+``nvcc -cubin -Xptxas -v`` for each architecture, and records registers and spills.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class KernelResources:
+    arch: str
+    kernel: str
+    registers: int
+    spill_stores: int
+    spill_loads: int
+    stack_bytes: int
+    smem_bytes: int
+
+    @property
+    def spills(self) -> bool:
+        return self.spill_stores > 0 or self.spill_loads > 0
+
+
+class CudaCompileError(RuntimeError):
+    pass
+
+
+def nvcc_path() -> str | None:
+    return shutil.which("nvcc") or (str(Path("/usr/local/cuda/bin/nvcc"))
+                                     if Path("/usr/local/cuda/bin/nvcc").exists() else None)
+
+
+def cuda_sources(executable) -> list[str]:
+    """The CUDA source of every cuda module imported by a built executable / module."""
+    mod = getattr(executable, "mod", executable)
+    out, stack = [], [mod]
+    while stack:
+        m = stack.pop()
+        if m.kind == "cuda":
+            out.append(m.inspect_source())
+        stack.extend(m.imports)
+    return out
+
+
+_ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(sm_\d+a?)'")
+_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_USED = re.compile(r"Used (\d+) registers(.*)")
+_SMEM = re.compile(r"(\d+) bytes smem")
+
+
+def parse_ptxas(log: str) -> list[KernelResources]:
+    out: list[KernelResources] = []
+    cur = None
+    for line in log.splitlines():
+        if m := _ENTRY.search(line):
+            cur = KernelResources(m.group(2), m.group(1), 0, 0, 0, 0, 0)
+            out.append(cur)
+        elif cur is not None and (m := _FRAME.search(line)):
+            cur.stack_bytes, cur.spill_stores, cur.spill_loads = (int(v) for v in m.groups())
+        elif cur is not None and (m := _USED.search(line)):
+            cur.registers = int(m.group(1))
+            if s := _SMEM.search(m.group(2)):
+                cur.smem_bytes = int(s.group(1))
+    return out
+
+
+def compile_source(source: str, arch: str, nvcc: str | None = None, workdir: str | None = None,
+                   timeout: float = 600) -> list[KernelResources]:
+    """``nvcc -arch=<arch> -cubin -Xptxas -v``; raises :class:`CudaCompileError` on failure."""
+    nvcc = nvcc or nvcc_path()
+    if nvcc is None:
+        raise CudaCompileError("nvcc not found")
+    with tempfile.TemporaryDirectory(prefix="bscompile-nvcc-", dir=workdir) as tmp:
+        cu = Path(tmp) / "module.cu"
+        cu.write_text(source)
+        cmd = [nvcc, f"-arch={arch}", "-cubin", "-O3", "-Xptxas", "-v", "-o", str(Path(tmp) / "module.cubin"),
+               str(cu)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            raise CudaCompileError(f"nvcc -arch={arch} failed:\n{proc.stderr[-4000:]}")
+        return parse_ptxas(proc.stderr + proc.stdout)
+
+
+def markdown_table(rows: list[tuple[str, KernelResources]]) -> str:
+    lines = ["| model | arch | kernel | registers | spill stores (B) | spill loads (B) | stack (B) | smem (B) |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for model, k in rows:
+        lines.append(f"| {model} | {k.arch} | `{k.kernel}` | {k.registers} | {k.spill_stores} | "
+                     f"{k.spill_loads} | {k.stack_bytes} | {k.smem_bytes} |")
+    return "\n".join(lines)
