@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("package", help="bundle a .bsc with a native runner for deployment")
     k.add_argument("artifact")
     k.add_argument("-o", "--output", required=True, help="bundle path (.tar.gz)")
+    k.add_argument("--name", help="folder the bundle unpacks into (default: the artifact's stem)")
+    k.add_argument("--json", action="store_true", help="print the size report as JSON")
 
     d = sub.add_parser("demo", help="compile the bundled pruned GRU model, check it against onnxruntime, time both")
     d.add_argument("--model", help="ONNX model (default: the bundled char-level GRU)")
@@ -251,10 +253,10 @@ def cmd_demo(args) -> int:
 
 
 def cmd_package(args) -> int:
-    from bscompile.runtime.package import package_artifact
+    from bscompile.runtime.package import format_report, package_artifact
 
-    report = package_artifact(args.artifact, args.output, progress=_progress(False))
-    print(json.dumps(report, indent=2))
+    report = package_artifact(args.artifact, args.output, name=args.name, progress=_progress(False))
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
 

@@ -46,7 +46,7 @@ class Artifact:
             lib = Path(tmp) / self.manifest.module_file
             kwargs = {}
             if self.spec.cross_compiler:
-                from tvm.contrib import cc
+                from tvm.support import cc
 
                 kwargs["fcompile"] = cc.cross_compiler(self.spec.cross_compiler)
             self.executable.export_library(str(lib), **kwargs)

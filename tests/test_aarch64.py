@@ -1,0 +1,213 @@
+"""Ship to the edge: compile for aarch64 (NEON), package a Python-free bundle, run the
+bundle's own `run` under qemu-aarch64 and compare with onnxruntime on x86.
+
+Needs Debian's g++-aarch64-linux-gnu and qemu-user (CI: .ci/install-cross.sh); the
+first run downloads the aarch64 TVM wheels and builds the runner into the cache
+(runtime/deploy_libs.py), later runs reuse it. Timings under emulation mean nothing
+and are not measured here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from onnx_models import mlp, ort_run, recurrent
+
+import bscompile
+from bscompile.errors import ArtifactError
+from bscompile.runtime.deploy_libs import ARCHES
+
+REPO = Path(__file__).resolve().parents[1]
+TOOLS = ARCHES["aarch64"]
+RTOL, ATOL = 1e-4, 1e-5
+
+
+def _missing_tools() -> list[str]:
+    return [t for t in (TOOLS.cxx, TOOLS.objdump, "qemu-aarch64") if not shutil.which(t)]
+
+
+@pytest.fixture(scope="session")
+def emulator_env():
+    """The environment that makes a bundle's `run` start its runner under qemu-aarch64."""
+    if _missing_tools():
+        proc = subprocess.run(["bash", str(REPO / ".ci" / "install-cross.sh")], capture_output=True, text=True)
+        if _missing_tools():
+            why = (proc.stderr or proc.stdout).strip().splitlines()
+            pytest.skip(f"aarch64 cross toolchain / qemu-user not installable ({why[-1] if why else 'unknown'}): "
+                        f"missing {', '.join(_missing_tools())}; CI installs them with .ci/install-cross.sh")
+    if not Path("/usr/aarch64-linux-gnu/lib").is_dir():
+        pytest.skip("no aarch64 sysroot at /usr/aarch64-linux-gnu (Debian's libc6-arm64-cross)")
+    return dict(os.environ, BSCOMPILE_EMULATOR=TOOLS.emulator)
+
+
+def _unpack(bundle: Path, dest: Path) -> None:
+    with tarfile.open(bundle) as tar:
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(dest, filter="data")
+        else:  # pragma: no cover - Python < 3.11.4
+            tar.extractall(dest)
+
+
+def _run(bundle_dir: Path, args: list[str], env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([str(bundle_dir / "run"), *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+def _fmla_per_kernel(so: Path) -> dict[str, int]:
+    """NEON fp32 vector FMAs (`fmla vN.4s, ...`) in each block-sparse kernel of the module."""
+    asm = subprocess.run([TOOLS.objdump, "-d", "--no-show-raw-insn", str(so)], capture_output=True, text=True,
+                         check=True).stdout
+    counts: dict[str, int] = {}
+    kernel = None
+    for line in asm.splitlines():
+        m = re.match(r"^[0-9a-f]+ <([^>]+)>:$", line)
+        if m:
+            name = m.group(1).removeprefix("__tvm_ffi_").removesuffix("_compute_")
+            kernel = name if "bsr" in name else None
+            if kernel:
+                counts.setdefault(kernel, 0)
+        elif kernel and re.search(r"\bfmla\s+v\d+\.4s", line):
+            counts[kernel] += 1
+    return counts
+
+
+CASES = {
+    # a small block-pruned 2-layer GRU, and a block-sparse MLP with two block shapes
+    "gru": lambda rng: recurrent("GRU", 16, 32, 5, 2, 2, False, "4x4", rng),
+    "mlp": lambda rng: mlp([64, 128, 32], 4, ["4x4", "8x8"], rng)[0],
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_aarch64_bundle_matches_onnxruntime(case, rng, tmp_path, emulator_env):
+    from bscompile.runtime.package import format_report, package_artifact
+
+    model = CASES[case](rng)
+    art = bscompile.compile(model, target="aarch64")
+    assert art.manifest.arch == "aarch64" and art.spec.cross_compiler == TOOLS.cxx
+    bsc = art.export(tmp_path / f"{case}.bsc")  # cross-links with aarch64-linux-gnu-g++
+
+    report = package_artifact(bsc, tmp_path / f"{case}-aarch64.tar.gz")
+    print(f"\n{format_report(report)}")  # the bundle's size, reported
+    # Nothing but the model, the runner and the TVM runtime libraries.
+    assert set(report["files"]) == {"run", "bin/bscompile-runner", "lib/libtvm_ffi.so", "lib/libtvm_runtime.so",
+                                    "module.so", "manifest.json"}
+    assert report["unpacked_bytes"] == (report["model_bytes"] + report["runtime_libraries_bytes"]
+                                        + report["runner_bytes"])
+    assert report["runner_bytes"] < 1 << 20 and report["bundle_bytes"] < 8 << 20
+    assert "cuda" not in report["requires"]
+
+    _unpack(Path(report["bundle"]), tmp_path / "device")
+    bundle = tmp_path / "device" / case
+    assert sorted(p.name for p in bundle.iterdir()) == ["bin", "lib", "manifest.json", "module.so", "run"]
+
+    # The shipped module's sparse kernels are NEON vector FMA code, not scalar code.
+    fmla = _fmla_per_kernel(bundle / "module.so")
+    assert fmla, "no block-sparse kernels found in the module's disassembly"
+    assert all(n > 0 for n in fmla.values()), f"kernels without NEON `fmla v*.4s` (scalar code?): {fmla}"
+
+    # Run the very bundle a user ships, under qemu-aarch64, on fresh random inputs.
+    feeds = {s.name: rng.standard_normal(s.shape).astype(s.dtype) for s in art.manifest.inputs}
+    args = []
+    for name, value in feeds.items():
+        np.save(tmp_path / f"in_{name}.npy", value)
+        args += ["--input", f"{name}={tmp_path / f'in_{name}.npy'}"]
+    proc = _run(bundle, [*args, "--output", str(tmp_path / "out")], emulator_env)
+    assert proc.returncode == 0, proc.stderr
+    expected = ort_run(model, feeds)
+    assert [s.name for s in art.manifest.outputs] == list(expected)
+    for name, want in expected.items():
+        got = np.load(tmp_path / "out" / f"{name}.npy")
+        assert got.shape == want.shape and got.dtype == want.dtype, name
+        np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL, err_msg=f"{case} output {name}")
+
+
+def test_bundle_runner_checks_inputs(rng, tmp_path, emulator_env):
+    """A tuned CPU model (--cpu cortex-a76), board presets, and the runner's one-line errors."""
+    from bscompile.runtime.package import package_artifact
+    from bscompile.target import resolve_target
+
+    for preset, cpu in (("rpi4", "cortex-a72"), ("cortex-a76", "cortex-a76"), ("graviton2", "neoverse-n1")):
+        spec = resolve_target(preset)
+        assert spec.arch == "aarch64" and spec.target["mcpu"] == cpu and spec.cross_compiler == TOOLS.cxx
+    model = mlp([64, 32], 4, ["4x4"], rng)[0]
+    bsc = bscompile.compile(model, target="aarch64", cpu="cortex-a76").export(tmp_path / "m.bsc")
+    report = package_artifact(bsc, tmp_path / "m.tar.gz", name="edge")
+    _unpack(Path(report["bundle"]), tmp_path)
+    bundle = tmp_path / "edge"
+    assert '"mcpu": "cortex-a76"' in (bundle / "manifest.json").read_text()
+
+    info = _run(bundle, ["--help"], emulator_env)
+    assert info.returncode == 0 and "usage: run" in info.stdout and "x[4, 64]:float32" in info.stdout
+
+    x = rng.standard_normal((4, 64)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "short.npy", x[:, :63])
+    np.save(tmp_path / "f64.npy", x.astype(np.float64))
+    (tmp_path / "junk.npy").write_bytes(b"not numpy")
+    out = str(tmp_path / "out")
+    for args, rc, message in [
+        (["--input", f"x={tmp_path / 'short.npy'}", "--output", out], 1, "has shape [4, 63], expected [4, 64]"),
+        (["--input", f"x={tmp_path / 'f64.npy'}", "--output", out], 1, "has dtype float64, expected float32"),
+        (["--input", f"z={tmp_path / 'x.npy'}", "--output", out], 1, "unknown 'z'; missing 'x'"),
+        (["--input", f"x={tmp_path / 'junk.npy'}", "--output", out], 1, "not a .npy file"),
+        (["--input", f"x={tmp_path / 'nope.npy'}", "--output", out], 1, "cannot open"),
+        (["--input", f"x={tmp_path / 'x.npy'}"], 2, "missing --output"),
+        (["--frobnicate"], 2, "unknown argument"),
+    ]:
+        proc = _run(bundle, args, emulator_env)
+        assert proc.returncode == rc, (args, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, proc.stderr)
+
+    # A one-input model also takes a bare file; the output matches the artifact's own numerics.
+    proc = _run(bundle, ["--input", str(tmp_path / "x.npy"), "--output", out], emulator_env)
+    assert proc.returncode == 0, proc.stderr
+    np.testing.assert_allclose(np.load(Path(out) / "y.npy"), ort_run(model, {"x": x})["y"], rtol=RTOL, atol=ATOL)
+
+
+def _fake_artifact(path: Path, arch: str, device: str) -> Path:
+    import tvm
+
+    from bscompile.frontend.onnx import TensorSpec
+    from bscompile.runtime.artifact import Manifest, write_artifact
+
+    lib = path.with_suffix(".so")
+    lib.write_bytes(b"\x7fELF not really")
+    manifest = Manifest(bscompile_version="0", tvm_version=tvm.__version__, target_name=arch, target={},
+                        device=device, arch=arch, inputs=[TensorSpec("x", (1,), "float32")],
+                        outputs=[TensorSpec("y", (1,), "float32")], weights=[])
+    write_artifact(path, manifest, lib)
+    return path
+
+
+def test_package_errors_are_one_line(tmp_path):
+    from bscompile.runtime.package import PackageError, package_artifact
+
+    with pytest.raises(PackageError, match=r"compiled for x86_64 .*--target aarch64") as err:
+        package_artifact(_fake_artifact(tmp_path / "host.bsc", "x86_64", "cpu"), tmp_path / "b.tar.gz")
+    assert "\n" not in str(err.value)
+    with pytest.raises(ArtifactError, match="no such artifact"):
+        package_artifact(tmp_path / "missing.bsc", tmp_path / "b.tar.gz")
+    with pytest.raises(PackageError, match="bundle name"):
+        package_artifact(_fake_artifact(tmp_path / "a.bsc", "aarch64", "cpu"), tmp_path / "b.tar.gz", name="../x")
+    assert not (tmp_path / "b.tar.gz").exists()
+
+
+def test_cuda_bundle_ships_the_cuda_runtime(tmp_path, emulator_env):
+    """Design for jetson-orin style targets: a manifest with device "cuda" gets the CUDA
+    runtime library, and the runner creates the VM on kDLCUDA (not run: no GPU here)."""
+    from bscompile.runtime.package import package_artifact
+
+    report = package_artifact(_fake_artifact(tmp_path / "orin.bsc", "aarch64", "cuda"), tmp_path / "orin.tar.gz")
+    assert report["device"] == "cuda" and "lib/libtvm_runtime_cuda.so" in report["files"]
+    assert any(lib.startswith("libcudart.so") for lib in report["requires"]["cuda"])  # what the board needs
+    with tarfile.open(report["bundle"]) as tar:
+        manifest = tar.extractfile("orin/manifest.json").read().decode()
+    assert '"device": "cuda"' in manifest
