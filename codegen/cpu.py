@@ -46,6 +46,8 @@ class CpuSchedule:
 
 #: Vector registers worth of accumulators a tile may use (x86 has 16 ymm, NEON 32 q).
 _ACC_REGISTERS = 12
+#: Multiply-adds below which a kernel runs on one thread (see :func:`schedule_for`).
+PARALLEL_MIN_WORK = 1 << 20
 #: Lanes of the vectorised gate update (8 fp32 = one AVX2 register, two NEON registers).
 _GATE_LANES = 8
 
@@ -66,7 +68,9 @@ def schedule_for(block: BlockShape, nnz_blocks: int, num_block_rows: int, m: int
     limit = max(1, min(8, _ACC_REGISTERS // regs_per_row))
     m_tile = max(d for d in range(1, limit + 1) if m % d == 0)
     work = nnz_blocks * block.r * block.c * m
-    parallel = work >= 1 << 16 and num_block_rows > 1
+    # Waking a sleeping thread pool costs tens of microseconds (pools must not spin on
+    # shared cores): parallelise only kernels well above that (~1M multiply-adds).
+    parallel = work >= PARALLEL_MIN_WORK and num_block_rows > 1
     unroll = block.c <= 32
     if m >= vector_lanes and block.r < vector_lanes and block.c <= 64:
         m_vec = 2 * vector_lanes if block.r <= 4 and m >= 2 * vector_lanes else vector_lanes
@@ -235,7 +239,7 @@ def _linear_kernel_batch(key: LayoutKey, m: int, sched: CpuSchedule) -> tvm.tirx
         data = T.match_buffer(data_h, (nnzb, c, r), "float32")
         indices = T.match_buffer(indices_h, (nnzb,), "int32")
         xt = T.alloc_buffer((m_pad // mv, k_pad, mv), "float32")  # one contiguous slice per batch tile
-        for kk in T.parallel(k_pad):
+        for kk in rows(k_pad):
             for mm in T.serial(m_pad):
                 xt[mm // mv, kk, mm % mv] = T.if_then_else(
                     kk < k and mm < m, x[T.min(mm, m - 1), T.min(kk, k - 1)], T.float32(0))
