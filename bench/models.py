@@ -124,7 +124,8 @@ def main():
 
 
 def write_report(rows, info, args, wall) -> None:
-    cmd = "python bench/models.py" + (" --quick" if args.quick else "")
+    cmd = "python bench/models.py" + (" --quick" if args.quick else "") + \
+        (f" --hidden {' '.join(map(str, args.hidden))}" if not args.quick and args.hidden != [1760, 2560] else "")
     lines = [f"# Whole-model benchmark, fp32, {info['threads']} threads", "",
              f"- command: `{cmd}`", f"- machine: {info['cpu']}, {info['cores']} cores",
              f"- date: {info['date']}; wall time {wall / 60:.1f} min",
