@@ -40,9 +40,8 @@ def gpu_sites(mod: tvm.IRModule) -> tvm.IRModule:
     families, so only the callee changes.
     """
     from bscompile.codegen import cuda
-    from bscompile.codegen.layout import BSRMatrix
+    from bscompile.codegen.layout import DENSE_ROWS, BSRMatrix
     from bscompile.codegen.recurrent_cells import CellSpec
-    from bscompile.frontend.recurrent import DENSE_ROWS
     from bscompile.passes.sites import SITE_ATTR, site_matrices
 
     out = mod.shallow_copy() if hasattr(mod, "shallow_copy") else mod

@@ -22,10 +22,10 @@ import tvm
 
 from bscompile.codegen import cpu
 from bscompile.codegen.cost_model import MachineModel, estimate_time
-from bscompile.codegen.layout import BlockShape, BSRMatrix
+from bscompile.codegen.layout import DENSE_ROWS, BlockShape, BSRMatrix
 from bscompile.errors import BscompileError
 from bscompile.frontend.onnx import fingerprint
-from bscompile.passes.choose_layout import DENSE_ROWS, _kernel_shape
+from bscompile.passes.choose_layout import kernel_shape
 from bscompile.passes.sites import CompilePlan, WeightSite
 from bscompile.runtime.artifact import atomic_write
 from bscompile.target import TargetSpec
@@ -96,7 +96,7 @@ def tune_site(site: WeightSite, plan: CompilePlan, spec: TargetSpec, top_k: int 
               repeat: int = 5, progress=None) -> TuningRecord:
     n, k = site.shape
     machine = MachineModel(lanes=plan.vector_lanes)
-    ranked = sorted(site.report.blocks, key=lambda s: estimate_time(_kernel_shape(s, site.m, plan.vector_lanes, n, k),
+    ranked = sorted(site.report.blocks, key=lambda s: estimate_time(kernel_shape(s, site.m, plan.vector_lanes, n, k),
                                                                      machine))
     layouts = [("dense", BlockShape(DENSE_ROWS, k))] + [("bsr", s.block) for s in ranked[:top_k]]
     tried = []

@@ -18,6 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
+#: Rows per block of the dense layout (two AVX2 vectors): one constant, because every
+#: stage that packs or decodes a dense weight site must agree on it.
+DENSE_ROWS = 16
+
 #: Block edge lengths the analysis considers (rows and columns independently).
 CANDIDATE_EDGES: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
 

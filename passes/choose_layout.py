@@ -20,12 +20,11 @@ import tvm
 
 from bscompile.codegen.cpu import schedule_for
 from bscompile.codegen.cost_model import KernelShape, MachineModel, estimate_time
-from bscompile.codegen.layout import BlockShape, BlockStats, BSRMatrix, padded
+from bscompile.codegen.layout import DENSE_ROWS, BlockShape, BlockStats, BSRMatrix, padded
 from bscompile.frontend.onnx import fingerprint
 from bscompile.passes.sites import CompilePlan, LayoutDecision, WeightSite
 
 MARGIN = 0.85
-DENSE_ROWS = 16
 
 
 def _shape(block: BlockShape, nnzb: int, nbr: int, m: int, lanes: int, n: int, k: int) -> KernelShape:
@@ -33,7 +32,7 @@ def _shape(block: BlockShape, nnzb: int, nbr: int, m: int, lanes: int, n: int, k
     return KernelShape(max(nnzb, 1), block.r, block.c, nbr, m, sched.m_tile, k, n, sched.variant, sched.m_vec)
 
 
-def _kernel_shape(stats: BlockStats, m: int, lanes: int, n: int, k: int) -> KernelShape:
+def kernel_shape(stats: BlockStats, m: int, lanes: int, n: int, k: int) -> KernelShape:
     return _shape(stats.block, stats.nnz_blocks, stats.padded_shape[0] // stats.block.r, m, lanes, n, k)
 
 
@@ -59,10 +58,10 @@ def decide(site: WeightSite, plan: CompilePlan, machine: MachineModel) -> Layout
                               f"{rec.dense_time_us:.1f} us", dict(rec.schedule))
     if plan.force_block is not None and report.structure != "dense":
         st = next((s for s in report.blocks if s.block == plan.force_block), None)
-        t = estimate_time(_kernel_shape(st, site.m, lanes, n, k), machine) if st else t_dense
+        t = estimate_time(kernel_shape(st, site.m, lanes, n, k), machine) if st else t_dense
         return LayoutDecision("bsr", plan.force_block, t, t_dense, f"block {plan.force_block} forced by the user")
-    best = min(report.blocks, key=lambda s: estimate_time(_kernel_shape(s, site.m, lanes, n, k), machine))
-    t_best = estimate_time(_kernel_shape(best, site.m, lanes, n, k), machine)
+    best = min(report.blocks, key=lambda s: estimate_time(kernel_shape(s, site.m, lanes, n, k), machine))
+    t_best = estimate_time(kernel_shape(best, site.m, lanes, n, k), machine)
     if t_best < MARGIN * t_dense:
         kept = best.block_density * 100
         return LayoutDecision(

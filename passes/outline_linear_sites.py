@@ -20,10 +20,9 @@ import tvm
 from tvm import relax
 
 from bscompile.codegen.cpu import default_schedule, linear_kernel
-from bscompile.codegen.layout import BSRMatrix
+from bscompile.codegen.layout import DENSE_ROWS, BSRMatrix
 from bscompile.passes.sites import rewrite_relax_functions, SITE_ATTR, const_array
 
-DENSE_ROWS = 16
 _MATMUL = tvm.ir.Op.get("relax.matmul")
 _ADD = tvm.ir.Op.get("relax.add")
 

@@ -20,16 +20,14 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import tvm
 from tvm import relax
 
 from bscompile.codegen.cpu import CpuSchedule, recurrent_kernel
-from bscompile.codegen.layout import BSRMatrix
+from bscompile.codegen.layout import DENSE_ROWS, BSRMatrix
 from bscompile.codegen.recurrent_cells import ACTIVATIONS, Activation, CellSpec
 from bscompile.errors import UnsupportedModelError
+from bscompile.passes.sites import const_array as _const
 
-#: Rows per block of the dense packing used at import (two AVX2 vectors).
-DENSE_ROWS = 16
 
 SITE_ATTR = "bscompile.site"
 
@@ -49,10 +47,6 @@ def _const_or_zeros(bb, expr, shape, dtype="float32"):
     if expr is None:
         return relax.const(np.zeros(shape, dtype))
     return expr
-
-
-def _const(expr) -> np.ndarray | None:
-    return expr.value.numpy() if isinstance(expr, tvm.ir.expr.Constant) else None
 
 
 def pack_dense_rows(bb: relax.BlockBuilder, w: relax.Expr, rows: int, cols: int) -> relax.Expr:
