@@ -89,6 +89,10 @@ def schedule_space(mat: BSRMatrix, m: int, lanes: int) -> list[cpu.CpuSchedule]:
         out.append(cpu.CpuSchedule(1, base.parallel, base.unroll_c, "batch", lanes))
     if base.variant == "batch":
         out.append(cpu.CpuSchedule(max(d for d in range(1, 9) if m % d == 0), base.parallel, base.unroll_c))
+    if base.variant != "block" and cpu.block_vector_ok(mat.block, lanes):
+        out.append(cpu.CpuSchedule(1, base.parallel, True, "block"))
+    if base.variant == "block":
+        out.append(cpu.CpuSchedule(max(d for d in range(1, 9) if m % d == 0), base.parallel, base.unroll_c))
     return out
 
 

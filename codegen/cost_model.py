@@ -44,6 +44,11 @@ def estimate_time(ks: KernelShape, machine: MachineModel = MachineModel()) -> fl
         m_tiles = -(-ks.m // ks.m_vec)
         fmas = ks.nnz_blocks * ks.c * ks.r * m_tiles * -(-ks.m_vec // machine.lanes)
         act_bytes *= 2  # the transposed copy of x
+        weight_bytes *= m_tiles  # batch tiles are the outer loop: the weights stream once per tile
+    elif ks.variant == "block":  # vectors over whole blocks, against x replicated r times
+        m_tiles = -(-ks.m // ks.m_tile)
+        fmas = ks.nnz_blocks * ks.m * -(-(ks.r * ks.c) // machine.lanes)
+        act_bytes += ks.m * ks.k * ks.r * 4
     else:  # vectors along the block's rows
         m_tiles = -(-ks.m // ks.m_tile)
         fmas = ks.nnz_blocks * ks.c * ks.m * -(-ks.r // machine.lanes)

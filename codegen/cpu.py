@@ -36,7 +36,10 @@ class CpuSchedule:
     m_tile: int  # batch rows sharing one pass over a block row's weights (rows variant)
     parallel: bool  # parallelise over block rows
     unroll_c: bool  # fully unroll the columns of a block (small blocks)
-    variant: str = "rows"  # "rows": vectorise over a block's rows; "batch": over batch rows
+    #: "rows": vectorise over a block's rows (blocks at least a vector high);
+    #: "block": over a whole r x c block against a replicated x (short blocks, small batch);
+    #: "batch": over batch rows (short blocks, batch >= a vector)
+    variant: str = "rows"
     m_vec: int = 8  # batch rows per vector tile (batch variant)
 
     def to_json(self) -> dict:
@@ -52,30 +55,43 @@ PARALLEL_MIN_WORK = 1 << 20
 _GATE_LANES = 8
 
 
-def default_schedule(mat: BSRMatrix, m: int, vector_lanes: int = 8) -> CpuSchedule:
-    return schedule_for(mat.block, mat.nnz_blocks, mat.num_block_rows, m, vector_lanes)
+def default_schedule(mat: BSRMatrix, m: int, vector_lanes: int = 8, recurrent: bool = False) -> CpuSchedule:
+    return schedule_for(mat.block, mat.nnz_blocks, mat.num_block_rows, m, vector_lanes, recurrent)
+
+
+def _tile(m: int, regs_per_row: int, limit: int = 8) -> int:
+    """The largest divisor of ``m`` whose accumulators fit the register budget."""
+    cap = max(1, min(limit, _ACC_REGISTERS // regs_per_row))
+    return max(d for d in range(1, cap + 1) if m % d == 0)
+
+
+def block_vector_ok(block: BlockShape, vector_lanes: int) -> bool:
+    """Whether the "block" variant applies: a short block of half a vector to 8 vectors."""
+    rc = block.r * block.c
+    return block.r < vector_lanes and vector_lanes // 2 <= rc <= 8 * vector_lanes and rc % (vector_lanes // 2) == 0
 
 
 def schedule_for(block: BlockShape, nnz_blocks: int, num_block_rows: int, m: int,
-                 vector_lanes: int = 8) -> CpuSchedule:
+                 vector_lanes: int = 8, recurrent: bool = False) -> CpuSchedule:
     """The default schedule, from block statistics alone (the cost model uses it too).
 
     Blocks at least a vector high are vectorised over their rows with an M tile that
-    keeps accumulators in registers; narrower blocks, once the batch fills a vector,
-    are vectorised over the batch instead.
+    keeps accumulators in registers. Shorter blocks would leave lanes idle that way:
+    once the batch fills a vector they are vectorised over the batch (linear layers),
+    otherwise over the whole block against a copy of ``x`` replicated to the block's
+    layout (also inside recurrent kernels, whose mat-vec has no transposed ``x``).
     """
-    regs_per_row = max(1, -(-block.r // vector_lanes))
-    limit = max(1, min(8, _ACC_REGISTERS // regs_per_row))
-    m_tile = max(d for d in range(1, limit + 1) if m % d == 0)
     work = nnz_blocks * block.r * block.c * m
     # Waking a sleeping thread pool costs tens of microseconds (pools must not spin on
     # shared cores): parallelise only kernels well above that (~1M multiply-adds).
     parallel = work >= PARALLEL_MIN_WORK and num_block_rows > 1
     unroll = block.c <= 32
-    if m >= vector_lanes and block.r < vector_lanes and block.c <= 64:
+    if not recurrent and m >= vector_lanes and block.r < vector_lanes and block.c <= 64:
         m_vec = 2 * vector_lanes if block.r <= 4 and m >= 2 * vector_lanes else vector_lanes
         return CpuSchedule(1, parallel, unroll, "batch", m_vec)
-    return CpuSchedule(m_tile=m_tile, parallel=parallel, unroll_c=unroll)
+    if block_vector_ok(block, vector_lanes):
+        return CpuSchedule(_tile(m, -(-block.r * block.c // vector_lanes)), parallel, True, "block")
+    return CpuSchedule(m_tile=_tile(m, -(-block.r // vector_lanes)), parallel=parallel, unroll_c=unroll)
 
 
 def accumulator_chains(mat: BSRMatrix, sched: CpuSchedule, lanes: int = 8) -> int:
@@ -151,15 +167,106 @@ def _block_row_loops(mat: BSRMatrix, sched: CpuSchedule, k_limit: int | None, n_
     return block_row
 
 
+def block_chains(block: BlockShape, sched: CpuSchedule, lanes: int = 8) -> int:
+    """Blocks in flight in the "block" variant: independent accumulators hide FMA latency."""
+    vecs = -(-block.r * block.c // lanes) * sched.m_tile
+    return max(1, min(8 // vecs, _ACC_REGISTERS // vecs))
+
+
+def workspace_shape(mat: BSRMatrix, m: int, sched: CpuSchedule) -> tuple[int, ...]:
+    """Scratch a matmul macro needs: ``x`` replicated to the block layout ("block" variant)."""
+    if sched.variant != "block":
+        return (1,)
+    return (m, mat.padded_shape[1] // mat.block.c, mat.block.r * mat.block.c)
+
+
+def _block_vector_macro(mat: BSRMatrix, m: int, sched: CpuSchedule,
+                        k_limit: int | None, n_limit: int | None):
+    """The "block" variant: each stored block is ``r*c`` contiguous lanes (``[c, r]`` order),
+    multiplied lane by lane with ``xrep[m, kb, kk*r + rr] = x[m, kb*c + kk]`` and summed
+    per row once per block row. A 4x4 block is two full vectors and two FMAs per batch
+    row, where the "rows" variant would spend four half-empty FMAs and four broadcasts.
+    ``q`` blocks are in flight at a time so the FMA chains stay independent."""
+    r, c, mt = mat.block.r, mat.block.c, sched.m_tile
+    rc, nkb, nbr = r * c, mat.padded_shape[1] // mat.block.c, mat.num_block_rows
+    q = block_chains(mat.block, sched)
+    rows = T.parallel if sched.parallel else T.serial
+    clamp = (lambda i: i) if k_limit is None else (lambda i: T.min(i, k_limit - 1))
+
+    def total(acc, bias, row, mm, rr):
+        e = bias[row + rr]
+        for j in range(q):
+            for kk in range(c):
+                e = e + acc[j, mm, kk * r + rr]
+        return e
+
+    if n_limit is None:
+
+        @T.macro
+        def store(y, acc, bias, m0, col0, row):
+            for mm in T.unroll(mt):
+                for rr in T.vectorized(r):
+                    y[m0 + mm, col0 + row + rr] = total(acc, bias, row, mm, rr)
+
+    else:
+
+        @T.macro
+        def store(y, acc, bias, m0, col0, row):
+            for mm in T.unroll(mt):
+                for rr in T.serial(r):
+                    if row + rr < n_limit:
+                        y[m0 + mm, col0 + row + rr] = total(acc, bias, row, mm, rr)
+
+    @T.macro
+    def blocks(acc, slot, dflat, indices, xrep, p, m0):
+        kb = T.Bind(indices[p])
+        for mm in T.unroll(mt):
+            for i in T.vectorized(rc):
+                acc[slot, mm, i] = acc[slot, mm, i] + dflat[p * rc + i] * xrep[m0 + mm, kb, i]
+
+    @T.macro
+    def matmul(x, xrep, data, indices, indptr, bias, y, y_col0):
+        dflat = T.decl_buffer((data.shape[0] * rc,), "float32", data=data.data)
+        for mm in T.serial(m):
+            for kb in T.serial(nkb):
+                for kk in T.unroll(c):
+                    for rr in T.vectorized(r):
+                        xrep[mm, kb, kk * r + rr] = x[mm, clamp(kb * c + kk)]
+        for ib in rows(nbr):
+            for mo in T.serial(m // mt):
+                acc = T.alloc_buffer((q, mt, rc), "float32")
+                for j in T.unroll(q):
+                    for mm in T.unroll(mt):
+                        for i in T.vectorized(rc):
+                            acc[j, mm, i] = T.float32(0)
+                p0 = T.Bind(indptr[ib])
+                cnt = T.Bind(indptr[ib + 1] - p0)
+                for pp in range(cnt // q):
+                    for j in T.unroll(q):
+                        blocks(acc, j, dflat, indices, xrep, p0 + pp * q + j, mo * mt)
+                for pr in range(cnt % q):
+                    blocks(acc, 0, dflat, indices, xrep, p0 + cnt - cnt % q + pr, mo * mt)
+                store(y, acc, bias, mo * mt, y_col0, ib * r)
+
+    return matmul
+
+
 def _matmul_macro(mat: BSRMatrix, m: int, sched: CpuSchedule,
                   k_limit: int | None = None, n_limit: int | None = None):
-    """``y[:, y_col0 : y_col0 + n_pad] = x @ W.T + bias`` for all block rows."""
+    """``y[:, y_col0 : y_col0 + n_pad] = x @ W.T + bias`` for all block rows.
+
+    The macro's arguments are ``(x, work, data, indices, indptr, bias, y, y_col0)``;
+    ``work`` is scratch of :func:`workspace_shape`."""
+    if sched.variant == "block":
+        return _block_vector_macro(mat, m, sched, k_limit, n_limit)
+    if sched.variant != "rows":
+        raise ValueError(f"schedule variant {sched.variant!r} has no block-row macro")
     block_row = _block_row_loops(mat, sched, k_limit, n_limit)
     nbr, mt = mat.num_block_rows, sched.m_tile
     rows = T.parallel if sched.parallel else T.serial
 
     @T.macro
-    def matmul(x, data, indices, indptr, bias, y, y_col0):
+    def matmul(x, work, data, indices, indptr, bias, y, y_col0):
         for ib in rows(nbr):
             for mo in T.serial(m // mt):
                 block_row(x, data, indices, indptr, bias, y, ib, mo * mt, y_col0)
@@ -204,6 +311,7 @@ def _linear_kernel(key: LayoutKey, m: int, sched: CpuSchedule) -> tvm.tirx.PrimF
     n_pad, k_pad = mat.padded_shape
     nbr, r, c = mat.num_block_rows, mat.block.r, mat.block.c
     matmul = _matmul_macro(mat, m, sched, k if k_pad != k else None, n if n_pad != n else None)
+    work_shape = workspace_shape(mat, m, sched)
 
     @T.prim_func(s_tir=True)
     def bsr_linear(x: T.Buffer((m, k), "float32"), data_h: T.handle, indices_h: T.handle,
@@ -213,7 +321,8 @@ def _linear_kernel(key: LayoutKey, m: int, sched: CpuSchedule) -> tvm.tirx.PrimF
         nnzb = T.int32()
         data = T.match_buffer(data_h, (nnzb, c, r), "float32")
         indices = T.match_buffer(indices_h, (nnzb,), "int32")
-        matmul(x, data, indices, indptr, bias, y, 0)
+        work = T.alloc_buffer(work_shape, "float32")
+        matmul(x, work, data, indices, indptr, bias, y, 0)
 
     return bsr_linear.without_attr("global_symbol")
 
@@ -290,6 +399,8 @@ def _recurrent_kernel(cell: CellSpec, keys: tuple[LayoutKey, ...], seq: int, bat
     two = len(mats) == 2
     mv1 = _matmul_macro(mats[1], batch, scheds[1]) if two else None
     g1 = mats[1].padded_shape[0] if two else 1
+    ws0 = workspace_shape(mats[0], batch, scheds[0])
+    ws1 = workspace_shape(mats[1], batch, scheds[1]) if two else (1,)
     r0, c0_ = mats[0].block.r, mats[0].block.c
     r1 = mats[1].block.r if two else 1
     c1_ = mats[1].block.c if two else 1
@@ -303,18 +414,18 @@ def _recurrent_kernel(cell: CellSpec, keys: tuple[LayoutKey, ...], seq: int, bat
     if two:  # GRU without linear-before-reset: R_h multiplies r * h, a second mat-vec
 
         @T.macro
-        def reset_phase(xp, g, h, rh, seq_lens, data1, indices1, indptr1, rbias1, t):
+        def reset_phase(xp, g, h, rh, work1, seq_lens, data1, indices1, indptr1, rbias1, t):
             for b in T.serial(batch):
                 tt = T.Bind(seq_lens[b] * rev + t * (1 - 2 * rev) - rev)
                 if t < seq_lens[b]:
                     for j in T.serial(hid):
                         rh[b, j] = cell.f_act(cell.clip_expr(xp[tt, b, hid + j] + g[b, hid + j])) * h[b, j]
-            mv1(rh, data1, indices1, indptr1, rbias1, g, g0)
+            mv1(rh, work1, data1, indices1, indptr1, rbias1, g, g0)
 
     else:
 
         @T.macro
-        def reset_phase(xp, g, h, rh, seq_lens, data1, indices1, indptr1, rbias1, t):
+        def reset_phase(xp, g, h, rh, work1, seq_lens, data1, indices1, indptr1, rbias1, t):
             T.evaluate(0)
     gate_rows = T.parallel if scheds[0].parallel else T.serial
 
@@ -347,6 +458,8 @@ def _recurrent_kernel(cell: CellSpec, keys: tuple[LayoutKey, ...], seq: int, bat
         h = T.alloc_buffer((batch, kp0), "float32")
         rh = T.alloc_buffer((batch, kp1), "float32")
         g = T.alloc_buffer((batch, g0 + g1), "float32")
+        work0 = T.alloc_buffer(ws0, "float32")
+        work1 = T.alloc_buffer(ws1, "float32")
         for b in T.serial(batch):
             for j in T.serial(kp0):
                 h[b, j] = T.if_then_else(j < hid, h0[b, T.min(j, hid - 1)], T.float32(0))
@@ -355,8 +468,8 @@ def _recurrent_kernel(cell: CellSpec, keys: tuple[LayoutKey, ...], seq: int, bat
             for j in T.serial(hid):
                 c_out[b, j] = c0[b, j]
         for t in T.serial(seq):
-            mv0(h, data0, indices0, indptr0, rbias0, g, 0)
-            reset_phase(xp, g, h, rh, seq_lens, data1, indices1, indptr1, rbias1, t)
+            mv0(h, work0, data0, indices0, indptr0, rbias0, g, 0)
+            reset_phase(xp, g, h, rh, work1, seq_lens, data1, indices1, indptr1, rbias1, t)
             for b in T.serial(batch):
                 tt = T.Bind(seq_lens[b] * rev + t * (1 - 2 * rev) - rev)
                 if t < seq_lens[b]:  # branch outside the lanes so the update vectorises

@@ -86,8 +86,8 @@ def _m_tile(m: int) -> int:
     return -(-m // tiles)
 
 
-def default_schedule(mat: BSRMatrix, m: int, lanes: int = 8) -> CudaSchedule:
-    """Schedule from the layout alone (``lanes`` is the CPU's vector width, unused here)."""
+def default_schedule(mat: BSRMatrix, m: int, lanes: int = 8, recurrent: bool = False) -> CudaSchedule:
+    """Schedule from the layout alone (``lanes`` and ``recurrent`` matter on CPUs only)."""
     r = mat.block.r
     vec = math.gcd(r, 4)
     mt = _m_tile(m)

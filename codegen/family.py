@@ -24,7 +24,7 @@ class KernelFamily:
     linear: Callable[[BSRMatrix, int, Any], tvm.tirx.PrimFunc]
     #: (cell, matrices, seq, batch, schedules) -> PrimFunc of one recurrent direction
     recurrent: Callable[[CellSpec, list[BSRMatrix], int, int, list[Any]], tvm.tirx.PrimFunc]
-    #: (matrix, m, vector_lanes) -> schedule
+    #: (matrix, m, vector_lanes, recurrent=False) -> schedule
     default_schedule: Callable[[BSRMatrix, int, int], Any]
     #: schedule JSON (as recorded in manifests and tuning records) -> schedule
     schedule_from_json: Callable[[dict], Any]

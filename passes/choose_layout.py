@@ -27,24 +27,26 @@ from bscompile.passes.sites import CompilePlan, LayoutDecision, WeightSite
 MARGIN = 0.85
 
 
-def _shape(block: BlockShape, nnzb: int, nbr: int, m: int, lanes: int, n: int, k: int) -> KernelShape:
-    sched = schedule_for(block, nnzb, nbr, m, lanes)
+def _shape(block: BlockShape, nnzb: int, nbr: int, m: int, lanes: int, n: int, k: int,
+           recurrent: bool = False) -> KernelShape:
+    sched = schedule_for(block, nnzb, nbr, m, lanes, recurrent)
     return KernelShape(max(nnzb, 1), block.r, block.c, nbr, m, sched.m_tile, k, n, sched.variant, sched.m_vec)
 
 
-def kernel_shape(stats: BlockStats, m: int, lanes: int, n: int, k: int) -> KernelShape:
-    return _shape(stats.block, stats.nnz_blocks, stats.padded_shape[0] // stats.block.r, m, lanes, n, k)
+def kernel_shape(stats: BlockStats, m: int, lanes: int, n: int, k: int, recurrent: bool = False) -> KernelShape:
+    return _shape(stats.block, stats.nnz_blocks, stats.padded_shape[0] // stats.block.r, m, lanes, n, k, recurrent)
 
 
-def dense_shape(n: int, k: int, m: int, lanes: int) -> KernelShape:
+def dense_shape(n: int, k: int, m: int, lanes: int, recurrent: bool = False) -> KernelShape:
     nbr = padded(n, DENSE_ROWS) // DENSE_ROWS
-    return _shape(BlockShape(DENSE_ROWS, k), nbr, nbr, m, lanes, n, k)
+    return _shape(BlockShape(DENSE_ROWS, k), nbr, nbr, m, lanes, n, k, recurrent)
 
 
 def decide(site: WeightSite, plan: CompilePlan, machine: MachineModel) -> LayoutDecision:
     n, k = site.shape
     lanes = plan.vector_lanes
-    t_dense = estimate_time(dense_shape(n, k, site.m, lanes), machine)
+    recurrent = site.kind != "linear"
+    t_dense = estimate_time(dense_shape(n, k, site.m, lanes, recurrent), machine)
     dense = LayoutDecision("dense", BlockShape(DENSE_ROWS, k), t_dense, t_dense, "")
     report = site.report
     if not plan.sparse:
@@ -58,10 +60,10 @@ def decide(site: WeightSite, plan: CompilePlan, machine: MachineModel) -> Layout
                               f"{rec.dense_time_us:.1f} us", dict(rec.schedule))
     if plan.force_block is not None and report.structure != "dense":
         st = next((s for s in report.blocks if s.block == plan.force_block), None)
-        t = estimate_time(kernel_shape(st, site.m, lanes, n, k), machine) if st else t_dense
+        t = estimate_time(kernel_shape(st, site.m, lanes, n, k, recurrent), machine) if st else t_dense
         return LayoutDecision("bsr", plan.force_block, t, t_dense, f"block {plan.force_block} forced by the user")
-    best = min(report.blocks, key=lambda s: estimate_time(kernel_shape(s, site.m, lanes, n, k), machine))
-    t_best = estimate_time(kernel_shape(best, site.m, lanes, n, k), machine)
+    best = min(report.blocks, key=lambda s: estimate_time(kernel_shape(s, site.m, lanes, n, k, recurrent), machine))
+    t_best = estimate_time(kernel_shape(best, site.m, lanes, n, k, recurrent), machine)
     if t_best < MARGIN * t_dense:
         kept = best.block_density * 100
         return LayoutDecision(

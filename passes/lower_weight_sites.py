@@ -39,7 +39,7 @@ def _schedule(site: WeightSite, mat: BSRMatrix, plan: CompilePlan):
     tuned = site.decision.schedule
     if tuned:
         return plan.kernels.schedule_from_json(tuned)
-    return plan.kernels.default_schedule(mat, site.m, plan.vector_lanes)
+    return plan.kernels.default_schedule(mat, site.m, plan.vector_lanes, recurrent=site.kind != "linear")
 
 
 @relax.expr_functor.mutator

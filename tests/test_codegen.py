@@ -1,6 +1,7 @@
 """Kernel building blocks checked against NumPy."""
 
 import numpy as np
+import pytest
 import tvm
 from tvm.script import tirx as T
 
@@ -54,3 +55,44 @@ def test_every_activation_matches_onnx_definition(rng):
     assert set(ref) == set(ACTIVATIONS)
     for name, want in ref.items():
         np.testing.assert_allclose(_apply(Activation(name))(x), want, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+# Every linear-kernel variant against NumPy, on shapes the block does not divide.
+KERNEL_CASES = [
+    # (n, k, block r x c, batch, schedule overrides)
+    (100, 70, (4, 4), 1, {}),  # "block" variant, q chains + remainder
+    (100, 70, (4, 4), 3, {}),  # "block", m_tile 3
+    (64, 96, (4, 8), 2, {}),
+    (50, 33, (2, 4), 5, {}),
+    (50, 33, (4, 1), 1, {}),  # half-vector blocks
+    (100, 70, (4, 4), 4, {"variant": "rows"}),
+    (72, 40, (8, 8), 3, {}),  # "rows"
+    (40, 90, (16, 16), 2, {"parallel": True}),
+    (100, 70, (4, 4), 19, {}),  # "batch", m_vec 16 with padding
+    (100, 70, (4, 4), 8, {"variant": "block", "m_tile": 4}),
+]
+
+
+@pytest.mark.parametrize("n,k,blk,m,over", KERNEL_CASES, ids=lambda v: str(v).replace(" ", ""))
+def test_linear_kernel_variants_match_numpy(rng, n, k, blk, m, over):
+    """y = x @ W.T + bias for a 70%-block-sparse W (fp32, rtol 1e-5, atol 1e-5)."""
+    import dataclasses
+
+    from bscompile.codegen import cpu
+    from bscompile.codegen.layout import BlockShape, BSRMatrix
+
+    r, c = blk
+    keep = rng.random((-(-n // r), -(-k // c))) >= 0.7
+    w = rng.standard_normal((n, k)).astype(np.float32) * np.kron(keep, np.ones((r, c)))[:n, :k]
+    mat = BSRMatrix.from_dense(w.astype(np.float32), BlockShape(r, c))
+    sched = dataclasses.replace(cpu.default_schedule(mat, m), **over)
+    if not over:  # the default schedule is the variant the case was written for
+        assert sched.variant == ("batch" if m >= 8 else "rows" if r >= 8 else "block"), sched
+    func = cpu.linear_kernel(mat, m, sched).with_attr("global_symbol", "k")
+    lib = tvm.compile(tvm.IRModule({"k": func}), target=resolve_target("llvm").tvm_target())
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    bias = np.zeros(mat.padded_shape[0], np.float32)
+    bias[:n] = rng.standard_normal(n)
+    y = tvm.runtime.empty((m, n), "float32")
+    lib["k"](*[tvm.runtime.tensor(a) for a in (x, mat.data, mat.indices, mat.indptr, bias)], y)
+    np.testing.assert_allclose(y.numpy(), x @ w.T + bias[:n], rtol=1e-5, atol=1e-5)
