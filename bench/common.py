@@ -2,8 +2,13 @@
 
 Every benchmark runs all implementations of a case in one process, interleaved
 rep by rep, and reports medians. "warm" times a call right after an untimed call of
-the same function (its weights cached, as in steady-state inference); "cold" evicts the caches first by
-streaming a buffer larger than the last-level cache.
+the same function (its weights cached, as in steady-state inference). "cold" times a
+call whose weights are in no cache: a read of a buffer larger than the last-level
+cache evicts everything, then a *twin* of the implementation (the same code with its
+own copy of the weights) runs once, so code, interpreter and library state and the
+activations are warm again and only the weights come from memory. Without the twin a
+cold call of any library through Python costs ~140 us more on this machine (a 64x64
+layer: 10 us warm, 144 us after a flush), which would swamp every small kernel.
 """
 
 from __future__ import annotations
@@ -32,15 +37,22 @@ def flush_caches() -> None:
     _FLUSH.sum()
 
 
-def interleaved(fns: dict[str, Callable[[], object]], reps: int, cold: bool = False) -> dict[str, float]:
-    """Median seconds per call of each function, timed in round-robin order."""
-    for f in fns.values():  # warm-up (and first-call allocations)
+def interleaved(fns: dict[str, Callable[[], object]], reps: int, cold: bool = False,
+                twins: dict[str, Callable[[], object]] | None = None) -> dict[str, float]:
+    """Median seconds per call of each function, timed in round-robin order.
+
+    ``cold``: flush the caches before each timed call, then run ``twins[name]`` (if
+    given), which warms everything but the timed function's own weights."""
+    twins = twins or {}
+    for f in list(fns.values()) + list(twins.values()):  # warm-up (and first-call allocations)
         f()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(reps):
         for name, f in fns.items():
             if cold:
                 flush_caches()
+                if name in twins:
+                    twins[name]()
             else:
                 f()  # warm: the timed call follows a call of the same function
             t0 = time.perf_counter()

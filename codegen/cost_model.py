@@ -48,7 +48,7 @@ def estimate_time(ks: KernelShape, machine: MachineModel = MachineModel()) -> fl
     elif ks.variant == "block":  # vectors over whole blocks, against x replicated r times
         m_tiles = -(-ks.m // ks.m_tile)
         fmas = ks.nnz_blocks * ks.m * -(-(ks.r * ks.c) // machine.lanes)
-        act_bytes += ks.m * ks.k * ks.r * 4
+        fmas += ks.m * ks.k * ks.r // machine.lanes  # filling the replicated x (cache-resident stores)
     else:  # vectors along the block's rows
         m_tiles = -(-ks.m // ks.m_tile)
         fmas = ks.nnz_blocks * ks.c * ks.m * -(-ks.r // machine.lanes)
