@@ -26,6 +26,7 @@ import datetime  # noqa: E402
 import platform  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
+import timeit  # noqa: E402
 from typing import Callable  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -90,16 +91,17 @@ def machine_info() -> dict:
 
 
 def measure_roofline() -> dict:
-    """Read bandwidth (GB/s) and peak fp32 GFLOP/s attainable with THREADS threads (PyTorch)."""
+    """Read bandwidth (GB/s) and peak fp32 GFLOP/s attainable with THREADS threads (PyTorch).
+
+    Best of 20 runs each: a roofline is what the machine can reach, and on a shared
+    host the median drifts with the neighbours' load."""
     import torch
 
     torch.set_num_threads(THREADS)
     big = torch.ones(128 * 2**20 // 4)  # 128 MiB
-    t = interleaved({"sum": lambda: big.sum()}, 10)["sum"]
-    bw = big.numel() * 4 / t
+    bw = big.numel() * 4 / min(timeit.repeat(big.sum, number=1, repeat=20))
     a = torch.randn(1536, 1536)
-    t = interleaved({"mm": lambda: a @ a}, 10)["mm"]
-    flops = 2 * 1536**3 / t
+    flops = 2 * 1536**3 / min(timeit.repeat(lambda: a @ a, number=1, repeat=20))
     return {"bandwidth_GBps": bw / 1e9, "peak_GFLOPs": flops / 1e9}
 
 

@@ -8,15 +8,18 @@ onnxruntime dense, bscompile's own dense path, PyTorch dense, PyTorch BSR
 (``torch.sparse.mm`` on ``to_sparse_bsr``), scipy BSR, and bscompile on the pruned
 weight (its cost model picks layout and schedule). Every call goes through each
 library's Python API (inputs in, outputs out), timed warm and cold.
-Writes bench/results/kernels.{md,json,png}.
+Each (shape, batch) group runs in a fresh process (the results are rewritten after
+every group). Writes bench/results/kernels.{md,json,png}.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from itertools import product
 from pathlib import Path
 
@@ -223,22 +226,37 @@ def main():
     t0 = time.perf_counter()
     info = common.machine_info()
     roof = common.measure_roofline()
-    log = lambda msg: print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)  # noqa: E731
-    log(f"roofline {roof}")
-    rng = np.random.default_rng(0)
+    log(t0, f"roofline {roof}")
     rows = []
+    spawn = multiprocessing.get_context("spawn")
     for shape, m in product(shapes, batches):
-        rows += run_group(shape, m, list(product(sparsities, blocks)) + low, roof, rng, log)
-    wall = time.perf_counter() - t0
+        # A fresh process per group: loaded modules (and their weight copies) go back to the OS.
+        with ProcessPoolExecutor(1, mp_context=spawn) as pool:
+            rows += pool.submit(group_in_child, shape, m, list(product(sparsities, blocks)) + low, roof, t0).result()
+        write_results(rows, roof, info, args, time.perf_counter() - t0, final=False)
+    write_results(rows, roof, info, args, time.perf_counter() - t0, final=True)
+
+
+def log(t0: float, msg: str) -> None:
+    print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
+
+
+def group_in_child(shape, m, cells, roof, t0) -> list[dict]:
+    torch.set_num_threads(common.THREADS)
+    rng = np.random.default_rng([*shape, m])
+    return run_group(shape, m, cells, roof, rng, lambda msg: log(t0, msg))
+
+
+def write_results(rows, roof, info, args, wall, final: bool) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "kernels_quick" if args.quick else "kernels"
     cmd = "python bench/kernels.py" + (" --quick" if args.quick else "")
     (out / f"{stem}.md").write_text(summarize(rows, roof, info, cmd, wall))
     (out / f"{stem}.json").write_text(json.dumps({"info": info, "roofline": roof, "rows": rows}, indent=1))
-    plot([r for r in rows if r["sparsity"] >= 0.8], out / f"{stem}.png")
-    print((out / f"{stem}.md").read_text().split("## All cells")[0])
-
+    if final:
+        plot([r for r in rows if r["sparsity"] >= 0.8], out / f"{stem}.png")
+        print((out / f"{stem}.md").read_text().split("## All cells")[0])
 
 if __name__ == "__main__":
     main()
