@@ -1,9 +1,11 @@
 """Analytical cost of the block-row kernels, used to pick a layout per weight.
 
-The kernels stream every stored block once per M tile and do one vector FMA per
-(block column, batch row, ceil(r / lanes) vectors). A layout's time is the larger of
-its memory time and its compute time, plus a per-block overhead (index load, loop
-control, broadcasts of ``x``). The machine constants are defaults for a current
+Per variant (see :mod:`codegen.cpu`): "rows" does one vector FMA per (block column,
+batch row, ceil(r / lanes) vectors) and keeps a block row in cache across M tiles;
+"block" does ceil(r*c / lanes) FMAs per (block, batch row) plus filling a replicated
+``x``; "batch" does r FMAs per (block column, batch tile) but streams the weights once
+per batch tile. A layout's time is the larger of its memory time and its compute time,
+plus a per-block overhead (index load, loop control, broadcasts of ``x``). The machine constants are defaults for a current
 x86 core; ``bscompile tune`` replaces the choice by measurement.
 """
 

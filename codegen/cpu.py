@@ -51,6 +51,10 @@ class CpuSchedule:
 _ACC_REGISTERS = 12
 #: Multiply-adds below which a kernel runs on one thread (see :func:`schedule_for`).
 PARALLEL_MIN_WORK = 1 << 20
+#: Chunks of block rows a batch-variant kernel splits into (a multiple of any thread count here).
+_PARALLEL_CHUNKS = 4
+#: Elements of x below which the batch variant transposes it on one thread.
+_PARALLEL_TRANSPOSE = 1 << 17
 #: Lanes of the vectorised gate update (8 fp32 = one AVX2 register, two NEON registers).
 _GATE_LANES = 8
 
@@ -330,13 +334,21 @@ def _linear_kernel(key: LayoutKey, m: int, sched: CpuSchedule) -> tvm.tirx.PrimF
 def _linear_kernel_batch(key: LayoutKey, m: int, sched: CpuSchedule) -> tvm.tirx.PrimFunc:
     """Batch variant: ``x`` is transposed (and zero-padded) into ``xt[K_pad, M_pad]`` so the
     innermost loop runs over ``m_vec`` batch rows: full vectors whatever the block height.
-    Per block column: one load of ``x``, ``r`` broadcasts of weights, ``r`` FMAs."""
+    Per block column: one load of ``x``, ``r`` broadcasts of weights, ``r`` FMAs.
+
+    Each thread-pool launch costs tens of microseconds on a pool that does not spin, so
+    the kernel launches once: the parallel loop runs over contiguous chunks of block
+    rows and each chunk walks the batch tiles (keeping one ``xt`` slice hot) itself.
+    The transpose is parallel only when it is big enough to pay for its own launch."""
     mat = key.skeleton()
     n, k = mat.shape
     n_pad, k_pad = mat.padded_shape
     nbr, r, c, mv = mat.num_block_rows, mat.block.r, mat.block.c, sched.m_vec
     m_pad = -(-m // mv) * mv
+    chunks = min(nbr, _PARALLEL_CHUNKS) if sched.parallel else 1
+    per_chunk = -(-nbr // chunks)
     rows = T.parallel if sched.parallel else T.serial
+    tloop = T.parallel if sched.parallel and m_pad * k_pad >= _PARALLEL_TRANSPOSE else T.serial
     cloop = T.unroll if sched.unroll_c else T.serial
 
     @T.prim_func(s_tir=True)
@@ -348,26 +360,35 @@ def _linear_kernel_batch(key: LayoutKey, m: int, sched: CpuSchedule) -> tvm.tirx
         data = T.match_buffer(data_h, (nnzb, c, r), "float32")
         indices = T.match_buffer(indices_h, (nnzb,), "int32")
         xt = T.alloc_buffer((m_pad // mv, k_pad, mv), "float32")  # one contiguous slice per batch tile
-        for kk in rows(k_pad):
-            for mm in T.serial(m_pad):
-                xt[mm // mv, kk, mm % mv] = T.if_then_else(
-                    kk < k and mm < m, x[T.min(mm, m - 1), T.min(kk, k - 1)], T.float32(0))
-        for mo in T.serial(m_pad // mv):
-            for ib in rows(nbr):
-                acc = T.alloc_buffer((r, mv), "float32")
-                for rr in T.unroll(r):
-                    for mi in T.vectorized(mv):
-                        acc[rr, mi] = T.float32(0)
-                for p in range(indptr[ib], indptr[ib + 1]):
-                    col = T.Bind(indices[p] * c)
-                    for kk in cloop(c):
+        for mo in tloop(m_pad // mv):  # row by row: contiguous reads, no div/mod per element
+            for mi in T.serial(mv):
+                if mo * mv + mi < m:
+                    for kk in T.serial(k):
+                        xt[mo, kk, mi] = x[mo * mv + mi, kk]
+                    for kk in T.serial(k_pad - k):
+                        xt[mo, k + kk, mi] = T.float32(0)
+                else:
+                    for kk in T.serial(k_pad):
+                        xt[mo, kk, mi] = T.float32(0)
+        for ch in rows(chunks):
+            for mo in T.serial(m_pad // mv):
+                for ii in T.serial(per_chunk):
+                    if ch * per_chunk + ii < nbr:
+                        ib = T.Bind(ch * per_chunk + ii)
+                        acc = T.alloc_buffer((r, mv), "float32")
                         for rr in T.unroll(r):
                             for mi in T.vectorized(mv):
-                                acc[rr, mi] = acc[rr, mi] + data[p, kk, rr] * xt[mo, col + kk, mi]
-                for rr in T.unroll(r):
-                    for mi in T.serial(mv):
-                        if mo * mv + mi < m and ib * r + rr < n:
-                            y[mo * mv + mi, ib * r + rr] = acc[rr, mi] + bias[ib * r + rr]
+                                acc[rr, mi] = T.float32(0)
+                        for p in range(indptr[ib], indptr[ib + 1]):
+                            col = T.Bind(indices[p] * c)
+                            for kk in cloop(c):
+                                for rr in T.unroll(r):
+                                    for mi in T.vectorized(mv):
+                                        acc[rr, mi] = acc[rr, mi] + data[p, kk, rr] * xt[mo, col + kk, mi]
+                        for rr in T.unroll(r):
+                            for mi in T.serial(mv):
+                                if mo * mv + mi < m and ib * r + rr < n:
+                                    y[mo * mv + mi, ib * r + rr] = acc[rr, mi] + bias[ib * r + rr]
 
     return bsr_linear_batch.without_attr("global_symbol")
 

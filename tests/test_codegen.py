@@ -69,6 +69,8 @@ KERNEL_CASES = [
     (72, 40, (8, 8), 3, {}),  # "rows"
     (40, 90, (16, 16), 2, {"parallel": True}),
     (100, 70, (4, 4), 19, {}),  # "batch", m_vec 16 with padding
+    (130, 70, (4, 4), 40, {"parallel": True}),  # "batch", chunked block rows (33 rows, 4 chunks)
+    (64, 700, (2, 8), 200, {"parallel": True}),  # "batch", parallel transpose
     (100, 70, (4, 4), 8, {"variant": "block", "m_tile": 4}),
 ]
 
