@@ -5,8 +5,10 @@ batch row, ceil(r / lanes) vectors) and keeps a block row in cache across M tile
 "block" does ceil(r*c / lanes) FMAs per (block, batch row) plus filling a replicated
 ``x``; "batch" does r FMAs per (block column, batch tile) but streams the weights once
 per batch tile. A layout's time is the larger of its memory time and its compute time,
-plus a per-block overhead (index load, loop control, broadcasts of ``x``). The machine constants are defaults for a current
-x86 core; ``bscompile tune`` replaces the choice by measurement.
+plus a per-block overhead (index load, loop control); the compute time counts loads
+(broadcasts of ``x``, weight vectors) against the same issue rate as FMAs. The machine
+constants are defaults for a current x86 core; ``bscompile tune`` replaces the choice
+by measurement.
 """
 
 from __future__ import annotations
@@ -44,17 +46,25 @@ def estimate_time(ks: KernelShape, machine: MachineModel = MachineModel()) -> fl
     act_bytes = (ks.m * ks.k + ks.m * ks.n) * 4
     if ks.variant == "batch":  # vectors along the batch: r FMAs per block column and batch tile
         m_tiles = -(-ks.m // ks.m_vec)
-        fmas = ks.nnz_blocks * ks.c * ks.r * m_tiles * -(-ks.m_vec // machine.lanes)
+        vecs = -(-ks.m_vec // machine.lanes)
+        fmas = ks.nnz_blocks * ks.c * ks.r * m_tiles * vecs
+        loads = ks.nnz_blocks * ks.c * m_tiles * (vecs + ks.r)  # x vectors + weight broadcasts
         act_bytes *= 2  # the transposed copy of x
         weight_bytes *= m_tiles  # batch tiles are the outer loop: the weights stream once per tile
     elif ks.variant == "block":  # vectors over whole blocks, against x replicated r times
         m_tiles = -(-ks.m // ks.m_tile)
-        fmas = ks.nnz_blocks * ks.m * -(-(ks.r * ks.c) // machine.lanes)
+        vecs = -(-(ks.r * ks.c) // machine.lanes)
+        fmas = ks.nnz_blocks * ks.m * vecs
         fmas += ks.m * ks.k * ks.r // machine.lanes  # filling the replicated x (cache-resident stores)
+        loads = ks.nnz_blocks * vecs * (ks.m + m_tiles)  # replicated x per row + weights per tile
     else:  # vectors along the block's rows
         m_tiles = -(-ks.m // ks.m_tile)
-        fmas = ks.nnz_blocks * ks.c * ks.m * -(-ks.r // machine.lanes)
-    t_fma = fmas / machine.vector_fma_rate
+        vecs = -(-ks.r // machine.lanes)
+        fmas = ks.nnz_blocks * ks.c * ks.m * vecs
+        loads = ks.nnz_blocks * ks.c * (ks.m + m_tiles * vecs)  # x broadcasts per row + weights per tile
+    # A load issues in an FMA's slot as far as throughput goes: short blocks at large batch
+    # (one broadcast of x per FMA) are load-bound, taller blocks reuse each broadcast.
+    t_fma = max(fmas, loads) / machine.vector_fma_rate
     t_mem = (weight_bytes + act_bytes) / machine.bandwidth
     t_blocks = ks.nnz_blocks * m_tiles * machine.block_overhead_s
     return max(t_mem, t_fma + t_blocks) + machine.call_overhead_s
