@@ -110,6 +110,29 @@ def accumulator_chains(mat: BSRMatrix, sched: CpuSchedule, lanes: int = 8) -> in
     return max(d for d in range(1, min(want, mat.block.c) + 1) if mat.block.c % d == 0)
 
 
+def _store_macro(r: int, mt: int, n_limit: int | None, total):
+    """``y[m0 + mm, col0 + row + rr] = total(acc, bias, row, mm, rr)`` for an ``mt x r`` tile:
+    vectorised over ``rr``, or guarded per row when N is not a multiple of the block height."""
+    if n_limit is None:
+
+        @T.macro
+        def store(y, acc, bias, m0, col0, row):
+            for mm in T.unroll(mt):
+                for rr in T.vectorized(r):
+                    y[m0 + mm, col0 + row + rr] = total(acc, bias, row, mm, rr)
+
+        return store
+
+    @T.macro
+    def store_guarded(y, acc, bias, m0, col0, row):
+        for mm in T.unroll(mt):
+            for rr in T.serial(r):
+                if row + rr < n_limit:
+                    y[m0 + mm, col0 + row + rr] = total(acc, bias, row, mm, rr)
+
+    return store_guarded
+
+
 def _block_row_loops(mat: BSRMatrix, sched: CpuSchedule, k_limit: int | None, n_limit: int | None):
     """The micro-kernel as a TVMScript macro over one block row and one M tile.
 
@@ -134,22 +157,7 @@ def _block_row_loops(mat: BSRMatrix, sched: CpuSchedule, k_limit: int | None, n_
             e = e + acc[j, m, rr]
         return e
 
-    if n_limit is None:
-
-        @T.macro
-        def store(y, acc, bias, m0, row0, brow):
-            for m in T.unroll(mt):
-                for rr in T.vectorized(r):
-                    y[m0 + m, row0 + rr] = total(acc, bias, brow, m, rr)
-
-    else:
-
-        @T.macro
-        def store(y, acc, bias, m0, row0, brow):
-            for m in T.unroll(mt):
-                for rr in T.serial(r):
-                    if row0 + rr < n_limit:
-                        y[m0 + m, row0 + rr] = total(acc, bias, brow, m, rr)
+    store = _store_macro(r, mt, n_limit, total)
 
     @T.macro
     def block_row(x, data, indices, indptr, bias, y, ib, m0, y_col0):
@@ -166,7 +174,7 @@ def _block_row_loops(mat: BSRMatrix, sched: CpuSchedule, k_limit: int | None, n_
                     for m in T.unroll(mt):
                         for rr in T.vectorized(r):
                             acc[j, m, rr] = acc[j, m, rr] + data[p, ko * q + j, rr] * x[m0 + m, xcol(col, ko * q + j)]
-        store(y, acc, bias, m0, y_col0 + ib * r, ib * r)
+        store(y, acc, bias, m0, y_col0, ib * r)
 
     return block_row
 
@@ -204,22 +212,7 @@ def _block_vector_macro(mat: BSRMatrix, m: int, sched: CpuSchedule,
                 e = e + acc[j, mm, kk * r + rr]
         return e
 
-    if n_limit is None:
-
-        @T.macro
-        def store(y, acc, bias, m0, col0, row):
-            for mm in T.unroll(mt):
-                for rr in T.vectorized(r):
-                    y[m0 + mm, col0 + row + rr] = total(acc, bias, row, mm, rr)
-
-    else:
-
-        @T.macro
-        def store(y, acc, bias, m0, col0, row):
-            for mm in T.unroll(mt):
-                for rr in T.serial(r):
-                    if row + rr < n_limit:
-                        y[m0 + mm, col0 + row + rr] = total(acc, bias, row, mm, rr)
+    store = _store_macro(r, mt, n_limit, total)
 
     @T.macro
     def blocks(acc, slot, dflat, indices, xrep, p, m0):
