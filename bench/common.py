@@ -23,15 +23,29 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ["OMP_NUM_THREADS"] = str(THREADS)
 
 import datetime  # noqa: E402
+import multiprocessing  # noqa: E402
 import platform  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 import timeit  # noqa: E402
+from concurrent.futures import ProcessPoolExecutor  # noqa: E402
 from typing import Callable  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 _FLUSH = np.ones(64 * 2**20 // 8)  # 64 MiB, larger than any LLC here
+
+
+def log(t0: float, msg: str) -> None:
+    """Progress line with the seconds since ``t0``."""
+    print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
+
+
+def in_fresh_process(fn: Callable, *args):
+    """``fn(*args)`` in a new (spawned) process: its memory (loaded modules, sessions,
+    weight copies) goes back to the OS when it returns. ``fn`` must be importable."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
 
 
 def flush_caches() -> None:

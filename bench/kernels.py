@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from itertools import product
 from pathlib import Path
 
@@ -226,25 +224,19 @@ def main():
     t0 = time.perf_counter()
     info = common.machine_info()
     roof = common.measure_roofline()
-    log(t0, f"roofline {roof}")
+    common.log(t0, f"roofline {roof}")
     rows = []
-    spawn = multiprocessing.get_context("spawn")
     for shape, m in product(shapes, batches):
         # A fresh process per group: loaded modules (and their weight copies) go back to the OS.
-        with ProcessPoolExecutor(1, mp_context=spawn) as pool:
-            rows += pool.submit(group_in_child, shape, m, list(product(sparsities, blocks)) + low, roof, t0).result()
+        rows += common.in_fresh_process(group_in_child, shape, m, list(product(sparsities, blocks)) + low, roof, t0)
         write_results(rows, roof, info, args, time.perf_counter() - t0, final=False)
     write_results(rows, roof, info, args, time.perf_counter() - t0, final=True)
-
-
-def log(t0: float, msg: str) -> None:
-    print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
 
 
 def group_in_child(shape, m, cells, roof, t0) -> list[dict]:
     torch.set_num_threads(common.THREADS)
     rng = np.random.default_rng([*shape, m])
-    return run_group(shape, m, cells, roof, rng, lambda msg: log(t0, msg))
+    return run_group(shape, m, cells, roof, rng, lambda msg: common.log(t0, msg))
 
 
 def write_results(rows, roof, info, args, wall, final: bool) -> None:
@@ -257,6 +249,7 @@ def write_results(rows, roof, info, args, wall, final: bool) -> None:
     if final:
         plot([r for r in rows if r["sparsity"] >= 0.8], out / f"{stem}.png")
         print((out / f"{stem}.md").read_text().split("## All cells")[0])
+
 
 if __name__ == "__main__":
     main()

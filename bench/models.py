@@ -18,11 +18,9 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import multiprocessing
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -101,7 +99,7 @@ def bench_model(name: str, pruned: Path, dense: Path, rng, log) -> dict:
 def run_case(hidden: int | None, batch: int, tmp: str) -> dict:
     """One (model, batch) in this process: ``hidden=None`` is the bundled char GRU LM."""
     t0 = time.perf_counter()
-    log = lambda msg: print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)  # noqa: E731
+    log = lambda msg: common.log(t0, msg)  # noqa: E731
     rng = np.random.default_rng(batch)
     tmp = Path(tmp)
     if hidden is None:
@@ -130,12 +128,10 @@ def main():
     info = common.machine_info()
     rows = []
     hiddens = [704] if args.quick else args.hidden
-    spawn = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
         for hidden, batch in [(None, 1), (None, 8)] + [(h, b) for h in hiddens for b in (1, 8)]:
             # A fresh process per case: its memory (protos, sessions, compiler) goes back to the OS.
-            with ProcessPoolExecutor(1, mp_context=spawn) as pool:
-                rows.append(pool.submit(run_case, hidden, batch, tmp).result())
+            rows.append(common.in_fresh_process(run_case, hidden, batch, tmp))
             write_report(rows, info, args, time.perf_counter() - t0)  # partial results survive
 
 

@@ -87,11 +87,9 @@ def schedule_space(mat: BSRMatrix, m: int, lanes: int) -> list[cpu.CpuSchedule]:
     out.append(dataclasses.replace(base, parallel=not base.parallel))
     if base.variant == "rows" and m >= lanes and mat.block.c <= 64:
         out.append(cpu.CpuSchedule(1, base.parallel, base.unroll_c, "batch", lanes))
-    if base.variant == "batch":
-        out.append(cpu.CpuSchedule(max(d for d in range(1, 9) if m % d == 0), base.parallel, base.unroll_c))
     if base.variant != "block" and cpu.block_vector_ok(mat.block, lanes):
         out.append(cpu.CpuSchedule(1, base.parallel, True, "block"))
-    if base.variant == "block":
+    if base.variant in ("batch", "block"):  # short blocks: the plain rows variant as the fallback
         out.append(cpu.CpuSchedule(max(d for d in range(1, 9) if m % d == 0), base.parallel, base.unroll_c))
     return out
 
