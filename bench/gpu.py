@@ -138,7 +138,8 @@ def build_only(args) -> int:
     for h, sp in gru_cells(args.quick):
         art, _ = build_gru(h, sp, spec, rng)
         sources += cuda_sources(art.executable)
-        layouts = ", ".join(f"{s.name}: {s.decision.layout} {s.decision.block}" for s in art.plan.sites)
+        layouts = ", ".join(f"{w['name']}: {w['decision']['layout']} {w['decision']['block']}"
+                            for w in art.manifest.weights)
         print(f"built GRU hidden {h} {sp:.0%} sparse: {layouts}", flush=True)
     print(f"{len(sources)} CUDA modules for {spec.target['arch']} in {time.perf_counter() - t0:.1f} s")
     if args.nvcc:
@@ -310,7 +311,7 @@ def run_gru(args, spec, rows):
         med = {name: statistics.median(v) for name, v in times.items()}
         row = {"kind": "gru", "hidden": h, "sparsity": sp, "batch": GRU_BATCH, "steps": GRU_STEPS,
                "block": GRU_BLOCK, "rel_err": err, "ms": med,
-               "layouts": [s.decision.to_json() for s in art.plan.sites],
+               "layouts": [w["decision"] for w in art.manifest.weights],
                "speedup_vs_cudnn": med["cudnn_gru"] / med["bscompile"]}
         rows.append(row)
         print(f"GRU h={h} {sp:.0%}: " + ", ".join(f"{k}: {v:.3f} ms" for k, v in med.items())

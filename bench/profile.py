@@ -24,15 +24,28 @@ from kernels import block_pruned, matmul_model  # noqa: E402
 
 import bscompile  # noqa: E402
 from bscompile.codegen import cpu  # noqa: E402
-from bscompile.codegen.layout import BlockShape  # noqa: E402
-from bscompile.passes.choose_layout import build_matrix  # noqa: E402
-from bscompile.passes.sites import LayoutDecision  # noqa: E402
-from bscompile.target import resolve_target  # noqa: E402
-from bscompile.tune import _time_kernel  # noqa: E402
+from bscompile.codegen.layout import DENSE_ROWS, BlockShape, BSRMatrix  # noqa: E402
+from bscompile.target import TargetSpec, resolve_target  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "profile.md"
 CELLS = [((1760, 1760), m, b) for m in (1, 4, 16, 64) for b in (4, 8, 16)] + \
         [((4096, 1024), m, b) for m in (1, 64) for b in (4, 16)]
+
+
+def time_kernel(func, mat: BSRMatrix, m: int, spec: TargetSpec, repeat: int) -> float:
+    """Median seconds of one linear kernel alone, back to back (TVM's time_evaluator)."""
+    import tvm
+
+    lib = tvm.compile(tvm.IRModule({"k": func.with_attr("global_symbol", "k")}), target=spec.tvm_target())
+    dev = tvm.cpu(0)
+    n, k = mat.shape
+    rng = np.random.default_rng(0)
+    args = [rng.standard_normal((m, k)).astype(np.float32), mat.data, mat.indices, mat.indptr,
+            np.zeros(mat.padded_shape[0], np.float32), np.zeros((m, n), np.float32)]
+    args = [tvm.runtime.tensor(a, dev) for a in args]
+    timer = lib.mod.time_evaluator("k", dev, number=max(1, int(2e5 // max(mat.nnz_blocks * m, 1))) + 3,
+                                   repeat=repeat, min_repeat_ms=20)
+    return float(np.median(timer(*args).results))
 
 
 def kernel_rows(roof: dict, rng) -> list[str]:
@@ -43,9 +56,10 @@ def kernel_rows(roof: dict, rng) -> list[str]:
         w = block_pruned(rng, n, k, b, 0.9)
         art = bscompile.compile(matmul_model(w, m))
         d = art.manifest.weights[0]["decision"]
-        mat = build_matrix(w, LayoutDecision(d["layout"], BlockShape.parse(d["block"]), 0.0, 0.0, ""))
+        mat = BSRMatrix.dense(w, DENSE_ROWS) if d["layout"] == "dense" else \
+            BSRMatrix.from_dense(w, BlockShape.parse(d["block"]))
         sched = cpu.CpuSchedule(**d["schedule"])
-        t_kernel = _time_kernel(cpu.linear_kernel(mat, m, sched), mat, m, spec, repeat=7)
+        t_kernel = time_kernel(cpu.linear_kernel(mat, m, sched), mat, m, spec, repeat=7)
         mod = art.load()
         x = rng.standard_normal((m, k)).astype(np.float32)
         t_run = common.interleaved({"run": lambda: mod.run({"x": x})}, 200)["run"]

@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="compile an ONNX model to a .bsc artifact")
     c.add_argument("model")
     c.add_argument("-o", "--output", help="artifact path (default: MODEL.bsc)")
-    c.add_argument("--dump-ir", metavar="DIR", help="write the IR after each pipeline phase to DIR")
+    c.add_argument("--dump-ir", metavar="DIR", help="write the IR after every pass (bscompile's and TVM's) to DIR")
     c.add_argument("--records", help="tuning records from `bscompile tune` to apply")
     c.add_argument("-q", "--quiet", action="store_true")
     model_opts(c)
@@ -126,13 +126,14 @@ def cmd_compile(args) -> int:
 def cmd_inspect(args) -> int:
     from bscompile.driver import analyze_model
     from bscompile.report import reasons, weight_table
+    from bscompile.sites import weight_entries
 
     kw = _compile_kwargs(args)
     from bscompile.target import resolve_target
 
     spec = resolve_target(kw["target"], kw["cpu"])
-    _, plan, _, _ = analyze_model(args.model, kw["input_shapes"], spec, sparse=kw["sparse"], block=kw["block"])
-    weights = [s.to_json() for s in plan.sites]
+    _, mod, _ = analyze_model(args.model, kw["input_shapes"], spec, sparse=kw["sparse"], block=kw["block"])
+    weights = weight_entries(mod)
     if args.json:
         print(json.dumps(weights, indent=2))
     else:

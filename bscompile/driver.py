@@ -1,4 +1,7 @@
-"""``bscompile.compile``: ONNX -> Relax -> bscompile passes -> TVM build -> :class:`Artifact`."""
+"""``bscompile.compile``: ONNX -> Relax -> the ``bscompile`` pipeline -> TVM build -> :class:`Artifact`.
+
+The artifact's manifest is read from the final IR (:func:`bscompile.sites.weight_entries`).
+"""
 
 from __future__ import annotations
 
@@ -12,16 +15,18 @@ from typing import Callable
 
 import onnx
 import tvm
+from tvm import relax
+from tvm.ir.instrument import DumpIR
 
 from bscompile import __version__
-from bscompile.build import build
-from bscompile.codegen.family import family_for
 from bscompile.codegen.layout import BlockShape
+from bscompile.errors import BscompileError
 from bscompile.frontend.onnx import ImportedModel, import_onnx
-from bscompile.passes.pipeline import run_pipeline
-from bscompile.passes.sites import CompilePlan
+from bscompile.passes.pipeline import bscompile_passes
+from bscompile.records import load_records
 from bscompile.runtime.artifact import Manifest, write_artifact
 from bscompile.runtime.module import CompiledModule, load
+from bscompile.sites import weight_entries
 from bscompile.target import TargetSpec, resolve_target
 
 Progress = Callable[[str], None]
@@ -38,7 +43,6 @@ class Artifact:
     executable: tvm.runtime.Executable
     manifest: Manifest
     spec: TargetSpec
-    plan: CompilePlan
 
     def export(self, path: str | os.PathLike) -> Path:
         """Write the ``.bsc`` file atomically; cross targets link with their compiler."""
@@ -59,20 +63,57 @@ class Artifact:
             return load(self.export(Path(tmp) / "model.bsc"))
 
 
-def analyze_model(model, input_shapes=None, target="llvm", *, sparse: bool = True,
-                  block: BlockShape | str | None = None, records: dict | None = None, dump_ir=None,
-                  progress: Progress | None = None) -> tuple[ImportedModel, CompilePlan, tvm.IRModule, TargetSpec]:
-    """Import and run bscompile's pipeline (no TVM build): what ``inspect`` reports."""
-    spec = resolve_target(target)
+def _options(spec: TargetSpec, sparse: bool, block: BlockShape | str | None, records) -> dict:
     if isinstance(block, str):
-        block = BlockShape.parse(block)
+        try:
+            block = BlockShape.parse(block)
+        except ValueError:
+            raise BscompileError(f"invalid block shape '{block}'; expected RxC, e.g. 4x4") from None
+    if isinstance(records, (str, os.PathLike)):
+        records = load_records(records, target=spec.name)
+    return {"sparse": sparse, "force_block": block, "records": records or {}}
+
+
+@tvm.ir.instrument.pass_instrument
+class _Progress:
+    """Reports bscompile's own passes as they start."""
+
+    def __init__(self, progress: Progress, names: set[str]):
+        self.progress, self.names = progress, names
+
+    def run_before_pass(self, mod, info):
+        if info.name in self.names:
+            self.progress(f"pass {info.name}")
+
+
+def _run(passes: tvm.transform.Pass, mod: tvm.IRModule, spec: TargetSpec, dump_ir, progress) -> tvm.IRModule:
+    instruments = list(tvm.transform.PassContext.current().instruments)  # e.g. the tests' well-formedness check
+    if dump_ir is not None:
+        dump = DumpIR(dump_ir, refresh=True)
+        Path(dump_ir).mkdir(parents=True, exist_ok=True)
+        (Path(dump_ir) / "000_import.py").write_text(mod.script())
+        dump.counter = 1  # the passes' dumps follow the import, numbered by TVM
+        instruments.append(dump)
+    if progress is not None:
+        instruments.append(_Progress(progress, {p.info.name for p in bscompile_passes(spec.kernel_family())}))
+    with spec.tvm_target(), tvm.transform.PassContext(instruments=instruments):
+        return passes(mod)
+
+
+def analyze_model(model, input_shapes=None, target="llvm", *, sparse: bool = True,
+                  block: BlockShape | str | None = None, records=None, dump_ir=None,
+                  progress: Progress | None = None) -> tuple[ImportedModel, tvm.IRModule, TargetSpec]:
+    """Import and run bscompile's passes through ``ChooseLayout`` (no kernels, no build):
+    what ``inspect`` reports. ``weight_entries(mod)`` lists the sites with their decisions."""
+    spec = resolve_target(target)
+    opts = _options(spec, sparse, block, records)
     if progress:
         progress("importing ONNX")
     im = import_onnx(model, input_shapes)
-    plan = CompilePlan(im.weight_names, kernels=family_for(spec.device), vector_lanes=spec.vector_lanes,
-                       sparse=sparse, force_block=block, records=records or {})
-    mod = run_pipeline(im.mod, plan, dump_ir, progress)
-    return im, plan, mod, spec
+    passes = bscompile_passes(spec.kernel_family(), **opts)
+    until = next(i for i, p in enumerate(passes) if p.info.name == "ChooseLayout")
+    mod = _run(tvm.transform.Sequential(passes[:until + 1]), im.mod, spec, dump_ir, progress)
+    return im, mod, spec
 
 
 def compile(model: str | os.PathLike | onnx.ModelProto, target: str | dict | TargetSpec = "llvm", *,
@@ -84,25 +125,27 @@ def compile(model: str | os.PathLike | onnx.ModelProto, target: str | dict | Tar
 
     ``sparse=False`` compiles bscompile's own dense path (same kernels, every block
     present); ``block`` forces one block shape on every weight that has zeros;
-    ``records`` (a path or loaded dict) applies measured choices from ``bscompile tune``.
+    ``records`` (a path or loaded dict) applies measured choices from ``bscompile tune``;
+    ``dump_ir`` (a directory) receives the IR after every pass.
     """
     t0 = time.perf_counter()
     spec = resolve_target(target, cpu)
-    if isinstance(records, (str, os.PathLike)):
-        from bscompile.tune import load_records
-
-        records = load_records(records)
-    im, plan, mod, spec = analyze_model(model, input_shapes, spec, sparse=sparse, block=block, records=records,
-                                        dump_ir=dump_ir, progress=progress)
+    opts = _options(spec, sparse, block, records)
     if progress:
-        progress(f"building for {spec.name} ({len(plan.sites)} weight sites)")
-    executable = build(mod, spec)
+        progress("importing ONNX")
+    im = import_onnx(model, input_shapes)
+    pipeline = relax.get_pipeline("bscompile", family=spec.kernel_family(), target=spec.tvm_target(), **opts)
+    mod = _run(pipeline, im.mod, spec, dump_ir, progress)
+    weights = weight_entries(mod)
+    if progress:
+        progress(f"building for {spec.name} ({len(weights)} weight sites)")
+    executable = tvm.compile(mod, target=spec.tvm_target(), relax_pipeline=None)
     manifest = Manifest(
         bscompile_version=__version__, tvm_version=tvm.__version__, target_name=spec.name,
         target=spec.target, device=spec.device, arch=spec.arch, inputs=im.inputs, outputs=im.outputs,
-        weights=[s.to_json() for s in plan.sites], compile_seconds=round(time.perf_counter() - t0, 3),
+        weights=weights, compile_seconds=round(time.perf_counter() - t0, 3),
         source=str(model) if not isinstance(model, onnx.ModelProto) else "<ModelProto>",
     )
     if progress:
         progress(f"compiled in {manifest.compile_seconds:.1f} s")
-    return Artifact(executable, manifest, spec, plan)
+    return Artifact(executable, manifest, spec)

@@ -8,7 +8,7 @@ def _kb(n: float) -> str:
 
 
 def weight_table(weights: list[dict]) -> str:
-    """Format manifest weight entries (``WeightSite.to_json``) as an aligned table."""
+    """Format manifest weight entries (:func:`bscompile.sites.weight_entries`) as an aligned table."""
     head = ["weight", "shape", "density", "structure", "layout", "KiB dense", "KiB stored", "est. speed-up"]
     rows = []
     for w in weights:

@@ -9,6 +9,10 @@ from dataclasses import dataclass
 import tvm
 from tvm.target import codegen
 
+from bscompile.codegen.cpu import CpuFamily
+from bscompile.codegen.cpu_cost import MACHINES
+from bscompile.codegen.cuda import CudaFamily
+from bscompile.codegen.family import KernelFamily
 from bscompile.errors import BscompileError
 
 
@@ -29,6 +33,22 @@ class TargetSpec:
 
     def tvm_target(self) -> tvm.target.Target:
         return tvm.target.Target(self.target)
+
+    @property
+    def machine(self) -> str:
+        """The machine model's name: the GPU architecture, the board's CPU, or the x86 class."""
+        if self.device == "cuda":
+            return self.target["arch"]
+        if self.arch == "aarch64":
+            cpu = self.target.get("mcpu")
+            return cpu if cpu in MACHINES else "aarch64"
+        return "x86_64-avx512" if self.vector_lanes == 16 else "x86_64"
+
+    def kernel_family(self) -> KernelFamily:
+        """The kernels, schedule space and machine model this target compiles with."""
+        if self.device == "cuda":
+            return CudaFamily.for_arch(self.machine)
+        return CpuFamily(MACHINES[self.machine])
 
 
 def _host_cpu() -> TargetSpec:

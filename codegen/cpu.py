@@ -17,6 +17,7 @@ Two facts about TVM's LLVM backend shape the code:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -25,7 +26,9 @@ import numpy as np
 import tvm
 from tvm.script import tirx as T
 
-from bscompile.codegen.layout import BlockShape, BSRMatrix, padded
+from bscompile.codegen.cpu_cost import KernelShape, MachineModel, estimate_time
+from bscompile.codegen.family import KernelFamily
+from bscompile.codegen.layout import BlockShape, BlockStats, BSRMatrix, padded
 from bscompile.codegen.recurrent_cells import CellSpec, gate_update
 
 
@@ -500,3 +503,50 @@ def _recurrent_kernel(cell: CellSpec, keys: tuple[LayoutKey, ...], seq: int, bat
                 h_out[b, j] = h[b, j]
 
     return recurrence.without_attr("global_symbol")
+
+
+class CpuFamily(KernelFamily):
+    """LLVM CPU targets (x86 AVX2/AVX-512, aarch64 NEON): the block-row kernels above,
+    their schedule variants, and the analytical model of :mod:`codegen.cpu_cost`."""
+
+    name = "cpu"
+
+    def __init__(self, machine: MachineModel):
+        self.machine = machine
+        self.generators = {"linear": self._linear, "recurrent": self._recurrent}
+
+    @staticmethod
+    def _linear(site: dict, mats: list[BSRMatrix], scheds: list[CpuSchedule]) -> tvm.tirx.PrimFunc:
+        return linear_kernel(mats[0], site["m"], scheds[0])
+
+    @staticmethod
+    def _recurrent(site: dict, mats: list[BSRMatrix], scheds: list[CpuSchedule]) -> tvm.tirx.PrimFunc:
+        return recurrent_kernel(CellSpec.from_json(site["cell"]), mats, site["seq"], site["batch"], scheds)
+
+    def default_schedule(self, kind: str, stats: BlockStats, m: int) -> CpuSchedule:
+        return schedule_for(stats.block, stats.nnz_blocks, stats.padded_shape[0] // stats.block.r, m,
+                            self.machine.lanes, kind == "recurrent")
+
+    def schedule_space(self, kind: str, mat: BSRMatrix, m: int) -> list[CpuSchedule]:
+        """The default schedule plus the variants worth trying; recurrent kernels have no
+        batch variant (their mat-vec has no transposed ``x``)."""
+        lanes, recurrent = self.machine.lanes, kind == "recurrent"
+        base = default_schedule(mat, m, lanes, recurrent)
+        out = [base, dataclasses.replace(base, parallel=not base.parallel)]
+        if not recurrent and base.variant == "rows" and m >= lanes and mat.block.c <= 64:
+            out.append(CpuSchedule(1, base.parallel, base.unroll_c, "batch", lanes))
+        if base.variant != "block" and block_vector_ok(mat.block, lanes):
+            out.append(CpuSchedule(1, base.parallel, True, "block"))
+        if base.variant in ("batch", "block"):  # short blocks: the plain rows variant as the fallback
+            out.append(CpuSchedule(max(d for d in range(1, 9) if m % d == 0), base.parallel, base.unroll_c))
+        return out
+
+    def schedule_from_json(self, d: dict) -> CpuSchedule:
+        return CpuSchedule(**d)
+
+    def estimate_time(self, kind: str, stats: BlockStats, m: int, n: int, k: int) -> float:
+        sched = self.default_schedule(kind, stats, m)
+        block = stats.block
+        shape = KernelShape(max(stats.nnz_blocks, 1), block.r, block.c, stats.padded_shape[0] // block.r, m,
+                            sched.m_tile, k, n, sched.variant, sched.m_vec)
+        return estimate_time(shape, self.machine)

@@ -1,6 +1,8 @@
 """TIR kernels for CUDA GPUs: block-sparse (and dense) linear layers and recurrent layers.
 
-Same interface and argument lists as :mod:`codegen.cpu`, so the passes need no change.
+Same calling conventions as :mod:`codegen.cpu` (see :class:`bscompile.sites.SiteKind`);
+:class:`CudaFamily` bundles the kernels with their schedule space and the GPU machine
+model of :mod:`codegen.cuda_cost`.
 
 Linear kernel (``y[M, N] = x[M, K] @ W.T + bias``, W in BSR with blocks stored
 transposed, ``data[nnzb, c, r]``): one **warp per block row**, ``warps`` block rows
@@ -54,7 +56,9 @@ import tvm
 from tvm.script import tirx as T
 
 from bscompile.codegen.cpu import LayoutKey
-from bscompile.codegen.layout import BSRMatrix
+from bscompile.codegen.cuda_cost import GPUS, GpuModel, estimate_time
+from bscompile.codegen.family import KernelFamily
+from bscompile.codegen.layout import BlockShape, BlockStats, BSRMatrix
 from bscompile.codegen.recurrent_cells import CellSpec, gate_update
 
 WARP = 32
@@ -88,13 +92,15 @@ def _m_tile(m: int) -> int:
 
 def default_schedule(mat: BSRMatrix, m: int, lanes: int = 8, recurrent: bool = False) -> CudaSchedule:
     """Schedule from the layout alone (``lanes`` and ``recurrent`` matter on CPUs only)."""
-    r = mat.block.r
-    vec = math.gcd(r, 4)
+    return schedule_for(mat.block, mat.num_block_rows, mat.padded_shape[1], m)
+
+
+def schedule_for(block: BlockShape, num_block_rows: int, k_pad: int, m: int) -> CudaSchedule:
+    """A warp per block row, 128-bit loads where the block height allows, ``x`` staged when it fits."""
+    vec = math.gcd(block.r, 4)
     mt = _m_tile(m)
-    k_pad = mat.padded_shape[1]
     stage = mt * k_pad * 4 <= SHARED_BYTES
-    nbr = mat.num_block_rows
-    warps = 4 if nbr >= 256 else 2 if nbr >= 64 else 1
+    warps = 4 if num_block_rows >= 256 else 2 if num_block_rows >= 64 else 1
     return CudaSchedule(warps=warps, m_tile=mt, vec=vec, stage_x=stage)
 
 
@@ -512,3 +518,48 @@ def _recurrent_kernel(cell: CellSpec, keys: tuple[LayoutKey, ...], seq: int, bat
                                         t, par)
 
     return recurrence_cuda.without_attr("global_symbol")
+
+
+class CudaFamily(KernelFamily):
+    """NVIDIA GPUs: the warp-per-block-row kernels above and the roofline of :mod:`codegen.cuda_cost`."""
+
+    name = "cuda"
+
+    def __init__(self, gpu: GpuModel):
+        self.gpu = gpu
+        self.generators = {"linear": self._linear, "recurrent": self._recurrent}
+
+    @classmethod
+    def for_arch(cls, arch: str) -> "CudaFamily":
+        return cls(GPUS[arch])
+
+    @staticmethod
+    def _linear(site: dict, mats: list[BSRMatrix], scheds: list[CudaSchedule]) -> tvm.tirx.PrimFunc:
+        return linear_kernel(mats[0], site["m"], scheds[0])
+
+    @staticmethod
+    def _recurrent(site: dict, mats: list[BSRMatrix], scheds: list[CudaSchedule]) -> tvm.tirx.PrimFunc:
+        return recurrent_kernel(CellSpec.from_json(site["cell"]), mats, site["seq"], site["batch"], scheds)
+
+    def default_schedule(self, kind: str, stats: BlockStats, m: int) -> CudaSchedule:
+        return schedule_for(stats.block, stats.padded_shape[0] // stats.block.r, stats.padded_shape[1], m)
+
+    def schedule_space(self, kind: str, mat: BSRMatrix, m: int) -> list[CudaSchedule]:
+        base = default_schedule(mat, m)
+        out = [base]
+        for warps in (1, 2, 4, 8):
+            if warps != base.warps:
+                out.append(CudaSchedule(warps, base.m_tile, base.vec, base.stage_x))
+        if base.stage_x:
+            out.append(CudaSchedule(base.warps, base.m_tile, base.vec, False))
+        return out
+
+    def schedule_from_json(self, d: dict) -> CudaSchedule:
+        return CudaSchedule.from_json(d)
+
+    def estimate_time(self, kind: str, stats: BlockStats, m: int, n: int, k: int) -> float:
+        """Per call; a recurrent site per time step (weights L2-resident across steps)."""
+        block = stats.block
+        return estimate_time(self.gpu, nnz_blocks=stats.nnz_blocks, r=block.r, c=block.c,
+                             num_block_rows=stats.padded_shape[0] // block.r, m=m, m_tile=_m_tile(m), n=n, k=k,
+                             recurrent_steps=1 if kind == "recurrent" else 0)

@@ -1,43 +1,56 @@
-"""Kernel families: the generators a target uses for weight sites.
+"""Kernel families: what one kind of target brings to the compiler.
 
-A family turns a layout (:class:`BSRMatrix`) and a schedule into TIR for the two
-site kinds. The passes only talk to this interface, so a new target brings its
-own family and nothing else in the pipeline changes.
+A family owns, for its target:
+- the kernel generators, one per weight-site kind (``generators``): site attributes,
+  the packed matrices and their schedules -> a ``PrimFunc`` following the kind's
+  calling convention (:class:`bscompile.sites.SiteKind`);
+- its schedule space (:meth:`default_schedule`, :meth:`schedule_space`), and
+- its machine model (:meth:`estimate_time`), which ``ChooseLayout`` ranks layouts with.
+
+Passes and the tuner talk to this interface only; ``TargetSpec.kernel_family()``
+picks the family (:mod:`codegen.cpu`, :mod:`codegen.cuda`). Adding a site kind means
+adding one generator to each family's table.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from abc import ABC, abstractmethod
 from typing import Any, Callable
 
 import tvm
 
-from bscompile.codegen import cpu, cuda
-from bscompile.codegen.layout import BSRMatrix
-from bscompile.codegen.recurrent_cells import CellSpec
+from bscompile.codegen.layout import BlockStats, BSRMatrix
+
+#: (site attributes, matrices, schedules) -> kernel
+Generator = Callable[[dict, list[BSRMatrix], list[Any]], tvm.tirx.PrimFunc]
 
 
-@dataclass(frozen=True)
-class KernelFamily:
+class KernelFamily(ABC):
+    """The kernels, schedules and machine model of one target."""
+
     name: str
-    #: (matrix, m, schedule) -> PrimFunc computing y[m, N] = x[m, K] @ W.T + bias
-    linear: Callable[[BSRMatrix, int, Any], tvm.tirx.PrimFunc]
-    #: (cell, matrices, seq, batch, schedules) -> PrimFunc of one recurrent direction
-    recurrent: Callable[[CellSpec, list[BSRMatrix], int, int, list[Any]], tvm.tirx.PrimFunc]
-    #: (matrix, m, vector_lanes, recurrent=False) -> schedule
-    default_schedule: Callable[[BSRMatrix, int, int], Any]
-    #: schedule JSON (as recorded in manifests and tuning records) -> schedule
-    schedule_from_json: Callable[[dict], Any]
+    generators: dict[str, Generator]
 
+    def kernel(self, kind: str, site: dict, mats: list[BSRMatrix], schedules: list[Any]) -> tvm.tirx.PrimFunc:
+        """The kernel of one site: ``mats`` in the chosen layout, one schedule per matrix."""
+        try:
+            gen = self.generators[kind]
+        except KeyError:
+            raise NotImplementedError(f"the {self.name} kernel family has no generator for {kind!r} sites") from None
+        return gen(site, mats, schedules)
 
-CPU = KernelFamily("cpu", cpu.linear_kernel, cpu.recurrent_kernel, cpu.default_schedule,
-                   lambda d: cpu.CpuSchedule(**d))
+    @abstractmethod
+    def default_schedule(self, kind: str, stats: BlockStats, m: int) -> Any:
+        """The schedule the family uses without tuning, from the layout's block statistics alone."""
 
-CUDA = KernelFamily("cuda", cuda.linear_kernel, cuda.recurrent_kernel, cuda.default_schedule,
-                    cuda.CudaSchedule.from_json)
+    @abstractmethod
+    def schedule_space(self, kind: str, mat: BSRMatrix, m: int) -> list[Any]:
+        """Schedules worth measuring for one matrix (the default first)."""
 
-FAMILIES: dict[str, KernelFamily] = {"cpu": CPU, "cuda": CUDA}
+    @abstractmethod
+    def schedule_from_json(self, d: dict) -> Any:
+        """A schedule as recorded in IR attributes, manifests and tuning records."""
 
-
-def family_for(device: str) -> KernelFamily:
-    return FAMILIES[device]
+    @abstractmethod
+    def estimate_time(self, kind: str, stats: BlockStats, m: int, n: int, k: int) -> float:
+        """Seconds one call of the kernel is expected to take on the family's machine model."""

@@ -38,7 +38,9 @@ class BlockShape:
 
     @classmethod
     def parse(cls, text: str) -> "BlockShape":
-        r, c = (int(v) for v in text.lower().split("x"))
+        r, c = (int(v) for v in text.lower().split("x"))  # ValueError unless "RxC"
+        if r < 1 or c < 1:
+            raise ValueError(f"block shape {text!r} has an empty side")
         return cls(r, c)
 
 
@@ -172,6 +174,12 @@ class BSRMatrix:
             np.zeros(nbr, np.int32),
             np.arange(nbr + 1, dtype=np.int32),
         )
+
+    @property
+    def stats(self) -> BlockStats:
+        """This layout's block statistics, as the cost models and schedules read them."""
+        nbr, nbc = self.num_block_rows, self.padded_shape[1] // self.block.c
+        return BlockStats(self.block, self.nnz_blocks, nbr * nbc, self.padded_shape)
 
     def to_dense(self) -> np.ndarray:
         r, c = self.block.r, self.block.c

@@ -1,13 +1,16 @@
-"""AnalyzeSparsity: collect every weight site and measure its sparsity structure.
+"""AnalyzeSparsity: measure the sparsity structure of every weight site's constant weight.
 
 Contract
-- Input: a module whose weight uses are site calls (after ``OutlineLinearSites``).
-- Output: the same program; each analysed site call gets a callee of its own whose
-  site attribute carries ``site_index``, its index in ``plan.sites``. ``plan.sites`` gets one :class:`WeightSite` per site
-  call whose matrix arguments are constants, in program order, each with a
-  :class:`SparsityReport`: overall density, and for every candidate block shape
-  r x c (r, c in 1..32) the fraction of all-zero blocks and the zero padding the
-  shape needs when it does not divide the matrix.
+- Input: a module with site functions (``bscompile.site``, :mod:`bscompile.sites`).
+- Output: the same program; every site function whose weight operands
+  (:meth:`SiteKind.matrices`) are constants at its call gets a ``bscompile.sparsity``
+  attribute: ``density``; ``structure`` ("dense", "all-zero", "block RxC",
+  "unstructured"); ``detected``, the pruning block ("RxC") or None; and ``blocks``,
+  for every candidate block shape r x c (r, c in 1..32), ``[occupied blocks, total
+  blocks, padded N, padded K]``. A site with several matrices (a GRU's two recurrent
+  products) is measured as one weight, its matrices stacked along N.
+- Left alone: sites whose weights are computed at run time, and sites already
+  analysed (the pass is idempotent).
 
 Block-structure detection: the structure a pruner produced is the largest block
 shape whose occupied blocks are (almost) entirely non-zero, i.e. the non-zeros fill
@@ -18,37 +21,43 @@ an unstructured one fills nothing larger than 1x1.
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import tvm
-from tvm import relax
 
-from bscompile.codegen.layout import BlockShape, all_block_stats
-from bscompile.frontend.onnx import fingerprint
-from bscompile.passes.sites import rewrite_relax_functions, SITE_ATTR, CompilePlan, SparsityReport, WeightSite, decode_matrix, site_attr, site_matrices
+from bscompile.codegen.layout import BlockShape, BlockStats, all_block_stats
+from bscompile.sites import SITE, SPARSITY, attr, const_array, site_calls, site_kind
 
 FILL = 0.95
 
 
-def analyze(w: np.ndarray) -> SparsityReport:
+def analyze(w: np.ndarray) -> dict:
+    """The ``bscompile.sparsity`` attribute of weight ``w[N, K]``."""
     nnz = int(np.count_nonzero(w))
     density = nnz / max(w.size, 1)
     stats = all_block_stats(w)
+    blocks = {str(s.block): [s.nnz_blocks, s.total_blocks, *s.padded_shape] for s in stats}
+    detected = None
     if nnz == 0:
-        return SparsityReport(w.shape, 0.0, stats, "all-zero", None)
-    if density >= 0.99:
-        return SparsityReport(w.shape, density, stats, "dense", None)
-    # Fill is measured on the matrix, not its padding, so edge blocks of a shape that
-    # does not divide the matrix do not count against it.
-    filled = [s for s in stats if nnz / _stored_unpadded(s, w.shape) >= FILL]
-    best = max(filled, key=lambda s: (s.block.r * s.block.c, s.block.r), default=None)
-    if best is None or best.block == BlockShape(1, 1):
-        return SparsityReport(w.shape, density, stats, "unstructured", BlockShape(1, 1))
-    return SparsityReport(w.shape, density, stats, f"block {best.block}", best.block)
+        structure = "all-zero"
+    elif density >= 0.99:
+        structure = "dense"
+    else:
+        # Fill is measured on the matrix, not its padding, so edge blocks of a shape that
+        # does not divide the matrix do not count against it.
+        filled = [s for s in stats if nnz / _stored_unpadded(s, w.shape) >= FILL]
+        best = max(filled, key=lambda s: (s.block.r * s.block.c, s.block.r), default=None)
+        detected = BlockShape(1, 1) if best is None else best.block
+        structure = "unstructured" if detected == BlockShape(1, 1) else f"block {detected}"
+        detected = str(detected)
+    return {"density": density, "structure": structure, "detected": detected, "blocks": blocks}
 
 
-def _stored_unpadded(s, shape) -> float:
+def block_stats_of(sparsity: dict) -> list[BlockStats]:
+    """The per-shape statistics of a ``bscompile.sparsity`` attribute."""
+    return [BlockStats(BlockShape.parse(b), v[0], v[1], (v[2], v[3])) for b, v in sparsity["blocks"].items()]
+
+
+def _stored_unpadded(s: BlockStats, shape) -> float:
     """Values the occupied blocks cover inside the matrix (edge blocks clipped)."""
     r, c = s.block.r, s.block.c
     n, k = shape
@@ -56,48 +65,23 @@ def _stored_unpadded(s, shape) -> float:
     return max(s.nnz_blocks * r * c * full_frac, 1.0)
 
 
-@relax.expr_functor.mutator
-class _Collector(relax.PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, plan: CompilePlan):
-        super().__init__(mod)
-        self.mod, self.plan = mod, plan
-
-    def visit_call_(self, call: relax.Call) -> relax.Expr:
-        call = super().visit_call_(call)
-        attrs = site_attr(self.mod, call)
-        if attrs is None:
-            return call
-        site = self._collect(call, attrs)
-        if site is None:
-            return call
-        attrs["site_index"] = site.index
-        func = self.mod[call.args[0]].with_attr(SITE_ATTR, json.dumps(attrs))
-        gv = self.builder_.add_func(func, f"{call.args[0].name_hint}_{site.index}")
-        return relax.Call(call.op, [gv, *call.args[1:]], call.attrs, call.ty_args)
-
-    def _collect(self, call: relax.Call, attrs: dict) -> WeightSite | None:
-        args = list(call.args[1].fields)
-        parts = []
-        for pos, shape, _ in site_matrices(attrs):
-            w = decode_matrix(args, pos, shape)
-            if w is None:
-                return None  # weight computed at run time: stays as imported
-            parts.append(w)
-        w = np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
-        name = self.plan.weight_names.get(fingerprint(w)) or attrs.get("weight") or f"weight_{len(self.plan.sites)}"
-        m = attrs["m"] if attrs["kind"] == "linear" else attrs["batch"]
-        site = WeightSite(len(self.plan.sites), attrs["kind"], name, w, m, attrs)
-        site.report = analyze(w)
-        self.plan.sites.append(site)
-        return site
+def site_weight(site: dict, operands) -> np.ndarray | None:
+    """The site's weight (its matrices stacked along N), or None if any is computed at run time."""
+    parts = [const_array(operands[mat.weight]) for mat in site_kind(site["kind"]).matrices(site)]
+    if any(p is None for p in parts):
+        return None
+    return np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
 
 
 @tvm.transform.module_pass(opt_level=0, name="AnalyzeSparsity")
 class AnalyzeSparsity:
-    def __init__(self, plan: CompilePlan):
-        self.plan = plan
-
     def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        self.plan.sites.clear()
-        collector = _Collector(mod, self.plan)
-        return relax.transform.DeadCodeElimination()(rewrite_relax_functions(collector, mod))
+        mod = mod.clone()
+        for call in site_calls(mod):
+            func = mod[call.gv]
+            if SPARSITY in (func.attrs or {}) or not isinstance(func, tvm.relax.Function):
+                continue
+            w = site_weight(attr(func, SITE), call.operands)
+            if w is not None:
+                mod[call.gv] = func.with_attr(SPARSITY, analyze(w))
+        return mod

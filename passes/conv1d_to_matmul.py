@@ -18,7 +18,8 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from bscompile.passes.sites import rewrite_relax_functions, const_array
+from bscompile.passes.rewrite import rewrite_relax_functions
+from bscompile.sites import const_array
 
 _CONV1D = tvm.ir.Op.get("relax.nn.conv1d")
 

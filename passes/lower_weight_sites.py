@@ -1,28 +1,39 @@
-"""LowerWeightSites: replace every analysed site by the kernel generated for its layout.
+"""LowerWeightSites: replace every decided site by the kernel the target's family generates for it.
 
 Contract
-- Input: sites tagged with ``site_index`` (``AnalyzeSparsity``) and decided
-  (``ChooseLayout``).
-- Output: each site call invokes a freshly generated kernel for its decision --
-  the target's kernel family (``plan.kernels``, :mod:`codegen.family`) on the
-  chosen BSR / dense layout -- with the layout's data, indices and row pointers as
-  constants and the bias re-padded to the layout's row count. The decision's
-  ``schedule`` and the site's ``stored_bytes`` are recorded in the plan.
-  Numerics are unchanged up to float reassociation.
+- Input: calls of site functions with a ``bscompile.layout`` attribute (``ChooseLayout``).
+- Output: each such call becomes ``call_tir`` of a kernel from the family passed to the
+  pass (:meth:`KernelFamily.kernel`), with the kind's calling convention
+  (:meth:`SiteKind.kernel_args`): each weight matrix packed into the chosen layout --
+  ``BSRMatrix`` data, indices and row pointers as constants, or, for a weight computed
+  at run time (always dense), Relax ops that pack it into the dense layout -- and its
+  bias re-padded to the layout's rows. The kernel keeps the site's attributes, its
+  layout attribute completed with the schedules used (``schedules``) and
+  ``stored_bytes``. Site functions no longer called are removed. Numerics are
+  unchanged up to float reassociation.
+- Left alone: calls of undecided site functions; everything already lowered
+  (the pass is idempotent).
 """
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import tvm
 from tvm import relax
 
-from bscompile.codegen.layout import BSRMatrix
-from bscompile.codegen.recurrent_cells import CellSpec
-from bscompile.passes.choose_layout import build_matrix
-from bscompile.passes.sites import rewrite_relax_functions, SITE_ATTR, CompilePlan, WeightSite, const_array, site_attr, site_matrices
+from bscompile.codegen.family import KernelFamily
+from bscompile.codegen.layout import DENSE_ROWS, BlockShape, BSRMatrix, padded
+from bscompile.passes.rewrite import rewrite_relax_functions
+from bscompile.sites import LAYOUT, SITE, SPARSITY, attr, const_array, site_kind
+
+
+def pack_dense_rows(bb: relax.BlockBuilder, w: relax.Expr, rows: int, cols: int) -> relax.Expr:
+    """``BSRMatrix.dense(w, DENSE_ROWS).data`` of a run-time ``w[rows, cols]``, as Relax ops."""
+    n_pad = padded(rows, DENSE_ROWS)
+    if n_pad != rows:
+        w = bb.emit(relax.op.nn.pad(w, [0, n_pad - rows, 0, 0]))
+    w = bb.emit(relax.op.reshape(w, [n_pad // DENSE_ROWS, DENSE_ROWS, cols]))
+    return bb.emit(relax.op.permute_dims(w, [0, 2, 1]))
 
 
 def _repad_bias(bb: relax.BlockBuilder, bias: relax.Expr, n: int, n_pad: int) -> relax.Expr:
@@ -31,55 +42,68 @@ def _repad_bias(bb: relax.BlockBuilder, bias: relax.Expr, n: int, n_pad: int) ->
         out = np.zeros(n_pad, np.float32)
         out[:n] = arr[:n]
         return relax.const(out)
-    b = bb.emit(relax.op.strided_slice(bias, [0], [0], [n]))
-    return b if n_pad == n else bb.emit(relax.op.nn.pad(b, [0, n_pad - n]))
+    return bias if n_pad == n else bb.emit(relax.op.nn.pad(bias, [0, n_pad - n]))
 
 
-def _schedule(site: WeightSite, mat: BSRMatrix, plan: CompilePlan):
-    tuned = site.decision.schedule
-    if tuned:
-        return plan.kernels.schedule_from_json(tuned)
-    return plan.kernels.default_schedule(mat, site.m, plan.vector_lanes, recurrent=site.kind != "linear")
+def _pack(bb: relax.BlockBuilder, w_expr: relax.Expr, layout: dict) -> tuple[BSRMatrix, list[relax.Expr]]:
+    """The matrix in ``layout`` (a skeleton for a run-time weight) and its ``[data, indices, indptr]``."""
+    w = const_array(w_expr)
+    if w is None:  # computed at run time: dense rows, packed by the program itself
+        rows, cols = (int(v) for v in w_expr.ty.shape.values)
+        mat = BSRMatrix.dense(np.zeros((rows, cols), np.float32), DENSE_ROWS)
+        data = pack_dense_rows(bb, w_expr, rows, cols)
+    else:
+        dense = layout["layout"] == "dense"
+        mat = BSRMatrix.dense(w, DENSE_ROWS) if dense else BSRMatrix.from_dense(w, BlockShape.parse(layout["block"]))
+        data = relax.const(mat.data)
+    return mat, [data, relax.const(mat.indices), relax.const(mat.indptr)]
 
 
 @relax.expr_functor.mutator
 class _Lowerer(relax.PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, plan: CompilePlan):
+    def __init__(self, mod: tvm.IRModule, family: KernelFamily):
         super().__init__(mod)
-        self.mod, self.plan = mod, plan
+        self.mod, self.family = mod, family
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
-        attrs = site_attr(self.mod, call)
-        if attrs is None or "site_index" not in attrs:
+        if not isinstance(call.op, tvm.ir.GlobalVar) or call.op not in self.mod.functions:
             return call
-        site = self.plan.sites[attrs["site_index"]]
-        args = list(call.args[1].fields)
-        mats, scheds = [], []
-        for pos, (rows, _), row0 in site_matrices(attrs):
-            mat = build_matrix(site.weight[row0:row0 + rows], site.decision)
-            sched = _schedule(site, mat, self.plan)
-            args[pos:pos + 4] = [relax.const(mat.data), relax.const(mat.indices), relax.const(mat.indptr),
-                                 _repad_bias(self.builder_, args[pos + 3], rows, mat.padded_shape[0])]
+        func = self.mod[call.op]
+        site, layout = attr(func, SITE), attr(func, LAYOUT)
+        if site is None or layout is None or not isinstance(func, relax.Function):
+            return call
+        return self._lower(site, layout, func, list(call.args))
+
+    def _lower(self, site: dict, layout: dict, func: relax.Function, operands: list[relax.Expr]) -> relax.Expr:
+        bb, kind = self.builder_, site_kind(site["kind"])
+        mats, packed = [], []
+        for m in kind.matrices(site):
+            mat, arrays = _pack(bb, operands[m.weight], layout)
+            bias = _repad_bias(bb, operands[m.bias], mat.shape[0], mat.padded_shape[0])
             mats.append(mat)
-            scheds.append(sched)
-        if site.kind == "linear":
-            func = self.plan.kernels.linear(mats[0], site.m, scheds[0])
+            packed.append((*arrays, bias))
+        tuned = layout.get("schedules") or []
+        if tuned:
+            scheds = [self.family.schedule_from_json(tuned[min(i, len(tuned) - 1)]) for i in range(len(mats))]
         else:
-            func = self.plan.kernels.recurrent(CellSpec.from_json(attrs["cell"]), mats, attrs["seq"], attrs["batch"], scheds)
-        site.decision.schedule = scheds[0].to_json()
-        site.attrs["stored_bytes"] = sum(m.nbytes for m in mats)
-        attrs["layout"] = site.decision.to_json()
-        func = func.with_attr(SITE_ATTR, json.dumps(attrs))
-        gv = self.builder_.add_func(func, f"{site.kind}_{site.decision.layout}_{site.index}")
-        return relax.Call(call.op, [gv, relax.Tuple(args)], call.attrs, call.ty_args)
+            scheds = [self.family.default_schedule(site["kind"], mat.stats, site["m"]) for mat in mats]
+        kernel = self.family.kernel(site["kind"], site, mats, scheds)
+        done = {**layout, "schedules": [s.to_json() for s in scheds], "stored_bytes": sum(m.nbytes for m in mats)}
+        kernel = kernel.with_attr(SITE, site).with_attr(LAYOUT, done)
+        if func.attrs is not None and SPARSITY in func.attrs:
+            kernel = kernel.with_attr(SPARSITY, func.attrs[SPARSITY])
+        gv = bb.add_func(kernel, f"{site['kind']}_{layout['layout']}")
+        ret = func.ret_ty
+        out = list(ret.fields) if isinstance(ret, relax.TupleType) else ret
+        return relax.call_tir(gv, relax.Tuple(kind.kernel_args(operands, packed)), out)
 
 
 @tvm.transform.module_pass(opt_level=0, name="LowerWeightSites")
 class LowerWeightSites:
-    def __init__(self, plan: CompilePlan):
-        self.plan = plan
+    def __init__(self, family: KernelFamily):
+        self.family = family
 
     def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        lowerer = _Lowerer(mod, self.plan)
-        return relax.transform.DeadCodeElimination()(rewrite_relax_functions(lowerer, mod))
+        lowered = rewrite_relax_functions(_Lowerer(mod, self.family), mod)
+        return relax.transform.DeadCodeElimination()(lowered)

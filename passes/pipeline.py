@@ -1,58 +1,69 @@
-"""The bscompile pass pipeline: phases of module passes, with optional IR dumps.
+"""The ``bscompile`` pipeline: bscompile's passes, then TVM's lowering for the target.
 
-Phases (each a ``tvm.transform.Sequential``):
+Registered with ``relax.register_pipeline("bscompile")``, so it is one named
+``tvm.transform.Pass`` like TVM's own pipelines::
 
-1. ``simplify``  fold constant weight transforms (transposes, reshapes, packing) so
-   weights are plain constants; drop dead code.
-2. ``sites``     ``Conv1dToMatmul`` (im2col), then ``OutlineLinearSites``: constant-weight
-   matmuls become weight sites (recurrent sites come from the frontend).
-3. ``analyze``   ``AnalyzeSparsity`` then ``ChooseLayout``: measure each weight,
-   pick dense or BSR r x c by the cost model.
-4. ``lower``     ``LowerWeightSites``: generate the kernels, embed BSR constants.
-5. ``finalize``  fold what lowering left foldable.
+    FoldConstant, DeadCodeElimination   weights become plain constants
+    Conv1dToMatmul                      a convolution by a constant kernel -> im2col + matmul
+    OutlineLinearSites                  products by constant weights -> linear sites
+                                        (recurrent sites come from the frontend)
+    AnalyzeSparsity                     bscompile.sparsity on every constant-weight site
+    ChooseLayout(family, ...)           bscompile.layout on every site
+    LowerWeightSites(family)            sites -> the family's kernels, packed constants
+    FoldConstant, DeadCodeElimination   what lowering left foldable
+    TVM's lowering for the target       (CPU: relax "default"; CUDA: the CUDA pipeline
+                                        with dlight for the remaining ops)
 
-TVM's own build pipeline (legalisation, fusion of the remaining elementwise ops,
-VM code generation) runs after this in :func:`bscompile.driver.compile`.
+Every pass reads and writes the IR only. IR dumps are a pass instrument
+(``tvm.ir.instrument.DumpIR`` in a ``PassContext``), so they show the IR after every
+pass, TVM's included.
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
+from typing import Mapping
 
 import tvm
 from tvm import relax
 
+from bscompile.codegen.family import KernelFamily
+from bscompile.codegen.layout import BlockShape
 from bscompile.passes.analyze_sparsity import AnalyzeSparsity
 from bscompile.passes.choose_layout import ChooseLayout
 from bscompile.passes.conv1d_to_matmul import Conv1dToMatmul
 from bscompile.passes.lower_weight_sites import LowerWeightSites
 from bscompile.passes.outline_linear_sites import OutlineLinearSites
-from bscompile.passes.sites import CompilePlan
+from bscompile.records import TuningRecord
 
 
-def phases(plan: CompilePlan) -> list[tuple[str, list[tvm.transform.Pass]]]:
-    simplify = [relax.transform.FoldConstant(), relax.transform.DeadCodeElimination()]
+def bscompile_passes(family: KernelFamily, *, sparse: bool = True, force_block: BlockShape | None = None,
+                     records: Mapping[str, TuningRecord] | None = None) -> list[tvm.transform.Pass]:
+    """bscompile's own passes, in order (without TVM's lowering)."""
     return [
-        ("simplify", simplify),
-        ("sites", [Conv1dToMatmul(), OutlineLinearSites()]),
-        ("analyze", [AnalyzeSparsity(plan), ChooseLayout(plan)]),
-        ("lower", [LowerWeightSites(plan)]),
-        ("finalize", simplify),
+        relax.transform.FoldConstant(),
+        relax.transform.DeadCodeElimination(),
+        Conv1dToMatmul(),
+        OutlineLinearSites(),
+        AnalyzeSparsity(),
+        ChooseLayout(family, sparse=sparse, force_block=force_block, records=records),
+        LowerWeightSites(family),
+        relax.transform.FoldConstant(),
+        relax.transform.DeadCodeElimination(),
     ]
 
 
-def run_pipeline(mod: tvm.IRModule, plan: CompilePlan, dump_dir: str | os.PathLike | None = None,
-                 progress=None) -> tvm.IRModule:
-    """Apply every phase; with ``dump_dir``, write the IR before and after each phase."""
-    if dump_dir is not None:
-        dump_dir = Path(dump_dir)
-        dump_dir.mkdir(parents=True, exist_ok=True)
-        (dump_dir / "00_import.py").write_text(mod.script(show_meta=False))
-    for i, (name, passes) in enumerate(phases(plan), start=1):
-        if progress:
-            progress(f"phase {name}")
-        mod = tvm.transform.Sequential(passes, name=name)(mod)
-        if dump_dir is not None:
-            (dump_dir / f"{i:02d}_{name}.py").write_text(mod.script(show_meta=False))
-    return mod
+def tvm_lowering(target: tvm.target.Target) -> tvm.transform.Pass:
+    """TVM's Relax lowering for ``target``, as ``tvm.compile`` would pick it."""
+    if "gpu" in target.keys:
+        return relax.get_default_pipeline(target)
+    return relax.get_pipeline("default")
+
+
+@relax.register_pipeline("bscompile")
+def bscompile_pipeline(family: KernelFamily, target: tvm.target.Target, **options) -> tvm.transform.Pass:
+    """bscompile's passes then TVM's lowering: the whole Relax pipeline of ``bscompile.compile``.
+
+    ``options``: ``sparse``, ``force_block``, ``records`` (see :class:`ChooseLayout`).
+    Run it inside ``with target:`` (TVM's lowering reads the current target).
+    """
+    return tvm.transform.Sequential([*bscompile_passes(family, **options), tvm_lowering(target)], name="bscompile")

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bscompile.errors import ArtifactError
-from bscompile.frontend.onnx import TensorSpec
+from bscompile.sites import TensorSpec
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

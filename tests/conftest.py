@@ -8,11 +8,39 @@ sys.path.insert(0, os.path.dirname(__file__))  # tests/onnx_models.py
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import tvm  # noqa: E402
+from tvm import relax  # noqa: E402
 
 
 @pytest.fixture
 def rng(request):
-    """Fresh random inputs per test (seed printed on failure via the test id + time)."""
-    seed = np.random.SeedSequence().entropy % (2**32)
+    """Fresh random inputs per test; the seed is printed when the test fails."""
+    seed = int(np.random.SeedSequence().entropy % (2**32))
     request.node.user_properties.append(("seed", seed))
     return np.random.default_rng(seed)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    seeds = [v for k, v in item.user_properties if k == "seed"]
+    if rep.failed and seeds:
+        rep.sections.append(("random seed", f"rng seed {seeds[0]} (np.random.default_rng({seeds[0]}))"))
+
+
+@tvm.ir.instrument.pass_instrument
+class _WellFormedAfterBscompilePasses:
+    """relax.analysis.well_formed after every bscompile pass (TVM's own passes check themselves)."""
+
+    NAMES = {"Conv1dToMatmul", "OutlineLinearSites", "AnalyzeSparsity", "ChooseLayout", "LowerWeightSites"}
+
+    def run_after_pass(self, mod, info):
+        if info.name in self.NAMES:
+            relax.analysis.well_formed(mod)
+
+
+@pytest.fixture(autouse=True)
+def _check_ir_after_each_pass():
+    with tvm.transform.PassContext(instruments=[_WellFormedAfterBscompilePasses()]):
+        yield

@@ -175,7 +175,7 @@ def test_bundle_runner_checks_inputs(rng, tmp_path, emulator_env):
 def _fake_artifact(path: Path, arch: str, device: str) -> Path:
     import tvm
 
-    from bscompile.frontend.onnx import TensorSpec
+    from bscompile.sites import TensorSpec
     from bscompile.runtime.artifact import Manifest, write_artifact
 
     lib = path.with_suffix(".so")

@@ -185,9 +185,15 @@ def test_failed_export_leaves_previous_artifact(model_dir, tmp_path, monkeypatch
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.bsc"]
 
 
-def test_dump_ir_writes_every_phase(model_dir, tmp_path):
+def test_dump_ir_writes_every_pass(model_dir, tmp_path):
     bscompile.compile(model_dir / "mlp.onnx", dump_ir=tmp_path / "ir")
-    names = sorted(p.name for p in (tmp_path / "ir").iterdir())
-    assert names == ["00_import.py", "01_simplify.py", "02_sites.py", "03_analyze.py", "04_lower.py",
-                     "05_finalize.py"]
-    assert "bscompile.site" in (tmp_path / "ir" / "04_lower.py").read_text()
+    files = sorted(p.name for p in (tmp_path / "ir").iterdir())
+    passes = [f[4:-3] for f in files]
+    assert passes[0] == "import"
+    ours = ["Conv1dToMatmul", "OutlineLinearSites", "AnalyzeSparsity", "ChooseLayout", "LowerWeightSites"]
+    assert [p for p in passes if p in ours] == ours  # each once, in pipeline order
+    assert passes.index("LowerWeightSites") < passes.index("LegalizeOps")  # TVM's lowering is dumped too
+    outlined = (tmp_path / "ir" / files[passes.index("OutlineLinearSites")]).read_text()
+    assert '"kind": "linear"' in outlined and "bscompile.layout" not in outlined
+    chosen = (tmp_path / "ir" / files[passes.index("ChooseLayout")]).read_text()
+    assert "bscompile.sparsity" in chosen and "bscompile.layout" in chosen

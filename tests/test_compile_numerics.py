@@ -7,6 +7,7 @@ from onnx_models import mlp, ort_run, recurrent
 import bscompile
 from bscompile.codegen.layout import BlockShape
 from bscompile.driver import analyze_model
+from bscompile.sites import weight_entries
 
 RTOL, ATOL = 1e-4, 1e-5
 # Per layer: the pruning used to make it. 1000x777 etc. are not divisible by the blocks.
@@ -85,25 +86,25 @@ def test_forced_block_shape(rng):
     assert all(w["decision"]["block"] == "2x4" for w in art.manifest.weights)
 
 
-@pytest.mark.parametrize("kind,expected", [
-    ("4x4", "4x4"), ("8x8", "8x8"), ("16x32", "16x32"), ("1x8", "1x8"), ("8x1", "8x1"),
-    ("unstructured", "1x1"), ("dense", None), ("zero", None),
+@pytest.mark.parametrize("kind,detected,structure", [
+    ("4x4", "4x4", "block 4x4"), ("8x8", "8x8", "block 8x8"), ("16x32", "16x32", "block 16x32"),
+    ("1x8", "1x8", "block 1x8"), ("8x1", "8x1", "block 8x1"), ("unstructured", "1x1", "unstructured"),
+    ("dense", None, "dense"), ("zero", None, "all-zero"),
 ])
-def test_inspect_detects_pruning_block(rng, kind, expected):
+def test_inspect_detects_pruning_block(rng, kind, detected, structure):
     model, _ = mlp([1000, 777], 1, [kind], rng)
-    _, plan, _, _ = analyze_model(model)
-    (site,) = plan.sites
-    rep = site.report
-    assert rep.detected == (BlockShape.parse(expected) if expected else None)
-    assert rep.structure == {"dense": "dense", "zero": "all-zero"}.get(kind, rep.structure)
-    zero_frac = {str(b.block): 1 - b.block_density for b in rep.blocks}
-    if expected and expected != "1x1":
-        assert zero_frac[expected] > 0.85  # ~90% of the pruning blocks are empty
+    _, mod, _ = analyze_model(model)
+    (site,) = weight_entries(mod)
+    rep = site["sparsity"]
+    assert rep["detected_block"] == detected
+    assert rep["structure"] == structure
+    if detected and detected != "1x1":
+        assert rep["zero_blocks"][detected] > 0.85  # ~90% of the pruning blocks are empty
 
 
 def test_recurrent_detection_names_weights(rng):
     model = recurrent("GRU", 16, 64, 4, 2, 1, True, "8x8", rng)
-    _, plan, _, _ = analyze_model(model)
-    names = sorted(s.name for s in plan.sites)
-    assert names == ["l0.R[0]", "l0.R[1]", "l0.W[0]", "l0.W[1]"]
-    assert all(s.report.detected == BlockShape(8, 8) for s in plan.sites)
+    _, mod, _ = analyze_model(model)
+    sites = weight_entries(mod)
+    assert sorted(s["name"] for s in sites) == ["l0.R[0]", "l0.R[1]", "l0.W[0]", "l0.W[1]"]
+    assert all(s["sparsity"]["detected_block"] == "8x8" for s in sites)

@@ -4,12 +4,15 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from onnx_models import mlp, ort_run, sparsify
+from onnx_models import mlp, ort_run, recurrent, sparsify
 
 import bscompile
 from bscompile.codegen.layout import CANDIDATE_EDGES, BlockShape, BSRMatrix, all_block_stats, block_stats
 from bscompile.driver import analyze_model
-from bscompile.tune import load_records, save_records, tune_model
+from bscompile.records import record_key, save_records
+from bscompile.sites import weight_entries
+from bscompile.target import resolve_target
+from bscompile.tune import tune_model
 
 
 @pytest.mark.parametrize("shape,block", [((100, 77), (4, 8)), ((64, 64), (16, 1)), ((33, 1000), (12, 2)),
@@ -43,24 +46,60 @@ def test_conv1d_runs_as_linear_site(rng):
 
 def test_cost_model_keeps_dense_weights_dense_and_sparse_sparse(rng):
     model, _ = mlp([512, 512, 512], 4, ["dense", "8x8"], rng)
-    _, plan, _, _ = analyze_model(model)
-    dense_site, sparse_site = plan.sites
-    assert dense_site.decision.layout == "dense"
-    assert sparse_site.decision.layout == "bsr"
-    assert sparse_site.decision.est_time_s < sparse_site.decision.dense_est_time_s
+    _, mod, _ = analyze_model(model)
+    dense_site, sparse_site = weight_entries(mod)
+    assert dense_site["decision"]["layout"] == "dense"
+    assert sparse_site["decision"]["layout"] == "bsr"
+    assert sparse_site["decision"]["block"] in ("8x8", "8x16", "8x32", "16x8", "4x8")  # the pruning block or a neighbour
+
+
+def test_board_machine_models_differ_from_the_host():
+    """A board's model is its own: an aarch64 target ranks with NEON lanes and the board's bandwidth."""
+    assert resolve_target("rpi4").kernel_family().machine.lanes == 4
+    assert resolve_target("x86_64").kernel_family().machine.lanes == 8
+    assert resolve_target("cuda").kernel_family().gpu.name == "A100"
 
 
 def test_tuning_records_roundtrip_and_apply(rng, tmp_path):
     model, _ = mlp([256, 128, 64], 4, ["4x4", "dense"], rng)
-    records = tune_model(model, {"target": "llvm", "sparse": True})
-    assert len(records) == 2
+    records = tune_model(model, {"target": "llvm", "sparse": True}, top_k=2)
+    assert [r.name for r in records] == ["fc0.weight", "fc1.weight"]
+    space = resolve_target("llvm").kernel_family().schedule_space
     for r in records:
-        assert r.time_us <= r.dense_time_us  # dense is always a candidate
-        assert any(c["layout"] == "dense" for c in r.candidates)
+        assert r.kind == "linear" and r.m == 4
+        measured = [c for c in r.candidates if c["layout"] == "dense"]
+        assert len(measured) == len(space("linear", BSRMatrix.dense(np.zeros((r_n(r), r_k(r)), np.float32), 16), 4))
+        assert all(c["time_us"] > 0 for c in r.candidates)
     save_records(tmp_path / "t.json", records)
-    loaded = load_records(tmp_path / "t.json")
     art = bscompile.compile(model, records=str(tmp_path / "t.json"))
-    assert all(w["decision"]["reason"].startswith("tuned") for w in art.manifest.weights)
-    assert len(loaded) == 2
+    for w, r in zip(art.manifest.weights, records):
+        assert w["decision"]["reason"].startswith("tuned")
+        assert (w["decision"]["layout"], w["decision"]["block"], w["decision"]["schedule"]) == \
+            (r.layout, r.block, r.schedule)
     x = rng.standard_normal((4, 256)).astype(np.float32)
     np.testing.assert_allclose(art.load().run({"x": x})["y"], ort_run(model, {"x": x})["y"], rtol=1e-4, atol=1e-5)
+    with pytest.raises(bscompile.BscompileError, match="measured for target"):
+        bscompile.compile(model, target="rpi4", records=str(tmp_path / "t.json"))
+
+
+def r_n(rec):
+    return {"fc0.weight": 128, "fc1.weight": 64}[rec.name]
+
+
+def r_k(rec):
+    return {"fc0.weight": 256, "fc1.weight": 128}[rec.name]
+
+
+def test_tuning_a_recurrent_site_times_the_recurrent_kernel(rng):
+    """Batch 8 (where linear sites would try the "batch" variant, which recurrent kernels lack)."""
+    model = recurrent("GRU", 16, 32, 3, 8, 1, False, "4x4", rng)
+    records = tune_model(model, {"target": "llvm", "sparse": True}, top_k=1)
+    rec = next(r for r in records if r.kind == "recurrent")
+    assert rec.name == "l0.R[0]" and rec.m == 8
+    assert all(c["time_us"] is not None for c in rec.candidates)
+    assert not any(c["schedules"][0]["variant"] == "batch" for c in rec.candidates)
+    art = bscompile.compile(model, records={record_key(r.key, r.m): r for r in records})
+    x = rng.standard_normal((3, 8, 16)).astype(np.float32)
+    got, want = art.load().run({"x": x}), ort_run(model, {"x": x})
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-5)

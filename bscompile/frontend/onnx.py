@@ -1,15 +1,16 @@
 """ONNX import: TVM's Relax ONNX frontend plus bscompile's recurrent converters.
 
 Besides the Relax module this records what later stages need and Relax forgets:
-the graph's input/output signature and a name for every constant weight (by
-content fingerprint, since constants lose their names inside Relax).
+the graph's input/output signature, and a name for every constant weight, as the
+module attribute ``bscompile.weight_names`` (content fingerprint -> initializer
+name, since constants lose their names inside Relax), which ``OutlineLinearSites``
+names its sites from.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -20,22 +21,9 @@ from tvm.relax.frontend.onnx import onnx_frontend as tvm_onnx
 
 from bscompile.errors import BscompileError, UnsupportedModelError
 from bscompile.frontend.recurrent import convert_recurrent
+from bscompile.sites import WEIGHT_NAMES, TensorSpec, fingerprint
 
 RECURRENT_OPS = {"GRU": "gru", "LSTM": "lstm", "RNN": "rnn"}
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-
-    def to_json(self) -> dict:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
-
-    @classmethod
-    def from_json(cls, d: dict) -> "TensorSpec":
-        return cls(d["name"], tuple(d["shape"]), d["dtype"])
 
 
 @dataclass
@@ -43,14 +31,7 @@ class ImportedModel:
     mod: tvm.IRModule
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
-    weight_names: dict[str, str] = field(default_factory=dict)  # fingerprint -> name
     opset: int = 0
-
-
-def fingerprint(w: np.ndarray) -> str:
-    """Content key of a weight matrix, stable across Relax constant folding."""
-    w = np.ascontiguousarray(w, dtype=np.float32) + np.float32(0)  # -0.0 and 0.0 alike
-    return hashlib.sha1(repr(w.shape).encode() + w.tobytes()).hexdigest()
 
 
 def load_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
@@ -169,7 +150,7 @@ def import_onnx(model: str | os.PathLike | onnx.ModelProto,
         TensorSpec(o.name, tuple(int(v) for v in f.shape.values), str(f.dtype.dtype) if hasattr(f.dtype, "dtype") else str(f.dtype))
         for o, f in zip(proto.graph.output, fields)
     ]
-    return ImportedModel(mod, inputs, outputs, weight_name_table(proto), opset)
+    return ImportedModel(mod.with_attr(WEIGHT_NAMES, weight_name_table(proto)), inputs, outputs, opset)
 
 
 def _with_node_names(model: onnx.ModelProto) -> onnx.ModelProto:

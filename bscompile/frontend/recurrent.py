@@ -3,33 +3,46 @@
 Each direction of a layer becomes two things:
 
 1. the input projection over all time steps, ``xp = X[T*B, I] @ W_d.T + bias``: one
-   ordinary ``matmul`` on a (usually constant) weight, which the weight-site pass
-   later turns into a block-sparse kernel like any other linear layer;
-2. one ``call_tir`` of a generated recurrence kernel (:func:`codegen.cpu.recurrent_kernel`)
-   with the time loop inside it, the recurrent weight ``R_d`` packed in the dense
-   block layout, and the kernel tagged as a weight site so the passes can swap in
-   a block-sparse ``R_d``.
+   ordinary ``matmul`` on a (usually constant) weight, which ``OutlineLinearSites``
+   later turns into a ``linear`` site like any other product by a weight;
+2. a ``recurrent`` weight site (:func:`bscompile.sites.emit_site`) for the recurrence
+   with the recurrent weight ``R_d``: lowered to one generated kernel per direction
+   with the time loop inside it (the target family's ``recurrent`` generator).
 
-Shapes must be static (``T`` and ``B`` are loop bounds of the kernel). Weight
-packing is written as Relax ops, so constant weights fold at compile time and
-weights fed as graph inputs (as in ONNX's own backend tests) still work.
+The recurrent site's operands are ``[xp, R, Rb, h0, c0, seq_lens, peep]``; a GRU
+without linear-before-reset multiplies ``R_h`` by ``r * h`` and has two matrices,
+``[xp, R_zr, Rb_zr, R_h, Rb_h, h0, c0, seq_lens, peep]``. Its attribute adds ``cell``
+(:class:`CellSpec` JSON), ``seq``, ``batch`` and ``split`` to the common ones.
+Shapes must be static (``T`` and ``B`` are loop bounds of the kernel). Weights fed as
+graph inputs (as in ONNX's own backend tests) work: their sites stay dense.
 """
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 from tvm import relax
 
-from bscompile.codegen.cpu import CpuSchedule, recurrent_kernel
-from bscompile.codegen.layout import DENSE_ROWS, BSRMatrix
+from bscompile.codegen.layout import BSRMatrix
 from bscompile.codegen.recurrent_cells import ACTIVATIONS, Activation, CellSpec
 from bscompile.errors import UnsupportedModelError
-from bscompile.passes.sites import const_array as _const
+from bscompile.sites import Matrix, SiteKind, const_array as _const, emit_site, fingerprint, register_site_kind
 
 
-SITE_ATTR = "bscompile.site"
+def _recurrent_matrices(site: dict) -> list[Matrix]:
+    return [Matrix(1, 2), Matrix(3, 4)] if site["split"] else [Matrix(1, 2)]
+
+
+def _recurrent_kernel_args(operands, packed):
+    """``[xp, data0, indices0, indptr0, rbias0, data1, indices1, indptr1, rbias1, h0, c0, lens, peep]``:
+    without a second matrix, a 1x1 zero stand-in fills its four arguments."""
+    if len(packed) == 1:
+        one = BSRMatrix.dense(np.zeros((1, 1), np.float32), 1)
+        packed = [*packed, (relax.const(one.data), relax.const(one.indices), relax.const(one.indptr),
+                            relax.const(np.zeros(1, np.float32)))]
+    return [operands[0], *packed[0], *packed[1], *operands[-4:]]
+
+
+RECURRENT = register_site_kind(SiteKind("recurrent", _recurrent_matrices, _recurrent_kernel_args))
 
 
 def _static_shape(expr: relax.Expr, node: str, what: str) -> tuple[int, ...]:
@@ -47,30 +60,6 @@ def _const_or_zeros(bb, expr, shape, dtype="float32"):
     if expr is None:
         return relax.const(np.zeros(shape, dtype))
     return expr
-
-
-def pack_dense_rows(bb: relax.BlockBuilder, w: relax.Expr, rows: int, cols: int) -> relax.Expr:
-    """``BSRMatrix.dense(w, DENSE_ROWS).data`` of ``w[rows, cols]``: NumPy for constants, else Relax ops."""
-    arr = _const(w)
-    if arr is not None:
-        return relax.const(BSRMatrix.dense(arr, DENSE_ROWS).data)
-    n_pad = -(-rows // DENSE_ROWS) * DENSE_ROWS
-    if n_pad != rows:
-        w = bb.emit(relax.op.nn.pad(w, [0, n_pad - rows, 0, 0]))
-    w = bb.emit(relax.op.reshape(w, [n_pad // DENSE_ROWS, DENSE_ROWS, cols]))
-    return bb.emit(relax.op.permute_dims(w, [0, 2, 1]))
-
-
-def _dense_index_consts(rows: int) -> tuple[relax.Constant, relax.Constant]:
-    nbr = -(-rows // DENSE_ROWS)
-    return relax.const(np.zeros(nbr, np.int32)), relax.const(np.arange(nbr + 1, dtype=np.int32))
-
-
-def _pad_vec(bb, v: relax.Expr, n: int, n_pad: int) -> relax.Expr:
-    arr = _const(v)
-    if arr is not None:
-        return relax.const(np.pad(arr.astype(np.float32), (0, n_pad - n)))
-    return v if n_pad == n else bb.emit(relax.op.nn.pad(v, [0, n_pad - n]))
 
 
 def _slice(bb, t: relax.Expr, axis: int, lo: int, hi: int, shape) -> relax.Expr:
@@ -167,28 +156,18 @@ def convert_recurrent(kind: str, bb: relax.BlockBuilder, inputs, attr: dict, onn
         # GRU without linear-before-reset multiplies R_h by (r * h): a second matrix.
         split = cell.kind == "gru" and not cell.linear_before_reset
         parts = [(0, 2 * hidden), (2 * hidden, gh)] if split else [(0, gh)]
-        mats_args = []
+        operands = [xp]
         for lo, hi in parts:
-            rows = hi - lo
-            r_part = _slice(bb, r_d, 0, lo, hi, (rows, hidden))
-            rb_part = _slice(bb, rb, 0, lo, hi, (rows,))
-            indices, indptr = _dense_index_consts(rows)
-            n_pad = -(-rows // DENSE_ROWS) * DENSE_ROWS
-            mats_args += [pack_dense_rows(bb, r_part, rows, hidden), indices, indptr,
-                          _pad_vec(bb, rb_part, rows, n_pad)]
-        if not split:
-            one = BSRMatrix.dense(np.zeros((1, 1), np.float32), 1)
-            mats_args += [relax.const(one.data), relax.const(one.indices), relax.const(one.indptr),
-                          relax.const(np.zeros(1, np.float32))]
+            operands += [_slice(bb, r_d, 0, lo, hi, (hi - lo, hidden)), _slice(bb, rb, 0, lo, hi, (hi - lo,))]
         h0_d, c0_d = _slice(bb, h0, 0, d, d + 1, (batch, hidden)), _slice(bb, c0, 0, d, d + 1, (batch, hidden))
-        p_d = _slice(bb, peep, 0, d, d + 1, (3 * hidden,))
-        func = dense_recurrence_func(cell, seq, batch, split, weight_name=f"{onnx_node.input[2]}[{d}]")
-        gv = bb.add_func(func, f"recurrence_{kind}")
-        out = bb.emit(relax.call_tir(gv, [xp, *mats_args, h0_d, c0_d, lens, p_d], [
-            relax.TensorType((seq, batch, hidden), "float32"),
-            relax.TensorType((batch, hidden), "float32"),
-            relax.TensorType((batch, hidden), "float32"),
-        ]))
+        operands += [h0_d, c0_d, lens, _slice(bb, peep, 0, d, d + 1, (3 * hidden,))]
+        r_arr = _const(r_d)
+        site = {"kind": "recurrent", "name": f"{onnx_node.input[2]}[{d}]",
+                "fingerprint": fingerprint(r_arr) if r_arr is not None else "", "m": batch,
+                "shape": [gh, hidden], "cell": cell.to_json(), "seq": seq, "batch": batch, "split": split}
+        state = relax.TensorType((batch, hidden), "float32")
+        out = bb.emit(emit_site(bb, site, operands, relax.TupleType(
+            [relax.TensorType((seq, batch, hidden), "float32"), state, state]), f"recurrence_{kind}"))
         ys.append(bb.emit(relax.TupleGetItem(out, 0)))
         hs.append(bb.emit(relax.TupleGetItem(out, 1)))
         cs.append(bb.emit(relax.TupleGetItem(out, 2)))
@@ -202,15 +181,3 @@ def convert_recurrent(kind: str, bb: relax.BlockBuilder, inputs, attr: dict, onn
         y_c = bb.emit(relax.op.permute_dims(y_c, [1, 0, 2]))
     outs = [y, y_h] + ([y_c] if kind == "lstm" else [])
     return relax.Tuple(outs)
-
-
-def dense_recurrence_func(cell: CellSpec, seq: int, batch: int, split: bool, weight_name: str):
-    """The import-time kernel: dense R (:data:`DENSE_ROWS`-row blocks), tagged as a site."""
-    gh = cell.num_gates * cell.hidden
-    shapes = [(2 * cell.hidden, cell.hidden), (cell.hidden, cell.hidden)] if split else [(gh, cell.hidden)]
-    mats = [BSRMatrix.dense(np.zeros(s, np.float32), DENSE_ROWS) for s in shapes]
-    scheds = [CpuSchedule(m_tile=1, parallel=False, unroll_c=False) for _ in mats]
-    func = recurrent_kernel(cell, mats, seq, batch, scheds)
-    site = {"kind": "recurrent", "cell": cell.to_json(), "seq": seq, "batch": batch,
-            "weight": weight_name, "shape": [gh, cell.hidden], "split": split}
-    return func.with_attr(SITE_ATTR, json.dumps(site))

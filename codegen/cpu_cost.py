@@ -1,4 +1,4 @@
-"""Analytical cost of the block-row kernels, used to pick a layout per weight.
+"""The CPU family's machine model: analytical cost of the block-row kernels of :mod:`codegen.cpu`.
 
 Per variant (see :mod:`codegen.cpu`): "rows" does one vector FMA per (block column,
 batch row, ceil(r / lanes) vectors) and keeps a block row in cache across M tiles;
@@ -7,8 +7,8 @@ batch row, ceil(r / lanes) vectors) and keeps a block row in cache across M tile
 per batch tile. A layout's time is the larger of its memory time and its compute time,
 plus a per-block overhead (index load, loop control); the compute time counts loads
 (broadcasts of ``x``, weight vectors) against the same issue rate as FMAs. The machine
-constants are defaults for a current x86 core; ``bscompile tune`` replaces the choice
-by measurement.
+constants are per machine (:data:`MACHINES`: this x86 host class and the aarch64 boards);
+``bscompile tune`` replaces the choice by measurement.
 """
 
 from __future__ import annotations
@@ -23,6 +23,23 @@ class MachineModel:
     lanes: int = 8  # fp32 lanes per vector register
     block_overhead_s: float = 1.2e-9  # per stored block and M tile
     call_overhead_s: float = 2e-6  # kernel launch / thread-pool wake-up
+
+
+#: Machine models by target machine name (``TargetSpec.machine``). x86: a 2-core AVX2
+#: server slice (the defaults, measured here). aarch64 boards: NEON (4 fp32 lanes), one
+#: 128-bit FMA pipe per core on the A72 and two on the A76 / Neoverse-N1, at their
+#: clocks, with the sustained DRAM bandwidth of the board's memory.
+MACHINES: dict[str, MachineModel] = {
+    "x86_64": MachineModel(),
+    "x86_64-avx512": MachineModel(lanes=16, vector_fma_rate=8e9),
+    "aarch64": MachineModel(bandwidth=8e9, vector_fma_rate=8e9, lanes=4, block_overhead_s=2e-9),
+    "cortex-a72": MachineModel(bandwidth=4e9, vector_fma_rate=4 * 1.5e9, lanes=4, block_overhead_s=3e-9,
+                               call_overhead_s=4e-6),  # Raspberry Pi 4: 4 cores, LPDDR4
+    "cortex-a76": MachineModel(bandwidth=10e9, vector_fma_rate=4 * 2 * 2.4e9, lanes=4, block_overhead_s=1.5e-9,
+                               call_overhead_s=3e-6),  # Raspberry Pi 5: 4 cores, LPDDR4X
+    "neoverse-n1": MachineModel(bandwidth=20e9, vector_fma_rate=2 * 2 * 2.5e9, lanes=4,
+                                block_overhead_s=1.2e-9),  # 2 vCPUs of a Graviton2
+}
 
 
 @dataclass(frozen=True)

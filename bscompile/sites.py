@@ -1,0 +1,231 @@
+"""The site vocabulary every stage shares: attribute names, site kinds, tensor specs, fingerprints.
+
+A *weight site* is one use of a weight matrix that bscompile compiles into a kernel of
+its own. Before lowering it is a call of a private Relax function, the *site
+function*: its parameters are the site's operands with every weight matrix in the
+canonical ``W[N, K]`` orientation (``y = x @ W.T``), its body an opaque placeholder,
+and its attributes say what the site is and what the passes decided about it::
+
+    bscompile.site      what it is (set by the frontend or pass that creates it):
+                        {"kind", "name", "fingerprint", "m", "shape", ...kind-specific}
+    bscompile.sparsity  what AnalyzeSparsity measured (density, structure, per-block counts)
+    bscompile.layout    what ChooseLayout picked (layout, block, schedules, estimates, reason)
+
+``LowerWeightSites`` replaces each call by a ``call_tir`` of the kernel the target's
+family generates for that layout; the kernel ``PrimFunc`` keeps the three attributes
+(plus ``stored_bytes``), so the final IR describes every site and the artifact's
+manifest is read from it (:func:`weight_entries`).
+
+This module is a leaf: it imports NumPy and TVM only, so that the runtime can use
+:class:`TensorSpec` without loading the frontend or the code generators.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import tvm
+import tvm_ffi
+from tvm import relax
+
+SITE = "bscompile.site"
+SPARSITY = "bscompile.sparsity"
+LAYOUT = "bscompile.layout"
+#: Module attribute: content fingerprint -> ONNX initializer name (set by the frontend).
+WEIGHT_NAMES = "bscompile.weight_names"
+
+_CALL_TIR = tvm.ir.Op.get("relax.call_tir")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A graph input or output: name, static shape, dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "TensorSpec":
+        return cls(d["name"], tuple(d["shape"]), d["dtype"])
+
+
+def fingerprint(w: np.ndarray) -> str:
+    """Content key of a weight matrix: names sites and keys tuning records."""
+    w = np.ascontiguousarray(w, dtype=np.float32) + np.float32(0)  # -0.0 and 0.0 alike
+    return hashlib.sha1(repr(w.shape).encode() + w.tobytes()).hexdigest()
+
+
+def const_array(expr: relax.Expr) -> np.ndarray | None:
+    """The value of a Relax constant, or None for anything computed at run time."""
+    if isinstance(expr, tvm.ir.expr.Constant):
+        return expr.value.numpy()
+    return None
+
+
+def to_py(value: Any) -> Any:
+    """A TVM attribute value (Map, Array, String, IntImm...) as plain Python."""
+    if isinstance(value, (str, bool, int, float)) or value is None:
+        return value
+    if isinstance(value, (tvm_ffi.Map, dict)):
+        return {str(k): to_py(v) for k, v in value.items()}
+    if isinstance(value, (tvm_ffi.Array, list, tuple)):
+        return [to_py(v) for v in value]
+    if isinstance(value, tvm.tirx.IntImm):
+        return int(value.value)
+    if isinstance(value, tvm.tirx.FloatImm):
+        return float(value.value)
+    return str(value)
+
+
+def attr(func: tvm.ir.BaseFunc, key: str) -> dict | None:
+    """Attribute ``key`` of ``func`` as a plain dict, or None."""
+    if func.attrs is None or key not in func.attrs:
+        return None
+    return to_py(func.attrs[key])
+
+
+# --- site kinds ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Matrix:
+    """One weight matrix of a site: positions of ``W[N, K]`` and its bias ``[N]`` among the operands."""
+
+    weight: int
+    bias: int
+
+
+@dataclass(frozen=True)
+class SiteKind:
+    """What the generic passes need to know about a kind of site, registered by its creator.
+
+    ``matrices(site)`` lists the weight operands (analysed together, as one weight,
+    concatenated along N); ``kernel_args(operands, packed)`` orders the kernel's
+    arguments given the operands and, per matrix, its packed ``(data, indices, indptr,
+    bias)``: the calling convention of the kind's kernel generators, one per target
+    family (:meth:`codegen.family.KernelFamily.kernel`).
+    """
+
+    name: str
+    matrices: Callable[[dict], list[Matrix]]
+    kernel_args: Callable[[Sequence[relax.Expr], list[tuple[relax.Expr, ...]]], list[relax.Expr]]
+
+
+SITE_KINDS: dict[str, SiteKind] = {}
+
+
+def register_site_kind(kind: SiteKind) -> SiteKind:
+    SITE_KINDS[kind.name] = kind
+    return kind
+
+
+def site_kind(name: str) -> SiteKind:
+    try:
+        return SITE_KINDS[name]
+    except KeyError:
+        raise KeyError(f"unknown weight-site kind {name!r}: the module that creates it registers it "
+                       f"(known: {', '.join(SITE_KINDS)})") from None
+
+
+def emit_site(bb: relax.BlockBuilder, site: dict, operands: Sequence[relax.Expr], out_ty: relax.Type,
+              name_hint: str) -> relax.Expr:
+    """Emit a call of a new site function with attributes ``site`` on ``operands``.
+
+    The function's body is a placeholder extern call, ``bscompile.site.<kind>``:
+    sites run only once ``LowerWeightSites`` has replaced them by kernels.
+    """
+    params = [relax.Var(f"a{i}", op.ty) for i, op in enumerate(operands)]
+    fb = relax.BlockBuilder()
+    with fb.function(name_hint, params, {SITE: site}, private=True):
+        fb.emit_func_output(fb.emit(relax.call_pure_packed(f"bscompile.site.{site['kind']}", *params,
+                                                           ty_args=out_ty)))
+    gv = bb.add_func(fb.get()[name_hint], name_hint)
+    return relax.Call(gv, list(operands))
+
+
+# --- reading sites from a module ----------------------------------------------------------
+
+
+@dataclass
+class SiteCall:
+    """One call of a site (function) in a Relax function, as found in program order."""
+
+    gv: tvm.ir.GlobalVar
+    func: tvm.ir.BaseFunc  # the site function (before lowering) or the kernel (after)
+    operands: list[relax.Expr]  # the call's arguments (for call_tir: the argument tuple)
+
+    @property
+    def site(self) -> dict:
+        return attr(self.func, SITE)
+
+
+def _callee(mod: tvm.IRModule, call: relax.Call) -> tuple[tvm.ir.GlobalVar, list[relax.Expr]] | None:
+    if isinstance(call.op, tvm.ir.GlobalVar):
+        return call.op, list(call.args)
+    if call.op.same_as(_CALL_TIR) and isinstance(call.args[0], tvm.ir.GlobalVar):
+        return call.args[0], list(call.args[1].fields)
+    return None
+
+
+def site_calls(mod: tvm.IRModule) -> Iterator[SiteCall]:
+    """Every call of a site function or site kernel in the module's Relax functions, in program order."""
+    found: list[SiteCall] = []
+
+    def visit(expr):
+        if isinstance(expr, relax.Call):
+            hit = _callee(mod, expr)
+            if hit is not None and hit[0] in mod.functions:
+                func = mod[hit[0]]
+                if func.attrs is not None and SITE in func.attrs:
+                    found.append(SiteCall(hit[0], func, hit[1]))
+
+    for gv, func in mod.functions.items():
+        if isinstance(func, relax.Function) and (func.attrs is None or SITE not in func.attrs):
+            relax.analysis.post_order_visit(func.body, visit)
+    return iter(found)
+
+
+def weight_entries(mod: tvm.IRModule) -> list[dict]:
+    """One manifest entry per site call, in program order: what it is, what was found and chosen.
+
+    (Uses of one weight with one batch share a site function, and so a kernel.)"""
+    return [weight_entry(call.func) for call in site_calls(mod)]
+
+
+def weight_entry(func: tvm.ir.BaseFunc) -> dict:
+    site = attr(func, SITE)
+    n, k = site["shape"]
+    entry = {"name": site["name"], "kind": site["kind"], "shape": [n, k], "m": site["m"], "dense_bytes": n * k * 4}
+    sparsity = attr(func, SPARSITY)
+    if sparsity is not None:
+        entry["sparsity"] = sparsity_summary(sparsity, (n, k))
+    layout = attr(func, LAYOUT)
+    if layout is not None:
+        decision = {key: layout[key] for key in ("layout", "block", "est_time_us", "dense_est_time_us", "reason")}
+        scheds = layout.get("schedules") or []
+        decision["schedule"] = scheds[0] if scheds else {}
+        entry["decision"] = decision
+        if "stored_bytes" in layout:
+            entry["stored_bytes"] = layout["stored_bytes"]
+            entry["bytes_saved"] = entry["dense_bytes"] - layout["stored_bytes"]
+    return entry
+
+
+def sparsity_summary(sparsity: dict, shape: tuple[int, int]) -> dict:
+    """The manifest's view of a ``bscompile.sparsity`` attribute."""
+    blocks = sparsity["blocks"]  # "RxC" -> [nnz_blocks, total_blocks, padded_n, padded_k]
+    return {
+        "density": sparsity["density"],
+        "structure": sparsity["structure"],
+        "detected_block": sparsity["detected"] or None,
+        "zero_blocks": {b: round(1 - v[0] / max(v[1], 1), 6) for b, v in blocks.items()},
+        "padding": {b: [v[2] - shape[0], v[3] - shape[1]] for b, v in blocks.items()
+                    if (v[2], v[3]) != tuple(shape)},
+    }

@@ -1,0 +1,314 @@
+"""Each bscompile pass alone, in TVM's style: Before / Expected modules compared with
+``tvm.ir.assert_structural_equal``, plus the programs each pass must leave alone and
+a second run that must change nothing (every pass is idempotent)."""
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+from tvm.script import ir as I
+from tvm.script import relax as R
+
+import bscompile.frontend.recurrent  # noqa: F401 - registers the "recurrent" site kind
+from bscompile.codegen.layout import CANDIDATE_EDGES, DENSE_ROWS, BSRMatrix
+from bscompile.passes.analyze_sparsity import AnalyzeSparsity
+from bscompile.passes.choose_layout import ChooseLayout
+from bscompile.passes.conv1d_to_matmul import Conv1dToMatmul
+from bscompile.passes.lower_weight_sites import LowerWeightSites
+from bscompile.passes.outline_linear_sites import OutlineLinearSites
+from bscompile.records import TuningRecord, record_key
+from bscompile.sites import LAYOUT, SITE, SPARSITY, WEIGHT_NAMES, attr, fingerprint, weight_entries
+from bscompile.target import resolve_target
+
+FAMILY = resolve_target("x86_64").kernel_family()
+
+# Small fixed weights: structure matters here, not values.
+W = np.arange(15, dtype=np.float32).reshape(5, 3) - 7  # canonical W[N=5, K=3]
+B = np.linspace(-1, 1, 5).astype(np.float32)
+FP = fingerprint(W)
+
+
+def _twice_is_once(pass_, mod):
+    once = pass_(mod)
+    tvm.ir.assert_structural_equal(pass_(once), once)
+    return once
+
+
+# --- OutlineLinearSites -------------------------------------------------------------------
+
+
+def test_outline_linear_sites_biased_matmul_of_3d_input():
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor((2, 4, 3), "float32")) -> R.Tensor((2, 4, 5), "float32"):
+            with R.dataflow():
+                y = R.matmul(x, R.const(np.ascontiguousarray(W.T)))
+                z = R.add(y, R.const(B))
+                R.output(z)
+            return z
+
+    @I.ir_module
+    class Expected:
+        @R.function(private=True)
+        def linear_site(a0: R.Tensor((8, 3), "float32"), a1: R.Tensor((5, 3), "float32"),
+                        a2: R.Tensor((5,), "float32")) -> R.Tensor((8, 5), "float32"):
+            R.func_attr({"bscompile.site": {"kind": "linear", "name": "fc.weight", "fingerprint": FP, "m": 8,
+                                            "shape": [5, 3]}})
+            return R.call_pure_packed("bscompile.site.linear", a0, a1, a2, ty_args=R.Tensor((8, 5), "float32"))
+
+        @R.function
+        def main(x: R.Tensor((2, 4, 3), "float32")) -> R.Tensor((2, 4, 5), "float32"):
+            cls = Expected
+            with R.dataflow():
+                x2 = R.reshape(x, R.shape([8, 3]))
+                y2 = cls.linear_site(x2, R.const(W), R.const(B))
+                z = R.reshape(y2, R.shape([2, 4, 5]))
+                R.output(z)
+            return z
+
+    before = Before.with_attr(WEIGHT_NAMES, {FP: "fc.weight"})
+    after = _twice_is_once(OutlineLinearSites(), before)
+    tvm.ir.assert_structural_equal(after.without_attr(WEIGHT_NAMES), Expected)
+
+
+def test_outline_linear_sites_unnamed_weight_without_bias():
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor((4, 3), "float32")) -> R.Tensor((4, 5), "float32"):
+            with R.dataflow():
+                y = R.matmul(x, R.const(np.ascontiguousarray(W.T)))
+                R.output(y)
+            return y
+
+    @I.ir_module
+    class Expected:
+        @R.function(private=True)
+        def linear_site(a0: R.Tensor((4, 3), "float32"), a1: R.Tensor((5, 3), "float32"),
+                        a2: R.Tensor((5,), "float32")) -> R.Tensor((4, 5), "float32"):
+            R.func_attr({"bscompile.site": {"kind": "linear", "name": "weight_" + FP[:8], "fingerprint": FP,
+                                            "m": 4, "shape": [5, 3]}})
+            return R.call_pure_packed("bscompile.site.linear", a0, a1, a2, ty_args=R.Tensor((4, 5), "float32"))
+
+        @R.function
+        def main(x: R.Tensor((4, 3), "float32")) -> R.Tensor((4, 5), "float32"):
+            cls = Expected
+            with R.dataflow():
+                y = cls.linear_site(x, R.const(W), R.const(np.zeros(5, np.float32)))
+                R.output(y)
+            return y
+
+    tvm.ir.assert_structural_equal(OutlineLinearSites()(Before), Expected)
+
+
+def test_outline_linear_sites_leaves_other_products_alone():
+    """Run-time weights, a batched (3-D) constant, a symbolic batch, a bias added on the left
+    (the kernel would round it differently) and a non-float32 product stay as they are."""
+    w3 = np.ones((2, 3, 5), np.float32)
+
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor((4, 3), "float32"), w: R.Tensor((3, 5), "float32"),
+                 xb: R.Tensor((2, 4, 3), "float32"), xs: R.Tensor(("n", 3), "float32"),
+                 xh: R.Tensor((4, 3), "float16")):
+            with R.dataflow():
+                a = R.matmul(x, w)
+                b = R.matmul(xb, R.const(w3))
+                c = R.matmul(xs, R.const(np.ascontiguousarray(W.T)))
+                e = R.matmul(xh, R.const(np.ascontiguousarray(W.T).astype(np.float16)))
+                R.output(a, b, c, e)
+            return (a, b, c, e)
+
+    tvm.ir.assert_structural_equal(OutlineLinearSites()(Before), Before)
+
+
+# --- Conv1dToMatmul -----------------------------------------------------------------------
+
+
+def test_conv1d_to_matmul():
+    k = np.arange(2 * 3 * 2, dtype=np.float32).reshape(2, 3, 2)  # O=2, C=3, taps=2
+
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor((1, 3, 6), "float32")) -> R.Tensor((1, 2, 3), "float32"):
+            with R.dataflow():
+                y = R.nn.conv1d(x, R.const(k), strides=[2], padding=[1, 0])
+                R.output(y)
+            return y
+
+    @I.ir_module
+    class Expected:
+        @R.function
+        def main(x: R.Tensor((1, 3, 6), "float32")) -> R.Tensor((1, 2, 3), "float32"):
+            with R.dataflow():
+                xp = R.nn.pad(x, [0, 0, 0, 0, 1, 0])
+                t0 = R.strided_slice(xp, [2], [0], [5], [2])
+                t1 = R.strided_slice(xp, [2], [1], [6], [2])
+                cols = R.stack([t0, t1], axis=3)
+                cols1 = R.permute_dims(cols, [0, 2, 1, 3])
+                cols2 = R.reshape(cols1, R.shape([1, 3, 6]))
+                y0 = R.matmul(cols2, R.const(np.ascontiguousarray(k.reshape(2, 6).T)))
+                y = R.permute_dims(y0, [0, 2, 1])
+                R.output(y)
+            return y
+
+    tvm.ir.assert_structural_equal(_twice_is_once(Conv1dToMatmul(), Before), Expected)
+
+
+def test_conv1d_to_matmul_leaves_grouped_dilated_and_runtime_kernels_alone():
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor((1, 4, 9), "float32"), w: R.Tensor((2, 4, 3), "float32")):
+            with R.dataflow():
+                g = R.nn.conv1d(x, R.const(np.ones((2, 2, 3), np.float32)), groups=2)
+                d = R.nn.conv1d(x, R.const(np.ones((2, 4, 3), np.float32)), dilation=[2])
+                r = R.nn.conv1d(x, w)
+                R.output(g, d, r)
+            return (g, d, r)
+
+    tvm.ir.assert_structural_equal(Conv1dToMatmul()(Before), Before)
+
+
+# --- AnalyzeSparsity ----------------------------------------------------------------------
+
+
+def _site_module(w, layout=None, sparsity=None, runtime_weight=False):
+    """``main(x) = linear_site(x, W, b)`` with the given attributes, built as the passes build it."""
+    n, k = w.shape
+    site = {"kind": "linear", "name": "fc", "fingerprint": fingerprint(w), "m": 2, "shape": [n, k]}
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((2, k), "float32"))
+    params = [x]
+    if runtime_weight:
+        wv = relax.Var("w", relax.TensorType((n, k), "float32"))
+        params.append(wv)
+    with bb.function("main", params):
+        from bscompile.sites import emit_site
+
+        operands = [x, wv if runtime_weight else relax.const(w), relax.const(np.zeros(n, np.float32))]
+        out = bb.emit(emit_site(bb, site, operands, relax.TensorType((2, n), "float32"), "linear_site"))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    gv = mod.get_global_var("linear_site")
+    func = mod[gv]
+    if sparsity is not None:
+        func = func.with_attr(SPARSITY, sparsity)
+    if layout is not None:
+        func = func.with_attr(LAYOUT, layout)
+    mod[gv] = func
+    return mod
+
+
+def _reference_block_counts(w):
+    """Occupied/total blocks and padded shape per r x c, by direct loops over the blocks."""
+    out = {}
+    n, k = w.shape
+    for r in CANDIDATE_EDGES:
+        for c in CANDIDATE_EDGES:
+            rows, cols = -(-n // r), -(-k // c)
+            occupied = sum(bool(np.any(w[i * r:(i + 1) * r, j * c:(j + 1) * c])) for i in range(rows)
+                           for j in range(cols))
+            out[f"{r}x{c}"] = [occupied, rows * cols, rows * r, cols * c]
+    return out
+
+
+def test_analyze_sparsity_attaches_measurements(rng):
+    mask = np.kron(rng.random((6, 5)) < 0.3, np.ones((4, 4)))[:24, :18]  # 4x4 blocks, K not a multiple of 4
+    mask[0:4, 0:4] = 1  # at least one block
+    w = (rng.standard_normal((24, 18)) * mask).astype(np.float32)
+    before = _site_module(w)
+    after = _twice_is_once(AnalyzeSparsity(), before)
+    sp = attr(after["linear_site"], SPARSITY)
+    assert sp["blocks"] == _reference_block_counts(w)
+    assert sp["density"] == pytest.approx(np.count_nonzero(w) / w.size)
+    assert sp["detected"] == "4x4" and sp["structure"] == "block 4x4"
+    # the pass adds the attribute and nothing else
+    expected = before.clone()
+    expected["linear_site"] = before["linear_site"].with_attr(SPARSITY, after["linear_site"].attrs[SPARSITY])
+    tvm.ir.assert_structural_equal(after, expected)
+
+
+def test_analyze_sparsity_leaves_runtime_weights_alone():
+    before = _site_module(W, runtime_weight=True)
+    tvm.ir.assert_structural_equal(AnalyzeSparsity()(before), before)
+
+
+# --- ChooseLayout -------------------------------------------------------------------------
+
+
+def _analysed(w):
+    return AnalyzeSparsity()(_site_module(w))
+
+
+def test_choose_layout_sparse_dense_and_runtime_weights(rng):
+    sparse_w = np.kron(rng.random((32, 32)) < 0.1, np.ones((8, 8))).astype(np.float32) * 0.5
+    dense_w = rng.standard_normal((256, 256)).astype(np.float32)
+    got = {}
+    for name, mod in [("sparse", _analysed(sparse_w)), ("dense", _analysed(dense_w)),
+                      ("runtime", _site_module(W, runtime_weight=True))]:
+        after = _twice_is_once(ChooseLayout(FAMILY), mod)
+        got[name] = attr(after["linear_site"], LAYOUT)
+    assert got["sparse"]["layout"] == "bsr" and got["sparse"]["block"] in ("8x8", "8x16", "8x32", "16x8", "4x8")
+    assert got["sparse"]["est_time_us"] < got["sparse"]["dense_est_time_us"]
+    assert got["dense"]["layout"] == "dense" and got["dense"]["block"] == f"{DENSE_ROWS}x256"
+    assert got["runtime"]["layout"] == "dense" and "run time" in got["runtime"]["reason"]
+
+
+def test_choose_layout_options_and_records(rng):
+    w = np.kron(rng.random((16, 16)) < 0.1, np.ones((4, 4))).astype(np.float32)
+    w[:4, :4] = 1
+    mod = _analysed(w)
+    dense = attr(ChooseLayout(FAMILY, sparse=False)(mod)["linear_site"], LAYOUT)
+    assert (dense["layout"], dense["reason"]) == ("dense", "dense path requested")
+    forced = attr(ChooseLayout(FAMILY, force_block=BSRMatrix.dense(w, 2).block)(mod)["linear_site"], LAYOUT)
+    assert forced["layout"] == "bsr" and forced["block"] == "2x64"
+    rec = TuningRecord(fingerprint(w), "fc", "linear", 2, "x86_64", "bsr", "2x4",
+                       {"m_tile": 2, "parallel": False, "unroll_c": True, "variant": "rows", "m_vec": 8}, 3.0, 9.0)
+    tuned = attr(ChooseLayout(FAMILY, records={record_key(rec.key, 2): rec})(mod)["linear_site"], LAYOUT)
+    assert (tuned["layout"], tuned["block"], tuned["schedules"]) == ("bsr", "2x4", [rec.schedule])
+
+
+def test_choose_layout_keeps_a_decision_already_made():
+    made = {"layout": "bsr", "block": "1x1", "schedules": [], "est_time_us": 1.0, "dense_est_time_us": 2.0,
+            "reason": "by hand"}
+    before = _site_module(W, layout=made, sparsity=attr(_analysed(W)["linear_site"], SPARSITY))
+    tvm.ir.assert_structural_equal(ChooseLayout(FAMILY)(before), before)
+
+
+# --- LowerWeightSites ---------------------------------------------------------------------
+
+
+def test_lower_weight_sites_dense_layout():
+    layout = {"layout": "dense", "block": "16x3", "schedules": [], "est_time_us": 1.0, "dense_est_time_us": 1.0,
+              "reason": "r"}
+    before = _site_module(W, layout=layout)
+    after = _twice_is_once(LowerWeightSites(FAMILY), before)
+
+    mat = BSRMatrix.dense(W, DENSE_ROWS)
+    packed = np.zeros((1, 3, DENSE_ROWS), np.float32)  # one 16 x K block, stored [c, r]
+    packed[0, :, :5] = W.T
+    np.testing.assert_array_equal(mat.data, packed)
+    sched = FAMILY.default_schedule("linear", mat.stats, 2)
+    site = attr(before["linear_site"], SITE)
+    kernel = FAMILY.kernel("linear", site, [mat], [sched]).with_attr(SITE, site).with_attr(
+        LAYOUT, {**layout, "schedules": [sched.to_json()], "stored_bytes": mat.nbytes})
+    bb = relax.BlockBuilder()
+    gv = bb.add_func(kernel, "linear_dense")
+    x = relax.Var("x", relax.TensorType((2, 3), "float32"))
+    with bb.function("main", [x]):
+        out = bb.emit(relax.call_tir(gv, relax.Tuple([
+            x, relax.const(packed), relax.const(np.zeros(1, np.int32)), relax.const(np.array([0, 1], np.int32)),
+            relax.const(np.zeros(DENSE_ROWS, np.float32))]), relax.TensorType((2, 5), "float32")))
+        bb.emit_func_output(out)
+    tvm.ir.assert_structural_equal(after, bb.get())
+    (entry,) = weight_entries(after)
+    assert entry["stored_bytes"] == packed.nbytes + 4 + 8
+
+
+def test_lower_weight_sites_leaves_undecided_sites_alone():
+    before = _site_module(W)
+    tvm.ir.assert_structural_equal(LowerWeightSites(FAMILY)(before), before)
