@@ -27,7 +27,7 @@ import tvm
 from tvm.script import tirx as T
 
 from bscompile.codegen.cpu_cost import KernelShape, MachineModel, estimate_time
-from bscompile.codegen.family import KernelFamily
+from bscompile.codegen.family import KernelFamily, standard_generators
 from bscompile.codegen.layout import BlockShape, BlockStats, BSRMatrix, padded
 from bscompile.codegen.recurrent_cells import CellSpec, gate_update
 
@@ -513,15 +513,7 @@ class CpuFamily(KernelFamily):
 
     def __init__(self, machine: MachineModel):
         self.machine = machine
-        self.generators = {"linear": self._linear, "recurrent": self._recurrent}
-
-    @staticmethod
-    def _linear(site: dict, mats: list[BSRMatrix], scheds: list[CpuSchedule]) -> tvm.tirx.PrimFunc:
-        return linear_kernel(mats[0], site["m"], scheds[0])
-
-    @staticmethod
-    def _recurrent(site: dict, mats: list[BSRMatrix], scheds: list[CpuSchedule]) -> tvm.tirx.PrimFunc:
-        return recurrent_kernel(CellSpec.from_json(site["cell"]), mats, site["seq"], site["batch"], scheds)
+        self.generators = standard_generators(linear_kernel, recurrent_kernel)
 
     def default_schedule(self, kind: str, stats: BlockStats, m: int) -> CpuSchedule:
         return schedule_for(stats.block, stats.nnz_blocks, stats.padded_shape[0] // stats.block.r, m,

@@ -57,7 +57,7 @@ from tvm.script import tirx as T
 
 from bscompile.codegen.cpu import LayoutKey
 from bscompile.codegen.cuda_cost import GPUS, GpuModel, estimate_time
-from bscompile.codegen.family import KernelFamily
+from bscompile.codegen.family import KernelFamily, standard_generators
 from bscompile.codegen.layout import BlockShape, BlockStats, BSRMatrix
 from bscompile.codegen.recurrent_cells import CellSpec, gate_update
 
@@ -527,19 +527,11 @@ class CudaFamily(KernelFamily):
 
     def __init__(self, gpu: GpuModel):
         self.gpu = gpu
-        self.generators = {"linear": self._linear, "recurrent": self._recurrent}
+        self.generators = standard_generators(linear_kernel, recurrent_kernel)
 
     @classmethod
     def for_arch(cls, arch: str) -> "CudaFamily":
         return cls(GPUS[arch])
-
-    @staticmethod
-    def _linear(site: dict, mats: list[BSRMatrix], scheds: list[CudaSchedule]) -> tvm.tirx.PrimFunc:
-        return linear_kernel(mats[0], site["m"], scheds[0])
-
-    @staticmethod
-    def _recurrent(site: dict, mats: list[BSRMatrix], scheds: list[CudaSchedule]) -> tvm.tirx.PrimFunc:
-        return recurrent_kernel(CellSpec.from_json(site["cell"]), mats, site["seq"], site["batch"], scheds)
 
     def default_schedule(self, kind: str, stats: BlockStats, m: int) -> CudaSchedule:
         return schedule_for(stats.block, stats.padded_shape[0] // stats.block.r, stats.padded_shape[1], m)

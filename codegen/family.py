@@ -20,9 +20,20 @@ from typing import Any, Callable
 import tvm
 
 from bscompile.codegen.layout import BlockStats, BSRMatrix
+from bscompile.codegen.recurrent_cells import CellSpec
 
 #: (site attributes, matrices, schedules) -> kernel
 Generator = Callable[[dict, list[BSRMatrix], list[Any]], tvm.tirx.PrimFunc]
+
+
+def standard_generators(linear: Callable, recurrent: Callable) -> dict[str, Generator]:
+    """The ``linear`` and ``recurrent`` generators from a target's two kernel functions,
+    ``linear(mat, m, sched)`` and ``recurrent(cell, mats, seq, batch, scheds)``."""
+    return {
+        "linear": lambda site, mats, scheds: linear(mats[0], site["m"], scheds[0]),
+        "recurrent": lambda site, mats, scheds: recurrent(CellSpec.from_json(site["cell"]), mats, site["seq"],
+                                                          site["batch"], scheds),
+    }
 
 
 class KernelFamily(ABC):
