@@ -1,8 +1,11 @@
 """Shared benchmark plumbing: thread settings, interleaved timing, cache flushing, roofline.
 
-Every benchmark runs all implementations of a case in one process, interleaved
-rep by rep, and reports medians. "warm" times a call right after an untimed call of
-the same function (its weights cached, as in steady-state inference). "cold" times a
+Every benchmark runs all implementations of a case in one process and reports
+medians. "warm" is warm for each library: its own back-to-back calls (a run of
+calls of one function, after untimed ones), the libraries taking turns run by run so
+that a drifting host affects all of them alike; a call of another library never sits
+between two timed calls, since it would evict a large dense weight from the
+last-level cache and turn "warm" dense into cold. "cold" times a
 call whose weights are in no cache: a read of a buffer larger than the last-level
 cache evicts everything, then a *twin* of the implementation (the same code with its
 own copy of the weights) runs once, so code, interpreter and library state and the
@@ -53,26 +56,36 @@ def flush_caches() -> None:
 
 
 def interleaved(fns: dict[str, Callable[[], object]], reps: int, cold: bool = False,
-                twins: dict[str, Callable[[], object]] | None = None) -> dict[str, float]:
-    """Median seconds per call of each function, timed in round-robin order.
+                twins: dict[str, Callable[[], object]] | None = None, runs: int = 3) -> dict[str, float]:
+    """Median seconds per call of each function over ``reps`` timed calls.
 
-    ``cold``: flush the caches before each timed call, then run ``twins[name]`` (if
-    given), which warms everything but the timed function's own weights."""
+    Warm: ``runs`` rounds in which each function in turn makes two untimed calls and
+    then ``reps / runs`` timed back-to-back calls (warm for itself). ``cold``: before
+    each timed call, flush the caches, then run ``twins[name]`` (if given), which warms
+    everything but the timed function's own weights; functions take turns call by call."""
     twins = twins or {}
-    for f in list(fns.values()) + list(twins.values()):  # warm-up (and first-call allocations)
+    for f in list(fns.values()) + list(twins.values()):  # first-call allocations
         f()
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(reps):
-        for name, f in fns.items():
-            if cold:
+    if cold:
+        for _ in range(reps):
+            for name, f in fns.items():
                 flush_caches()
                 if name in twins:
                     twins[name]()
-            else:
-                f()  # warm: the timed call follows a call of the same function
-            t0 = time.perf_counter()
-            f()
-            times[name].append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                f()
+                times[name].append(time.perf_counter() - t0)
+    else:
+        per_run = max(1, -(-reps // runs))
+        for _ in range(runs):
+            for name, f in fns.items():
+                f()
+                f()
+                for _ in range(per_run):
+                    t0 = time.perf_counter()
+                    f()
+                    times[name].append(time.perf_counter() - t0)
     return {k: float(np.median(v)) for k, v in times.items()}
 
 
