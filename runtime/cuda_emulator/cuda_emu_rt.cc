@@ -289,11 +289,9 @@ void read_env() {
 void run(std::vector<Fiber*> fs) {
   uint64_t idle_rounds = 0;
   std::vector<Fiber*> order = fs;
+  permute(order);
   while (!g_failed) {
-    if (cfg.order == 2 || order.size() != fs.size()) {
-      order = fs;
-      permute(order);
-    }
+    if (cfg.order == 2) permute(order);  // a fresh interleaving every round
     bool ran = false, all_done = true;
     uint64_t before = g_progress;
     bool only_spins = true;
