@@ -280,8 +280,260 @@ def run_kernels(seed: int) -> dict:
             "run_seconds": time.perf_counter() - t2, "results": results}
 
 
-JOBS = {"kernels": run_kernels}
+# ---------------------------------------------------------------- whole artifacts
+
+def _weights_as_inputs(model, names: set[str]):
+    """Move initializers ``names`` to graph inputs (weights computed at run time)."""
+    import onnx
+
+    g = model.graph
+    moved = [i for i in g.initializer if i.name in names]
+    keep = [i for i in g.initializer if i.name not in names]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    for init in moved:
+        g.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    return model
+
+
+def _deepspeech(path: str) -> str:
+    from bscompile.models.deepspeech import DeepSpeechConfig, export_pruned
+
+    cfg = DeepSpeechConfig(hidden=32, cell="gru", layers=2, features=20, conv_channels=16)
+    export_pruned(path, cfg, 0.8, (4, 4), frames=16, atol=1e-4)
+    return path
+
+
+def artifact_models(rng, tmp: str) -> dict[str, tuple[str, dict]]:
+    """name -> (ONNX path, recurrent structure {steps per direction: number of directions})."""
+    import onnx
+
+    import bscompile
+    from onnx_models import mlp, recurrent
+
+    out = {}
+
+    def save(name, model, rec):
+        path = os.path.join(tmp, f"{name}.onnx")
+        onnx.save(model, path)
+        out[name] = (path, rec)
+
+    bundled = os.path.join(os.path.dirname(bscompile.__file__), "data", "char_gru_bp4x4.onnx")
+    out["bundled_char_gru_h256"] = (bundled, {"layers_x_dirs": 2, "seq": 50})
+    save("bilstm_4x4", recurrent("LSTM", 16, 24, 5, 3, 1, True, "4x4", rng), {"layers_x_dirs": 2, "seq": 5})
+    save("gru_2layer_8x8", recurrent("GRU", 12, 32, 4, 2, 2, False, "8x8", rng), {"layers_x_dirs": 2, "seq": 4})
+    save("rnn_bidir_dense", recurrent("RNN", 10, 20, 3, 4, 1, True, "dense", rng), {"layers_x_dirs": 2, "seq": 3})
+    save("gru_runtime_weights", _weights_as_inputs(recurrent("GRU", 8, 16, 3, 2, 1, False, "dense", rng),
+                                                  {"l0.W", "l0.R"}), {"layers_x_dirs": 1, "seq": 3})
+    save("mlp_bsr", mlp([64, 128, 48, 10], 5, ["8x8", "4x4", "unstructured"], rng)[0], {})
+    out["deepspeech_gru_h32"] = (_deepspeech(os.path.join(tmp, "deepspeech.onnx")),
+                                 {"layers_x_dirs": 4, "seq": 8})
+    return out
+
+
+def run_artifacts(seed: int) -> dict:
+    """Compile for CUDA, export, load through bscompile.load on the emulated device, compare with onnxruntime."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    import bscompile
+    from bscompile.runtime import cuda_emulator as emu
+
+    rng = np.random.default_rng(seed)
+    emu.install()
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (path, rec) in artifact_models(rng, tmp).items():
+            t0 = time.perf_counter()
+            art = bscompile.compile(path, target="cuda")
+            bsc = art.export(os.path.join(tmp, f"{name}.bsc"))
+            t1 = time.perf_counter()
+            mod = bscompile.load(bsc)
+            t2 = time.perf_counter()
+            feeds = {}
+            for s in mod.inputs:
+                if np.dtype(s.dtype).kind in "iu":
+                    feeds[s.name] = rng.integers(0, 8, size=s.shape).astype(s.dtype)
+                else:
+                    feeds[s.name] = rng.standard_normal(s.shape).astype(s.dtype)
+            sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+            ref = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+            for order, oseed in ORDERS:
+                emu.configure(order, oseed + seed)
+                emu.clear_launches()
+                err = None
+                try:
+                    with emu.raised_as_emulator_error():
+                        outs = mod.run(feeds)
+                except emu.EmulatorError as e:
+                    err, outs = str(e), {}
+                launches = emu.launches()
+                results.append({
+                    "model": name, "order": order, "error": err, "device": mod.device.dlpack_device_type(),
+                    "max_abs_err": {k: float(np.max(np.abs(v - ref[k]))) for k, v in outs.items()},
+                    "ref_scale": {k: float(np.max(np.abs(ref[k]))) for k in ref},
+                    "launches": [ln.kernel for ln in launches], "structure": rec,
+                    "compile_seconds": t1 - t0, "load_seconds": t2 - t1})
+    return {"results": results}
+
+
+# ---------------------------------------------------------------- mutations
+
+MUT_LINEAR = LinearCase(50, 70, (4, 4), 3, {"warps": 2})  # staged x, 2 warps, ragged rows
+MUT_RECURRENT = RecurrentCase("gru", 32, (4, 4), 4, 2)  # fused step kernel over 8 thread blocks
+_SHFL = re.compile(r"^(\s*)(acc_ptr\[\d+\] = .*__shfl_down_sync\(\(uint\)4294967295, .*, )(\d+)(, 32\)\);)$", re.M)
+
+
+def _once(pattern: str, repl, src: str, flags=re.M, which: int = 0) -> str:
+    """Replace the ``which``-th match of ``pattern`` (it must exist: a mutation that misses is a test bug)."""
+    ms = list(re.finditer(pattern, src, flags))
+    if not ms:
+        raise AssertionError(f"mutation pattern not found: {pattern}")
+    m = ms[which]
+    new = repl(m) if callable(repl) else m.expand(repl)
+    return src[:m.start()] + new + src[m.end():]
+
+
+def _kernel_span(src: str, kernel: str) -> tuple[int, int]:
+    start = src.index(f" {kernel}(", src.index(f" {kernel}(") + 1)  # the definition, after the declaration
+    end = src.find('extern "C"', start)
+    return src.rfind('extern "C"', 0, start), len(src) if end < 0 else end
+
+
+def _in_kernel(kernel: str, mutate):
+    def apply(src: str) -> str:
+        a, b = _kernel_span(src, kernel)
+        return src[:a] + mutate(src[a:b]) + src[b:]
+    return apply
+
+
+#: fault -> (kernel, source mutation, sanitizer mode). The mutations follow TVM 0.27's CUDA printer.
+MUTATIONS = {
+    "dropped __syncthreads (x staging)": ("lin", lambda s: _once(r"^\s*__syncthreads\(\);\n", "", s), ""),
+    "wrong shuffle offset (16 -> 8)": ("lin", lambda s: _once(_SHFL.pattern, r"\g<1>\g<2>8\g<4>", s), ""),
+    "shuffle under divergence (lanes < 16)": (
+        "lin", lambda s: _once(_SHFL.pattern, r"\g<1>if (((int)threadIdx.x) < 16) \g<2>\g<3>\g<4>", s), ""),
+    "narrowed shuffle mask (0xffff)": (
+        "lin", lambda s: _once(r"__shfl_down_sync\(\(uint\)4294967295,", "__shfl_down_sync((uint)65535,", s), ""),
+    "misaligned float4 weight load": (
+        "lin", lambda s: _once(r"\*\(float4\*\)\(data_ptr \+ ", "*(float4*)(data_ptr + 1 + ", s), ""),
+    "single-buffered recurrent state": (
+        "rec", lambda s: _once(r"hv_ptr\[\(\((.*)\) \+ (\d+)\) - \((\w+) \* (\d+)\)\)\] = h_out_ptr",
+                               r"hv_ptr[(\1) + (\3 * \4))] = h_out_ptr", s), ""),
+    "uninitialised shared memory (staging store dropped)": (
+        "lin", lambda s: _once(r"^\s*xs_ptr\[[^\n]*\] = condval;\n", "", s), ""),
+    "early exit before __syncthreads": (
+        "lin", lambda s: _once(r"(__shared__[^\n]*\n)", r"\1  if (((int)threadIdx.y) == 1) return;\n", s), ""),
+    "launch bounds below the block size": (
+        "lin", lambda s: _once(r"__launch_bounds__\((\d+)\)", lambda m: f"__launch_bounds__({int(m[1]) // 2})", s), ""),
+    "static shared memory over 48 KiB": ("lin", lambda s: _once(r"xs_ptr\[(\d+)\];", "xs_ptr[12800];", s), ""),
+    "dropped bounds guard (last row store)": (
+        "lin", lambda s: _once(r"if \(([^\n]*)\) \{\n(\s*y_ptr\[)", r"if (true) {\n\2", s, which=-1), "address"),
+}
+
+
+def _mutation_module(rng, tmp: str):
+    """The two kernels the faults go into, exported once; returns (host .so path, checks)."""
+    import tvm
+
+    from bscompile.target import resolve_target
+
+    w = _block_sparse(rng, MUT_LINEAR.n, MUT_LINEAR.k, MUT_LINEAR.block)
+    mat = _bsr(w, MUT_LINEAR.block)
+    x = rng.standard_normal((MUT_LINEAR.m, MUT_LINEAR.k)).astype(np.float32)
+    bias = np.zeros(mat.padded_shape[0], np.float32)
+    bias[:MUT_LINEAR.n] = rng.standard_normal(MUT_LINEAR.n)
+    rfunc, rargs, rref = recurrent_func_and_args(MUT_RECURRENT, rng)
+    funcs = {"lin": linear_func(MUT_LINEAR, mat).with_attr("global_symbol", "lin"),
+             "rec": rfunc.with_attr("global_symbol", "rec")}
+    with resolve_target("cuda").tvm_target() as tgt:
+        ex = tvm.compile(tvm.IRModule(funcs), target=tgt)
+    path = os.path.join(tmp, "base.so")
+    ex.export_library(path)
+    H, B = MUT_RECURRENT.hidden, MUT_RECURRENT.batch
+    checks = {
+        "lin": ([x, mat.data, mat.indices, mat.indptr, bias], [(MUT_LINEAR.m, MUT_LINEAR.n)],
+                [x.astype(np.float64) @ w.T + bias[:MUT_LINEAR.n]]),
+        "rec": (rargs, [(MUT_RECURRENT.seq, B, H), (B, H), (B, H)], list(rref)),
+    }
+    return path, checks
+
+
+def _run_mutant(host_path: str, tag: str, checks, kernel: str, mutate, seed: int) -> dict:
+    """Load the kernels with ``mutate`` applied to the CUDA source and run ``kernel`` in every order."""
+    import shutil
+
+    import tvm
+
+    from bscompile.runtime import cuda_emulator as emu
+
+    seen = {}
+    target = {"lin": "lin_kernel", "rec": "rec_kernel_1"}[kernel]  # rec_kernel_1: the step kernel
+
+    def filt(src: str) -> str:
+        out = _in_kernel(target, mutate)(src) if mutate else src
+        seen["changed"] = out != src
+        return out
+
+    emu.install(source_filter=filt, sanitize=emu._state.sanitize)
+    fresh = host_path.replace("base.so", f"mut_{tag}.so")  # a fresh path: TVM caches kernel handles per library
+    shutil.copy(host_path, fresh)
+    lib = tvm.runtime.load_module(fresh)
+    args, shapes, refs = checks[kernel]
+    orders = []
+    for order, oseed in ORDERS:
+        emu.configure(order, oseed + seed)
+        outs = [_tensor(np.zeros(s, np.float32)) for s in shapes]
+        try:
+            with emu.raised_as_emulator_error():
+                lib[kernel](*[_tensor(a) for a in args], *outs)
+            err = max(float(np.nan_to_num(np.max(np.abs(o.numpy() - r)), nan=np.inf)) for o, r in zip(outs, refs))
+            nan = any(bool(np.isnan(o.numpy()).any()) for o in outs)
+            orders.append({"order": order, "error": None, "max_abs_err": err, "nan": nan})
+        except emu.EmulatorError as e:
+            orders.append({"order": order, "error": str(e)})
+    return {"changed": seen.get("changed", mutate is None), "orders": orders}
+
+
+def run_mutations(seed: int) -> dict:
+    """Every plain-mode fault of :data:`MUTATIONS` (and the unmutated control) in one process."""
+    import tempfile
+
+    from bscompile.runtime import cuda_emulator as emu
+
+    rng = np.random.default_rng(seed)
+    emu.install()
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        host, checks = _mutation_module(rng, tmp)
+        for kernel in ("lin", "rec"):
+            out[f"control {kernel}"] = _run_mutant(host, f"control_{kernel}", checks, kernel, None, seed)
+        for i, (name, (kernel, mutate, mode)) in enumerate(MUTATIONS.items()):
+            if mode == "":
+                out[name] = _run_mutant(host, str(i), checks, kernel, mutate, seed)
+    return {"results": out}
+
+
+def run_mutation_sanitized(seed: int, name: str) -> dict:
+    """One fault under ASan+UBSan (the process dies at the first report: the caller reads stderr)."""
+    import tempfile
+
+    from bscompile.runtime import cuda_emulator as emu
+
+    rng = np.random.default_rng(seed)
+    emu.install(sanitize="address")
+    kernel, mutate, _ = MUTATIONS[name] if name != "control" else ("lin", None, "address")
+    with tempfile.TemporaryDirectory() as tmp:
+        host, checks = _mutation_module(rng, tmp)
+        return {"results": {name: _run_mutant(host, "asan", checks, kernel, mutate, seed)}}
+
+
+JOBS = {"kernels": run_kernels, "artifacts": run_artifacts, "mutations": run_mutations}
 
 if __name__ == "__main__":
     job, seed = sys.argv[1], int(sys.argv[2])
-    print(json.dumps(JOBS[job](seed)))
+    if job == "mutation-asan":
+        print(json.dumps(run_mutation_sanitized(seed, sys.argv[3])))
+    else:
+        print(json.dumps(JOBS[job](seed)))

@@ -145,6 +145,19 @@ def _tvm_ffi_lib() -> str:
     return tvm_ffi.libinfo.find_libtvm_ffi()
 
 
+def sanitizer_env(env: dict | None = None) -> dict:
+    """Environment for a Python process that loads ASan-built modules: the ASan runtime must be
+    the first library loaded (LD_PRELOAD, with libstdc++ for its C++ interceptors), Python's own
+    SIGSEGV handler must not hide its reports, and CPython's arena allocator "leaks" by design."""
+    env = dict(os.environ if env is None else env)
+    libs = [subprocess.run(["g++", f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
+            for name in ("libasan.so", "libstdc++.so")]
+    env["LD_PRELOAD"] = " ".join(libs + ([env["LD_PRELOAD"]] if env.get("LD_PRELOAD") else []))
+    env["ASAN_OPTIONS"] = "allow_user_segv_handler=0:detect_leaks=0:halt_on_error=1"
+    env["UBSAN_OPTIONS"] = "halt_on_error=1:print_stacktrace=1"
+    return env
+
+
 def runtime_library(sanitize: str = "") -> Path:
     """The emulator runtime (fibers, scheduler, checks), built once per content and mode."""
     flags = SANITIZE_FLAGS[sanitize]

@@ -33,6 +33,7 @@ void* cuemu_shared(uint64_t bytes, uint64_t align, int line);
 void* cuemu_dyn_shared(void);
 void cuemu_yield(void);
 void cuemu_threadfence(void);
+unsigned cuemu_activemask(void);
 }
 
 #define threadIdx (cuemu_cur->tid)
@@ -58,6 +59,8 @@ void cuemu_threadfence(void);
 #define __threadfence() cuemu_threadfence()
 #define __threadfence_block() cuemu_threadfence()
 #define __nanosleep(ns) cuemu_yield()
+// Lanes of the warp that have not exited (no lockstep here: convergence is what the shuffles check).
+#define __activemask() cuemu_activemask()
 
 inline unsigned cuemu_mask_or_full() { return 0xFFFFFFFFu; }
 inline unsigned cuemu_mask_or_full(unsigned m) { return m; }

@@ -487,6 +487,16 @@ void cuemu_yield(void) {
 
 void cuemu_threadfence(void) {}
 
+unsigned cuemu_activemask(void) {
+  Fiber* f = g_running;
+  Block* b = f->block;
+  int base = f->linear - f->lane;
+  unsigned m = 0;
+  for (int l = 0; l < 32 && base + l < (int)b->fibers.size(); ++l)
+    if (b->fibers[base + l]->state != DONE) m |= 1u << l;
+  return m;
+}
+
 // The k-th __shared__ declaration a thread executes is the block's k-th allocation.
 void* cuemu_shared(uint64_t bytes, uint64_t align, int line) {
   Fiber* f = g_running;
@@ -663,7 +673,7 @@ static void type_mismatch(CuemuTypeMismatch* d, uintptr_t ptr) {
     abort();
   }
   if (ptr == 0) fiber_fail("null pointer access at line %u", d->loc.line);
-  fiber_fail("misaligned access at line %u: address 0x%" PRIxPTR " of a '%s' needs %" PRIu64
+  fiber_fail("misaligned access at line %u: address 0x%" PRIxPTR " of a %s needs %" PRIu64
              "-byte alignment (the GPU raises a misaligned address error)", d->loc.line, ptr, d->type->name, align);
 }
 void __ubsan_handle_type_mismatch_v1(CuemuTypeMismatch* d, uintptr_t ptr) { type_mismatch(d, ptr); }
