@@ -17,6 +17,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from bscompile.errors import BscompileError
 from bscompile.runtime.cuda_emulator.serialized import (
     DL_FLOAT, DL_HANDLE, DYN_SHARED_TAG, CudaModuleBlob, KernelInfo)
 
@@ -40,8 +41,8 @@ _KERNEL = re.compile(
 _DIM = {"blockIdx.x": 0, "blockIdx.y": 1, "blockIdx.z": 2, "threadIdx.x": 3, "threadIdx.y": 4, "threadIdx.z": 5}
 
 
-class EmulatorBuildError(RuntimeError):
-    pass
+class EmulatorBuildError(BscompileError):
+    """The CUDA source could not be built for the emulator (or no g++ is installed)."""
 
 
 def cache_dir() -> Path:
@@ -123,7 +124,10 @@ def entry_points(source: str, kernels: dict[str, KernelInfo]) -> str:
 
 
 def _gxx(args: list[str], what: str, source_path: Path | None = None) -> None:
-    proc = subprocess.run(["g++", *args], capture_output=True, text=True)
+    try:
+        proc = subprocess.run(["g++", *args], capture_output=True, text=True)
+    except FileNotFoundError:
+        raise EmulatorBuildError("the CUDA emulator needs g++ (not found on PATH)") from None
     if proc.returncode != 0:
         raise EmulatorBuildError(f"g++ failed to build {what}"
                                  + (f" ({source_path})" if source_path else "") + ":\n" + proc.stderr[-3000:])
