@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--output", help="write outputs: FILE.npz, or a directory for NAME.npy files")
     r.add_argument("--check", metavar="MODEL.onnx", help="compare the outputs with onnxruntime on this model")
     r.add_argument("--bench", type=int, default=0, metavar="N", help="time N calls (and onnxruntime with --check)")
+    r.add_argument("--emulate", nargs="?", const="forward", choices=("forward", "reverse", "random"), metavar="ORDER",
+                   help="run a CUDA artifact on this CPU with the CUDA emulator, which reports what a GPU would "
+                        "reject or mis-execute; ORDER of threads and blocks: forward (default), reverse, random")
 
     i = sub.add_parser("inspect", help="per-weight sparsity report and layout choice, without compiling")
     i.add_argument("model")
@@ -181,9 +184,40 @@ def _write_outputs(outs: dict[str, np.ndarray], path: str) -> None:
 def cmd_run(args) -> int:
     import bscompile
 
+    if args.emulate:
+        return _run_emulated(args)
     mod = bscompile.load(args.artifact)
     feeds = _load_inputs(mod, args)
     outs = mod.run(feeds)
+    return _report_run(mod, feeds, outs, args)
+
+
+def _run_emulated(args) -> int:
+    """``run --emulate``: the CUDA artifact on the CPU through the CUDA emulator (a kernel fault exits 1)."""
+    import bscompile
+    from bscompile.errors import InputError
+    from bscompile.runtime import cuda_emulator as emu
+
+    if args.bench:
+        raise InputError("--bench measures nothing under --emulate (the emulator runs CUDA threads as CPU fibers)")
+    emu.install(order=args.emulate, seed=1)
+    mod = bscompile.load(args.artifact)
+    if mod.manifest.device != "cuda":
+        raise InputError(f"--emulate runs CUDA artifacts; {args.artifact} is for {mod.manifest.target_name}")
+    feeds = _load_inputs(mod, args)
+    try:
+        with emu.raised_as_emulator_error():
+            outs = mod.run(feeds)
+    except emu.EmulatorError as err:
+        print(f"bscompile: error: {err}", file=sys.stderr)
+        return 1
+    launches = emu.launches()
+    print(f"cuda emulator: {len(launches)} launches of {len({ln.kernel for ln in launches})} kernels "
+          f"({args.emulate} thread/block order) ran without a fault")
+    return _report_run(mod, feeds, outs, args)
+
+
+def _report_run(mod, feeds, outs, args) -> int:
     for name, a in outs.items():
         print(f"{name}: shape {list(a.shape)} {a.dtype}  mean {a.mean():.6g}  std {a.std():.6g}")
     if args.output:

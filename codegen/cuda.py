@@ -128,6 +128,7 @@ def _warp_block_row(r: int, c: int, vec: int, mt: int, xget):
         offsets.append(off * lanes_r)
         off //= 2
     active = lanes_r * kspl
+    off0 = offsets[0] if offsets else 0  # kspl == 1 (32 lanes over a block's rows): no reduction
 
     @T.macro
     def block_row(xsrc, data, indices, indptr, ib, m0, lane, acc, w):
@@ -153,7 +154,7 @@ def _warp_block_row(r: int, c: int, vec: int, mt: int, xget):
             for mm in T.unroll(mt):
                 for v in T.unroll(vec):
                     acc[mm, v] = acc[mm, v] + T.tvm_warp_shuffle_down(
-                        T.uint32(0xFFFFFFFF), acc[mm, v], T.int32(offsets[0]) >> o, WARP, WARP)
+                        T.uint32(0xFFFFFFFF), acc[mm, v], T.int32(off0) >> o, WARP, WARP)
 
     return block_row, lanes_r
 

@@ -3,12 +3,14 @@
 TVM 0.27 stores CUDA *source* in the module (``fmt == "cuda"``) and compiles it when
 the module is loaded on the GPU machine (``tvm_callback_cuda_compile``: NVRTC via
 ``cuda-bindings``, or nvcc with ``TVM_CUDA_COMPILE_MODE=nvcc``). The build machine
-therefore proves the artifact by compiling the very same source ahead of time with
-``nvcc -cubin -Xptxas -v`` for each architecture, and records registers and spills.
+therefore proves the artifact by compiling the very same source ahead of time, with the
+flags TVM uses at load time (``--use_fast_math``, its ptxas options), for each
+architecture, and records registers and spills.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -75,16 +77,32 @@ def parse_ptxas(log: str) -> list[KernelResources]:
     return out
 
 
+def load_time_flags() -> list[str]:
+    """The nvcc flags TVM compiles a CUDA module with when it is loaded on the GPU machine.
+
+    Mirrors ``tvm.support.nvcc.compile_cuda`` (its nvcc path; NVRTC gets the same
+    ``--use_fast_math`` and ptxas options), so the check compiles the code that ships:
+    fast math changes the instructions, and ptxas' register-usage level the allocation.
+    """
+    from tvm.support import nvcc as tvm_nvcc
+
+    return ["-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_OPERATORS__",
+            "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_BFLOAT162_OPERATORS__",
+            "-U__CUDA_NO_BFLOAT162_CONVERSIONS__", "--expt-relaxed-constexpr", "--expt-extended-lambda",
+            *([] if os.environ.get("TVM_CUDA_NVCC_NO_FAST_MATH") else ["--use_fast_math"]),
+            f"--ptxas-options={','.join(tvm_nvcc._ptxas_option_flags())}"]  # includes -v
+
+
 def compile_source(source: str, arch: str, nvcc: str | None = None, workdir: str | None = None,
                    timeout: float = 600) -> list[KernelResources]:
-    """``nvcc -arch=<arch> -cubin -Xptxas -v``; raises :class:`CudaCompileError` on failure."""
+    """``nvcc -arch=<arch> -cubin -O3`` + :func:`load_time_flags`; raises :class:`CudaCompileError` on failure."""
     nvcc = nvcc or nvcc_path()
     if nvcc is None:
         raise CudaCompileError("nvcc not found")
     with tempfile.TemporaryDirectory(prefix="bscompile-nvcc-", dir=workdir) as tmp:
         cu = Path(tmp) / "module.cu"
         cu.write_text(source)
-        cmd = [nvcc, f"-arch={arch}", "-cubin", "-O3", "-Xptxas", "-v", "-o", str(Path(tmp) / "module.cubin"),
+        cmd = [nvcc, f"-arch={arch}", "-cubin", "-O3", *load_time_flags(), "-o", str(Path(tmp) / "module.cubin"),
                str(cu)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:

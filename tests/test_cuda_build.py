@@ -5,7 +5,8 @@ dense LSTM (hidden size not a multiple of the block height: the unfused step pat
 and a GRU whose weights are graph inputs (sites the passes cannot analyse), plus
 the block-sparse kernels at the papers' shapes over block sizes and batches and a
 split GRU (``linear_before_reset=0``) recurrence; exports the artifacts; compiles the
-generated CUDA source with ``nvcc -cubin -Xptxas -v``; fails on any compile error or
+generated CUDA source with ``nvcc -cubin`` and the flags TVM compiles with at load time
+(``--use_fast_math``, its ptxas options); fails on any compile error or
 any spilling kernel; and writes the ptxas table to ``bench/results/cuda_ptxas.md``.
 """
 
@@ -21,7 +22,8 @@ import tvm
 
 import bscompile
 from bscompile.codegen import cuda
-from bscompile.codegen.cuda_ptxas import compile_source, cuda_sources, markdown_table, nvcc_path
+from bscompile.codegen.cuda_ptxas import (
+    compile_source, cuda_sources, load_time_flags, markdown_table, nvcc_path)
 from bscompile.codegen.layout import BlockShape, BSRMatrix
 from bscompile.codegen.recurrent_cells import CellSpec
 from bscompile.target import resolve_target, with_arch
@@ -120,7 +122,8 @@ def test_cuda_build_nvcc_ptxas(tmp_path):
     RESULTS.write_text(
         "# ptxas resources of bscompile's CUDA kernels\n\n"
         "Written by `python -m pytest tests/test_cuda_build.py` (nvcc "
-        f"`-cubin -O3 -Xptxas -v`, archs {', '.join(ARCHS)}). Block-sparse / dense weight-site kernels "
+        f"`-cubin -O3 {' '.join(load_time_flags())}`: TVM's load-time flags; archs {', '.join(ARCHS)}). "
+        "Block-sparse / dense weight-site kernels "
         f"and recurrent step kernels are listed; {light} kernels of TVM-scheduled light ops "
         "(reshapes, stacks, activations: dlight) also compiled, none spilling, omitted here.\n\n"
         f"Spilling kernels: {len(failures)}. Most registers: {worst[1].registers} "
