@@ -24,6 +24,7 @@ import tvm
 from tvm import relax
 
 from bscompile.passes.analyze_sparsity import AnalyzeSparsity
+from bscompile.passes.check_indices import CheckIndices
 from bscompile.passes.choose_layout import ChooseLayout
 from bscompile.passes.conv1d_to_matmul import Conv1dToMatmul
 from bscompile.passes.lower_weight_sites import LowerWeightSites
@@ -35,6 +36,7 @@ def phases(plan: CompilePlan) -> list[tuple[str, list[tvm.transform.Pass]]]:
     simplify = [relax.transform.FoldConstant(), relax.transform.DeadCodeElimination()]
     return [
         ("simplify", simplify),
+        ("check", [CheckIndices(plan.kernels.name)]),
         ("sites", [Conv1dToMatmul(), OutlineLinearSites()]),
         ("analyze", [AnalyzeSparsity(plan), ChooseLayout(plan)]),
         ("lower", [LowerWeightSites(plan)]),

@@ -16,6 +16,12 @@ from bscompile.errors import ArtifactError, InputError
 from bscompile.runtime.artifact import Manifest, read_artifact
 
 
+@tvm.register_global_func("bscompile.index_error", override=True)
+def _index_error(prefix: str, value: int, lo: int, hi: int, suffix: str) -> None:
+    """Called by the kernels of ``passes.check_indices`` at the first out-of-range index."""
+    raise IndexError(f"{prefix}{value} outside [{lo}, {hi}){suffix}")
+
+
 def host_arch() -> str:
     m = platform.machine().lower()
     return "aarch64" if m in ("aarch64", "arm64") else "x86_64"
@@ -84,7 +90,11 @@ class CompiledModule:
         return self._stage_tvm
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = self._main(*self._args(feeds))
+        args = self._args(feeds)
+        try:
+            out = self._main(*args)
+        except IndexError as err:  # raised by _index_error: input data, not the module, is wrong
+            raise InputError(str(err).strip().splitlines()[0]) from None
         outs = [out] if isinstance(out, tvm.runtime.Tensor) else list(out)
         if self._cpu:
             return {spec.name: np.from_dlpack(o) for spec, o in zip(self.manifest.outputs, outs)}

@@ -22,6 +22,7 @@ from bscompile.errors import BscompileError, UnsupportedModelError
 from bscompile.frontend.recurrent import convert_recurrent
 
 RECURRENT_OPS = {"GRU": "gru", "LSTM": "lstm", "RNN": "rnn"}
+INDEX_OPS = {"Gather", "GatherElements", "GatherND", "Scatter", "ScatterElements", "ScatterND"}
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,10 @@ class _Importer(tvm_onnx.ONNXGraphImporter):
         if op_name in RECURRENT_OPS:
             node = self._onnx_nodes[attrs["tvm_custom"]["name"]]
             return convert_recurrent(RECURRENT_OPS[op_name], self.bb, inputs, attrs, node)
-        return super()._convert_operator(op_name, inputs, attrs, opset)
+        sym = super()._convert_operator(op_name, inputs, attrs, opset)
+        if op_name in INDEX_OPS and isinstance(sym, relax.Call):  # passes.check_indices names the node
+            sym = self.bb.emit(sym, name_hint=attrs["tvm_custom"]["name"])
+        return sym
 
 
 def import_onnx(model: str | os.PathLike | onnx.ModelProto,
