@@ -18,12 +18,38 @@ import numpy as np
 COMMANDS = ("compile", "run", "inspect", "package", "demo", "targets", "tune")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors are one line (``bscompile: error: ...``) and exit 2, like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"bscompile: error: {message} (see `{self.prog} --help`)\n")
+
+
 def _shape_arg(text: str) -> tuple[str, tuple[int, ...]]:
     try:
         name, dims = text.rsplit("=", 1)
-        return name, tuple(int(d) for d in dims.replace("x", ",").split(","))
+        shape = tuple(int(d) for d in dims.replace("x", ",").split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected NAME=D0,D1,..., got '{text}'") from None
+    if not name or any(d <= 0 for d in shape):
+        raise argparse.ArgumentTypeError(f"expected NAME=D0,D1,... with positive dimensions, got '{text}'")
+    return name, shape
+
+
+def _block_arg(text: str) -> str:
+    from bscompile.codegen.layout import CANDIDATE_EDGES
+
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and 1 <= int(p) <= 8 * max(CANDIDATE_EDGES) for p in parts):
+        raise argparse.ArgumentTypeError(f"expected RxC with 1 <= R, C <= {8 * max(CANDIDATE_EDGES)} "
+                                         f"(e.g. 4x4), got '{text}'")
+    return text.lower()
+
+
+def _positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'")
+    return int(text)
 
 
 def _input_arg(text: str) -> tuple[str, str]:
@@ -34,9 +60,13 @@ def _input_arg(text: str) -> tuple[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bscompile", description="Compile pruned ONNX models into block-sparse kernels.")
-    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    sub = p.add_subparsers(dest="command", required=True)
+    common = _Parser(add_help=False)  # accepted before and after the command
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+    common.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="show TVM's own warnings and log lines")
+    p = _Parser(prog="bscompile", description="Compile pruned ONNX models into block-sparse kernels.",
+                parents=[common])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=lambda **kw: _Parser(parents=[common], **kw))
 
     def model_opts(sp):
         sp.add_argument("--input-shape", type=_shape_arg, action="append", default=[], metavar="NAME=D0,D1,...",
@@ -46,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--cpu", help="LLVM CPU model for CPU targets, e.g. cortex-a76")
         sp.add_argument("--arch", help="GPU architecture for the cuda target, e.g. sm_80, sm_90")
         sp.add_argument("--dense", action="store_true", help="compile bscompile's dense path (no sparsity)")
-        sp.add_argument("--block", metavar="RxC", help="force this block shape on every weight with zeros")
+        sp.add_argument("--block", type=_block_arg, metavar="RxC", help="force this block shape on every weight with zeros")
 
     c = sub.add_parser("compile", help="compile an ONNX model to a .bsc artifact")
     c.add_argument("model")
@@ -62,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--random", action="store_true", help="feed random inputs of the right shapes")
     r.add_argument("--output", help="write outputs: FILE.npz, or a directory for NAME.npy files")
     r.add_argument("--check", metavar="MODEL.onnx", help="compare the outputs with onnxruntime on this model")
-    r.add_argument("--bench", type=int, default=0, metavar="N", help="time N calls (and onnxruntime with --check)")
+    r.add_argument("--bench", type=_positive_int, default=0, metavar="N", help="time N calls (and onnxruntime with --check)")
 
     i = sub.add_parser("inspect", help="per-weight sparsity report and layout choice, without compiling")
     i.add_argument("model")
@@ -77,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="compile the bundled pruned GRU model, check it against onnxruntime, time both")
     d.add_argument("--model", help="ONNX model (default: the bundled char-level GRU)")
-    d.add_argument("--runs", type=int, default=50)
+    d.add_argument("--runs", type=_positive_int, default=50)
 
     sub.add_parser("targets", help="list named targets")
 
@@ -278,19 +308,30 @@ def cmd_tune(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # `bscompile model.onnx ...` is `bscompile compile model.onnx ...`
-    first = next((a for a in argv if a != "--debug"), None)
+    first = next((a for a in argv if a not in ("--debug", "--verbose")), None)
     if first is not None and first not in COMMANDS and not first.startswith("-"):
         argv.insert(argv.index(first), "compile")
     args = build_parser().parse_args(argv)
+    args.debug, args.verbose = getattr(args, "debug", False), getattr(args, "verbose", False)
+    from contextlib import nullcontext
+
     from bscompile.errors import BscompileError
+    from bscompile.logs import tvm_logs_hidden
 
     try:
-        return {"compile": cmd_compile, "run": cmd_run, "inspect": cmd_inspect, "package": cmd_package,
-                "demo": cmd_demo, "targets": cmd_targets, "tune": cmd_tune}[args.command](args)
+        with nullcontext() if args.verbose else tvm_logs_hidden():
+            return {"compile": cmd_compile, "run": cmd_run, "inspect": cmd_inspect, "package": cmd_package,
+                    "demo": cmd_demo, "targets": cmd_targets, "tune": cmd_tune}[args.command](args)
     except BscompileError as err:
         if args.debug:
             raise
         print(f"bscompile: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a path the user gave cannot be read or written
+        if args.debug:
+            raise
+        where = f": {err.filename}" if err.filename else ""
+        print(f"bscompile: error: {err.strerror or err}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("bscompile: interrupted", file=sys.stderr)
