@@ -29,6 +29,7 @@ from bscompile.passes.choose_layout import ChooseLayout
 from bscompile.passes.conv1d_to_matmul import Conv1dToMatmul
 from bscompile.passes.lower_weight_sites import LowerWeightSites
 from bscompile.passes.outline_linear_sites import OutlineLinearSites
+from bscompile.passes.own_outputs import OwnOutputs
 from bscompile.passes.sites import CompilePlan
 
 
@@ -41,6 +42,7 @@ def phases(plan: CompilePlan) -> list[tuple[str, list[tvm.transform.Pass]]]:
         ("analyze", [AnalyzeSparsity(plan), ChooseLayout(plan)]),
         ("lower", [LowerWeightSites(plan)]),
         ("finalize", simplify),
+        ("outputs", [OwnOutputs()]),
     ]
 
 

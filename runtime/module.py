@@ -40,7 +40,9 @@ class CompiledModule:
 
     Inputs are copied into persistent aligned staging buffers that TVM reads through
     DLPack, and outputs come back zero-copy: creating TVM tensors per call costs more
-    than a small sparse layer takes to run. Not thread-safe (neither is TVM's VM).
+    than a small sparse layer takes to run. Each output owns its memory (the
+    ``OwnOutputs`` pass copies outputs that would alias an input, a constant or another
+    output), so it survives later calls. Not thread-safe (neither is TVM's VM).
     """
 
     def __init__(self, manifest: Manifest, lib: tvm.runtime.Module, device: tvm.runtime.Device, tmpdir=None):
