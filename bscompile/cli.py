@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ class _Parser(argparse.ArgumentParser):
     """Usage errors are one line (``bscompile: error: ...``) and exit 2, like every other error."""
 
     def error(self, message: str):
-        self.exit(2, f"bscompile: error: {message} (see `{self.prog} --help`)\n")
+        self.exit(2, f"bscompile: error: {one_line(message)} (see `{self.prog} --help`)\n")
 
 
 def _shape_arg(text: str) -> tuple[str, tuple[int, ...]]:
@@ -233,18 +234,30 @@ def _ort_session(model_path: str, threads: int | None = None):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # its warnings are not ours to show; its errors become ours
     if threads:
         opts.intra_op_num_threads = threads
     return ort.InferenceSession(model_path, opts, providers=["CPUExecutionProvider"])
 
 
 def check_against_ort(model_path: str, feeds, outs, rtol=1e-4, atol=1e-5) -> bool:
-    sess = _ort_session(model_path)
-    ref = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+    """Print and return whether ``outs`` match onnxruntime's (NaN where it has NaN counts as equal)."""
+    from bscompile.errors import BscompileError
+
+    try:
+        sess = _ort_session(model_path)
+        ref = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+    except Exception as err:  # noqa: BLE001 - onnxruntime raises its own exception types
+        msg = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+        raise BscompileError(f"--check: onnxruntime cannot run {model_path} ({msg[-1] if msg else err})") from None
     ok = True
     for name, a in outs.items():
-        err = np.abs(a - ref[name]).max() if a.size else 0.0
-        good = np.allclose(a, ref[name], rtol=rtol, atol=atol)
+        if name not in ref or np.shape(ref[name]) != a.shape:
+            raise BscompileError(f"--check: {model_path} is not the model this artifact was compiled from "
+                                 f"(output '{name}')")
+        with np.errstate(invalid="ignore"):
+            err = np.nanmax(np.abs(a - ref[name])) if a.size and not np.isnan(a - ref[name]).all() else 0.0
+        good = np.allclose(a, ref[name], rtol=rtol, atol=atol, equal_nan=True)
         ok &= good
         print(f"check {name} vs onnxruntime: max abs err {err:.3g} ({'ok' if good else 'MISMATCH'}, rtol {rtol} atol {atol})")
     return ok
@@ -313,25 +326,36 @@ def main(argv: list[str] | None = None) -> int:
         argv.insert(argv.index(first), "compile")
     args = build_parser().parse_args(argv)
     args.debug, args.verbose = getattr(args, "debug", False), getattr(args, "verbose", False)
+    import gc
     from contextlib import nullcontext
 
-    from bscompile.errors import BscompileError
     from bscompile.logs import tvm_logs_hidden
 
+    with nullcontext() if args.verbose else tvm_logs_hidden():
+        rc = _dispatch(args)
+        gc.collect()  # TVM objects a failed command left behind warn when destroyed: while hidden
+    return rc
+
+
+def _dispatch(args) -> int:
+    from bscompile.errors import BscompileError
+
     try:
-        with nullcontext() if args.verbose else tvm_logs_hidden():
-            return {"compile": cmd_compile, "run": cmd_run, "inspect": cmd_inspect, "package": cmd_package,
-                    "demo": cmd_demo, "targets": cmd_targets, "tune": cmd_tune}[args.command](args)
+        model = getattr(args, "model", None)
+        if model is not None and not os.path.isfile(model):  # before a file name is derived from it
+            raise BscompileError(f"{'no such file' if not os.path.exists(model) else 'not a file'}: {model}")
+        return {"compile": cmd_compile, "run": cmd_run, "inspect": cmd_inspect, "package": cmd_package,
+                "demo": cmd_demo, "targets": cmd_targets, "tune": cmd_tune}[args.command](args)
     except BscompileError as err:
         if args.debug:
             raise
-        print(f"bscompile: error: {err}", file=sys.stderr)
+        print(f"bscompile: error: {one_line(str(err))}", file=sys.stderr)
         return 2
     except OSError as err:  # a path the user gave cannot be read or written
         if args.debug:
             raise
         where = f": {err.filename}" if err.filename else ""
-        print(f"bscompile: error: {err.strerror or err}{where}", file=sys.stderr)
+        print(f"bscompile: error: {one_line(f'{err.strerror or err}{where}')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("bscompile: interrupted", file=sys.stderr)
@@ -340,9 +364,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         msg = [ln for ln in str(err).strip().splitlines() if ln.strip()]
-        print(f"bscompile: internal error: {type(err).__name__}: {msg[-1] if msg else ''} "
+        print(f"bscompile: internal error: {type(err).__name__}: {one_line(msg[-1]) if msg else ''} "
               "(rerun with --debug for the traceback)", file=sys.stderr)
         return 3
+
+
+def one_line(text: str) -> str:
+    """``text`` with line breaks and other control characters escaped (names in a model can hold any)."""
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], text)
 
 
 if __name__ == "__main__":

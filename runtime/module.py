@@ -80,6 +80,10 @@ class CompiledModule:
                 raise InputError(f"input '{spec.name}' has shape {list(a.shape)}, expected {list(spec.shape)}")
             if a.dtype != np.dtype(spec.dtype):
                 raise InputError(f"input '{spec.name}' has dtype {a.dtype}, expected {spec.dtype}")
+            if a.dtype.kind == "f" and not np.isfinite(a).all():
+                at = [int(i) for i in np.argwhere(~np.isfinite(a))[0]]
+                raise InputError(f"input '{spec.name}' holds {a[tuple(at)]} at {at}; inputs must be finite (the "
+                                 "generated code skips pruned zeros and does not propagate NaN/inf as onnxruntime)")
             arrays.append(np.require(a, requirements="C"))  # (ascontiguousarray makes 0-d arrays 1-d)
         return arrays
 
@@ -97,6 +101,12 @@ class CompiledModule:
             out = self._main(*args)
         except IndexError as err:  # raised by _index_error: input data, not the module, is wrong
             raise InputError(str(err).strip().splitlines()[0]) from None
+        except Exception as err:  # noqa: BLE001 - TVM raises several types
+            if "ErrorContext(fn=main, loc=param" not in str(err):
+                raise
+            # The VM's own argument check: inputs match the manifest, so the manifest lies.
+            raise ArtifactError("the module does not take the inputs its manifest lists "
+                                f"({str(err).strip().splitlines()[0][:200]})") from None
         outs = [out] if isinstance(out, tvm.runtime.Tensor) else list(out)
         if self._cpu:
             return {spec.name: np.from_dlpack(o) for spec, o in zip(self.manifest.outputs, outs)}

@@ -20,6 +20,7 @@ from tvm.relax.frontend.onnx import onnx_frontend as tvm_onnx
 
 from bscompile.errors import BscompileError, UnsupportedModelError
 from bscompile.frontend.recurrent import convert_recurrent
+from bscompile.limits import check_resources
 
 RECURRENT_OPS = {"GRU": "gru", "LSTM": "lstm", "RNN": "rnn"}
 INDEX_OPS = {"Gather", "GatherElements", "GatherND", "Scatter", "ScatterElements", "ScatterND"}
@@ -156,6 +157,7 @@ def import_onnx(model: str | os.PathLike | onnx.ModelProto,
     check_supported(proto)
     proto = _with_node_names(proto)
     inputs = graph_inputs(proto, input_shapes)
+    check_resources(proto, {s.name: s.shape for s in inputs}, {s.name: s.dtype for s in inputs})
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
     importer = _Importer(
         {s.name: list(s.shape) for s in inputs}, {s.name: s.dtype for s in inputs},
