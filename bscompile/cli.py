@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -18,12 +19,38 @@ import numpy as np
 COMMANDS = ("compile", "run", "inspect", "package", "demo", "targets", "tune")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors are one line (``bscompile: error: ...``) and exit 2, like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"bscompile: error: {one_line(message)} (see `{self.prog} --help`)\n")
+
+
 def _shape_arg(text: str) -> tuple[str, tuple[int, ...]]:
     try:
         name, dims = text.rsplit("=", 1)
-        return name, tuple(int(d) for d in dims.replace("x", ",").split(","))
+        shape = tuple(int(d) for d in dims.replace("x", ",").split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected NAME=D0,D1,..., got '{text}'") from None
+    if not name or any(d <= 0 for d in shape):
+        raise argparse.ArgumentTypeError(f"expected NAME=D0,D1,... with positive dimensions, got '{text}'")
+    return name, shape
+
+
+def _block_arg(text: str) -> str:
+    from bscompile.codegen.layout import CANDIDATE_EDGES
+
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and 1 <= int(p) <= 8 * max(CANDIDATE_EDGES) for p in parts):
+        raise argparse.ArgumentTypeError(f"expected RxC with 1 <= R, C <= {8 * max(CANDIDATE_EDGES)} "
+                                         f"(e.g. 4x4), got '{text}'")
+    return text.lower()
+
+
+def _positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'")
+    return int(text)
 
 
 def _input_arg(text: str) -> tuple[str, str]:
@@ -34,9 +61,13 @@ def _input_arg(text: str) -> tuple[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bscompile", description="Compile pruned ONNX models into block-sparse kernels.")
-    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    sub = p.add_subparsers(dest="command", required=True)
+    common = _Parser(add_help=False)  # accepted before and after the command
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+    common.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="show TVM's own warnings and log lines")
+    p = _Parser(prog="bscompile", description="Compile pruned ONNX models into block-sparse kernels.",
+                parents=[common])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=lambda **kw: _Parser(parents=[common], **kw))
 
     def model_opts(sp):
         sp.add_argument("--input-shape", type=_shape_arg, action="append", default=[], metavar="NAME=D0,D1,...",
@@ -46,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--cpu", help="LLVM CPU model for CPU targets, e.g. cortex-a76")
         sp.add_argument("--arch", help="GPU architecture for the cuda target, e.g. sm_80, sm_90")
         sp.add_argument("--dense", action="store_true", help="compile bscompile's dense path (no sparsity)")
-        sp.add_argument("--block", metavar="RxC", help="force this block shape on every weight with zeros")
+        sp.add_argument("--block", type=_block_arg, metavar="RxC", help="force this block shape on every weight with zeros")
 
     c = sub.add_parser("compile", help="compile an ONNX model to a .bsc artifact")
     c.add_argument("model")
@@ -62,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--random", action="store_true", help="feed random inputs of the right shapes")
     r.add_argument("--output", help="write outputs: FILE.npz, or a directory for NAME.npy files")
     r.add_argument("--check", metavar="MODEL.onnx", help="compare the outputs with onnxruntime on this model")
-    r.add_argument("--bench", type=int, default=0, metavar="N", help="time N calls (and onnxruntime with --check)")
+    r.add_argument("--bench", type=_positive_int, default=0, metavar="N", help="time N calls (and onnxruntime with --check)")
     r.add_argument("--emulate", nargs="?", const="forward", choices=("forward", "reverse", "random"), metavar="ORDER",
                    help="run a CUDA artifact on this CPU with the CUDA emulator, which reports what a GPU would "
                         "reject or mis-execute; ORDER of threads and blocks: forward (default), reverse, random")
@@ -80,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="compile the bundled pruned GRU model, check it against onnxruntime, time both")
     d.add_argument("--model", help="ONNX model (default: the bundled char-level GRU)")
-    d.add_argument("--runs", type=int, default=50)
+    d.add_argument("--runs", type=_positive_int, default=50)
 
     sub.add_parser("targets", help="list named targets")
 
@@ -238,18 +269,30 @@ def _ort_session(model_path: str, threads: int | None = None):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # its warnings are not ours to show; its errors become ours
     if threads:
         opts.intra_op_num_threads = threads
     return ort.InferenceSession(model_path, opts, providers=["CPUExecutionProvider"])
 
 
 def check_against_ort(model_path: str, feeds, outs, rtol=1e-4, atol=1e-5) -> bool:
-    sess = _ort_session(model_path)
-    ref = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+    """Print and return whether ``outs`` match onnxruntime's (NaN where it has NaN counts as equal)."""
+    from bscompile.errors import BscompileError
+
+    try:
+        sess = _ort_session(model_path)
+        ref = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+    except Exception as err:  # noqa: BLE001 - onnxruntime raises its own exception types
+        msg = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+        raise BscompileError(f"--check: onnxruntime cannot run {model_path} ({msg[-1] if msg else err})") from None
     ok = True
     for name, a in outs.items():
-        err = np.abs(a - ref[name]).max() if a.size else 0.0
-        good = np.allclose(a, ref[name], rtol=rtol, atol=atol)
+        if name not in ref or np.shape(ref[name]) != a.shape:
+            raise BscompileError(f"--check: {model_path} is not the model this artifact was compiled from "
+                                 f"(output '{name}')")
+        with np.errstate(invalid="ignore"):
+            err = np.nanmax(np.abs(a - ref[name])) if a.size and not np.isnan(a - ref[name]).all() else 0.0
+        good = np.allclose(a, ref[name], rtol=rtol, atol=atol, equal_nan=True)
         ok &= good
         print(f"check {name} vs onnxruntime: max abs err {err:.3g} ({'ok' if good else 'MISMATCH'}, rtol {rtol} atol {atol})")
     return ok
@@ -313,19 +356,41 @@ def cmd_tune(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # `bscompile model.onnx ...` is `bscompile compile model.onnx ...`
-    first = next((a for a in argv if a != "--debug"), None)
+    first = next((a for a in argv if a not in ("--debug", "--verbose")), None)
     if first is not None and first not in COMMANDS and not first.startswith("-"):
         argv.insert(argv.index(first), "compile")
     args = build_parser().parse_args(argv)
+    args.debug, args.verbose = getattr(args, "debug", False), getattr(args, "verbose", False)
+    import gc
+    from contextlib import nullcontext
+
+    from bscompile.logs import tvm_logs_hidden
+
+    with nullcontext() if args.verbose else tvm_logs_hidden():
+        rc = _dispatch(args)
+        gc.collect()  # TVM objects a failed command left behind warn when destroyed: while hidden
+    return rc
+
+
+def _dispatch(args) -> int:
     from bscompile.errors import BscompileError
 
     try:
+        model = getattr(args, "model", None)
+        if model is not None and not os.path.isfile(model):  # before a file name is derived from it
+            raise BscompileError(f"{'no such file' if not os.path.exists(model) else 'not a file'}: {model}")
         return {"compile": cmd_compile, "run": cmd_run, "inspect": cmd_inspect, "package": cmd_package,
                 "demo": cmd_demo, "targets": cmd_targets, "tune": cmd_tune}[args.command](args)
     except BscompileError as err:
         if args.debug:
             raise
-        print(f"bscompile: error: {err}", file=sys.stderr)
+        print(f"bscompile: error: {one_line(str(err))}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a path the user gave cannot be read or written
+        if args.debug:
+            raise
+        where = f": {err.filename}" if err.filename else ""
+        print(f"bscompile: error: {one_line(f'{err.strerror or err}{where}')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("bscompile: interrupted", file=sys.stderr)
@@ -334,9 +399,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         msg = [ln for ln in str(err).strip().splitlines() if ln.strip()]
-        print(f"bscompile: internal error: {type(err).__name__}: {msg[-1] if msg else ''} "
+        print(f"bscompile: internal error: {type(err).__name__}: {one_line(msg[-1]) if msg else ''} "
               "(rerun with --debug for the traceback)", file=sys.stderr)
         return 3
+
+
+def one_line(text: str) -> str:
+    """``text`` with line breaks and other control characters escaped (names in a model can hold any)."""
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], text)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ Registered with ``relax.register_pipeline("bscompile")``, so it is one named
 ``tvm.transform.Pass`` like TVM's own pipelines::
 
     FoldConstant, DeadCodeElimination   weights become plain constants
+    CheckIndices(device)                data-dependent indices range-checked at run time
     Conv1dToMatmul                      a convolution by a constant kernel -> im2col + matmul
     OutlineLinearSites                  products by constant weights -> linear sites
                                         (recurrent sites come from the frontend)
@@ -11,6 +12,7 @@ Registered with ``relax.register_pipeline("bscompile")``, so it is one named
     ChooseLayout(family, ...)           bscompile.layout on every site
     LowerWeightSites(family)            sites -> the family's kernels, packed constants
     FoldConstant, DeadCodeElimination   what lowering left foldable
+    OwnOutputs                          no returned array aliases an input, a constant or another output
     TVM's lowering for the target       (CPU: relax "default"; CUDA: the CUDA pipeline
                                         with dlight for the remaining ops)
 
@@ -29,10 +31,12 @@ from tvm import relax
 from bscompile.codegen.family import KernelFamily
 from bscompile.codegen.layout import BlockShape
 from bscompile.passes.analyze_sparsity import AnalyzeSparsity
+from bscompile.passes.check_indices import CheckIndices
 from bscompile.passes.choose_layout import ChooseLayout
 from bscompile.passes.conv1d_to_matmul import Conv1dToMatmul
 from bscompile.passes.lower_weight_sites import LowerWeightSites
 from bscompile.passes.outline_linear_sites import OutlineLinearSites
+from bscompile.passes.own_outputs import OwnOutputs
 from bscompile.records import TuningRecord
 
 
@@ -42,6 +46,7 @@ def bscompile_passes(family: KernelFamily, *, sparse: bool = True, force_block: 
     return [
         relax.transform.FoldConstant(),
         relax.transform.DeadCodeElimination(),
+        CheckIndices(family.name),
         Conv1dToMatmul(),
         OutlineLinearSites(),
         AnalyzeSparsity(),
@@ -49,6 +54,7 @@ def bscompile_passes(family: KernelFamily, *, sparse: bool = True, force_block: 
         LowerWeightSites(family),
         relax.transform.FoldConstant(),
         relax.transform.DeadCodeElimination(),
+        OwnOutputs(),
     ]
 
 

@@ -105,7 +105,7 @@ def read_artifact(path: str | os.PathLike) -> tuple[Manifest, bytes]:
     if not path.exists():
         raise ArtifactError(f"no such artifact: {path}")
     try:
-        with tarfile.open(path, "r") as tar:
+        with tarfile.open(path, "r:") as tar:  # written uncompressed
             members = {m.name: m for m in tar.getmembers()}
             if MANIFEST not in members:
                 raise ArtifactError(f"{path} is not a bscompile artifact (no {MANIFEST})")
@@ -113,9 +113,11 @@ def read_artifact(path: str | os.PathLike) -> tuple[Manifest, bytes]:
             if manifest.module_file not in members:
                 raise ArtifactError(f"{path} is truncated: {manifest.module_file} is missing")
             data = tar.extractfile(members[manifest.module_file]).read()
-    except (tarfile.TarError, EOFError, OSError) as err:
-        raise ArtifactError(f"{path} is corrupted or truncated ({err})") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+    except IsADirectoryError:
+        raise ArtifactError(f"{path} is a folder, not an artifact") from None
+    except (tarfile.TarError, EOFError, OSError, UnicodeDecodeError) as err:
+        raise ArtifactError(f"{path} is corrupted or truncated ({str(err).strip().splitlines()[0]})") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as err:  # (JSONDecodeError is a ValueError)
         raise ArtifactError(f"{path} has an invalid manifest ({err})") from None
     if hashlib.sha256(data).hexdigest() != manifest.module_sha256:
         raise ArtifactError(f"{path} is corrupted: the module's checksum does not match its manifest")

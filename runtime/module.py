@@ -16,6 +16,12 @@ from bscompile.errors import ArtifactError, InputError
 from bscompile.runtime.artifact import Manifest, read_artifact
 
 
+@tvm.register_global_func("bscompile.index_error", override=True)
+def _index_error(prefix: str, value: int, lo: int, hi: int, suffix: str) -> None:
+    """Called by the kernels of ``passes.check_indices`` at the first out-of-range index."""
+    raise IndexError(f"{prefix}{value} outside [{lo}, {hi}){suffix}")
+
+
 def host_arch() -> str:
     m = platform.machine().lower()
     return "aarch64" if m in ("aarch64", "arm64") else "x86_64"
@@ -34,7 +40,9 @@ class CompiledModule:
 
     Inputs are copied into persistent aligned staging buffers that TVM reads through
     DLPack, and outputs come back zero-copy: creating TVM tensors per call costs more
-    than a small sparse layer takes to run. Not thread-safe (neither is TVM's VM).
+    than a small sparse layer takes to run. Each output owns its memory (the
+    ``OwnOutputs`` pass copies outputs that would alias an input, a constant or another
+    output), so it survives later calls. Not thread-safe (neither is TVM's VM).
     """
 
     def __init__(self, manifest: Manifest, lib: tvm.runtime.Module, device: tvm.runtime.Device, tmpdir=None):
@@ -72,6 +80,10 @@ class CompiledModule:
                 raise InputError(f"input '{spec.name}' has shape {list(a.shape)}, expected {list(spec.shape)}")
             if a.dtype != np.dtype(spec.dtype):
                 raise InputError(f"input '{spec.name}' has dtype {a.dtype}, expected {spec.dtype}")
+            if a.dtype.kind == "f" and not np.isfinite(a).all():
+                at = [int(i) for i in np.argwhere(~np.isfinite(a))[0]]
+                raise InputError(f"input '{spec.name}' holds {a[tuple(at)]} at {at}; inputs must be finite (the "
+                                 "generated code skips pruned zeros and does not propagate NaN/inf as onnxruntime)")
             arrays.append(np.require(a, requirements="C"))  # (ascontiguousarray makes 0-d arrays 1-d)
         return arrays
 
@@ -84,7 +96,17 @@ class CompiledModule:
         return self._stage_tvm
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = self._main(*self._args(feeds))
+        args = self._args(feeds)
+        try:
+            out = self._main(*args)
+        except IndexError as err:  # raised by _index_error: input data, not the module, is wrong
+            raise InputError(str(err).strip().splitlines()[0]) from None
+        except Exception as err:  # noqa: BLE001 - TVM raises several types
+            if "ErrorContext(fn=main, loc=param" not in str(err):
+                raise
+            # The VM's own argument check: inputs match the manifest, so the manifest lies.
+            raise ArtifactError("the module does not take the inputs its manifest lists "
+                                f"({str(err).strip().splitlines()[0][:200]})") from None
         outs = [out] if isinstance(out, tvm.runtime.Tensor) else list(out)
         if self._cpu:
             return {spec.name: np.from_dlpack(o) for spec, o in zip(self.manifest.outputs, outs)}

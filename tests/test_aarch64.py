@@ -172,6 +172,37 @@ def test_bundle_runner_checks_inputs(rng, tmp_path, emulator_env):
     np.testing.assert_allclose(np.load(Path(out) / "y.npy"), ort_run(model, {"x": x})["y"], rtol=RTOL, atol=ATOL)
 
 
+def test_bundle_runner_rejects_out_of_range_token_ids(rng, tmp_path, emulator_env):
+    """An embedding lookup (ONNX Gather) with an id >= the vocabulary: one line, exit 2, no output written."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from bscompile.runtime.package import package_artifact
+
+    table = rng.standard_normal((103, 8)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "tokens"], ["y"], name="Gather_3")], "embed",
+        [helper.make_tensor_value_info("tokens", TensorProto.INT64, [1, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 8])], [numpy_helper.from_array(table, "table")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    bsc = bscompile.compile(model, target="aarch64").export(tmp_path / "embed.bsc")
+    _unpack(Path(package_artifact(bsc, tmp_path / "embed.tar.gz")["bundle"]), tmp_path)
+    bundle = tmp_path / "embed"
+    ids = np.array([[0, 5, -103, 102, -1, 7]], np.int64)
+    np.save(tmp_path / "ok.npy", ids)
+    proc = _run(bundle, ["--input", f"tokens={tmp_path / 'ok.npy'}", "--output", str(tmp_path / "ok")], emulator_env)
+    assert proc.returncode == 0, proc.stderr
+    np.testing.assert_array_equal(np.load(tmp_path / "ok" / "y.npy"), ort_run(model, {"tokens": ids})["y"])
+    for bad in (10**9, -104):
+        ids[0, 3] = bad
+        np.save(tmp_path / "bad.npy", ids)
+        out = tmp_path / f"bad{bad}"
+        proc = _run(bundle, ["--input", f"tokens={tmp_path / 'bad.npy'}", "--output", str(out)], emulator_env)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.strip().splitlines() == [
+            f"error: input 'tokens' holds index {bad} outside [-103, 103) at node Gather_3"], proc.stderr
+        assert not out.exists() or not any(out.iterdir())
+
+
 def _fake_artifact(path: Path, arch: str, device: str) -> Path:
     import tvm
 

@@ -21,9 +21,11 @@ from tvm.relax.frontend.onnx import onnx_frontend as tvm_onnx
 
 from bscompile.errors import BscompileError, UnsupportedModelError
 from bscompile.frontend.recurrent import convert_recurrent
+from bscompile.limits import check_resources
 from bscompile.sites import WEIGHT_NAMES, TensorSpec, fingerprint
 
 RECURRENT_OPS = {"GRU": "gru", "LSTM": "lstm", "RNN": "rnn"}
+INDEX_OPS = {"Gather", "GatherElements", "GatherND", "Scatter", "ScatterElements", "ScatterND"}
 
 
 @dataclass
@@ -124,7 +126,10 @@ class _Importer(tvm_onnx.ONNXGraphImporter):
         if op_name in RECURRENT_OPS:
             node = self._onnx_nodes[attrs["tvm_custom"]["name"]]
             return convert_recurrent(RECURRENT_OPS[op_name], self.bb, inputs, attrs, node)
-        return super()._convert_operator(op_name, inputs, attrs, opset)
+        sym = super()._convert_operator(op_name, inputs, attrs, opset)
+        if op_name in INDEX_OPS and isinstance(sym, relax.Call):  # passes.check_indices names the node
+            sym = self.bb.emit(sym, name_hint=attrs["tvm_custom"]["name"])
+        return sym
 
 
 def import_onnx(model: str | os.PathLike | onnx.ModelProto,
@@ -133,6 +138,7 @@ def import_onnx(model: str | os.PathLike | onnx.ModelProto,
     check_supported(proto)
     proto = _with_node_names(proto)
     inputs = graph_inputs(proto, input_shapes)
+    check_resources(proto, {s.name: s.shape for s in inputs}, {s.name: s.dtype for s in inputs})
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
     importer = _Importer(
         {s.name: list(s.shape) for s in inputs}, {s.name: s.dtype for s in inputs},

@@ -7,7 +7,7 @@
 // input's name, shape and dtype against the manifest, runs the module's `main` on the
 // manifest's device (kDLCPU, or kDLCUDA when the manifest says "cuda"), and writes
 // DIR/<output name>.npy for each output. Errors are one line on stderr and exit 1
-// (2 for usage errors).
+// (2 for usage errors and for input data out of range: an index outside its axis).
 //
 // Only the tvm-ffi C++ API is used (the TVM wheel does not ship all headers its own
 // runtime headers include). Tensors are created and copied through the runtime's
@@ -246,6 +246,21 @@ ffi::Function Global(const char* name) {
   return *f;
 }
 
+// Called by the range checks bscompile puts in front of every data-dependent index
+// (passes/check_indices.py): the first out-of-range value raises an IndexError, which
+// returns through the module instead of letting it read or write out of bounds.
+void RegisterIndexError() {
+  ffi::Function::SetGlobal(
+      "bscompile.index_error",
+      ffi::Function::FromTyped([](ffi::String prefix, int64_t value, int64_t lo, int64_t hi, ffi::String suffix) {
+        throw ffi::Error("IndexError",
+                         std::string(prefix) + std::to_string(value) + " outside [" + std::to_string(lo) + ", " +
+                             std::to_string(hi) + ")" + std::string(suffix),
+                         std::string());
+      }),
+      true);
+}
+
 int Run(const Options& opt) {
   if (opt.help) std::cout << kUsage << std::flush;
   Manifest m = LoadManifest(opt.bundle);
@@ -337,6 +352,7 @@ int Run(const Options& opt) {
   arrays.clear();
   std::vector<ffi::AnyView> views(args.begin(), args.end());
   ffi::Any result;
+  RegisterIndexError();
   main_fn->CallPacked(views.data(), static_cast<int32_t>(views.size()), &result);
 
   std::vector<ffi::Tensor> outs;
@@ -393,6 +409,10 @@ int main(int argc, char** argv) {
     std::cerr << "error: " << e.what() << " (see run --help)\n";
     return 2;
   } catch (const ffi::Error& e) {
+    if (e.kind() == "IndexError") {  // input data out of range: a user error, like a wrong shape
+      std::cerr << "error: " << OneLine(e.message()) << "\n";
+      return 2;
+    }
     std::cerr << "error: " << e.kind() << ": " << OneLine(e.message()) << "\n";
   } catch (const std::exception& e) {
     std::cerr << "error: " << OneLine(e.what()) << "\n";

@@ -1,0 +1,112 @@
+"""Compile-time resource limits, checked on the ONNX protobuf before any tensor is built.
+
+A model can declare weights larger than this machine's memory (dims of an external or
+truncated initializer cost nothing to write), or a tensor with 2**31 or more elements,
+which bscompile's kernels (int32 loop and block indices) cannot address. Both are
+refused here with the tensor's name, instead of an out-of-memory kill half-way through
+a compile or a kernel indexing with a wrapped-around int32.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+
+from bscompile.errors import UnsupportedModelError
+
+INT32_ELEMENTS = 2**31 - 1
+
+
+def available_memory() -> int:
+    """Bytes this process can still allocate: MemAvailable, capped by RLIMIT_AS when set."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if avail is None:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft != resource.RLIM_INFINITY:
+            avail = min(avail, soft)
+    except (ImportError, ValueError, OSError):
+        pass
+    return avail
+
+
+def _itemsize(elem_type: int) -> int:
+    try:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)).itemsize
+    except (KeyError, TypeError, ValueError):
+        return 4
+
+
+def _elements(name: str, what: str, dims) -> int:
+    dims = [int(d) for d in dims]
+    if any(d < 0 for d in dims):
+        raise UnsupportedModelError(f"{what} '{name}' has a negative dimension {dims}")
+    n = 1
+    for d in dims:
+        n *= d
+    if n > INT32_ELEMENTS or any(d > INT32_ELEMENTS for d in dims):
+        raise UnsupportedModelError(f"{what} '{name}' has shape {dims}: {n} elements overflow the int32 indexing "
+                                    f"of bscompile's kernels (at most {INT32_ELEMENTS})")
+    return n
+
+
+def check_finite_weights(model: onnx.ModelProto) -> None:
+    """Refuse NaN or infinite float weights: the generated code does not propagate them as
+    dense IEEE arithmetic does (pruned zeros are skipped, so inf * 0 never makes a NaN)."""
+    from onnx import numpy_helper
+
+    for init in model.graph.initializer:
+        if init.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16):
+            continue
+        try:
+            a = numpy_helper.to_array(init)
+        except Exception:  # noqa: BLE001 - malformed data: the importer reports it
+            continue
+        if not np.isfinite(a).all():
+            at = [int(i) for i in np.argwhere(~np.isfinite(a))[0]]
+            raise UnsupportedModelError(f"weight '{init.name}' holds {a[tuple(at)]} at {at}; bscompile needs finite "
+                                        "weights (block-sparse kernels skip pruned zeros, so NaN and inf would not "
+                                        "propagate as in dense arithmetic)")
+
+
+#: ai.onnx opsets bscompile accepts: TVM's importer and onnxruntime both start at 7.
+MIN_OPSET = 7
+
+
+def check_opset(model: onnx.ModelProto) -> None:
+    newest = onnx.defs.onnx_opset_version()
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx") and not MIN_OPSET <= o.version <= newest:
+            raise UnsupportedModelError(f"unsupported ai.onnx opset {o.version} (bscompile reads opsets "
+                                        f"{MIN_OPSET} to {newest})")
+
+
+def check_resources(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]],
+                    input_dtypes: dict[str, str] | None = None) -> None:
+    """Refuse a model whose weights (plus inputs) exceed the memory available, or any
+    tensor the kernels could not index with int32 (:class:`UnsupportedModelError`)."""
+    total = 0
+    for init in model.graph.initializer:
+        total += _elements(init.name, "weight", init.dims) * _itemsize(init.data_type)
+    for name, shape in input_shapes.items():
+        itemsize = np.dtype((input_dtypes or {}).get(name, "float32")).itemsize
+        total += _elements(name, "input", shape) * itemsize
+    avail = available_memory()
+    check_opset(model)
+    check_finite_weights(model)
+    # The importer holds the weights about twice (ONNX arrays and TVM constants) while compiling.
+    if 2 * total > avail:
+        raise UnsupportedModelError(f"the model's weights and inputs need {total / 2**30:.2f} GiB (about twice that "
+                                    f"while compiling); {avail / 2**30:.2f} GiB of memory is available")

@@ -1,0 +1,223 @@
+"""CheckIndices: every data-dependent index is range-checked before TVM reads with it.
+
+TVM lowers ``take`` (mode "fast": ONNX Gather, embeddings), ``gather_elements``,
+``gather_nd``, ``scatter_elements`` and ``scatter_nd`` to loads and stores at
+whatever address the index tensor names: one out-of-range token id is an
+out-of-bounds read (or write) driven by input data. onnxruntime answers it with an
+error; so must we, on every target.
+
+Contract
+- Input: Relax after constant folding. For each binding of one of those ops whose
+  index tensor is computed at run time, whose index shape is static and whose
+  indexed extents are static, the index argument becomes
+  ``call_tir(check_index_K, (x,))``: a kernel that copies ``x`` and, at the first
+  element outside the allowed range, calls the packed function
+  ``bscompile.index_error(prefix, value, lo, hi, suffix)`` (registered by
+  :mod:`bscompile.runtime.module` and by the deploy runner), which raises
+  ``IndexError("<prefix><value> outside [lo, hi)<suffix>")``; the call returns
+  the error, so the indexing op never runs.
+- ONNX semantics for negative indices: when the index is the frontend's
+  normalisation ``where(less(x, 0), add(x, n), x)`` (or the op wraps negatives
+  itself: ``scatter_elements``), ``x`` is checked against ``[-n, n)`` and the
+  kernel wraps it, replacing the normalisation (left dead for DCE); otherwise the
+  range is ``[0, n)`` and the kernel is an identity copy.
+- The message names the graph input the index comes from (through reshapes,
+  transposes, squeezes and integer casts) and the ONNX node (the frontend names an
+  indexing op's binding after its node).
+- Constant indices are checked now: out of range is an :class:`UnsupportedModelError`.
+- ``device="cuda"``: device code cannot raise, so the index is wrapped and clamped
+  with Relax ops instead (memory-safe, no error).
+- Left alone: ``take`` in mode "wrap"/"clip" (in range by construction), dynamic
+  index shapes (``Compress``: indices from ``nonzero``, in range by construction),
+  unsigned dtypes' wrap (nothing to wrap), ops on symbolic extents.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import tvm
+import tvm_ffi
+from tvm import relax, tirx
+from tvm.script import tirx as T
+
+from bscompile.errors import UnsupportedModelError
+from bscompile.passes.rewrite import rewrite_relax_functions
+
+ERROR_FUNC = "bscompile.index_error"
+tvm_ffi.register_error(UnsupportedModelError)  # keeps its class when raised through the pass infrastructure
+
+_OP = {name: tvm.ir.Op.get(f"relax.{name}") for name in
+       ("take", "gather_elements", "gather_nd", "scatter_elements", "scatter_nd", "where", "less", "add",
+        "reshape", "permute_dims", "squeeze", "expand_dims", "flatten", "astype")}
+#: Ops that keep every index value (so an error can name the input it came from).
+_VALUE_KEEPING = ("reshape", "permute_dims", "squeeze", "expand_dims", "flatten", "astype")
+_ANONYMOUS = re.compile(r"(lv|gv)\d*$")
+
+
+def _static(shape) -> tuple[int, ...] | None:
+    try:
+        return tuple(int(d) for d in shape.values)
+    except (TypeError, AttributeError):
+        return None
+
+
+def check_kernel(shape: tuple[int, ...], dtype: str, bounds: tuple[int, ...], wrap: bool,
+                 prefix: str, suffix: str) -> tirx.PrimFunc:
+    """``y = x`` (wrapped if ``wrap``); element ``i`` must lie in ``[-b, b)`` (``[0, b)``),
+    ``b = bounds[i % len(bounds)]`` (one bound per coordinate of ``gather_nd`` indices)."""
+    n = max(int(np.prod(shape, dtype=np.int64)), 1)
+    k = len(bounds)
+
+    def bound(i):  # a constant, or a select over the coordinate i % k
+        e = tirx.const(bounds[-1], dtype)
+        for j in range(k - 2, -1, -1):
+            e = tirx.Select(i % k == j, tirx.const(bounds[j], dtype), e)
+        return e
+
+    def low(i):
+        return -bound(i) if wrap else tirx.const(0, dtype)
+
+    def wrapped(v, i):
+        return tirx.Select(v < tirx.const(0, dtype), v + bound(i), v) if wrap else v
+
+    @T.prim_func(s_tir=True, private=True)
+    def check_index(x: T.Buffer(shape, dtype), y: T.Buffer(shape, dtype)):
+        T.func_attr({"tir.noalias": True, "op_pattern": 8})
+        with T.sblock("root"):
+            xf = T.decl_buffer((n,), dtype, data=x.data)
+            yf = T.decl_buffer((n,), dtype, data=y.data)
+            for i in range(n):
+                if xf[i] < low(i) or xf[i] >= bound(i):
+                    T.evaluate(T.call_packed(ERROR_FUNC, prefix, T.Cast("int64", xf[i]), T.Cast("int64", low(i)),
+                                             T.Cast("int64", bound(i)), suffix))
+                yf[i] = wrapped(xf[i], i)
+
+    return check_index
+
+
+@relax.expr_functor.mutator
+class _Guard(relax.PyExprMutator):
+    def __init__(self, mod: tvm.IRModule, device: str):
+        super().__init__(mod)
+        self.device = device
+        self.params: set = set()
+
+    def visit_function_(self, func: relax.Function) -> relax.Expr:
+        self.params = set(func.params)
+        return super().visit_function_(func)
+
+    def _bound(self, var):
+        return self.lookup_binding(var) if isinstance(var, relax.Var) else None
+
+    def _is(self, expr, name: str) -> bool:
+        return isinstance(expr, relax.Call) and expr.op.same_as(_OP[name])
+
+    def _source(self, var) -> str:
+        """Who the index values come from, for the message."""
+        while isinstance(var, relax.Var) and var not in self.params:
+            value = self._bound(var)
+            if not any(self._is(value, name) for name in _VALUE_KEEPING):
+                return "the index tensor"
+            if self._is(value, "astype") and not str(value.attrs.dtype).startswith(("int", "uint")):
+                return "the index tensor"
+            var = value.args[0]
+        return f"input '{var.name}'" if isinstance(var, relax.Var) else "the index tensor"
+
+    def _unwrapped(self, idx, bounds: tuple[int, ...]):
+        """``x`` if ``idx = where(less(x, 0), add(x, n), x)`` with ``n`` = bounds, else None."""
+        value = self._bound(idx)
+        if not self._is(value, "where"):
+            return None
+        cond, added, x = self._bound(value.args[0]), self._bound(value.args[1]), value.args[2]
+        if not (self._is(cond, "less") and self._is(added, "add")):
+            return None
+        zero, n = cond.args[1], added.args[1]
+        if not (cond.args[0].same_as(x) and added.args[0].same_as(x) and isinstance(zero, tvm.ir.expr.Constant)
+                and isinstance(n, tvm.ir.expr.Constant) and not zero.value.numpy().any()):
+            return None
+        n = tuple(int(v) for v in np.ravel(n.value.numpy()))
+        return x if n == bounds or (len(n) == 1 and n * len(bounds) == bounds) else None
+
+    def _rule(self, call: relax.Call):
+        """(index argument position, bounds, whether the op wraps negatives itself) or None."""
+        data = call.args[0]
+        shape = _static(getattr(data.ty, "shape", None))
+        if shape is None:
+            return None
+        a = call.attrs
+        if self._is(call, "take"):
+            if a.mode != "fast":
+                return None
+            bound = int(np.prod(shape)) if a.axis is None else shape[int(a.axis) % len(shape)]
+            return 1, (bound,), False
+        if self._is(call, "gather_elements") or self._is(call, "scatter_elements"):
+            return 1, (shape[int(a.axis) % len(shape)],), self._is(call, "scatter_elements")
+        if self._is(call, "gather_nd") or self._is(call, "scatter_nd"):
+            idx_shape = _static(call.args[1].ty.shape)
+            if not idx_shape:
+                return None
+            start = int(a.batch_dims) if self._is(call, "gather_nd") else 0
+            return 1, tuple(shape[start:start + idx_shape[-1]]), False
+        return None
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        call = binding.value
+        rule = self._rule(call) if isinstance(call, relax.Call) else None
+        if rule is None:
+            return super().visit_var_binding_(binding)
+        pos, bounds, native_wrap = rule
+        idx = call.args[pos]
+        node = binding.var.name
+        suffix = "" if _ANONYMOUS.match(node) else f" at node {node}"
+        dtype = str(idx.ty.dtype)
+        signed = not dtype.startswith("uint")
+        x = self._unwrapped(idx, bounds) if signed else None
+        wrap = signed and (x is not None or native_wrap)
+        x = idx if x is None else x
+        if isinstance(x, tvm.ir.expr.Constant):
+            self._check_constant(x.value.numpy(), bounds, wrap, suffix)
+            return super().visit_var_binding_(binding)
+        shape = _static(x.ty.shape)
+        if shape is None or not bounds:
+            return super().visit_var_binding_(binding)
+        if self.device == "cuda":
+            checked = self._clamped(x, bounds, wrap, dtype)
+        else:
+            kernel = check_kernel(shape, dtype, bounds, wrap, f"{self._source(x)} holds index ", suffix)
+            gvar = self.builder_.add_func(kernel, "check_index")
+            checked = self.builder_.emit(relax.call_tir(gvar, [x], x.ty))
+        args = list(call.args)
+        args[pos] = checked
+        new = relax.Call(call.op, args, call.attrs, call.ty_args)
+        self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(new)))
+
+    def _clamped(self, x, bounds, wrap, dtype):
+        bb = self.builder_
+        n = relax.const(np.array(bounds if len(bounds) > 1 else bounds[0], dtype))
+        if wrap:
+            x = bb.emit(relax.op.where(relax.op.less(x, relax.const(0, dtype)), relax.op.add(x, n), x))
+        hi = relax.const(np.array(bounds, dtype) - 1 if len(bounds) > 1 else bounds[0] - 1, dtype)
+        return bb.emit(relax.op.minimum(relax.op.maximum(x, relax.const(0, dtype)), hi))
+
+    @staticmethod
+    def _check_constant(values: np.ndarray, bounds, wrap: bool, suffix: str) -> None:
+        b = np.resize(np.array(bounds, np.int64), values.shape) if values.size else np.zeros(0, np.int64)
+        v = values.astype(np.int64)
+        bad = (v < (-b if wrap else 0)) | (v >= b)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            lo = -int(b.flat[i]) if wrap else 0
+            raise UnsupportedModelError(f"constant index {int(v.flat[i])} outside [{lo}, {int(b.flat[i])}){suffix}")
+
+
+@tvm.transform.module_pass(opt_level=0, name="CheckIndices")
+class CheckIndices:
+    """Guard data-dependent indices (see the module docstring); ``device`` is "cpu" or "cuda"."""
+
+    def __init__(self, device: str = "cpu"):
+        self.device = device
+
+    def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        return rewrite_relax_functions(_Guard(mod, self.device), mod)

@@ -1,0 +1,207 @@
+"""CheckIndices: data-dependent indices are checked at run time (TVM-style pass tests,
+then compiled ONNX models against onnxruntime and on out-of-range input)."""
+
+import numpy as np
+import onnx
+import pytest
+import tvm
+from onnx import TensorProto, helper
+from onnx_models import OPSET, ort_run
+from tvm.script import ir as I
+from tvm.script import relax as R
+from tvm.script import tirx as T
+
+import bscompile
+from bscompile.errors import InputError, UnsupportedModelError
+from bscompile.passes.check_indices import CheckIndices
+
+W = np.arange(10, dtype=np.float32).reshape(5, 2)
+
+
+def test_gather_index_is_checked_and_wrapped():
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(tokens: R.Tensor((1, 4), "int64")) -> R.Tensor((1, 4, 2), "float32"):
+            with R.dataflow():
+                neg = R.less(tokens, R.const(0, "int64"))
+                shifted = R.add(tokens, R.const(5, "int64"))
+                idx = R.where(neg, shifted, tokens)
+                Gather_3 = R.take(R.const(W), idx, axis=0, mode="fast")
+                R.output(Gather_3)
+            return Gather_3
+
+    @I.ir_module
+    class Expected:
+        @T.prim_func(s_tir=True, private=True)
+        def check_index(x: T.Buffer((1, 4), "int64"), y: T.Buffer((1, 4), "int64")):
+            T.func_attr({"tir.noalias": True, "op_pattern": 8})
+            with T.sblock("root"):
+                xf = T.decl_buffer((4,), "int64", data=x.data)
+                yf = T.decl_buffer((4,), "int64", data=y.data)
+                for i in range(4):
+                    if xf[i] < T.int64(-5) or xf[i] >= T.int64(5):
+                        T.evaluate(T.call_packed("bscompile.index_error", "input 'tokens' holds index ",
+                                                 T.Cast("int64", xf[i]), T.Cast("int64", T.int64(-5)),
+                                                 T.Cast("int64", T.int64(5)), " at node Gather_3"))
+                    yf[i] = T.Select(xf[i] < T.int64(0), xf[i] + T.int64(5), xf[i])
+
+        @R.function
+        def main(tokens: R.Tensor((1, 4), "int64")) -> R.Tensor((1, 4, 2), "float32"):
+            cls = Expected
+            with R.dataflow():
+                neg = R.less(tokens, R.const(0, "int64"))
+                shifted = R.add(tokens, R.const(5, "int64"))
+                idx = R.where(neg, shifted, tokens)  # dead: the pipeline's DCE drops it
+                checked = R.call_tir(cls.check_index, (tokens,), out_ty=R.Tensor((1, 4), "int64"))
+                Gather_3 = R.take(R.const(W), checked, axis=0, mode="fast")
+                R.output(Gather_3)
+            return Gather_3
+
+    tvm.ir.assert_structural_equal(CheckIndices()(Before), Expected)
+
+
+def test_unnormalised_index_is_checked_from_zero():
+    """gather_elements without the frontend's negative-index normalisation: [0, n), no wrap."""
+
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor((5, 2), "float32"), idx: R.Tensor((3, 2), "int32")) -> R.Tensor((3, 2), "float32"):
+            with R.dataflow():
+                lv = R.gather_elements(x, idx, axis=0)
+                R.output(lv)
+            return lv
+
+    @I.ir_module
+    class Expected:
+        @T.prim_func(s_tir=True, private=True)
+        def check_index(x: T.Buffer((3, 2), "int32"), y: T.Buffer((3, 2), "int32")):
+            T.func_attr({"tir.noalias": True, "op_pattern": 8})
+            with T.sblock("root"):
+                xf = T.decl_buffer((6,), "int32", data=x.data)
+                yf = T.decl_buffer((6,), "int32", data=y.data)
+                for i in range(6):
+                    if xf[i] < 0 or xf[i] >= 5:
+                        T.evaluate(T.call_packed("bscompile.index_error", "input 'idx' holds index ",
+                                                 T.Cast("int64", xf[i]), T.Cast("int64", 0), T.Cast("int64", 5), ""))
+                    yf[i] = xf[i]
+
+        @R.function
+        def main(x: R.Tensor((5, 2), "float32"), idx: R.Tensor((3, 2), "int32")) -> R.Tensor((3, 2), "float32"):
+            cls = Expected
+            with R.dataflow():
+                checked = R.call_tir(cls.check_index, (idx,), out_ty=R.Tensor((3, 2), "int32"))
+                lv = R.gather_elements(x, checked, axis=0)
+                R.output(lv)
+            return lv
+
+    tvm.ir.assert_structural_equal(CheckIndices()(Before), Expected)
+
+
+def test_safe_indexing_is_left_alone():
+    """take in clip/wrap mode, constant in-range indices, symbolic index shapes."""
+
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(tokens: R.Tensor((1, 4), "int64"), dyn: R.Tensor(("n",), "int64")):
+            n = T.int64()
+            with R.dataflow():
+                a = R.take(R.const(W), tokens, axis=0, mode="clip")
+                b = R.take(R.const(W), tokens, axis=0, mode="wrap")
+                c = R.take(R.const(W), R.const(np.array([0, 4, 2], np.int64)), axis=0, mode="fast")
+                d = R.take(R.const(W), dyn, axis=0, mode="fast")
+                R.output(a, b, c, d)
+            return (a, b, c, d)
+
+    tvm.ir.assert_structural_equal(CheckIndices()(Before), Before)
+
+
+def test_constant_index_out_of_range_is_a_compile_error():
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor((5, 2), "float32")):
+            with R.dataflow():
+                Gather_0 = R.take(x, R.const(np.array([1, 5], np.int64)), axis=0, mode="fast")
+                R.output(Gather_0)
+            return Gather_0
+
+    with pytest.raises(UnsupportedModelError, match=r"constant index 5 outside \[0, 5\) at node Gather_0"):
+        CheckIndices()(Before)
+
+
+def test_cuda_clamps_instead_of_raising():
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor((5, 2), "float32"), idx: R.Tensor((3,), "int64")):
+            with R.dataflow():
+                lv = R.take(x, idx, axis=0, mode="fast")
+                R.output(lv)
+            return lv
+
+    @I.ir_module
+    class Expected:
+        @R.function
+        def main(x: R.Tensor((5, 2), "float32"), idx: R.Tensor((3,), "int64")):
+            with R.dataflow():
+                low = R.maximum(idx, R.const(0, "int64"))
+                c = R.minimum(low, R.const(4, "int64"))
+                lv = R.take(x, c, axis=0, mode="fast")
+                R.output(lv)
+            return lv
+
+    tvm.ir.assert_structural_equal(CheckIndices("cuda")(Before), Expected)
+
+
+# --- compiled ONNX models: valid indices match onnxruntime, invalid ones are one clear error -------
+
+
+def _model(op, inputs, attrs, data_shape, idx_shape, out_shape, updates_shape=None):
+    nodes = [helper.make_node(op, inputs, ["y"], name="idx_node", **attrs)]
+    vis = [helper.make_tensor_value_info("data", TensorProto.FLOAT, data_shape),
+           helper.make_tensor_value_info("ids", TensorProto.INT64, idx_shape)]
+    if updates_shape:
+        vis.append(helper.make_tensor_value_info("upd", TensorProto.FLOAT, updates_shape))
+    graph = helper.make_graph(nodes, op, vis, [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+
+
+CASES = {  # op -> (model, index range [lo, hi) of valid ids)
+    "Gather": (_model("Gather", ["data", "ids"], {"axis": 1}, [3, 7], [2, 4], [3, 2, 4]), (-7, 7)),
+    "GatherElements": (_model("GatherElements", ["data", "ids"], {"axis": 0}, [6, 3], [4, 3], [4, 3]), (-6, 6)),
+    "GatherND": (_model("GatherND", ["data", "ids"], {}, [4, 5, 2], [3, 2], [3, 2]), (-4, 4)),
+    "ScatterElements": (_model("ScatterElements", ["data", "ids", "upd"], {"axis": 1}, [3, 6], [3, 2], [3, 6],
+                               [3, 2]), (-6, 6)),
+    "ScatterND": (_model("ScatterND", ["data", "ids", "upd"], {}, [5, 3], [2, 1], [5, 3], [2, 3]), (-5, 5)),
+}
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    return {op: bscompile.compile(m).load() for op, (m, _) in CASES.items()}
+
+
+@pytest.mark.parametrize("op", list(CASES))
+def test_index_ops_match_onnxruntime_and_reject_out_of_range(op, compiled, rng):
+    model, (lo, hi) = CASES[op]
+    mod = compiled[op]
+    feeds = {s.name: rng.standard_normal(s.shape).astype(np.float32) for s in mod.inputs}
+    spec = next(s for s in mod.inputs if s.name == "ids")
+    ids = rng.integers(lo, hi, spec.shape)
+    if op.startswith("Scatter"):  # distinct targets, so the result does not depend on the write order
+        rows = int(np.prod(spec.shape)) // spec.shape[-1] if op == "ScatterElements" else 1
+        per = spec.shape[-1] if op == "ScatterElements" else spec.shape[0]
+        ids = np.stack([rng.permutation(hi)[:per] for _ in range(rows)]).reshape(spec.shape)
+        ids = np.where(rng.random(ids.shape) < 0.5, ids - hi, ids)  # negative ids name the same targets
+    feeds["ids"] = ids.astype(np.int64)
+    out = mod.run(feeds)["y"]
+    np.testing.assert_allclose(out, ort_run(model, feeds)["y"], rtol=1e-6, atol=0)
+    for bad in (hi, lo - 1, 10**9):
+        feeds["ids"] = feeds["ids"].copy()
+        feeds["ids"].flat[-2 if op == "GatherND" else -1] = bad  # GatherND: coordinate 0 (extent 4, not 5)
+        with pytest.raises(InputError, match=rf"^input 'ids' holds index {bad} outside \[{lo}, {hi}\) "
+                                             "at node idx_node$"):
+            mod.run(feeds)
