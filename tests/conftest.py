@@ -33,7 +33,8 @@ def pytest_runtest_makereport(item, call):
 class _WellFormedAfterBscompilePasses:
     """relax.analysis.well_formed after every bscompile pass (TVM's own passes check themselves)."""
 
-    NAMES = {"Conv1dToMatmul", "OutlineLinearSites", "AnalyzeSparsity", "ChooseLayout", "LowerWeightSites"}
+    NAMES = {"CheckIndices", "Conv1dToMatmul", "OutlineLinearSites", "AnalyzeSparsity", "ChooseLayout",
+             "LowerWeightSites", "OwnOutputs"}
 
     def run_after_pass(self, mod, info):
         if info.name in self.NAMES:
