@@ -38,8 +38,11 @@ from bscompile.codegen.dynamic_layout import GATE_ROWS, DynamicShape
 #: Multiply-adds below which the kernel runs on one thread (a sleeping pool's wake-up
 #: costs tens of microseconds).
 PARALLEL_MIN_WORK = 1 << 20
-#: Vector registers of accumulators a register tile may use.
-_ACC_REGISTERS = 8
+
+
+def _acc_registers(vector_lanes: int) -> int:
+    """Vector registers a register tile may use: 24 of AVX-512's 32, 12 of AVX2's 16."""
+    return 24 if vector_lanes >= 16 else 12
 
 
 @dataclass(frozen=True)
@@ -52,18 +55,28 @@ class DynamicSchedule:
     gate_parallel: bool  # parallelise the gate product over groups of scores
     #: per output block: masked dense product when gathered work >= this x its cost
     dense_fraction: float = 0.9
+    #: while multiplying a tile, prefetch the next one row by row (the tiles of a list are
+    #: scattered, so the hardware prefetcher restarts at every tile); off by default: no
+    #: measurable gain on this x86 machine, left for the tuner and for other cores
+    prefetch: bool = False
 
     def to_json(self) -> dict:
         return {"m_tile": self.m_tile, "rows_tile": self.rows_tile, "chunks": self.chunks,
-                "gate_parallel": self.gate_parallel, "dense_fraction": self.dense_fraction}
+                "gate_parallel": self.gate_parallel, "dense_fraction": self.dense_fraction,
+                "prefetch": self.prefetch}
 
 
 def default_schedule(shape: DynamicShape, m: int, vector_lanes: int = 8, threads: int = 2) -> DynamicSchedule:
-    """Register tiles of at most ``_ACC_REGISTERS`` vectors; parallel when the expected
-    work (gate + selected tiles) is well above a thread-pool wake-up."""
-    mt = max(d for d in range(1, 5) if m % d == 0)
+    """Register tiles of at most :func:`_acc_registers` vectors, preferring whole tile rows
+    (``rows_tile = block``: a tile streams from memory once, row by row) over more batch
+    rows per group: a narrower slice walks each tile once per slice with a stride, which
+    costs more than re-reading a tile from L2 for the next row group. Parallel when the
+    expected work (gate + selected tiles) is well above a thread-pool wake-up."""
+    regs = _acc_registers(vector_lanes)
+    vecs = -(-shape.block // vector_lanes)
+    mt = max(d for d in range(1, 5) if m % d == 0 and d * vecs <= regs) if vecs <= regs else 1
     rt = shape.block
-    while mt * -(-rt // vector_lanes) > _ACC_REGISTERS and rt % 2 == 0 and rt > vector_lanes:
+    while -(-rt // vector_lanes) > regs and rt % 2 == 0:
         rt //= 2
     work = m * shape.in_features * (shape.num_tiles + shape.k * shape.block * shape.block // shape.in_features)
     par = work >= PARALLEL_MIN_WORK
@@ -109,14 +122,26 @@ def _kernel(shape: DynamicShape, m: int, sched: DynamicSchedule, n_alive: int) -
     # masked dense when gathered groups * 1 >= dense_fraction * union * dense_groups (integer test)
     frac_num = int(round(sched.dense_fraction * 1024))
 
+    lines = bs // 16  # 64-byte cache lines per tile row
+
     @T.macro
-    def tile_group(tiles, x, acc_y, lrow, lscale, ob, ib, u, j0, rc):
-        """acc_y[rows] += scale * (x[rows, ib-block] @ tile[:, rc-slice]) for one row group."""
+    def prefetch_row(tiles, pf_ob, pf_ib, p, first):
+        if sched.prefetch:
+            if first:
+                for ln in T.unroll(lines):
+                    T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0",
+                                                  T.address_of(tiles[pf_ob, pf_ib, p, ln * 16]), 0, 3, 1))
+
+    @T.macro
+    def tile_group(tiles, x, acc_y, lrow, lscale, ob, ib, u, j0, rc, pf_ob, pf_ib, first):
+        """acc_y[rows] += scale * (x[rows, ib-block] @ tile[:, rc-slice]) for one row group;
+        the first group of a tile prefetches tile (pf_ob, pf_ib)."""
         acc = T.alloc_buffer((mt, rt), "float32")
         for j in T.unroll(mt):
             for q in T.vectorized(rt):
                 acc[j, q] = T.float32(0)
         for p in T.serial(bs):
+            prefetch_row(tiles, pf_ob, pf_ib, p, first)
             for j in T.unroll(mt):
                 xv = T.Bind(x[lrow[ob, u, j0 + j], ib * bs + p])
                 for q in T.vectorized(rt):
@@ -260,9 +285,16 @@ def _kernel(shape: DynamicShape, m: int, sched: DynamicSchedule, n_alive: int) -
                         acc_y[b, q] = T.float32(0)
                 for u in T.serial(ucnt[ob]):
                     ib = T.Bind(utile[ob, u])
+                    # the next tile in this chunk's order: the next of the list, else the
+                    # first of the next output block (any in-bounds tile will do at the end)
+                    last = T.Bind(u + 1 >= ucnt[ob])
+                    pf_ob = T.Bind(T.if_then_else(last, T.min(ob + 1, nbo - 1), ob))
+                    pf_ib = T.Bind(T.if_then_else(last, utile[T.min(ob + 1, nbo - 1), 0],
+                                                  utile[ob, T.min(u + 1, nbi - 1)]))
                     for rc in T.serial(nrt):
                         for grp in T.serial(ugroups[ob, u]):
-                            tile_group(tiles, x, acc_y, lrow, lscale, ob, ib, u, grp * mt, rc)
+                            tile_group(tiles, x, acc_y, lrow, lscale, ob, ib, u, grp * mt, rc,
+                                       pf_ob, pf_ib, rc == 0 and grp == 0)
                 for b in T.serial(m):
                     for q in T.vectorized(bs):
                         y[b, ob * bs + q] = acc_y[b, q] + bias[ob * bs + q]

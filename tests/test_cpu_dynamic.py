@@ -48,6 +48,7 @@ def _margin_rows(rng, m, fin, gw, gb, k, alive=None, margin=1e-3, shift=0.0):
 CASES = [
     # (in, out, block, keep, m, schedule overrides, static mask, gate bias shift)
     (256, 384, 64, 0.5, 1, {}, False, 0.0),
+    (256, 384, 64, 0.5, 2, {"prefetch": True, "m_tile": 1}, False, 0.0),  # software prefetch of the next tile
     (256, 384, 64, 0.25, 3, {}, False, 0.0),  # m_tile 3, rows_tile < block
     (256, 512, 64, 0.5, 4, {"chunks": 2, "gate_parallel": True}, False, 0.0),  # parallel, balanced chunks
     (256, 384, 32, 0.5, 16, {}, False, 0.0),  # union ~ everything: masked dense per output block
