@@ -2,7 +2,8 @@
 
 WP/BP (:class:`BlockPruner` on ``torch.ao.pruning.BaseSparsifier``) with the
 threshold schedule of Narang et al. (:class:`PruneSchedule`), group lasso
-(:func:`group_lasso_penalty`), a char-level LM on CPython's own docs
+(:func:`group_lasso_penalty`), block-wise dynamic sparseness
+(:class:`DynamicBlockLinear`, :mod:`.dynamic`), a char-level LM on CPython's own docs
 (:mod:`.charlm`), a DeepSpeech-like benchmark shape (:mod:`.deepspeech`), ONNX
 export checked against onnxruntime (:mod:`.export`) and the papers' tables
 (``python -m bscompile.models.reproduce``). Needs torch; the compiler does not.
@@ -22,4 +23,14 @@ __all__ = [
     "make_config",
     "prunable_weights",
     "prune_once",
+    "DynamicBlockLinear",
 ]
+
+
+def __getattr__(name: str):
+    """Model classes load on first use (``bscompile.models.DynamicBlockLinear``)."""
+    if name == "DynamicBlockLinear":
+        from .dynamic import DynamicBlockLinear
+
+        return DynamicBlockLinear
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

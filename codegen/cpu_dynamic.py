@@ -1,0 +1,302 @@
+"""TIR kernels for dynamic weight sites (input-dependent block selection) on LLVM CPUs.
+
+One kernel computes ``y[m, out]`` of a dynamic site (semantics and packing in
+:mod:`codegen.dynamic_layout`) in four phases:
+
+1. **gate** ``g = x @ Wg.T + bg``, a small dense product (``in/bs^2`` of the dense
+   cost), parallel over groups of ``GATE_ROWS`` scores;
+2. **selection** per row in O(N): the k-th largest score by a four-pass radix select
+   on order-preserving integer keys (one 256-bucket histogram per byte, no sort), then
+   ``mask = g >= kth`` (ties keep more than k, as onnxruntime's TopK + GreaterOrEqual)
+   and ``r = g*mask / (sum(g*mask) / n_alive)``;
+3. **tile lists** per output block ``ob``: the union of the tiles ``ib`` the rows
+   selected and, per tile, the rows that chose it with their scales, padded to whole
+   groups of ``m_tile`` rows (padding repeats a row with scale 0). An output block
+   whose gathered work would be at least ``dense_fraction`` of the masked dense
+   product over its union tiles (every row, scale 0 where not selected) takes the
+   masked dense product instead: same tiles, no row gather. Output blocks are then cut
+   into ``chunks`` contiguous ranges of equal work (a prefix sum), one per thread;
+4. **tile product**, output-stationary: per output block, the union's tiles stream
+   in order from ``tiles[ob, ib]`` (contiguous, packed by :func:`pack_tiles`); per
+   ``rows_tile``-wide slice and group of ``m_tile`` rows an accumulator tile stays in
+   registers over the ``bs`` inputs, then ``acc_y[row] += r * tile_sum``. Each output
+   block belongs to one thread: no atomics.
+
+Phases 1 and 4 are one thread-pool launch each; 2 and 3 are serial (O(m * N)).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import tvm
+from tvm.script import tirx as T
+
+from bscompile.codegen.dynamic_layout import GATE_ROWS, DynamicShape
+
+#: Multiply-adds below which the kernel runs on one thread (a sleeping pool's wake-up
+#: costs tens of microseconds).
+PARALLEL_MIN_WORK = 1 << 20
+
+
+def _acc_registers(vector_lanes: int) -> int:
+    """Vector registers a register tile may use: 24 of AVX-512's 32, 12 of AVX2's 16."""
+    return 24 if vector_lanes >= 16 else 12
+
+
+@dataclass(frozen=True)
+class DynamicSchedule:
+    """How a dynamic site's kernel is laid out on the CPU."""
+
+    m_tile: int  # batch rows per register group (divides m)
+    rows_tile: int  # output rows per register tile (divides the block)
+    chunks: int  # parallel ranges of output blocks, balanced by work (1 = serial)
+    gate_parallel: bool  # parallelise the gate product over groups of scores
+    #: per output block: masked dense product when gathered work >= this x its cost
+    dense_fraction: float = 0.9
+    #: while multiplying a tile, prefetch the next one row by row (the tiles of a list are
+    #: scattered, so the hardware prefetcher restarts at every tile); off by default: no
+    #: measurable gain on this x86 machine, left for the tuner and for other cores
+    prefetch: bool = False
+
+    def to_json(self) -> dict:
+        return {"m_tile": self.m_tile, "rows_tile": self.rows_tile, "chunks": self.chunks,
+                "gate_parallel": self.gate_parallel, "dense_fraction": self.dense_fraction,
+                "prefetch": self.prefetch}
+
+
+def default_schedule(shape: DynamicShape, m: int, vector_lanes: int = 8, threads: int = 2) -> DynamicSchedule:
+    """Register tiles of at most :func:`_acc_registers` vectors, preferring whole tile rows
+    (``rows_tile = block``: a tile streams from memory once, row by row) over more batch
+    rows per group: a narrower slice walks each tile once per slice with a stride, which
+    costs more than re-reading a tile from L2 for the next row group. Parallel when the
+    expected work (gate + selected tiles) is well above a thread-pool wake-up."""
+    regs = _acc_registers(vector_lanes)
+    vecs = -(-shape.block // vector_lanes)
+    mt = max(d for d in range(1, 5) if m % d == 0 and d * vecs <= regs) if vecs <= regs else 1
+    rt = shape.block
+    while -(-rt // vector_lanes) > regs and rt % 2 == 0:
+        rt //= 2
+    work = m * shape.in_features * (shape.num_tiles + shape.k * shape.block * shape.block // shape.in_features)
+    par = work >= PARALLEL_MIN_WORK
+    return DynamicSchedule(mt, rt, threads if par and shape.nbo > 1 else 1, par)
+
+
+def dynamic_linear_kernel(in_features: int, out_features: int, block: int, k: int, m: int,
+                          schedule: DynamicSchedule, n_alive: int | None = None) -> tvm.tirx.PrimFunc:
+    """The PrimFunc of one dynamic site, arguments (all float32, C-contiguous):
+
+    - ``x[m, in]``;
+    - ``tiles[nbo, nbi, bs, bs]``: ``W[out, in]`` packed by :func:`dynamic_layout.pack_tiles`;
+    - ``gate_w[ng, in, GATE_ROWS]``: ``Wg[N, in]`` packed by :func:`dynamic_layout.pack_gate`,
+      ``ng = ceil(N / GATE_ROWS)``;
+    - ``gate_b[ng * GATE_ROWS]``: :func:`dynamic_layout.pad_gate_bias` (``-inf`` on
+      statically pruned tiles and padding, so they are never selected);
+    - ``bias[out]`` (zeros for a site without bias);
+    - ``y[m, out]``, the output.
+
+    ``k`` counts selected tiles per row (``keep_count(keep, n_alive)``); ``n_alive`` is
+    the number of tiles a static block mask keeps (default ``N``), the normaliser of ``r``.
+    """
+    shape = DynamicShape(in_features, out_features, block, k)
+    return _kernel(shape, m, schedule, shape.num_tiles if n_alive is None else n_alive)
+
+
+@functools.lru_cache(maxsize=64)
+def _kernel(shape: DynamicShape, m: int, sched: DynamicSchedule, n_alive: int) -> tvm.tirx.PrimFunc:
+    if m % sched.m_tile or shape.block % sched.rows_tile:
+        raise ValueError(f"schedule {sched} does not tile m={m}, block={shape.block}")
+    fin, fout, bs, k = shape.in_features, shape.out_features, shape.block, shape.k
+    nbi, nbo, n_tiles = shape.nbi, shape.nbo, shape.num_tiles
+    ng = -(-n_tiles // GATE_ROWS)
+    mt, rt, chunks = sched.m_tile, sched.rows_tile, sched.chunks
+    m_pad = -(-m // mt) * mt
+    nrt = bs // rt
+    # gate: row groups of up to 4, chains over the inputs so FMAs overlap their latency
+    gmt = max(d for d in range(1, 5) if m % d == 0)
+    gq = max(d for d in range(1, max(1, 8 // gmt) + 1) if fin % d == 0)
+    gate_loop = T.parallel if sched.gate_parallel else T.serial
+    chunk_loop = T.parallel if chunks > 1 else T.serial
+    dense_groups = m // mt  # groups of a masked dense tile
+    # masked dense when gathered groups * 1 >= dense_fraction * union * dense_groups (integer test)
+    frac_num = int(round(sched.dense_fraction * 1024))
+
+    lines = bs // 16  # 64-byte cache lines per tile row
+
+    @T.macro
+    def prefetch_row(tiles, pf_ob, pf_ib, p, first):
+        if sched.prefetch:
+            if first:
+                for ln in T.unroll(lines):
+                    T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0",
+                                                  T.address_of(tiles[pf_ob, pf_ib, p, ln * 16]), 0, 3, 1))
+
+    @T.macro
+    def tile_group(tiles, x, acc_y, lrow, lscale, ob, ib, u, j0, rc, pf_ob, pf_ib, first):
+        """acc_y[rows] += scale * (x[rows, ib-block] @ tile[:, rc-slice]) for one row group;
+        the first group of a tile prefetches tile (pf_ob, pf_ib)."""
+        acc = T.alloc_buffer((mt, rt), "float32")
+        for j in T.unroll(mt):
+            for q in T.vectorized(rt):
+                acc[j, q] = T.float32(0)
+        for p in T.serial(bs):
+            prefetch_row(tiles, pf_ob, pf_ib, p, first)
+            for j in T.unroll(mt):
+                xv = T.Bind(x[lrow[ob, u, j0 + j], ib * bs + p])
+                for q in T.vectorized(rt):
+                    acc[j, q] = acc[j, q] + tiles[ob, ib, p, rc * rt + q] * xv
+        for j in T.unroll(mt):
+            row = T.Bind(lrow[ob, u, j0 + j])
+            s = T.Bind(lscale[ob, u, j0 + j])
+            for q in T.vectorized(rt):
+                acc_y[row, rc * rt + q] = acc_y[row, rc * rt + q] + acc[j, q] * s
+
+    @T.prim_func(s_tir=True)
+    def dynamic_linear(x: T.Buffer((m, fin), "float32"), tiles: T.Buffer((nbo, nbi, bs, bs), "float32"),
+                       gate_w: T.Buffer((ng, fin, GATE_ROWS), "float32"),
+                       gate_b: T.Buffer((ng * GATE_ROWS,), "float32"), bias: T.Buffer((fout,), "float32"),
+                       y: T.Buffer((m, fout), "float32")):
+        T.func_attr({"tir.noalias": True})
+        g = T.alloc_buffer((m, ng * GATE_ROWS), "float32")
+        kth = T.alloc_buffer((m,), "float32")
+        scale = T.alloc_buffer((m,), "float32")
+        lrow = T.alloc_buffer((nbo, nbi, m_pad), "int32")  # rows of union tile u of block ob
+        lscale = T.alloc_buffer((nbo, nbi, m_pad), "float32")
+        utile = T.alloc_buffer((nbo, nbi), "int32")  # union tile u of block ob -> ib
+        ugroups = T.alloc_buffer((nbo, nbi), "int32")  # row groups of union tile u
+        ucnt = T.alloc_buffer((nbo,), "int32")
+        wpre = T.alloc_buffer((nbo + 1,), "int32")  # prefix sum of work per output block
+        bounds = T.alloc_buffer((chunks + 1,), "int32")
+        hist = T.alloc_buffer((256,), "int32")
+        st = T.alloc_buffer((4,), "int32")  # prefix, remaining, found, count
+        fsum = T.alloc_buffer((1,), "float32")
+
+        # 1. gate scores
+        for grp in gate_loop(ng):
+            for mo in T.serial(m // gmt):
+                gacc = T.alloc_buffer((gq, gmt, GATE_ROWS), "float32")
+                for c in T.unroll(gq):
+                    for j in T.unroll(gmt):
+                        for v in T.vectorized(GATE_ROWS):
+                            gacc[c, j, v] = T.float32(0)
+                for io in T.serial(fin // gq):
+                    for c in T.unroll(gq):
+                        for j in T.unroll(gmt):
+                            xv = T.Bind(x[mo * gmt + j, io * gq + c])
+                            for v in T.vectorized(GATE_ROWS):
+                                gacc[c, j, v] = gacc[c, j, v] + gate_w[grp, io * gq + c, v] * xv
+                for j in T.unroll(gmt):
+                    for v in T.vectorized(GATE_ROWS):
+                        g[mo * gmt + j, grp * GATE_ROWS + v] = gate_b[grp * GATE_ROWS + v] + gacc[0, j, v]
+                    for c in T.serial(gq - 1):
+                        for v in T.vectorized(GATE_ROWS):
+                            g[mo * gmt + j, grp * GATE_ROWS + v] = g[mo * gmt + j, grp * GATE_ROWS + v] + gacc[c + 1, j, v]
+
+        # 2. selection: radix select of the k-th largest key, byte by byte from the top.
+        # key = bits ^ ((bits >> 31) & 0x7fffffff) orders int32 keys like the floats.
+        for b in T.serial(m):
+            st[0] = 0  # prefix: the key's bytes found so far (arithmetic shift of the key)
+            st[1] = k  # rank still to find among the candidates
+            for lvl in T.serial(4):
+                sh = T.Bind(24 - 8 * lvl)
+                for d in T.serial(256):
+                    hist[d] = 0
+                for n in T.serial(n_tiles):
+                    bits = T.Bind(T.reinterpret("int32", g[b, n]))
+                    key = T.Bind(T.bitwise_xor(bits, T.bitwise_and(T.shift_right(bits, 31), 0x7FFFFFFF)))
+                    if lvl == 0 or T.shift_right(key, T.min(sh + 8, 31)) == st[0]:  # no shift by 32
+                        dig = T.Bind(T.bitwise_and(T.shift_right(key, sh), 255))
+                        hist[dig] = hist[dig] + 1
+                st[2] = 0
+                for dd in T.serial(256):
+                    # top byte: signed, so its buckets run 127..0, 255..128 from large to small
+                    d = T.Bind(T.if_then_else(lvl == 0, T.bitwise_and(127 - dd, 255), 255 - dd))
+                    if st[2] == 0:
+                        if st[1] <= hist[d]:
+                            st[2] = 1
+                            st[0] = T.if_then_else(lvl == 0, T.shift_right(T.shift_left(d, 24), 24),
+                                                   T.shift_left(st[0], 8) + d)
+                        else:
+                            st[1] = st[1] - hist[d]
+            kbits = T.Bind(T.bitwise_xor(st[0], T.bitwise_and(T.shift_right(st[0], 31), 0x7FFFFFFF)))
+            kth[b] = T.reinterpret("float32", kbits)
+            fsum[0] = T.float32(0)
+            for n in T.serial(n_tiles):
+                if g[b, n] >= kth[b]:
+                    fsum[0] = fsum[0] + g[b, n]
+            scale[b] = fsum[0] / T.float32(n_alive)
+
+        # 3. tile lists per output block, and their work
+        wpre[0] = 0
+        for ob in T.serial(nbo):
+            st[3] = 0  # union tiles so far
+            for ib in T.serial(nbi):
+                st[1] = 0  # rows of this tile
+                for b in T.serial(m):
+                    if g[b, ib * nbo + ob] >= kth[b]:
+                        lrow[ob, st[3], st[1]] = b
+                        lscale[ob, st[3], st[1]] = g[b, ib * nbo + ob] / scale[b]
+                        st[1] = st[1] + 1
+                if st[1] > 0:
+                    for j in T.serial(mt - 1):  # pad to whole groups: a chosen row, scale 0
+                        if st[1] % mt != 0:
+                            lrow[ob, st[3], st[1]] = lrow[ob, st[3], 0]
+                            lscale[ob, st[3], st[1]] = T.float32(0)
+                            st[1] = st[1] + 1
+                    utile[ob, st[3]] = ib
+                    ugroups[ob, st[3]] = st[1] // mt
+                    st[3] = st[3] + 1
+            ucnt[ob] = st[3]
+            st[0] = 0
+            for u in T.serial(nbi):
+                if u < st[3]:
+                    st[0] = st[0] + ugroups[ob, u]
+            if st[0] * 1024 >= frac_num * st[3] * dense_groups and st[3] > 0:
+                # masked dense over the union tiles: every row, in order, scale 0 if not selected
+                for u in T.serial(nbi):
+                    if u < st[3]:
+                        for b in T.serial(m):
+                            n_ = T.Bind(utile[ob, u] * nbo + ob)
+                            lrow[ob, u, b] = b
+                            lscale[ob, u, b] = T.if_then_else(g[b, n_] >= kth[b], g[b, n_] / scale[b],
+                                                              T.float32(0))
+                        ugroups[ob, u] = dense_groups
+                st[0] = st[3] * dense_groups
+            wpre[ob + 1] = wpre[ob] + st[0] + 1
+        # contiguous ranges of output blocks with equal work, one per chunk
+        bounds[0] = 0
+        st[0] = 1
+        for ob in T.serial(nbo):
+            if st[0] < chunks:
+                if wpre[ob + 1] * chunks >= st[0] * wpre[nbo]:
+                    bounds[st[0]] = ob + 1
+                    st[0] = st[0] + 1
+        for c in T.serial(chunks + 1):
+            if c >= st[0]:
+                bounds[c] = nbo
+
+        # 4. output-stationary tile product, one chunk of output blocks per thread
+        for ch in chunk_loop(chunks):
+            acc_y = T.alloc_buffer((m, bs), "float32")
+            for ob in T.serial(bounds[ch], bounds[ch + 1]):
+                for b in T.serial(m):
+                    for q in T.vectorized(bs):
+                        acc_y[b, q] = T.float32(0)
+                for u in T.serial(ucnt[ob]):
+                    ib = T.Bind(utile[ob, u])
+                    # the next tile in this chunk's order: the next of the list, else the
+                    # first of the next output block (any in-bounds tile will do at the end)
+                    last = T.Bind(u + 1 >= ucnt[ob])
+                    pf_ob = T.Bind(T.if_then_else(last, T.min(ob + 1, nbo - 1), ob))
+                    pf_ib = T.Bind(T.if_then_else(last, utile[T.min(ob + 1, nbo - 1), 0],
+                                                  utile[ob, T.min(u + 1, nbi - 1)]))
+                    for rc in T.serial(nrt):
+                        for grp in T.serial(ugroups[ob, u]):
+                            tile_group(tiles, x, acc_y, lrow, lscale, ob, ib, u, grp * mt, rc,
+                                       pf_ob, pf_ib, rc == 0 and grp == 0)
+                for b in T.serial(m):
+                    for q in T.vectorized(bs):
+                        y[b, ob * bs + q] = acc_y[b, q] + bias[ob * bs + q]
+
+    return dynamic_linear.without_attr("global_symbol")

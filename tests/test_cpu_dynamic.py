@@ -1,0 +1,107 @@
+"""CPU kernels of dynamic sites (gate, radix selection, tile lists, tile product) vs the NumPy reference.
+
+Inputs are redrawn until every row separates its k-th and (k+1)-th gate score by a clear
+margin (float32 gate sums in the kernel and in NumPy differ by ~1e-6; a row closer to a
+tie may legitimately select differently). Exact ties are tested separately with gate
+scores that are bit-identical in both. Tolerances: rtol 1e-4 and atol 2e-5 x max |y|
+(float32 sums of up to 512 products vs a float64 reference; an indexing or selection
+bug is off by O(|y|)).
+"""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import tvm
+
+from bscompile.codegen import cpu_dynamic as cd
+from bscompile.codegen import dynamic_layout as dl
+from bscompile.target import resolve_target
+
+
+def _build(fin, fout, bs, k, m, sched, n_alive=None):
+    func = cd.dynamic_linear_kernel(fin, fout, bs, k, m, sched, n_alive).with_attr("global_symbol", "k")
+    return tvm.compile(tvm.IRModule({"k": func}), target=resolve_target("llvm").tvm_target())["k"]
+
+
+def _run(fn, x, w, gw, gb, bias, bs, alive=None):
+    y = tvm.runtime.empty((x.shape[0], w.shape[0]), "float32")
+    args = (x, dl.pack_tiles(w, bs), dl.pack_gate(gw), dl.pad_gate_bias(gb, alive), bias)
+    fn(*[tvm.runtime.tensor(a) for a in args], y)
+    return y.numpy()
+
+
+def _margin_rows(rng, m, fin, gw, gb, k, alive=None, margin=1e-3, shift=0.0):
+    rows = []
+    while len(rows) < m:
+        x = rng.standard_normal((4 * m, fin)).astype(np.float32)
+        g = x.astype(np.float64) @ gw.T.astype(np.float64) + gb
+        if alive is not None:
+            g = np.where(alive, g, -np.inf)
+        srt = -np.sort(-g, axis=1)
+        nxt = srt[:, k] if k < g.shape[1] else np.full(len(g), -np.inf)
+        kept = np.where(np.isfinite(srt[:, :k]), srt[:, :k], 0).sum(1)
+        rows.extend(x[(srt[:, k - 1] - nxt > margin) & (np.abs(kept) > 0.5)])
+    return np.stack(rows[:m])
+
+
+CASES = [
+    # (in, out, block, keep, m, schedule overrides, static mask, gate bias shift)
+    (256, 384, 64, 0.5, 1, {}, False, 0.0),
+    (256, 384, 64, 0.5, 2, {"prefetch": True, "m_tile": 1}, False, 0.0),  # software prefetch of the next tile
+    (256, 384, 64, 0.25, 3, {}, False, 0.0),  # m_tile 3, rows_tile < block
+    (256, 512, 64, 0.5, 4, {"chunks": 2, "gate_parallel": True}, False, 0.0),  # parallel, balanced chunks
+    (256, 384, 32, 0.5, 16, {}, False, 0.0),  # union ~ everything: masked dense per output block
+    (256, 384, 64, 0.5, 8, {"dense_fraction": 0.0}, False, 0.0),  # always masked dense
+    (256, 384, 64, 0.5, 8, {"dense_fraction": 2.0, "m_tile": 4}, False, 0.0),  # never: gathered rows, padding
+    (256, 384, 64, 0.75, 2, {}, False, -1.5),  # negative k-th scores (radix select on negative keys)
+    (256, 384, 64, 0.5, 2, {"chunks": 3}, True, 0.0),  # static block mask: -inf scores, n_alive
+    (128, 256, 32, 1.0, 1, {}, False, 2.0),  # keep everything
+]
+
+
+@pytest.mark.parametrize("fin,fout,bs,keep,m,over,static,shift", CASES, ids=lambda v: str(v).replace(" ", ""))
+def test_dynamic_kernel_matches_numpy(rng, fin, fout, bs, keep, m, over, static, shift):
+    nbi, nbo = fin // bs, fout // bs
+    n = nbi * nbo
+    alive = None
+    if static:
+        alive = rng.random(n) >= 0.3
+        alive[0] = True
+    n_alive = n if alive is None else int(alive.sum())
+    k = dl.keep_count(keep, n_alive)
+    shape = dl.DynamicShape(fin, fout, bs, k)
+    sched = dataclasses.replace(cd.default_schedule(shape, m), **over)
+    fn = _build(fin, fout, bs, k, m, sched, n_alive)
+    w = rng.standard_normal((fout, fin)).astype(np.float32)
+    gw = (rng.standard_normal((n, fin)) / np.sqrt(fin)).astype(np.float32)
+    gb = (rng.standard_normal(n) + shift).astype(np.float32)
+    bias = rng.standard_normal(fout).astype(np.float32)
+    x = _margin_rows(rng, m, fin, gw, gb, k, alive)
+    y = _run(fn, x, w, gw, gb, bias, bs, alive)
+    ref, r = dl.dynamic_linear(x, w, gw, gb, bias, bs, k, alive)
+    assert ((r != 0).sum(1) == k).all()
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=2e-5 * np.abs(ref).max(), err_msg=str(sched))
+
+
+def test_exact_ties_keep_every_tied_tile(rng):
+    """Scores bit-identical in kernel and NumPy (zero gate weights): 5 tiles tie at the
+    k-th value, so 5 tiles are kept for k = 3, as onnxruntime's TopK + GreaterOrEqual do."""
+    fin, fout, bs, k = 128, 256, 32, 3
+    n = (fin // bs) * (fout // bs)
+    gb = rng.uniform(-2, -1, n).astype(np.float32)
+    tied = rng.choice(n, 5, replace=False)
+    gb[tied] = 0.625
+    gw = np.zeros((n, fin), np.float32)
+    w = rng.standard_normal((fout, fin)).astype(np.float32)
+    bias = np.zeros(fout, np.float32)
+    x = rng.standard_normal((2, fin)).astype(np.float32)
+    fn = _build(fin, fout, bs, k, 2, cd.default_schedule(dl.DynamicShape(fin, fout, bs, k), 2))
+    ref, r = dl.dynamic_linear(x, w, gw, gb, bias, bs, k)
+    assert ((r != 0).sum(1) == 5).all()
+    np.testing.assert_allclose(_run(fn, x, w, gw, gb, bias, bs), ref, rtol=1e-4, atol=2e-5 * np.abs(ref).max())
+
+
+def test_schedule_must_tile_the_batch():
+    with pytest.raises(ValueError, match="does not tile"):
+        cd.dynamic_linear_kernel(128, 256, 32, 4, 3, cd.DynamicSchedule(2, 32, 1, False))
