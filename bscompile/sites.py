@@ -107,7 +107,8 @@ class SiteKind:
     """What the generic passes need to know about a kind of site, registered by its creator.
 
     ``matrices(site)`` lists the weight operands (analysed together, as one weight,
-    concatenated along N); ``kernel_args(operands, packed)`` orders the kernel's
+    concatenated along N; their sparsity is reported whatever the layout);
+    ``kernel_args(operands, packed)`` orders the kernel's
     arguments given the operands and, per matrix, its packed ``(data, indices, indptr,
     bias)``: the calling convention of the kind's kernel generators, one per target
     family (:meth:`codegen.family.KernelFamily.kernel`).
@@ -115,7 +116,12 @@ class SiteKind:
 
     name: str
     matrices: Callable[[dict], list[Matrix]]
-    kernel_args: Callable[[Sequence[relax.Expr], list[tuple[relax.Expr, ...]]], list[relax.Expr]]
+    kernel_args: Callable[[Sequence[relax.Expr], list[tuple[relax.Expr, ...]]], list[relax.Expr]] | None = None
+    #: For kinds whose kernels read a weight layout of their own rather than BSR: the one
+    #: layout ``ChooseLayout`` records, and ``pack(operands, layout) -> (kernel arguments,
+    #: stored bytes)``, which replaces the BSR packing and ``kernel_args``.
+    fixed_layout: str | None = None
+    pack: Callable[[Sequence[relax.Expr], dict], tuple[list[relax.Expr], int]] | None = None
 
 
 SITE_KINDS: dict[str, SiteKind] = {}

@@ -73,13 +73,13 @@ def candidates(call: SiteCall, family: KernelFamily, top_k: int) -> list[dict]:
     """Layout decisions to measure: dense and the model's best ``top_k`` BSR shapes, each per schedule."""
     site, sparsity = call.site, attr(call.func, SPARSITY)
     n, k = site["shape"]
-    m, kind = site["m"], site["kind"]
-    ranked = sorted(block_stats_of(sparsity), key=lambda s: family.estimate_time(kind, s, m, n, k))
+    m = site["m"]
+    ranked = sorted(block_stats_of(sparsity), key=lambda s: family.estimate_time(site, s, m))
     w = site_weight(site, call.operands)  # several matrices share one schedule: read it off the whole weight
     out = []
     for layout, block in [("dense", BlockShape(DENSE_ROWS, k))] + [("bsr", s.block) for s in ranked[:top_k]]:
         mat = BSRMatrix.dense(w, DENSE_ROWS) if layout == "dense" else BSRMatrix.from_dense(w, block)
-        for sched in family.schedule_space(kind, mat, m):
+        for sched in family.schedule_space(site, mat, m):
             out.append({"layout": layout, "block": str(block), "schedules": [sched.to_json()]})
     return out
 

@@ -27,7 +27,7 @@ import tvm
 from tvm.script import tirx as T
 
 from bscompile.codegen.cpu_cost import KernelShape, MachineModel, estimate_time
-from bscompile.codegen.family import KernelFamily, standard_generators
+from bscompile.codegen.family import Generator, KernelFamily
 from bscompile.codegen.layout import BlockShape, BlockStats, BSRMatrix, padded
 from bscompile.codegen.recurrent_cells import CellSpec, gate_update
 
@@ -505,27 +505,29 @@ def _recurrent_kernel(cell: CellSpec, keys: tuple[LayoutKey, ...], seq: int, bat
     return recurrence.without_attr("global_symbol")
 
 
-class CpuFamily(KernelFamily):
-    """LLVM CPU targets (x86 AVX2/AVX-512, aarch64 NEON): the block-row kernels above,
+class BlockRowGenerator(Generator):
+    """The ``linear`` and ``recurrent`` kinds on LLVM CPUs: the block-row kernels above,
     their schedule variants, and the analytical model of :mod:`codegen.cpu_cost`."""
 
-    name = "cpu"
+    def __init__(self, machine: MachineModel, recurrent: bool):
+        self.machine, self.recurrent = machine, recurrent
 
-    def __init__(self, machine: MachineModel):
-        self.machine = machine
-        self.generators = standard_generators(linear_kernel, recurrent_kernel)
+    def kernel(self, site: dict, mats: list[BSRMatrix], scheds: list[CpuSchedule]) -> tvm.tirx.PrimFunc:
+        if self.recurrent:
+            return recurrent_kernel(CellSpec.from_json(site["cell"]), mats, site["seq"], site["batch"], scheds)
+        return linear_kernel(mats[0], site["m"], scheds[0])
 
-    def default_schedule(self, kind: str, stats: BlockStats, m: int) -> CpuSchedule:
+    def default_schedule(self, site: dict, stats: BlockStats, m: int) -> CpuSchedule:
         return schedule_for(stats.block, stats.nnz_blocks, stats.padded_shape[0] // stats.block.r, m,
-                            self.machine.lanes, kind == "recurrent")
+                            self.machine.lanes, self.recurrent)
 
-    def schedule_space(self, kind: str, mat: BSRMatrix, m: int) -> list[CpuSchedule]:
+    def schedule_space(self, site: dict, mat: BSRMatrix, m: int) -> list[CpuSchedule]:
         """The default schedule plus the variants worth trying; recurrent kernels have no
         batch variant (their mat-vec has no transposed ``x``)."""
-        lanes, recurrent = self.machine.lanes, kind == "recurrent"
-        base = default_schedule(mat, m, lanes, recurrent)
+        lanes = self.machine.lanes
+        base = default_schedule(mat, m, lanes, self.recurrent)
         out = [base, dataclasses.replace(base, parallel=not base.parallel)]
-        if not recurrent and base.variant == "rows" and m >= lanes and mat.block.c <= 64:
+        if not self.recurrent and base.variant == "rows" and m >= lanes and mat.block.c <= 64:
             out.append(CpuSchedule(1, base.parallel, base.unroll_c, "batch", lanes))
         if base.variant != "block" and block_vector_ok(mat.block, lanes):
             out.append(CpuSchedule(1, base.parallel, True, "block"))
@@ -536,9 +538,20 @@ class CpuFamily(KernelFamily):
     def schedule_from_json(self, d: dict) -> CpuSchedule:
         return CpuSchedule(**d)
 
-    def estimate_time(self, kind: str, stats: BlockStats, m: int, n: int, k: int) -> float:
-        sched = self.default_schedule(kind, stats, m)
+    def estimate_time(self, site: dict, stats: BlockStats, m: int) -> float:
+        sched = self.default_schedule(site, stats, m)
         block = stats.block
+        n, k = site["shape"]
         shape = KernelShape(max(stats.nnz_blocks, 1), block.r, block.c, stats.padded_shape[0] // block.r, m,
                             sched.m_tile, k, n, sched.variant, sched.m_vec)
         return estimate_time(shape, self.machine)
+
+
+class CpuFamily(KernelFamily):
+    """LLVM CPU targets (x86 AVX2/AVX-512, aarch64 NEON) on one machine model."""
+
+    name = "cpu"
+
+    def __init__(self, machine: MachineModel):
+        self.machine = machine
+        self.generators = {"linear": BlockRowGenerator(machine, False), "recurrent": BlockRowGenerator(machine, True)}

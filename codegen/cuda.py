@@ -57,7 +57,7 @@ from tvm.script import tirx as T
 
 from bscompile.codegen.cpu import LayoutKey
 from bscompile.codegen.cuda_cost import GPUS, GpuModel, estimate_time
-from bscompile.codegen.family import KernelFamily, standard_generators
+from bscompile.codegen.family import Generator, KernelFamily
 from bscompile.codegen.layout import BlockShape, BlockStats, BSRMatrix
 from bscompile.codegen.recurrent_cells import CellSpec, gate_update
 
@@ -521,28 +521,24 @@ def _recurrent_kernel(cell: CellSpec, keys: tuple[LayoutKey, ...], seq: int, bat
     return recurrence_cuda.without_attr("global_symbol")
 
 
-class CudaFamily(KernelFamily):
-    """NVIDIA GPUs: the warp-per-block-row kernels above and the roofline of :mod:`codegen.cuda_cost`."""
+class CudaBlockRowGenerator(Generator):
+    """The ``linear`` and ``recurrent`` kinds on NVIDIA GPUs: the warp-per-block-row kernels
+    above and the roofline of :mod:`codegen.cuda_cost`."""
 
-    name = "cuda"
+    def __init__(self, gpu: GpuModel, recurrent: bool):
+        self.gpu, self.recurrent = gpu, recurrent
 
-    def __init__(self, gpu: GpuModel):
-        self.gpu = gpu
-        self.generators = standard_generators(linear_kernel, recurrent_kernel)
+    def kernel(self, site: dict, mats: list[BSRMatrix], scheds: list[CudaSchedule]) -> tvm.tirx.PrimFunc:
+        if self.recurrent:
+            return recurrent_kernel(CellSpec.from_json(site["cell"]), mats, site["seq"], site["batch"], scheds)
+        return linear_kernel(mats[0], site["m"], scheds[0])
 
-    @classmethod
-    def for_arch(cls, arch: str) -> "CudaFamily":
-        return cls(GPUS[arch])
-
-    def default_schedule(self, kind: str, stats: BlockStats, m: int) -> CudaSchedule:
+    def default_schedule(self, site: dict, stats: BlockStats, m: int) -> CudaSchedule:
         return schedule_for(stats.block, stats.padded_shape[0] // stats.block.r, stats.padded_shape[1], m)
 
-    def schedule_space(self, kind: str, mat: BSRMatrix, m: int) -> list[CudaSchedule]:
+    def schedule_space(self, site: dict, mat: BSRMatrix, m: int) -> list[CudaSchedule]:
         base = default_schedule(mat, m)
-        out = [base]
-        for warps in (1, 2, 4, 8):
-            if warps != base.warps:
-                out.append(CudaSchedule(warps, base.m_tile, base.vec, base.stage_x))
+        out = [base] + [CudaSchedule(w, base.m_tile, base.vec, base.stage_x) for w in (1, 2, 4, 8) if w != base.warps]
         if base.stage_x:
             out.append(CudaSchedule(base.warps, base.m_tile, base.vec, False))
         return out
@@ -550,9 +546,25 @@ class CudaFamily(KernelFamily):
     def schedule_from_json(self, d: dict) -> CudaSchedule:
         return CudaSchedule.from_json(d)
 
-    def estimate_time(self, kind: str, stats: BlockStats, m: int, n: int, k: int) -> float:
+    def estimate_time(self, site: dict, stats: BlockStats, m: int) -> float:
         """Per call; a recurrent site per time step (weights L2-resident across steps)."""
         block = stats.block
+        n, k = site["shape"]
         return estimate_time(self.gpu, nnz_blocks=stats.nnz_blocks, r=block.r, c=block.c,
                              num_block_rows=stats.padded_shape[0] // block.r, m=m, m_tile=_m_tile(m), n=n, k=k,
-                             recurrent_steps=1 if kind == "recurrent" else 0)
+                             recurrent_steps=1 if self.recurrent else 0)
+
+
+class CudaFamily(KernelFamily):
+    """NVIDIA GPUs of one architecture (``--arch``), with its GPU model."""
+
+    name = "cuda"
+
+    def __init__(self, gpu: GpuModel):
+        self.gpu = gpu
+        self.generators = {"linear": CudaBlockRowGenerator(gpu, False),
+                           "recurrent": CudaBlockRowGenerator(gpu, True)}
+
+    @classmethod
+    def for_arch(cls, arch: str) -> "CudaFamily":
+        return cls(GPUS[arch])

@@ -1,67 +1,80 @@
 """Kernel families: what one kind of target brings to the compiler.
 
 A family owns, for its target:
-- the kernel generators, one per weight-site kind (``generators``): site attributes,
-  the packed matrices and their schedules -> a ``PrimFunc`` following the kind's
-  calling convention (:class:`bscompile.sites.SiteKind`);
-- its schedule space (:meth:`default_schedule`, :meth:`schedule_space`), and
-- its machine model (:meth:`estimate_time`), which ``ChooseLayout`` ranks layouts with.
+- one :class:`Generator` per weight-site kind (``generators``): the kind's kernel for
+  that target, the schedule it uses without tuning, the schedules worth measuring,
+  and what one call costs on the family's machine model;
+- the machine model itself (``CpuFamily.machine``, ``CudaFamily.gpu``).
 
-Passes and the tuner talk to this interface only; ``TargetSpec.kernel_family()``
-picks the family (:mod:`codegen.cpu`, :mod:`codegen.cuda`). Adding a site kind means
-adding one generator to each family's table.
+``ChooseLayout`` ranks layouts with :meth:`KernelFamily.estimate_time`,
+``LowerWeightSites`` asks for kernels, ``bscompile tune`` walks
+:meth:`KernelFamily.schedule_space`; all of them talk to this interface only.
+``TargetSpec.kernel_family()`` picks the family (:mod:`codegen.cpu`,
+:mod:`codegen.cuda`). Adding a site kind means adding one generator to each family.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable
+from typing import Any
 
 import tvm
 
 from bscompile.codegen.layout import BlockStats, BSRMatrix
-from bscompile.codegen.recurrent_cells import CellSpec
-
-#: (site attributes, matrices, schedules) -> kernel
-Generator = Callable[[dict, list[BSRMatrix], list[Any]], tvm.tirx.PrimFunc]
 
 
-def standard_generators(linear: Callable, recurrent: Callable) -> dict[str, Generator]:
-    """The ``linear`` and ``recurrent`` generators from a target's two kernel functions,
-    ``linear(mat, m, sched)`` and ``recurrent(cell, mats, seq, batch, scheds)``."""
-    return {
-        "linear": lambda site, mats, scheds: linear(mats[0], site["m"], scheds[0]),
-        "recurrent": lambda site, mats, scheds: recurrent(CellSpec.from_json(site["cell"]), mats, site["seq"],
-                                                          site["batch"], scheds),
-    }
-
-
-class KernelFamily(ABC):
-    """The kernels, schedules and machine model of one target."""
-
-    name: str
-    generators: dict[str, Generator]
-
-    def kernel(self, kind: str, site: dict, mats: list[BSRMatrix], schedules: list[Any]) -> tvm.tirx.PrimFunc:
-        """The kernel of one site: ``mats`` in the chosen layout, one schedule per matrix."""
-        try:
-            gen = self.generators[kind]
-        except KeyError:
-            raise NotImplementedError(f"the {self.name} kernel family has no generator for {kind!r} sites") from None
-        return gen(site, mats, schedules)
+class Generator(ABC):
+    """One site kind on one family. ``site`` is the site's ``bscompile.site`` attribute,
+    ``mats`` its weight matrices packed in the chosen layout (for kinds packed as BSR),
+    ``stats`` a layout's block statistics, ``m`` the rows the kernel multiplies."""
 
     @abstractmethod
-    def default_schedule(self, kind: str, stats: BlockStats, m: int) -> Any:
-        """The schedule the family uses without tuning, from the layout's block statistics alone."""
+    def kernel(self, site: dict, mats: list[BSRMatrix], schedules: list[Any]) -> tvm.tirx.PrimFunc:
+        """The kernel, following the kind's calling convention (:class:`bscompile.sites.SiteKind`)."""
 
     @abstractmethod
-    def schedule_space(self, kind: str, mat: BSRMatrix, m: int) -> list[Any]:
+    def default_schedule(self, site: dict, stats: BlockStats, m: int) -> Any:
+        """The schedule used without tuning, from the layout's statistics alone."""
+
+    def schedule_space(self, site: dict, mat: BSRMatrix, m: int) -> list[Any]:
         """Schedules worth measuring for one matrix (the default first)."""
+        return [self.default_schedule(site, mat.stats, m)]
 
     @abstractmethod
     def schedule_from_json(self, d: dict) -> Any:
         """A schedule as recorded in IR attributes, manifests and tuning records."""
 
     @abstractmethod
-    def estimate_time(self, kind: str, stats: BlockStats, m: int, n: int, k: int) -> float:
-        """Seconds one call of the kernel is expected to take on the family's machine model."""
+    def estimate_time(self, site: dict, stats: BlockStats, m: int) -> float:
+        """Seconds one call is expected to take on the family's machine model."""
+
+
+class KernelFamily(ABC):
+    """The generators and machine model of one kind of target."""
+
+    name: str
+    generators: dict[str, Generator]
+
+    def supports(self, kind: str) -> bool:
+        return kind in self.generators
+
+    def generator(self, kind: str) -> Generator:
+        try:
+            return self.generators[kind]
+        except KeyError:
+            raise NotImplementedError(f"the {self.name} kernel family has no generator for {kind!r} sites") from None
+
+    def kernel(self, site: dict, mats: list[BSRMatrix], schedules: list[Any]) -> tvm.tirx.PrimFunc:
+        return self.generator(site["kind"]).kernel(site, mats, schedules)
+
+    def default_schedule(self, site: dict, stats: BlockStats, m: int) -> Any:
+        return self.generator(site["kind"]).default_schedule(site, stats, m)
+
+    def schedule_space(self, site: dict, mat: BSRMatrix, m: int) -> list[Any]:
+        return self.generator(site["kind"]).schedule_space(site, mat, m)
+
+    def schedule_from_json(self, site: dict, d: dict) -> Any:
+        return self.generator(site["kind"]).schedule_from_json(d)
+
+    def estimate_time(self, site: dict, stats: BlockStats, m: int) -> float:
+        return self.generator(site["kind"]).estimate_time(site, stats, m)

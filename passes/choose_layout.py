@@ -16,7 +16,9 @@ at least ``MARGIN`` faster, so bscompile never trades a sure dense kernel for a
 marginal sparse one. ``sparse=False`` (bscompile's dense path) and ``force_block``
 (a user override) bypass the search; tuning ``records`` ("fingerprint:m" ->
 :class:`bscompile.records.TuningRecord`) replace it by measurement. Sites whose
-weights are computed at run time are dense.
+weights are computed at run time are dense. A kind whose kernels read a layout of
+their own (``SiteKind.fixed_layout``, e.g. dynamic block selection) gets that layout,
+with the family's estimate against the dense product of the same weight.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from bscompile.codegen.family import KernelFamily
 from bscompile.codegen.layout import DENSE_ROWS, BlockShape, BlockStats, padded
 from bscompile.passes.analyze_sparsity import block_stats_of
 from bscompile.records import TuningRecord, record_key
-from bscompile.sites import LAYOUT, SITE, SPARSITY, attr, site_calls
+from bscompile.sites import LAYOUT, SITE, SPARSITY, attr, site_calls, site_kind
 
 MARGIN = 0.85
 
@@ -46,15 +48,22 @@ def _us(t: float) -> float:
 def decide(site: dict, sparsity: dict | None, family: KernelFamily, *, sparse: bool = True,
            force_block: BlockShape | None = None, records: Mapping[str, TuningRecord] | None = None) -> dict:
     """The ``bscompile.layout`` attribute of one site."""
-    kind, m = site["kind"], site["m"]
+    m = site["m"]
     n, k = site["shape"]
-    t_dense = family.estimate_time(kind, dense_stats(n, k), m, n, k)
+    kind = site_kind(site["kind"])
+    t_dense = family.estimate_time({**site, "kind": "linear" if kind.fixed_layout else site["kind"]},
+                                   dense_stats(n, k), m)
 
     def decision(layout, block, t, reason, schedules=()):
         return {"layout": layout, "block": str(block), "est_time_us": _us(t), "dense_est_time_us": _us(t_dense),
                 "reason": reason, "schedules": list(schedules)}
 
     dense_block = BlockShape(DENSE_ROWS, k)
+    if kind.fixed_layout is not None:  # the kind's kernels read their own layout
+        t = family.estimate_time(site, None, m)
+        return decision(kind.fixed_layout, site.get("block", ""), t,
+                        f"{kind.fixed_layout}: est {_us(t):.1f} us vs dense {_us(t_dense):.1f} us "
+                        f"({t_dense / t:.1f}x)")
     if sparsity is None:
         return decision("dense", dense_block, t_dense, "dense: the weight is computed at run time")
     if not sparse:
@@ -69,9 +78,9 @@ def decide(site: dict, sparsity: dict | None, family: KernelFamily, *, sparse: b
     stats = block_stats_of(sparsity)
     if force_block is not None and sparsity["structure"] != "dense":
         st = next((s for s in stats if s.block == force_block), None)
-        t = family.estimate_time(kind, st, m, n, k) if st else t_dense
+        t = family.estimate_time(site, st, m) if st else t_dense
         return decision("bsr", force_block, t, f"block {force_block} forced by the user")
-    times = [family.estimate_time(kind, s, m, n, k) for s in stats]
+    times = [family.estimate_time(site, s, m) for s in stats]
     best, t_best = min(zip(stats, times), key=lambda st: st[1])
     if t_best < MARGIN * t_dense:
         return decision("bsr", best.block, t_best,

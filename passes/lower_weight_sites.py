@@ -7,7 +7,8 @@ Contract
   (:meth:`SiteKind.kernel_args`): each weight matrix packed into the chosen layout --
   ``BSRMatrix`` data, indices and row pointers as constants, or, for a weight computed
   at run time (always dense), Relax ops that pack it into the dense layout -- and its
-  bias re-padded to the layout's rows. The kernel keeps the site's attributes, its
+  bias re-padded to the layout's rows (a kind with a layout of its own packs its
+  operands itself: :attr:`SiteKind.pack`). The kernel keeps the site's attributes, its
   layout attribute completed with the schedules used (``schedules``) and
   ``stored_bytes``. Site functions no longer called are removed. Numerics are
   unchanged up to float reassociation.
@@ -76,27 +77,32 @@ class _Lowerer(relax.PyExprMutator):
         return self._lower(site, layout, func, list(call.args))
 
     def _lower(self, site: dict, layout: dict, func: relax.Function, operands: list[relax.Expr]) -> relax.Expr:
-        bb, kind = self.builder_, site_kind(site["kind"])
-        mats, packed = [], []
-        for m in kind.matrices(site):
-            mat, arrays = _pack(bb, operands[m.weight], layout)
-            bias = _repad_bias(bb, operands[m.bias], mat.shape[0], mat.padded_shape[0])
-            mats.append(mat)
-            packed.append((*arrays, bias))
+        bb, kind, family = self.builder_, site_kind(site["kind"]), self.family
         tuned = layout.get("schedules") or []
-        if tuned:
-            scheds = [self.family.schedule_from_json(tuned[min(i, len(tuned) - 1)]) for i in range(len(mats))]
+        if kind.pack is not None:  # a layout of the kind's own: one kernel, one schedule
+            args, stored = kind.pack(operands, layout)
+            mats, stats = [], [None]
         else:
-            scheds = [self.family.default_schedule(site["kind"], mat.stats, site["m"]) for mat in mats]
-        kernel = self.family.kernel(site["kind"], site, mats, scheds)
-        done = {**layout, "schedules": [s.to_json() for s in scheds], "stored_bytes": sum(m.nbytes for m in mats)}
+            mats, packed = [], []
+            for m in kind.matrices(site):
+                mat, arrays = _pack(bb, operands[m.weight], layout)
+                bias = _repad_bias(bb, operands[m.bias], mat.shape[0], mat.padded_shape[0])
+                mats.append(mat)
+                packed.append((*arrays, bias))
+            args, stored, stats = kind.kernel_args(operands, packed), sum(m.nbytes for m in mats), [m.stats for m in mats]
+        if tuned:
+            scheds = [family.schedule_from_json(site, tuned[min(i, len(tuned) - 1)]) for i in range(len(stats))]
+        else:
+            scheds = [family.default_schedule(site, st, site["m"]) for st in stats]
+        kernel = family.kernel(site, mats, scheds)
+        done = {**layout, "schedules": [s.to_json() for s in scheds], "stored_bytes": stored}
         kernel = kernel.with_attr(SITE, site).with_attr(LAYOUT, done)
         if func.attrs is not None and SPARSITY in func.attrs:
             kernel = kernel.with_attr(SPARSITY, func.attrs[SPARSITY])
         gv = bb.add_func(kernel, f"{site['kind']}_{layout['layout']}")
         ret = func.ret_ty
         out = list(ret.fields) if isinstance(ret, relax.TupleType) else ret
-        return relax.call_tir(gv, relax.Tuple(kind.kernel_args(operands, packed)), out)
+        return relax.call_tir(gv, relax.Tuple(args), out)
 
 
 @tvm.transform.module_pass(opt_level=0, name="LowerWeightSites")

@@ -217,9 +217,9 @@ def _reference_block_counts(w):
 
 
 def test_analyze_sparsity_attaches_measurements(rng):
-    mask = np.kron(rng.random((6, 5)) < 0.3, np.ones((4, 4)))[:24, :18]  # 4x4 blocks, K not a multiple of 4
+    mask = np.kron(rng.random((6, 5)) < 0.3, np.ones((4, 4)))  # 4x4 blocks; 8x8 .. 32x32 need padding
     mask[0:4, 0:4] = 1  # at least one block
-    w = (rng.standard_normal((24, 18)) * mask).astype(np.float32)
+    w = (rng.standard_normal((24, 20)) * mask).astype(np.float32)
     before = _site_module(w)
     after = _twice_is_once(AnalyzeSparsity(), before)
     sp = attr(after["linear_site"], SPARSITY)
@@ -292,9 +292,9 @@ def test_lower_weight_sites_dense_layout():
     packed = np.zeros((1, 3, DENSE_ROWS), np.float32)  # one 16 x K block, stored [c, r]
     packed[0, :, :5] = W.T
     np.testing.assert_array_equal(mat.data, packed)
-    sched = FAMILY.default_schedule("linear", mat.stats, 2)
     site = attr(before["linear_site"], SITE)
-    kernel = FAMILY.kernel("linear", site, [mat], [sched]).with_attr(SITE, site).with_attr(
+    sched = FAMILY.default_schedule(site, mat.stats, 2)
+    kernel = FAMILY.kernel(site, [mat], [sched]).with_attr(SITE, site).with_attr(
         LAYOUT, {**layout, "schedules": [sched.to_json()], "stored_bytes": mat.nbytes})
     bb = relax.BlockBuilder()
     gv = bb.add_func(kernel, "linear_dense")

@@ -68,7 +68,8 @@ def test_tuning_records_roundtrip_and_apply(rng, tmp_path):
     for r in records:
         assert r.kind == "linear" and r.m == 4
         measured = [c for c in r.candidates if c["layout"] == "dense"]
-        assert len(measured) == len(space("linear", BSRMatrix.dense(np.zeros((r_n(r), r_k(r)), np.float32), 16), 4))
+        site = {"kind": "linear", "shape": [r_n(r), r_k(r)], "m": 4}
+        assert len(measured) == len(space(site, BSRMatrix.dense(np.zeros((r_n(r), r_k(r)), np.float32), 16), 4))
         assert all(c["time_us"] > 0 for c in r.candidates)
     save_records(tmp_path / "t.json", records)
     art = bscompile.compile(model, records=str(tmp_path / "t.json"))
