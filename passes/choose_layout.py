@@ -61,8 +61,9 @@ def decide(site: dict, sparsity: dict | None, family: KernelFamily, *, sparse: b
     dense_block = BlockShape(DENSE_ROWS, k)
     if kind.fixed_layout is not None:  # the kind's kernels read their own layout
         t = family.estimate_time(site, None, m)
+        summary = f" ({site['summary']})" if "summary" in site else ""
         return decision(kind.fixed_layout, site.get("block", ""), t,
-                        f"{kind.fixed_layout}: est {_us(t):.1f} us vs dense {_us(t_dense):.1f} us "
+                        f"{kind.fixed_layout}{summary}: est {_us(t):.1f} us vs dense {_us(t_dense):.1f} us "
                         f"({t_dense / t:.1f}x)")
     if sparsity is None:
         return decision("dense", dense_block, t_dense, "dense: the weight is computed at run time")

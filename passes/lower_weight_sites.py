@@ -80,7 +80,7 @@ class _Lowerer(relax.PyExprMutator):
         bb, kind, family = self.builder_, site_kind(site["kind"]), self.family
         tuned = layout.get("schedules") or []
         if kind.pack is not None:  # a layout of the kind's own: one kernel, one schedule
-            args, stored = kind.pack(operands, layout)
+            args, stored = kind.pack(site, operands, layout)
             mats, stats = [], [None]
         else:
             mats, packed = [], []

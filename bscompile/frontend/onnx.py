@@ -104,8 +104,8 @@ def weight_name_table(model: onnx.ModelProto) -> dict[str, str]:
         if arr.dtype.kind != "f" or arr.ndim not in (2, 3):
             continue
         slices = [(arr, init.name)] if arr.ndim == 2 else [(a, f"{init.name}[{d}]") for d, a in enumerate(arr)]
-        if arr.ndim == 3:  # a Conv1d kernel [O, C, k], as im2col multiplies it
-            slices.append((arr.reshape(arr.shape[0], -1), init.name))
+        if arr.ndim == 3:  # a Conv1d kernel [O, C, k] as im2col multiplies it; a batched [B, K, N] flattened
+            slices += [(arr.reshape(arr.shape[0], -1), init.name), (arr.reshape(-1, arr.shape[-1]), init.name)]
         for a, name in slices:
             table.setdefault(fingerprint(a), name)
             table.setdefault(fingerprint(a.T), name)
