@@ -62,25 +62,6 @@ def _elements(name: str, what: str, dims) -> int:
     return n
 
 
-def check_finite_weights(model: onnx.ModelProto) -> None:
-    """Refuse NaN or infinite float weights: the generated code does not propagate them as
-    dense IEEE arithmetic does (pruned zeros are skipped, so inf * 0 never makes a NaN)."""
-    from onnx import numpy_helper
-
-    for init in model.graph.initializer:
-        if init.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16):
-            continue
-        try:
-            a = numpy_helper.to_array(init)
-        except Exception:  # noqa: BLE001 - malformed data: the importer reports it
-            continue
-        if not np.isfinite(a).all():
-            at = [int(i) for i in np.argwhere(~np.isfinite(a))[0]]
-            raise UnsupportedModelError(f"weight '{init.name}' holds {a[tuple(at)]} at {at}; bscompile needs finite "
-                                        "weights (block-sparse kernels skip pruned zeros, so NaN and inf would not "
-                                        "propagate as in dense arithmetic)")
-
-
 #: ai.onnx opsets bscompile accepts: TVM's importer and onnxruntime both start at 7.
 MIN_OPSET = 7
 
@@ -105,7 +86,6 @@ def check_resources(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, .
         total += _elements(name, "input", shape) * itemsize
     avail = available_memory()
     check_opset(model)
-    check_finite_weights(model)
     # The importer holds the weights about twice (ONNX arrays and TVM constants) while compiling.
     if 2 * total > avail:
         raise UnsupportedModelError(f"the model's weights and inputs need {total / 2**30:.2f} GiB (about twice that "

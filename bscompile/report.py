@@ -14,8 +14,8 @@ def weight_table(weights: list[dict]) -> str:
     for w in weights:
         sp, dec = w.get("sparsity", {}), w.get("decision", {})
         layout = dec.get("layout", "?")
-        if layout == "bsr":
-            layout = f"bsr {dec['block']}"
+        if layout not in ("dense", "?"):
+            layout = f"{layout} {dec['block']}"
         est = dec.get("dense_est_time_us", 0) / max(dec.get("est_time_us", 0), 1e-9) if dec else 0
         rows.append([
             w["name"], "x".join(map(str, w["shape"])), f"{sp.get('density', 1) * 100:.1f}%",

@@ -209,6 +209,9 @@ def weight_entry(func: tvm.ir.BaseFunc) -> dict:
     site = attr(func, SITE)
     n, k = site["shape"]
     entry = {"name": site["name"], "kind": site["kind"], "shape": [n, k], "m": site["m"], "dense_bytes": n * k * 4}
+    extra = {key: v for key, v in site.items() if key not in ("name", "kind", "shape", "m", "fingerprint")}
+    if extra:
+        entry["attributes"] = extra  # what the kind adds: a recurrent cell, a dynamic site's block and keep
     sparsity = attr(func, SPARSITY)
     if sparsity is not None:
         entry["sparsity"] = sparsity_summary(sparsity, (n, k))

@@ -5,7 +5,8 @@ Contract
 - Output: the same program; every site function whose weight operands
   (:meth:`SiteKind.matrices`) are constants at its call gets a ``bscompile.sparsity``
   attribute: ``density``; ``structure`` ("dense", "all-zero", "block RxC",
-  "unstructured"); ``detected``, the pruning block ("RxC") or None; and ``blocks``,
+  "unstructured", or "non-finite": NaN or inf, which a sparse layout would not
+  propagate as dense arithmetic does, since it skips the pruned zeros); ``detected``, the pruning block ("RxC") or None; and ``blocks``,
   for every candidate block shape r x c (r, c in 1..32), ``[occupied blocks, total
   blocks, padded N, padded K]``. A site with several matrices (a GRU's two recurrent
   products) is measured as one weight, its matrices stacked along N.
@@ -37,7 +38,9 @@ def analyze(w: np.ndarray) -> dict:
     stats = all_block_stats(w)
     blocks = {str(s.block): [s.nnz_blocks, s.total_blocks, *s.padded_shape] for s in stats}
     detected = None
-    if nnz == 0:
+    if not np.isfinite(w).all():
+        structure = "non-finite"  # only the dense layout multiplies every value, as IEEE arithmetic would
+    elif nnz == 0:
         structure = "all-zero"
     elif density >= 0.99:
         structure = "dense"

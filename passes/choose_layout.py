@@ -62,13 +62,16 @@ def decide(site: dict, sparsity: dict | None, family: KernelFamily, *, sparse: b
     if kind.fixed_layout is not None:  # the kind's kernels read their own layout
         t = family.estimate_time(site, None, m)
         summary = f" ({site['summary']})" if "summary" in site else ""
-        return decision(kind.fixed_layout, site.get("block", ""), t,
+        return decision(kind.fixed_layout, site.get("tile", ""), t,
                         f"{kind.fixed_layout}{summary}: est {_us(t):.1f} us vs dense {_us(t_dense):.1f} us "
                         f"({t_dense / t:.1f}x)")
     if sparsity is None:
         return decision("dense", dense_block, t_dense, "dense: the weight is computed at run time")
     if not sparse:
         return decision("dense", dense_block, t_dense, "dense path requested")
+    if sparsity["structure"] == "non-finite":
+        return decision("dense", dense_block, t_dense, "dense: the weight holds NaN or inf, which only the dense "
+                                                       "layout propagates as IEEE arithmetic does")
     rec = (records or {}).get(record_key(site["fingerprint"], m))
     if rec is not None:
         block = dense_block if rec.layout == "dense" else BlockShape.parse(rec.block)
