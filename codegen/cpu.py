@@ -27,6 +27,7 @@ import tvm
 from tvm.script import tirx as T
 
 from bscompile.codegen.cpu_cost import KernelShape, MachineModel, estimate_time
+from bscompile.codegen.cpu_dynamic import DynamicGenerator
 from bscompile.codegen.family import Generator, KernelFamily
 from bscompile.codegen.layout import BlockShape, BlockStats, BSRMatrix, padded
 from bscompile.codegen.recurrent_cells import CellSpec, gate_update
@@ -554,4 +555,5 @@ class CpuFamily(KernelFamily):
 
     def __init__(self, machine: MachineModel):
         self.machine = machine
-        self.generators = {"linear": BlockRowGenerator(machine, False), "recurrent": BlockRowGenerator(machine, True)}
+        self.generators = {"linear": BlockRowGenerator(machine, False), "recurrent": BlockRowGenerator(machine, True),
+                           "dynamic_linear": DynamicGenerator(machine)}

@@ -27,13 +27,16 @@ Phases 1 and 4 are one thread-pool launch each; 2 and 3 are serial (O(m * N)).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
 import tvm
 from tvm.script import tirx as T
 
+from bscompile.codegen.cpu_cost import KernelShape, MachineModel, estimate_time
 from bscompile.codegen.dynamic_layout import GATE_ROWS, DynamicShape
+from bscompile.codegen.family import Generator
 
 #: Multiply-adds below which the kernel runs on one thread (a sleeping pool's wake-up
 #: costs tens of microseconds).
@@ -300,3 +303,49 @@ def _kernel(shape: DynamicShape, m: int, sched: DynamicSchedule, n_alive: int) -
                         y[b, ob * bs + q] = acc_y[b, q] + bias[ob * bs + q]
 
     return dynamic_linear.without_attr("global_symbol")
+
+
+class DynamicGenerator(Generator):
+    """The ``dynamic_linear`` kind on LLVM CPUs: :func:`dynamic_linear_kernel` and its model.
+
+    Cost: the gate (a dense ``N x in`` product) plus the tile product over the union of
+    the rows' selections -- ``1 - (1 - k/N)^m`` of the tiles in expectation for
+    independent rows -- streamed once, with ``m * k`` tile products of FMAs, both on the
+    block-row model of :mod:`codegen.cpu_cost`."""
+
+    def __init__(self, machine: MachineModel):
+        self.machine = machine
+
+    @staticmethod
+    def _shape(site: dict) -> DynamicShape:
+        out_f, in_f = site["shape"]
+        return DynamicShape(in_f, out_f, site["block"], site["k"])
+
+    def kernel(self, site: dict, mats: list, scheds: list[DynamicSchedule]) -> tvm.tirx.PrimFunc:
+        out_f, in_f = site["shape"]
+        return dynamic_linear_kernel(in_f, out_f, site["block"], site["k"], site["m"], scheds[0], site["n_alive"])
+
+    def default_schedule(self, site: dict, stats, m: int) -> DynamicSchedule:
+        return default_schedule(self._shape(site), m, self.machine.lanes)
+
+    def schedule_space(self, site: dict, mat, m: int) -> list[DynamicSchedule]:
+        base = self.default_schedule(site, None, m)
+        out = [base, dataclasses.replace(base, prefetch=True)]
+        out += [dataclasses.replace(base, dense_fraction=f) for f in (0.5, 2.0) if f != base.dense_fraction]
+        if base.chunks > 1:
+            out.append(dataclasses.replace(base, chunks=1, gate_parallel=False))
+        return out
+
+    def schedule_from_json(self, d: dict) -> DynamicSchedule:
+        return DynamicSchedule(**d)
+
+    def estimate_time(self, site: dict, stats, m: int) -> float:
+        shape = self._shape(site)
+        n_tiles, bs = shape.num_tiles, shape.block
+        union = round(n_tiles * (1 - (1 - shape.k / n_tiles) ** m))
+        gate_rows = -(-n_tiles // GATE_ROWS)
+        lanes = self.machine.lanes
+        gate = KernelShape(gate_rows, GATE_ROWS, shape.in_features, gate_rows, m, 1, shape.in_features, n_tiles)
+        tiles = KernelShape(max(union, 1), bs, bs, shape.nbo, 1, 1, shape.in_features, shape.out_features)
+        t_tiles = estimate_time(tiles, self.machine) * max(1.0, m * shape.k / max(union, 1) * lanes / bs)
+        return estimate_time(gate, self.machine) + t_tiles

@@ -6,6 +6,7 @@ Registered with ``relax.register_pipeline("bscompile")``, so it is one named
     FoldConstant, DeadCodeElimination   weights become plain constants
     CheckIndices(device)                data-dependent indices range-checked at run time
     Conv1dToMatmul                      a convolution by a constant kernel -> im2col + matmul
+    OutlineDynamicSites(family)         input-dependent block selection -> dynamic sites
     OutlineLinearSites                  products by constant weights -> linear sites
                                         (recurrent sites come from the frontend)
     AnalyzeSparsity                     bscompile.sparsity on every constant-weight site
@@ -35,6 +36,7 @@ from bscompile.passes.check_indices import CheckIndices
 from bscompile.passes.choose_layout import ChooseLayout
 from bscompile.passes.conv1d_to_matmul import Conv1dToMatmul
 from bscompile.passes.lower_weight_sites import LowerWeightSites
+from bscompile.passes.outline_dynamic_sites import OutlineDynamicSites
 from bscompile.passes.outline_linear_sites import OutlineLinearSites
 from bscompile.passes.own_outputs import OwnOutputs
 from bscompile.records import TuningRecord
@@ -48,6 +50,7 @@ def bscompile_passes(family: KernelFamily, *, sparse: bool = True, force_block: 
         relax.transform.DeadCodeElimination(),
         CheckIndices(family.name),
         Conv1dToMatmul(),
+        OutlineDynamicSites(family),
         OutlineLinearSites(),
         AnalyzeSparsity(),
         ChooseLayout(family, sparse=sparse, force_block=force_block, records=records),

@@ -1,0 +1,187 @@
+"""OutlineDynamicSites: input-dependent block selection (Hadifar et al. 2020) becomes a dynamic weight site.
+
+Contract
+- Input: Relax after constant folding, holding the graph ``DynamicBlockLinear``
+  exports (both PyTorch exporters give the same Relax after import and folding)::
+
+      g    = matmul(x, WgT) + bg                       gate: one score per bs x bs tile
+      gs   = g | where(dead, -inf, g)                  optional static block mask
+      kth  = strided_slice(topk(gs, k)[0], k-1:)       the k-th largest score
+      r0   = g * astype(greater_equal(gs, kth))        ties keep more than k
+      r    = r0 / (sum(r0, -1, keepdims) / n_alive)
+      y    = reshape(sum(reshape(matmul(reshape(x, [M, nbi, 1, bs]), W3), [M, nbi, nbo, bs])
+                         * reshape(r, [M, nbi, nbo, 1]), axis=1), [M, out]) (+ bias)
+
+  matched with relax.dpl patterns, whatever order the commutative ops take.
+- Output: when every constant is consistent (``N = nbi * nbo = WgT.shape[1]``,
+  ``1 <= k <= n_alive``, ``n_alive`` = the tiles the mask keeps, the slice takes the
+  k-th value, every reshape splits ``in`` and ``out`` by the same ``bs``), the whole
+  subgraph becomes one ``dynamic_linear`` site on ``[x, W[out, in], bias, Wg[N, in],
+  bg, alive[N]]`` with ``block``, ``k``, ``n_alive``, ``keep``, ``compute_fraction`` and a
+  ``summary`` in its ``bscompile.site`` attribute. Its kernels read their own layout
+  ("tiles": ``W`` tile-contiguous, the gate packed by groups of scores, the static mask
+  folded into the gate bias as ``-inf``; :mod:`codegen.dynamic_layout`).
+- Left alone (the generic path computes it, correctly): anything not proven
+  equivalent -- run-time weights, non-float32, symbolic shapes, other reductions,
+  other normalisers -- and every graph on a target whose family has no
+  ``dynamic_linear`` generator. Idempotent.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.dpl import is_const, is_op, is_tuple_get_item, wildcard
+
+from bscompile.codegen.dynamic_layout import DynamicShape, pack_gate, pack_tiles, pad_gate_bias
+from bscompile.codegen.family import KernelFamily
+from bscompile.passes.rewrite import rewrite_relax_functions
+from bscompile.sites import (WEIGHT_NAMES, Matrix, SiteKind, const_array, emit_site, fingerprint,
+                             register_site_kind, to_py)
+
+
+def _pack(site: dict, operands, layout: dict) -> tuple[list[relax.Expr], int]:
+    """``[x, tiles, gate_w, gate_b, bias]``: the argument list of ``cpu_dynamic.dynamic_linear_kernel``."""
+    x, w, bias, gw, gb, alive = operands
+    arrays = [pack_tiles(const_array(w), site["block"]), pack_gate(const_array(gw)),
+              pad_gate_bias(const_array(gb), const_array(alive)), const_array(bias).astype(np.float32)]
+    return [x, *(relax.const(a) for a in arrays)], sum(a.nbytes for a in arrays)
+
+
+#: Operands ``[x, W, bias, Wg, bg, alive]``; W's sparsity is what AnalyzeSparsity reports.
+DYNAMIC = register_site_kind(SiteKind("dynamic_linear", lambda site: [Matrix(1, 2)], fixed_layout="tiles",
+                                      pack=_pack))
+
+_X, _WG, _BG, _W3, _N, _BIAS = wildcard(), is_const(), is_const(), is_const(), is_const(), is_const()
+_DEAD, _INF1, _ALIVE, _INF2 = is_const(), is_const(), is_const(), is_const()
+_GATE = is_op("relax.add")(is_op("relax.matmul")(_X, _WG), _BG)
+_SCORES = is_op("relax.where")(_DEAD, _INF1, _GATE) | is_op("relax.where")(_ALIVE, _GATE, _INF2) | _GATE
+_TOPK = is_op("relax.topk")(_SCORES)
+_KTH = is_op("relax.strided_slice")(is_tuple_get_item(_TOPK, 0), wildcard(), wildcard(), wildcard(), wildcard())
+_R0 = is_op("relax.multiply")(_GATE, is_op("relax.astype")(is_op("relax.greater_equal")(_SCORES, _KTH)))
+_SUM_R0 = is_op("relax.sum")(_R0)
+_R = is_op("relax.divide")(_R0, is_op("relax.divide")(_SUM_R0, _N))
+_XR = is_op("relax.reshape")(_X, wildcard())
+_PART = is_op("relax.reshape")(is_op("relax.matmul")(_XR, _W3), wildcard())
+_RR = is_op("relax.reshape")(_R, wildcard())
+_TILESUM = is_op("relax.sum")(is_op("relax.multiply")(_PART, _RR))
+_Y = is_op("relax.reshape")(_TILESUM, wildcard())
+_BIASED = is_op("relax.add")(_Y, _BIAS)
+
+
+def _shape(expr) -> tuple[int, ...] | None:
+    try:
+        return tuple(int(v) for v in expr.ty.shape.values)
+    except (TypeError, AttributeError):
+        return None
+
+
+def _ints(values) -> list[int]:
+    """A tuple of integer immediates (strided_slice's axes/begin/end) or an attribute array as ints."""
+    values = values.fields if hasattr(values, "fields") else values
+    return [int(v.value) if hasattr(v, "value") else int(v) for v in values]
+
+
+def _prove(m: dict) -> dict | None:
+    """The site's operands and attributes if the matched subgraph is the method's, else None."""
+    x = m[_X]
+    xs = _shape(x)
+    if xs is None or len(xs) != 2 or str(x.ty.dtype) != "float32":
+        return None
+    rows, fin = xs
+    wg_t, bg, w3 = (const_array(m[p]) for p in (_WG, _BG, _W3))
+    if any(a.dtype != np.float32 for a in (wg_t, bg, w3)) or wg_t.ndim != 2 or w3.ndim != 3:
+        return None
+    n_tiles = wg_t.shape[1]
+    nbi, bs, fout = w3.shape
+    if nbi * bs != fin or fout % bs or wg_t.shape[0] != fin or bg.shape != (n_tiles,):
+        return None
+    nbo = fout // bs
+    if nbi * nbo != n_tiles:
+        return None
+    # static mask: where(dead, -inf, g) or where(alive, g, -inf)
+    alive = np.ones(n_tiles, bool)
+    for cond, fill, keep in ((_DEAD, _INF1, False), (_ALIVE, _INF2, True)):
+        if cond in m:
+            c, f = const_array(m[cond]), const_array(m[fill])
+            if c.dtype != np.bool_ or c.size != n_tiles or f.size != 1 or f.item() != -np.inf:
+                return None
+            alive = c.reshape(n_tiles) if keep else ~c.reshape(n_tiles)
+    n_alive = int(alive.sum())
+    topk = m[_TOPK]
+    k = int(topk.attrs.k)
+    kth = m[_KTH]
+    if (int(topk.attrs.axis) not in (-1, 1) or not bool(topk.attrs.largest) or not 1 <= k <= n_alive
+            or _ints(kth.args[1]) != [1] or _ints(kth.args[2]) != [k - 1] or _ints(kth.args[3])[0] < k):
+        return None
+    s = m[_SUM_R0]
+    norm = const_array(m[_N])
+    if (_ints(s.attrs.axis) not in ([-1], [1]) or not bool(s.attrs.keepdims) or norm.size != 1
+            or float(norm.item()) != float(n_alive)):
+        return None
+    if (_shape(m[_XR]) != (rows, nbi, 1, bs) or _shape(m[_PART]) != (rows, nbi, nbo, bs)
+            or _shape(m[_RR]) != (rows, nbi, nbo, 1) or _ints(m[_TILESUM].attrs.axis) != [1]
+            or bool(m[_TILESUM].attrs.keepdims) or _shape(m[_Y]) != (rows, fout)):
+        return None
+    shape = DynamicShape(fin, fout, bs, k)
+    return {"x": x, "w": np.ascontiguousarray(w3.reshape(fin, fout).T), "wg": np.ascontiguousarray(wg_t.T),
+            "bg": bg, "alive": alive, "shape": shape, "n_alive": n_alive, "m": rows}
+
+
+@relax.expr_functor.mutator
+class _Outliner(relax.PyExprMutator):
+    def __init__(self, mod: tvm.IRModule):
+        super().__init__(mod)
+        names = mod.attrs[WEIGHT_NAMES] if mod.attrs is not None and WEIGHT_NAMES in mod.attrs else {}
+        self.names: dict[str, str] = to_py(names)
+        self.var2val: dict = {}
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        found, bias = None, None
+        m = _BIASED.extract_matched_expr(binding.value, self.var2val)
+        if m is not None:  # add(y, bias), not add(bias, y): the kernel adds its bias last, like ONNX
+            found, bias = _prove(m), const_array(binding.value.args[1])
+            if found is None or bias is None or bias.dtype != np.float32 or bias.shape != (found["w"].shape[0],):
+                found = None
+        if found is None:
+            m = _Y.extract_matched_expr(binding.value, self.var2val)
+            found, bias = (_prove(m) if m is not None else None), None
+        if found is None:
+            super().visit_var_binding_(binding)
+            return
+        fout = found["w"].shape[0]
+        new = self._emit(found, np.zeros(fout, np.float32) if bias is None else bias)
+        emit = self.builder_.emit if isinstance(binding.var, relax.DataflowVar) else self.builder_.emit_output
+        self.set_var_remap(binding.var, emit(new, name_hint=binding.var.name))
+
+    def _emit(self, f: dict, bias: np.ndarray) -> relax.Expr:
+        shape: DynamicShape = f["shape"]
+        key = fingerprint(f["w"])
+        frac = shape.compute_fraction()
+        site = {"kind": "dynamic_linear", "name": self.names.get(key) or f"weight_{key[:8]}", "fingerprint": key,
+                "m": f["m"], "shape": [shape.out_features, shape.in_features], "block": shape.block,
+                "tile": f"{shape.block}x{shape.block}", "k": shape.k,
+                "n_alive": f["n_alive"], "keep": round(shape.k / f["n_alive"], 6), "compute_fraction": round(frac, 6),
+                "summary": f"selects {shape.k} of {f['n_alive']} {shape.block}x{shape.block} tiles per row; "
+                           f"{frac * 100:.0f}% of the dense compute with the gate"}
+        operands = [self.visit_expr(f["x"]), relax.const(f["w"]), relax.const(bias), relax.const(f["wg"]),
+                    relax.const(f["bg"]), relax.const(f["alive"])]
+        return emit_site(self.builder_, site, operands, relax.TensorType((f["m"], shape.out_features), "float32"),
+                         "dynamic_site")
+
+
+@tvm.transform.module_pass(opt_level=0, name="OutlineDynamicSites")
+class OutlineDynamicSites:
+    def __init__(self, family: KernelFamily):
+        self.family = family
+
+    def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        if not self.family.supports(DYNAMIC.name):
+            return mod
+        outliner = _Outliner(mod)
+
+        def index(func):
+            outliner.var2val = relax.analysis.get_var2val(func)
+
+        return relax.transform.DeadCodeElimination()(rewrite_relax_functions(outliner, mod, index))
