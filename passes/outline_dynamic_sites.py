@@ -36,9 +36,9 @@ from tvm.relax.dpl import is_const, is_op, is_tuple_get_item, wildcard
 
 from bscompile.codegen.dynamic_layout import DynamicShape, pack_gate, pack_tiles, pad_gate_bias
 from bscompile.codegen.family import KernelFamily
-from bscompile.passes.rewrite import rewrite_relax_functions
-from bscompile.sites import (WEIGHT_NAMES, Matrix, SiteKind, const_array, emit_site, fingerprint,
-                             register_site_kind, to_py)
+from bscompile.passes.rewrite import rebind, rewrite_with_bindings, weight_names
+from bscompile.sites import (Matrix, SiteKind, const_array, emit_site, fingerprint,
+                             register_site_kind)
 
 
 def _pack(site: dict, operands, layout: dict) -> tuple[list[relax.Expr], int]:
@@ -133,8 +133,7 @@ def _prove(m: dict) -> dict | None:
 class _Outliner(relax.PyExprMutator):
     def __init__(self, mod: tvm.IRModule):
         super().__init__(mod)
-        names = mod.attrs[WEIGHT_NAMES] if mod.attrs is not None and WEIGHT_NAMES in mod.attrs else {}
-        self.names: dict[str, str] = to_py(names)
+        self.names = weight_names(mod)
         self.var2val: dict = {}
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
@@ -152,8 +151,7 @@ class _Outliner(relax.PyExprMutator):
             return
         fout = found["w"].shape[0]
         new = self._emit(found, np.zeros(fout, np.float32) if bias is None else bias)
-        emit = self.builder_.emit if isinstance(binding.var, relax.DataflowVar) else self.builder_.emit_output
-        self.set_var_remap(binding.var, emit(new, name_hint=binding.var.name))
+        rebind(self, binding, new)
 
     def _emit(self, f: dict, bias: np.ndarray) -> relax.Expr:
         shape: DynamicShape = f["shape"]
@@ -179,9 +177,4 @@ class OutlineDynamicSites:
     def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
         if not self.family.supports(DYNAMIC.name):
             return mod
-        outliner = _Outliner(mod)
-
-        def index(func):
-            outliner.var2val = relax.analysis.get_var2val(func)
-
-        return relax.transform.DeadCodeElimination()(rewrite_relax_functions(outliner, mod, index))
+        return rewrite_with_bindings(_Outliner(mod), mod)

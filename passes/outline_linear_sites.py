@@ -23,9 +23,9 @@ import tvm
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, wildcard
 
-from bscompile.passes.rewrite import rewrite_relax_functions
-from bscompile.sites import (WEIGHT_NAMES, Matrix, SiteKind, const_array, emit_site, fingerprint,
-                             register_site_kind, to_py)
+from bscompile.passes.rewrite import rebind, rewrite_with_bindings, weight_names
+from bscompile.sites import (Matrix, SiteKind, const_array, emit_site, fingerprint,
+                             register_site_kind)
 
 
 def _linear_kernel_args(operands, packed):
@@ -51,8 +51,7 @@ def _static(expr: relax.Expr) -> tuple[int, ...] | None:
 class _Outliner(relax.PyExprMutator):
     def __init__(self, mod: tvm.IRModule):
         super().__init__(mod)
-        names = mod.attrs[WEIGHT_NAMES] if mod.attrs is not None and WEIGHT_NAMES in mod.attrs else {}
-        self.names: dict[str, str] = to_py(names)
+        self.names = weight_names(mod)
         self.var2val: dict = {}
 
     def _match(self, value: relax.Expr):
@@ -85,9 +84,7 @@ class _Outliner(relax.PyExprMutator):
             return
         x, w, bias = found
         new = self._emit(self.visit_expr(x), w, bias)
-        # an output of the dataflow block stays one
-        emit = self.builder_.emit if isinstance(binding.var, relax.DataflowVar) else self.builder_.emit_output
-        self.set_var_remap(binding.var, emit(new, name_hint=binding.var.name))
+        rebind(self, binding, new)
 
     def _emit(self, x: relax.Expr, w: np.ndarray, bias: np.ndarray | None) -> relax.Expr:
         bb = self.builder_
@@ -110,9 +107,4 @@ class _Outliner(relax.PyExprMutator):
 @tvm.transform.module_pass(opt_level=0, name="OutlineLinearSites")
 class OutlineLinearSites:
     def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        outliner = _Outliner(mod)
-
-        def index(func):
-            outliner.var2val = relax.analysis.get_var2val(func)
-
-        return relax.transform.DeadCodeElimination()(rewrite_relax_functions(outliner, mod, index))
+        return rewrite_with_bindings(_Outliner(mod), mod)

@@ -7,7 +7,7 @@ from typing import Callable
 import tvm
 from tvm import relax
 
-from bscompile.sites import SITE
+from bscompile.sites import SITE, WEIGHT_NAMES, to_py
 
 
 def rewrite_relax_functions(mutator: relax.PyExprMutator, mod: tvm.IRModule,
@@ -22,3 +22,25 @@ def rewrite_relax_functions(mutator: relax.PyExprMutator, mod: tvm.IRModule,
                 before_each(func)
             mutator.builder_.update_func(gv, mutator.visit_expr(func))
     return mutator.builder_.get()
+
+
+def weight_names(mod: tvm.IRModule) -> dict[str, str]:
+    """The frontend's fingerprint -> initializer name table (empty for a module from elsewhere)."""
+    return to_py(mod.attrs[WEIGHT_NAMES]) if mod.attrs is not None and WEIGHT_NAMES in mod.attrs else {}
+
+
+def rebind(mutator: relax.PyExprMutator, binding: relax.VarBinding, value: relax.Expr) -> None:
+    """Emit ``value`` in place of ``binding``; an output of a dataflow block stays one."""
+    bb = mutator.builder_
+    emit = bb.emit if isinstance(binding.var, relax.DataflowVar) else bb.emit_output
+    mutator.set_var_remap(binding.var, emit(value, name_hint=binding.var.name))
+
+
+def rewrite_with_bindings(mutator: relax.PyExprMutator, mod: tvm.IRModule) -> tvm.IRModule:
+    """:func:`rewrite_relax_functions` with ``mutator.var2val`` set to each function's bindings
+    (for relax.dpl matching through variables), then dead-code elimination of what it replaced."""
+
+    def index(func):
+        mutator.var2val = relax.analysis.get_var2val(func)
+
+    return relax.transform.DeadCodeElimination()(rewrite_relax_functions(mutator, mod, index))
