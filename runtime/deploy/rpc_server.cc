@@ -398,6 +398,9 @@ struct Channel {
     rc = 1;
   }
   std::cout.flush();
+  // The parent removes the folder too, but a pipe client may have killed it already
+  // (TVM's PipeChannel SIGKILLs the process it started when the session closes).
+  RemoveEntry(dir);
   _exit(rc);
 }
 

@@ -1,0 +1,566 @@
+"""Measure candidate kernels on the device they are tuned for.
+
+A :class:`Measurer` times one compiled candidate (``time``) or a batch of them
+(``time_many``, in parallel across the boards of a tracker key). The tuner builds
+candidates and decides what to keep; a measurer only builds them for its target,
+checks them once against NumPy on the device and times them there::
+
+    m = RemoteMeasurer.connect("tracker://127.0.0.1:9190/rpi4", "rpi4")   # or LocalMeasurer("llvm")
+    seconds = m.time(prim_func, [x, data, indices, indptr, bias, y], check=lambda out: ...)
+    results = m.time_many([Job(f, args, check) for f in candidates], progress=print)
+    m.device    # what records carry: {"remote", "key", "emulated", "info": [...]}
+    m.close()
+
+Remotes (``RemoteMeasurer.connect``):
+
+``ssh://[user@]board[:port][/path/to/tuning-server]``
+    starts ``tuning-server --stdio`` on the board over ``ssh -T`` (``$BSCOMPILE_SSH``
+    overrides the ssh command); the default path is the one ``bscompile package
+    --tuning-server`` bundles unpack to: ``bscompile-tuning-server/tuning-server``.
+``tcp://host:port``
+    a server started with ``tuning-server --port P`` (e.g. behind ``ssh -L``).
+``tracker://host:port/KEY``
+    TVM's RPC tracker (``python -m tvm.exec.rpc_tracker``); every board registered
+    under KEY measures candidates in parallel.
+``emulator``
+    the aarch64 server on this machine under ``$BSCOMPILE_EMULATOR`` (default
+    ``qemu-aarch64 -L /usr/aarch64-linux-gnu``) over stdio. Timings mean nothing there:
+    it exercises the path without a board.
+
+A candidate that fails to build, crashes the server, hangs past ``timeout`` or gives a
+wrong result raises :class:`MeasureError` from ``time`` (``time_many`` returns it in
+its place); the session is then re-established for the next candidate. Failing to
+reach the device at all raises :class:`RemoteError`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import queue
+import re
+import shlex
+import socket
+import struct
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+import tvm
+
+from bscompile.errors import BscompileError
+from bscompile.target import TargetSpec, resolve_target
+
+Check = Callable[[list[np.ndarray]], Any]
+Progress = Callable[[str], None]
+
+#: Where ``bscompile package --tuning-server`` bundles put the launcher, relative to the login folder.
+DEFAULT_SSH_SERVER = "bscompile-tuning-server/tuning-server"
+
+
+class MeasureError(BscompileError):
+    """One candidate failed: build error, crash, timeout or wrong result on the device."""
+
+
+class RemoteError(BscompileError):
+    """The device cannot be reached (bad URL, no server, no board under the key)."""
+
+
+@dataclass(frozen=True)
+class TimingConfig:
+    """How a candidate is timed (``time_evaluator`` parameters).
+
+    ``flush_cache`` runs the runtime's ``cache_flush_cpu_non_first_arg`` before every
+    repeat (all arguments but the first, i.e. the weights, start cold) with one run per
+    repeat; otherwise each repeat runs the kernel enough times to last ``min_repeat_ms``
+    (warm caches). ``timeout`` bounds one candidate's check and timing on the device.
+    """
+
+    repeat: int = 5
+    number: int = 1
+    min_repeat_ms: int = 20
+    flush_cache: bool = False
+    timeout: float = 60.0
+
+
+@dataclass
+class Job:
+    """One candidate: a PrimFunc / IRModule (built for the measurer's target) or an
+    already built module, its arguments (inputs and output buffers, in call order) and
+    an optional check of the arguments after one call (raise or return False to fail)."""
+
+    lib: Any
+    args: list[np.ndarray]
+    check: Check | None = None
+    entry: str | None = None
+
+
+class Measurer(Protocol):
+    """What the tuner calls. ``time`` returns seconds (median of the repeats)."""
+
+    device: dict
+
+    def time(self, lib_or_mod: Any, args: list[np.ndarray], check: Check | None = None, *,
+             entry: str | None = None) -> float: ...
+
+    def time_many(self, jobs: Sequence[Job], progress: Progress | None = None) -> list[float | MeasureError]: ...
+
+    def close(self) -> None: ...
+
+
+# --- building candidates -----------------------------------------------------------------
+
+def _entry_and_module(lib: Any, entry: str | None) -> tuple[Any, str]:
+    """(thing to compile or export, name of the function to time)."""
+    if isinstance(lib, tvm.tirx.PrimFunc):
+        if entry is None:
+            attrs = lib.attrs
+            entry = str(attrs["global_symbol"]) if attrs is not None and "global_symbol" in attrs else "k"
+        return tvm.IRModule({entry: lib.with_attr("global_symbol", entry)}), entry
+    if isinstance(lib, tvm.IRModule):
+        if entry is None:
+            names = [gv.name_hint for gv in lib.functions]
+            if len(names) != 1:
+                raise MeasureError(f"an IRModule with {len(names)} functions needs entry=NAME")
+            entry = names[0]
+        return lib, entry
+    if entry is None:
+        raise MeasureError("a built module needs entry=NAME")
+    return lib, entry
+
+
+def build_candidate(lib: Any, spec: TargetSpec, out_dir: str | os.PathLike, name: str,
+                    entry: str | None = None) -> tuple[Path, str]:
+    """Compile (if needed) and export ``lib`` for ``spec`` (cross-linked for cross targets) to
+    ``out_dir/name.so``; returns the file and the entry function's name."""
+    mod, entry = _entry_and_module(lib, entry)
+    try:
+        built = tvm.compile(mod, target=spec.tvm_target()) if isinstance(mod, tvm.IRModule) else mod
+        path = Path(out_dir) / f"{name}.so"
+        kwargs = {}
+        if spec.cross_compiler:
+            from tvm.support import cc
+
+            kwargs["fcompile"] = cc.cross_compiler(spec.cross_compiler)
+        built.export_library(str(path), **kwargs)
+    except BscompileError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a candidate that does not build is a failed candidate
+        raise MeasureError(f"build failed: {_one_line(err)}") from None
+    return path, entry
+
+
+def _one_line(err: BaseException) -> str:
+    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+    if isinstance(err, AssertionError):  # numpy.testing: the line that says what differs
+        said = [ln for ln in lines if re.match(r"(Mismatch|Not equal|Max absolute|Arrays are not)", ln)]
+        return f"AssertionError: {(said or lines or [''])[0]}"
+    # TVM errors end with the message proper; tracebacks come first
+    return f"{type(err).__name__}: {lines[-1] if lines else ''}"
+
+
+def _run_checked(f, tensors, check: Check | None) -> None:
+    f(*tensors)
+    if check is None:
+        return
+    outs = [t.numpy() for t in tensors]
+    try:
+        ok = check(outs)
+    except Exception as err:  # noqa: BLE001 - the check says why
+        raise MeasureError(f"wrong result on the device: {_one_line(err)}") from None
+    if ok is False:
+        raise MeasureError("wrong result on the device")
+
+
+def _evaluate(mod, entry: str, dev, tensors, cfg: TimingConfig) -> float:
+    if cfg.flush_cache:
+        timer = mod.time_evaluator(entry, dev, number=1, repeat=max(cfg.repeat, 10), min_repeat_ms=0,
+                                   f_preproc="cache_flush_cpu_non_first_arg")
+    else:
+        timer = mod.time_evaluator(entry, dev, number=max(cfg.number, 1), repeat=cfg.repeat,
+                                   min_repeat_ms=cfg.min_repeat_ms)
+    return float(np.median(timer(*tensors).results))
+
+
+def _progress_line(done: int, total: int, best: float | None, failed: int, boards: int) -> str:
+    best_s = f", best {best * 1e6:.1f} us" if best is not None else ""
+    fail_s = f", {failed} failed" if failed else ""
+    return f"measured {done}/{total} candidates on {boards} device(s){best_s}{fail_s}"
+
+
+def _serial_many(m: "Measurer", jobs: Sequence[Job], progress: Progress | None) -> list[float | MeasureError]:
+    out: list[float | MeasureError] = []
+    for i, job in enumerate(jobs):
+        try:
+            out.append(m.time(job.lib, job.args, job.check, entry=job.entry))
+        except MeasureError as err:
+            out.append(err)
+        if progress:
+            times = [r for r in out if isinstance(r, float)]
+            progress(_progress_line(i + 1, len(jobs), min(times, default=None), len(out) - len(times), 1))
+    return out
+
+
+# --- local ----------------------------------------------------------------------------------
+
+class LocalMeasurer:
+    """Times candidates on this machine (host targets only)."""
+
+    def __init__(self, target: str | dict | TargetSpec = "llvm", config: TimingConfig | None = None):
+        self.spec = resolve_target(target)
+        if self.spec.device != "cpu" or self.spec.cross_compiler:
+            raise BscompileError(f"target '{self.spec.name}' does not run on this machine: measure it on the "
+                                 "device (--remote ssh://user@board, tcp://, tracker:// or emulator)")
+        self.config = config or TimingConfig()
+        self.device = {"remote": None, "key": None, "emulated": False, "info": [_local_info()]}
+        self._tmp = tempfile.TemporaryDirectory(prefix="bscompile-measure-")
+        self._n = 0
+
+    def time(self, lib_or_mod: Any, args: list[np.ndarray], check: Check | None = None, *,
+             entry: str | None = None) -> float:
+        self._n += 1
+        path, entry = build_candidate(lib_or_mod, self.spec, self._tmp.name, f"cand{self._n}", entry)
+        try:
+            mod = tvm.runtime.load_module(str(path))
+            dev = tvm.cpu(0)
+            tensors = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in args]
+            _run_checked(mod[entry], tensors, check)
+            return _evaluate(mod, entry, dev, tensors, self.config)
+        except MeasureError:
+            raise
+        except Exception as err:  # noqa: BLE001
+            raise MeasureError(f"run failed: {_one_line(err)}") from None
+        finally:
+            path.unlink(missing_ok=True)
+
+    def time_many(self, jobs: Sequence[Job], progress: Progress | None = None) -> list[float | MeasureError]:
+        return _serial_many(self, jobs, progress)
+
+    def close(self) -> None:
+        self._tmp.cleanup()
+
+
+def _local_info() -> dict:
+    return {"arch": platform.machine(), "cpu_model": platform.processor() or "unknown", "cpu_count": os.cpu_count(),
+            "tvm": tvm.__version__}
+
+
+# --- remote sessions ---------------------------------------------------------------------------
+
+# TVM's pipe client appends its two pipe descriptors to the command; this makes them the
+# command's stdin/stdout (sh cannot: dash redirects descriptors 0-9 only).
+_STDIO_EXEC = ("import os, sys; *argv, r, w = sys.argv[1:]; os.dup2(int(r), 0); os.dup2(int(w), 1); "
+               "os.close(int(r)); os.close(int(w)); os.execvp(argv[0], argv)")
+
+
+def _pipe_session(argv: list[str]):
+    """A TVM RPC session over the stdin/stdout of the command ``argv``."""
+    from tvm.rpc import _ffi_api
+    from tvm.rpc.client import RPCSession
+
+    return RPCSession(_ffi_api.CreatePipeClient(sys.executable, "-c", _STDIO_EXEC, *argv))
+
+
+def _tracker_call(host: str, port: int, message: list, timeout: float):
+    """One request to a TVM RPC tracker, with a deadline (TrackerSession waits forever)."""
+    from tvm.rpc import base
+
+    try:
+        with socket.create_connection((host, port), timeout=10) as sock:
+            sock.settimeout(timeout)
+            sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
+            if struct.unpack("<i", base.recvall(sock, 4))[0] != base.RPC_TRACKER_MAGIC:
+                raise RemoteError(f"{host}:{port} is not a TVM RPC tracker")
+            base.sendjson(sock, message)
+            return base.recvjson(sock)
+    except (OSError, socket.timeout) as err:
+        raise RemoteError(f"tracker {host}:{port}: {err.strerror if isinstance(err, OSError) and err.strerror else err}"
+                          ) from None
+
+
+@dataclass
+class _Endpoint:
+    """How to open a session with one board (or with any board of a tracker key)."""
+
+    url: str
+    kind: str  # "ssh" | "tcp" | "tracker" | "emulator"
+    open: Callable[[float], Any]  # session_timeout -> tvm.rpc.RPCSession
+
+
+class _Board:
+    """A worker's session: opened lazily, re-established after a failure or before it expires."""
+
+    def __init__(self, endpoint: _Endpoint, session_timeout: float):
+        self.endpoint = endpoint
+        self.session_timeout = session_timeout
+        self.sess = None
+        self.info: dict | None = None
+        self._opened = 0.0
+        self._n = 0
+
+    def session(self):
+        if self.sess is not None and time.monotonic() - self._opened > 0.8 * self.session_timeout:
+            self.reset()
+        if self.sess is None:
+            try:
+                self.sess = self.endpoint.open(self.session_timeout)
+                self.info = json.loads(self.sess.get_function("bscompile.rpc.info")())
+            except BscompileError:
+                raise
+            except Exception as err:  # noqa: BLE001
+                self.sess = None
+                raise RemoteError(f"cannot open a session with {self.endpoint.url}: {_one_line(err)}") from None
+            self._opened = time.monotonic()
+        return self.sess
+
+    def reset(self) -> None:
+        self.sess = None  # dropping the last reference closes the connection / pipe
+
+    def measure(self, path: Path, entry: str, args: list[np.ndarray], check: Check | None,
+                cfg: TimingConfig) -> float:
+        sess = self.session()
+        self._n += 1
+        name = f"cand{self._n}.so"
+        box: dict = {}
+
+        def work():
+            try:
+                watchdog = sess.get_function("bscompile.rpc.watchdog")
+                sess.upload(bytearray(path.read_bytes()), name)
+                mod = sess.load_module(name)
+                dev = sess.cpu(0)
+                tensors = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in args]
+                watchdog(cfg.timeout)
+                try:
+                    _run_checked(mod[entry], tensors, check)
+                    box["t"] = _evaluate(mod, entry, dev, tensors, cfg)
+                finally:
+                    try:
+                        watchdog(0)
+                    except Exception:  # noqa: BLE001 - the session is gone; the caller resets it
+                        pass
+                del mod, tensors
+                sess.remove(name)
+            except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
+                box["err"] = err
+
+        worker = threading.Thread(target=work, daemon=True, name="bscompile-measure")
+        worker.start()
+        worker.join(cfg.timeout + 30)  # the device's watchdog fires first; this covers a lost link
+        if worker.is_alive():
+            self.reset()
+            raise MeasureError(f"no answer from {self.endpoint.url} within {cfg.timeout + 30:.0f} s")
+        if "err" in box:
+            err = box["err"]
+            if not isinstance(err, MeasureError) or "wrong result" not in str(err):
+                self.reset()  # the session may be dead (crash, watchdog): start a fresh one
+            if isinstance(err, MeasureError):
+                raise err
+            raise MeasureError(f"failed on the device: {_one_line(err)}") from None
+        return box["t"]
+
+
+class RemoteMeasurer:
+    """Times candidates on remote devices through TVM RPC (see the module docstring)."""
+
+    def __init__(self, endpoint: _Endpoint, spec: TargetSpec, boards: int, config: TimingConfig,
+                 session_timeout: float, emulated: bool, key: str | None):
+        self.spec = spec
+        self.config = config
+        self._endpoint = endpoint
+        self._boards = [_Board(endpoint, session_timeout) for _ in range(max(1, boards))]
+        self._emulated = emulated
+        self._key = key
+        self._tmp = tempfile.TemporaryDirectory(prefix="bscompile-measure-")
+        self._n = 0
+        self._lock = threading.Lock()
+        # Open the first session now: a bad URL or an absent server fails here, once.
+        info = self._boards[0].session() and self._boards[0].info
+        arch = str(info.get("arch", "?"))
+        if arch != spec.arch:
+            self.close()
+            raise RemoteError(f"{endpoint.url} is an {arch} device; target '{spec.name}' is {spec.arch}")
+        if info.get("tvm") not in (None, "?", tvm.__version__):
+            self.close()
+            raise RemoteError(f"{endpoint.url} runs TVM {info.get('tvm')}, this compiler {tvm.__version__}: "
+                              "install the tuning server of this version (bscompile package --tuning-server)")
+
+    @classmethod
+    def connect(cls, url: str, target: str | dict | TargetSpec, *, config: TimingConfig | None = None,
+                parallel: int | None = None, session_timeout: float = 600.0) -> "RemoteMeasurer":
+        """Open ``url`` (``ssh://``, ``tcp://``, ``tracker://`` or ``emulator``) for ``target``.
+
+        ``parallel``: boards to use at once (tracker: default all boards registered under
+        the key; others: 1). ``session_timeout``: the server ends a session after this many
+        seconds (sessions are renewed before that).
+        """
+        spec = resolve_target(target)
+        if spec.device != "cpu":
+            raise RemoteError(f"remote measurement covers CPU targets; '{spec.name}' is {spec.device}")
+        config = config or TimingConfig()
+        endpoint, boards, key = _endpoint(url, spec, session_timeout, config)
+        emulated = endpoint.kind == "emulator"
+        if parallel:
+            boards = parallel
+        return cls(endpoint, spec, boards, config, session_timeout, emulated, key)
+
+    @property
+    def device(self) -> dict:
+        """What tuning records carry: the URL, the tracker key, whether it was emulated and
+        the info (arch, CPU model, threads, versions) of every board a session reached."""
+        infos = []
+        for b in self._boards:
+            if b.info and b.info not in infos:
+                infos.append(b.info)
+        emulated = self._emulated or any(_looks_emulated(i) for i in infos)
+        return {"remote": self._endpoint.url, "key": self._key, "emulated": emulated, "info": infos}
+
+    def _build(self, job: Job) -> tuple[Path, str]:
+        with self._lock:
+            self._n += 1
+            n = self._n
+        return build_candidate(job.lib, self.spec, self._tmp.name, f"cand{n}", job.entry)
+
+    def time(self, lib_or_mod: Any, args: list[np.ndarray], check: Check | None = None, *,
+             entry: str | None = None) -> float:
+        path, entry = self._build(Job(lib_or_mod, args, check, entry))
+        try:
+            return self._boards[0].measure(path, entry, args, check, self.config)
+        finally:
+            path.unlink(missing_ok=True)
+
+    def time_many(self, jobs: Sequence[Job], progress: Progress | None = None) -> list[float | MeasureError]:
+        """Measure ``jobs`` on all boards at once (candidates are built here while the boards
+        measure); results in the order of ``jobs``."""
+        if len(self._boards) == 1:
+            return _serial_many(self, jobs, progress)
+        results: list[float | MeasureError | None] = [None] * len(jobs)
+        todo: queue.Queue = queue.Queue(maxsize=2 * len(self._boards))
+        done_lock = threading.Lock()
+        state = {"done": 0, "failed": 0, "best": None}
+
+        def finish(i: int, r: float | MeasureError) -> None:
+            with done_lock:
+                results[i] = r
+                state["done"] += 1
+                if isinstance(r, MeasureError):
+                    state["failed"] += 1
+                elif state["best"] is None or r < state["best"]:
+                    state["best"] = r
+                if progress:
+                    progress(_progress_line(state["done"], len(jobs), state["best"], state["failed"],
+                                            len(self._boards)))
+
+        def worker(board: _Board) -> None:
+            while True:
+                item = todo.get()
+                if item is None:
+                    return
+                i, path, entry, job = item
+                try:
+                    finish(i, board.measure(path, entry, job.args, job.check, self.config))
+                except MeasureError as err:
+                    finish(i, err)
+                except RemoteError as err:  # this board is gone: its candidate goes back to the others
+                    finish(i, MeasureError(str(err)))
+                finally:
+                    path.unlink(missing_ok=True)
+
+        threads = [threading.Thread(target=worker, args=(b,), daemon=True) for b in self._boards]
+        for t in threads:
+            t.start()
+        try:
+            for i, job in enumerate(jobs):
+                try:
+                    path, entry = self._build(job)
+                except MeasureError as err:
+                    finish(i, err)
+                    continue
+                todo.put((i, path, entry, job))
+        finally:
+            for _ in threads:
+                todo.put(None)
+            for t in threads:
+                t.join()
+        return results  # type: ignore[return-value]
+
+    def close(self) -> None:
+        for b in self._boards:
+            b.reset()
+        self._tmp.cleanup()
+
+    def __enter__(self) -> "RemoteMeasurer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _looks_emulated(info: dict) -> bool:
+    """An aarch64 server reading an x86 /proc/cpuinfo runs under qemu-user."""
+    return info.get("arch") == "aarch64" and bool(re.search(r"Intel|AMD|EPYC|Xeon", str(info.get("cpu_model", ""))))
+
+
+def server_command(arch: str, tvm_version: str | None = None) -> list[str]:
+    """The argv that starts this machine's cached ``arch`` tuning server under the emulator."""
+    from bscompile.runtime.deploy_libs import RPC_SERVER, arch_tools, tuning_server
+
+    folder = tuning_server(arch, tvm_version or tvm.__version__)
+    emulator = os.environ.get("BSCOMPILE_EMULATOR") or arch_tools(arch).emulator
+    return [*shlex.split(emulator), str(folder / "bin" / RPC_SERVER)]
+
+
+def _endpoint(url: str, spec: TargetSpec, session_timeout: float,
+              config: TimingConfig) -> tuple[_Endpoint, int, str | None]:
+    """(how to open sessions, how many boards, tracker key) for a --remote URL."""
+    from tvm import rpc
+
+    # A server session lives as long as the client asks; the watchdog bounds every call.
+    server_opts = ["--stdio", "--session-timeout", str(int(session_timeout)), "--quiet"]
+    if url == "emulator":
+        argv = [*server_command(spec.arch), *server_opts]
+        return _Endpoint(url, "emulator", lambda _t: _pipe_session(argv)), 1, None
+    m = re.fullmatch(r"ssh://(?:([^@/]+)@)?([^:/]+)(?::(\d+))?(/.*)?", url)
+    if m:
+        user, host, port, path = m.groups()
+        ssh = shlex.split(os.environ.get("BSCOMPILE_SSH", "ssh"))
+        # ssh runs the command in the login folder: "/~/x" is "x" there (a quoted "~" would not expand)
+        remote_cmd = (path[3:] if path and path.startswith("/~/") else path) or DEFAULT_SSH_SERVER
+        argv = [*ssh, "-T", "-o", "BatchMode=yes", *(["-p", port] if port else []),
+                f"{user}@{host}" if user else host, shlex.join([remote_cmd, *server_opts])]
+        return _Endpoint(url, "ssh", lambda _t: _pipe_session(argv)), 1, None
+    m = re.fullmatch(r"tcp://([^:/]+|\[[^\]]+\]):(\d+)/?", url)
+    if m:
+        host, port = m.group(1).strip("[]"), int(m.group(2))
+        return _Endpoint(url, "tcp", lambda t: rpc.connect(host, port, session_timeout=t)), 1, None
+    m = re.fullmatch(r"tracker://([^:/]+):(\d+)/([^/\s]+)/?", url)
+    if m:
+        host, port, key = m.group(1), int(m.group(2)), m.group(3)
+        from tvm.rpc.base import TrackerCode
+
+        summary = _tracker_call(host, port, [TrackerCode.SUMMARY], 30)
+        servers = [s for s in summary[1].get("server_info", []) if s.get("key") == f"server:{key}"]
+        if not servers:
+            raise RemoteError(f"no device is registered under key '{key}' at tracker {host}:{port} "
+                              "(start: tuning-server --tracker HOST:PORT --key KEY)")
+
+        def open_session(t: float):
+            reply = _tracker_call(host, port, [TrackerCode.REQUEST, key, "", 1], config.timeout + 60)
+            if reply[0] != TrackerCode.SUCCESS:
+                raise RemoteError(f"tracker {host}:{port} refused a session for '{key}': {reply}")
+            s_host, s_port, matchkey = reply[1]
+            return rpc.connect(s_host, s_port, matchkey, session_timeout=t)
+
+        return _Endpoint(url, "tracker", open_session), len(servers), key
+    raise RemoteError(f"--remote '{url}' is not ssh://[user@]host[:port][/path], tcp://host:port, "
+                      "tracker://host:port/KEY or emulator")
+
+
+__all__ = ["Job", "LocalMeasurer", "MeasureError", "Measurer", "RemoteError", "RemoteMeasurer", "TimingConfig",
+           "build_candidate", "server_command"]
