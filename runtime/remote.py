@@ -111,6 +111,8 @@ class Measurer(Protocol):
 
     def time_many(self, jobs: Sequence[Job], progress: Progress | None = None) -> list[float | MeasureError]: ...
 
+    def time_artifact(self, bsc: str | os.PathLike, inputs, check: Check | None = None) -> float: ...
+
     def close(self) -> None: ...
 
 
@@ -165,11 +167,9 @@ def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {lines[-1] if lines else ''}"
 
 
-def _run_checked(f, tensors, check: Check | None) -> None:
-    f(*tensors)
+def _checked(outs: list[np.ndarray], check: Check | None) -> None:
     if check is None:
         return
-    outs = [t.numpy() for t in tensors]
     try:
         ok = check(outs)
     except Exception as err:  # noqa: BLE001 - the check says why
@@ -178,14 +178,63 @@ def _run_checked(f, tensors, check: Check | None) -> None:
         raise MeasureError("wrong result on the device")
 
 
-def _evaluate(mod, entry: str, dev, tensors, cfg: TimingConfig) -> float:
-    if cfg.flush_cache:
-        timer = mod.time_evaluator(entry, dev, number=1, repeat=max(cfg.repeat, 10), min_repeat_ms=0,
-                                   f_preproc="cache_flush_cpu_non_first_arg")
-    else:
-        timer = mod.time_evaluator(entry, dev, number=max(cfg.number, 1), repeat=cfg.repeat,
-                                   min_repeat_ms=cfg.min_repeat_ms)
-    return float(np.median(timer(*tensors).results))
+#: Runs on a loaded module and its device: checks once, returns seconds.
+Body = Callable[[Any, Any], float]
+
+
+def _kernel_body(entry: str, args: list[np.ndarray], check: Check | None, cfg: TimingConfig) -> Body:
+    def body(mod, dev) -> float:
+        tensors = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in args]
+        mod[entry](*tensors)
+        _checked([t.numpy() for t in tensors], check)
+        if cfg.flush_cache:
+            timer = mod.time_evaluator(entry, dev, number=1, repeat=max(cfg.repeat, 10), min_repeat_ms=0,
+                                       f_preproc="cache_flush_cpu_non_first_arg")
+        else:
+            timer = mod.time_evaluator(entry, dev, number=max(cfg.number, 1), repeat=cfg.repeat,
+                                       min_repeat_ms=cfg.min_repeat_ms)
+        return float(np.median(timer(*tensors).results))
+
+    return body
+
+
+def _flatten(value) -> list[np.ndarray]:
+    """VM outputs (a tensor or nested tuples of them) as NumPy arrays, in order."""
+    if hasattr(value, "numpy"):
+        return [value.numpy()]
+    return [a for v in value for a in _flatten(v)]
+
+
+def _vm_body(inputs: list[np.ndarray], check: Check | None, cfg: TimingConfig, func: str = "main") -> Body:
+    """A whole compiled model (Relax VM): one call of ``func`` checked, then timed with the
+    VM's stateful API (works over RPC; outputs stay on the device while timing)."""
+
+    def body(mod, dev) -> float:
+        from tvm.runtime.vm import VirtualMachine
+
+        vm = VirtualMachine(mod, dev)
+        tensors = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in inputs]
+        vm.set_input(func, *tensors)
+        vm.invoke_stateful(func)
+        _checked(_flatten(vm.get_outputs(func)), check)
+        timer = vm.time_evaluator("invoke_stateful", dev, number=max(cfg.number, 1), repeat=cfg.repeat,
+                                  min_repeat_ms=cfg.min_repeat_ms)
+        return float(np.median(timer(func).results))
+
+    return body
+
+
+def _artifact_inputs(bsc: str | os.PathLike, inputs) -> tuple[bytes, str, list[np.ndarray]]:
+    """(module bytes, its arch, inputs in the manifest's order) of a ``.bsc`` artifact."""
+    from bscompile.runtime.artifact import read_artifact
+
+    manifest, data = read_artifact(bsc)
+    if isinstance(inputs, dict):
+        missing = [s.name for s in manifest.inputs if s.name not in inputs]
+        if missing:
+            raise BscompileError(f"{bsc}: inputs {missing} not given")
+        inputs = [inputs[s.name] for s in manifest.inputs]
+    return data, manifest.arch, list(inputs)
 
 
 def _progress_line(done: int, total: int, best: float | None, failed: int, boards: int) -> str:
@@ -227,17 +276,30 @@ class LocalMeasurer:
         self._n += 1
         path, entry = build_candidate(lib_or_mod, self.spec, self._tmp.name, f"cand{self._n}", entry)
         try:
-            mod = tvm.runtime.load_module(str(path))
-            dev = tvm.cpu(0)
-            tensors = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in args]
-            _run_checked(mod[entry], tensors, check)
-            return _evaluate(mod, entry, dev, tensors, self.config)
+            return self._run(str(path), _kernel_body(entry, args, check, self.config))
+        finally:
+            path.unlink(missing_ok=True)
+
+    def time_artifact(self, bsc: str | os.PathLike, inputs, check: Check | None = None) -> float:
+        """Seconds per call of a compiled model's ``main`` (Relax VM), after one checked call."""
+        data, arch, inputs = _artifact_inputs(bsc, inputs)
+        if arch != self.spec.arch:
+            raise BscompileError(f"{bsc} is an {arch} model; this machine runs {self.spec.arch}")
+        path = Path(self._tmp.name) / "model.so"
+        path.write_bytes(data)
+        try:
+            return self._run(str(path), _vm_body(inputs, check, self.config))
+        finally:
+            path.unlink(missing_ok=True)
+
+    @staticmethod
+    def _run(path: str, body: Body) -> float:
+        try:
+            return body(tvm.runtime.load_module(path), tvm.cpu(0))
         except MeasureError:
             raise
         except Exception as err:  # noqa: BLE001
             raise MeasureError(f"run failed: {_one_line(err)}") from None
-        finally:
-            path.unlink(missing_ok=True)
 
     def time_many(self, jobs: Sequence[Job], progress: Progress | None = None) -> list[float | MeasureError]:
         return _serial_many(self, jobs, progress)
@@ -322,8 +384,9 @@ class _Board:
     def reset(self) -> None:
         self.sess = None  # dropping the last reference closes the connection / pipe
 
-    def measure(self, path: Path, entry: str, args: list[np.ndarray], check: Check | None,
-                cfg: TimingConfig) -> float:
+    def measure(self, blob: bytes, body: Body, timeout: float) -> float:
+        """Upload the shared library ``blob``, load it and run ``body`` on it under the
+        device's watchdog; a crash or timeout drops the session (the next call opens one)."""
         sess = self.session()
         self._n += 1
         name = f"cand{self._n}.so"
@@ -332,37 +395,32 @@ class _Board:
         def work():
             try:
                 watchdog = sess.get_function("bscompile.rpc.watchdog")
-                sess.upload(bytearray(path.read_bytes()), name)
-                mod = sess.load_module(name)
-                dev = sess.cpu(0)
-                tensors = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in args]
-                watchdog(cfg.timeout)
+                sess.upload(bytearray(blob), name)
+                watchdog(timeout)
                 try:
-                    _run_checked(mod[entry], tensors, check)
-                    box["t"] = _evaluate(mod, entry, dev, tensors, cfg)
+                    box["t"] = body(sess.load_module(name), sess.cpu(0))
                 finally:
                     try:
                         watchdog(0)
                     except Exception:  # noqa: BLE001 - the session is gone; the caller resets it
                         pass
-                del mod, tensors
                 sess.remove(name)
             except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
                 box["err"] = err
 
         worker = threading.Thread(target=work, daemon=True, name="bscompile-measure")
         worker.start()
-        worker.join(cfg.timeout + 30)  # the device's watchdog fires first; this covers a lost link
+        worker.join(timeout + 30)  # the device's watchdog fires first; this covers a lost link
         if worker.is_alive():
             self.reset()
-            raise MeasureError(f"no answer from {self.endpoint.url} within {cfg.timeout + 30:.0f} s")
+            raise MeasureError(f"no answer from {self.endpoint.url} within {timeout + 30:.0f} s")
         if "err" in box:
             err = box["err"]
-            if not isinstance(err, MeasureError) or "wrong result" not in str(err):
+            if not isinstance(err, MeasureError):
                 self.reset()  # the session may be dead (crash, watchdog): start a fresh one
-            if isinstance(err, MeasureError):
-                raise err
-            raise MeasureError(f"failed on the device: {_one_line(err)}") from None
+                raise MeasureError(f"failed on the device (a crash or the {timeout:g} s watchdog ends the "
+                                   f"session): {_one_line(err)}") from None
+            raise err
         return box["t"]
 
 
@@ -381,7 +439,8 @@ class RemoteMeasurer:
         self._n = 0
         self._lock = threading.Lock()
         # Open the first session now: a bad URL or an absent server fails here, once.
-        info = self._boards[0].session() and self._boards[0].info
+        self._boards[0].session()
+        info = self._boards[0].info or {}
         arch = str(info.get("arch", "?"))
         if arch != spec.arch:
             self.close()
@@ -431,9 +490,20 @@ class RemoteMeasurer:
              entry: str | None = None) -> float:
         path, entry = self._build(Job(lib_or_mod, args, check, entry))
         try:
-            return self._boards[0].measure(path, entry, args, check, self.config)
+            return self._boards[0].measure(path.read_bytes(), _kernel_body(entry, args, check, self.config),
+                                           self.config.timeout)
         finally:
             path.unlink(missing_ok=True)
+
+    def time_artifact(self, bsc: str | os.PathLike, inputs, check: Check | None = None) -> float:
+        """Seconds per call of a compiled model's ``main`` (Relax VM) on the device, after one
+        call whose outputs (flattened, in order) go to ``check``: the whole-model check of a
+        tuned artifact against the untuned one or onnxruntime. ``inputs``: a list in the
+        manifest's order or a dict by name."""
+        data, arch, inputs = _artifact_inputs(bsc, inputs)
+        if arch != self.spec.arch:
+            raise RemoteError(f"{bsc} is an {arch} model; {self._endpoint.url} is {self.spec.arch}")
+        return self._boards[0].measure(data, _vm_body(inputs, check, self.config), self.config.timeout)
 
     def time_many(self, jobs: Sequence[Job], progress: Progress | None = None) -> list[float | MeasureError]:
         """Measure ``jobs`` on all boards at once (candidates are built here while the boards
@@ -464,10 +534,11 @@ class RemoteMeasurer:
                     return
                 i, path, entry, job = item
                 try:
-                    finish(i, board.measure(path, entry, job.args, job.check, self.config))
+                    body = _kernel_body(entry, job.args, job.check, self.config)
+                    finish(i, board.measure(path.read_bytes(), body, self.config.timeout))
                 except MeasureError as err:
                     finish(i, err)
-                except RemoteError as err:  # this board is gone: its candidate goes back to the others
+                except RemoteError as err:  # no session (board gone, tracker busy): the candidate fails
                     finish(i, MeasureError(str(err)))
                 finally:
                     path.unlink(missing_ok=True)

@@ -20,9 +20,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tvm
+from onnx_models import mlp, ort_run
 from test_aarch64 import emulator_env  # noqa: F401 - fixture: cross toolchain + qemu-user, or skip
 from tvm.script import tirx as T
 
+import bscompile
 from bscompile.codegen import cpu
 from bscompile.codegen.layout import BlockShape, BSRMatrix
 from bscompile.runtime.remote import (Job, LocalMeasurer, MeasureError, RemoteError, RemoteMeasurer, TimingConfig,
@@ -79,7 +81,7 @@ def _stop(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
-def test_emulator_stdio_measures_checks_and_survives_a_crash(rng, emulator_env):  # noqa: F811
+def test_emulator_stdio_measures_checks_and_survives_a_crash(rng, tmp_path, emulator_env):  # noqa: F811
     with RemoteMeasurer.connect("emulator", "rpi4", config=FAST) as m:
         dev = m.device
         assert dev["remote"] == "emulator" and dev["emulated"] is True
@@ -96,6 +98,26 @@ def test_emulator_stdio_measures_checks_and_survives_a_crash(rng, emulator_env):
         results = m.time_many([Job(_crash, [np.zeros(4, np.float32)]), _linear_job(rng, "8x4")])
         assert isinstance(results[0], MeasureError) and "failed on the device" in str(results[0])
         assert isinstance(results[1], float) and results[1] > 0
+
+        # A whole compiled model (Relax VM) on the device, its outputs checked against onnxruntime.
+        model = mlp([64, 32, 16], 4, ["4x4", "4x4"], rng)[0]
+        bsc = bscompile.compile(model, target="rpi4").export(tmp_path / "mlp.bsc")
+        feeds = {"x": rng.standard_normal((4, 64)).astype(np.float32)}
+        want = list(ort_run(model, feeds).values())
+
+        def same(outs):
+            assert len(outs) == len(want)
+            for got, ref in zip(outs, want):
+                np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+
+        assert m.time_artifact(bsc, feeds, same) > 0
+        # ... and its deploy bundle can ship the tuning server
+        from bscompile.runtime.package import package_artifact
+
+        files = package_artifact(bsc, tmp_path / "mlp.tar.gz", with_tuning_server=True)["files"]
+        assert {"run", "tuning-server", "bin/bscompile-rpc-server", "module.so"} <= set(files)
+        with pytest.raises(MeasureError, match="wrong result"):
+            m.time_artifact(bsc, feeds, lambda outs: np.testing.assert_allclose(outs[0], want[0] + 1))
 
 
 def test_tcp_server_on_ephemeral_port(rng, tmp_path, emulator_env):  # noqa: F811
@@ -160,14 +182,17 @@ def test_tracker_two_boards_one_key_in_parallel(rng, tmp_path, emulator_env):  #
 def test_ssh_path_runs_the_packaged_server(rng, tmp_path, emulator_env, monkeypatch):  # noqa: F811
     """`--remote ssh://...` against the server-only bundle; a stand-in `ssh` runs the remote
     command in a "login folder" on this machine, under the emulator."""
-    from bscompile.runtime.package import TUNING_SERVER_NAME, package_tuning_server
+    from bscompile.cli import main
+    from bscompile.runtime.package import TUNING_SERVER_NAME
 
-    report = package_tuning_server(tmp_path / "server.tar.gz")
-    assert set(report["files"]) == {"tuning-server", "bin/bscompile-rpc-server", "lib/libtvm_ffi.so",
-                                    "lib/libtvm_runtime.so"}
+    assert main(["package", "-o", str(tmp_path / "none.tar.gz")]) == 2  # neither an artifact nor --tuning-server
+    assert main(["package", "--tuning-server", "-o", str(tmp_path / "server.tar.gz")]) == 0
     home = tmp_path / "board-home"
     home.mkdir()
-    with tarfile.open(report["bundle"]) as tar:
+    with tarfile.open(tmp_path / "server.tar.gz") as tar:
+        assert sorted(tar.getnames()) == sorted([TUNING_SERVER_NAME, *(f"{TUNING_SERVER_NAME}/{f}" for f in (
+            "bin", "lib", "tuning-server", "bin/bscompile-rpc-server", "lib/libtvm_ffi.so",
+            "lib/libtvm_runtime.so"))]), tar.getnames()
         tar.extractall(home, filter="data")
     fake_ssh = tmp_path / "ssh"
     fake_ssh.write_text('#!/bin/sh\n# ssh [-T] [-o OPT] [-p PORT] HOST COMMAND: run COMMAND in the "login folder"\n'
@@ -184,13 +209,18 @@ def test_ssh_path_runs_the_packaged_server(rng, tmp_path, emulator_env, monkeypa
         RemoteMeasurer.connect(f"ssh://pi@board/~/{TUNING_SERVER_NAME}/missing", "rpi4", config=FAST)
 
 
-def test_local_measurer_and_bad_remotes(rng):
+def test_local_measurer_and_bad_remotes(rng, tmp_path):
     job = _linear_job(rng, "4x4")
     m = LocalMeasurer("llvm", config=FAST)
     try:
         assert m.time(job.lib, job.args, job.check) > 0
         with pytest.raises(MeasureError, match="wrong result"):
             m.time(job.lib, job.args, lambda outs: False)
+        model = mlp([32, 16], 2, ["4x4"], rng)[0]
+        bsc = bscompile.compile(model).export(tmp_path / "host.bsc")
+        x = rng.standard_normal((2, 32)).astype(np.float32)
+        want = ort_run(model, {"x": x})["y"]
+        assert m.time_artifact(bsc, [x], lambda outs: np.testing.assert_allclose(outs[0], want, 1e-4, 1e-5)) > 0
     finally:
         m.close()
     with pytest.raises(Exception, match="does not run on this machine"):
