@@ -35,6 +35,7 @@ reach the device at all raises :class:`RemoteError`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -76,16 +77,19 @@ class RemoteError(BscompileError):
 class TimingConfig:
     """How a candidate is timed (``time_evaluator`` parameters).
 
-    ``flush_cache`` runs the runtime's ``cache_flush_cpu_non_first_arg`` before every
-    repeat (all arguments but the first, i.e. the weights, start cold) with one run per
-    repeat; otherwise each repeat runs the kernel enough times to last ``min_repeat_ms``
-    (warm caches). ``timeout`` bounds one candidate's check and timing on the device.
+    ``flush_cache`` (where the device's runtime has it) runs
+    ``cache_flush_cpu_non_first_arg`` before every repeat: all arguments but the first
+    (for a kernel: the weights, not the activations) start cold, one run per repeat, at
+    least 10 repeats. Without it each repeat runs the kernel enough times to last
+    ``min_repeat_ms`` (warm caches: what a recurrent step that reuses a small weight
+    sees). Whole models (``time_artifact``) are always timed warm. ``timeout`` bounds one
+    candidate's check and timing on the device.
     """
 
     repeat: int = 5
     number: int = 1
     min_repeat_ms: int = 20
-    flush_cache: bool = False
+    flush_cache: bool = True
     timeout: float = 60.0
 
 
@@ -367,7 +371,8 @@ class _Board:
         self._n = 0
 
     def session(self):
-        if self.sess is not None and time.monotonic() - self._opened > 0.8 * self.session_timeout:
+        expiring = self.session_timeout > 0 and time.monotonic() - self._opened > 0.8 * self.session_timeout
+        if self.sess is not None and expiring:
             self.reset()
         if self.sess is None:
             try:
@@ -449,6 +454,8 @@ class RemoteMeasurer:
             self.close()
             raise RemoteError(f"{endpoint.url} runs TVM {info.get('tvm')}, this compiler {tvm.__version__}: "
                               "install the tuning server of this version (bscompile package --tuning-server)")
+        if config.flush_cache and not info.get("cache_flush"):
+            self.config = dataclasses.replace(config, flush_cache=False)
 
     @classmethod
     def connect(cls, url: str, target: str | dict | TargetSpec, *, config: TimingConfig | None = None,

@@ -31,7 +31,7 @@ from bscompile.runtime.remote import (Job, LocalMeasurer, MeasureError, RemoteEr
                                       server_command)
 
 KEY = "bscompile-test-rpi4"
-FAST = TimingConfig(repeat=2, min_repeat_ms=1, timeout=30)
+FAST = TimingConfig(repeat=2, min_repeat_ms=1, flush_cache=False, timeout=30)
 
 
 def _linear_job(rng, block: str, n: int = 32, k: int = 64, m: int = 4) -> Job:
@@ -168,6 +168,7 @@ def test_tracker_two_boards_one_key_in_parallel(rng, tmp_path, emulator_env):  #
             assert len(m._boards) == 2
             results = m.time_many([_linear_job(rng, b) for b in ("4x4", "8x4", "4x8", "1x4")])
             assert all(isinstance(r, float) and r > 0 for r in results), results
+            assert all(b.info for b in m._boards)  # each worker held its own board's session
             assert m.device["key"] == KEY and m.device["emulated"] is True
         for i in range(2):  # both boards served sessions
             assert "session from 127.0.0.1" in (tmp_path / f"board{i}.log").read_text()
