@@ -36,6 +36,7 @@ reach the device at all raises :class:`RemoteError`.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 import platform
@@ -77,19 +78,20 @@ class RemoteError(BscompileError):
 class TimingConfig:
     """How a candidate is timed (``time_evaluator`` parameters).
 
-    ``flush_cache`` (where the device's runtime has it) runs
-    ``cache_flush_cpu_non_first_arg`` before every repeat: all arguments but the first
-    (for a kernel: the weights, not the activations) start cold, one run per repeat, at
-    least 10 repeats. Without it each repeat runs the kernel enough times to last
-    ``min_repeat_ms`` (warm caches: what a recurrent step that reuses a small weight
-    sees). Whole models (``time_artifact``) are always timed warm. ``timeout`` bounds one
-    candidate's check and timing on the device.
+    ``flush_cache`` (where the device's runtime has it) flushes caches before every
+    repeat, one run per repeat, at least 10 repeats: for a kernel all arguments but the
+    first (the weights, not the activations: ``cache_flush_cpu_non_first_arg``), for a
+    Relax VM candidate ``flush_bytes`` of cache. Without it each repeat runs the candidate
+    enough times to last ``min_repeat_ms`` (warm caches: what a recurrent step that reuses
+    a small weight sees). Whole models (``time_artifact``) are always timed warm.
+    ``timeout`` bounds one candidate's check and timing on the device.
     """
 
     repeat: int = 5
     number: int = 1
     min_repeat_ms: int = 20
     flush_cache: bool = True
+    flush_bytes: int = 16 << 20  # what a Relax VM candidate flushes (a kernel's weights are flushed by address)
     timeout: float = 60.0
 
 
@@ -122,44 +124,65 @@ class Measurer(Protocol):
 
 # --- building candidates -----------------------------------------------------------------
 
-def _entry_and_module(lib: Any, entry: str | None) -> tuple[Any, str]:
-    """(thing to compile or export, name of the function to time)."""
+@dataclass(frozen=True)
+class Built:
+    """A candidate exported for the target: the shared library, the function to time and
+    whether it is a Relax VM module (called through the VM) or a plain kernel library."""
+
+    path: Path
+    entry: str
+    vm: bool
+
+
+def _entry_and_module(lib: Any, entry: str | None) -> tuple[Any, str, bool]:
+    """(thing to compile or export, name of the function to time, whether it runs on the VM)."""
+    from tvm import relax
+
     if isinstance(lib, tvm.tirx.PrimFunc):
         if entry is None:
             attrs = lib.attrs
             entry = str(attrs["global_symbol"]) if attrs is not None and "global_symbol" in attrs else "k"
-        return tvm.IRModule({entry: lib.with_attr("global_symbol", entry)}), entry
+        return tvm.IRModule({entry: lib.with_attr("global_symbol", entry)}), entry, False
     if isinstance(lib, tvm.IRModule):
+        vm = any(isinstance(f, relax.Function) for f in lib.functions.values())
         if entry is None:
             names = [gv.name_hint for gv in lib.functions]
-            if len(names) != 1:
+            if vm:
+                entry = "main"
+            elif len(names) == 1:
+                entry = names[0]
+            else:
                 raise MeasureError(f"an IRModule with {len(names)} functions needs entry=NAME")
-            entry = names[0]
-        return lib, entry
-    if entry is None:
-        raise MeasureError("a built module needs entry=NAME")
-    return lib, entry
+        return lib, entry, vm
+    vm = isinstance(lib, tvm.runtime.Executable) and lib.mod.implements_function("vm_load_executable")
+    if entry is None and not vm:
+        raise MeasureError("a built kernel library needs entry=NAME")
+    return lib, entry or "main", vm
 
 
 def build_candidate(lib: Any, spec: TargetSpec, out_dir: str | os.PathLike, name: str,
-                    entry: str | None = None) -> tuple[Path, str]:
+                    entry: str | None = None) -> Built:
     """Compile (if needed) and export ``lib`` for ``spec`` (cross-linked for cross targets) to
-    ``out_dir/name.so``; returns the file and the entry function's name."""
-    mod, entry = _entry_and_module(lib, entry)
+    ``out_dir/name.so``. ``lib``: a PrimFunc, an IRModule of PrimFuncs, a Relax IRModule
+    (timed through the VM, ``entry`` default ``main``) or an already built module."""
+    mod, entry, vm = _entry_and_module(lib, entry)
     try:
-        built = tvm.compile(mod, target=spec.tvm_target()) if isinstance(mod, tvm.IRModule) else mod
+        if isinstance(mod, tvm.IRModule):
+            target = spec.tvm_target()
+            with target:  # dlight / default schedules read the target from the context
+                mod = tvm.compile(mod, target=target)
         path = Path(out_dir) / f"{name}.so"
         kwargs = {}
         if spec.cross_compiler:
             from tvm.support import cc
 
             kwargs["fcompile"] = cc.cross_compiler(spec.cross_compiler)
-        built.export_library(str(path), **kwargs)
+        mod.export_library(str(path), **kwargs)
     except BscompileError:
         raise
     except Exception as err:  # noqa: BLE001 - a candidate that does not build is a failed candidate
         raise MeasureError(f"build failed: {_one_line(err)}") from None
-    return path, entry
+    return Built(path, entry, vm)
 
 
 def _one_line(err: BaseException) -> str:
@@ -202,6 +225,12 @@ def _kernel_body(entry: str, args: list[np.ndarray], check: Check | None, cfg: T
     return body
 
 
+def _body(built: Built, args: list[np.ndarray], check: Check | None, cfg: TimingConfig) -> Body:
+    if built.vm:
+        return _vm_body(args, check, cfg, built.entry)
+    return _kernel_body(built.entry, args, check, cfg)
+
+
 def _flatten(value) -> list[np.ndarray]:
     """VM outputs (a tensor or nested tuples of them) as NumPy arrays, in order."""
     if hasattr(value, "numpy"):
@@ -210,8 +239,9 @@ def _flatten(value) -> list[np.ndarray]:
 
 
 def _vm_body(inputs: list[np.ndarray], check: Check | None, cfg: TimingConfig, func: str = "main") -> Body:
-    """A whole compiled model (Relax VM): one call of ``func`` checked, then timed with the
-    VM's stateful API (works over RPC; outputs stay on the device while timing)."""
+    """A Relax VM function (a one-site module, or a whole model): one call checked on its
+    outputs, then timed with the VM's stateful API (works over RPC; outputs stay on the
+    device). With ``flush_cache``, ``cfg.flush_bytes`` of cache are flushed before each repeat."""
 
     def body(mod, dev) -> float:
         from tvm.runtime.vm import VirtualMachine
@@ -221,8 +251,12 @@ def _vm_body(inputs: list[np.ndarray], check: Check | None, cfg: TimingConfig, f
         vm.set_input(func, *tensors)
         vm.invoke_stateful(func)
         _checked(_flatten(vm.get_outputs(func)), check)
-        timer = vm.time_evaluator("invoke_stateful", dev, number=max(cfg.number, 1), repeat=cfg.repeat,
-                                  min_repeat_ms=cfg.min_repeat_ms)
+        if cfg.flush_cache:
+            timer = vm.module.time_evaluator("invoke_stateful", dev, number=1, repeat=max(cfg.repeat, 10),
+                                             min_repeat_ms=0, cache_flush_bytes=cfg.flush_bytes)
+        else:
+            timer = vm.module.time_evaluator("invoke_stateful", dev, number=max(cfg.number, 1), repeat=cfg.repeat,
+                                             min_repeat_ms=cfg.min_repeat_ms)
         return float(np.median(timer(func).results))
 
     return body
@@ -278,11 +312,11 @@ class LocalMeasurer:
     def time(self, lib_or_mod: Any, args: list[np.ndarray], check: Check | None = None, *,
              entry: str | None = None) -> float:
         self._n += 1
-        path, entry = build_candidate(lib_or_mod, self.spec, self._tmp.name, f"cand{self._n}", entry)
+        built = build_candidate(lib_or_mod, self.spec, self._tmp.name, f"cand{self._n}", entry)
         try:
-            return self._run(str(path), _kernel_body(entry, args, check, self.config))
+            return self._run(str(built.path), _body(built, args, check, self.config))
         finally:
-            path.unlink(missing_ok=True)
+            built.path.unlink(missing_ok=True)
 
     def time_artifact(self, bsc: str | os.PathLike, inputs, check: Check | None = None) -> float:
         """Seconds per call of a compiled model's ``main`` (Relax VM), after one checked call."""
@@ -292,7 +326,7 @@ class LocalMeasurer:
         path = Path(self._tmp.name) / "model.so"
         path.write_bytes(data)
         try:
-            return self._run(str(path), _vm_body(inputs, check, self.config))
+            return self._run(str(path), _vm_body(inputs, check, dataclasses.replace(self.config, flush_cache=False)))
         finally:
             path.unlink(missing_ok=True)
 
@@ -387,7 +421,12 @@ class _Board:
         return self.sess
 
     def reset(self) -> None:
-        self.sess = None  # dropping the last reference closes the connection / pipe
+        """Close the session: the server serves one session at a time, so a session kept alive
+        by a reference cycle (VM objects hold their module, which holds the session) would
+        block the next client until the garbage collector ran."""
+        if self.sess is not None:
+            self.sess = None
+            gc.collect()
 
     def measure(self, blob: bytes, body: Body, timeout: float) -> float:
         """Upload the shared library ``blob``, load it and run ``body`` on it under the
@@ -487,7 +526,7 @@ class RemoteMeasurer:
         emulated = self._emulated or any(_looks_emulated(i) for i in infos)
         return {"remote": self._endpoint.url, "key": self._key, "emulated": emulated, "info": infos}
 
-    def _build(self, job: Job) -> tuple[Path, str]:
+    def _build(self, job: Job) -> Built:
         with self._lock:
             self._n += 1
             n = self._n
@@ -495,12 +534,12 @@ class RemoteMeasurer:
 
     def time(self, lib_or_mod: Any, args: list[np.ndarray], check: Check | None = None, *,
              entry: str | None = None) -> float:
-        path, entry = self._build(Job(lib_or_mod, args, check, entry))
+        built = self._build(Job(lib_or_mod, args, check, entry))
         try:
-            return self._boards[0].measure(path.read_bytes(), _kernel_body(entry, args, check, self.config),
+            return self._boards[0].measure(built.path.read_bytes(), _body(built, args, check, self.config),
                                            self.config.timeout)
         finally:
-            path.unlink(missing_ok=True)
+            built.path.unlink(missing_ok=True)
 
     def time_artifact(self, bsc: str | os.PathLike, inputs, check: Check | None = None) -> float:
         """Seconds per call of a compiled model's ``main`` (Relax VM) on the device, after one
@@ -510,7 +549,8 @@ class RemoteMeasurer:
         data, arch, inputs = _artifact_inputs(bsc, inputs)
         if arch != self.spec.arch:
             raise RemoteError(f"{bsc} is an {arch} model; {self._endpoint.url} is {self.spec.arch}")
-        return self._boards[0].measure(data, _vm_body(inputs, check, self.config), self.config.timeout)
+        warm = dataclasses.replace(self.config, flush_cache=False)
+        return self._boards[0].measure(data, _vm_body(inputs, check, warm), self.config.timeout)
 
     def time_many(self, jobs: Sequence[Job], progress: Progress | None = None) -> list[float | MeasureError]:
         """Measure ``jobs`` on all boards at once (candidates are built here while the boards
@@ -539,16 +579,16 @@ class RemoteMeasurer:
                 item = todo.get()
                 if item is None:
                     return
-                i, path, entry, job = item
+                i, built, job = item
                 try:
-                    body = _kernel_body(entry, job.args, job.check, self.config)
-                    finish(i, board.measure(path.read_bytes(), body, self.config.timeout))
+                    body = _body(built, job.args, job.check, self.config)
+                    finish(i, board.measure(built.path.read_bytes(), body, self.config.timeout))
                 except MeasureError as err:
                     finish(i, err)
                 except RemoteError as err:  # no session (board gone, tracker busy): the candidate fails
                     finish(i, MeasureError(str(err)))
                 finally:
-                    path.unlink(missing_ok=True)
+                    built.path.unlink(missing_ok=True)
 
         threads = [threading.Thread(target=worker, args=(b,), daemon=True) for b in self._boards]
         for t in threads:
@@ -556,11 +596,11 @@ class RemoteMeasurer:
         try:
             for i, job in enumerate(jobs):
                 try:
-                    path, entry = self._build(job)
+                    built = self._build(job)
                 except MeasureError as err:
                     finish(i, err)
                     continue
-                todo.put((i, path, entry, job))
+                todo.put((i, built, job))
         finally:
             for _ in threads:
                 todo.put(None)
@@ -640,5 +680,5 @@ def _endpoint(url: str, spec: TargetSpec, session_timeout: float,
                       "tracker://host:port/KEY or emulator")
 
 
-__all__ = ["Job", "LocalMeasurer", "MeasureError", "Measurer", "RemoteError", "RemoteMeasurer", "TimingConfig",
+__all__ = ["Built", "Job", "LocalMeasurer", "MeasureError", "Measurer", "RemoteError", "RemoteMeasurer", "TimingConfig",
            "build_candidate", "server_command"]

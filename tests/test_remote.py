@@ -52,6 +52,21 @@ def _linear_job(rng, block: str, n: int = 32, k: int = 64, m: int = 4) -> Job:
     return Job(cpu.linear_kernel(mat, m, cpu.default_schedule(mat, m, 4)), args, check)
 
 
+def _relax_job(job: Job) -> Job:
+    """The same kernel inside a Relax function ``main(x) -> y`` with the weights as constants,
+    like the tuner's one-site modules: timed through the VM, checked on its output."""
+    from tvm import relax
+
+    x, *weights, out = job.args
+    bb = relax.BlockBuilder()
+    xv = relax.Var("x", relax.TensorType(x.shape, "float32"))
+    with bb.function("main", [xv]):
+        gv = bb.add_func(job.lib, "kernel")
+        y = bb.emit(relax.call_tir(gv, [xv, *map(relax.const, weights)], relax.TensorType(out.shape, "float32")))
+        bb.emit_func_output(y)
+    return Job(bb.get(), [x], lambda outs: job.check([*job.args[:-1], outs[0]]))
+
+
 @T.prim_func
 def _crash(a: T.Buffer((4,), "float32")):
     T.func_attr({"global_symbol": "crash"})
@@ -91,6 +106,10 @@ def test_emulator_stdio_measures_checks_and_survives_a_crash(rng, tmp_path, emul
 
         job = _linear_job(rng, "4x4")
         assert m.time(job.lib, job.args, job.check) > 0
+        vm_job = _relax_job(job)
+        assert m.time(vm_job.lib, vm_job.args, vm_job.check) > 0
+        with pytest.raises(MeasureError, match="wrong result"):
+            m.time(vm_job.lib, vm_job.args, lambda outs: np.testing.assert_array_equal(outs[0], 0))
         # A wrong answer on the device fails the candidate (the check runs here on the device's output).
         with pytest.raises(MeasureError, match="wrong result"):
             m.time(job.lib, job.args, lambda outs: np.testing.assert_array_equal(outs[-1], 0))
@@ -127,10 +146,10 @@ def test_tcp_server_on_ephemeral_port(rng, tmp_path, emulator_env):  # noqa: F81
         cfg = TimingConfig(repeat=2, min_repeat_ms=1, timeout=3, flush_cache=True)
         with RemoteMeasurer.connect(f"tcp://127.0.0.1:{port}", "rpi4", config=cfg) as m:
             jobs = [_linear_job(rng, "4x4"), Job(_crash, [np.zeros(4, np.float32)]),
-                    Job(_hang, [np.ones(4, np.float32)]), _linear_job(rng, "1x4")]
+                    Job(_hang, [np.ones(4, np.float32)]), _linear_job(rng, "1x4"), _relax_job(_linear_job(rng, "4x8"))]
             t0 = time.monotonic()
             results = m.time_many(jobs)
-            assert isinstance(results[0], float) and isinstance(results[3], float), results
+            assert all(isinstance(results[i], float) for i in (0, 3, 4)), results
             assert all(isinstance(r, MeasureError) for r in results[1:3]), results
             assert time.monotonic() - t0 < 90  # the hang was cut by the device's watchdog, not by us
         text = log.read_text()
@@ -217,6 +236,8 @@ def test_local_measurer_and_bad_remotes(rng, tmp_path):
         assert m.time(job.lib, job.args, job.check) > 0
         with pytest.raises(MeasureError, match="wrong result"):
             m.time(job.lib, job.args, lambda outs: False)
+        vm_job = _relax_job(job)
+        assert m.time(vm_job.lib, vm_job.args, vm_job.check) > 0
         model = mlp([32, 16], 2, ["4x4"], rng)[0]
         bsc = bscompile.compile(model).export(tmp_path / "host.bsc")
         x = rng.standard_normal((2, 32)).astype(np.float32)
