@@ -140,8 +140,10 @@ def test_emulator_stdio_measures_checks_and_survives_a_crash(rng, tmp_path, emul
 
 
 def test_tcp_server_on_ephemeral_port(rng, tmp_path, emulator_env):  # noqa: F811
-    log = tmp_path / "server.log"
-    proc, port = _start_server(["--port", "0", "--idle-timeout", "60", "--max-sessions", "10"], log)
+    log, work = tmp_path / "server.log", tmp_path / "work"
+    work.mkdir()
+    proc, port = _start_server(["--port", "0", "--idle-timeout", "60", "--max-sessions", "10", "--work-dir",
+                                str(work)], log)
     try:
         cfg = TimingConfig(repeat=2, min_repeat_ms=1, timeout=3, flush_cache=True)
         with RemoteMeasurer.connect(f"tcp://127.0.0.1:{port}", "rpi4", config=cfg) as m:
@@ -157,6 +159,12 @@ def test_tcp_server_on_ephemeral_port(rng, tmp_path, emulator_env):  # noqa: F81
         assert proc.poll() is None  # the server outlives its sessions
         with pytest.raises(RemoteError, match="x86_64"):  # an aarch64 board for a host target
             RemoteMeasurer.connect(f"tcp://127.0.0.1:{port}", "llvm")
+        # Stopped during a session, the server takes the session and its folder with it.
+        with RemoteMeasurer.connect(f"tcp://127.0.0.1:{port}", "rpi4", config=cfg):
+            assert len(list(work.iterdir())) == 1
+            proc.terminate()
+            assert proc.wait(timeout=30) == 0
+        assert list(work.iterdir()) == [] and "stopped by a signal" in log.read_text()
     finally:
         _stop(proc)
 

@@ -114,6 +114,11 @@ const char* kUsage =
     "board's address) on a trusted network only.\n";
 
 bool g_quiet = false;
+// Set by SIGTERM / SIGINT / SIGHUP: end the current session (killing its child and
+// removing its folder) and exit, instead of leaving both behind.
+volatile sig_atomic_t g_stop = 0;
+
+void OnStopSignal(int) { g_stop = 1; }
 
 void Log(const std::string& msg) {
   if (!g_quiet) std::cerr << "bscompile-rpc-server[" << getpid() << "]: " << msg << std::endl;
@@ -413,6 +418,8 @@ void RunSession(const Channel& ch, const Options& o, double timeout, const std::
     throw std::runtime_error(std::string("fork failed (") + std::strerror(errno) + ")");
   }
   if (pid == 0) {
+    signal(SIGINT, SIG_DFL);
+    signal(SIGHUP, SIG_DFL);
     for (int fd : close_in_child) close(fd);
     if (timeout > 0) {  // backstop if the parent dies
       g_session_deadline = Now() + timeout + 1;
@@ -431,7 +438,9 @@ void RunSession(const Channel& ch, const Options& o, double timeout, const std::
     pid_t r = waitpid(pid, &status, WNOHANG);
     if (r == pid || (r < 0 && errno != EINTR)) break;
     double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    if (timeout > 0 && elapsed > timeout && !timed_out) {
+    if (g_stop) {
+      kill(pid, SIGKILL);
+    } else if (timeout > 0 && elapsed > timeout && !timed_out) {
       timed_out = true;
       if (ch.socket) {
         auto ret = ffi::Function::GetGlobal("rpc.ReturnException");
@@ -699,7 +708,7 @@ int ServeTcp(const Options& o) {
   const double ping = 2.0;
   auto idle_since = std::chrono::steady_clock::now();
   int sessions = 0;
-  while (o.max_sessions == 0 || sessions < o.max_sessions) {
+  while ((o.max_sessions == 0 || sessions < o.max_sessions) && !g_stop) {
     pollfd pfd{lfd, POLLIN, 0};
     int r = poll(&pfd, 1, static_cast<int>(ping * 1000));
     if (r < 0 && errno == EINTR) continue;
@@ -777,7 +786,13 @@ int Run(const Options& o) {
     return 0;
   }
   signal(SIGPIPE, SIG_IGN);
-  return o.stdio ? ServeStdio(o) : ServeTcp(o);
+  struct sigaction sa {};
+  sa.sa_handler = OnStopSignal;  // no SA_RESTART: poll() returns and the loops see g_stop
+  sigemptyset(&sa.sa_mask);
+  for (int sig : {SIGTERM, SIGINT, SIGHUP}) sigaction(sig, &sa, nullptr);
+  int rc = o.stdio ? ServeStdio(o) : ServeTcp(o);
+  if (g_stop) Log("stopped by a signal");
+  return rc;
 }
 
 std::string OneLine(const std::string& msg) {
