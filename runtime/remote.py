@@ -160,27 +160,34 @@ def _entry_and_module(lib: Any, entry: str | None) -> tuple[Any, str, bool]:
     return lib, entry or "main", vm
 
 
+def _compile(lib: Any, spec: TargetSpec, entry: str | None) -> tuple[Any, str, bool]:
+    """(built module, entry, runs on the VM) of a candidate, compiled for ``spec`` if needed."""
+    mod, entry, vm = _entry_and_module(lib, entry)
+    if isinstance(mod, tvm.IRModule):
+        try:
+            target = spec.tvm_target()
+            with target:  # dlight / default schedules read the target from the context
+                mod = tvm.compile(mod, target=target)
+        except Exception as err:  # noqa: BLE001 - a candidate that does not build is a failed candidate
+            raise MeasureError(f"build failed: {_one_line(err)}") from None
+    return mod, entry, vm
+
+
 def build_candidate(lib: Any, spec: TargetSpec, out_dir: str | os.PathLike, name: str,
                     entry: str | None = None) -> Built:
     """Compile (if needed) and export ``lib`` for ``spec`` (cross-linked for cross targets) to
     ``out_dir/name.so``. ``lib``: a PrimFunc, an IRModule of PrimFuncs, a Relax IRModule
     (timed through the VM, ``entry`` default ``main``) or an already built module."""
-    mod, entry, vm = _entry_and_module(lib, entry)
-    try:
-        if isinstance(mod, tvm.IRModule):
-            target = spec.tvm_target()
-            with target:  # dlight / default schedules read the target from the context
-                mod = tvm.compile(mod, target=target)
-        path = Path(out_dir) / f"{name}.so"
-        kwargs = {}
-        if spec.cross_compiler:
-            from tvm.support import cc
+    mod, entry, vm = _compile(lib, spec, entry)
+    path = Path(out_dir) / f"{name}.so"
+    kwargs = {}
+    if spec.cross_compiler:
+        from tvm.support import cc
 
-            kwargs["fcompile"] = cc.cross_compiler(spec.cross_compiler)
+        kwargs["fcompile"] = cc.cross_compiler(spec.cross_compiler)
+    try:
         mod.export_library(str(path), **kwargs)
-    except BscompileError:
-        raise
-    except Exception as err:  # noqa: BLE001 - a candidate that does not build is a failed candidate
+    except Exception as err:  # noqa: BLE001
         raise MeasureError(f"build failed: {_one_line(err)}") from None
     return Built(path, entry, vm)
 
@@ -307,16 +314,12 @@ class LocalMeasurer:
         self.config = config or TimingConfig()
         self.device = {"remote": None, "key": None, "emulated": False, "info": [_local_info()]}
         self._tmp = tempfile.TemporaryDirectory(prefix="bscompile-measure-")
-        self._n = 0
 
     def time(self, lib_or_mod: Any, args: list[np.ndarray], check: Check | None = None, *,
              entry: str | None = None) -> float:
-        self._n += 1
-        built = build_candidate(lib_or_mod, self.spec, self._tmp.name, f"cand{self._n}", entry)
-        try:
-            return self._run(str(built.path), _body(built, args, check, self.config))
-        finally:
-            built.path.unlink(missing_ok=True)
+        mod, entry, vm = _compile(lib_or_mod, self.spec, entry)  # run in memory: no export, no link
+        body = _vm_body(args, check, self.config, entry) if vm else _kernel_body(entry, args, check, self.config)
+        return self._run(mod if vm or not isinstance(mod, tvm.runtime.Executable) else mod.mod, body)
 
     def time_artifact(self, bsc: str | os.PathLike, inputs, check: Check | None = None) -> float:
         """Seconds per call of a compiled model's ``main`` (Relax VM), after one checked call."""
@@ -326,14 +329,15 @@ class LocalMeasurer:
         path = Path(self._tmp.name) / "model.so"
         path.write_bytes(data)
         try:
-            return self._run(str(path), _vm_body(inputs, check, dataclasses.replace(self.config, flush_cache=False)))
+            mod = tvm.runtime.load_module(str(path))
+            return self._run(mod, _vm_body(inputs, check, dataclasses.replace(self.config, flush_cache=False)))
         finally:
             path.unlink(missing_ok=True)
 
     @staticmethod
-    def _run(path: str, body: Body) -> float:
+    def _run(mod, body: Body) -> float:
         try:
-            return body(tvm.runtime.load_module(path), tvm.cpu(0))
+            return body(mod, tvm.cpu(0))
         except MeasureError:
             raise
         except Exception as err:  # noqa: BLE001
