@@ -38,9 +38,9 @@ from typing import Callable
 from bscompile.errors import BscompileError
 
 DEPLOY_SRC = Path(__file__).resolve().parent / "deploy"
-RUNNER_SOURCES = ("runner.cc", "npy.cc", "npy.h")
+RUNNER_SOURCES = ("runner.cc", "npy.cc", "npy.h", "cli.h")
 RUNNER = "bscompile-runner"
-RPC_SERVER_SOURCES = ("rpc_server.cc",)
+RPC_SERVER_SOURCES = ("rpc_server.cc", "cli.h")
 RPC_SERVER = "bscompile-rpc-server"
 #: Libraries a bundle ships per manifest device kind (cpu bundles need no CUDA).
 BUNDLE_LIBS = {"cpu": ("libtvm_ffi.so", "libtvm_runtime.so"),

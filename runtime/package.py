@@ -93,7 +93,8 @@ def _check_name(name: str) -> str:
 def _server_entries(arch: str, tvm_version: str, progress: Progress | None) -> tuple[list, list[Path]]:
     """Bundle entries of the tuning server and the files whose requirements it adds."""
     server = tuning_server(arch, tvm_version, progress) / "bin" / RPC_SERVER
-    return [("tuning-server", (DEPLOY_SRC / "tuning-server.sh").read_bytes(), 0o755, "runner"),
+    # one launcher script: installed as `tuning-server` it starts the server instead of the runner
+    return [("tuning-server", (DEPLOY_SRC / "run.sh").read_bytes(), 0o755, "runner"),
             (f"bin/{RPC_SERVER}", server, 0o755, "runner")], [server]
 
 

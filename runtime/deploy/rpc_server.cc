@@ -63,6 +63,8 @@
 #include <tvm/ffi/function.h>
 #include <tvm/ffi/string.h>
 
+#include "cli.h"
+
 #ifndef BSCOMPILE_VERSION
 #define BSCOMPILE_VERSION "?"
 #endif
@@ -84,11 +86,6 @@ constexpr int32_t kRPCTrackerMagic = 0x2F271;
 constexpr int32_t kRPCCodeSuccess = kRPCMagic + 0;
 constexpr int32_t kRPCCodeMismatch = kRPCMagic + 2;
 enum TrackerCode { kFail = -1, kSuccess = 0, kPut = 3, kUpdateInfo = 5, kGetPendingMatchKeys = 7 };
-
-class UsageError : public std::runtime_error {
- public:
-  using std::runtime_error::runtime_error;
-};
 
 struct Options {
   bool stdio = false, tcp = false, info = false, help = false, quiet = false;
@@ -795,29 +792,9 @@ int Run(const Options& o) {
   return rc;
 }
 
-std::string OneLine(const std::string& msg) {
-  std::stringstream ss(msg);
-  std::string line;
-  while (std::getline(ss, line)) {
-    if (line.find_first_not_of(" \t\r") != std::string::npos) return line;
-  }
-  return msg;
-}
-
 }  // namespace
 }  // namespace bscompile
 
 int main(int argc, char** argv) {
-  using bscompile::OneLine;
-  try {
-    return bscompile::Run(bscompile::ParseArgs(argc, argv));
-  } catch (const bscompile::UsageError& e) {
-    std::cerr << "error: " << e.what() << " (see --help)\n";
-    return 2;
-  } catch (const ffi::Error& e) {
-    std::cerr << "error: " << e.kind() << ": " << OneLine(e.message()) << "\n";
-  } catch (const std::exception& e) {
-    std::cerr << "error: " << OneLine(e.what()) << "\n";
-  }
-  return 1;
+  return bscompile::GuardedMain([&] { return bscompile::Run(bscompile::ParseArgs(argc, argv)); }, "--help");
 }
