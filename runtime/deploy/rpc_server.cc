@@ -285,6 +285,12 @@ int RemoveEntry(const std::string& path) {
   return unlink(path.c_str());
 }
 
+std::string Seconds(double s) {
+  std::ostringstream os;
+  os << s << " s";
+  return os.str();
+}
+
 std::string MakeWorkDir(const std::string& base) {
   std::string tmpl = base + "/bscompile-rpc-XXXXXX";
   std::vector<char> buf(tmpl.begin(), tmpl.end());
@@ -441,8 +447,8 @@ void RunSession(const Channel& ch, const Options& o, double timeout, const std::
       timed_out = true;
       if (ch.socket) {
         auto ret = ffi::Function::GetGlobal("rpc.ReturnException");
-        std::string msg = "RPCSessionTimeoutError: the session exceeded its " + std::to_string(timeout) +
-                          " s timeout on the tuning server";
+        std::string msg = "RPCSessionTimeoutError: the session exceeded its " + Seconds(timeout) +
+                          " timeout on the tuning server";
         if (ret) {
           try {
             (*ret)(static_cast<int64_t>(ch.read_fd), ffi::String(msg));
@@ -455,7 +461,7 @@ void RunSession(const Channel& ch, const Options& o, double timeout, const std::
     usleep(20000);
   }
   if (timed_out) {
-    Log("session timed out after " + std::to_string(timeout) + " s: killed");
+    Log("session timed out after " + Seconds(timeout) + ": killed");
   } else if (WIFSIGNALED(status)) {
     Log("session ended by signal " + std::to_string(WTERMSIG(status)) +
         (WTERMSIG(status) == SIGALRM ? " (watchdog)" : " (a kernel crashed?)"));
@@ -698,6 +704,11 @@ int ServeTcp(const Options& o) {
   std::cout << "bscompile-rpc-server listening on " << o.host << ":" << port << std::endl;
   std::unique_ptr<TrackerLink> tracker;
   if (!o.tracker_host.empty()) {
+    bool local_tracker = o.tracker_host == "127.0.0.1" || o.tracker_host == "localhost" || o.tracker_host == "::1";
+    if (!local_tracker && (o.host == "127.0.0.1" || o.host == "localhost")) {
+      Log("warning: listening on " + o.host + " only: clients the tracker sends here from other machines cannot "
+          "connect (give --host 0.0.0.0 on a trusted network)");
+    }
     tracker = std::make_unique<TrackerLink>(o, port);
     tracker->Connect();
     tracker->Put();
@@ -748,7 +759,7 @@ int ServeTcp(const Options& o) {
     }
     double timeout = o.session_timeout;
     if (asked > 0 && (timeout == 0 || asked < timeout)) timeout = asked;
-    Log(std::string("session from ") + addr + (timeout > 0 ? ", timeout " + std::to_string(timeout) + " s" : ""));
+    Log(std::string("session from ") + addr + (timeout > 0 ? ", timeout " + Seconds(timeout) : ""));
     std::vector<int> close_in_child = {lfd};
     if (tracker) close_in_child.push_back(tracker->fd());
     try {
