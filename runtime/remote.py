@@ -404,7 +404,8 @@ class _Board:
         self.endpoint = endpoint
         self.session_timeout = session_timeout
         self.sess = None
-        self.info: dict | None = None
+        self.info: dict | None = None  # of the current session's board
+        self.seen: list[dict] = []  # every board info a session of this worker reported
         self._opened = 0.0
         self._n = 0
 
@@ -416,6 +417,7 @@ class _Board:
             try:
                 self.sess = self.endpoint.open(self.session_timeout)
                 self.info = json.loads(self.sess.get_function("bscompile.rpc.info")())
+                self.seen.append(self.info)
             except BscompileError:
                 raise
             except Exception as err:  # noqa: BLE001
@@ -520,13 +522,24 @@ class RemoteMeasurer:
         return cls(endpoint, spec, boards, config, session_timeout, emulated, key)
 
     @property
+    def parallel(self) -> int:
+        """How many boards measure at once (``time_many``)."""
+        return len(self._boards)
+
+    @property
     def device(self) -> dict:
         """What tuning records carry: the URL, the tracker key, whether it was emulated and
         the info (arch, CPU model, threads, versions) of every board a session reached."""
-        infos = []
+        # One entry per board: through a tracker, a board is its server process; over ssh/stdio
+        # every session starts a new server process on the same board.
+        def board(info: dict) -> dict:
+            return info if self._endpoint.kind == "tracker" else {k: v for k, v in info.items() if k != "server_pid"}
+
+        infos: list[dict] = []
         for b in self._boards:
-            if b.info and b.info not in infos:
-                infos.append(b.info)
+            for info in b.seen:
+                if board(info) not in map(board, infos):
+                    infos.append(info)
         emulated = self._emulated or any(_looks_emulated(i) for i in infos)
         return {"remote": self._endpoint.url, "key": self._key, "emulated": emulated, "info": infos}
 

@@ -117,6 +117,7 @@ def test_emulator_stdio_measures_checks_and_survives_a_crash(rng, tmp_path, emul
         results = m.time_many([Job(_crash, [np.zeros(4, np.float32)]), _linear_job(rng, "8x4")])
         assert isinstance(results[0], MeasureError) and "failed on the device" in str(results[0])
         assert isinstance(results[1], float) and results[1] > 0
+        assert len(m.device["info"]) == 1  # a new server process after the crash, the same board
 
         # A whole compiled model (Relax VM) on the device, its outputs checked against onnxruntime.
         model = mlp([64, 32, 16], 4, ["4x4", "4x4"], rng)[0]
@@ -187,15 +188,15 @@ def test_tracker_two_boards_one_key_in_parallel(rng, tmp_path, emulator_env):  #
             except RemoteError:
                 time.sleep(0.2)
                 continue
-            if len(m._boards) == 2:
+            if m.parallel == 2:
                 break
             m.close()
             time.sleep(0.2)
         with m:
-            assert len(m._boards) == 2
+            assert m.parallel == 2
             results = m.time_many([_linear_job(rng, b) for b in ("4x4", "8x4", "4x8", "1x4")])
             assert all(isinstance(r, float) and r > 0 for r in results), results
-            assert all(b.info for b in m._boards)  # each worker held its own board's session
+            assert len({i["server_pid"] for i in m.device["info"]}) == 2  # both boards measured
             assert m.device["key"] == KEY and m.device["emulated"] is True
         for i in range(2):  # both boards served sessions
             assert "session from 127.0.0.1" in (tmp_path / f"board{i}.log").read_text()

@@ -111,6 +111,7 @@ const char* kUsage =
     "board's address) on a trusted network only.\n";
 
 bool g_quiet = false;
+bool g_in_session = false;  // true in a session's forked child
 // Set by SIGTERM / SIGINT / SIGHUP: end the current session (killing its child and
 // removing its folder) and exit, instead of leaving both behind.
 volatile sig_atomic_t g_stop = 0;
@@ -255,6 +256,8 @@ std::string InfoJson() {
   put("arch", ffi::String(u.machine));
   put("os", ffi::String(std::string(u.sysname) + " " + u.release));
   put("hostname", ffi::String(u.nodename));
+  // the server process (sessions are its forked children): tells the servers of one host apart
+  put("server_pid", static_cast<int64_t>(g_in_session ? getppid() : getpid()));
   put("glibc", ffi::String(gnu_get_libc_version()));
   put("cpu_model", ffi::String(CpuModel()));
   std::string board = ReadSmallFile("/proc/device-tree/model");
@@ -363,6 +366,7 @@ struct Channel {
 };
 
 [[noreturn]] void ServeChild(const Channel& ch, const std::string& dir) {
+  g_in_session = true;
   signal(SIGPIPE, SIG_IGN);
   signal(SIGALRM, SIG_DFL);
   signal(SIGTERM, SIG_DFL);
