@@ -626,6 +626,7 @@ class TrackerLink {
         Close();
         double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
         if (waited > 60) throw std::runtime_error(std::string("tracker unreachable for 60 s: ") + e.what());
+        if (g_stop) throw std::runtime_error("stopped by a signal while connecting to the tracker");
         sleep(2);
       }
     }
