@@ -104,7 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     model_opts(i)
 
     k = sub.add_parser("package", help="bundle a .bsc with a native runner for deployment")
-    k.add_argument("artifact")
+    k.add_argument("artifact", nargs="?", help="the .bsc to bundle (omit with --tuning-server for a server-only "
+                   "bundle)")
+    k.add_argument("--tuning-server", action="store_true", help="also ship the device-side tuning server "
+                   "(./tuning-server, for `bscompile tune --remote`)")
     k.add_argument("-o", "--output", required=True, help="bundle path (.tar.gz)")
     k.add_argument("--name", help="folder the bundle unpacks into (default: the artifact's stem)")
     k.add_argument("--json", action="store_true", help="print the size report as JSON")
@@ -119,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("model")
     t.add_argument("-o", "--output", help="artifact path (default: MODEL.bsc)")
     t.add_argument("--records", help="tuning records JSON to write (default: MODEL.tune.json)")
+    t.add_argument("--remote", metavar="URL", help="measure on the device: ssh://[user@]board[:port][/path/to/"
+                   "tuning-server], tcp://host:port, tracker://host:port/KEY, or emulator (the aarch64 server "
+                   "under qemu here; timings mean nothing)")
     model_opts(t)
     return p
 
@@ -331,9 +337,16 @@ def cmd_demo(args) -> int:
 
 
 def cmd_package(args) -> int:
-    from bscompile.runtime.package import format_report, package_artifact
+    from bscompile.errors import BscompileError
+    from bscompile.runtime.package import TUNING_SERVER_NAME, format_report, package_artifact, package_tuning_server
 
-    report = package_artifact(args.artifact, args.output, name=args.name, progress=_progress(False))
+    if args.artifact:
+        report = package_artifact(args.artifact, args.output, name=args.name, with_tuning_server=args.tuning_server,
+                                  progress=_progress(False))
+    elif args.tuning_server:
+        report = package_tuning_server(args.output, name=args.name or TUNING_SERVER_NAME, progress=_progress(False))
+    else:
+        raise BscompileError("package needs an artifact (ART.bsc), or --tuning-server for a server-only bundle")
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 

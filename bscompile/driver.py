@@ -70,7 +70,11 @@ def _options(spec: TargetSpec, sparse: bool, block: BlockShape | str | None, rec
         except ValueError:
             raise BscompileError(f"invalid block shape '{block}'; expected RxC, e.g. 4x4") from None
     if isinstance(records, (str, os.PathLike)):
-        records = load_records(records, target=spec.name)
+        records = load_records(records)
+    other = sorted({r.target for r in (records or {}).values()} - {spec.name})
+    if other:  # a layout measured on one device is no evidence for another
+        raise BscompileError(f"the tuning records were measured for target {', '.join(other)}; "
+                             f"this compile targets {spec.name}: tune for it (bscompile tune --target {spec.name})")
     return {"sparse": sparse, "force_block": block, "records": records or {}}
 
 

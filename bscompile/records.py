@@ -40,8 +40,8 @@ def record_key(key: str, m: int) -> str:
     return f"{key}:{m}"
 
 
-def load_records(path: str | os.PathLike, target: str | None = None) -> dict[str, TuningRecord]:
-    """Records by :func:`record_key`; with ``target``, records measured for another target are refused."""
+def load_records(path: str | os.PathLike) -> dict[str, TuningRecord]:
+    """Records by :func:`record_key` (the driver refuses records measured for another target)."""
     try:
         data = json.loads(Path(path).read_text())
         if data.get("format") != FORMAT:
@@ -52,10 +52,6 @@ def load_records(path: str | os.PathLike, target: str | None = None) -> dict[str
         raise BscompileError(f"no such tuning records file: {path}") from None
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
         raise BscompileError(f"{path} is not a bscompile tuning records file ({type(err).__name__})") from None
-    if target is not None:
-        other = sorted({r.target for r in recs} - {target})
-        if other:
-            raise BscompileError(f"{path} holds records measured for target {', '.join(other)}, not '{target}'")
     return {record_key(r.key, r.m): r for r in recs}
 
 

@@ -38,8 +38,10 @@ from typing import Callable
 from bscompile.errors import BscompileError
 
 DEPLOY_SRC = Path(__file__).resolve().parent / "deploy"
-RUNNER_SOURCES = ("runner.cc", "npy.cc", "npy.h")
+RUNNER_SOURCES = ("runner.cc", "npy.cc", "npy.h", "cli.h")
 RUNNER = "bscompile-runner"
+RPC_SERVER_SOURCES = ("rpc_server.cc", "cli.h")
+RPC_SERVER = "bscompile-rpc-server"
 #: Libraries a bundle ships per manifest device kind (cpu bundles need no CUDA).
 BUNDLE_LIBS = {"cpu": ("libtvm_ffi.so", "libtvm_runtime.so"),
                "cuda": ("libtvm_ffi.so", "libtvm_runtime.so", "libtvm_runtime_cuda.so")}
@@ -206,44 +208,64 @@ def requirements(paths: list[Path]) -> dict:
     return out
 
 
-def deploy_runtime(arch: str, tvm_version: str, progress: Progress | None = None) -> Path:
-    """The cached runner + runtime libraries for ``arch``; builds the runner on first use."""
+def _cached_build(arch: str, tvm_version: str, exe_name: str, sources: tuple[str, ...], prefix: str,
+                  defines: dict[str, str] | None = None, progress: Progress | None = None) -> Path:
+    """Cross-compile ``sources`` (from runtime/deploy) against the wheel libraries into a cached
+    ``<prefix>-<hash>/{bin/<exe_name>, lib/, build.json}`` folder (built once per source, compiler
+    and library version)."""
     tools = arch_tools(arch)
     libs = runtime_libs(arch, tvm_version, progress)
     key_src = hashlib.sha256()
-    for name in RUNNER_SOURCES:
+    for name in sources:
         key_src.update(name.encode() + b"\0" + (DEPLOY_SRC / name).read_bytes())
     cxx = _require(tools.cxx, arch)
     key_src.update(_tool_version(cxx).encode())
     key_src.update(libs.name.encode())
-    final = cache_root() / arch / f"runner-{key_src.hexdigest()[:16]}"
+    for k, v in sorted((defines or {}).items()):
+        key_src.update(f"{k}={v}".encode())
+    final = cache_root() / arch / f"{prefix}-{key_src.hexdigest()[:16]}"
     if (final / "build.json").exists():
         return final
-    with _Lock(cache_root() / arch / ".lock-runner"):
+    with _Lock(cache_root() / arch / f".lock-{prefix}"):
         if (final / "build.json").exists():
             return final
         if progress:
-            progress(f"building the {arch} runner with {tools.cxx} (once)")
-        with tempfile.TemporaryDirectory(prefix=".runner-", dir=final.parent) as tmp:
+            progress(f"building the {arch} {exe_name} with {tools.cxx} (once)")
+        with tempfile.TemporaryDirectory(prefix=f".{prefix}-", dir=final.parent) as tmp:
             stage = Path(tmp) / "stage"
             (stage / "bin").mkdir(parents=True)
             (stage / "lib").mkdir()
             for lib in (libs / "lib").iterdir():
                 shutil.copy2(lib, stage / "lib" / lib.name)
-            exe = stage / "bin" / RUNNER
+            exe = stage / "bin" / exe_name
             cmd = [cxx, "-std=c++17", "-O2", "-s", f"-I{libs / 'include'}", f"-I{DEPLOY_SRC}",
-                   *[str(DEPLOY_SRC / s) for s in RUNNER_SOURCES if s.endswith(".cc")],
+                   *[f"-D{k}={json.dumps(v)}" for k, v in sorted((defines or {}).items())],
+                   *[str(DEPLOY_SRC / s) for s in sources if s.endswith(".cc")],
                    "-o", str(exe), f"-L{libs / 'lib'}",
-                   # the runtime registers the VM loader: link it even though no symbol is used
+                   # the runtime registers the VM loader and the RPC server: link it even though
+                   # no symbol of it is used
                    "-Wl,--no-as-needed", "-ltvm_runtime", "-ltvm_ffi", "-Wl,--as-needed", "-ldl",
                    "-Wl,-rpath,$ORIGIN/../lib"]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 err = [ln for ln in proc.stderr.splitlines() if "error" in ln] or proc.stderr.splitlines() or ["?"]
-                raise DeployToolError(f"building the {arch} runner failed: {err[0].strip()}")
+                raise DeployToolError(f"building the {arch} {exe_name} failed: {err[0].strip()}")
             info = {"arch": arch, "tvm": tvm_version, "tvm_ffi": ffi_version(), "compiler": _tool_version(cxx),
                     "requires": requirements([exe, *(stage / "lib").iterdir()])}
             (stage / "build.json").write_text(json.dumps(info, indent=2))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(stage, final)
     return final
+
+
+def deploy_runtime(arch: str, tvm_version: str, progress: Progress | None = None) -> Path:
+    """The cached runner + runtime libraries for ``arch``; builds the runner on first use."""
+    return _cached_build(arch, tvm_version, RUNNER, RUNNER_SOURCES, "runner", progress=progress)
+
+
+def tuning_server(arch: str, tvm_version: str, progress: Progress | None = None) -> Path:
+    """The cached tuning server (runtime/deploy/rpc_server.cc) + runtime libraries for ``arch``:
+    ``bin/bscompile-rpc-server`` and ``lib/``, built on first use like the runner."""
+    defines = {"BSCOMPILE_VERSION": metadata.version("bscompile"), "BSCOMPILE_TVM_VERSION": tvm_version,
+               "BSCOMPILE_TVM_FFI_VERSION": ffi_version()}
+    return _cached_build(arch, tvm_version, RPC_SERVER, RPC_SERVER_SOURCES, "rpc-server", defines, progress)

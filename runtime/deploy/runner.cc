@@ -40,6 +40,7 @@
 #include <tvm/ffi/function.h>
 #include <tvm/ffi/string.h>
 
+#include "cli.h"
 #include "npy.h"
 
 namespace ffi = tvm::ffi;
@@ -49,11 +50,6 @@ namespace {
 
 constexpr int kFormatVersion = 1;   // runtime/artifact.py FORMAT_VERSION
 constexpr int kPooledAllocator = 2;  // tvm.runtime.vm.VirtualMachine.POOLED_ALLOCATOR
-
-class UsageError : public std::runtime_error {
- public:
-  using std::runtime_error::runtime_error;
-};
 
 struct TensorSpec {
   std::string name;
@@ -388,34 +384,9 @@ int Run(const Options& opt) {
   return 0;
 }
 
-// One line: the first non-empty line of a message.
-std::string OneLine(const std::string& msg) {
-  std::stringstream ss(msg);
-  std::string line;
-  while (std::getline(ss, line)) {
-    if (line.find_first_not_of(" \t\r") != std::string::npos) return line;
-  }
-  return msg;
-}
-
 }  // namespace
 }  // namespace bscompile
 
 int main(int argc, char** argv) {
-  using bscompile::OneLine;
-  try {
-    return bscompile::Run(bscompile::ParseArgs(argc, argv));
-  } catch (const bscompile::UsageError& e) {
-    std::cerr << "error: " << e.what() << " (see run --help)\n";
-    return 2;
-  } catch (const ffi::Error& e) {
-    if (e.kind() == "IndexError") {  // input data out of range: a user error, like a wrong shape
-      std::cerr << "error: " << OneLine(e.message()) << "\n";
-      return 2;
-    }
-    std::cerr << "error: " << e.kind() << ": " << OneLine(e.message()) << "\n";
-  } catch (const std::exception& e) {
-    std::cerr << "error: " << OneLine(e.what()) << "\n";
-  }
-  return 1;
+  return bscompile::GuardedMain([&] { return bscompile::Run(bscompile::ParseArgs(argc, argv)); }, "run --help");
 }
