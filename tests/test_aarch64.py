@@ -242,3 +242,25 @@ def test_cuda_bundle_ships_the_cuda_runtime(tmp_path, emulator_env):
     with tarfile.open(report["bundle"]) as tar:
         manifest = tar.extractfile("orin/manifest.json").read().decode()
     assert '"device": "cuda"' in manifest
+
+
+def test_aarch64_bundle_runs_a_dynamic_site(rng, tmp_path, emulator_env):
+    """Input-dependent block selection on the board: the packaged dynamic site under qemu
+    equals onnxruntime on inputs with a clear selection margin."""
+    import onnx
+    from test_dynamic import IN, _export, _model, _ort, clear_margin_inputs
+
+    from bscompile.runtime.package import package_artifact
+
+    m = _model(rng, 0.25, True)
+    model_bytes = _export(m, dynamo=False)
+    art = bscompile.compile(onnx.load_from_string(model_bytes), target="aarch64", input_shapes={"x": (3, IN)})
+    assert [w["kind"] for w in art.manifest.weights] == ["dynamic_linear"]
+    report = package_artifact(art.export(tmp_path / "dyn.bsc"), tmp_path / "dyn-aarch64.tar.gz")
+    _unpack(Path(report["bundle"]), tmp_path / "device")
+    x = clear_margin_inputs(m, rng, 3)
+    np.save(tmp_path / "x.npy", x)
+    proc = _run(tmp_path / "device" / "dyn", ["--input", f"x={tmp_path / 'x.npy'}", "--output", str(tmp_path / "out")],
+                emulator_env)
+    assert proc.returncode == 0, proc.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "out" / "y.npy"), _ort(model_bytes, x), rtol=RTOL, atol=ATOL)
