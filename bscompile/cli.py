@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("model")
     t.add_argument("-o", "--output", help="artifact path (default: MODEL.bsc)")
     t.add_argument("--records", help="tuning records JSON to write (default: MODEL.tune.json)")
+    t.add_argument("--remote", metavar="URL", help="measure on the device: ssh://[user@]board[:port][/path/to/"
+                   "tuning-server], tcp://host:port, tracker://host:port/KEY, or emulator (the aarch64 server "
+                   "under qemu here; timings mean nothing)")
     model_opts(t)
     return p
 

@@ -1,7 +1,8 @@
 """Autotuning: measure candidate layouts and schedules of every weight on this machine.
 
 The cost model ranks layouts analytically; tuning replaces the ranking by
-measurement. For each weight site it times the dense kernel and the cost model's
+measurement, on this machine or on the device itself (``remote``: see
+:mod:`bscompile.runtime.remote`; every candidate is checked against NumPy there). For each weight site it times the dense kernel and the cost model's
 best few BSR shapes, each under the schedule variants that apply, and records the
 fastest in a :class:`TuningRecord`. ``bscompile compile --records FILE`` (or
 ``bscompile tune``) then compiles with the measured choices. The dense kernel is
@@ -45,6 +46,7 @@ class TuningRecord:
     time_us: float
     dense_time_us: float
     candidates: list[dict] = dataclasses.field(default_factory=list)  # everything measured
+    device: dict = dataclasses.field(default_factory=dict)  # where it was measured (Measurer.device)
 
 
 def record_key(key: str, m: int) -> str:
@@ -67,17 +69,20 @@ def save_records(path: str | os.PathLike, records: list[TuningRecord]) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(blob))
 
 
-def _time_kernel(func: tvm.tirx.PrimFunc, mat: BSRMatrix, m: int, spec: TargetSpec, repeat: int) -> float:
-    lib = tvm.compile(tvm.IRModule({"k": func.with_attr("global_symbol", "k")}), target=spec.tvm_target())
-    dev = tvm.cpu(0)
+def _kernel_job(func: tvm.tirx.PrimFunc, mat: BSRMatrix, weight: np.ndarray, m: int):
+    """A candidate kernel, random inputs and its check against NumPy (``y = x @ W.T``)."""
+    from bscompile.runtime.remote import Job
+
     n, k = mat.shape
-    rng = np.random.default_rng(0)
-    args = [rng.standard_normal((m, k)).astype(np.float32), mat.data, mat.indices, mat.indptr,
-            np.zeros(mat.padded_shape[0], np.float32), np.zeros((m, n), np.float32)]
-    args = [tvm.runtime.tensor(a, dev) for a in args]
-    timer = lib.mod.time_evaluator("k", dev, number=max(1, int(2e5 // max(mat.nnz_blocks * m, 1))) + 3,
-                                   repeat=repeat, min_repeat_ms=20)
-    return float(np.median(timer(*args).results))
+    x = np.random.default_rng(0).standard_normal((m, k)).astype(np.float32)
+    args = [x, mat.data, mat.indices, mat.indptr, np.zeros(mat.padded_shape[0], np.float32),
+            np.zeros((m, n), np.float32)]
+    want = x @ weight.T
+
+    def check(outs):
+        np.testing.assert_allclose(outs[-1], want, rtol=1e-3, atol=1e-3 * np.sqrt(k))
+
+    return Job(func, args, check)
 
 
 def schedule_space(mat: BSRMatrix, m: int, lanes: int) -> list[cpu.CpuSchedule]:
@@ -94,40 +99,66 @@ def schedule_space(mat: BSRMatrix, m: int, lanes: int) -> list[cpu.CpuSchedule]:
     return out
 
 
-def tune_site(site: WeightSite, plan: CompilePlan, spec: TargetSpec, top_k: int = 3,
-              repeat: int = 5, progress=None) -> TuningRecord:
+def tune_site(site: WeightSite, plan: CompilePlan, spec: TargetSpec, measurer, top_k: int = 3,
+              progress=None) -> TuningRecord:
     n, k = site.shape
     machine = MachineModel(lanes=plan.vector_lanes)
     ranked = sorted(site.report.blocks, key=lambda s: estimate_time(kernel_shape(s, site.m, plan.vector_lanes, n, k),
                                                                      machine))
     layouts = [("dense", BlockShape(DENSE_ROWS, k))] + [("bsr", s.block) for s in ranked[:top_k]]
-    tried = []
+    cands, jobs = [], []
     for layout, block in layouts:
         mat = BSRMatrix.dense(site.weight, DENSE_ROWS) if layout == "dense" else BSRMatrix.from_dense(site.weight, block)
         for sched in schedule_space(mat, site.m, plan.vector_lanes):
-            t = _time_kernel(cpu.linear_kernel(mat, site.m, sched), mat, site.m, spec, repeat)
-            tried.append({"layout": layout, "block": str(block), "schedule": sched.to_json(), "time_us": t * 1e6})
-    best = min(tried, key=lambda c: c["time_us"])
-    dense = min(c["time_us"] for c in tried if c["layout"] == "dense")
+            cands.append({"layout": layout, "block": str(block), "schedule": sched.to_json()})
+            jobs.append(_kernel_job(cpu.linear_kernel(mat, site.m, sched), mat, site.weight, site.m))
+    results = measurer.time_many(jobs, progress)
+    tried = [dict(c, time_us=r * 1e6) if isinstance(r, float) else dict(c, time_us=None, error=str(r))
+             for c, r in zip(cands, results)]
+    ok = [c for c in tried if c["time_us"] is not None]
+    if not any(c["layout"] == "dense" for c in ok):
+        errors = [c["error"] for c in tried if c["layout"] == "dense"]
+        raise BscompileError(f"tuning {site.name}: the dense kernel failed ({errors[0] if errors else '?'})")
+    best = min(ok, key=lambda c: c["time_us"])
+    dense = min(c["time_us"] for c in ok if c["layout"] == "dense")
     if progress:
         progress(f"tuned {site.name} {n}x{k} m={site.m}: {best['layout']} {best['block']} "
-                 f"{best['time_us']:.1f} us (dense {dense:.1f} us, {len(tried)} candidates)")
+                 f"{best['time_us']:.1f} us (dense {dense:.1f} us, {len(tried)} candidates, "
+                 f"{len(tried) - len(ok)} failed)")
     return TuningRecord(fingerprint(site.weight), site.name, site.m, spec.name, best["layout"], best["block"],
-                        best["schedule"], best["time_us"], dense, tried)
+                        best["schedule"], best["time_us"], dense, tried, measurer.device)
 
 
-def tune_model(model, compile_kwargs: dict, progress=None) -> list[TuningRecord]:
+def tune_model(model, compile_kwargs: dict, progress=None, remote: str | None = None) -> list[TuningRecord]:
+    """Tune every weight site; ``remote`` (``ssh://``, ``tcp://``, ``tracker://``, ``emulator``)
+    measures on the device instead of this machine."""
     from bscompile.driver import analyze_model
+    from bscompile.runtime.remote import LocalMeasurer, RemoteMeasurer, TimingConfig
     from bscompile.target import resolve_target
 
     spec = resolve_target(compile_kwargs["target"], compile_kwargs.get("cpu"))
-    if spec.device != "cpu" or spec.cross_compiler:
-        raise BscompileError(f"tuning measures on this machine; target '{spec.name}' does not run here")
+    if spec.device != "cpu":
+        raise BscompileError(f"tuning measures CPU kernels; target '{spec.name}' is {spec.device}")
     _, plan, _, _ = analyze_model(model, compile_kwargs.get("input_shapes"), spec, sparse=compile_kwargs["sparse"])
+    if remote:
+        if progress:
+            progress(f"connecting to {remote}")
+        measurer = RemoteMeasurer.connect(remote, spec)
+    else:  # warm caches, as before remote tuning existed
+        measurer = LocalMeasurer(spec, TimingConfig(flush_cache=False))
     t0 = time.perf_counter()
-    records = [tune_site(s, plan, spec, progress=progress) for s in plan.sites]
+    try:
+        records = []
+        for i, s in enumerate(plan.sites, 1):
+            if progress:
+                progress(f"tuning weight {i}/{len(plan.sites)}: {s.name}")
+            records.append(tune_site(s, plan, spec, measurer, progress=progress))
+    finally:
+        measurer.close()
     if progress:
-        progress(f"tuned {len(records)} weights in {time.perf_counter() - t0:.1f} s")
+        emulated = any(r.device.get("emulated") for r in records)
+        where = f" on {remote}{' (emulated: timings mean nothing)' if emulated else ''}" if remote else ""
+        progress(f"tuned {len(records)} weights in {time.perf_counter() - t0:.1f} s{where}")
     return records
 
 
@@ -136,7 +167,7 @@ def tune_command(args, compile_kwargs: dict, progress) -> int:
     from bscompile.report import weight_table
 
     records_path = args.records or str(Path(args.model).with_suffix(".tune.json"))
-    records = tune_model(args.model, compile_kwargs, progress)
+    records = tune_model(args.model, compile_kwargs, progress, remote=getattr(args, "remote", None))
     save_records(records_path, records)
     out = args.output or str(Path(args.model).with_suffix(".bsc"))
     art = bscompile.compile(args.model, records={record_key(r.key, r.m): r for r in records}, progress=progress,

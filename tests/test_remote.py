@@ -261,3 +261,27 @@ def test_local_measurer_and_bad_remotes(rng, tmp_path):
                      ("tcp://127.0.0.1:1", "cannot open a session with tcp://127.0.0.1:1")]:
         with pytest.raises(RemoteError, match=re.escape(msg)):
             RemoteMeasurer.connect(url, "rpi4")
+
+
+def test_tune_on_the_emulated_board(rng, tmp_path, emulator_env):  # noqa: F811
+    """`bscompile tune --remote emulator`'s path: records name the emulated device, and the
+    tuned rpi4 artifact, run on that device, equals onnxruntime."""
+    from bscompile.tune import save_records, tune_model
+
+    model = mlp([32, 16], 4, ["4x4"], rng)[0]
+    lines: list[str] = []
+    records = tune_model(model, {"target": "rpi4", "sparse": True}, lines.append, remote="emulator")
+    (rec,) = records
+    assert rec.target == "rpi4" and rec.device["remote"] == "emulator" and rec.device["emulated"] is True
+    assert rec.device["info"][0]["arch"] == "aarch64"
+    assert all(c["time_us"] > 0 for c in rec.candidates), rec.candidates  # every candidate checked and timed
+    n = len(rec.candidates)
+    assert any(f"measured {n}/{n} candidates" in ln for ln in lines), lines
+    save_records(tmp_path / "t.json", records)
+    art = bscompile.compile(model, target="rpi4", records=str(tmp_path / "t.json"))
+    assert art.manifest.weights[0]["decision"]["reason"].startswith("tuned")
+    bsc = art.export(tmp_path / "tuned.bsc")
+    x = rng.standard_normal((4, 32)).astype(np.float32)
+    want = ort_run(model, {"x": x})["y"]
+    with RemoteMeasurer.connect("emulator", "rpi4", config=FAST) as m:
+        assert m.time_artifact(bsc, {"x": x}, lambda outs: np.testing.assert_allclose(outs[0], want, 1e-4, 1e-5)) > 0
