@@ -175,4 +175,38 @@ def tune_command(args, compile_kwargs: dict, progress) -> int:
     art.export(out)
     print(weight_table(art.manifest.weights))
     print(f"\nwrote {records_path} and {out}")
+    remote = getattr(args, "remote", None)
+    if remote:
+        print(check_on_device(out, args.model, compile_kwargs, remote, progress))
     return 0
+
+
+def check_on_device(tuned_bsc: str, model, compile_kwargs: dict, remote: str, progress=None) -> str:
+    """The whole tuned model against the untuned one on the device: same outputs (on random
+    inputs), and both timed there (Relax VM ``main``). Returns a line for the user."""
+    import tempfile
+
+    import bscompile
+    from bscompile.runtime.artifact import read_artifact
+    from bscompile.runtime.remote import RemoteMeasurer
+
+    manifest, _ = read_artifact(tuned_bsc)
+    rng = np.random.default_rng(0)
+    feeds = [rng.integers(0, 8, s.shape).astype(s.dtype) if np.dtype(s.dtype).kind in "iu"
+             else rng.standard_normal(s.shape).astype(s.dtype) for s in manifest.inputs]
+    with tempfile.TemporaryDirectory(prefix="bscompile-untuned-") as tmp:
+        if progress:
+            progress("compiling the untuned model for the whole-model check")
+        untuned = bscompile.compile(model, **compile_kwargs).export(Path(tmp) / "untuned.bsc")
+        ref: list[np.ndarray] = []
+        with RemoteMeasurer.connect(remote, compile_kwargs["target"]) as m:
+            t_untuned = m.time_artifact(untuned, feeds, ref.extend)
+
+            def same(outs):
+                for got, want in zip(outs, ref, strict=True):
+                    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+            t_tuned = m.time_artifact(tuned_bsc, feeds, same)
+            emulated = m.device["emulated"]
+    return (f"on {remote}: tuned {t_tuned * 1e3:.3f} ms, untuned {t_untuned * 1e3:.3f} ms per call "
+            f"({t_untuned / t_tuned:.2f}x), same outputs" + (" (emulated: timings mean nothing)" if emulated else ""))

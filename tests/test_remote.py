@@ -266,7 +266,7 @@ def test_local_measurer_and_bad_remotes(rng, tmp_path):
 def test_tune_on_the_emulated_board(rng, tmp_path, emulator_env):  # noqa: F811
     """`bscompile tune --remote emulator`'s path: records name the emulated device, and the
     tuned rpi4 artifact, run on that device, equals onnxruntime."""
-    from bscompile.tune import save_records, tune_model
+    from bscompile.tune import check_on_device, save_records, tune_model
 
     model = mlp([32, 16], 4, ["4x4"], rng)[0]
     lines: list[str] = []
@@ -285,3 +285,6 @@ def test_tune_on_the_emulated_board(rng, tmp_path, emulator_env):  # noqa: F811
     want = ort_run(model, {"x": x})["y"]
     with RemoteMeasurer.connect("emulator", "rpi4", config=FAST) as m:
         assert m.time_artifact(bsc, {"x": x}, lambda outs: np.testing.assert_allclose(outs[0], want, 1e-4, 1e-5)) > 0
+    # the whole-model check `bscompile tune --remote` ends with: tuned vs untuned, on the device
+    line = check_on_device(str(bsc), model, {"target": "rpi4", "sparse": True}, "emulator")
+    assert "same outputs" in line and "emulated" in line, line
