@@ -17,6 +17,7 @@ from bscompile import __version__
 from bscompile.build import build
 from bscompile.codegen.family import family_for
 from bscompile.codegen.layout import BlockShape
+from bscompile.errors import BscompileError
 from bscompile.frontend.onnx import ImportedModel, import_onnx
 from bscompile.passes.pipeline import run_pipeline
 from bscompile.passes.sites import CompilePlan
@@ -92,6 +93,10 @@ def compile(model: str | os.PathLike | onnx.ModelProto, target: str | dict | Tar
         from bscompile.tune import load_records
 
         records = load_records(records)
+    other = sorted({r.target for r in (records or {}).values()} - {spec.name})
+    if other:  # a layout measured on one device is no evidence for another
+        raise BscompileError(f"the tuning records were measured for target {', '.join(other)}; "
+                             f"this compile targets {spec.name}: tune for it (bscompile tune --target {spec.name})")
     im, plan, mod, spec = analyze_model(model, input_shapes, spec, sparse=sparse, block=block, records=records,
                                         dump_ir=dump_ir, progress=progress)
     if progress:

@@ -27,6 +27,7 @@ from tvm.script import tirx as T
 import bscompile
 from bscompile.codegen import cpu
 from bscompile.codegen.layout import BlockShape, BSRMatrix
+from bscompile.errors import BscompileError
 from bscompile.runtime.remote import (Job, LocalMeasurer, MeasureError, RemoteError, RemoteMeasurer, TimingConfig,
                                       server_command)
 
@@ -278,6 +279,8 @@ def test_tune_on_the_emulated_board(rng, tmp_path, emulator_env):  # noqa: F811
     n = len(rec.candidates)
     assert any(f"measured {n}/{n} candidates" in ln for ln in lines), lines
     save_records(tmp_path / "t.json", records)
+    with pytest.raises(BscompileError, match="measured for target rpi4; this compile targets llvm"):
+        bscompile.compile(model, target="llvm", records=str(tmp_path / "t.json"))
     art = bscompile.compile(model, target="rpi4", records=str(tmp_path / "t.json"))
     assert art.manifest.weights[0]["decision"]["reason"].startswith("tuned")
     bsc = art.export(tmp_path / "tuned.bsc")
