@@ -485,22 +485,24 @@ class RemoteMeasurer:
         self._boards = [_Board(endpoint, session_timeout) for _ in range(max(1, boards))]
         self._emulated = emulated
         self._key = key
-        self._tmp = tempfile.TemporaryDirectory(prefix="bscompile-measure-")
         self._n = 0
         self._lock = threading.Lock()
         # Open the first session now: a bad URL or an absent server fails here, once.
         self._boards[0].session()
         info = self._boards[0].info or {}
         arch = str(info.get("arch", "?"))
+        problem = None
         if arch != spec.arch:
-            self.close()
-            raise RemoteError(f"{endpoint.url} is an {arch} device; target '{spec.name}' is {spec.arch}")
-        if info.get("tvm") not in (None, "?", tvm.__version__):
-            self.close()
-            raise RemoteError(f"{endpoint.url} runs TVM {info.get('tvm')}, this compiler {tvm.__version__}: "
-                              "install the tuning server of this version (bscompile package --tuning-server)")
+            problem = f"{endpoint.url} is an {arch} device; target '{spec.name}' is {spec.arch}"
+        elif info.get("tvm") not in (None, "?", tvm.__version__):
+            problem = (f"{endpoint.url} runs TVM {info.get('tvm')}, this compiler {tvm.__version__}: install the "
+                       "tuning server of this version (bscompile package --tuning-server)")
+        if problem:
+            self._boards[0].reset()
+            raise RemoteError(problem)
         if config.flush_cache and not info.get("cache_flush"):
             self.config = dataclasses.replace(config, flush_cache=False)
+        self._tmp = tempfile.TemporaryDirectory(prefix="bscompile-measure-")
 
     @classmethod
     def connect(cls, url: str, target: str | dict | TargetSpec, *, config: TimingConfig | None = None,
