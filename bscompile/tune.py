@@ -20,6 +20,7 @@ recorded as failed.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from bscompile.driver import analyze_model
 from bscompile.errors import BscompileError
 from bscompile.passes.analyze_sparsity import block_stats_of, site_weight
 from bscompile.passes.lower_weight_sites import LowerWeightSites
-from bscompile.records import TuningRecord, record_key, save_records
+from bscompile.records import TuningRecord, load_records, record_key, save_records
 from bscompile.runtime.remote import Job, LocalMeasurer, Measurer, RemoteMeasurer, TimingConfig
 from bscompile.sites import LAYOUT, SPARSITY, SiteCall, attr, site_calls, site_kind
 from bscompile.target import TargetSpec, resolve_target
@@ -122,10 +123,13 @@ def tune_site(call: SiteCall, family: KernelFamily, spec: TargetSpec, measurer: 
                         best["block"], best["schedules"][0], best["time_us"], dense, tried, measurer.device)
 
 
-def tune_model(model, compile_kwargs: dict, progress=None, top_k: int = 3, remote: str | None = None
-               ) -> list[TuningRecord]:
+def tune_model(model, compile_kwargs: dict, progress=None, top_k: int = 3, remote: str | None = None,
+               log: str | os.PathLike | None = None) -> list[TuningRecord]:
     """Tune every analysed weight site; ``remote`` (``ssh://``, ``tcp://``, ``tracker://``,
-    ``emulator``) measures on the device instead of this machine."""
+    ``emulator``) measures on the device instead of this machine.
+
+    ``log``: a records file written after every site, and read first, so an interrupted
+    run resumes where it stopped (sites with a record for this target are not measured again)."""
     spec = resolve_target(compile_kwargs["target"], compile_kwargs.get("cpu"))
     if spec.device != "cpu":
         raise BscompileError(f"tuning measures CPU kernels; target '{spec.name}' is {spec.device}")
@@ -145,13 +149,22 @@ def tune_model(model, compile_kwargs: dict, progress=None, top_k: int = 3, remot
         measurer = RemoteMeasurer.connect(remote, spec)
     else:  # warm caches, as in steady-state inference here
         measurer = LocalMeasurer(spec, TimingConfig(flush_cache=False))
+    done = load_records(log) if log is not None and Path(log).exists() else {}
     t0 = time.perf_counter()
     records = []
     try:
         for i, call in enumerate(calls, 1):
+            rec = done.get(record_key(call.site["fingerprint"], call.site["m"]))
+            if rec is not None and rec.target == spec.name:
+                if progress:
+                    progress(f"site {i}/{len(calls)}: {call.site['name']} already tuned in {log}")
+                records.append(rec)
+                continue
             if progress:
                 progress(f"tuning site {i}/{len(calls)}: {call.site['name']}")
             records.append(tune_site(call, family, spec, measurer, top_k=top_k, progress=progress))
+            if log is not None:
+                save_records(log, records)
     finally:
         measurer.close()
     if progress:
@@ -165,8 +178,7 @@ def tune_command(args, compile_kwargs: dict, progress) -> int:
 
     records_path = args.records or str(Path(args.model).with_suffix(".tune.json"))
     remote = getattr(args, "remote", None)
-    records = tune_model(args.model, compile_kwargs, progress, remote=remote)
-    save_records(records_path, records)
+    records = tune_model(args.model, compile_kwargs, progress, remote=remote, log=records_path)
     out = args.output or str(Path(args.model).with_suffix(".bsc"))
     art = bscompile.compile(args.model, records={record_key(r.key, r.m): r for r in records}, progress=progress,
                             **compile_kwargs)

@@ -91,6 +91,18 @@ def r_k(rec):
     return {"fc0.weight": 256, "fc1.weight": 128}[rec.name]
 
 
+def test_tuning_resumes_from_its_log(rng, tmp_path):
+    model, _ = mlp([128, 64, 32], 2, ["4x4", "8x8"], rng)
+    log = tmp_path / "t.json"
+    first = tune_model(model, {"target": "llvm", "sparse": True}, top_k=1, log=log)
+    save_records(log, first[:1])  # as if interrupted after the first site
+    lines = []
+    again = tune_model(model, {"target": "llvm", "sparse": True}, lines.append, top_k=1, log=log)
+    assert again[0] == first[0]  # read back, not measured again
+    assert any("already tuned" in ln for ln in lines) and sum("tuning site" in ln for ln in lines) == 1
+    assert [r.name for r in again] == ["fc0.weight", "fc1.weight"]
+
+
 def test_tuning_a_recurrent_site_times_the_recurrent_kernel(rng):
     """Batch 8 (where linear sites would try the "batch" variant, which recurrent kernels lack)."""
     model = recurrent("GRU", 16, 32, 3, 8, 1, False, "4x4", rng)
