@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tvm
-from onnx_models import mlp, ort_run
+from onnx_models import mlp, ort_run, recurrent
 from test_aarch64 import emulator_env  # noqa: F401 - fixture: cross toolchain + qemu-user, or skip
 from tvm.script import tirx as T
 
@@ -265,26 +265,28 @@ def test_local_measurer_and_bad_remotes(rng, tmp_path):
 
 
 def test_tune_on_the_emulated_board(rng, tmp_path, emulator_env):  # noqa: F811
-    """`bscompile tune --remote emulator`'s path: records name the emulated device, and the
+    """`bscompile tune --remote emulator`'s path on a block-pruned GRU: records name the
+    emulated device (the recurrent site timed through its recurrent kernel there), and the
     tuned rpi4 artifact, run on that device, equals onnxruntime."""
     from bscompile.tune import check_on_device, save_records, tune_model
 
-    model = mlp([32, 16], 4, ["4x4"], rng)[0]
+    model = recurrent("GRU", 8, 16, 3, 2, 1, False, "4x4", rng)
     lines: list[str] = []
-    records = tune_model(model, {"target": "rpi4", "sparse": True}, lines.append, remote="emulator")
-    (rec,) = records
-    assert rec.target == "rpi4" and rec.device["remote"] == "emulator" and rec.device["emulated"] is True
-    assert rec.device["info"][0]["arch"] == "aarch64"
-    assert all(c["time_us"] > 0 for c in rec.candidates), rec.candidates  # every candidate checked and timed
-    n = len(rec.candidates)
-    assert any(f"measured {n}/{n} candidates" in ln for ln in lines), lines
+    records = tune_model(model, {"target": "rpi4", "sparse": True}, lines.append, top_k=1, remote="emulator")
+    assert sorted(r.kind for r in records) == ["linear", "recurrent"]
+    for rec in records:
+        assert rec.target == "rpi4" and rec.device["remote"] == "emulator" and rec.device["emulated"] is True
+        assert rec.device["info"][0]["arch"] == "aarch64"
+        assert all(c["time_us"] > 0 for c in rec.candidates), rec.candidates  # every candidate checked and timed
+        n = len(rec.candidates)
+        assert any(f"measured {n}/{n} candidates" in ln for ln in lines), lines
     save_records(tmp_path / "t.json", records)
     with pytest.raises(BscompileError, match="measured for target rpi4; this compile targets llvm"):
         bscompile.compile(model, target="llvm", records=str(tmp_path / "t.json"))
     art = bscompile.compile(model, target="rpi4", records=str(tmp_path / "t.json"))
     assert art.manifest.weights[0]["decision"]["reason"].startswith("tuned")
     bsc = art.export(tmp_path / "tuned.bsc")
-    x = rng.standard_normal((4, 32)).astype(np.float32)
+    x = rng.standard_normal((3, 2, 8)).astype(np.float32)
     want = ort_run(model, {"x": x})["y"]
     with RemoteMeasurer.connect("emulator", "rpi4", config=FAST) as m:
         assert m.time_artifact(bsc, {"x": x}, lambda outs: np.testing.assert_allclose(outs[0], want, 1e-4, 1e-5)) > 0
