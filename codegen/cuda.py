@@ -57,6 +57,7 @@ from tvm.script import tirx as T
 
 from bscompile.codegen.cpu import LayoutKey
 from bscompile.codegen.cuda_cost import GPUS, GpuModel, estimate_time
+from bscompile.codegen.cuda_dynamic import CudaDynamicGenerator
 from bscompile.codegen.family import Generator, KernelFamily
 from bscompile.codegen.layout import BlockShape, BlockStats, BSRMatrix
 from bscompile.codegen.recurrent_cells import CellSpec, gate_update
@@ -563,7 +564,7 @@ class CudaFamily(KernelFamily):
     def __init__(self, gpu: GpuModel):
         self.gpu = gpu
         self.generators = {"linear": CudaBlockRowGenerator(gpu, False),
-                           "recurrent": CudaBlockRowGenerator(gpu, True)}
+                           "recurrent": CudaBlockRowGenerator(gpu, True), "dynamic_linear": CudaDynamicGenerator(gpu)}
 
     @classmethod
     def for_arch(cls, arch: str) -> "CudaFamily":

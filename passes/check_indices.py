@@ -176,6 +176,7 @@ class _Guard(relax.PyExprMutator):
         x = self._unwrapped(idx, bounds) if signed else None
         wrap = signed and (x is not None or native_wrap)
         x = idx if x is None else x
+        dtype = str(x.ty.dtype)  # the unwrapped index may be wider than the op's (int64 token ids)
         if isinstance(x, tvm.ir.expr.Constant):
             self._check_constant(x.value.numpy(), bounds, wrap, suffix)
             return super().visit_var_binding_(binding)
@@ -195,7 +196,7 @@ class _Guard(relax.PyExprMutator):
 
     def _clamped(self, x, bounds, wrap, dtype):
         bb = self.builder_
-        n = relax.const(np.array(bounds if len(bounds) > 1 else bounds[0], dtype))
+        n = relax.const(np.array(bounds if len(bounds) > 1 else bounds[0], dtype), dtype)
         if wrap:
             x = bb.emit(relax.op.where(relax.op.less(x, relax.const(0, dtype)), relax.op.add(x, n), x))
         hi = relax.const(np.array(bounds, dtype) - 1 if len(bounds) > 1 else bounds[0] - 1, dtype)
