@@ -115,6 +115,15 @@ RECURRENT_CASES = [
 ]
 
 
+#: The opt-in persistent kernel (codegen/cuda_persistent.py): fused single-matrix cells only.
+PERSISTENT_CASES = [
+    RecurrentCase("gru", 32, (4, 4), 4, 3, ragged=True),
+    RecurrentCase("lstm", 24, (8, 4), 3, 2, reverse=True),
+    RecurrentCase("rnn", 64, (8, 8), 3, 10),  # two batch tiles per step
+    RecurrentCase("gru", 48, None, 3, 2, clip=2.0),  # dense layout
+]
+
+
 def _block_sparse(rng, n, k, block, density=0.4):
     w = rng.standard_normal((n, k)).astype(np.float32) / np.sqrt(k)
     if block is None:
@@ -179,8 +188,8 @@ def recurrent_reference(case: RecurrentCase, xp, rs, rbs, h0, c0, lens, peep):
     return y, h, c
 
 
-def recurrent_func_and_args(case: RecurrentCase, rng):
-    from bscompile.codegen import cuda
+def recurrent_func_and_args(case: RecurrentCase, rng, persistent: bool = False):
+    from bscompile.codegen import cuda, cuda_persistent
     from bscompile.codegen.layout import BlockShape, BSRMatrix
     from bscompile.codegen.recurrent_cells import CellSpec
 
@@ -191,7 +200,8 @@ def recurrent_func_and_args(case: RecurrentCase, rng):
     rs = [_block_sparse(rng, n, k, case.block) * 2 for n, k in shapes]
     rbs = [rng.standard_normal(n).astype(np.float32) * 0.3 for n, _ in shapes]
     mats = [_bsr(r, case.block) for r in rs]
-    func = cuda.recurrent_kernel(cell, mats, case.seq, case.batch, [cuda.default_schedule(m, case.batch) for m in mats])
+    make = cuda_persistent.recurrent_kernel if persistent else cuda.recurrent_kernel
+    func = make(cell, mats, case.seq, case.batch, [cuda.default_schedule(m, case.batch) for m in mats])
     xp = rng.standard_normal((case.seq, case.batch, G * H)).astype(np.float32)
     h0 = rng.standard_normal((case.batch, H)).astype(np.float32)
     c0 = rng.standard_normal((case.batch, H)).astype(np.float32)
@@ -263,6 +273,14 @@ def run_kernels(seed: int, sanitize: str = "") -> dict:
         H, B = case.hidden, case.batch
         checks.append((case.name, sym, args, [(case.seq, B, H), (B, H), (B, H)], list(ref),
                        expected_launches(case)))
+    for i, case in enumerate(PERSISTENT_CASES):
+        if sanitize:
+            break
+        func, args, ref = recurrent_func_and_args(case, rng, persistent=True)
+        sym = f"p{i}"
+        funcs[sym] = func.with_attr("global_symbol", sym)
+        H, B = case.hidden, case.batch
+        checks.append(("persistent_" + case.name, sym, args, [(case.seq, B, H), (B, H), (B, H)], list(ref), 2))
     t0 = time.perf_counter()
     with resolve_target("cuda").tvm_target() as tgt:
         ex = tvm.compile(tvm.IRModule(funcs), target=tgt)
@@ -271,8 +289,12 @@ def run_kernels(seed: int, sanitize: str = "") -> dict:
     t2 = time.perf_counter()
     results = []
     for name, sym, args, out_shapes, refs, n_launch in checks:
-        for order, oseed in ORDERS:
-            emu.configure(order, oseed + seed)
+        persistent = name.startswith("persistent_")
+        runs = [(o, s, persistent) for o, s in ORDERS]
+        if persistent:  # blocks one at a time: the spin-wait on other blocks must be reported as a deadlock
+            runs.append(("forward", 0, False))
+        for order, oseed, coresident in runs:
+            emu.configure(order, oseed + seed, coresident=coresident, spin_limit=2000 if persistent else 0)
             emu.clear_launches()
             outs = [_tensor(np.full(s, np.nan, np.float32)) for s in out_shapes]
             err = None
@@ -284,7 +306,7 @@ def run_kernels(seed: int, sanitize: str = "") -> dict:
             launches = emu.launches()
             errs = [float(np.max(np.abs(o.numpy() - r) / (1 + np.abs(r)))) if err is None else None
                     for o, r in zip(outs, refs)]
-            results.append({"case": name, "order": order, "error": err, "max_rel_err": errs,
+            results.append({"case": name, "order": order, "coresident": coresident, "error": err, "max_rel_err": errs,
                             "launches": len(launches), "expected_launches": n_launch,
                             "kernels": sorted({ln.kernel for ln in launches})})
     return {"build_seconds": t1 - t0, "emulator_build_seconds": t2 - t1,
