@@ -21,8 +21,9 @@ The CUDA emulator runs it in co-resident mode and reports a deadlock otherwise.
 
 Supported: one weight matrix per step (GRU with ``linear_before_reset``, LSTM, RNN)
 whose block height divides the hidden size, and weights + staged ``h`` within
-``max_shared`` bytes of (dynamic) shared memory per block: a GRU of hidden size 2304 at
-90% sparsity in 8x8 blocks fits in 96 blocks of 67 KiB, at 70% it does not fit. The argument list is that of
+``max_shared`` bytes of (dynamic) shared memory per block (:data:`MAX_SHARED_BY_ARCH`):
+a GRU of hidden size 2304 at 90% sparsity in 8x8 blocks, batch 4, needs about 125 KiB in
+each of 72 blocks (sm_80 / sm_90 only); at 70% sparsity it does not fit. The argument list is that of
 :func:`codegen.cuda.recurrent_kernel`, so it can replace it site by site.
 """
 
@@ -53,9 +54,22 @@ MAX_SHARED_BYTES = 96 * 1024
 MAX_BLOCKS = 100
 
 
+#: Dynamic shared memory one block may opt into, by architecture (CUDA programming guide).
+MAX_SHARED_BY_ARCH = {"sm_80": 163 * 1024, "sm_86": 99 * 1024, "sm_87": 163 * 1024, "sm_89": 99 * 1024,
+                      "sm_90": 227 * 1024}
+
+
+def max_shared_for(arch: str) -> int:
+    return MAX_SHARED_BY_ARCH.get(arch, MAX_SHARED_BYTES)
+
+
 def plan(cell: CellSpec, mat: BSRMatrix, batch: int, warps: int, max_blocks: int = MAX_BLOCKS,
          max_shared: int = MAX_SHARED_BYTES) -> dict:
-    """Grid and shared-memory sizes for ``mat``'s sparsity pattern, or :class:`PersistentUnsupported`."""
+    """Grid and shared-memory sizes for ``mat``'s sparsity pattern, or :class:`PersistentUnsupported`.
+
+    Fewer warps per block spread the weights over more blocks; the most warps (up to
+    ``warps``) whose grid stays within ``max_blocks`` and whose blocks fit ``max_shared`` win.
+    """
     hid, gates = cell.hidden, cell.num_gates
     r, c = mat.block.r, mat.block.c
     if cell.kind == "gru" and not cell.linear_before_reset:
@@ -63,26 +77,25 @@ def plan(cell: CellSpec, mat: BSRMatrix, batch: int, warps: int, max_blocks: int
     if hid % r:
         raise PersistentUnsupported(f"block height {r} does not divide the hidden size {hid}")
     nub = hid // r
-    warps = max(1, min(warps, nub, 1024 // WARP))
-    gx = -(-nub // warps)
-    if gx > max_blocks:
-        warps = -(-nub // max_blocks)
-        gx = -(-nub // warps)
-        if warps * WARP > 1024:
-            raise PersistentUnsupported(f"{nub} unit blocks do not fit {max_blocks} co-resident blocks")
     ptr = mat.indptr.astype(np.int64)
-    cap = 0
-    for bx in range(gx):
-        w_end = min(warps, nub - bx * warps)
-        cap = max(cap, sum(int(ptr[k * nub + bx * warps + w_end] - ptr[k * nub + bx * warps]) for k in range(gates)))
-    cap = max(cap, 1)
     mt = _m_tile(batch)
     kp = mat.padded_shape[1]
-    smem = 4 * (cap * c * r + cap + gates * warps + 1 + mt * kp)
-    if smem > max_shared:
-        raise PersistentUnsupported(f"{smem} bytes of weights and state per block exceed the {max_shared} bytes "
-                                    "of shared memory a block may use")
-    return {"warps": warps, "grid": gx, "cap": cap, "m_tile": mt, "shared_bytes": smem}
+    best = None
+    for w in range(max(1, min(warps, nub, 1024 // WARP)), 0, -1):
+        gx = -(-nub // w)
+        if gx > max_blocks:
+            break
+        cap = max(1, max(sum(int(ptr[k * nub + bx * w + min(w, nub - bx * w)] - ptr[k * nub + bx * w])
+                             for k in range(gates)) for bx in range(gx)))
+        smem = 4 * (cap * c * r + cap + gates * w + 1 + mt * kp)
+        best = {"warps": w, "grid": gx, "cap": cap, "m_tile": mt, "shared_bytes": smem}
+        if smem <= max_shared:
+            return best
+    if best is None:
+        raise PersistentUnsupported(f"{nub} unit blocks do not fit {max_blocks} co-resident blocks of "
+                                    f"{min(warps, 1024 // WARP)} warps")
+    raise PersistentUnsupported(f"{best['shared_bytes']} bytes of weights and state per block (with {best['grid']} "
+                                f"blocks) exceed the {max_shared} bytes of shared memory a block may use")
 
 
 def recurrent_kernel(cell: CellSpec, mats: list[BSRMatrix], seq: int, batch: int, scheds: list[CudaSchedule],
