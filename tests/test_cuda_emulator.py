@@ -4,8 +4,9 @@ Each check runs tests/cuda_emu_worker.py in a subprocess (installing the emulato
 process-wide, and a faulty kernel may take its process down) and asserts on its JSON
 report: every kernel family and schedule of codegen/cuda.py against NumPy, whole
 artifacts through ``bscompile.load`` against onnxruntime with their launch sequences,
-injected faults reported, and a sanitizer (ASan+UBSan) pass. Every run is repeated
-with threads and blocks forward, reversed and in a seeded random order.
+injected faults reported, and sanitizer passes (ASan+UBSan; TSan for races between the
+thread blocks of the recurrent step kernels). Every unsanitized run is repeated with
+threads and blocks forward, reversed and in a seeded random order.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ WORKER = Path(__file__).with_name("cuda_emu_worker.py")
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="the CUDA emulator compiles kernels with g++")
 
 
-def _worker(*args, sanitize: bool = False, expect_ok: bool = True, timeout: float = 600):
-    env = build.sanitizer_env() if sanitize else None
+def _worker(*args, sanitize: str = "", expect_ok: bool = True, timeout: float = 600):
+    env = build.sanitizer_env(mode=sanitize) if sanitize else None
     p = subprocess.run([sys.executable, str(WORKER), *map(str, args)], capture_output=True, text=True, env=env,
                        timeout=timeout, cwd=WORKER.parent)
     if expect_ok:
@@ -156,17 +157,32 @@ def test_injected_faults_are_reported(rng):
         assert len(how) == len(res[name]["orders"]), f"{name} (worker seed {seed}) went unnoticed: {res[name]}"
 
 
-def test_sanitizer_pass(rng):
+def test_address_sanitizer_pass(rng):
     """ASan+UBSan builds of part of the sweep run clean; a dropped bounds guard is an ASan report."""
     seed = int(rng.integers(1 << 30))
-    rep, err = _worker("kernels-asan", seed, sanitize=True)
-    assert len(rep["results"]) == 3 * (len(W.SANITIZED_LINEAR) + len(W.SANITIZED_RECURRENT))
+    rep, err = _worker("kernels-asan", seed, sanitize="address")
+    assert len(rep["results"]) == len(W.SANITIZED_LINEAR) + len(W.SANITIZED_RECURRENT)
     for r in rep["results"]:
         assert r["error"] is None and max(r["max_rel_err"]) < 1e-4, f"{r} (worker seed {seed})"
     assert "runtime error" not in err and "AddressSanitizer" not in err
-    p = _worker("mutation-asan", seed, "dropped bounds guard (last row store)", sanitize=True, expect_ok=False)
+    p = _worker("mutation-asan", seed, "dropped bounds guard (last row store)", sanitize="address", expect_ok=False)
     assert p.returncode != 0 and "AddressSanitizer: heap-buffer-overflow" in p.stderr, p.stderr[-3000:]
     assert "in lin_kernel" in p.stderr
+
+
+def test_thread_sanitizer_cross_block_races(rng):
+    """TSan with every CUDA thread a fiber, ordered only by launches, barriers and shuffles: the
+    recurrent step kernels (fused, unfused, split) have no race; a single-buffered h (blocks read
+    h_t while others overwrite it) is reported as a data race."""
+    seed = int(rng.integers(1 << 30))
+    rep, err = _worker("kernels-tsan", seed, sanitize="thread")
+    assert len(rep["results"]) == len(W.TSAN_RECURRENT)
+    for r in rep["results"]:
+        assert r["error"] is None and max(r["max_rel_err"]) < 1e-4, f"{r} (worker seed {seed})"
+    assert "ThreadSanitizer" not in err, err[-3000:]
+    p = _worker("mutation-tsan", seed, "single-buffered recurrent state", sanitize="thread", expect_ok=False)
+    assert p.returncode != 0 and "ThreadSanitizer: data race" in p.stderr, p.stderr[-3000:]
+    assert "in rec_kernel_1" in p.stderr
 
 
 def test_cli_run_emulate(tmp_path, rng):
