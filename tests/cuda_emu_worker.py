@@ -319,20 +319,6 @@ def run_kernels(seed: int, sanitize: str = "") -> dict:
 
 # ---------------------------------------------------------------- whole artifacts
 
-def _weights_as_inputs(model, names: set[str]):
-    """Move initializers ``names`` to graph inputs (weights computed at run time)."""
-    import onnx
-
-    g = model.graph
-    moved = [i for i in g.initializer if i.name in names]
-    keep = [i for i in g.initializer if i.name not in names]
-    del g.initializer[:]
-    g.initializer.extend(keep)
-    for init in moved:
-        g.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-    return model
-
-
 def _deepspeech(path: str) -> str:
     from bscompile.models.deepspeech import DeepSpeechConfig, export_pruned
 
@@ -346,7 +332,7 @@ def artifact_models(rng, tmp: str) -> dict[str, tuple[str, dict]]:
     import onnx
 
     import bscompile
-    from onnx_models import mlp, recurrent
+    from onnx_models import mlp, recurrent, weights_as_inputs
 
     out = {}
 
@@ -360,7 +346,7 @@ def artifact_models(rng, tmp: str) -> dict[str, tuple[str, dict]]:
     save("bilstm_4x4", recurrent("LSTM", 16, 24, 5, 3, 1, True, "4x4", rng), {"layers_x_dirs": 2, "seq": 5})
     save("gru_2layer_8x8", recurrent("GRU", 12, 32, 4, 2, 2, False, "8x8", rng), {"layers_x_dirs": 2, "seq": 4})
     save("rnn_bidir_dense", recurrent("RNN", 10, 20, 3, 4, 1, True, "dense", rng), {"layers_x_dirs": 2, "seq": 3})
-    save("gru_runtime_weights", _weights_as_inputs(recurrent("GRU", 8, 16, 3, 2, 1, False, "dense", rng),
+    save("gru_runtime_weights", weights_as_inputs(recurrent("GRU", 8, 16, 3, 2, 1, False, "dense", rng),
                                                   {"l0.W", "l0.R"}), {"layers_x_dirs": 1, "seq": 3})
     save("mlp_bsr", mlp([64, 128, 48, 10], 5, ["8x8", "4x4", "unstructured"], rng)[0], {})
     out["deepspeech_gru_h32"] = (_deepspeech(os.path.join(tmp, "deepspeech.onnx")),

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 import tvm
 
@@ -28,24 +27,12 @@ from bscompile.codegen.cuda_ptxas import (
 from bscompile.codegen.layout import BlockShape, BSRMatrix
 from bscompile.codegen.recurrent_cells import CellSpec
 from bscompile.target import resolve_target, with_arch
-from onnx_models import mlp, recurrent
+from onnx_models import mlp, recurrent, weights_as_inputs
 
 ARCHS = ("sm_80", "sm_90")
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results" / "cuda_ptxas.md"
 
 pytestmark = pytest.mark.skipif(nvcc_path() is None, reason="nvcc is not installed: cannot compile CUDA here")
-
-
-def _weights_as_inputs(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
-    """Move initializers ``names`` to graph inputs (weights computed at run time)."""
-    g = model.graph
-    moved = [i for i in g.initializer if i.name in names]
-    keep = [i for i in g.initializer if i.name not in names]
-    del g.initializer[:]
-    g.initializer.extend(keep)
-    for init in moved:
-        g.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-    return model
 
 
 def _models():
@@ -54,7 +41,7 @@ def _models():
     out["mlp_bsr"], _ = mlp([512, 1024, 256, 10], 8, ["8x8", "4x4", "unstructured"], rng)
     out["gru_4x4"] = recurrent("GRU", 64, 128, 12, 4, 1, False, "4x4", rng)
     out["lstm_bidir_dense"] = recurrent("LSTM", 24, 20, 5, 2, 1, True, "dense", rng)
-    out["gru_runtime_weights"] = _weights_as_inputs(recurrent("GRU", 16, 32, 4, 2, 1, False, "dense", rng),
+    out["gru_runtime_weights"] = weights_as_inputs(recurrent("GRU", 16, 32, 4, 2, 1, False, "dense", rng),
                                                     {"l0.W", "l0.R"})
     return out
 
