@@ -2,6 +2,7 @@
 
     python bench/gpu.py --build-only             # no GPU: generate + compile every kernel (sm_90)
     python bench/gpu.py --build-only --nvcc      # ... and compile the CUDA source with nvcc
+    python bench/gpu.py --emulate [--quick]      # no GPU: every kernel run once on the CUDA emulator, checked
     python bench/gpu.py                          # on a GPU machine with PyTorch (CUDA build)
     python bench/gpu.py --quick                  # a few cells only
 
@@ -196,6 +197,54 @@ def build_only(args) -> int:
         print(f"nvcc: all {len(sources)} modules compile for {spec.target['arch']}; spilling kernels: {spills}")
         return 1 if spills else 0
     return 0
+
+
+def emulate(args) -> int:
+    """No GPU: run every kernel the benchmark would time once on the CUDA emulator, checked
+    against NumPy in float64 (linear) or against the per-step kernels (persistent recurrence)."""
+    import tvm
+
+    from bscompile.runtime import cuda_emulator as emu
+
+    emu.install()
+    spec = cuda_spec(args.arch or "sm_90")
+    rng = np.random.default_rng(4)
+    dev = tvm.cuda(0)  # host memory under the emulator
+    worst = 0.0
+    for (n, k), sp, b, m in linear_cells(args.quick):
+        w = sparse_weight(rng, n, k, b, sp)
+        ex, mat, sched = build_linear(w, b, m, spec)
+        emu.emulate_host_module(ex)
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        bias = np.zeros(mat.padded_shape[0], np.float32)
+        bias[:n] = rng.standard_normal(n)
+        y = tvm.runtime.empty((m, n), "float32", dev)
+        t0 = time.perf_counter()
+        ex.mod["main"](*[tvm.runtime.tensor(a, dev) for a in (x, mat.data, mat.indices, mat.indptr, bias)], y)
+        ref = x.astype(np.float64) @ w.T.astype(np.float64) + bias[:n]
+        err = float(np.abs(y.numpy() - ref).max() / (np.abs(x) @ np.abs(w.T) + np.abs(bias[:n])).max())
+        worst = max(worst, err)
+        print(f"emulated {n}x{k} {sp:.0%} block {b}x{b} batch {m}: rel err {err:.1e} "
+              f"({time.perf_counter() - t0:.2f} s)", flush=True)
+    for h, sp in gru_cells(args.quick):
+        ex, mat, names = build_recurrence(sparse_weight(rng, 3 * h, h, GRU_BLOCK, sp), h, spec)
+        emu.emulate_host_module(ex)
+        ins = recurrence_args(mat, h, rng)
+        ys = {}
+        for name in names:
+            emu.configure(coresident=name == "persistent")
+            out = [tvm.runtime.empty(s, "float32", dev) for s in ((GRU_STEPS, GRU_BATCH, h), (GRU_BATCH, h),
+                                                                   (GRU_BATCH, h))]
+            t0 = time.perf_counter()
+            ex.mod[name](*[tvm.runtime.tensor(a, dev) for a in ins], *out)
+            ys[name] = out[0].numpy()
+            print(f"emulated GRU recurrence h={h} {sp:.0%} {name}: {time.perf_counter() - t0:.2f} s", flush=True)
+        if "persistent" in ys:
+            err = float(np.abs(ys["persistent"] - ys["per_step"]).max())
+            worst = max(worst, err)
+            print(f"  persistent vs per-step: max abs err {err:.1e}", flush=True)
+    print(f"all emulated kernels {'ok' if worst < 1e-4 else 'FAIL'} (worst error {worst:.1e})")
+    return 0 if worst < 1e-4 else 1
 
 
 # ---------------------------------------------------------------- GPU run
@@ -431,6 +480,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--build-only", action="store_true", help="no GPU: generate and compile the kernels only")
     ap.add_argument("--nvcc", action="store_true", help="with --build-only: also compile the CUDA source with nvcc")
+    ap.add_argument("--emulate", action="store_true", help="no GPU: run every kernel once on the CUDA emulator "
+                    "and check it (no timings)")
     ap.add_argument("--arch", help="sm_80 | sm_87 | sm_89 | sm_90 (default: the GPU's, or sm_90 with --build-only)")
     ap.add_argument("--quick", action="store_true", help="a few cells only")
     ap.add_argument("--reps", type=int, default=100, help="timed calls per implementation and round")
@@ -441,6 +492,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.build_only:
         return build_only(args)
+    if args.emulate:
+        return emulate(args)
     import torch
 
     if not torch.cuda.is_available():
