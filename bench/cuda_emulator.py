@@ -88,8 +88,8 @@ Each fault is injected into the CUDA source TVM generated for bscompile's kernel
 (`tests/cuda_emu_worker.py`, `MUTATIONS`), which is then compiled for the emulator and
 run with threads and blocks forward, reversed and in a seeded random order. The
 unmutated kernels pass in every order: {"yes" if controls else "NO"}. The CI test
-`tests/test_cuda_emulator.py::test_injected_faults_are_reported` (and `test_sanitizer_pass` for
-the bounds guard) asserts every row.
+`tests/test_cuda_emulator.py::test_injected_faults_are_reported` (`test_address_sanitizer_pass` for
+the bounds guard, `test_thread_sanitizer_cross_block_races` for the race) asserts every row.
 
 | fault | kernel | how it is reported |
 |---|---|---|
