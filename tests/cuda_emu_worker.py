@@ -437,6 +437,9 @@ MUTATIONS = {
     "wrong shuffle offset (16 -> 8)": ("lin", lambda s: _once(_SHFL.pattern, r"\g<1>\g<2>8\g<4>", s), ""),
     "shuffle under divergence (lanes < 16)": (
         "lin", lambda s: _once(_SHFL.pattern, r"\g<1>if (((int)threadIdx.x) < 16) \g<2>\g<3>\g<4>", s), ""),
+    "shuffle reading lanes outside its mask": (
+        "lin", lambda s: _once(_SHFL.pattern, lambda m: m[1] + "if (((int)threadIdx.x) < 16) " + m[2].replace(
+            "(uint)4294967295", "(uint)65535") + "16" + m[4], s), ""),
     "narrowed shuffle mask (0xffff)": (
         "lin", lambda s: _once(r"__shfl_down_sync\(\(uint\)4294967295,", "__shfl_down_sync((uint)65535,", s), ""),
     "misaligned float4 weight load": (
