@@ -81,6 +81,9 @@ def test_shared_rewrite_and_entry_points():
     entry = build.entry_points(src, {"k": info})
     assert "__tvm_ffi_k(" in entry and "if (nargs != 5)" in entry
     assert 'cuemu_launch("k", 64,' in entry and "(float)cuemu_arg_float(args, 2)" in entry
+    assert entry.rstrip().endswith("dims, dyn, 0);\n}")  # no spin-wait: blocks one at a time
+    spin = src.replace("{\n", "{ while (0) __nanosleep(1);\n", 1)
+    assert build.entry_points(spin, {"k": info}).rstrip().endswith("dims, dyn, 1);\n}")
     with pytest.raises(build.EmulatorBuildError, match="2 parameters"):
         build.entry_points(src.replace(", float s", ""), {"k": info})
 

@@ -76,13 +76,21 @@ def _param_types(params: str) -> list[str]:
     return out
 
 
+def _definition(source: str, kernel: str) -> str:
+    """The text of ``kernel``'s definition (from its signature to the next kernel)."""
+    heads = [m for m in _KERNEL.finditer(source) if m["name"] == kernel]
+    start = heads[-1].start()
+    nxt = source.find('extern "C"', heads[-1].end())
+    return source[start:nxt if nxt >= 0 else len(source)]
+
+
 def entry_points(source: str, kernels: dict[str, KernelInfo]) -> str:
     """C++ for one ``__tvm_ffi_<kernel>`` per kernel (appended after the kernels)."""
     decls = {m["name"]: m for m in _KERNEL.finditer(source)}
     out = ['\nextern "C" {',
            "void* cuemu_arg_ptr(const void*, int); int64_t cuemu_arg_int(const void*, int);",
            "double cuemu_arg_float(const void*, int);",
-           "int cuemu_launch(const char*, int, void (*)(void*), void*, const unsigned*, uint64_t);",
+           "int cuemu_launch(const char*, int, void (*)(void*), void*, const unsigned*, uint64_t, int);",
            "int TVMFFIErrorSetRaisedFromCStr(const char*, const char*);", "}"]
     for key, info in kernels.items():
         d = decls.get(info.name)
@@ -93,6 +101,7 @@ def entry_points(source: str, kernels: dict[str, KernelInfo]) -> str:
             raise EmulatorBuildError(f"kernel {info.name}: {len(types)} parameters in the source, "
                                      f"{len(info.arg_types)} in the function table")
         lb = int(d["lb"].split(",")[0]) if d["lb"] else 0
+        spins = "__nanosleep" in _definition(source, info.name)  # waits for other blocks: run them at once
         n = len(types)
         fields = "".join(f" {t} a{i};" for i, t in enumerate(types))
         unpack = []
@@ -122,7 +131,7 @@ def entry_points(source: str, kernels: dict[str, KernelInfo]) -> str:
             *unpack,
             "  unsigned dims[6] = {1, 1, 1, 1, 1, 1}; uint64_t dyn = 0;",
             *dims,
-            f'  return cuemu_launch("{info.name}", {lb}, &cuemu_body_{key}, &a, dims, dyn);',
+            f'  return cuemu_launch("{info.name}", {lb}, &cuemu_body_{key}, &a, dims, dyn, {int(spins)});',
             "}",
         ]
     return "\n".join(out) + "\n"

@@ -94,7 +94,7 @@ struct LogEntry {
 struct Config {
   int order = 0;  // 0 forward, 1 reverse, 2 random
   uint64_t seed = 1;
-  int coresident = 0;
+  int coresident = -1;  // 1 all blocks at once, 0 one block at a time, -1 auto: at once if the kernel spin-waits
   uint64_t spin_limit = 200000;  // scheduler rounds in which only spin-waits ran
   bool env_read = false;
 } cfg;
@@ -118,6 +118,7 @@ std::vector<Fiber*> g_pool;  // fibers with stacks, reused across launches
 std::vector<Block*> g_blocks;
 std::vector<LogEntry> g_log;
 size_t g_stack_bytes = 0;
+bool g_coresident = false;  // this launch's blocks run at once
 TSAN(void* g_tsan_sched = nullptr; char g_launch_sync = 0; char g_launch_done = 0; std::vector<char*> g_tsan_arenas;)
 
 uint64_t next_rand() {  // xorshift64*
@@ -340,7 +341,7 @@ void run(std::vector<Fiber*> fs) {
     std::string msg = ran ? "deadlock: threads spin-wait (__nanosleep) with no progress for " +
                                 std::to_string(cfg.spin_limit) + " rounds"
                           : "deadlock: no thread can run";
-    if (!cfg.coresident && ran)
+    if (!g_coresident && ran)
       msg += " (blocks run one at a time here: a kernel whose blocks wait for each other needs co-resident "
              "blocks, i.e. a cooperative launch)";
     int shown = 0;
@@ -607,8 +608,9 @@ double cuemu_arg_float(const void* args, int i) {
 }
 
 // dims: gridDim.xyz, blockDim.xyz.
+// spins: the kernel spin-waits (__nanosleep), i.e. its blocks wait for each other.
 int cuemu_launch(const char* name, int launch_bounds, void (*body)(void*), void* args, const unsigned* dims,
-                 uint64_t dyn_smem) {
+                 uint64_t dyn_smem, int spins) {
   read_env();
   g_kernel = name;
   g_error.clear();
@@ -632,7 +634,8 @@ int cuemu_launch(const char* name, int launch_bounds, void (*body)(void*), void*
                         bx, by, bz, launch_bounds);
   if (dyn_smem > 227 * 1024)
     return launch_error("%" PRIu64 " bytes of dynamic shared memory exceed the 227 KiB of a thread block", dyn_smem);
-  if (cfg.coresident && blocks * threads > (1u << 20))
+  g_coresident = cfg.coresident == 1 || (cfg.coresident < 0 && spins);
+  if (g_coresident && blocks * threads > (1u << 20))
     return launch_error("co-resident mode: %" PRIu64 " threads are too many to run at once", blocks * threads);
   if (!g_stack_bytes) {
 #ifdef CUEMU_ASAN
@@ -647,7 +650,7 @@ int cuemu_launch(const char* name, int launch_bounds, void (*body)(void*), void*
   std::vector<uint64_t> block_order(blocks);
   for (uint64_t i = 0; i < blocks; ++i) block_order[i] = i;
   permute(block_order);
-  uint64_t group = cfg.coresident ? blocks : 1;  // blocks running at once
+  uint64_t group = g_coresident ? blocks : 1;  // blocks running at once
   for (uint64_t start = 0; start < blocks && !g_failed; start += group) {
     std::vector<Fiber*> fs;
     for (uint64_t j = 0; j < group; ++j) {
