@@ -5,7 +5,8 @@
 Runs tests/cuda_emu_worker.py's ``mutations`` job (faults injected into the generated
 CUDA source of a block-sparse linear kernel and a fused GRU step kernel, each run with
 threads and blocks forward, reversed and in a seeded random order) and, for the fault
-only a sanitizer sees, its ASan+UBSan job; lists what the CI tests emulate.
+only a sanitizer sees, its ASan+UBSan job (and TSan for a cross-block race); lists what the
+CI tests emulate.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import cuda_emu_worker as W  # noqa: E402
 from bscompile.runtime.cuda_emulator.build import sanitizer_env  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "cuda_emulator.md"
+#: faults that a race detector should see too (blocks of one launch racing on global memory)
+ALSO_TSAN = ("single-buffered recurrent state",)
 WORKER = ROOT / "tests" / "cuda_emu_worker.py"
 
 
@@ -68,6 +71,11 @@ def main() -> int:
                    f"({summary.split(' in ')[-1] if ' in ' in summary else '?'})") if line else "NOT REPORTED"
         else:
             how = _how(res[name])
+        if name in ALSO_TSAN:
+            q = _job("mutation-tsan", seed, name, env=sanitizer_env(mode="thread"))
+            summary = next((ln for ln in q.stderr.splitlines() if ln.startswith("SUMMARY: ThreadSanitizer")), "")
+            how += (f"; TSan run: “{summary.split('SUMMARY: ')[-1].split(' (')[0]}” ({summary.split(' in ')[-1]})"
+                    if summary else "; TSan run: NOT REPORTED")
         rows.append(f"| {name} | {target} | {how} |")
     controls = all(_how(res[f"control {k}"]) == "NOT REPORTED" for k in ("lin", "rec"))
     seconds = time.perf_counter() - t0
@@ -80,8 +88,8 @@ Each fault is injected into the CUDA source TVM generated for bscompile's kernel
 (`tests/cuda_emu_worker.py`, `MUTATIONS`), which is then compiled for the emulator and
 run with threads and blocks forward, reversed and in a seeded random order. The
 unmutated kernels pass in every order: {"yes" if controls else "NO"}. The CI test
-`tests/test_cuda_emulator.py::test_injected_faults_are_reported` (and `test_sanitizer_pass` for
-the bounds guard) asserts every row.
+`tests/test_cuda_emulator.py::test_injected_faults_are_reported` (`test_address_sanitizer_pass` for
+the bounds guard, `test_thread_sanitizer_cross_block_races` for the race) asserts every row.
 
 | fault | kernel | how it is reported |
 |---|---|---|
@@ -93,8 +101,9 @@ float4 / float2 / scalar lanes) and {len(W.RECURRENT_CASES)} recurrent ones (GRU
 LSTM, RNN, reverse, sequence_lens, clip) against NumPy; 7 whole CUDA artifacts (the bundled hidden-256
 GRU, a bidirectional LSTM, a 2-layer GRU, a bidirectional dense RNN, a GRU with run-time weights,
 a block-sparse MLP, a DeepSpeech-like conv + 2-layer bidirectional GRU) through `bscompile.load`
-against onnxruntime with their launch sequences; each in three thread/block orders; plus an
-ASan+UBSan pass over part of the sweep.
+against onnxruntime with their launch sequences; each in three thread/block orders; 4 cases of the
+opt-in persistent kernel with co-resident blocks (and its deadlock report when blocks run one at a
+time); plus an ASan+UBSan pass over part of the sweep and a TSan pass over the recurrent step kernels.
 """
     OUT.write_text(text)
     print(text)

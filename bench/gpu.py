@@ -2,6 +2,7 @@
 
     python bench/gpu.py --build-only             # no GPU: generate + compile every kernel (sm_90)
     python bench/gpu.py --build-only --nvcc      # ... and compile the CUDA source with nvcc
+    python bench/gpu.py --emulate [--quick]      # no GPU: every kernel run once on the CUDA emulator, checked
     python bench/gpu.py                          # on a GPU machine with PyTorch (CUDA build)
     python bench/gpu.py --quick                  # a few cells only
 
@@ -15,7 +16,9 @@ float64 on fresh random inputs, then timings with CUDA events (warm-up, median o
   (``to_sparse_csr`` + ``torch.sparse.mm``);
 - a whole GRU layer (hidden 1760 and 2304, batch 4, 90% and 70% sparsity, 50 steps,
   input size = hidden), compiled by ``bscompile.compile`` from ONNX, against
-  cuDNN's GRU (``torch.nn.GRU``).
+  cuDNN's GRU (``torch.nn.GRU``);
+- the GRU recurrence alone with bscompile's default per-step kernels and with the opt-in
+  persistent kernel (``codegen/cuda_persistent.py``), outputs compared, where it fits on chip.
 
 Writes bench/results/gpu.{md,json}. The kernels are compiled for the GPU's own
 architecture (``--arch`` to override). TVM 0.27 JIT-compiles the CUDA source when a
@@ -109,6 +112,45 @@ def build_gru(hidden: int, sparsity: float, spec, rng):
     return art, weights
 
 
+def build_recurrence(r: np.ndarray, hidden: int, spec):
+    """The GRU recurrence alone, both schedules: the per-step kernels (default) and the opt-in
+    persistent kernel (``None`` when the layer does not fit on chip). Returns (executable, mat, names)."""
+    import tvm
+
+    from bscompile.codegen import cuda, cuda_persistent
+    from bscompile.codegen.layout import BlockShape, BSRMatrix
+    from bscompile.codegen.recurrent_cells import CellSpec
+
+    cell = CellSpec("gru", hidden, linear_before_reset=True)
+    mat = BSRMatrix.from_dense(r, BlockShape(GRU_BLOCK, GRU_BLOCK))
+    scheds = [cuda.default_schedule(mat, GRU_BATCH)]
+    funcs = {"per_step": cuda.recurrent_kernel(cell, [mat], GRU_STEPS, GRU_BATCH, scheds)}
+    try:
+        funcs["persistent"] = cuda_persistent.recurrent_kernel(
+            cell, [mat], GRU_STEPS, GRU_BATCH, scheds, max_shared=cuda_persistent.max_shared_for(spec.target["arch"]))
+    except cuda_persistent.PersistentUnsupported as err:
+        print(f"  persistent kernel n/a for hidden {hidden}: {err}", flush=True)
+    funcs = {k: f.with_attr("global_symbol", k) for k, f in funcs.items()}
+    with spec.tvm_target() as tgt:
+        ex = tvm.compile(tvm.IRModule(funcs), target=tgt)
+    return ex, mat, sorted(funcs)
+
+
+def recurrence_args(mat, hidden: int, rng) -> list[np.ndarray]:
+    """Inputs of the recurrence kernels (xp with the input projection, R in BSR, biases, h0, ...)."""
+    from bscompile.codegen.layout import BSRMatrix
+
+    g = 3 * hidden
+    one = BSRMatrix.dense(np.zeros((1, 1), np.float32), 1)
+    rbias = np.zeros(mat.padded_shape[0], np.float32)
+    rbias[:g] = rng.standard_normal(g) * 0.1
+    zeros = np.zeros((GRU_BATCH, hidden), np.float32)
+    return [rng.standard_normal((GRU_STEPS, GRU_BATCH, g)).astype(np.float32), mat.data, mat.indices, mat.indptr,
+            rbias, one.data, one.indices, one.indptr, np.zeros(1, np.float32),
+            rng.standard_normal((GRU_BATCH, hidden)).astype(np.float32), zeros,
+            np.full(GRU_BATCH, GRU_STEPS, np.int32), np.zeros(3 * hidden, np.float32)]
+
+
 def linear_cells(quick: bool):
     cases = LINEAR_CASES[:1] if quick else LINEAR_CASES
     blocks = [8, 16] if quick else BLOCKS
@@ -141,6 +183,9 @@ def build_only(args) -> int:
         layouts = ", ".join(f"{w['name']}: {w['decision']['layout']} {w['decision']['block']}"
                             for w in art.manifest.weights)
         print(f"built GRU hidden {h} {sp:.0%} sparse: {layouts}", flush=True)
+        ex, _, names = build_recurrence(sparse_weight(rng, 3 * h, h, GRU_BLOCK, sp), h, spec)
+        sources += cuda_sources(ex)
+        print(f"built GRU recurrence hidden {h} {sp:.0%} sparse: {', '.join(names)}", flush=True)
     print(f"{len(sources)} CUDA modules for {spec.target['arch']} in {time.perf_counter() - t0:.1f} s")
     if args.nvcc:
         if nvcc_path() is None:
@@ -153,6 +198,53 @@ def build_only(args) -> int:
         print(f"nvcc: all {len(sources)} modules compile for {spec.target['arch']}; spilling kernels: {spills}")
         return 1 if spills else 0
     return 0
+
+
+def emulate(args) -> int:
+    """No GPU: run every kernel the benchmark would time once on the CUDA emulator, checked
+    against NumPy in float64 (linear) or against the per-step kernels (persistent recurrence)."""
+    import tvm
+
+    from bscompile.runtime import cuda_emulator as emu
+
+    emu.install()
+    spec = cuda_spec(args.arch or "sm_90")
+    rng = np.random.default_rng(4)
+    dev = tvm.cuda(0)  # host memory under the emulator
+    worst = 0.0
+    for (n, k), sp, b, m in linear_cells(args.quick):
+        w = sparse_weight(rng, n, k, b, sp)
+        ex, mat, sched = build_linear(w, b, m, spec)
+        emu.emulate_host_module(ex)
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        bias = np.zeros(mat.padded_shape[0], np.float32)
+        bias[:n] = rng.standard_normal(n)
+        y = tvm.runtime.empty((m, n), "float32", dev)
+        t0 = time.perf_counter()
+        ex.mod["main"](*[tvm.runtime.tensor(a, dev) for a in (x, mat.data, mat.indices, mat.indptr, bias)], y)
+        ref = x.astype(np.float64) @ w.T.astype(np.float64) + bias[:n]
+        err = float(np.abs(y.numpy() - ref).max() / (np.abs(x) @ np.abs(w.T) + np.abs(bias[:n])).max())
+        worst = max(worst, err)
+        print(f"emulated {n}x{k} {sp:.0%} block {b}x{b} batch {m}: rel err {err:.1e} "
+              f"({time.perf_counter() - t0:.2f} s)", flush=True)
+    for h, sp in gru_cells(args.quick):
+        ex, mat, names = build_recurrence(sparse_weight(rng, 3 * h, h, GRU_BLOCK, sp), h, spec)
+        emu.emulate_host_module(ex)
+        ins = recurrence_args(mat, h, rng)
+        ys = {}
+        for name in names:  # (the persistent kernel spin-waits: the emulator runs its blocks co-resident)
+            out = [tvm.runtime.empty(s, "float32", dev) for s in ((GRU_STEPS, GRU_BATCH, h), (GRU_BATCH, h),
+                                                                   (GRU_BATCH, h))]
+            t0 = time.perf_counter()
+            ex.mod[name](*[tvm.runtime.tensor(a, dev) for a in ins], *out)
+            ys[name] = out[0].numpy()
+            print(f"emulated GRU recurrence h={h} {sp:.0%} {name}: {time.perf_counter() - t0:.2f} s", flush=True)
+        if "persistent" in ys:
+            err = float(np.abs(ys["persistent"] - ys["per_step"]).max())
+            worst = max(worst, err)
+            print(f"  persistent vs per-step: max abs err {err:.1e}", flush=True)
+    print(f"all emulated kernels {'ok' if worst < 1e-4 else 'FAIL'} (worst error {worst:.1e})")
+    return 0 if worst < 1e-4 else 1
 
 
 # ---------------------------------------------------------------- GPU run
@@ -318,6 +410,36 @@ def run_gru(args, spec, rows):
               + f"  ({row['speedup_vs_cudnn']:.2f}x vs cuDNN)", flush=True)
 
 
+def run_recurrence(args, spec, rows):
+    """Per-step kernels vs the persistent kernel on the GRU recurrence (same inputs, outputs compared)."""
+    import torch
+    import tvm
+
+    rng = np.random.default_rng(3)
+    for h, sp in gru_cells(args.quick):
+        ex, mat, names = build_recurrence(sparse_weight(rng, 3 * h, h, GRU_BLOCK, sp), h, spec)
+        mod = tvm.runtime.load_module(_export(ex)) if args.via_export else ex
+        ins = [tvm.runtime.tensor(a, tvm.cuda(0)) for a in recurrence_args(mat, h, rng)]
+        outs = {n: [tvm.runtime.empty(s, "float32", tvm.cuda(0))
+                    for s in ((GRU_STEPS, GRU_BATCH, h), (GRU_BATCH, h), (GRU_BATCH, h))] for n in names}
+        calls = {n: (lambda n=n: mod[n](*ins, *outs[n])) for n in names}
+        for fn in calls.values():
+            fn()
+        torch.cuda.synchronize()
+        ref = outs["per_step"][0].numpy()
+        err = {n: float(np.abs(outs[n][0].numpy() - ref).max() / (np.abs(ref).max() + 1e-30)) for n in names}
+        if max(err.values()) > 1e-4:
+            raise SystemExit(f"GRU recurrence h={h}: persistent kernel differs from the per-step kernels ({err})")
+        times = {n: [] for n in names}
+        for _ in range(args.rounds):
+            for n, fn in calls.items():
+                times[n].append(time_events(fn, max(args.reps // 5, 10), warmup=3))
+        med = {n: statistics.median(v) for n, v in times.items()}
+        rows.append({"kind": "recurrence", "hidden": h, "sparsity": sp, "batch": GRU_BATCH, "steps": GRU_STEPS,
+                     "block": GRU_BLOCK, "ms": med, "rel_err_vs_per_step": err})
+        print(f"GRU recurrence h={h} {sp:.0%}: " + ", ".join(f"{k}: {v:.3f} ms" for k, v in med.items()), flush=True)
+
+
 def write_results(rows, device: str, arch: str):
     OUT.mkdir(parents=True, exist_ok=True)
     meta = {"device": device, "arch": arch, "host": platform.node(),
@@ -342,6 +464,14 @@ def write_results(rows, device: str, arch: str):
         if r["kind"] == "gru":
             lines.append(f"| {r['hidden']} | {r['sparsity']:.0%} | {r['ms']['bscompile']:.3f} | "
                          f"{r['ms']['cudnn_gru']:.3f} | {r['speedup_vs_cudnn']:.2f}x |")
+    lines += ["", f"## GRU recurrence: per-step kernels vs persistent kernel (batch {GRU_BATCH}, {GRU_STEPS} steps, "
+              "ms)", "", "| hidden | sparsity | per-step | persistent | speedup |", "|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if r["kind"] == "recurrence":
+            ms = r["ms"]
+            pers = f"{ms['persistent']:.3f}" if "persistent" in ms else "n/a (weights do not fit on chip)"
+            speed = f"{ms['per_step'] / ms['persistent']:.2f}x" if "persistent" in ms else ""
+            lines.append(f"| {r['hidden']} | {r['sparsity']:.0%} | {ms['per_step']:.3f} | {pers} | {speed} |")
     (OUT / "gpu.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {OUT / 'gpu.md'} and gpu.json")
 
@@ -350,6 +480,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--build-only", action="store_true", help="no GPU: generate and compile the kernels only")
     ap.add_argument("--nvcc", action="store_true", help="with --build-only: also compile the CUDA source with nvcc")
+    ap.add_argument("--emulate", action="store_true", help="no GPU: run every kernel once on the CUDA emulator "
+                    "and check it (no timings)")
     ap.add_argument("--arch", help="sm_80 | sm_87 | sm_89 | sm_90 (default: the GPU's, or sm_90 with --build-only)")
     ap.add_argument("--quick", action="store_true", help="a few cells only")
     ap.add_argument("--reps", type=int, default=100, help="timed calls per implementation and round")
@@ -360,6 +492,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.build_only:
         return build_only(args)
+    if args.emulate:
+        return emulate(args)
     import torch
 
     if not torch.cuda.is_available():
@@ -377,6 +511,7 @@ def main(argv=None) -> int:
         run_linear(args, spec, rows)
     if not args.skip_gru:
         run_gru(args, spec, rows)
+        run_recurrence(args, spec, rows)
     write_results(rows, device, arch)
     return 0
 

@@ -115,6 +115,15 @@ RECURRENT_CASES = [
 ]
 
 
+#: The opt-in persistent kernel (codegen/cuda_persistent.py): fused single-matrix cells only.
+PERSISTENT_CASES = [
+    RecurrentCase("gru", 32, (4, 4), 4, 3, ragged=True),
+    RecurrentCase("lstm", 24, (8, 4), 3, 2, reverse=True),
+    RecurrentCase("rnn", 64, (8, 8), 3, 10),  # two batch tiles per step
+    RecurrentCase("gru", 48, None, 3, 2, clip=2.0),  # dense layout
+]
+
+
 def _block_sparse(rng, n, k, block, density=0.4):
     w = rng.standard_normal((n, k)).astype(np.float32) / np.sqrt(k)
     if block is None:
@@ -179,8 +188,8 @@ def recurrent_reference(case: RecurrentCase, xp, rs, rbs, h0, c0, lens, peep):
     return y, h, c
 
 
-def recurrent_func_and_args(case: RecurrentCase, rng):
-    from bscompile.codegen import cuda
+def recurrent_func_and_args(case: RecurrentCase, rng, persistent: bool = False):
+    from bscompile.codegen import cuda, cuda_persistent
     from bscompile.codegen.layout import BlockShape, BSRMatrix
     from bscompile.codegen.recurrent_cells import CellSpec
 
@@ -191,7 +200,8 @@ def recurrent_func_and_args(case: RecurrentCase, rng):
     rs = [_block_sparse(rng, n, k, case.block) * 2 for n, k in shapes]
     rbs = [rng.standard_normal(n).astype(np.float32) * 0.3 for n, _ in shapes]
     mats = [_bsr(r, case.block) for r in rs]
-    func = cuda.recurrent_kernel(cell, mats, case.seq, case.batch, [cuda.default_schedule(m, case.batch) for m in mats])
+    make = cuda_persistent.recurrent_kernel if persistent else cuda.recurrent_kernel
+    func = make(cell, mats, case.seq, case.batch, [cuda.default_schedule(m, case.batch) for m in mats])
     xp = rng.standard_normal((case.seq, case.batch, G * H)).astype(np.float32)
     h0 = rng.standard_normal((case.batch, H)).astype(np.float32)
     c0 = rng.standard_normal((case.batch, H)).astype(np.float32)
@@ -227,6 +237,8 @@ def _tensor(a):
 #: The sanitizer pass's share of the sweep (ASan+UBSan builds and runs ~3x slower).
 SANITIZED_LINEAR = (0, 3, 7, 9, 13, 17, 20)
 SANITIZED_RECURRENT = (1, 3, 5, 7)
+#: TSan: fused, unfused, split fused, split unfused step kernels (blocks share h through global memory).
+TSAN_RECURRENT = (0, 1, 2, 3)
 
 
 def run_kernels(seed: int, sanitize: str = "") -> dict:
@@ -239,8 +251,9 @@ def run_kernels(seed: int, sanitize: str = "") -> dict:
     rng = np.random.default_rng(seed)
     emu.install(sanitize=sanitize)
     funcs, checks = {}, []
-    lin_ids = SANITIZED_LINEAR if sanitize else range(len(LINEAR_CASES))
-    rec_ids = SANITIZED_RECURRENT if sanitize else range(len(RECURRENT_CASES))
+    # sanitized runs: part of the sweep (TSan: the recurrent step kernels, whose blocks share h)
+    lin_ids = {"": range(len(LINEAR_CASES)), "address": SANITIZED_LINEAR, "thread": ()}[sanitize]
+    rec_ids = {"": range(len(RECURRENT_CASES)), "address": SANITIZED_RECURRENT, "thread": TSAN_RECURRENT}[sanitize]
     for i, case in enumerate(LINEAR_CASES):
         if i not in lin_ids:
             continue
@@ -263,6 +276,14 @@ def run_kernels(seed: int, sanitize: str = "") -> dict:
         H, B = case.hidden, case.batch
         checks.append((case.name, sym, args, [(case.seq, B, H), (B, H), (B, H)], list(ref),
                        expected_launches(case)))
+    for i, case in enumerate(PERSISTENT_CASES):
+        if sanitize:
+            break
+        func, args, ref = recurrent_func_and_args(case, rng, persistent=True)
+        sym = f"p{i}"
+        funcs[sym] = func.with_attr("global_symbol", sym)
+        H, B = case.hidden, case.batch
+        checks.append(("persistent_" + case.name, sym, args, [(case.seq, B, H), (B, H), (B, H)], list(ref), 2))
     t0 = time.perf_counter()
     with resolve_target("cuda").tvm_target() as tgt:
         ex = tvm.compile(tvm.IRModule(funcs), target=tgt)
@@ -271,8 +292,13 @@ def run_kernels(seed: int, sanitize: str = "") -> dict:
     t2 = time.perf_counter()
     results = []
     for name, sym, args, out_shapes, refs, n_launch in checks:
-        for order, oseed in ORDERS:
-            emu.configure(order, oseed + seed)
+        persistent = name.startswith("persistent_")
+        # (a sanitizer finds its errors in any order: one is enough)
+        runs = [(o, s, persistent) for o, s in (ORDERS[:1] if sanitize else ORDERS)]
+        if persistent:  # blocks one at a time: the spin-wait on other blocks must be reported as a deadlock
+            runs.append(("forward", 0, False))
+        for order, oseed, coresident in runs:
+            emu.configure(order, oseed + seed, coresident=coresident, spin_limit=2000 if persistent else 0)
             emu.clear_launches()
             outs = [_tensor(np.full(s, np.nan, np.float32)) for s in out_shapes]
             err = None
@@ -284,7 +310,7 @@ def run_kernels(seed: int, sanitize: str = "") -> dict:
             launches = emu.launches()
             errs = [float(np.max(np.abs(o.numpy() - r) / (1 + np.abs(r)))) if err is None else None
                     for o, r in zip(outs, refs)]
-            results.append({"case": name, "order": order, "error": err, "max_rel_err": errs,
+            results.append({"case": name, "order": order, "coresident": coresident, "error": err, "max_rel_err": errs,
                             "launches": len(launches), "expected_launches": n_launch,
                             "kernels": sorted({ln.kernel for ln in launches})})
     return {"build_seconds": t1 - t0, "emulator_build_seconds": t2 - t1,
@@ -292,20 +318,6 @@ def run_kernels(seed: int, sanitize: str = "") -> dict:
 
 
 # ---------------------------------------------------------------- whole artifacts
-
-def _weights_as_inputs(model, names: set[str]):
-    """Move initializers ``names`` to graph inputs (weights computed at run time)."""
-    import onnx
-
-    g = model.graph
-    moved = [i for i in g.initializer if i.name in names]
-    keep = [i for i in g.initializer if i.name not in names]
-    del g.initializer[:]
-    g.initializer.extend(keep)
-    for init in moved:
-        g.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-    return model
-
 
 def _deepspeech(path: str) -> str:
     from bscompile.models.deepspeech import DeepSpeechConfig, export_pruned
@@ -320,7 +332,7 @@ def artifact_models(rng, tmp: str) -> dict[str, tuple[str, dict]]:
     import onnx
 
     import bscompile
-    from onnx_models import mlp, recurrent
+    from onnx_models import mlp, recurrent, weights_as_inputs
 
     out = {}
 
@@ -334,7 +346,7 @@ def artifact_models(rng, tmp: str) -> dict[str, tuple[str, dict]]:
     save("bilstm_4x4", recurrent("LSTM", 16, 24, 5, 3, 1, True, "4x4", rng), {"layers_x_dirs": 2, "seq": 5})
     save("gru_2layer_8x8", recurrent("GRU", 12, 32, 4, 2, 2, False, "8x8", rng), {"layers_x_dirs": 2, "seq": 4})
     save("rnn_bidir_dense", recurrent("RNN", 10, 20, 3, 4, 1, True, "dense", rng), {"layers_x_dirs": 2, "seq": 3})
-    save("gru_runtime_weights", _weights_as_inputs(recurrent("GRU", 8, 16, 3, 2, 1, False, "dense", rng),
+    save("gru_runtime_weights", weights_as_inputs(recurrent("GRU", 8, 16, 3, 2, 1, False, "dense", rng),
                                                   {"l0.W", "l0.R"}), {"layers_x_dirs": 1, "seq": 3})
     save("mlp_bsr", mlp([64, 128, 48, 10], 5, ["8x8", "4x4", "unstructured"], rng)[0], {})
     out["deepspeech_gru_h32"] = (_deepspeech(os.path.join(tmp, "deepspeech.onnx")),
@@ -425,6 +437,9 @@ MUTATIONS = {
     "wrong shuffle offset (16 -> 8)": ("lin", lambda s: _once(_SHFL.pattern, r"\g<1>\g<2>8\g<4>", s), ""),
     "shuffle under divergence (lanes < 16)": (
         "lin", lambda s: _once(_SHFL.pattern, r"\g<1>if (((int)threadIdx.x) < 16) \g<2>\g<3>\g<4>", s), ""),
+    "shuffle reading lanes outside its mask": (
+        "lin", lambda s: _once(_SHFL.pattern, lambda m: m[1] + "if (((int)threadIdx.x) < 16) " + m[2].replace(
+            "(uint)4294967295", "(uint)65535") + "16" + m[4], s), ""),
     "narrowed shuffle mask (0xffff)": (
         "lin", lambda s: _once(r"__shfl_down_sync\(\(uint\)4294967295,", "__shfl_down_sync((uint)65535,", s), ""),
     "misaligned float4 weight load": (
@@ -526,27 +541,28 @@ def run_mutations(seed: int) -> dict:
     return {"results": out}
 
 
-def run_mutation_sanitized(seed: int, name: str) -> dict:
-    """One fault under ASan+UBSan (the process dies at the first report: the caller reads stderr)."""
+def run_mutation_sanitized(seed: int, name: str, mode: str = "address") -> dict:
+    """One fault under ASan+UBSan or TSan (the process dies at the first report: the caller reads stderr)."""
     import tempfile
 
     from bscompile.runtime import cuda_emulator as emu
 
     rng = np.random.default_rng(seed)
-    emu.install(sanitize="address")
-    kernel, mutate, _ = MUTATIONS[name] if name != "control" else ("lin", None, "address")
+    emu.install(sanitize=mode)
+    kernel, mutate, _ = MUTATIONS[name] if name != "control" else ("lin", None, mode)
     with tempfile.TemporaryDirectory() as tmp:
         host, checks = _mutation_module(rng, tmp)
         return {"results": {name: _run_mutant(host, "asan", checks, kernel, mutate, seed)}}
 
 
+SANITIZERS = {"asan": "address", "tsan": "thread"}
 JOBS = {"kernels": run_kernels, "artifacts": run_artifacts, "mutations": run_mutations}
 
 if __name__ == "__main__":
     job, seed = sys.argv[1], int(sys.argv[2])
-    if job == "mutation-asan":
-        print(json.dumps(run_mutation_sanitized(seed, sys.argv[3])))
-    elif job == "kernels-asan":
-        print(json.dumps(run_kernels(seed, sanitize="address")))
+    if job.startswith("mutation-"):  # mutation-asan / mutation-tsan NAME
+        print(json.dumps(run_mutation_sanitized(seed, sys.argv[3], SANITIZERS[job.split("-")[1]])))
+    elif job.startswith("kernels-"):  # kernels-asan / kernels-tsan
+        print(json.dumps(run_kernels(seed, sanitize=SANITIZERS[job.split("-")[1]])))
     else:
         print(json.dumps(JOBS[job](seed)))

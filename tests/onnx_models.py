@@ -98,3 +98,15 @@ def ort_run(model: onnx.ModelProto, feeds: dict) -> dict:
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
     return dict(zip(names, sess.run(None, feeds)))
+
+
+def weights_as_inputs(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
+    """Move initializers ``names`` to graph inputs (weights computed at run time)."""
+    g = model.graph
+    moved = [i for i in g.initializer if i.name in names]
+    keep = [i for i in g.initializer if i.name not in names]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    for init in moved:
+        g.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    return model

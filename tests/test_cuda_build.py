@@ -4,7 +4,8 @@ For each architecture this builds a block-sparse MLP, a sparse GRU, a bidirectio
 dense LSTM (hidden size not a multiple of the block height: the unfused step path)
 and a GRU whose weights are graph inputs (sites the passes cannot analyse), plus
 the block-sparse kernels at the papers' shapes over block sizes and batches and a
-split GRU (``linear_before_reset=0``) recurrence; exports the artifacts; compiles the
+split GRU (``linear_before_reset=0``) recurrence and the opt-in persistent GRU kernel;
+exports the artifacts; compiles the
 generated CUDA source with ``nvcc -cubin`` and the flags TVM compiles with at load time
 (``--use_fast_math``, its ptxas options); fails on any compile error or
 any spilling kernel; and writes the ptxas table to ``bench/results/cuda_ptxas.md``.
@@ -16,35 +17,22 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 import tvm
 
 import bscompile
-from bscompile.codegen import cuda
+from bscompile.codegen import cuda, cuda_persistent
 from bscompile.codegen.cuda_ptxas import (
     compile_source, cuda_sources, load_time_flags, markdown_table, nvcc_path)
 from bscompile.codegen.layout import BlockShape, BSRMatrix
 from bscompile.codegen.recurrent_cells import CellSpec
 from bscompile.target import resolve_target, with_arch
-from onnx_models import mlp, recurrent
+from onnx_models import mlp, recurrent, weights_as_inputs
 
 ARCHS = ("sm_80", "sm_90")
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results" / "cuda_ptxas.md"
 
 pytestmark = pytest.mark.skipif(nvcc_path() is None, reason="nvcc is not installed: cannot compile CUDA here")
-
-
-def _weights_as_inputs(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
-    """Move initializers ``names`` to graph inputs (weights computed at run time)."""
-    g = model.graph
-    moved = [i for i in g.initializer if i.name in names]
-    keep = [i for i in g.initializer if i.name not in names]
-    del g.initializer[:]
-    g.initializer.extend(keep)
-    for init in moved:
-        g.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-    return model
 
 
 def _models():
@@ -53,7 +41,7 @@ def _models():
     out["mlp_bsr"], _ = mlp([512, 1024, 256, 10], 8, ["8x8", "4x4", "unstructured"], rng)
     out["gru_4x4"] = recurrent("GRU", 64, 128, 12, 4, 1, False, "4x4", rng)
     out["lstm_bidir_dense"] = recurrent("LSTM", 24, 20, 5, 2, 1, True, "dense", rng)
-    out["gru_runtime_weights"] = _weights_as_inputs(recurrent("GRU", 16, 32, 4, 2, 1, False, "dense", rng),
+    out["gru_runtime_weights"] = weights_as_inputs(recurrent("GRU", 16, 32, 4, 2, 1, False, "dense", rng),
                                                     {"l0.W", "l0.R"})
     return out
 
@@ -78,6 +66,13 @@ def _kernel_module(arch_target: tvm.target.Target) -> tvm.IRModule:
             for s in ((2 * hid, hid), (hid, hid))]
     f = cuda.recurrent_kernel(cell, mats, 6, 4, [cuda.default_schedule(m, 4) for m in mats])
     funcs["gru_split_h256"] = f.with_attr("global_symbol", "gru_split_h256")
+    # the opt-in persistent kernel (spin-waits on step stamps, weights in dynamic shared memory)
+    r = rng.standard_normal((3 * hid, hid)).astype(np.float32) * np.kron(rng.random((3 * hid // 8, hid // 8)) < 0.1,
+                                                                          np.ones((8, 8), np.float32))
+    mat = BSRMatrix.from_dense(r, BlockShape(8, 8))
+    cell = CellSpec("gru", hid, linear_before_reset=True)
+    f = cuda_persistent.recurrent_kernel(cell, [mat], 6, 4, [cuda.default_schedule(mat, 4)])
+    funcs["gru_persistent_h256"] = f.with_attr("global_symbol", "gru_persistent_h256")
     return tvm.IRModule(funcs)
 
 
@@ -133,4 +128,4 @@ def test_cuda_build_nvcc_ptxas(tmp_path):
 
 
 def _tvm_light(kernel: str) -> bool:
-    return not any(kernel.startswith(p) for p in ("linear_", "recurrent_", "bsr_", "gru_split"))
+    return not any(kernel.startswith(p) for p in ("linear_", "recurrent_", "bsr_", "gru_split", "gru_persistent"))

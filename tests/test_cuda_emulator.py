@@ -4,8 +4,9 @@ Each check runs tests/cuda_emu_worker.py in a subprocess (installing the emulato
 process-wide, and a faulty kernel may take its process down) and asserts on its JSON
 report: every kernel family and schedule of codegen/cuda.py against NumPy, whole
 artifacts through ``bscompile.load`` against onnxruntime with their launch sequences,
-injected faults reported, and a sanitizer (ASan+UBSan) pass. Every run is repeated
-with threads and blocks forward, reversed and in a seeded random order.
+injected faults reported, and sanitizer passes (ASan+UBSan; TSan for races between the
+thread blocks of the recurrent step kernels). Every unsanitized run is repeated with
+threads and blocks forward, reversed and in a seeded random order.
 """
 
 from __future__ import annotations
@@ -29,8 +30,17 @@ WORKER = Path(__file__).with_name("cuda_emu_worker.py")
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="the CUDA emulator compiles kernels with g++")
 
 
-def _worker(*args, sanitize: bool = False, expect_ok: bool = True, timeout: float = 600):
-    env = build.sanitizer_env() if sanitize else None
+def _require_sanitizer(mode: str) -> None:
+    """Skip (saying why) where the sanitizer runtime cannot start under Python, e.g. TSan with a
+    kernel's high-entropy address-space layout ("unexpected memory mapping")."""
+    p = subprocess.run([sys.executable, "-c", "pass"], env=build.sanitizer_env(mode=mode), capture_output=True,
+                       text=True, timeout=120)
+    if p.returncode != 0:
+        pytest.skip(f"the {mode} sanitizer cannot run Python here: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
+
+
+def _worker(*args, sanitize: str = "", expect_ok: bool = True, timeout: float = 600):
+    env = build.sanitizer_env(mode=sanitize) if sanitize else None
     p = subprocess.run([sys.executable, str(WORKER), *map(str, args)], capture_output=True, text=True, env=env,
                        timeout=timeout, cwd=WORKER.parent)
     if expect_ok:
@@ -71,6 +81,9 @@ def test_shared_rewrite_and_entry_points():
     entry = build.entry_points(src, {"k": info})
     assert "__tvm_ffi_k(" in entry and "if (nargs != 5)" in entry
     assert 'cuemu_launch("k", 64,' in entry and "(float)cuemu_arg_float(args, 2)" in entry
+    assert entry.rstrip().endswith("dims, dyn, 0);\n}")  # no spin-wait: blocks one at a time
+    spin = src.replace("{\n", "{ while (0) __nanosleep(1);\n", 1)
+    assert build.entry_points(spin, {"k": info}).rstrip().endswith("dims, dyn, 1);\n}")
     with pytest.raises(build.EmulatorBuildError, match="2 parameters"):
         build.entry_points(src.replace(", float s", ""), {"k": info})
 
@@ -79,15 +92,20 @@ def test_shared_rewrite_and_entry_points():
 
 def test_kernel_sweep_matches_numpy(rng):
     """Every linear (BSR / dense) and recurrent kernel variant, three orders: rel. error < 1e-4
-    against float64 NumPy (K up to 9000 float32 products; an indexing or sync bug is O(1) or NaN)."""
+    against float64 NumPy (K up to 9000 float32 products; an indexing or sync bug is O(1) or NaN).
+    The persistent kernels run with co-resident blocks, and deadlock (reported) without."""
     seed = int(rng.integers(1 << 30))
     rep, _ = _worker("kernels", seed)
     res = rep["results"]
     names = {r["case"] for r in res}
-    assert len(names) == len(W.LINEAR_CASES) + len(W.RECURRENT_CASES)
+    assert len(names) == len(W.LINEAR_CASES) + len(W.RECURRENT_CASES) + len(W.PERSISTENT_CASES)
     assert {r["order"] for r in res} == {"forward", "reverse", "random"}
     for r in res:
         ctx = f"{r['case']} ({r['order']} order, worker seed {seed})"
+        if r["case"].startswith("persistent_") and not r["coresident"]:
+            # blocks one at a time: block 0 spins on stamps of blocks that have not started
+            assert r["error"] and "deadlock" in r["error"] and "co-resident" in r["error"], f"{ctx}: {r['error']}"
+            continue
         assert r["error"] is None, f"{ctx}: {r['error']}"
         assert max(r["max_rel_err"]) < 1e-4, f"{ctx}: max rel err {r['max_rel_err']}"
         if r["expected_launches"] is not None:  # init + per step one fused kernel (split GRU: two)
@@ -151,17 +169,34 @@ def test_injected_faults_are_reported(rng):
         assert len(how) == len(res[name]["orders"]), f"{name} (worker seed {seed}) went unnoticed: {res[name]}"
 
 
-def test_sanitizer_pass(rng):
+def test_address_sanitizer_pass(rng):
     """ASan+UBSan builds of part of the sweep run clean; a dropped bounds guard is an ASan report."""
+    _require_sanitizer("address")
     seed = int(rng.integers(1 << 30))
-    rep, err = _worker("kernels-asan", seed, sanitize=True)
-    assert len(rep["results"]) == 3 * (len(W.SANITIZED_LINEAR) + len(W.SANITIZED_RECURRENT))
+    rep, err = _worker("kernels-asan", seed, sanitize="address")
+    assert len(rep["results"]) == len(W.SANITIZED_LINEAR) + len(W.SANITIZED_RECURRENT)
     for r in rep["results"]:
         assert r["error"] is None and max(r["max_rel_err"]) < 1e-4, f"{r} (worker seed {seed})"
     assert "runtime error" not in err and "AddressSanitizer" not in err
-    p = _worker("mutation-asan", seed, "dropped bounds guard (last row store)", sanitize=True, expect_ok=False)
+    p = _worker("mutation-asan", seed, "dropped bounds guard (last row store)", sanitize="address", expect_ok=False)
     assert p.returncode != 0 and "AddressSanitizer: heap-buffer-overflow" in p.stderr, p.stderr[-3000:]
     assert "in lin_kernel" in p.stderr
+
+
+def test_thread_sanitizer_cross_block_races(rng):
+    """TSan with every CUDA thread a fiber, ordered only by launches, barriers and shuffles: the
+    recurrent step kernels (fused, unfused, split) have no race; a single-buffered h (blocks read
+    h_t while others overwrite it) is reported as a data race."""
+    _require_sanitizer("thread")
+    seed = int(rng.integers(1 << 30))
+    rep, err = _worker("kernels-tsan", seed, sanitize="thread")
+    assert len(rep["results"]) == len(W.TSAN_RECURRENT)
+    for r in rep["results"]:
+        assert r["error"] is None and max(r["max_rel_err"]) < 1e-4, f"{r} (worker seed {seed})"
+    assert "ThreadSanitizer" not in err, err[-3000:]
+    p = _worker("mutation-tsan", seed, "single-buffered recurrent state", sanitize="thread", expect_ok=False)
+    assert p.returncode != 0 and "ThreadSanitizer: data race" in p.stderr, p.stderr[-3000:]
+    assert "in rec_kernel_1" in p.stderr
 
 
 def test_cli_run_emulate(tmp_path, rng):

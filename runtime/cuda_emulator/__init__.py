@@ -19,7 +19,9 @@ that never arrives (deadlock), block dimensions over ``__launch_bounds__`` or th
 hardware limits, static shared memory over 48 KiB, a misaligned vector access
 (``float4`` not 16-byte aligned). Shared memory starts poisoned (NaN / -1), and
 threads and blocks run forward, in reverse or in a seeded random order, so a missing
-barrier or an order-dependent race changes the result. ``sanitize="address"`` builds
+barrier or an order-dependent race changes the result. Blocks run one at a time, except
+for kernels whose blocks wait for each other (spin-waits), which run co-resident: all
+blocks at once, a deadlock reported when no thread can make progress. ``sanitize="address"`` builds
 everything with ASan+UBSan (out-of-bounds accesses; the process must preload libasan).
 
 Installing is per process and cannot be undone (TVM caches what it loaded): run
@@ -84,7 +86,7 @@ def _load_cuda_bytes(data) -> "tvm.runtime.Module":  # noqa: F821
     return tvm.runtime.load_module(str(build_module(blob, _state.sanitize)))
 
 
-def install(order: str = "forward", seed: int = 0, coresident: bool = False, sanitize: str = "",
+def install(order: str = "forward", seed: int = 0, coresident: bool | None = None, sanitize: str = "",
             source_filter: Callable[[str], str] | None = None) -> None:
     """Route this process's CUDA device and CUDA modules to the emulator.
 
@@ -105,11 +107,17 @@ def install(order: str = "forward", seed: int = 0, coresident: bool = False, san
     tvm_ffi.register_global_func("ffi.Module.load_from_bytes.cuda", _load_cuda_bytes, override=True)
 
 
-def configure(order: str = "forward", seed: int = 0, coresident: bool = False, spin_limit: int = 0) -> None:
-    """Thread/block order of the following launches; ``coresident`` runs all blocks of a launch at once."""
+def configure(order: str = "forward", seed: int = 0, coresident: bool | None = None, spin_limit: int = 0) -> None:
+    """Thread/block order of the following launches.
+
+    ``coresident``: run all blocks of a launch at once (True), one block after another
+    (False), or at once only for kernels that spin-wait on other blocks (None: a kernel
+    with ``__nanosleep``, like the persistent recurrent kernel). ``spin_limit``: scheduler
+    rounds in which only spin-waits run before a deadlock is reported (0: the default).
+    """
     if order not in ORDERS:
         raise ValueError(f"order must be one of {sorted(ORDERS)}, got {order!r}")
-    _rt().cuemu_configure(ORDERS[order], seed, int(coresident), spin_limit)
+    _rt().cuemu_configure(ORDERS[order], seed, -1 if coresident is None else int(coresident), spin_limit)
 
 
 def launches() -> list[Launch]:

@@ -30,6 +30,8 @@ SANITIZE_FLAGS = {
     "": ["-fsanitize=alignment"],
     "address": ["-fsanitize=address,undefined", "-fno-sanitize=vptr", "-fno-omit-frame-pointer",
                 "-DCUEMU_SANITIZE"],
+    # the runtime is built without -fsanitize=thread (see cuda_emu_rt.cc), the kernels with it
+    "thread": ["-fsanitize=thread", "-DCUEMU_SANITIZE", "-DCUEMU_TSAN"],
 }
 CXXFLAGS = ["-std=c++17", "-fPIC", "-fno-strict-aliasing", "-fno-fast-math", "-w"]
 #: Kernels unoptimised: g++ -O1 takes 2.3x longer on TVM's unrolled source and saves less run time
@@ -74,13 +76,21 @@ def _param_types(params: str) -> list[str]:
     return out
 
 
+def _definition(source: str, kernel: str) -> str:
+    """The text of ``kernel``'s definition (from its signature to the next kernel)."""
+    heads = [m for m in _KERNEL.finditer(source) if m["name"] == kernel]
+    start = heads[-1].start()
+    nxt = source.find('extern "C"', heads[-1].end())
+    return source[start:nxt if nxt >= 0 else len(source)]
+
+
 def entry_points(source: str, kernels: dict[str, KernelInfo]) -> str:
     """C++ for one ``__tvm_ffi_<kernel>`` per kernel (appended after the kernels)."""
     decls = {m["name"]: m for m in _KERNEL.finditer(source)}
     out = ['\nextern "C" {',
            "void* cuemu_arg_ptr(const void*, int); int64_t cuemu_arg_int(const void*, int);",
            "double cuemu_arg_float(const void*, int);",
-           "int cuemu_launch(const char*, int, void (*)(void*), void*, const unsigned*, uint64_t);",
+           "int cuemu_launch(const char*, int, void (*)(void*), void*, const unsigned*, uint64_t, int);",
            "int TVMFFIErrorSetRaisedFromCStr(const char*, const char*);", "}"]
     for key, info in kernels.items():
         d = decls.get(info.name)
@@ -91,6 +101,7 @@ def entry_points(source: str, kernels: dict[str, KernelInfo]) -> str:
             raise EmulatorBuildError(f"kernel {info.name}: {len(types)} parameters in the source, "
                                      f"{len(info.arg_types)} in the function table")
         lb = int(d["lb"].split(",")[0]) if d["lb"] else 0
+        spins = "__nanosleep" in _definition(source, info.name)  # waits for other blocks: run them at once
         n = len(types)
         fields = "".join(f" {t} a{i};" for i, t in enumerate(types))
         unpack = []
@@ -120,7 +131,7 @@ def entry_points(source: str, kernels: dict[str, KernelInfo]) -> str:
             *unpack,
             "  unsigned dims[6] = {1, 1, 1, 1, 1, 1}; uint64_t dyn = 0;",
             *dims,
-            f'  return cuemu_launch("{info.name}", {lb}, &cuemu_body_{key}, &a, dims, dyn);',
+            f'  return cuemu_launch("{info.name}", {lb}, &cuemu_body_{key}, &a, dims, dyn, {int(spins)});',
             "}",
         ]
     return "\n".join(out) + "\n"
@@ -152,16 +163,19 @@ def _tvm_ffi_lib() -> str:
     return tvm_ffi.libinfo.find_libtvm_ffi()
 
 
-def sanitizer_env(env: dict | None = None) -> dict:
-    """Environment for a Python process that loads ASan-built modules: the ASan runtime must be
-    the first library loaded (LD_PRELOAD, with libstdc++ for its C++ interceptors), Python's own
-    SIGSEGV handler must not hide its reports, and CPython's arena allocator "leaks" by design."""
+def sanitizer_env(env: dict | None = None, mode: str = "address") -> dict:
+    """Environment for a Python process that loads sanitizer-built modules: the sanitizer runtime
+    must be the first library loaded (LD_PRELOAD, with libstdc++ for its C++ interceptors), Python's
+    own SIGSEGV handler must not hide its reports, and CPython's arena allocator "leaks" by design.
+    Start the Python binary itself (``sys.executable``), not a shell wrapper such as pyenv's shim."""
     env = dict(os.environ if env is None else env)
+    runtime = {"address": "libasan.so", "thread": "libtsan.so"}[mode]
     libs = [subprocess.run(["g++", f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
-            for name in ("libasan.so", "libstdc++.so")]
+            for name in (runtime, "libstdc++.so")]
     env["LD_PRELOAD"] = " ".join(libs + ([env["LD_PRELOAD"]] if env.get("LD_PRELOAD") else []))
     env["ASAN_OPTIONS"] = "allow_user_segv_handler=0:detect_leaks=0:halt_on_error=1"
     env["UBSAN_OPTIONS"] = "halt_on_error=1:print_stacktrace=1"
+    env["TSAN_OPTIONS"] = "halt_on_error=1:report_signal_unsafe=0:report_thread_leaks=0"
     return env
 
 
@@ -172,7 +186,7 @@ def runtime_library(sanitize: str = "") -> Path:
                          + " ".join(CXXFLAGS + [RUNTIME_OPT] + flags).encode())
     out = cache_dir() / f"libcuda_emu_rt_{key.hexdigest()[:16]}.so"
     lib = _tvm_ffi_lib()
-    rt_flags = [f for f in flags if f != "-fsanitize=alignment"]
+    rt_flags = [f for f in flags if f not in ("-fsanitize=alignment", "-fsanitize=thread")]
 
     def build(tmp: Path, dst: Path) -> None:
         _gxx([*CXXFLAGS, RUNTIME_OPT, *rt_flags, "-shared", "-I", str(HERE), str(RUNTIME_SRC), "-o", str(dst), lib,
@@ -197,7 +211,7 @@ def build_module(blob: CudaModuleBlob, sanitize: str = "") -> Path:
         obj = tmp / "module.o"
         _gxx([*CXXFLAGS, KERNEL_OPT, *flags, "-include", str(HEADER), "-I", str(HERE / "include"), "-c", str(src), "-o",
               str(obj)], "the emulated CUDA module", src)
-        link_san = [f for f in flags if f.startswith("-fsanitize=address")]
+        link_san = [f for f in flags if f.startswith("-fsanitize=") and f != "-fsanitize=alignment"]
         _gxx(["-shared", *link_san, str(obj), "-o", str(dst), str(rt), f"-Wl,-rpath,{rt.parent}"],
              "the emulated CUDA module")
 

@@ -132,6 +132,12 @@ template <class T> inline T cuemu_shfl_t(int kind, unsigned mask, T v, int arg, 
 #define __shfl_down_sync(...) CUEMU_SHFL_W(CUEMU_SHFL_DOWN, __VA_ARGS__, 32, 0)
 #define __shfl_xor_sync(...) CUEMU_SHFL_W(CUEMU_SHFL_XOR, __VA_ARGS__, 32, 0)
 
+// ---- cache-hinted loads and stores: volatile, so a spin-wait re-reads memory
+template <class T> inline T __ldcv(const T* p) { return *(const volatile T*)p; }
+template <class T> inline T __ldcg(const T* p) { return *(const volatile T*)p; }
+template <class T> inline T __ldca(const T* p) { return *p; }
+template <class T> inline void __stcg(T* p, T v) { *(volatile T*)p = v; }
+
 // ---- atomics: fibers of one OS thread switch only at synchronisation points
 template <class T> inline T atomicAdd(T* p, T v) { T o = *p; *p = o + v; return o; }
 template <class T> inline T atomicMax(T* p, T v) { T o = *p; *p = o > v ? o : v; return o; }

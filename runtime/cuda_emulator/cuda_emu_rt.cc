@@ -30,6 +30,16 @@
 #include <sanitizer/common_interface_defs.h>
 #define CUEMU_ASAN 1
 #endif
+#if defined(CUEMU_TSAN)
+// TSan mode: the kernels are instrumented, this runtime is not (its bookkeeping would race
+// by design); it tells TSan that each CUDA thread is a fiber and which events order them:
+// launch start and end, barriers (per block), shuffles (per warp). Nothing orders two
+// blocks of a launch, so a cross-block race is reported as a data race.
+#include <sanitizer/tsan_interface.h>
+#define TSAN(...) __VA_ARGS__
+#else
+#define TSAN(...)
+#endif
 
 extern "C" int TVMFFIErrorSetRaisedFromCStr(const char* kind, const char* message);
 
@@ -51,6 +61,7 @@ struct Fiber {
   char* stack = nullptr;  // usable stack (above a guard page)
   size_t stack_size = 0;
   void* fake_stack = nullptr;  // ASan's bookkeeping across switches
+  void* tsan = nullptr;        // TSan's fiber
   State state = DONE;
   bool spun = false;
   int linear = 0, lane = 0;
@@ -70,6 +81,7 @@ struct Block {
   char* arena = nullptr;
   uint64_t arena_used = 0, static_bytes = 0, dyn_bytes = 0;
   std::vector<std::pair<char*, uint64_t>> shared;  // static allocations in declaration order
+  char bar_sync = 0, warp_sync[32] = {};          // TSan happens-before objects
 };
 
 struct LogEntry {
@@ -82,7 +94,7 @@ struct LogEntry {
 struct Config {
   int order = 0;  // 0 forward, 1 reverse, 2 random
   uint64_t seed = 1;
-  int coresident = 0;
+  int coresident = -1;  // 1 all blocks at once, 0 one block at a time, -1 auto: at once if the kernel spin-waits
   uint64_t spin_limit = 200000;  // scheduler rounds in which only spin-waits ran
   bool env_read = false;
 } cfg;
@@ -106,6 +118,8 @@ std::vector<Fiber*> g_pool;  // fibers with stacks, reused across launches
 std::vector<Block*> g_blocks;
 std::vector<LogEntry> g_log;
 size_t g_stack_bytes = 0;
+bool g_coresident = false;  // this launch's blocks run at once
+TSAN(void* g_tsan_sched = nullptr; char g_launch_sync = 0; char g_launch_done = 0; std::vector<char*> g_tsan_arenas;)
 
 uint64_t next_rand() {  // xorshift64*
   g_rng ^= g_rng >> 12;
@@ -178,6 +192,7 @@ void resume(Fiber* f) {
 #ifdef CUEMU_ASAN
   __sanitizer_start_switch_fiber(&g_sched_fake_stack, f->stack, f->stack_size);
 #endif
+  TSAN(__tsan_switch_to_fiber(f->tsan, __tsan_switch_to_fiber_no_sync);)
 #if defined(__x86_64__)
   cuemu_switch_ctx(&g_sched_sp, f->sp);
 #else
@@ -196,6 +211,7 @@ void to_scheduler() {
   __sanitizer_start_switch_fiber(f->state == DONE || g_failed ? nullptr : &f->fake_stack, g_sched_stack_bottom,
                                  g_sched_stack_size);
 #endif
+  TSAN(__tsan_switch_to_fiber(g_tsan_sched, __tsan_switch_to_fiber_no_sync);)
 #if defined(__x86_64__)
   cuemu_switch_ctx(&f->sp, g_sched_sp);
 #else
@@ -212,7 +228,9 @@ void fiber_main() {
 #endif
   Fiber* f = g_running;
   f->state = RUNNABLE;
+  TSAN(__tsan_acquire(&g_launch_sync);)
   g_body(g_args);
+  TSAN(__tsan_release(&g_launch_done);)
   f->state = DONE;
   Block* b = f->block;
   b->live--;
@@ -234,6 +252,14 @@ void fiber_main() {
 }
 
 void init_fiber(Fiber* f) {
+#if defined(CUEMU_TSAN)
+  if (f->tsan) __tsan_destroy_fiber(f->tsan);
+  f->tsan = __tsan_create_fiber(0);
+  if (f->stack) {  // a fresh stack: TSan must not see one thread's locals reused by another
+    munmap(f->stack - 4096, f->stack_size + 4096);
+    f->stack = nullptr;
+  }
+#endif
   if (!f->stack) {
     size_t page = 4096;
     size_t total = g_stack_bytes + page;
@@ -315,7 +341,7 @@ void run(std::vector<Fiber*> fs) {
     std::string msg = ran ? "deadlock: threads spin-wait (__nanosleep) with no progress for " +
                                 std::to_string(cfg.spin_limit) + " rounds"
                           : "deadlock: no thread can run";
-    if (!cfg.coresident && ran)
+    if (!g_coresident && ran)
       msg += " (blocks run one at a time here: a kernel whose blocks wait for each other needs co-resident "
              "blocks, i.e. a cooperative launch)";
     int shown = 0;
@@ -402,14 +428,17 @@ void cuemu_syncthreads(int line) {
   g_progress++;
   b->bar_line = line;
   f->bar_line = line;
+  TSAN(__tsan_release(&b->bar_sync);)
   if (++b->at_barrier == b->live) {  // last to arrive releases the block
     for (Fiber* o : b->fibers)
       if (o->state == AT_BARRIER) o->state = RUNNABLE;
     b->at_barrier = 0;
+    TSAN(__tsan_acquire(&b->bar_sync);)
     return;
   }
   f->state = AT_BARRIER;
   to_scheduler();
+  TSAN(__tsan_acquire(&b->bar_sync);)
 }
 
 static void shfl_arrive(Fiber* f, int kind, unsigned mask, uint64_t value, int arg, int width, int line) {
@@ -428,6 +457,7 @@ static void shfl_arrive(Fiber* f, int kind, unsigned mask, uint64_t value, int a
   f->state = AT_SHFL;
   g_progress++;
   int base = f->linear - f->lane;
+  TSAN(char* wsync = &b->warp_sync[f->linear / 32]; __tsan_release(wsync);)
   for (int l = 0; l < 32; ++l) {
     if (!(mask >> l & 1)) continue;
     if (base + l >= (int)b->fibers.size())
@@ -438,9 +468,11 @@ static void shfl_arrive(Fiber* f, int kind, unsigned mask, uint64_t value, int a
       fiber_fail("warp shuffle at line %d: lane %d of the mask 0x%08x has exited and never arrives", line, l, mask);
     if (o->state != AT_SHFL) {  // not everyone is here yet
       to_scheduler();
+      TSAN(__tsan_acquire(wsync);)
       return;
     }
   }
+  TSAN(__tsan_acquire(wsync);)
   // everyone in the mask is waiting in a shuffle: they must be the same one
   for (int l = 0; l < 32; ++l) {
     if (!(mask >> l & 1)) continue;
@@ -516,7 +548,9 @@ void* cuemu_shared(uint64_t bytes, uint64_t align, int line) {
                b->static_bytes);
   if (off + bytes > kArenaBytes) fiber_fail("shared memory exhausted (%" PRIu64 " bytes)", off + bytes);
   char* p = b->arena + off;
+#if !defined(CUEMU_TSAN)  // (TSan mode: the scheduler poisoned the whole arena, ordered before the block)
   memset(p, 0xFF, bytes);  // poison: uninitialised floats read as NaN, ints as -1
+#endif
   b->arena_used = off + bytes;
   b->shared.emplace_back(p, bytes);
   return p;
@@ -574,8 +608,9 @@ double cuemu_arg_float(const void* args, int i) {
 }
 
 // dims: gridDim.xyz, blockDim.xyz.
+// spins: the kernel spin-waits (__nanosleep), i.e. its blocks wait for each other.
 int cuemu_launch(const char* name, int launch_bounds, void (*body)(void*), void* args, const unsigned* dims,
-                 uint64_t dyn_smem) {
+                 uint64_t dyn_smem, int spins) {
   read_env();
   g_kernel = name;
   g_error.clear();
@@ -599,7 +634,8 @@ int cuemu_launch(const char* name, int launch_bounds, void (*body)(void*), void*
                         bx, by, bz, launch_bounds);
   if (dyn_smem > 227 * 1024)
     return launch_error("%" PRIu64 " bytes of dynamic shared memory exceed the 227 KiB of a thread block", dyn_smem);
-  if (cfg.coresident && blocks * threads > (1u << 20))
+  g_coresident = cfg.coresident == 1 || (cfg.coresident < 0 && spins);
+  if (g_coresident && blocks * threads > (1u << 20))
     return launch_error("co-resident mode: %" PRIu64 " threads are too many to run at once", blocks * threads);
   if (!g_stack_bytes) {
 #ifdef CUEMU_ASAN
@@ -614,7 +650,7 @@ int cuemu_launch(const char* name, int launch_bounds, void (*body)(void*), void*
   std::vector<uint64_t> block_order(blocks);
   for (uint64_t i = 0; i < blocks; ++i) block_order[i] = i;
   permute(block_order);
-  uint64_t group = cfg.coresident ? blocks : 1;  // blocks running at once
+  uint64_t group = g_coresident ? blocks : 1;  // blocks running at once
   for (uint64_t start = 0; start < blocks && !g_failed; start += group) {
     std::vector<Fiber*> fs;
     for (uint64_t j = 0; j < group; ++j) {
@@ -628,7 +664,15 @@ int cuemu_launch(const char* name, int launch_bounds, void (*body)(void*), void*
       b->shared.clear();
       b->dyn_bytes = dyn_smem;
       b->arena_used = (dyn_smem + 255) / 256 * 256;
+#if defined(CUEMU_TSAN)
+      // fresh shared memory per block, freed when the launch is over: nothing orders one
+      // block's accesses before another's, and the scheduler must not look as if it did
+      g_tsan_arenas.push_back(b->arena);
+      b->arena = static_cast<char*>(aligned_alloc(256, kArenaBytes));
+      memset(b->arena, 0xFF, kArenaBytes);
+#else
       memset(b->arena, 0xFF, b->arena_used);
+#endif
       for (uint64_t t = 0; t < threads; ++t) {
         Fiber* f = get_fiber(j * threads + t);
         init_fiber(f);
@@ -643,8 +687,10 @@ int cuemu_launch(const char* name, int launch_bounds, void (*body)(void*), void*
         fs.push_back(f);
       }
     }
+    TSAN(g_tsan_sched = __tsan_get_current_fiber(); __tsan_release(&g_launch_sync);)
     run(fs);
   }
+  TSAN(__tsan_acquire(&g_launch_done); for (char* a : g_tsan_arenas) free(a); g_tsan_arenas.clear();)
   cuemu_cur = nullptr;
   if (g_failed) {
     TVMFFIErrorSetRaisedFromCStr("RuntimeError", g_error.c_str());
