@@ -13,7 +13,6 @@ any spilling kernel; and writes the ptxas table to ``bench/results/cuda_ptxas.md
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -86,7 +85,6 @@ def test_target_table():
 
 
 def test_cuda_build_nvcc_ptxas(tmp_path):
-    t0 = time.perf_counter()
     rows, failures = [], []
     models = _models()
     for arch in ARCHS:
@@ -124,7 +122,6 @@ def test_cuda_build_nvcc_ptxas(tmp_path):
         f"Spilling kernels: {len(failures)}. Most registers: {worst[1].registers} "
         f"(`{worst[1].kernel}`, {worst[0]}, {worst[1].arch}).\n\n" + markdown_table(ours) + "\n")
     assert not failures, "kernels spill:\n" + "\n".join(failures)
-    assert time.perf_counter() - t0 < 300
 
 
 def _tvm_light(kernel: str) -> bool:
