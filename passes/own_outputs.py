@@ -74,8 +74,16 @@ class OwnOutputs:
         seen: list = []
         bb = relax.BlockBuilder(mod)
         copies, new_fields = [], []
-        for f in fields:
+        # A returned tuple bound inside the dataflow block holds dataflow variables, which the
+        # new block after it must not use: it reads the tuple's items instead.
+        via_items = isinstance(ret, relax.Var) and isinstance(tup, relax.Tuple) and tup is not ret
+        copied = False
+        for i, f in enumerate(fields):
             r = root(f)
+            if via_items:
+                item = relax.Var(f"out{i}", f.ty)
+                copies.append(relax.VarBinding(item, bb.normalize(relax.TupleGetItem(ret, i))))
+                f = item
             shared = (r in params or isinstance(r, tvm.ir.expr.Constant) or any(r.same_as(s) for s in seen))
             seen.append(r)
             shape = _static(f.ty) if isinstance(f.ty, relax.TensorType) else None
@@ -86,7 +94,8 @@ class OwnOutputs:
             var = relax.Var("owned", f.ty)
             copies.append(relax.VarBinding(var, bb.normalize(relax.call_tir(kernel, [f], f.ty))))
             new_fields.append(var)
-        if not copies:
+            copied = True
+        if not copied:
             return mod
         new_ret = relax.Tuple(new_fields) if isinstance(tup, relax.Tuple) else new_fields[0]
         new_body = relax.SeqExpr([*body.blocks, relax.BindingBlock(copies)], new_ret)
