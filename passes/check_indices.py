@@ -24,6 +24,9 @@ Contract
 - The message names the graph input the index comes from (through reshapes,
   transposes, squeezes and integer casts) and the ONNX node (the frontend names an
   indexing op's binding after its node).
+- Recurrent weight sites (``call_tir`` of a ``bscompile.site`` kernel of kind
+  "recurrent"): a ``lens`` (ONNX ``sequence_lens``) computed at run time is checked
+  against ``[0, seq]``, as onnxruntime does; a reverse direction reads ``x[lens - 1]``.
 - Constant indices are checked now: out of range is an :class:`UnsupportedModelError`.
 - ``device="cuda"``: device code cannot raise, so the index is wrapped and clamped
   with Relax ops instead (memory-safe, no error).
@@ -34,6 +37,7 @@ Contract
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
@@ -43,7 +47,10 @@ from tvm import relax, tirx
 from tvm.script import tirx as T
 
 from bscompile.errors import UnsupportedModelError
-from bscompile.passes.sites import rewrite_relax_functions
+from bscompile.passes.sites import SITE_ATTR, rewrite_relax_functions
+
+_CALL_TIR = tvm.ir.Op.get("relax.call_tir")
+LENS_ARG = 11  # position of ``lens`` in a recurrent site's arguments (passes/sites.py)
 
 ERROR_FUNC = "bscompile.index_error"
 tvm_ffi.register_error(UnsupportedModelError)  # keeps its class when raised through the pass infrastructure
@@ -101,6 +108,7 @@ def check_kernel(shape: tuple[int, ...], dtype: str, bounds: tuple[int, ...], wr
 class _Guard(relax.PyExprMutator):
     def __init__(self, mod: tvm.IRModule, device: str):
         super().__init__(mod)
+        self.mod = mod
         self.device = device
         self.params: set = set()
 
@@ -162,9 +170,38 @@ class _Guard(relax.PyExprMutator):
             return 1, tuple(shape[start:start + idx_shape[-1]]), False
         return None
 
+    def _recurrent_seq(self, call: relax.Call) -> int | None:
+        """``seq`` of a recurrent weight site's call_tir (its ``lens`` must lie in [0, seq])."""
+        if not (isinstance(call, relax.Call) and call.op.same_as(_CALL_TIR)
+                and isinstance(call.args[0], tvm.ir.GlobalVar) and call.args[0] in self.mod.functions):
+            return None
+        attrs = self.mod[call.args[0]].attrs
+        if attrs is None or SITE_ATTR not in attrs:
+            return None
+        site = json.loads(str(attrs[SITE_ATTR]))
+        return int(site["seq"]) if site.get("kind") == "recurrent" else None
+
+    def _guard_lengths(self, binding: relax.VarBinding, seq: int) -> bool:
+        call = binding.value
+        fields = list(call.args[1].fields)
+        lens = fields[LENS_ARG]
+        shape = _static(getattr(lens.ty, "shape", None))
+        if isinstance(lens, tvm.ir.expr.Constant) or shape is None or self.device == "cuda":
+            return False
+        kernel = check_kernel(shape, str(lens.ty.dtype), (seq + 1,), False,
+                              f"{self._source(lens)} holds sequence length ", "")
+        fields[LENS_ARG] = self.builder_.emit(relax.call_tir(self.builder_.add_func(kernel, "check_index"), [lens],
+                                                             lens.ty))
+        new = relax.Call(call.op, [call.args[0], relax.Tuple(fields), *call.args[2:]], call.attrs, call.ty_args)
+        self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(new)))
+        return True
+
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         call = binding.value
-        rule = self._rule(call) if isinstance(call, relax.Call) else None
+        seq = self._recurrent_seq(call)
+        if seq is not None and self._guard_lengths(binding, seq):
+            return None
+        rule = self._rule(call) if isinstance(call, relax.Call) and seq is None else None
         if rule is None:
             return super().visit_var_binding_(binding)
         pos, bounds, native_wrap = rule
