@@ -754,9 +754,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Import once before forking: every case's child starts with TVM loaded.
-    import bscompile.cli  # noqa: F401
-    import bscompile.driver  # noqa: F401
-    import onnxruntime  # noqa: F401
+    if "--atheris" not in sys.argv:  # (atheris instruments the modules it imports itself)
+        # Import once before forking: every case's child starts with TVM loaded.
+        import bscompile.cli  # noqa: F401
+        import bscompile.driver  # noqa: F401
+        import onnxruntime  # noqa: F401
 
     sys.exit(main())
