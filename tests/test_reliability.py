@@ -200,3 +200,11 @@ def test_tvm_and_onnxruntime_noise_is_hidden_errors_are_one_line(files, tmp_path
     rc, _, err = cli("run", files / "mlp.bsc", "--input", f"x={files / 'x.npy'}", "--check", "other.onnx",
                      cwd=tmp_path)
     assert rc == 2 and "--check: onnxruntime cannot run other.onnx" in one_error_line(err)
+
+
+def test_undefined_element_type_is_refused():
+    """Found by atheris: an input of element type 0 (undefined) was a KeyError (internal error)."""
+    bad = helper.make_tensor_value_info("x", TensorProto.UNDEFINED, [2, 3])
+    model = _graph_model([helper.make_node("Relu", ["x"], ["y"], name="r")], [bad], [Y])
+    with pytest.raises(UnsupportedModelError, match="unsupported tensor element type 0"):
+        bscompile.compile(model)
