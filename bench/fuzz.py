@@ -564,7 +564,7 @@ def _cli_strategy():
                          "x=99999999999,16", "4x4", "3y", "0x4", "1x1", "257x1", "llvm", "aarch64", "cuda", "rpi4",
                          '{"kind": "llvm"}', '{"kind": "c"}', "{", "sm_80", "sm_1", "cortex-a76", "no-such-cpu",
                          "-1", "0", "3", "1e9", "", " ", "out/", "/proc/version", "/dev/null", "/nonexistent/x.bsc",
-                         ".", "..", "mlp.onnx.bsc", "records.json", "\x00", "é", "x" * 300]),
+                         ".", "..", "mlp.onnx.bsc", "records.json", "\x00", "é", "a\u2028b", "\x85", "x" * 300]),
         st.text(max_size=12))
     token = st.one_of(st.sampled_from(list(COMMANDS) + ["compil", "--", "-"]), st.sampled_from(flags), values)
     return st.lists(token, max_size=8)

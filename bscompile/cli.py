@@ -375,7 +375,7 @@ def _dispatch(args) -> int:
 
 def one_line(text: str) -> str:
     """``text`` with line breaks and other control characters escaped (names in a model can hold any)."""
-    return re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], text)
+    return re.sub(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]", lambda m: repr(m.group())[1:-1], text)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ def files(tmp_path_factory):
     (["demo", "--runs", "0"], "expected a positive integer"),
     (["compile", "m.onnx", "--frob\nnicate"], "unrecognized arguments: --frob\\nnicate"),
     (["nosuchcommand\x1b[2J"], "no such file: nosuchcommand\\x1b[2J"),
+    (["--verbose", "m.onnx", "x\u2028y\x85"], "unrecognized arguments: x\\u2028y\\x85"),  # str.splitlines breaks
     ([], "the following arguments are required"),
 ])
 def test_usage_errors_are_one_line_exit_2(args, message, capsys, tmp_path, monkeypatch):
