@@ -74,7 +74,7 @@ def check_kernel(shape: tuple[int, ...], dtype: str, bounds: tuple[int, ...], wr
                  prefix: str, suffix: str) -> tirx.PrimFunc:
     """``y = x`` (wrapped if ``wrap``); element ``i`` must lie in ``[-b, b)`` (``[0, b)``),
     ``b = bounds[i % len(bounds)]`` (one bound per coordinate of ``gather_nd`` indices)."""
-    n = max(int(np.prod(shape, dtype=np.int64)), 1)
+    n = int(np.prod(shape, dtype=np.int64))
     k = len(bounds)
 
     def bound(i):  # a constant, or a select over the coordinate i % k
@@ -186,7 +186,7 @@ class _Guard(relax.PyExprMutator):
         fields = list(call.args[1].fields)
         lens = fields[LENS_ARG]
         shape = _static(getattr(lens.ty, "shape", None))
-        if isinstance(lens, tvm.ir.expr.Constant) or shape is None or self.device == "cuda":
+        if isinstance(lens, tvm.ir.expr.Constant) or shape is None or 0 in shape or self.device == "cuda":
             return False
         kernel = check_kernel(shape, str(lens.ty.dtype), (seq + 1,), False,
                               f"{self._source(lens)} holds sequence length ", "")
@@ -217,7 +217,7 @@ class _Guard(relax.PyExprMutator):
             self._check_constant(x.value.numpy(), bounds, wrap, suffix)
             return super().visit_var_binding_(binding)
         shape = _static(x.ty.shape)
-        if shape is None or not bounds:
+        if shape is None or not bounds or 0 in shape:  # (no element: nothing to check)
             return super().visit_var_binding_(binding)
         if self.device == "cuda":
             checked = self._clamped(x, bounds, wrap, dtype)

@@ -79,7 +79,7 @@ class OwnOutputs:
             shared = (r in params or isinstance(r, tvm.ir.expr.Constant) or any(r.same_as(s) for s in seen))
             seen.append(r)
             shape = _static(f.ty) if isinstance(f.ty, relax.TensorType) else None
-            if not shared or shape is None:
+            if not shared or shape is None or 0 in shape:
                 new_fields.append(f)
                 continue
             kernel = bb.add_func(copy_kernel(shape, str(f.ty.dtype)), "copy_output")
