@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--cpu", help="LLVM CPU model for CPU targets, e.g. cortex-a76")
         sp.add_argument("--arch", help="GPU architecture for the cuda target, e.g. sm_80, sm_90")
         sp.add_argument("--dense", action="store_true", help="compile bscompile's dense path (no sparsity)")
-        sp.add_argument("--block", type=_block_arg, metavar="RxC", help="force this block shape on every weight with zeros")
+        sp.add_argument("--block", type=_block_arg, metavar="RxC",
+                        help="force this block shape on every weight with zeros")
 
     c = sub.add_parser("compile", help="compile an ONNX model to a .bsc artifact")
     c.add_argument("model")
@@ -93,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--random", action="store_true", help="feed random inputs of the right shapes")
     r.add_argument("--output", help="write outputs: FILE.npz, or a directory for NAME.npy files")
     r.add_argument("--check", metavar="MODEL.onnx", help="compare the outputs with onnxruntime on this model")
-    r.add_argument("--bench", type=_positive_int, default=0, metavar="N", help="time N calls (and onnxruntime with --check)")
+    r.add_argument("--bench", type=_positive_int, default=0, metavar="N",
+                   help="time N calls (and onnxruntime with --check)")
 
     i = sub.add_parser("inspect", help="per-weight sparsity report and layout choice, without compiling")
     i.add_argument("model")

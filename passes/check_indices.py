@@ -70,15 +70,18 @@ def _static(shape) -> tuple[int, ...] | None:
         return None
 
 
-def check_kernel(shape: tuple[int, ...], dtype: str, bounds: tuple[int, ...], wrap: bool,
-                 prefix: str, suffix: str) -> tirx.PrimFunc:
+def check_kernel(shape: tuple[int, ...], dtype: str, bounds: tuple[int, ...] = (), wrap: bool = False,
+                 prefix: str = "", suffix: str = "") -> tirx.PrimFunc:
     """``y = x`` (wrapped if ``wrap``); element ``i`` must lie in ``[-b, b)`` (``[0, b)``),
-    ``b = bounds[i % len(bounds)]`` (one bound per coordinate of ``gather_nd`` indices)."""
+    ``b = bounds[i % len(bounds)]`` (one bound per coordinate of ``gather_nd`` indices).
+    Without ``bounds``: a plain copy, written as a flat loop so that TVM does not turn it
+    back into a reshape (a view), as ``OwnOutputs`` needs."""
     n = int(np.prod(shape, dtype=np.int64))
     k = len(bounds)
+    checked = k > 0
 
     def bound(i):  # a constant, or a select over the coordinate i % k
-        e = tirx.const(bounds[-1], dtype)
+        e = tirx.const(bounds[-1] if checked else 0, dtype)
         for j in range(k - 2, -1, -1):
             e = tirx.Select(i % k == j, tirx.const(bounds[j], dtype), e)
         return e
@@ -96,9 +99,10 @@ def check_kernel(shape: tuple[int, ...], dtype: str, bounds: tuple[int, ...], wr
             xf = T.decl_buffer((n,), dtype, data=x.data)
             yf = T.decl_buffer((n,), dtype, data=y.data)
             for i in range(n):
-                if xf[i] < low(i) or xf[i] >= bound(i):
-                    T.evaluate(T.call_packed(ERROR_FUNC, prefix, T.Cast("int64", xf[i]), T.Cast("int64", low(i)),
-                                             T.Cast("int64", bound(i)), suffix))
+                if checked:
+                    if xf[i] < low(i) or xf[i] >= bound(i):
+                        T.evaluate(T.call_packed(ERROR_FUNC, prefix, T.Cast("int64", xf[i]),
+                                                 T.Cast("int64", low(i)), T.Cast("int64", bound(i)), suffix))
                 yf[i] = wrapped(xf[i], i)
 
     return check_index

@@ -5,9 +5,6 @@ exit 2, never an internal error, a signal, a traceback or a wrong answer."""
 import hashlib
 import io
 import json
-import os
-import subprocess
-import sys
 import tarfile
 
 import numpy as np
@@ -15,17 +12,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx_models import OPSET, mlp
+from test_cli_and_artifact import run_cli
 
 import bscompile
 from bscompile import limits
 from bscompile.cli import main
 from bscompile.errors import ArtifactError, InputError, UnsupportedModelError
-
-
-def cli(*args, cwd=None):
-    p = subprocess.run([sys.executable, "-m", "bscompile.cli", *map(str, args)], capture_output=True, text=True,
-                       cwd=cwd, timeout=300)
-    return p.returncode, p.stdout, p.stderr
 
 
 def one_error_line(stderr: str) -> str:
@@ -185,20 +177,20 @@ def test_tvm_and_onnxruntime_noise_is_hidden_errors_are_one_line(files, tmp_path
                          [helper.make_tensor_value_info("ids", TensorProto.INT64, [3])],
                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 4])], [table])
     onnx.save(model, tmp_path / "g.onnx")
-    rc, _, err = cli("g.onnx", "-q", cwd=tmp_path)
+    rc, _, err = run_cli("g.onnx", "-q", cwd=tmp_path)
     assert rc == 0 and err == "", err
-    rc, _, err = cli("--verbose", "g.onnx", "-q", cwd=tmp_path)
+    rc, _, err = run_cli("--verbose", "g.onnx", "-q", cwd=tmp_path)
     assert rc == 0 and "Fast mode segfaults" in err
     broken = onnx.load(files / "mlp.onnx")
     broken.graph.initializer.pop()  # a missing initializer: TVM's importer fails half-way
     onnx.save(broken, tmp_path / "broken.onnx")
-    rc, _, err = cli("broken.onnx", "-q", cwd=tmp_path)
+    rc, _, err = run_cli("broken.onnx", "-q", cwd=tmp_path)
     assert rc == 2 and "ONNX import failed" in one_error_line(err)
     assert not (tmp_path / "broken.bsc").exists()
     old = onnx.load(files / "mlp.onnx")
     old.graph.node[0].op_type = "Relu"  # a model onnxruntime rejects (Relu takes one input)
     onnx.save(old, tmp_path / "other.onnx")
-    rc, _, err = cli("run", files / "mlp.bsc", "--input", f"x={files / 'x.npy'}", "--check", "other.onnx",
+    rc, _, err = run_cli("run", files / "mlp.bsc", "--input", f"x={files / 'x.npy'}", "--check", "other.onnx",
                      cwd=tmp_path)
     assert rc == 2 and "--check: onnxruntime cannot run other.onnx" in one_error_line(err)
 
