@@ -426,7 +426,8 @@ def input_mutation(env: Env, d: Path) -> Case:
     expect = "error"
     target = d / f"{vi.name}.npy"
     if kind == "dtype":
-        np.save(target, a.astype(rng.choice([np.float64, np.int32, np.float16, np.uint8, np.bool_])))
+        np.save(target, a.astype(rng.choice([t for t in (np.float64, np.float32, np.int64, np.int32, np.float16,
+                                                         np.uint8, np.bool_) if np.dtype(t) != dtype])))
     elif kind == "rank":
         np.save(target, a[None] if rng.random() < 0.5 else a.reshape(-1))
     elif kind == "shape":
