@@ -36,13 +36,11 @@ from bscompile.passes.sites import CompilePlan
 def phases(plan: CompilePlan) -> list[tuple[str, list[tvm.transform.Pass]]]:
     simplify = [relax.transform.FoldConstant(), relax.transform.DeadCodeElimination()]
     return [
-        ("simplify", simplify),
-        ("check", [CheckIndices(plan.kernels.name)]),
+        ("simplify", [*simplify, CheckIndices(plan.kernels.name)]),
         ("sites", [Conv1dToMatmul(), OutlineLinearSites()]),
         ("analyze", [AnalyzeSparsity(plan), ChooseLayout(plan)]),
         ("lower", [LowerWeightSites(plan)]),
-        ("finalize", simplify),
-        ("outputs", [OwnOutputs()]),
+        ("finalize", [*simplify, OwnOutputs()]),
     ]
 
 
