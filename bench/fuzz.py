@@ -429,7 +429,7 @@ def input_mutation(env: Env, d: Path) -> Case:
         np.save(target, a.astype(rng.choice([t for t in (np.float64, np.float32, np.int64, np.int32, np.float16,
                                                          np.uint8, np.bool_) if np.dtype(t) != dtype])))
     elif kind == "rank":
-        np.save(target, a[None] if rng.random() < 0.5 else a.reshape(-1))
+        np.save(target, a[None] if rng.random() < 0.5 or a.ndim == 1 else a.reshape(-1))  # (1-D: always a rank)
     elif kind == "shape":
         np.save(target, np.resize(a, [s + int(rng.integers(1, 3)) for s in shape]).astype(dtype))
     elif kind == "empty":
