@@ -2,7 +2,7 @@
 
     python bench/check_cost.py     # ~1 min; prints a markdown table
 
-Compiles the bundled model with and without the ``check`` phase and times both in one
+Compiles the bundled model with and without the ``CheckIndices`` pass and times both in one
 process, interleaved call by call: through ``CompiledModule.run`` and kernel-only
 (TVM's ``time_evaluator``), medians over rounds.
 """
@@ -19,6 +19,7 @@ import numpy as np  # noqa: E402
 
 import bscompile  # noqa: E402
 from bscompile.passes import pipeline  # noqa: E402
+from bscompile.passes.check_indices import CheckIndices  # noqa: E402
 
 MODEL = Path(bscompile.__file__).parent / "data" / "char_gru_bp4x4.onnx"
 
@@ -26,7 +27,8 @@ MODEL = Path(bscompile.__file__).parent / "data" / "char_gru_bp4x4.onnx"
 def compile_variant(check: bool) -> bscompile.CompiledModule:
     phases = pipeline.phases
     if not check:
-        pipeline.phases = lambda plan: [p for p in phases(plan) if p[0] != "check"]
+        pipeline.phases = lambda plan: [(name, [p for p in passes if not isinstance(p, CheckIndices)])
+                                        for name, passes in phases(plan)]
     try:
         return bscompile.compile(MODEL).load()
     finally:

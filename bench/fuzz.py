@@ -111,7 +111,20 @@ def index_ops(rng) -> onnx.ModelProto:
                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 6])], [])
 
 
-SEEDS = {"mlp": mlp, "embed_gru": embed_gru, "index_ops": index_ops}
+def gru_lens(rng, seq: int = 5, batch: int = 2, inp: int = 3, h: int = 8) -> onnx.ModelProto:
+    """A reverse GRU with per-batch sequence lengths from the caller (it reads x[lens - 1])."""
+    inits = [numpy_helper.from_array(_block_pruned(rng, 3 * h, inp)[None], "W"),
+             numpy_helper.from_array(_block_pruned(rng, 3 * h, h)[None], "R")]
+    node = helper.make_node("GRU", ["x", "W", "R", "", "lens"], ["y", "hn"], hidden_size=h, direction="reverse",
+                            name="gru")
+    return _model([node], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [seq, batch, inp]),
+                           helper.make_tensor_value_info("lens", TensorProto.INT32, [batch])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [seq, 1, batch, h])], inits)
+
+
+SEEDS = {"mlp": mlp, "embed_gru": embed_gru, "index_ops": index_ops, "gru_lens": gru_lens}
+#: Valid [lo, hi) of each integer input of the seed models.
+INT_RANGES = {"tokens": (-11, 11), "idx": (-6, 6), "lens": (0, 6)}
 
 
 # --- running one CLI invocation in a forked child ---------------------------------------
@@ -261,16 +274,12 @@ class Env:
             shape = [x.dim_value for x in vi.type.tensor_type.shape.dim]
             np_dtype = onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
             if np.dtype(np_dtype).kind in "iu":
-                hi = self._index_bound(name, vi.name)
-                a = self.rng.integers(-hi, hi, shape).astype(np_dtype)
+                a = self.rng.integers(*INT_RANGES.get(vi.name, (0, 4)), shape).astype(np_dtype)
             else:
                 a = self.rng.standard_normal(shape).astype(np_dtype)
             np.save(d / f"{vi.name}.npy", a)
             args += ["--input", f"{vi.name}={vi.name}.npy"]
         return args
-
-    def _index_bound(self, model: str, inp: str) -> int:
-        return {"tokens": 11, "idx": 6}.get(inp, 4)
 
 
 def _rand_init(model: onnx.ModelProto, rng, float_only: bool = True):
@@ -284,7 +293,7 @@ def _set_array(init: TensorProto, arr: np.ndarray) -> None:
 
 def onnx_mutation(env: Env, d: Path) -> Case:
     rng = env.rng
-    name = str(rng.choice(["mlp", "embed_gru"]))  # the seeds with weights
+    name = str(rng.choice(["mlp", "embed_gru", "gru_lens"]))  # the seeds with weights
     model = copy.deepcopy(env.models[name])
     kinds = ["byte_flip", "truncate", "wrong_dtype", "wrong_rank", "missing_init", "cycle", "huge_dim",
              "special_values", "zero_or_dense", "non_dividing", "unknown_op", "opset", "bad_attr",
@@ -417,9 +426,10 @@ def input_mutation(env: Env, d: Path) -> Case:
     expect = "error"
     target = d / f"{vi.name}.npy"
     if kind == "dtype":
-        np.save(target, a.astype(rng.choice([np.float64, np.int32, np.float16, np.uint8, np.bool_])))
+        np.save(target, a.astype(rng.choice([t for t in (np.float64, np.float32, np.int64, np.int32, np.float16,
+                                                         np.uint8, np.bool_) if np.dtype(t) != dtype])))
     elif kind == "rank":
-        np.save(target, a[None] if rng.random() < 0.5 else a.reshape(-1))
+        np.save(target, a[None] if rng.random() < 0.5 or a.ndim == 1 else a.reshape(-1))  # (1-D: always a rank)
     elif kind == "shape":
         np.save(target, np.resize(a, [s + int(rng.integers(1, 3)) for s in shape]).astype(dtype))
     elif kind == "empty":
@@ -451,10 +461,11 @@ def input_mutation(env: Env, d: Path) -> Case:
             np.save(target, a.astype(np.float32) * np.nan)
     elif kind in ("out_of_range", "negative_ids"):
         if dtype.kind in "iu":
-            hi = env._index_bound(name, vi.name)
+            lo, hi = INT_RANGES.get(vi.name, (0, 4))
             a = a.copy()
-            a.flat[int(rng.integers(a.size))] = int(rng.choice([hi, -hi - 1, 2**62, -(2**63), 10**9])) \
-                if kind == "out_of_range" else -int(rng.integers(1, hi + 1))
+            info = np.iinfo(dtype)
+            a.flat[int(rng.integers(a.size))] = int(rng.choice([hi, lo - 1, info.max, info.min, 10**9 % info.max])) \
+                if kind == "out_of_range" else int(rng.integers(lo, 0)) if lo < 0 else lo
             np.save(target, a)
             expect = "error" if kind == "out_of_range" else "ok"
         else:
@@ -554,7 +565,7 @@ def _cli_strategy():
                          "x=99999999999,16", "4x4", "3y", "0x4", "1x1", "257x1", "llvm", "aarch64", "cuda", "rpi4",
                          '{"kind": "llvm"}', '{"kind": "c"}', "{", "sm_80", "sm_1", "cortex-a76", "no-such-cpu",
                          "-1", "0", "3", "1e9", "", " ", "out/", "/proc/version", "/dev/null", "/nonexistent/x.bsc",
-                         ".", "..", "mlp.onnx.bsc", "records.json", "\x00", "é", "x" * 300]),
+                         ".", "..", "mlp.onnx.bsc", "records.json", "\x00", "é", "a\u2028b", "\x85", "x" * 300]),
         st.text(max_size=12))
     token = st.one_of(st.sampled_from(list(COMMANDS) + ["compil", "--", "-"]), st.sampled_from(flags), values)
     return st.lists(token, max_size=8)
@@ -682,7 +693,10 @@ def atheris_main(seconds: int, seed: int) -> None:
     raise a BscompileError or succeed on any bytes (anything else is reported as a crash)."""
     import atheris
 
-    with atheris.instrument_imports():
+    import onnx  # noqa: F401  (not instrumented: C++ protobuf parsing, no Python coverage to gain)
+    import tvm  # noqa: F401
+
+    with atheris.instrument_imports(include=["bscompile"]):
         from bscompile.errors import BscompileError
         from bscompile.frontend import onnx as front
         from bscompile.limits import check_resources
@@ -744,9 +758,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Import once before forking: every case's child starts with TVM loaded.
-    import bscompile.cli  # noqa: F401
-    import bscompile.driver  # noqa: F401
-    import onnxruntime  # noqa: F401
+    if "--atheris" not in sys.argv:  # (atheris instruments the modules it imports itself)
+        # Import once before forking: every case's child starts with TVM loaded.
+        import bscompile.cli  # noqa: F401
+        import bscompile.driver  # noqa: F401
+        import onnxruntime  # noqa: F401
 
     sys.exit(main())

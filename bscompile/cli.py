@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--cpu", help="LLVM CPU model for CPU targets, e.g. cortex-a76")
         sp.add_argument("--arch", help="GPU architecture for the cuda target, e.g. sm_80, sm_90")
         sp.add_argument("--dense", action="store_true", help="compile bscompile's dense path (no sparsity)")
-        sp.add_argument("--block", type=_block_arg, metavar="RxC", help="force this block shape on every weight with zeros")
+        sp.add_argument("--block", type=_block_arg, metavar="RxC",
+                        help="force this block shape on every weight with zeros")
 
     c = sub.add_parser("compile", help="compile an ONNX model to a .bsc artifact")
     c.add_argument("model")
@@ -93,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--random", action="store_true", help="feed random inputs of the right shapes")
     r.add_argument("--output", help="write outputs: FILE.npz, or a directory for NAME.npy files")
     r.add_argument("--check", metavar="MODEL.onnx", help="compare the outputs with onnxruntime on this model")
-    r.add_argument("--bench", type=_positive_int, default=0, metavar="N", help="time N calls (and onnxruntime with --check)")
+    r.add_argument("--bench", type=_positive_int, default=0, metavar="N",
+                   help="time N calls (and onnxruntime with --check)")
     r.add_argument("--emulate", nargs="?", const="forward", choices=("forward", "reverse", "random"), metavar="ORDER",
                    help="run a CUDA artifact on this CPU with the CUDA emulator, which reports what a GPU would "
                         "reject or mis-execute; ORDER of threads and blocks: forward (default), reverse, random")
@@ -275,7 +277,7 @@ def _ort_session(model_path: str, threads: int | None = None):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3  # its warnings are not ours to show; its errors become ours
+    opts.log_severity_level = 4  # its log lines are not ours to show; its errors (exceptions) become ours
     if threads:
         opts.intra_op_num_threads = threads
     return ort.InferenceSession(model_path, opts, providers=["CPUExecutionProvider"])
@@ -283,11 +285,15 @@ def _ort_session(model_path: str, threads: int | None = None):
 
 def check_against_ort(model_path: str, feeds, outs, rtol=1e-4, atol=1e-5) -> bool:
     """Print and return whether ``outs`` match onnxruntime's (NaN where it has NaN counts as equal)."""
+    import onnxruntime as ort
+
     from bscompile.errors import BscompileError
 
     try:
         sess = _ort_session(model_path)
-        ref = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+        quiet = ort.RunOptions()
+        quiet.log_severity_level = 4
+        ref = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds, quiet)))
     except Exception as err:  # noqa: BLE001 - onnxruntime raises its own exception types
         msg = [ln for ln in str(err).strip().splitlines() if ln.strip()]
         raise BscompileError(f"--check: onnxruntime cannot run {model_path} ({msg[-1] if msg else err})") from None
@@ -419,7 +425,7 @@ def _dispatch(args) -> int:
 
 def one_line(text: str) -> str:
     """``text`` with line breaks and other control characters escaped (names in a model can hold any)."""
-    return re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], text)
+    return re.sub(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]", lambda m: repr(m.group())[1:-1], text)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,9 @@ Contract
 - The message names the graph input the index comes from (through reshapes,
   transposes, squeezes and integer casts) and the ONNX node (the frontend names an
   indexing op's binding after its node).
+- Recurrent weight sites (calls of a site function of kind "recurrent", operand
+  ``lens_operand``): a ``lens`` (ONNX ``sequence_lens``) computed at run time is checked
+  against ``[0, seq]``, as onnxruntime does; a reverse direction reads ``x[lens - 1]``.
 - Constant indices are checked now: out of range is an :class:`UnsupportedModelError`.
 - ``device="cuda"``: device code cannot raise, so the index is wrapped and clamped
   with Relax ops instead (memory-safe, no error).
@@ -44,6 +47,7 @@ from tvm.script import tirx as T
 
 from bscompile.errors import UnsupportedModelError
 from bscompile.passes.rewrite import rewrite_relax_functions
+from bscompile.sites import SITE, attr
 
 ERROR_FUNC = "bscompile.index_error"
 tvm_ffi.register_error(UnsupportedModelError)  # keeps its class when raised through the pass infrastructure
@@ -63,15 +67,18 @@ def _static(shape) -> tuple[int, ...] | None:
         return None
 
 
-def check_kernel(shape: tuple[int, ...], dtype: str, bounds: tuple[int, ...], wrap: bool,
-                 prefix: str, suffix: str) -> tirx.PrimFunc:
+def check_kernel(shape: tuple[int, ...], dtype: str, bounds: tuple[int, ...] = (), wrap: bool = False,
+                 prefix: str = "", suffix: str = "") -> tirx.PrimFunc:
     """``y = x`` (wrapped if ``wrap``); element ``i`` must lie in ``[-b, b)`` (``[0, b)``),
-    ``b = bounds[i % len(bounds)]`` (one bound per coordinate of ``gather_nd`` indices)."""
-    n = max(int(np.prod(shape, dtype=np.int64)), 1)
+    ``b = bounds[i % len(bounds)]`` (one bound per coordinate of ``gather_nd`` indices).
+    Without ``bounds``: a plain copy, written as a flat loop so that TVM does not turn it
+    back into a reshape (a view), as ``OwnOutputs`` needs."""
+    n = int(np.prod(shape, dtype=np.int64))
     k = len(bounds)
+    checked = k > 0
 
     def bound(i):  # a constant, or a select over the coordinate i % k
-        e = tirx.const(bounds[-1], dtype)
+        e = tirx.const(bounds[-1] if checked else 0, dtype)
         for j in range(k - 2, -1, -1):
             e = tirx.Select(i % k == j, tirx.const(bounds[j], dtype), e)
         return e
@@ -89,9 +96,10 @@ def check_kernel(shape: tuple[int, ...], dtype: str, bounds: tuple[int, ...], wr
             xf = T.decl_buffer((n,), dtype, data=x.data)
             yf = T.decl_buffer((n,), dtype, data=y.data)
             for i in range(n):
-                if xf[i] < low(i) or xf[i] >= bound(i):
-                    T.evaluate(T.call_packed(ERROR_FUNC, prefix, T.Cast("int64", xf[i]), T.Cast("int64", low(i)),
-                                             T.Cast("int64", bound(i)), suffix))
+                if checked:
+                    if xf[i] < low(i) or xf[i] >= bound(i):
+                        T.evaluate(T.call_packed(ERROR_FUNC, prefix, T.Cast("int64", xf[i]),
+                                                 T.Cast("int64", low(i)), T.Cast("int64", bound(i)), suffix))
                 yf[i] = wrapped(xf[i], i)
 
     return check_index
@@ -101,6 +109,7 @@ def check_kernel(shape: tuple[int, ...], dtype: str, bounds: tuple[int, ...], wr
 class _Guard(relax.PyExprMutator):
     def __init__(self, mod: tvm.IRModule, device: str):
         super().__init__(mod)
+        self.mod = mod
         self.device = device
         self.params: set = set()
 
@@ -162,9 +171,35 @@ class _Guard(relax.PyExprMutator):
             return 1, tuple(shape[start:start + idx_shape[-1]]), False
         return None
 
+    def _recurrent_site(self, call: relax.Call) -> dict | None:
+        """The attributes of a recurrent weight site called here (its ``lens`` must lie in [0, seq])."""
+        if not (isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.GlobalVar)
+                and call.op in self.mod.functions):
+            return None
+        site = attr(self.mod[call.op], SITE)
+        return site if site is not None and site["kind"] == "recurrent" else None
+
+    def _guard_lengths(self, binding: relax.VarBinding, site: dict) -> bool:
+        call, seq, pos = binding.value, site["seq"], site["lens_operand"]
+        fields = list(call.args)
+        lens = fields[pos]
+        shape = _static(getattr(lens.ty, "shape", None))
+        if isinstance(lens, tvm.ir.expr.Constant) or shape is None or 0 in shape or self.device == "cuda":
+            return False
+        kernel = check_kernel(shape, str(lens.ty.dtype), (seq + 1,), False,
+                              f"{self._source(lens)} holds sequence length ", "")
+        fields[pos] = self.builder_.emit(relax.call_tir(self.builder_.add_func(kernel, "check_index"), [lens],
+                                                        lens.ty))
+        new = relax.Call(call.op, fields, call.attrs, call.ty_args)
+        self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(new)))
+        return True
+
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         call = binding.value
-        rule = self._rule(call) if isinstance(call, relax.Call) else None
+        site = self._recurrent_site(call)
+        if site is not None and self._guard_lengths(binding, site):
+            return None
+        rule = self._rule(call) if isinstance(call, relax.Call) and site is None else None
         if rule is None:
             return super().visit_var_binding_(binding)
         pos, bounds, native_wrap = rule
@@ -181,7 +216,7 @@ class _Guard(relax.PyExprMutator):
             self._check_constant(x.value.numpy(), bounds, wrap, suffix)
             return super().visit_var_binding_(binding)
         shape = _static(x.ty.shape)
-        if shape is None or not bounds:
+        if shape is None or not bounds or 0 in shape:  # (no element: nothing to check)
             return super().visit_var_binding_(binding)
         if self.device == "cuda":
             checked = self._clamped(x, bounds, wrap, dtype)

@@ -21,27 +21,10 @@ from __future__ import annotations
 
 import tvm
 from tvm import relax
-from tvm.script import tirx as T
+
+from bscompile.passes.check_indices import check_kernel
 
 _VIEWS = tuple(tvm.ir.Op.get(f"relax.{name}") for name in ("reshape", "squeeze", "expand_dims", "flatten"))
-
-
-def copy_kernel(shape: tuple[int, ...], dtype: str) -> tvm.tirx.PrimFunc:
-    """``y = x``, written as a flat loop so TVM does not turn it back into a reshape (a view)."""
-    n = 1
-    for d in shape:
-        n *= int(d)
-
-    @T.prim_func(s_tir=True, private=True)
-    def copy_output(x: T.Buffer(shape, dtype), y: T.Buffer(shape, dtype)):
-        T.func_attr({"tir.noalias": True, "op_pattern": 8})
-        with T.sblock("root"):
-            xf = T.decl_buffer((n,), dtype, data=x.data)
-            yf = T.decl_buffer((n,), dtype, data=y.data)
-            for i in range(n):
-                yf[i] = xf[i]
-
-    return copy_output
 
 
 def _static(ty) -> tuple[int, ...] | None:
@@ -87,10 +70,10 @@ class OwnOutputs:
             shared = (r in params or isinstance(r, tvm.ir.expr.Constant) or any(r.same_as(s) for s in seen))
             seen.append(r)
             shape = _static(f.ty) if isinstance(f.ty, relax.TensorType) else None
-            if not shared or shape is None:
+            if not shared or shape is None or 0 in shape:
                 new_fields.append(f)
                 continue
-            kernel = bb.add_func(copy_kernel(shape, str(f.ty.dtype)), "copy_output")
+            kernel = bb.add_func(check_kernel(shape, str(f.ty.dtype)), "copy_output")  # (no bounds: a copy)
             var = relax.Var("owned", f.ty)
             copies.append(relax.VarBinding(var, bb.normalize(relax.call_tir(kernel, [f], f.ty))))
             new_fields.append(var)

@@ -150,11 +150,13 @@ def test_bundle_runner_checks_inputs(rng, tmp_path, emulator_env):
     np.save(tmp_path / "x.npy", x)
     np.save(tmp_path / "short.npy", x[:, :63])
     np.save(tmp_path / "f64.npy", x.astype(np.float64))
+    np.save(tmp_path / "nan.npy", np.where(x > 1, np.nan, x).astype(np.float32))
     (tmp_path / "junk.npy").write_bytes(b"not numpy")
     out = str(tmp_path / "out")
     for args, rc, message in [
         (["--input", f"x={tmp_path / 'short.npy'}", "--output", out], 1, "has shape [4, 63], expected [4, 64]"),
         (["--input", f"x={tmp_path / 'f64.npy'}", "--output", out], 1, "has dtype float64, expected float32"),
+        (["--input", f"x={tmp_path / 'nan.npy'}", "--output", out], 1, "inputs must be finite"),
         (["--input", f"z={tmp_path / 'x.npy'}", "--output", out], 1, "unknown 'z'; missing 'x'"),
         (["--input", f"x={tmp_path / 'junk.npy'}", "--output", out], 1, "not a .npy file"),
         (["--input", f"x={tmp_path / 'nope.npy'}", "--output", out], 1, "cannot open"),

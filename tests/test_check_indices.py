@@ -205,3 +205,24 @@ def test_index_ops_match_onnxruntime_and_reject_out_of_range(op, compiled, rng):
         with pytest.raises(InputError, match=rf"^input 'ids' holds index {bad} outside \[{lo}, {hi}\) "
                                              "at node idx_node$"):
             mod.run(feeds)
+
+
+def test_sequence_lengths_from_the_caller_are_checked(rng):
+    """A reverse GRU reads x[lens - 1]: lens outside [0, seq] was an out-of-bounds read (segfault)."""
+    seq, batch, inp, hid = 5, 2, 3, 4
+    inits = [onnx.numpy_helper.from_array(rng.standard_normal((1, 3 * hid, inp)).astype(np.float32), "W"),
+             onnx.numpy_helper.from_array(rng.standard_normal((1, 3 * hid, hid)).astype(np.float32), "R")]
+    node = helper.make_node("GRU", ["x", "W", "R", "", "lens"], ["y", "hn"], hidden_size=hid, direction="reverse",
+                            name="gru")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [seq, batch, inp]),
+                                            helper.make_tensor_value_info("lens", TensorProto.INT32, [batch])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [seq, 1, batch, hid])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    mod = bscompile.compile(model).load()
+    x = rng.standard_normal((seq, batch, inp)).astype(np.float32)
+    for lens in ([seq, 3], [0, 1]):
+        feeds = {"x": x, "lens": np.array(lens, np.int32)}
+        np.testing.assert_allclose(mod.run(feeds)["y"], ort_run(model, feeds)["y"], rtol=1e-4, atol=1e-5)
+    for bad in (seq + 1, -1, 10**9):
+        with pytest.raises(InputError, match=rf"^input 'lens' holds sequence length {bad} outside \[0, {seq + 1}\)$"):
+            mod.run({"x": x, "lens": np.array([1, bad], np.int32)})

@@ -65,7 +65,10 @@ def check_supported(model: onnx.ModelProto) -> None:
 
 
 def _elem_dtype(elem_type: int) -> str:
-    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)).name
+    try:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)).name
+    except (KeyError, TypeError, ValueError):  # undefined (0) or unknown element types (found by fuzzing)
+        raise UnsupportedModelError(f"unsupported tensor element type {elem_type}") from None
 
 
 def graph_inputs(model: onnx.ModelProto, overrides: dict[str, tuple[int, ...]] | None) -> list[TensorSpec]:

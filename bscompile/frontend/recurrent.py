@@ -12,7 +12,8 @@ Each direction of a layer becomes two things:
 The recurrent site's operands are ``[xp, R, Rb, h0, c0, seq_lens, peep]``; a GRU
 without linear-before-reset multiplies ``R_h`` by ``r * h`` and has two matrices,
 ``[xp, R_zr, Rb_zr, R_h, Rb_h, h0, c0, seq_lens, peep]``. Its attribute adds ``cell``
-(:class:`CellSpec` JSON), ``seq``, ``batch`` and ``split`` to the common ones.
+(:class:`CellSpec` JSON), ``seq``, ``batch``, ``split`` and ``lens_operand`` (where
+``seq_lens`` is, for CheckIndices) to the common ones.
 Shapes must be static (``T`` and ``B`` are loop bounds of the kernel). Weights fed as
 graph inputs (as in ONNX's own backend tests) work: their sites stay dense.
 """
@@ -164,7 +165,8 @@ def convert_recurrent(kind: str, bb: relax.BlockBuilder, inputs, attr: dict, onn
         r_arr = _const(r_d)
         site = {"kind": "recurrent", "name": f"{onnx_node.input[2]}[{d}]",
                 "fingerprint": fingerprint(r_arr) if r_arr is not None else "", "m": batch,
-                "shape": [gh, hidden], "cell": cell.to_json(), "seq": seq, "batch": batch, "split": split}
+                "shape": [gh, hidden], "cell": cell.to_json(), "seq": seq, "batch": batch, "split": split,
+                "lens_operand": len(operands) - 2}
         state = relax.TensorType((batch, hidden), "float32")
         out = bb.emit(emit_site(bb, site, operands, relax.TupleType(
             [relax.TensorType((seq, batch, hidden), "float32"), state, state]), f"recurrence_{kind}"))

@@ -17,6 +17,7 @@
 #include <sys/types.h>
 
 #include <cerrno>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -257,6 +258,25 @@ void RegisterIndexError() {
       true);
 }
 
+// Inputs must be finite, as in CompiledModule.check_inputs: the generated code skips
+// pruned zeros, so NaN and inf would not propagate as in dense arithmetic.
+void CheckFinite(const std::string& name, const NpyArray& a) {
+  auto scan = [&](auto tag) {
+    using T = decltype(tag);
+    size_t n = a.data.size() / sizeof(T);
+    for (size_t i = 0; i < n; ++i) {
+      T v;
+      std::memcpy(&v, a.data.data() + i * sizeof(T), sizeof(T));
+      if (!std::isfinite(v)) {
+        throw std::runtime_error("input '" + name + "' holds " + std::to_string(v) + " at flat index " + std::to_string(i) +
+                         "; inputs must be finite");
+      }
+    }
+  };
+  if (a.dtype == "float32") scan(float());
+  if (a.dtype == "float64") scan(double());
+}
+
 int Run(const Options& opt) {
   if (opt.help) std::cout << kUsage << std::flush;
   Manifest m = LoadManifest(opt.bundle);
@@ -312,6 +332,7 @@ int Run(const Options& opt) {
     if (a.dtype != s.dtype) {
       throw std::runtime_error("input '" + s.name + "' (" + file + ") has dtype " + a.dtype + ", expected " + s.dtype);
     }
+    CheckFinite(s.name, a);
     arrays.push_back(std::move(a));
   }
   MakeDirs(opt.output_dir);

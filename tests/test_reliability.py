@@ -1,0 +1,203 @@
+"""Regression tests for the bug classes the fuzzing campaign (bench/fuzz.py) found: every
+bad input, model, artifact or argument ends in one line ``bscompile: error: ...`` and
+exit 2, never an internal error, a signal, a traceback or a wrong answer."""
+
+import hashlib
+import io
+import json
+import tarfile
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from onnx_models import OPSET, mlp
+from test_cli_and_artifact import run_cli
+
+import bscompile
+from bscompile import limits
+from bscompile.cli import main
+from bscompile.errors import ArtifactError, InputError, UnsupportedModelError
+
+
+def one_error_line(stderr: str) -> str:
+    lines = [ln for ln in stderr.splitlines() if ln.strip() and not ln.startswith("[bscompile] ")]
+    assert len(lines) == 1 and lines[0].startswith("bscompile: error: "), stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("rel")
+    rng = np.random.default_rng(3)
+    model, _ = mlp([16, 24, 8], 2, ["4x4", "dense"], rng)
+    onnx.save(model, d / "mlp.onnx")
+    bscompile.compile(model).export(d / "mlp.bsc")
+    np.save(d / "x.npy", rng.standard_normal((2, 16)).astype(np.float32))
+    return d
+
+
+@pytest.mark.parametrize("args,message", [
+    (["m.onnx", "--block", "3y"], "argument --block: expected RxC"),
+    (["m.onnx", "--block", "0x4"], "argument --block"),
+    (["m.onnx", "--block", "257x1"], "argument --block"),
+    (["m.onnx", "--input-shape", "x=0,3"], "positive dimensions"),
+    (["run", "m.bsc", "--bench", "-3"], "expected a positive integer"),
+    (["demo", "--runs", "0"], "expected a positive integer"),
+    (["compile", "m.onnx", "--frob\nnicate"], "unrecognized arguments: --frob\\nnicate"),
+    (["nosuchcommand\x1b[2J"], "no such file: nosuchcommand\\x1b[2J"),
+    (["--verbose", "m.onnx", "x\u2028y\x85"], "unrecognized arguments: x\\u2028y\\x85"),  # str.splitlines breaks
+    ([], "the following arguments are required"),
+])
+def test_usage_errors_are_one_line_exit_2(args, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    try:
+        rc = main(args)
+    except SystemExit as e:
+        rc = e.code
+    assert rc == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert message in line
+
+
+def test_folder_as_model_and_artifact(tmp_path, capsys):
+    assert main(["compile", str(tmp_path)]) == 2
+    assert "not a file" in one_error_line(capsys.readouterr().err)
+    assert main(["run", str(tmp_path), "--random"]) == 2
+    assert "is a folder" in one_error_line(capsys.readouterr().err)
+
+
+def _graph_model(nodes, inputs, outputs, inits=(), opset=OPSET):
+    return helper.make_model(helper.make_graph(nodes, "g", inputs, outputs, list(inits)),
+                             opset_imports=[helper.make_opsetid("", opset)])
+
+
+X = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+Y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])
+
+
+def test_control_characters_in_names_stay_on_one_line(tmp_path, capsys):
+    model = _graph_model([helper.make_node("FooBar", ["x"], ["y"], name='fc0"\ntransB')], [X], [Y])
+    onnx.save(model, tmp_path / "m.onnx")
+    assert main(["compile", str(tmp_path / "m.onnx"), "-q"]) == 2
+    assert "unsupported op 'FooBar' at node 'fc0\"\\ntransB'" in one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("opset", [1, 6, 99, -1])
+def test_unknown_opsets_are_refused(opset):
+    model = _graph_model([helper.make_node("Relu", ["x"], ["y"], name="r")], [X], [Y], opset=opset)
+    with pytest.raises(UnsupportedModelError, match=f"unsupported ai.onnx opset {opset}"):
+        bscompile.compile(model)
+
+
+def test_int32_overflow_and_memory_are_refused_before_allocation(monkeypatch):
+    huge = TensorProto(name="w", dims=[100000, 100000], data_type=TensorProto.FLOAT)  # no data: 40 GB declared
+    model = _graph_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+                         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 100000])],
+                         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 100000])], [huge])
+    with pytest.raises(UnsupportedModelError, match=r"weight 'w' has shape \[100000, 100000\]: 10000000000 elements "
+                                                    "overflow the int32 indexing"):
+        bscompile.compile(model)
+    relu = _graph_model([helper.make_node("Relu", ["x"], ["y"], name="r")],
+                        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3])], [Y])
+    with pytest.raises(UnsupportedModelError, match=r"input 'x' has shape \[3000000000, 3\]"):
+        bscompile.compile(relu, input_shapes={"x": (3_000_000_000, 3)})
+    monkeypatch.setattr(limits, "available_memory", lambda: 10 * 2**20)
+    w = numpy_helper.from_array(np.zeros((1024, 2048), np.float32), "w")  # 8 MiB, twice that while compiling
+    model = _graph_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+                         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1024])],
+                         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2048])], [w])
+    with pytest.raises(UnsupportedModelError, match=r"need 0.01 GiB .* 0.01 GiB of memory is available"):
+        bscompile.compile(model)
+
+
+def test_non_finite_weights_and_inputs_are_refused(files):
+    """Pruned zeros are skipped and TVM's max drops NaN: NaN/inf cannot propagate as in onnxruntime."""
+    model = onnx.load(files / "mlp.onnx")
+    w = numpy_helper.to_array(model.graph.initializer[0]).copy()
+    w[3, 5] = np.inf
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, model.graph.initializer[0].name))
+    with pytest.raises(UnsupportedModelError, match=r"weight 'fc0.weight' holds inf at \[3, 5\]; .*finite"):
+        bscompile.compile(model)
+    mod = bscompile.load(files / "mlp.bsc")
+    x = np.load(files / "x.npy")
+    x[1, 2] = np.nan
+    with pytest.raises(InputError, match=r"input 'x' holds nan at \[1, 2\]; inputs must be finite"):
+        mod.run({"x": x})
+
+
+def _members(path):
+    with tarfile.open(path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+
+
+def _write(path, members):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    path.write_bytes(buf.getvalue())
+
+
+def test_broken_artifacts_are_one_line_artifact_errors(files, tmp_path):
+    data = (files / "mlp.bsc").read_bytes()
+    cases = {"empty.bsc": b"", "short.bsc": data[:700], "junk.bsc": b"\x00" * 3000}
+    for name, blob in cases.items():
+        (tmp_path / name).write_bytes(blob)
+        with pytest.raises(ArtifactError) as err:
+            bscompile.load(tmp_path / name)
+        assert "\n" not in str(err.value), name
+    members = _members(files / "mlp.bsc")
+    manifest = json.loads(members["manifest.json"])
+    for bad in ([], {"format_version": 1, "inputs": "x"}, dict(manifest, inputs=[{"name": 1}])):
+        _write(tmp_path / "m.bsc", dict(members, **{"manifest.json": json.dumps(bad).encode()}))
+        with pytest.raises(ArtifactError, match="invalid manifest|not supported"):
+            bscompile.load(tmp_path / "m.bsc")
+
+
+def test_manifest_that_lies_about_inputs_is_an_artifact_error(files, tmp_path):
+    members = _members(files / "mlp.bsc")
+    manifest = json.loads(members["manifest.json"])
+    manifest["inputs"][0]["shape"] = [3, 16]  # and re-signed: the checksum still matches the module
+    manifest["module_sha256"] = hashlib.sha256(members[manifest["module_file"]]).hexdigest()
+    _write(tmp_path / "m.bsc", dict(members, **{"manifest.json": json.dumps(manifest).encode()}))
+    mod = bscompile.load(tmp_path / "m.bsc")
+    with pytest.raises(ArtifactError, match="the module does not take the inputs its manifest lists"):
+        mod.run({"x": np.zeros((3, 16), np.float32)})
+
+
+def test_tvm_and_onnxruntime_noise_is_hidden_errors_are_one_line(files, tmp_path):
+    """Through the real console entry point (fd-level stderr): TVM's "Fast mode segfaults"
+    warnings only with --verbose; a failed compile leaves one line (no TVM destructor warning);
+    --check on a model onnxruntime cannot run is one line, no onnxruntime log lines."""
+    table = numpy_helper.from_array(np.ones((10, 4), np.float32), "table")
+    model = _graph_model([helper.make_node("Gather", ["table", "ids"], ["y"], name="G")],
+                         [helper.make_tensor_value_info("ids", TensorProto.INT64, [3])],
+                         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 4])], [table])
+    onnx.save(model, tmp_path / "g.onnx")
+    rc, _, err = run_cli("g.onnx", "-q", cwd=tmp_path)
+    assert rc == 0 and err == "", err
+    rc, _, err = run_cli("--verbose", "g.onnx", "-q", cwd=tmp_path)
+    assert rc == 0 and "Fast mode segfaults" in err
+    broken = onnx.load(files / "mlp.onnx")
+    broken.graph.initializer.pop()  # a missing initializer: TVM's importer fails half-way
+    onnx.save(broken, tmp_path / "broken.onnx")
+    rc, _, err = run_cli("broken.onnx", "-q", cwd=tmp_path)
+    assert rc == 2 and "ONNX import failed" in one_error_line(err)
+    assert not (tmp_path / "broken.bsc").exists()
+    old = onnx.load(files / "mlp.onnx")
+    old.graph.node[0].op_type = "Relu"  # a model onnxruntime rejects (Relu takes one input)
+    onnx.save(old, tmp_path / "other.onnx")
+    rc, _, err = run_cli("run", files / "mlp.bsc", "--input", f"x={files / 'x.npy'}", "--check", "other.onnx",
+                     cwd=tmp_path)
+    assert rc == 2 and "--check: onnxruntime cannot run other.onnx" in one_error_line(err)
+
+
+def test_undefined_element_type_is_refused():
+    """Found by atheris: an input of element type 0 (undefined) was a KeyError (internal error)."""
+    bad = helper.make_tensor_value_info("x", TensorProto.UNDEFINED, [2, 3])
+    model = _graph_model([helper.make_node("Relu", ["x"], ["y"], name="r")], [bad], [Y])
+    with pytest.raises(UnsupportedModelError, match="unsupported tensor element type 0"):
+        bscompile.compile(model)
