@@ -175,3 +175,16 @@ def test_packing_round_trips(rng):
     assert gp.shape == (2, IN, dl.GATE_ROWS)
     np.testing.assert_array_equal(gp[1, :, :8].T, gw[16:])
     assert (gp[1, :, 8:] == 0).all()
+
+
+def test_quality_study_compute_accounting():
+    """The LM comparison matches compute: a dynamic layer costs keep + in/bs^2 of dense,
+    BP and the narrower dense model are sized to that."""
+    from bscompile.models.dynamic_lm import Run, compute_fraction, dense_width
+
+    d_in, h, bs = 512, 512, 64
+    dyn = compute_fraction(Run("dynamic", h, 0.5), d_in, h, bs)
+    assert dyn == pytest.approx(0.5 + d_in / bs**2)
+    assert compute_fraction(Run("bp", h, dyn), d_in, h, bs) == pytest.approx(dyn)
+    w = dense_width(dyn, d_in, h, multiple=1)
+    assert compute_fraction(Run("dense", w, 1.0), d_in, h, bs) == pytest.approx(dyn, rel=0.01)
