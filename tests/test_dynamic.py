@@ -188,3 +188,28 @@ def test_quality_study_compute_accounting():
     assert compute_fraction(Run("bp", h, dyn), d_in, h, bs) == pytest.approx(dyn)
     w = dense_width(dyn, d_in, h, multiple=1)
     assert compute_fraction(Run("dense", w, 1.0), d_in, h, bs) == pytest.approx(dyn, rel=0.01)
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["no-mask", "static-mask"])
+def test_cpu_kernel_matches_onnxruntime_on_the_exported_file(rng, static):
+    """End to end: the layer's file on onnxruntime vs the dynamic-site kernel fed with the
+    layer's weights packed by dynamic_layout (rtol 1e-4, atol 1e-5, clear-margin inputs)."""
+    import tvm
+
+    from bscompile.codegen import cpu_dynamic
+    from bscompile.target import resolve_target
+
+    m = _model(rng, 0.25, static)
+    batch = 3
+    x = clear_margin_inputs(m, rng, batch)
+    want = _ort(_export(m, dynamo=False), x)
+    alive = None if m.block_mask is None else m.block_mask.reshape(-1).numpy()
+    sched = cpu_dynamic.default_schedule(dl.DynamicShape(IN, OUT, BS, m.k), batch)
+    func = cpu_dynamic.dynamic_linear_kernel(IN, OUT, BS, m.k, batch, sched, m.n_alive)
+    fn = tvm.compile(tvm.IRModule({"k": func.with_attr("global_symbol", "k")}),
+                     target=resolve_target("llvm").tvm_target())["k"]
+    args = (x, dl.pack_tiles(m.weight.detach().numpy(), BS), dl.pack_gate(m.gate.weight.detach().numpy()),
+            dl.pad_gate_bias(m.gate.bias.detach().numpy(), alive), m.bias.detach().numpy())
+    y = tvm.runtime.empty((batch, OUT), "float32")
+    fn(*[tvm.runtime.tensor(a) for a in args], y)
+    np.testing.assert_allclose(y.numpy(), want, rtol=1e-4, atol=1e-5)
