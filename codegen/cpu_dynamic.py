@@ -62,8 +62,8 @@ class DynamicSchedule:
     #: per output block: masked dense product when gathered work >= this x its cost
     dense_fraction: float = 0.9
     #: while multiplying a tile, prefetch the next one row by row (the tiles of a list are
-    #: scattered, so the hardware prefetcher restarts at every tile); off by default: no
-    #: measurable gain on this x86 machine, left for the tuner and for other cores
+    #: scattered, so the hardware prefetcher restarts at every tile); off by default: it
+    #: measured slower on an AMD EPYC (Zen 4); left for the tuner and other cores
     prefetch: bool = False
 
     def to_json(self) -> dict:
@@ -109,7 +109,10 @@ def dynamic_linear_kernel(in_features: int, out_features: int, block: int, k: in
     the number of tiles a static block mask keeps (default ``N``), the normaliser of ``r``.
     """
     shape = DynamicShape(in_features, out_features, block, k)
-    return _kernel(shape, m, schedule, shape.num_tiles if n_alive is None else n_alive)
+    n_alive = shape.num_tiles if n_alive is None else n_alive
+    if not k <= n_alive <= shape.num_tiles:
+        raise ValueError(f"n_alive = {n_alive} must be in [k = {k}, N = {shape.num_tiles}]")
+    return _kernel(shape, m, schedule, n_alive)
 
 
 @functools.lru_cache(maxsize=64)

@@ -103,6 +103,8 @@ def test_exact_ties_keep_every_tied_tile(rng):
     np.testing.assert_allclose(_run(fn, x, w, gw, gb, bias, bs), ref, rtol=1e-4, atol=2e-5 * np.abs(ref).max())
 
 
-def test_schedule_must_tile_the_batch():
+def test_schedule_and_static_mask_are_checked():
     with pytest.raises(ValueError, match="does not tile"):
         cd.dynamic_linear_kernel(128, 256, 32, 4, 3, cd.DynamicSchedule(2, 32, 1, False))
+    with pytest.raises(ValueError, match="n_alive"):
+        cd.dynamic_linear_kernel(128, 256, 32, 4, 1, cd.DynamicSchedule(1, 32, 1, False), n_alive=3)
