@@ -166,9 +166,13 @@ def test_block_mask_rejects_wrong_shape():
 def test_packing_round_trips(rng):
     w = rng.standard_normal((OUT, IN)).astype(np.float32)
     t = dl.pack_tiles(w, BS)
-    assert t.shape == (OUT // BS, IN // BS, BS, BS)
+    assert t.shape == (OUT // BS, IN // BS, 1, BS, BS)
     ob, ib, p, q = 2, 3, 5, 7
-    assert t[ob, ib, p, q] == w[ob * BS + q, ib * BS + p]
+    assert t[ob, ib, 0, p, q] == w[ob * BS + q, ib * BS + p]
+    np.testing.assert_array_equal(dl.unpack_tiles(t), w)
+    t = dl.pack_tiles(w, BS, panel=16)
+    assert t.shape == (OUT // BS, IN // BS, BS // 16, BS, 16)
+    assert t[ob, ib, 2, p, q] == w[ob * BS + 2 * 16 + q, ib * BS + p]
     np.testing.assert_array_equal(dl.unpack_tiles(t), w)
     gw = rng.standard_normal((24, IN)).astype(np.float32)
     gp = dl.pack_gate(gw)
@@ -208,7 +212,7 @@ def test_cpu_kernel_matches_onnxruntime_on_the_exported_file(rng, static):
     func = cpu_dynamic.dynamic_linear_kernel(IN, OUT, BS, m.k, batch, sched, m.n_alive)
     fn = tvm.compile(tvm.IRModule({"k": func.with_attr("global_symbol", "k")}),
                      target=resolve_target("llvm").tvm_target())["k"]
-    args = (x, dl.pack_tiles(m.weight.detach().numpy(), BS), dl.pack_gate(m.gate.weight.detach().numpy()),
+    args = (x, dl.pack_tiles(m.weight.detach().numpy(), BS, sched.rows_tile), dl.pack_gate(m.gate.weight.detach().numpy()),
             dl.pad_gate_bias(m.gate.bias.detach().numpy(), alive), m.bias.detach().numpy())
     y = tvm.runtime.empty((batch, OUT), "float32")
     fn(*[tvm.runtime.tensor(a) for a in args], y)
