@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 import warnings
@@ -152,7 +153,8 @@ def write_results(rows: list[dict], info: dict, cmd: str) -> None:
         "# Dynamic block selection: kernel benchmark",
         "",
         f"`{cmd}` — {info['date']}, {info['cpu']} ({info['cores']} cores, shared with other jobs), "
-        f"{info['threads']} threads, fp32; TVM {info['tvm']}, onnxruntime {info['onnxruntime']}, torch {info.get('torch')}.",
+        f"{info['threads']} thread{'s' if info['threads'] > 1 else ''}, fp32; TVM {info['tvm']}, onnxruntime {info['onnxruntime']}, torch {info.get('torch')}. "
+        f"Host load average (runnable tasks on the {info['cores']} cores) at the start of the run: {info['load']:.1f}.",
         "",
         f"Layer `in = {IN}`, `out = {OUT}`, tiles {BS}x{BS} (N = {(IN // BS) * (OUT // BS)} gates). Median ms per call, "
         f"every call on the next of {N_INPUTS} random inputs, all implementations interleaved. "
@@ -185,8 +187,9 @@ def write_results(rows: list[dict], info: dict, cmd: str) -> None:
               "What limits the speed-up: at batch 1 both kernels stream their weights from memory (the dense "
               f"weight is {IN * OUT * 4 / 2**20:.0f} MiB, more than the last-level cache), so the ratio is bounded "
               f"by the bytes read: selected tiles plus the gate weights, `keep + in/bs^2` = keep + {gate:.3f}, "
-              f"i.e. at most {1 / (0.5 + gate):.2f}x at keep 0.5 and {1 / (0.25 + gate):.2f}x at keep 0.25 "
-              "(gate, selection and lists cost the rest). With more rows per call the union of the rows' "
+              f"i.e. {1 / (0.5 + gate):.2f}x at keep 0.5 and {1 / (0.25 + gate):.2f}x at keep 0.25 from memory "
+              "(the last-level cache keeps part of the gate weights and of the often selected tiles between "
+              "calls, so a measurement can exceed this; gate, selection and lists cost the rest). With more rows per call the union of the rows' "
               "selections approaches every tile (`union` column), the bytes read approach the dense weight plus "
               "the gate, and only the saved multiply-adds remain; the masked dense fallback takes over per output "
               "block when gathering rows would save less than 10% of them.", ""]
@@ -215,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     files = {f"ort_dyn{keep}": _export(layer) for keep, layer in layers.items()}
     files["ort_dense"] = _export(dense)
     common.log(t0, "exported")
-    info = common.machine_info()
+    info = {**common.machine_info(), "load": os.getloadavg()[0]}
     rows = []
     batches = (1,) if args.quick else BATCHES
     for m in batches:
