@@ -102,8 +102,9 @@ def dynamic_linear_kernel(in_features: int, out_features: int, block: int, k: in
     """The PrimFunc of one dynamic site, arguments (all float32, C-contiguous):
 
     - ``x[m, in]``;
-    - ``tiles[nbo, nbi, bs / rows_tile, bs, rows_tile]``: ``W[out, in]`` packed by
-      :func:`dynamic_layout.pack_tiles` with ``panel = schedule.rows_tile``;
+    - ``tiles``: ``W[out, in]`` packed by :func:`dynamic_layout.pack_tiles` with
+      ``panel = schedule.rows_tile``: ``[nbo, nbi, bs, bs]`` when ``rows_tile == bs``,
+      else ``[nbo, nbi, bs / rows_tile, bs, rows_tile]`` (the packing follows the schedule);
     - ``gate_w[ng, in, GATE_ROWS]``: ``Wg[N, in]`` packed by :func:`dynamic_layout.pack_gate`,
       ``ng = ceil(N / GATE_ROWS)``;
     - ``gate_b[ng * GATE_ROWS]``: :func:`dynamic_layout.pad_gate_bias` (``-inf`` on
@@ -316,16 +317,18 @@ def _kernel(shape: DynamicShape, m: int, sched: DynamicSchedule, n_alive: int) -
     # or (gate_parallel, or serial) phases 1 and 4 are one loop each and phases 2-3 run
     # once in between. The chunk a product loop multiplies is ``ch + c2``: one is always 0.
     one_launch = chunks > 1 and not sched.gate_parallel
+    tile_shape = (nbo, nbi, bs, bs) if nrt == 1 else (nbo, nbi, nrt, bs, rt)
     outer_loop, outer = (T.parallel, chunks) if one_launch else (T.serial, 1)
     inner_loop, inner = (T.serial, 1) if one_launch else (chunk_loop, chunks)
     gate_loop = T.parallel if sched.gate_parallel and not one_launch else T.serial
 
     @T.prim_func(s_tir=True)
-    def dynamic_linear(x: T.Buffer((m, fin), "float32"), tiles: T.Buffer((nbo, nbi, nrt, bs, rt), "float32"),
+    def dynamic_linear(x: T.Buffer((m, fin), "float32"), tiles_in: T.Buffer(tile_shape, "float32"),
                        gate_w: T.Buffer((ng, fin, GATE_ROWS), "float32"),
                        gate_b: T.Buffer((ng * GATE_ROWS,), "float32"), bias: T.Buffer((fout,), "float32"),
                        y: T.Buffer((m, fout), "float32")):
         T.func_attr({"tir.noalias": True})
+        tiles = T.decl_buffer((nbo, nbi, nrt, bs, rt), "float32", data=tiles_in.data)  # panel view
         for ch in outer_loop(outer):
             g = T.alloc_buffer((m, ng * GATE_ROWS), "float32")
             kth = T.alloc_buffer((m,), "float32")

@@ -110,3 +110,15 @@ def test_schedule_and_static_mask_are_checked():
         cd.dynamic_linear_kernel(128, 256, 32, 4, 3, cd.DynamicSchedule(2, 32, 1, False))
     with pytest.raises(ValueError, match="n_alive"):
         cd.dynamic_linear_kernel(128, 256, 32, 4, 1, cd.DynamicSchedule(1, 32, 1, False), n_alive=3)
+
+
+def test_packing_must_follow_the_schedule(rng):
+    """Tiles packed for another panel width are refused by the call, never misread."""
+    fin, fout, bs, k = 128, 256, 32, 4
+    fn = _build(fin, fout, bs, k, 2, cd.DynamicSchedule(2, 16, 1, False))
+    n = (fin // bs) * (fout // bs)
+    w = rng.standard_normal((fout, fin)).astype(np.float32)
+    gw = rng.standard_normal((n, fin)).astype(np.float32)
+    x = rng.standard_normal((2, fin)).astype(np.float32)
+    with pytest.raises(Exception, match="ndim|shape"):
+        _run(fn, x, w, gw, np.zeros(n, np.float32), np.zeros(fout, np.float32), bs, bs)

@@ -166,9 +166,9 @@ def test_block_mask_rejects_wrong_shape():
 def test_packing_round_trips(rng):
     w = rng.standard_normal((OUT, IN)).astype(np.float32)
     t = dl.pack_tiles(w, BS)
-    assert t.shape == (OUT // BS, IN // BS, 1, BS, BS)
+    assert t.shape == (OUT // BS, IN // BS, BS, BS)
     ob, ib, p, q = 2, 3, 5, 7
-    assert t[ob, ib, 0, p, q] == w[ob * BS + q, ib * BS + p]
+    assert t[ob, ib, p, q] == w[ob * BS + q, ib * BS + p]
     np.testing.assert_array_equal(dl.unpack_tiles(t), w)
     t = dl.pack_tiles(w, BS, panel=16)
     assert t.shape == (OUT // BS, IN // BS, BS // 16, BS, 16)
