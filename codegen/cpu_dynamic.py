@@ -4,7 +4,7 @@ One kernel computes ``y[m, out]`` of a dynamic site (semantics and packing in
 :mod:`codegen.dynamic_layout`) in four phases:
 
 1. **gate** ``g = x @ Wg.T + bg``, a small dense product (``in/bs^2`` of the dense
-   cost), parallel over groups of ``GATE_ROWS`` scores;
+   cost) over groups of ``GATE_ROWS`` scores;
 2. **selection** per row in O(N): the k-th largest score by a four-pass radix select
    on order-preserving integer keys (one 256-bucket histogram per byte, no sort), then
    ``mask = g >= kth`` (ties keep more than k, as onnxruntime's TopK + GreaterOrEqual)
@@ -17,12 +17,16 @@ One kernel computes ``y[m, out]`` of a dynamic site (semantics and packing in
    masked dense product instead: same tiles, no row gather. Output blocks are then cut
    into ``chunks`` contiguous ranges of equal work (a prefix sum), one per thread;
 4. **tile product**, output-stationary: per output block, the union's tiles stream
-   in order from ``tiles[ob, ib]`` (contiguous, packed by :func:`pack_tiles`); per
-   ``rows_tile``-wide slice and group of ``m_tile`` rows an accumulator tile stays in
-   registers over the ``bs`` inputs, then ``acc_y[row] += r * tile_sum``. Each output
+   in order from ``tiles[ob, ib]`` (contiguous, packed by :func:`pack_tiles` in panels of
+   ``rows_tile`` output rows); per panel and group of ``m_tile`` rows an accumulator
+   tile stays in registers over the ``bs`` inputs, then ``acc_y[row] += r * tile_sum``. Each output
    block belongs to one thread: no atomics.
 
-Phases 1 and 4 are one thread-pool launch each; 2 and 3 are serial (O(m * N)).
+Phases 2 and 3 are O(m * N) scalar work. Threads: either phase 1 and phase 4 are one
+thread-pool launch each and phases 2-3 run once between them on the caller
+(``gate_parallel``), or there is a single launch in which every thread runs phases 1-3
+itself and then phase 4 on its own range: the gate is computed twice, but a pool that
+must not spin (shared cores) wakes once and nobody waits for the slowest thread twice.
 """
 
 from __future__ import annotations
@@ -55,12 +59,14 @@ class DynamicSchedule:
     m_tile: int  # batch rows per register group (divides m)
     rows_tile: int  # output rows per register tile (divides the block)
     chunks: int  # parallel ranges of output blocks, balanced by work (1 = serial)
-    gate_parallel: bool  # parallelise the gate product over groups of scores
+    #: True: the gate is its own parallel launch and selection runs once on the caller;
+    #: False with chunks > 1: one launch, every thread computes gate and selection itself
+    gate_parallel: bool
     #: per output block: masked dense product when gathered work >= this x its cost
     dense_fraction: float = 0.9
     #: while multiplying a tile, prefetch the next one row by row (the tiles of a list are
-    #: scattered, so the hardware prefetcher restarts at every tile); off by default: no
-    #: measurable gain on this x86 machine, left for the tuner and for other cores
+    #: scattered, so the hardware prefetcher restarts at every tile); off by default: it
+    #: measured slower on an AMD EPYC (Zen 4); left for the tuner and other cores
     prefetch: bool = False
 
     def to_json(self) -> dict:
@@ -70,20 +76,28 @@ class DynamicSchedule:
 
 
 def default_schedule(shape: DynamicShape, m: int, vector_lanes: int = 8, threads: int = 2) -> DynamicSchedule:
-    """Register tiles of at most :func:`_acc_registers` vectors, preferring whole tile rows
-    (``rows_tile = block``: a tile streams from memory once, row by row) over more batch
-    rows per group: a narrower slice walks each tile once per slice with a stride, which
-    costs more than re-reading a tile from L2 for the next row group. Parallel when the
-    expected work (gate + selected tiles) is well above a thread-pool wake-up."""
+    """Batch 1: whole tiles (one panel, ``block / lanes`` accumulators): each tile streams
+    from memory once, row by row. Larger batches: panels of two vectors and up to 4 rows
+    per group, so a panel (``block x 2 lanes``, 16 KiB at bs 128 with AVX-512) stays in L1
+    while every row group of the tile passes over it; whole tiles would be re-read from
+    L2 per group, half the FMA rate (measured at batch 16: 1.5x faster with panels of 32
+    than with whole tiles). Parallel when the expected work (gate + selected tiles) is
+    well above a thread-pool wake-up.
+    """
     regs = _acc_registers(vector_lanes)
-    vecs = -(-shape.block // vector_lanes)
-    mt = max(d for d in range(1, 5) if m % d == 0 and d * vecs <= regs) if vecs <= regs else 1
-    rt = shape.block
-    while -(-rt // vector_lanes) > regs and rt % 2 == 0:
-        rt //= 2
-    work = m * shape.in_features * (shape.num_tiles + shape.k * shape.block * shape.block // shape.in_features)
-    par = work >= PARALLEL_MIN_WORK
-    return DynamicSchedule(mt, rt, threads if par and shape.nbo > 1 else 1, par)
+    if m == 1:
+        mt, rt = 1, shape.block
+        while -(-rt // vector_lanes) > regs and rt % 2 == 0:
+            rt //= 2
+    else:
+        rt = 2 * vector_lanes if shape.block % (2 * vector_lanes) == 0 else shape.block
+        mt = max(d for d in range(1, 5) if m % d == 0 and d * -(-rt // vector_lanes) <= regs)
+    gate = m * shape.in_features * shape.num_tiles
+    work = gate + m * shape.k * shape.block * shape.block
+    chunks = threads if work >= PARALLEL_MIN_WORK and shape.nbo > 1 else 1
+    # one launch with the gate computed by every thread while the gate is a small part
+    # of the work (small batches); a separate parallel gate launch beyond that
+    return DynamicSchedule(mt, rt, chunks, gate_parallel=chunks > 1 and m > 4)
 
 
 def dynamic_linear_kernel(in_features: int, out_features: int, block: int, k: int, m: int,
@@ -91,7 +105,9 @@ def dynamic_linear_kernel(in_features: int, out_features: int, block: int, k: in
     """The PrimFunc of one dynamic site, arguments (all float32, C-contiguous):
 
     - ``x[m, in]``;
-    - ``tiles[nbo, nbi, bs, bs]``: ``W[out, in]`` packed by :func:`dynamic_layout.pack_tiles`;
+    - ``tiles``: ``W[out, in]`` packed by :func:`dynamic_layout.pack_tiles` with
+      ``panel = schedule.rows_tile``: ``[nbo, nbi, bs, bs]`` when ``rows_tile == bs``,
+      else ``[nbo, nbi, bs / rows_tile, bs, rows_tile]`` (the packing follows the schedule);
     - ``gate_w[ng, in, GATE_ROWS]``: ``Wg[N, in]`` packed by :func:`dynamic_layout.pack_gate`,
       ``ng = ceil(N / GATE_ROWS)``;
     - ``gate_b[ng * GATE_ROWS]``: :func:`dynamic_layout.pad_gate_bias` (``-inf`` on
@@ -103,7 +119,10 @@ def dynamic_linear_kernel(in_features: int, out_features: int, block: int, k: in
     the number of tiles a static block mask keeps (default ``N``), the normaliser of ``r``.
     """
     shape = DynamicShape(in_features, out_features, block, k)
-    return _kernel(shape, m, schedule, shape.num_tiles if n_alive is None else n_alive)
+    n_alive = shape.num_tiles if n_alive is None else n_alive
+    if not k <= n_alive <= shape.num_tiles:
+        raise ValueError(f"n_alive = {n_alive} must be in [k = {k}, N = {shape.num_tiles}]")
+    return _kernel(shape, m, schedule, n_alive)
 
 
 @functools.lru_cache(maxsize=64)
@@ -119,7 +138,6 @@ def _kernel(shape: DynamicShape, m: int, sched: DynamicSchedule, n_alive: int) -
     # gate: row groups of up to 4, chains over the inputs so FMAs overlap their latency
     gmt = max(d for d in range(1, 5) if m % d == 0)
     gq = max(d for d in range(1, max(1, 8 // gmt) + 1) if fin % d == 0)
-    gate_loop = T.parallel if sched.gate_parallel else T.serial
     chunk_loop = T.parallel if chunks > 1 else T.serial
     dense_groups = m // mt  # groups of a masked dense tile
     # masked dense when gathered groups * 1 >= dense_fraction * union * dense_groups (integer test)
@@ -133,7 +151,16 @@ def _kernel(shape: DynamicShape, m: int, sched: DynamicSchedule, n_alive: int) -
             if first:
                 for ln in T.unroll(lines):
                     T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0",
-                                                  T.address_of(tiles[pf_ob, pf_ib, p, ln * 16]), 0, 3, 1))
+                                                  T.address_of(tiles[pf_ob, pf_ib, 0, p, ln * 16]), 0, 3, 1))
+
+    @T.macro
+    def flush(acc, acc_y, lrow, lscale, ob, u, j0, rc, nrows):
+        """acc_y[row] += scale * acc for list entries j0 .. j0 + nrows - 1."""
+        for jj in T.unroll(nrows):
+            row = T.Bind(lrow[ob, u, j0 + jj])
+            s = T.Bind(lscale[ob, u, j0 + jj])
+            for q in T.vectorized(rt):
+                acc_y[row, rc * rt + q] = acc_y[row, rc * rt + q] + acc[jj, q] * s
 
     @T.macro
     def tile_group(tiles, x, acc_y, lrow, lscale, ob, ib, u, j0, rc, pf_ob, pf_ib, first):
@@ -148,56 +175,38 @@ def _kernel(shape: DynamicShape, m: int, sched: DynamicSchedule, n_alive: int) -
             for j in T.unroll(mt):
                 xv = T.Bind(x[lrow[ob, u, j0 + j], ib * bs + p])
                 for q in T.vectorized(rt):
-                    acc[j, q] = acc[j, q] + tiles[ob, ib, p, rc * rt + q] * xv
-        for j in T.unroll(mt):
-            row = T.Bind(lrow[ob, u, j0 + j])
-            s = T.Bind(lscale[ob, u, j0 + j])
-            for q in T.vectorized(rt):
-                acc_y[row, rc * rt + q] = acc_y[row, rc * rt + q] + acc[j, q] * s
+                    acc[j, q] = acc[j, q] + tiles[ob, ib, rc, p, q] * xv
+        flush(acc, acc_y, lrow, lscale, ob, u, j0, rc, mt)
 
-    @T.prim_func(s_tir=True)
-    def dynamic_linear(x: T.Buffer((m, fin), "float32"), tiles: T.Buffer((nbo, nbi, bs, bs), "float32"),
-                       gate_w: T.Buffer((ng, fin, GATE_ROWS), "float32"),
-                       gate_b: T.Buffer((ng * GATE_ROWS,), "float32"), bias: T.Buffer((fout,), "float32"),
-                       y: T.Buffer((m, fout), "float32")):
-        T.func_attr({"tir.noalias": True})
-        g = T.alloc_buffer((m, ng * GATE_ROWS), "float32")
-        kth = T.alloc_buffer((m,), "float32")
-        scale = T.alloc_buffer((m,), "float32")
-        lrow = T.alloc_buffer((nbo, nbi, m_pad), "int32")  # rows of union tile u of block ob
-        lscale = T.alloc_buffer((nbo, nbi, m_pad), "float32")
-        utile = T.alloc_buffer((nbo, nbi), "int32")  # union tile u of block ob -> ib
-        ugroups = T.alloc_buffer((nbo, nbi), "int32")  # row groups of union tile u
-        ucnt = T.alloc_buffer((nbo,), "int32")
-        wpre = T.alloc_buffer((nbo + 1,), "int32")  # prefix sum of work per output block
-        bounds = T.alloc_buffer((chunks + 1,), "int32")
-        hist = T.alloc_buffer((256,), "int32")
-        st = T.alloc_buffer((4,), "int32")  # prefix, remaining, found, count
-        fsum = T.alloc_buffer((1,), "float32")
-
-        # 1. gate scores
-        for grp in gate_loop(ng):
-            for mo in T.serial(m // gmt):
-                gacc = T.alloc_buffer((gq, gmt, GATE_ROWS), "float32")
-                for c in T.unroll(gq):
-                    for j in T.unroll(gmt):
-                        for v in T.vectorized(GATE_ROWS):
-                            gacc[c, j, v] = T.float32(0)
-                for io in T.serial(fin // gq):
-                    for c in T.unroll(gq):
-                        for j in T.unroll(gmt):
-                            xv = T.Bind(x[mo * gmt + j, io * gq + c])
-                            for v in T.vectorized(GATE_ROWS):
-                                gacc[c, j, v] = gacc[c, j, v] + gate_w[grp, io * gq + c, v] * xv
+    @T.macro
+    def gate_group(x, gate_w, gate_b, g, grp):
+        """g[:, grp*GATE_ROWS : +GATE_ROWS] = x @ Wg[group].T + bg, gq chains over the inputs."""
+        for mo in T.serial(m // gmt):
+            gacc = T.alloc_buffer((gq, gmt, GATE_ROWS), "float32")
+            for c in T.unroll(gq):
                 for j in T.unroll(gmt):
                     for v in T.vectorized(GATE_ROWS):
-                        g[mo * gmt + j, grp * GATE_ROWS + v] = gate_b[grp * GATE_ROWS + v] + gacc[0, j, v]
-                    for c in T.serial(gq - 1):
+                        gacc[c, j, v] = T.float32(0)
+            for io in T.serial(fin // gq):
+                for c in T.unroll(gq):
+                    for j in T.unroll(gmt):
+                        xv = T.Bind(x[mo * gmt + j, io * gq + c])
                         for v in T.vectorized(GATE_ROWS):
-                            g[mo * gmt + j, grp * GATE_ROWS + v] = g[mo * gmt + j, grp * GATE_ROWS + v] + gacc[c + 1, j, v]
+                            gacc[c, j, v] = gacc[c, j, v] + gate_w[grp, io * gq + c, v] * xv
+            for j in T.unroll(gmt):
+                for v in T.vectorized(GATE_ROWS):
+                    g[mo * gmt + j, grp * GATE_ROWS + v] = gate_b[grp * GATE_ROWS + v] + gacc[0, j, v]
+                for c in T.serial(gq - 1):
+                    for v in T.vectorized(GATE_ROWS):
+                        g[mo * gmt + j, grp * GATE_ROWS + v] = g[mo * gmt + j, grp * GATE_ROWS + v] + gacc[c + 1, j, v]
 
-        # 2. selection: radix select of the k-th largest key, byte by byte from the top.
-        # key = bits ^ ((bits >> 31) & 0x7fffffff) orders int32 keys like the floats.
+    @T.macro
+    def selection(g, kth, scale, st):
+        """kth[b]: radix select of the k-th largest key, byte by byte from the top;
+        scale[b] = sum(kept scores) / n_alive. key = bits ^ ((bits >> 31) & 0x7fffffff)
+        orders the int32 keys like the floats."""
+        hist = T.alloc_buffer((256,), "int32")
+        fsum = T.alloc_buffer((1,), "float32")
         for b in T.serial(m):
             st[0] = 0  # prefix: the key's bytes found so far (arithmetic shift of the key)
             st[1] = k  # rank still to find among the candidates
@@ -230,7 +239,10 @@ def _kernel(shape: DynamicShape, m: int, sched: DynamicSchedule, n_alive: int) -
                     fsum[0] = fsum[0] + g[b, n]
             scale[b] = fsum[0] / T.float32(n_alive)
 
-        # 3. tile lists per output block, and their work
+    @T.macro
+    def tile_lists(g, kth, scale, lrow, lscale, utile, ugroups, ucnt, wpre, bounds, st):
+        """Per output block: union tiles, their rows (or every row: masked dense), the work
+        prefix sum, and ``bounds``: contiguous ranges of output blocks of equal work."""
         wpre[0] = 0
         for ob in T.serial(nbo):
             st[3] = 0  # union tiles so far
@@ -267,7 +279,6 @@ def _kernel(shape: DynamicShape, m: int, sched: DynamicSchedule, n_alive: int) -
                         ugroups[ob, u] = dense_groups
                 st[0] = st[3] * dense_groups
             wpre[ob + 1] = wpre[ob] + st[0] + 1
-        # contiguous ranges of output blocks with equal work, one per chunk
         bounds[0] = 0
         st[0] = 1
         for ob in T.serial(nbo):
@@ -279,28 +290,66 @@ def _kernel(shape: DynamicShape, m: int, sched: DynamicSchedule, n_alive: int) -
             if c >= st[0]:
                 bounds[c] = nbo
 
-        # 4. output-stationary tile product, one chunk of output blocks per thread
-        for ch in chunk_loop(chunks):
-            acc_y = T.alloc_buffer((m, bs), "float32")
-            for ob in T.serial(bounds[ch], bounds[ch + 1]):
-                for b in T.serial(m):
-                    for q in T.vectorized(bs):
-                        acc_y[b, q] = T.float32(0)
-                for u in T.serial(ucnt[ob]):
-                    ib = T.Bind(utile[ob, u])
-                    # the next tile in this chunk's order: the next of the list, else the
-                    # first of the next output block (any in-bounds tile will do at the end)
-                    last = T.Bind(u + 1 >= ucnt[ob])
-                    pf_ob = T.Bind(T.if_then_else(last, T.min(ob + 1, nbo - 1), ob))
-                    pf_ib = T.Bind(T.if_then_else(last, utile[T.min(ob + 1, nbo - 1), 0],
-                                                  utile[ob, T.min(u + 1, nbi - 1)]))
-                    for rc in T.serial(nrt):
-                        for grp in T.serial(ugroups[ob, u]):
-                            tile_group(tiles, x, acc_y, lrow, lscale, ob, ib, u, grp * mt, rc,
-                                       pf_ob, pf_ib, rc == 0 and grp == 0)
-                for b in T.serial(m):
-                    for q in T.vectorized(bs):
-                        y[b, ob * bs + q] = acc_y[b, q] + bias[ob * bs + q]
+    @T.macro
+    def product(tiles, x, bias, y, lrow, lscale, utile, ugroups, ucnt, ob_lo, ob_hi):
+        """Output-stationary tile product over output blocks [ob_lo, ob_hi)."""
+        acc_y = T.alloc_buffer((m, bs), "float32")
+        for ob in T.serial(ob_lo, ob_hi):
+            for b in T.serial(m):
+                for q in T.vectorized(bs):
+                    acc_y[b, q] = T.float32(0)
+            for u in T.serial(ucnt[ob]):
+                ib = T.Bind(utile[ob, u])
+                # the next tile in this chunk's order: the next of the list, else the
+                # first of the next output block (any in-bounds tile will do at the end)
+                last = T.Bind(u + 1 >= ucnt[ob])
+                pf_ob = T.Bind(T.if_then_else(last, T.min(ob + 1, nbo - 1), ob))
+                pf_ib = T.Bind(T.if_then_else(last, utile[T.min(ob + 1, nbo - 1), 0],
+                                              utile[ob, T.min(u + 1, nbi - 1)]))
+                for rc in T.serial(nrt):
+                    for grp in T.serial(ugroups[ob, u]):
+                        tile_group(tiles, x, acc_y, lrow, lscale, ob, ib, u, grp * mt, rc,
+                                   pf_ob, pf_ib, rc == 0 and grp == 0)
+            for b in T.serial(m):
+                for q in T.vectorized(bs):
+                    y[b, ob * bs + q] = acc_y[b, q] + bias[ob * bs + q]
+
+    # Either one launch in which every thread computes the gate, the selection and the
+    # lists itself (redundant work, ~in/bs^2 of the dense product, instead of a second
+    # wake-up of the pool and a wait for its slowest thread) and multiplies its own range,
+    # or (gate_parallel, or serial) phases 1 and 4 are one loop each and phases 2-3 run
+    # once in between. The chunk a product loop multiplies is ``ch + c2``: one is always 0.
+    one_launch = chunks > 1 and not sched.gate_parallel
+    tile_shape = (nbo, nbi, bs, bs) if nrt == 1 else (nbo, nbi, nrt, bs, rt)
+    outer_loop, outer = (T.parallel, chunks) if one_launch else (T.serial, 1)
+    inner_loop, inner = (T.serial, 1) if one_launch else (chunk_loop, chunks)
+    gate_loop = T.parallel if sched.gate_parallel and not one_launch else T.serial
+
+    @T.prim_func(s_tir=True)
+    def dynamic_linear(x: T.Buffer((m, fin), "float32"), tiles_in: T.Buffer(tile_shape, "float32"),
+                       gate_w: T.Buffer((ng, fin, GATE_ROWS), "float32"),
+                       gate_b: T.Buffer((ng * GATE_ROWS,), "float32"), bias: T.Buffer((fout,), "float32"),
+                       y: T.Buffer((m, fout), "float32")):
+        T.func_attr({"tir.noalias": True})
+        tiles = T.decl_buffer((nbo, nbi, nrt, bs, rt), "float32", data=tiles_in.data)  # panel view
+        for ch in outer_loop(outer):
+            g = T.alloc_buffer((m, ng * GATE_ROWS), "float32")
+            kth = T.alloc_buffer((m,), "float32")
+            scale = T.alloc_buffer((m,), "float32")
+            lrow = T.alloc_buffer((nbo, nbi, m_pad), "int32")  # rows of union tile u of block ob
+            lscale = T.alloc_buffer((nbo, nbi, m_pad), "float32")
+            utile = T.alloc_buffer((nbo, nbi), "int32")  # union tile u of block ob -> ib
+            ugroups = T.alloc_buffer((nbo, nbi), "int32")  # row groups of union tile u
+            ucnt = T.alloc_buffer((nbo,), "int32")
+            wpre = T.alloc_buffer((nbo + 1,), "int32")  # prefix sum of work per output block
+            bounds = T.alloc_buffer((chunks + 1,), "int32")
+            st = T.alloc_buffer((4,), "int32")  # scalar state of the selection and the lists
+            for grp in gate_loop(ng):
+                gate_group(x, gate_w, gate_b, g, grp)
+            selection(g, kth, scale, st)
+            tile_lists(g, kth, scale, lrow, lscale, utile, ugroups, ucnt, wpre, bounds, st)
+            for c2 in inner_loop(inner):
+                product(tiles, x, bias, y, lrow, lscale, utile, ugroups, ucnt, bounds[ch + c2], bounds[ch + c2 + 1])
 
     return dynamic_linear.without_attr("global_symbol")
 

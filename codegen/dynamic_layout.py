@@ -121,23 +121,34 @@ def dynamic_linear(x: np.ndarray, w: np.ndarray, gate_w: np.ndarray, gate_b: np.
     return y.astype(np.float32), r
 
 
-def pack_tiles(w: np.ndarray, block: int) -> np.ndarray:
-    """``W[out, in]`` -> ``tiles[nbo, nbi, bs_in, bs_out]`` (float32, C-contiguous).
+def pack_tiles(w: np.ndarray, block: int, panel: int | None = None) -> np.ndarray:
+    """``W[out, in]`` -> ``tiles[nbo, nbi, bs_in, bs_out]``, or with ``panel < bs``
+    ``tiles[nbo, nbi, bs / panel, bs_in, panel]`` (float32, C-contiguous).
 
-    ``tiles[ob, ib, p, q] = W[ob*bs + q, ib*bs + p]``: the tiles of one output block are
-    adjacent (an output-stationary kernel streams them in order of ``ib``), and inside a
-    tile the innermost axis runs over the output rows, the axis the kernels vectorise,
-    like the ``[c, r]`` blocks of :class:`BSRMatrix`."""
+    ``tiles[ob, ib, p, q] = W[ob*bs + q, ib*bs + p]`` and with panels
+    ``tiles[ob, ib, c, p, q] = W[ob*bs + c*panel + q, ib*bs + p]``: the tiles of one output
+    block are adjacent (an output-stationary kernel streams them in order of ``ib``), and
+    inside a tile the output rows are innermost, the axis the kernels vectorise (like the
+    ``[c, r]`` blocks of :class:`BSRMatrix`). Panels let a kernel that keeps ``panel``
+    outputs of several batch rows in registers walk contiguous memory, one panel after
+    the other, instead of strided slices of whole tile rows."""
     out_f, in_f = w.shape
+    panel = block if panel is None else panel
+    if block % panel:
+        raise ValueError(f"panel {panel} must divide the block {block}")
     nbo, nbi = out_f // block, in_f // block
-    t = np.asarray(w, np.float32).reshape(nbo, block, nbi, block).transpose(0, 2, 3, 1)
+    t = np.asarray(w, np.float32).reshape(nbo, block // panel, panel, nbi, block).transpose(0, 3, 1, 4, 2)
+    if panel == block:
+        t = t[:, :, 0]
     return np.ascontiguousarray(t)
 
 
 def unpack_tiles(tiles: np.ndarray) -> np.ndarray:
     """Inverse of :func:`pack_tiles`."""
-    nbo, nbi, bs, _ = tiles.shape
-    return np.ascontiguousarray(tiles.transpose(0, 3, 1, 2).reshape(nbo * bs, nbi * bs))
+    if tiles.ndim == 4:
+        tiles = tiles[:, :, None]
+    nbo, nbi, npan, bs, panel = tiles.shape
+    return np.ascontiguousarray(tiles.transpose(0, 2, 4, 1, 3).reshape(nbo * npan * panel, nbi * bs))
 
 
 def pack_gate(gate_w: np.ndarray) -> np.ndarray:

@@ -10,8 +10,8 @@ pass uses only ops that both ONNX exporters map to standard ONNX (``Gemm``/``Mat
 threshold, so ties keep more than ``k`` tiles.
 
 The block-wise product is written as per-input-block partial products
-``P[b, ib, ob, q] = x[b, ib, :] @ W_tile[ib, ob]`` scaled by ``r[b, ib, ob]`` and
-summed over ``ib``: onnxruntime computes every tile (the dense cost); the compiler's
+``P[ib, b, ob, q] = x[b, ib, :] @ W_tile[ib, ob]`` (one batched MatMul over ``ib``)
+scaled by ``r[b, ib, ob]`` and summed over ``ib``: onnxruntime computes every tile (the dense cost); the compiler's
 kernels compute only the selected ones.
 """
 
@@ -86,12 +86,13 @@ class DynamicBlockLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        r = self.gates(x2).reshape(-1, self.nbi, self.nbo, 1)
-        # w3[ib, p, o] = weight[o, ib*bs + p]
+        r = self.gates(x2).reshape(-1, self.nbi, self.nbo, 1).transpose(0, 1)  # [nbi, B, nbo, 1]
+        # w3[ib, p, o] = weight[o, ib*bs + p]; one batched product per input block, batch
+        # over ib (broadcasting over the examples would copy the weight once per example)
         w3 = self.weight.t().reshape(self.nbi, self.block, self.out_features)
-        part = torch.matmul(x2.reshape(-1, self.nbi, 1, self.block), w3)  # [B, nbi, 1, out]
-        part = part.reshape(-1, self.nbi, self.nbo, self.block)
-        y = (part * r).sum(dim=1).reshape(*lead, self.out_features)
+        part = torch.matmul(x2.reshape(-1, self.nbi, self.block).transpose(0, 1), w3)  # [nbi, B, out]
+        part = part.reshape(self.nbi, -1, self.nbo, self.block)
+        y = (part * r).sum(dim=0).reshape(*lead, self.out_features)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:

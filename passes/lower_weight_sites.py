@@ -80,7 +80,9 @@ class _Lowerer(relax.PyExprMutator):
         bb, kind, family = self.builder_, site_kind(site["kind"]), self.family
         tuned = layout.get("schedules") or []
         if kind.pack is not None:  # a layout of the kind's own: one kernel, one schedule
-            args, stored = kind.pack(site, operands, layout)
+            sched = (family.schedule_from_json(site, tuned[0]) if tuned
+                     else family.default_schedule(site, None, site["m"]))
+            args, stored = kind.pack(site, operands, layout, sched)
             mats, stats = [], [None]
         else:
             mats, packed = [], []

@@ -41,10 +41,12 @@ from bscompile.sites import (Matrix, SiteKind, const_array, emit_site, fingerpri
                              register_site_kind)
 
 
-def _pack(site: dict, operands, layout: dict) -> tuple[list[relax.Expr], int]:
-    """``[x, tiles, gate_w, gate_b, bias]``: the argument list of ``cpu_dynamic.dynamic_linear_kernel``."""
+def _pack(site: dict, operands, layout: dict, schedule) -> tuple[list[relax.Expr], int]:
+    """``[x, tiles, gate_w, gate_b, bias]``: the arguments of the dynamic kernels; the tiles are
+    whole, or in panels of the schedule's ``rows_tile`` outputs when it asks for narrower ones."""
     x, w, bias, gw, gb, alive = operands
-    arrays = [pack_tiles(const_array(w), site["block"]), pack_gate(const_array(gw)),
+    arrays = [pack_tiles(const_array(w), site["block"], getattr(schedule, "rows_tile", None)),
+              pack_gate(const_array(gw)),
               pad_gate_bias(const_array(gb), const_array(alive)), const_array(bias).astype(np.float32)]
     return [x, *(relax.const(a) for a in arrays)], sum(a.nbytes for a in arrays)
 

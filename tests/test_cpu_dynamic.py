@@ -24,9 +24,9 @@ def _build(fin, fout, bs, k, m, sched, n_alive=None):
     return tvm.compile(tvm.IRModule({"k": func}), target=resolve_target("llvm").tvm_target())["k"]
 
 
-def _run(fn, x, w, gw, gb, bias, bs, alive=None):
+def _run(fn, x, w, gw, gb, bias, bs, panel, alive=None):
     y = tvm.runtime.empty((x.shape[0], w.shape[0]), "float32")
-    args = (x, dl.pack_tiles(w, bs), dl.pack_gate(gw), dl.pad_gate_bias(gb, alive), bias)
+    args = (x, dl.pack_tiles(w, bs, panel), dl.pack_gate(gw), dl.pad_gate_bias(gb, alive), bias)
     fn(*[tvm.runtime.tensor(a) for a in args], y)
     return y.numpy()
 
@@ -49,8 +49,10 @@ CASES = [
     # (in, out, block, keep, m, schedule overrides, static mask, gate bias shift)
     (256, 384, 64, 0.5, 1, {}, False, 0.0),
     (256, 384, 64, 0.5, 2, {"prefetch": True, "m_tile": 1}, False, 0.0),  # software prefetch of the next tile
-    (256, 384, 64, 0.25, 3, {}, False, 0.0),  # m_tile 3, rows_tile < block
+    (256, 384, 64, 0.25, 3, {}, False, 0.0),  # m_tile 3
+    (256, 384, 64, 0.5, 8, {"m_tile": 8, "rows_tile": 16}, False, 0.0),  # 4 panels per tile
     (256, 512, 64, 0.5, 4, {"chunks": 2, "gate_parallel": True}, False, 0.0),  # parallel, balanced chunks
+    (256, 512, 64, 0.25, 4, {"chunks": 3, "gate_parallel": False}, False, 0.0),  # one launch, gate per thread
     (256, 384, 32, 0.5, 16, {}, False, 0.0),  # union ~ everything: masked dense per output block
     (256, 384, 64, 0.5, 8, {"dense_fraction": 0.0}, False, 0.0),  # always masked dense
     (256, 384, 64, 0.5, 8, {"dense_fraction": 2.0, "m_tile": 4}, False, 0.0),  # never: gathered rows, padding
@@ -78,7 +80,7 @@ def test_dynamic_kernel_matches_numpy(rng, fin, fout, bs, keep, m, over, static,
     gb = (rng.standard_normal(n) + shift).astype(np.float32)
     bias = rng.standard_normal(fout).astype(np.float32)
     x = _margin_rows(rng, m, fin, gw, gb, k, alive)
-    y = _run(fn, x, w, gw, gb, bias, bs, alive)
+    y = _run(fn, x, w, gw, gb, bias, bs, sched.rows_tile, alive)
     ref, r = dl.dynamic_linear(x, w, gw, gb, bias, bs, k, alive)
     assert ((r != 0).sum(1) == k).all()
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=2e-5 * np.abs(ref).max(), err_msg=str(sched))
@@ -96,12 +98,27 @@ def test_exact_ties_keep_every_tied_tile(rng):
     w = rng.standard_normal((fout, fin)).astype(np.float32)
     bias = np.zeros(fout, np.float32)
     x = rng.standard_normal((2, fin)).astype(np.float32)
-    fn = _build(fin, fout, bs, k, 2, cd.default_schedule(dl.DynamicShape(fin, fout, bs, k), 2))
+    sched = cd.default_schedule(dl.DynamicShape(fin, fout, bs, k), 2)
+    fn = _build(fin, fout, bs, k, 2, sched)
     ref, r = dl.dynamic_linear(x, w, gw, gb, bias, bs, k)
     assert ((r != 0).sum(1) == 5).all()
-    np.testing.assert_allclose(_run(fn, x, w, gw, gb, bias, bs), ref, rtol=1e-4, atol=2e-5 * np.abs(ref).max())
+    np.testing.assert_allclose(_run(fn, x, w, gw, gb, bias, bs, sched.rows_tile), ref, rtol=1e-4, atol=2e-5 * np.abs(ref).max())
 
 
-def test_schedule_must_tile_the_batch():
+def test_schedule_and_static_mask_are_checked():
     with pytest.raises(ValueError, match="does not tile"):
         cd.dynamic_linear_kernel(128, 256, 32, 4, 3, cd.DynamicSchedule(2, 32, 1, False))
+    with pytest.raises(ValueError, match="n_alive"):
+        cd.dynamic_linear_kernel(128, 256, 32, 4, 1, cd.DynamicSchedule(1, 32, 1, False), n_alive=3)
+
+
+def test_packing_must_follow_the_schedule(rng):
+    """Tiles packed for another panel width are refused by the call, never misread."""
+    fin, fout, bs, k = 128, 256, 32, 4
+    fn = _build(fin, fout, bs, k, 2, cd.DynamicSchedule(2, 16, 1, False))
+    n = (fin // bs) * (fout // bs)
+    w = rng.standard_normal((fout, fin)).astype(np.float32)
+    gw = rng.standard_normal((n, fin)).astype(np.float32)
+    x = rng.standard_normal((2, fin)).astype(np.float32)
+    with pytest.raises(Exception, match="ndim|shape"):
+        _run(fn, x, w, gw, np.zeros(n, np.float32), np.zeros(fout, np.float32), bs, bs)

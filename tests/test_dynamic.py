@@ -170,8 +170,50 @@ def test_packing_round_trips(rng):
     ob, ib, p, q = 2, 3, 5, 7
     assert t[ob, ib, p, q] == w[ob * BS + q, ib * BS + p]
     np.testing.assert_array_equal(dl.unpack_tiles(t), w)
+    t = dl.pack_tiles(w, BS, panel=16)
+    assert t.shape == (OUT // BS, IN // BS, BS // 16, BS, 16)
+    assert t[ob, ib, 2, p, q] == w[ob * BS + 2 * 16 + q, ib * BS + p]
+    np.testing.assert_array_equal(dl.unpack_tiles(t), w)
     gw = rng.standard_normal((24, IN)).astype(np.float32)
     gp = dl.pack_gate(gw)
     assert gp.shape == (2, IN, dl.GATE_ROWS)
     np.testing.assert_array_equal(gp[1, :, :8].T, gw[16:])
     assert (gp[1, :, 8:] == 0).all()
+
+
+def test_quality_study_compute_accounting():
+    """The LM comparison matches compute: a dynamic layer costs keep + in/bs^2 of dense,
+    BP and the narrower dense model are sized to that."""
+    from bscompile.models.dynamic_lm import Run, compute_fraction, dense_width
+
+    d_in, h, bs = 512, 512, 64
+    dyn = compute_fraction(Run("dynamic", h, 0.5), d_in, h, bs)
+    assert dyn == pytest.approx(0.5 + d_in / bs**2)
+    assert compute_fraction(Run("bp", h, dyn), d_in, h, bs) == pytest.approx(dyn)
+    w = dense_width(dyn, d_in, h, multiple=1)
+    assert compute_fraction(Run("dense", w, 1.0), d_in, h, bs) == pytest.approx(dyn, rel=0.01)
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["no-mask", "static-mask"])
+def test_cpu_kernel_matches_onnxruntime_on_the_exported_file(rng, static):
+    """End to end: the layer's file on onnxruntime vs the dynamic-site kernel fed with the
+    layer's weights packed by dynamic_layout (rtol 1e-4, atol 1e-5, clear-margin inputs)."""
+    import tvm
+
+    from bscompile.codegen import cpu_dynamic
+    from bscompile.target import resolve_target
+
+    m = _model(rng, 0.25, static)
+    batch = 3
+    x = clear_margin_inputs(m, rng, batch)
+    want = _ort(_export(m, dynamo=False), x)
+    alive = None if m.block_mask is None else m.block_mask.reshape(-1).numpy()
+    sched = cpu_dynamic.default_schedule(dl.DynamicShape(IN, OUT, BS, m.k), batch)
+    func = cpu_dynamic.dynamic_linear_kernel(IN, OUT, BS, m.k, batch, sched, m.n_alive)
+    fn = tvm.compile(tvm.IRModule({"k": func.with_attr("global_symbol", "k")}),
+                     target=resolve_target("llvm").tvm_target())["k"]
+    args = (x, dl.pack_tiles(m.weight.detach().numpy(), BS, sched.rows_tile), dl.pack_gate(m.gate.weight.detach().numpy()),
+            dl.pad_gate_bias(m.gate.bias.detach().numpy(), alive), m.bias.detach().numpy())
+    y = tvm.runtime.empty((batch, OUT), "float32")
+    fn(*[tvm.runtime.tensor(a) for a in args], y)
+    np.testing.assert_allclose(y.numpy(), want, rtol=1e-4, atol=1e-5)
