@@ -11,6 +11,9 @@ Contract
       r    = r0 / (sum(r0, -1, keepdims) / n_alive)
       y    = reshape(sum(reshape(matmul(reshape(x, [M, nbi, 1, bs]), W3), [M, nbi, nbo, bs])
                          * reshape(r, [M, nbi, nbo, 1]), axis=1), [M, out]) (+ bias)
+             or, batched over the input blocks,
+             reshape(sum(reshape(matmul(permute(reshape(x, [M, nbi, bs])), W3), [nbi, M, nbo, bs])
+                         * permute(reshape(r, [M, nbi, nbo, 1])), axis=0), [M, out]) (+ bias)
 
   matched with relax.dpl patterns, whatever order the commutative ops take.
 - Output: when every constant is consistent (``N = nbi * nbo = WgT.shape[1]``,
@@ -64,10 +67,14 @@ _KTH = is_op("relax.strided_slice")(is_tuple_get_item(_TOPK, 0), wildcard(), wil
 _R0 = is_op("relax.multiply")(_GATE, is_op("relax.astype")(is_op("relax.greater_equal")(_SCORES, _KTH)))
 _SUM_R0 = is_op("relax.sum")(_R0)
 _R = is_op("relax.divide")(_R0, is_op("relax.divide")(_SUM_R0, _N))
-_XR = is_op("relax.reshape")(_X, wildcard())
-_PART = is_op("relax.reshape")(is_op("relax.matmul")(_XR, _W3), wildcard())
+# the tile products, broadcast over the examples (x as [M, nbi, 1, bs]) or batched over the
+# input blocks (x as [nbi, M, bs]); the gates laid out to match
+_XR, _XB = is_op("relax.reshape")(_X, wildcard()), is_op("relax.reshape")(_X, wildcard())
+_XT = is_op("relax.permute_dims")(_XB)
+_PART = is_op("relax.reshape")(is_op("relax.matmul")(_XR | _XT, _W3), wildcard())
 _RR = is_op("relax.reshape")(_R, wildcard())
-_TILESUM = is_op("relax.sum")(is_op("relax.multiply")(_PART, _RR))
+_RT = is_op("relax.permute_dims")(_RR)
+_TILESUM = is_op("relax.sum")(is_op("relax.multiply")(_PART, _RR | _RT))
 _Y = is_op("relax.reshape")(_TILESUM, wildcard())
 _BIASED = is_op("relax.add")(_Y, _BIAS)
 
@@ -122,9 +129,16 @@ def _prove(m: dict) -> dict | None:
     if (_ints(s.attrs.axis) not in ([-1], [1]) or not bool(s.attrs.keepdims) or norm.size != 1
             or float(norm.item()) != float(n_alive)):
         return None
-    if (_shape(m[_XR]) != (rows, nbi, 1, bs) or _shape(m[_PART]) != (rows, nbi, nbo, bs)
-            or _shape(m[_RR]) != (rows, nbi, nbo, 1) or _ints(m[_TILESUM].attrs.axis) != [1]
-            or bool(m[_TILESUM].attrs.keepdims) or _shape(m[_Y]) != (rows, fout)):
+    batched = _XT in m
+    if batched:  # [nbi, M, ...]: both operands of the tile product transposed alike
+        ok = (_shape(m[_XB]) == (rows, nbi, bs) and _ints(m[_XT].attrs.axes) == [1, 0, 2]
+              and _RT in m and _ints(m[_RT].attrs.axes) == [1, 0, 2, 3]
+              and _shape(m[_PART]) == (nbi, rows, nbo, bs) and _ints(m[_TILESUM].attrs.axis) == [0])
+    else:
+        ok = (_shape(m[_XR]) == (rows, nbi, 1, bs) and _RT not in m and _shape(m[_PART]) == (rows, nbi, nbo, bs)
+              and _ints(m[_TILESUM].attrs.axis) == [1])
+    if (not ok or _shape(m[_RR]) != (rows, nbi, nbo, 1) or bool(m[_TILESUM].attrs.keepdims)
+            or _shape(m[_Y]) != (rows, fout)):
         return None
     shape = DynamicShape(fin, fout, bs, k)
     return {"x": x, "w": np.ascontiguousarray(w3.reshape(fin, fout).T), "wg": np.ascontiguousarray(wg_t.T),
