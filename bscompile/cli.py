@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(see `bscompile targets`) or a TVM target JSON dict")
         sp.add_argument("--cpu", help="LLVM CPU model for CPU targets, e.g. cortex-a76")
         sp.add_argument("--arch", help="GPU architecture for the cuda target, e.g. sm_80, sm_90")
+        sp.add_argument("--persistent-rnn", action="store_true",
+                        help="cuda: run recurrent layers on the opt-in persistent kernel (Zhu et al.: weights on "
+                             "chip for all steps; the grid must be co-resident)")
         sp.add_argument("--dense", action="store_true", help="compile bscompile's dense path (no sparsity)")
         sp.add_argument("--block", type=_block_arg, metavar="RxC",
                         help="force this block shape on every weight with zeros")
@@ -145,6 +148,10 @@ def _compile_kwargs(args) -> dict:
         from bscompile.target import with_arch  # cuda targets
 
         target = with_arch(target, args.arch)
+    if args.persistent_rnn:
+        from bscompile.target import with_persistent_rnn
+
+        target = with_persistent_rnn(target)
     return dict(target=target, cpu=args.cpu, input_shapes=dict(args.input_shape) or None,
                 sparse=not args.dense, block=args.block)
 

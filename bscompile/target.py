@@ -3,6 +3,7 @@ rest of bscompile needs to know about it. Adding a target is a table entry."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 
@@ -11,7 +12,7 @@ from tvm.target import codegen
 
 from bscompile.codegen.cpu import CpuFamily
 from bscompile.codegen.cpu_cost import MACHINES
-from bscompile.codegen.cuda import CudaFamily
+from bscompile.codegen.cuda_family import CudaFamily
 from bscompile.codegen.family import KernelFamily
 from bscompile.errors import BscompileError
 
@@ -24,6 +25,7 @@ class TargetSpec:
     vector_lanes: int = 8  # fp32 lanes of the CPU's vector registers
     cross_compiler: str | None = None  # C++ compiler that links the module, when not the host's
     description: str = ""
+    persistent_rnn: bool = False  # cuda: recurrent layers on the opt-in persistent kernel
 
     @property
     def arch(self) -> str:
@@ -47,7 +49,7 @@ class TargetSpec:
     def kernel_family(self) -> KernelFamily:
         """The kernels, schedule space and machine model this target compiles with."""
         if self.device == "cuda":
-            return CudaFamily.for_arch(self.machine)
+            return CudaFamily.for_arch(self.machine, self.persistent_rnn)
         return CpuFamily(MACHINES[self.machine])
 
 
@@ -100,6 +102,14 @@ def with_arch(target: str | dict | TargetSpec, arch: str) -> TargetSpec:
     if arch not in CUDA_ARCHS:
         raise BscompileError(f"unknown CUDA architecture '{arch}'; known: {', '.join(CUDA_ARCHS)}")
     return _from_json(dict(spec.target, arch=arch))
+
+
+def with_persistent_rnn(target: str | dict | TargetSpec) -> TargetSpec:
+    """``--persistent-rnn``: the cuda target with recurrent layers on the persistent kernel."""
+    spec = target if isinstance(target, TargetSpec) else resolve_target(target)
+    if spec.device != "cuda":
+        raise BscompileError(f"--persistent-rnn applies to the cuda target, not '{spec.name}'")
+    return dataclasses.replace(spec, persistent_rnn=True)
 
 
 #: Named targets. Values are factories so that host detection runs only when asked for.

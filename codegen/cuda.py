@@ -1,8 +1,8 @@
 """TIR kernels for CUDA GPUs: block-sparse (and dense) linear layers and recurrent layers.
 
 Same calling conventions as :mod:`codegen.cpu` (see :class:`bscompile.sites.SiteKind`);
-:class:`CudaFamily` bundles the kernels with their schedule space and the GPU machine
-model of :mod:`codegen.cuda_cost`.
+:class:`codegen.cuda_family.CudaFamily` bundles the kernels with their schedule space
+and the GPU machine model of :mod:`codegen.cuda_cost`.
 
 Linear kernel (``y[M, N] = x[M, K] @ W.T + bias``, W in BSR with blocks stored
 transposed, ``data[nnzb, c, r]``): one **warp per block row**, ``warps`` block rows
@@ -56,9 +56,8 @@ import tvm
 from tvm.script import tirx as T
 
 from bscompile.codegen.cpu import LayoutKey
-from bscompile.codegen.cuda_cost import GPUS, GpuModel, estimate_time
-from bscompile.codegen.cuda_dynamic import CudaDynamicGenerator
-from bscompile.codegen.family import Generator, KernelFamily
+from bscompile.codegen.cuda_cost import GpuModel, estimate_time
+from bscompile.codegen.family import Generator
 from bscompile.codegen.layout import BlockShape, BlockStats, BSRMatrix
 from bscompile.codegen.recurrent_cells import CellSpec, gate_update
 
@@ -77,13 +76,15 @@ class CudaSchedule:
     m_tile: int = 1  # batch rows per warp pass (accumulators per lane = m_tile * vec)
     vec: int = 4  # block rows per lane: 4 = float4 (128-bit) weight loads
     stage_x: bool = True  # stage x[m_tile, K] in shared memory
+    #: recurrent sites: the opt-in persistent kernel of :mod:`codegen.cuda_persistent`
+    persistent: bool = False
 
     def to_json(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_json(cls, d: dict) -> "CudaSchedule":
-        return cls(**{k: d[k] for k in ("warps", "m_tile", "vec", "stage_x") if k in d})
+        return cls(**{k: d[k] for k in ("warps", "m_tile", "vec", "stage_x", "persistent") if k in d})
 
 
 def _m_tile(m: int) -> int:
@@ -554,18 +555,3 @@ class CudaBlockRowGenerator(Generator):
         return estimate_time(self.gpu, nnz_blocks=stats.nnz_blocks, r=block.r, c=block.c,
                              num_block_rows=stats.padded_shape[0] // block.r, m=m, m_tile=_m_tile(m), n=n, k=k,
                              recurrent_steps=1 if self.recurrent else 0)
-
-
-class CudaFamily(KernelFamily):
-    """NVIDIA GPUs of one architecture (``--arch``), with its GPU model."""
-
-    name = "cuda"
-
-    def __init__(self, gpu: GpuModel):
-        self.gpu = gpu
-        self.generators = {"linear": CudaBlockRowGenerator(gpu, False),
-                           "recurrent": CudaBlockRowGenerator(gpu, True), "dynamic_linear": CudaDynamicGenerator(gpu)}
-
-    @classmethod
-    def for_arch(cls, arch: str) -> "CudaFamily":
-        return cls(GPUS[arch])

@@ -29,15 +29,17 @@ each of 72 blocks (sm_80 / sm_90 only); at 70% sparsity it does not fit. The arg
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 import tvm
 from tvm.script import tirx as T
 
-from bscompile.codegen.cuda import WARP, CudaSchedule, _m_tile, _warp_block_row
-from bscompile.codegen.layout import BSRMatrix
+from bscompile.codegen.cuda import WARP, CudaBlockRowGenerator, CudaSchedule, _m_tile, _warp_block_row
+from bscompile.codegen.layout import BlockStats, BSRMatrix
 from bscompile.codegen.recurrent_cells import CellSpec, gate_update
+from bscompile.errors import UnsupportedModelError
 
 #: No stamp yet (slot 1 before step 0 publishes).
 _NO_STAMP = 0xFFFFFFFF
@@ -273,3 +275,23 @@ def recurrent_kernel(cell: CellSpec, mats: list[BSRMatrix], seq: int, batch: int
                                         hts[1 - par, b, j] = pack(h_out[b, j], t + 1)
 
     return recurrence_persistent_cuda.without_attr("global_symbol")
+
+
+class PersistentGenerator(CudaBlockRowGenerator):
+    """Recurrent sites on the persistent kernel (``--persistent-rnn``): opted into, so a
+    layer that does not fit is a one-line error rather than a silent fallback."""
+
+    def __init__(self, gpu):
+        super().__init__(gpu, recurrent=True)
+
+    def default_schedule(self, site: dict, stats: BlockStats, m: int) -> CudaSchedule:
+        return dataclasses.replace(super().default_schedule(site, stats, m), persistent=True)
+
+    def kernel(self, site: dict, mats: list[BSRMatrix], scheds: list[CudaSchedule]) -> tvm.tirx.PrimFunc:
+        if not scheds[0].persistent:
+            return super().kernel(site, mats, scheds)
+        try:
+            return recurrent_kernel(CellSpec.from_json(site["cell"]), mats, site["seq"], site["batch"], scheds)
+        except PersistentUnsupported as err:
+            raise UnsupportedModelError(f"recurrent weight '{site['name']}' cannot run persistent ({err}); "
+                                        "compile without --persistent-rnn") from None

@@ -229,3 +229,27 @@ def test_reference_is_not_vacuous(rng):
     a = W.recurrent_reference(case, xp, rs, [np.zeros(32, np.float32)], h0, c0, lens, peep)
     b = W.recurrent_reference(case, xp, rs, [np.zeros(32, np.float32)], h0 + 0.1, c0, lens, peep)
     assert np.abs(a[0] - b[0]).max() > 1e-3
+
+
+def test_persistent_rnn_artifact_under_the_emulator(rng, tmp_path):
+    """`--persistent-rnn`: the recurrence is one persistent launch for all steps (not one per
+    step); the artifact, run by the emulator, equals onnxruntime."""
+    import onnx
+    from onnx_models import recurrent
+
+    import bscompile
+    from bscompile.target import with_persistent_rnn
+
+    model = recurrent("GRU", 16, 64, 7, 2, 1, False, "8x8", rng)
+    onnx.save(model, tmp_path / "gru.onnx")
+    art = bscompile.compile(model, target=with_persistent_rnn("cuda"))
+    assert [w["decision"]["schedule"]["persistent"] for w in art.manifest.weights] == [False, True]
+    art.export(tmp_path / "gru.bsc")
+    np.save(tmp_path / "x.npy", rng.standard_normal((7, 2, 16)).astype(np.float32))
+    proc = subprocess.run([sys.executable, "-m", "bscompile.cli", "run", str(tmp_path / "gru.bsc"), "--emulate",
+                           "--input", f"x={tmp_path / 'x.npy'}", "--check", str(tmp_path / "gru.onnx")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    launches = int(proc.stdout.split("cuda emulator: ")[1].split()[0])
+    assert launches < 7, proc.stdout  # fewer launches than steps: the steps run inside one kernel
+    assert proc.stdout.count("(ok, rtol 0.0001 atol 1e-05)") == 2, proc.stdout
