@@ -236,7 +236,7 @@ class _Guard(relax.PyExprMutator):
 
     def _clamped(self, x, bounds, wrap, dtype):
         bb = self.builder_
-        n = relax.const(np.array(bounds if len(bounds) > 1 else bounds[0], dtype))
+        n = relax.const(np.array(bounds if len(bounds) > 1 else bounds[0], dtype), dtype)
         if wrap:
             x = bb.emit(relax.op.where(relax.op.less(x, relax.const(0, dtype)), relax.op.add(x, n), x))
         hi = relax.const(np.array(bounds, dtype) - 1 if len(bounds) > 1 else bounds[0] - 1, dtype)

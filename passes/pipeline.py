@@ -40,7 +40,7 @@ def phases(plan: CompilePlan) -> list[tuple[str, list[tvm.transform.Pass]]]:
         ("sites", [Conv1dToMatmul(), OutlineLinearSites()]),
         ("analyze", [AnalyzeSparsity(plan), ChooseLayout(plan)]),
         ("lower", [LowerWeightSites(plan)]),
-        ("finalize", [*simplify, OwnOutputs()]),
+        ("finalize", [*simplify, OwnOutputs(plan.kernels.name)]),
     ]
 
 
