@@ -41,7 +41,8 @@ STATE = Path.home() / ".cache" / "bscompile" / "repro"
 class Setup:
     """Sizes of one reproduction; ``name`` keys its state directory (change it when sizes change)."""
 
-    name: str = "gru512"
+    name: str = "gru512-pystd"
+    corpus: str = "pydoc+stdlib"
     hidden_large: int = 512
     layers: int = 1
     emb: int = 64
@@ -50,7 +51,7 @@ class Setup:
     target: float = 0.9
     lam_gl: float = 1e-3  # GL alone: large λ_g
     lam_glp: float = 1e-4  # GLP: small λ_g next to BP
-    val_chars: int | None = None  # None: the whole validation split
+    val_chars: int | None = 100_000  # the pydoc part (46k) and the first 54k of the stdlib part
     sparsity_sweep: tuple[float, ...] = (0.5, 0.8, 0.95)
     block_sweep: tuple[tuple[int, int], ...] = ((8, 8), (16, 16), (32, 32), (12, 2))
     reduction_sweep: tuple[str, ...] = ("mean", "rms", "geomean", "median")
@@ -61,6 +62,7 @@ class Setup:
 
 QUICK = Setup(
     name="quick",
+    corpus="pydoc",
     hidden_large=24,
     emb=8,
     train=TrainConfig(iters=24, batch=8, seq=16, lr=3e-3, log_every=12, eval_every=12),
@@ -127,7 +129,7 @@ def machine() -> str:
 
 
 def corpus_for(s: Setup) -> Corpus:
-    corpus = load_corpus()
+    corpus = load_corpus(source=s.corpus)
     if s.val_chars:
         corpus = Corpus(corpus.vocab, corpus.train, corpus.val[: s.val_chars], corpus.sha256)
     return corpus
@@ -190,7 +192,7 @@ def bench(s: Setup, state: Path, repeat: int = 20, ref_key: str = "dense-large-s
     ref_path = state / f"{ref_key}.onnx"
     if not ref_path.exists():
         raise SystemExit(f"bscompile: error: {ref_path} not trained yet; bench needs the dense reference")
-    tokens = load_corpus().val[: s.export_seq].view(1, -1).numpy()
+    tokens = corpus_for(s).val[: s.export_seq].view(1, -1).numpy()
     feeds = {"tokens": tokens}
     dense = bscompile.compile(str(ref_path)).load()
     for f in sorted(state.glob("*.onnx")):
@@ -236,7 +238,9 @@ def collect(s: Setup, state: Path, threads: int) -> dict[str, Any]:
         "runs": runs,
         "setup": asdict(s),
         "vocab": len(corpus.vocab),
-        "corpus": f"pydoc_data.topics of Python {platform.python_version()} (sha256 {corpus.sha256}); "
+        "corpus": f"{s.corpus}: " + ("pydoc_data.topics and the top-level standard-library modules' source"
+                                    if s.corpus == "pydoc+stdlib" else "pydoc_data.topics")
+        + f" of Python {platform.python_version()} (sha256 {corpus.sha256}); "
         f"{len(corpus.train)} train / {len(corpus.val)} validation characters",
         "threads": threads,
         "train_wall_s": sum(r["wall_s"] for r in runs),
@@ -411,6 +415,11 @@ def per_layer(g: dict[str, list[dict[str, Any]]]) -> list[str]:
 
 
 CAVEATS = [
+    "- Corpus: on pydoc_data.topics alone (0.42 M training characters, ~10 epochs in this budget) the dense",
+    "  hidden-512 model overfit — validation bpc 1.974, 1.849, 1.804, 1.785, 1.788 at iterations 500…2500 while",
+    "  training bpc fell to 1.31 (aborted run, same settings) — so a comparison there would measure",
+    "  regularisation, not capacity. The papers train on far more data than their models can memorise, so this",
+    "  reproduction adds the standard library's top-level modules: ~0.9 epoch in the budget, no memorising.",
     "- The papers prune DeepSpeech-scale speech models (tens of millions of weights, hundreds of hours of",
     "  audio, many epochs); this is a ~1M-weight character LM on ~0.4M characters, trained on one CPU thread.",
     "  Sizes, data and budget differ by orders of magnitude; what transfers is the comparison, not the numbers.",

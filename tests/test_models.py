@@ -36,6 +36,16 @@ def test_corpus_split_is_fixed_and_covers_vocab():
     assert c.encode("def ").tolist() == [c.vocab.index(ch) for ch in "def "]
 
 
+def test_larger_corpus_adds_stdlib_source_split_per_part():
+    small, big = load_corpus(), load_corpus(source="pydoc+stdlib")
+    assert set(small.vocab) <= set(big.vocab) and len(big.train) > 10 * len(small.train)
+    # each part is split 90/10: validation starts with the pydoc tail, then the stdlib tail
+    assert big.decode(big.val[:200]) == small.decode(small.val[:200])
+    assert abs(len(big.val) / (len(big.train) + len(big.val)) - 0.1) < 1e-4
+    with pytest.raises(ValueError, match="unknown corpus"):
+        load_corpus(source="wikipedia")
+
+
 def test_bits_per_char_of_uniform_model_is_log2_vocab():
     m = CharLM(10, emb=4, hidden=8)
     with torch.no_grad():
