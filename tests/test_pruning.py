@@ -176,13 +176,18 @@ def test_lambda_sl_drives_target_mode_and_masks_never_revive(rng):
     assert got_ref == [0.0, 0.25, 0.5, 0.25]
 
 
-def test_narang_scheduler_sets_hand_computed_thresholds():
-    """Paper mode with a given θ: ε at each update iteration is Algorithm 1's value, masks move only then."""
+def _static_wp(n: int):
+    """WP with no ceiling (sparsity_level 1) on a Linear whose weights no optimizer moves."""
     torch.manual_seed(0)
-    lin = nn.Linear(16, 16)
-    w0 = lin.weight.detach().clone()
+    lin = nn.Linear(n, n)
     sp = BlockPruner(1.0, (1, 1))
     sp.prepare(lin, [{"tensor_fqn": "weight"}])
+    return lin, lin.weight.detach().clone(), sp
+
+
+def test_narang_scheduler_sets_hand_computed_thresholds():
+    """Paper mode with a given θ: ε at each update iteration is Algorithm 1's value, masks move only then."""
+    lin, w0, sp = _static_wp(16)
     sched = NarangSL(sp, start_itr=10, ramp_itr=20, end_itr=30, freq=2, theta=0.01, percentile=0.9)
     seen = {}
     for itr in range(1, 36):
@@ -204,13 +209,9 @@ def test_narang_scheduler_sets_hand_computed_thresholds():
 
 def test_paper_mode_theta_from_percentile():
     """Without θ, it comes from the 90th percentile of the scores at the first update; ε alone decides."""
-    torch.manual_seed(0)
-    lin = nn.Linear(64, 64)
-    w0 = lin.weight.detach().clone()
-    sp = BlockPruner(1.0, (1, 1))
-    sp.prepare(lin, [{"tensor_fqn": "weight"}])
+    lin, w0, sp = _static_wp(64)
     sched = NarangSL(sp, 2, 6, 10, 2, percentile=0.9)
-    for _ in range(12):  # weights are static: no optimizer
+    for _ in range(12):
         sp.step()
         sched.step()
     q = float(np.quantile(w0.abs().numpy(), 0.9))
