@@ -105,17 +105,18 @@ def make_config(
     Modules whose name starts with an entry of ``exclude`` are skipped.
     """
     config: list[dict[str, Any]] = []
+    fqn = lambda mod_name, p: f"{mod_name}.{p}" if mod_name else p  # noqa: E731 - the root module has name ""
     for name, mod in model.named_modules():
         if any(name.startswith(e) for e in exclude if e):
             continue
         if isinstance(mod, RNN_TYPES):
             for pname, _ in mod.named_parameters(recurse=False):
                 if pname.startswith("weight_ih"):
-                    config.append({"tensor_fqn": f"{name}.{pname}", **(input_overrides or {})})
+                    config.append({"tensor_fqn": fqn(name, pname), **(input_overrides or {})})
                 elif pname.startswith("weight_hh"):
-                    config.append({"tensor_fqn": f"{name}.{pname}", **(recurrent_overrides or {})})
+                    config.append({"tensor_fqn": fqn(name, pname), **(recurrent_overrides or {})})
         elif linear and isinstance(mod, nn.Linear):
-            config.append({"tensor_fqn": f"{name}.weight", **(input_overrides or {})})
+            config.append({"tensor_fqn": fqn(name, "weight"), **(input_overrides or {})})
     return config
 
 

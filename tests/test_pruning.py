@@ -221,6 +221,24 @@ def test_paper_mode_theta_from_percentile():
     assert torch.equal(lin.weight == 0, w0.abs() < eps)
 
 
+def test_narang_scheduler_per_group_lists():
+    """Input and recurrent weights on their own schedules and targets (lists, one entry per group)."""
+    torch.manual_seed(0)
+    rnn = nn.GRU(16, 16)
+    sp = BlockPruner(0.5, (4, 4))
+    sp.prepare(rnn, make_config(rnn, recurrent_overrides={"sparsity_level": 0.75}))
+    assert [g["tensor_fqn"] for g in sp.groups] == ["weight_ih_l0", "weight_hh_l0"]
+    sched = NarangSL(sp, start_itr=[2, 6], ramp_itr=[4, 8], end_itr=[6, 12], freq=[2, 3])
+    for _ in range(14):
+        sp.step()
+        sched.step()
+    hist = {k: [h[0] for h in v["history"]] for k, v in sp.state.items()}
+    assert set(hist["weight_ih_l0"]) <= {4, 6} and set(hist["weight_hh_l0"]) <= {9, 12}
+    assert sp.sparsity() == {"weight_ih_l0": 0.5, "weight_hh_l0": 0.75}
+    with pytest.raises(ValueError, match="length 2"):
+        NarangSL(sp, [1, 2, 3], 4, 5)
+
+
 def _train_with_pruner(model, pruner, sched, iters, seed=0):
     """Noisy Adam updates so weights move while the schedule runs; records masks."""
     g = torch.Generator().manual_seed(seed)
