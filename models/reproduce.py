@@ -74,7 +74,7 @@ QUICK = Setup(
     export_seq=8,
 )
 
-MAIN = ("dense large", "dense small", "WP", "BP 4x4", "GL 4x4", "GLP 4x4")
+MAIN = ("dense large", "dense small", "WP", "BP 4x4", "GLP 4x4", "GL 4x4")
 BLOCKS = ("WP", "BP 4x4", "BP 8x8", "BP 16x16", "BP 32x32", "BP 12x2")
 REDS = ("BP 4x4", "BP 4x4 mean", "BP 4x4 rms", "BP 4x4 geomean", "BP 4x4 median")
 
@@ -104,8 +104,8 @@ def plan(s: Setup, vocab: int) -> list[tuple[str, int, PruneConfig, int]]:
         ("dense small", small_hidden(vocab, s), PruneConfig("dense"), None),
         ("WP", H, replace(bp, method="wp", block=(1, 1)), None),
         ("BP 4x4", H, bp, None),
-        ("GL 4x4", H, replace(bp, method="gl", lam=s.lam_gl), None),
         ("GLP 4x4", H, replace(bp, method="glp", lam=s.lam_glp), None),
+        ("GL 4x4", H, replace(bp, method="gl", lam=s.lam_gl), None),
     ]
     sweeps = [(f"BP {r}x{c}", H, replace(bp, block=(r, c)), None) for r, c in s.block_sweep]
     sweeps += [(f"BP 4x4 {red}", H, replace(bp, reduction=red), None) for red in s.reduction_sweep]
