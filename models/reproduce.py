@@ -56,6 +56,7 @@ class Setup:
     block_sweep: tuple[tuple[int, int], ...] = ((8, 8), (16, 16), (32, 32), (12, 2))
     reduction_sweep: tuple[str, ...] = ("mean", "rms", "geomean", "median")
     seeds: tuple[int, ...] = (0, 1)
+    sweeps: bool = True  # False: the methods table only
     prune_linear: bool = False  # the output layer to the vocabulary stays dense
     export_seq: int = 64  # characters per sequence in the exported ONNX (end-to-end timing)
 
@@ -112,7 +113,7 @@ def plan(s: Setup, vocab: int) -> list[tuple[str, int, PruneConfig, int]]:
     sweeps += [(f"BP 4x4 @{x:.2f}", H, replace(bp, target=x), None) for x in s.sparsity_sweep]
     sweeps.append(("BP 4x4 fixed θ", H, replace(bp, percentile=0.9), None))  # paper mode: layers may differ
     return [(n, h, pc, seed) for seed in s.seeds for n, h, pc, _ in main] + \
-        [(n, h, pc, seed) for seed in s.seeds for n, h, pc, _ in sweeps]
+        [(n, h, pc, seed) for seed in s.seeds for n, h, pc, _ in sweeps if s.sweeps]
 
 
 def run_key(name: str, seed: int) -> str:
@@ -166,7 +167,7 @@ def run_queue(s: Setup, state: Path, out: Path, threads: int, max_runs: int | No
         (state / f"{key}.ckpt").unlink(missing_ok=True)  # the result and the ONNX file are what is kept
         print(f"== {name} seed {seed}: val_bpc {res['val_bpc']:.4f} sparsity {res['sparsity']:.4f} "
               f"({res['wall_s']:.0f}s)", file=sys.stderr, flush=True)
-        if s is QUICK:
+        if s.name == "quick":
             continue  # main() writes the report once at the end
         try:
             write_all(collect(s, state, threads), out, False)
@@ -238,7 +239,7 @@ def collect(s: Setup, state: Path, threads: int) -> dict[str, Any]:
             r["bench"] = json.loads(b.read_text())
         runs.append(r)
     order = {run_key(n, seed): i for i, (n, _, _, seed) in enumerate(plan(s, len(corpus.vocab)))}
-    runs.sort(key=lambda r: order.get(r["key"], len(order)))
+    runs.sort(key=lambda r: order.get(r["key"], len(order)))  # runs outside the plan (e.g. sweeps) go last
     return {
         "runs": runs,
         "setup": asdict(s),
@@ -252,7 +253,8 @@ def collect(s: Setup, state: Path, threads: int) -> dict[str, Any]:
         "machine": machine(),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "torch": torch.__version__,
-        "command": "nice -n 10 python -m bscompile.models.reproduce" + (" --quick" if s is QUICK else ""),
+        "command": "nice -n 10 python -m bscompile.models.reproduce" + (" --quick" if s.name == "quick" else "")
+        + (f" --iters {s.train.iters}" if "-it" in s.name else "") + ("" if s.sweeps else " --main-only"),
     }
 
 
@@ -402,11 +404,14 @@ def convergence(g: dict[str, list[dict[str, Any]]]) -> list[str]:
         for r in g.get(name, []):
             vals = [(it, v) for it, _, _, v in r["train_curve"] if v is not None]
             tr = r["train_curve"][-1][1]
+            half = [v for it, v in vals if it <= vals[-1][0] // 2]
+            late = f"{vals[-1][1] - half[-1]:+.3f}" if half else "–"
             lines.append(f"| {name} s{r['seed']} | " + ", ".join(f"{it}: {v:.3f}" for it, v in vals)
-                         + f" | {tr:.3f} |")
+                         + f" | {late} | {tr:.3f} |")
     if not lines:
         return ["(not run yet)"]
-    return ["| Run | Validation bpc at iteration | Final training bpc |", "|---|---|---|", *lines]
+    return ["| Run | Validation bpc at iteration | Change over the second half | Final training bpc |",
+            "|---|---|---|---|", *lines]
 
 
 def per_layer(g: dict[str, list[dict[str, Any]]]) -> list[str]:
@@ -454,8 +459,8 @@ def write_report(res: dict[str, Any], out: Path, quick: bool) -> Path:
         "(BP, GL, GLP) on a character-level language model, not their speech models. Lower bits per",
         "character (bpc) is better; *Rel.* uses the papers' sign (negative = worse than dense large).",
         "",
-        f"- Command: `{res['command']}` (resumable; state outside the repository), then "
-        "`python -m bscompile.models.reproduce --bench` and `--report-only`",
+        f"- Command: `{res['command']}` (resumable: re-run to continue; checkpoints outside the repository),",
+        "  then the same command with `--bench` (bscompile timing) and with `--report-only` (these tables)",
         f"- Machine: {res['machine']}; torch {res['torch']}, {res['threads']} training thread(s), shared machine",
         f"- Date: {res['date']}; {len(res['runs'])} of {n_planned} planned runs finished, "
         f"{res['train_wall_s'] / 3600:.1f} h of training",
@@ -543,10 +548,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--hours", type=float, help="start no new run after this many hours")
     ap.add_argument("--bench", action="store_true", help="compile and time every finished run with bscompile")
     ap.add_argument("--report-only", action="store_true", help="re-render results from the state directory")
+    ap.add_argument("--iters", type=int, help="another training budget: its own state and results subfolder")
+    ap.add_argument("--main-only", action="store_true", help="only the methods table (no sweeps)")
     args = ap.parse_args(argv)
     setup = QUICK if args.quick else Setup()
+    if args.iters and not args.quick:
+        t = replace(setup.train, iters=args.iters, eval_every=max(1, args.iters // 8))
+        setup = replace(setup, name=f"{setup.name}-it{args.iters}", train=t)
+    if args.main_only:
+        setup = replace(setup, sweeps=False)
     state = args.state or STATE / setup.name
-    out = args.out or (state / "report" if args.quick else RESULTS)
+    out = args.out or (state / "report" if args.quick else RESULTS if args.iters is None else RESULTS / setup.name)
     if args.bench:
         bench(setup, state)
     elif not args.report_only:
