@@ -203,6 +203,12 @@ def bench(s: Setup, state: Path, repeat: int = 50, ref_key: str = "dense-large-s
     for f in sorted(state.glob("*.onnx")):
         dest = f.with_suffix(".bench.json")
         if dest.exists():
+            rec = json.loads(dest.read_text())
+            if "layouts" not in rec:  # timed before layouts were recorded: plan only, no build
+                from bscompile.driver import analyze_model
+
+                rec["layouts"] = _layouts([site.to_json() for site in analyze_model(str(f))[1].sites])
+                dest.write_text(json.dumps(rec))
             continue
         t0 = time.perf_counter()
         module = dense if f == ref_path else bscompile.compile(str(f)).load()
@@ -220,10 +226,22 @@ def bench(s: Setup, state: Path, repeat: int = 50, ref_key: str = "dense-large-s
         ms, dms = min(times) * 1e3, min(dtimes) * 1e3
         rec = {"ms": ms, "dense_ms": dms, "speedup": dms / ms, "median_ms": statistics.median(times) * 1e3,
                "dense_median_ms": statistics.median(dtimes) * 1e3, "repeat": repeat,
-               "seq": s.export_seq, "compile_s": compile_s, "max_abs_err_vs_onnxruntime": err, "threads": 1}
+               "seq": s.export_seq, "compile_s": compile_s, "max_abs_err_vs_onnxruntime": err, "threads": 1,
+               "layouts": _layouts(module.manifest.weights)}
         dest.write_text(json.dumps(rec))
         print(f"bench {f.stem}: {ms:.3f} ms per {s.export_seq}-char sequence, dense {dms:.3f} ms "
               f"({rec['speedup']:.2f}x), |Δ| vs onnxruntime {err:.2e}", file=sys.stderr, flush=True)
+
+
+def _layouts(weights: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What bscompile chose per weight: kind, shape, layout, block and its estimated speed-up."""
+    out = []
+    for w in weights:
+        d = w.get("decision") or {}
+        est = d["dense_est_time_us"] / d["est_time_us"] if d.get("est_time_us") else None
+        out.append({"kind": w["kind"], "shape": w["shape"], "layout": d.get("layout"), "block": d.get("block"),
+                    "est_speedup": est})
+    return out
 
 
 def collect(s: Setup, state: Path, threads: int) -> dict[str, Any]:
@@ -390,6 +408,8 @@ def targets(g: dict[str, list[dict[str, Any]]]) -> list[str]:
                        ("GLP 4x4", "BP 4x4", "at least as good as"), ("GL 4x4", "GLP 4x4", "clearly worse than")):
         if a in g and b in g:
             out.append(f"target: {a} {want} {b} — {cmp(a, b)}.")
+    if "WP" in g and "dense small" in g:
+        out.append(f"(not a target) WP against the dense model with as many weights: {cmp('WP', 'dense small')}.")
     if "WP" in g and "dense large" in g:
         rel = (bpc(g["WP"]) - bpc(g["dense large"])) / bpc(g["dense large"]) * 100
         out.append(f"target: WP within 10% of dense large — WP is {rel:+.1f}% in bpc "
@@ -412,6 +432,28 @@ def convergence(g: dict[str, list[dict[str, Any]]]) -> list[str]:
         return ["(not run yet)"]
     return ["| Run | Validation bpc at iteration | Change over the second half | Final training bpc |",
             "|---|---|---|---|", *lines]
+
+
+def end_to_end(g: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Measured bscompile time per run next to the layouts it chose and their estimated speed-ups."""
+    rows = []
+    for name, rs in g.items():
+        for r in rs:
+            b = r.get("bench")
+            if not b:
+                continue
+            lay = "; ".join(f"{w['kind']} {w['shape'][0]}x{w['shape'][1]}: {w['layout']}"
+                            + (f" {w['block']}" if w["layout"] not in (None, "dense") else "")
+                            + (f" (est {w['est_speedup']:.1f}x)" if w.get("est_speedup") else "")
+                            for w in b.get("layouts", []))
+            rows.append(f"| {name} s{r['seed']} | {r['sparsity'] * 100:.0f}% | {r['val_bpc']:.4f} | {b['ms']:.3f} "
+                        f"| {b['dense_ms']:.3f} | {b['speedup']:.2f}x | {b['compile_s']:.0f} "
+                        f"| {b['max_abs_err_vs_onnxruntime']:.1e} | {lay} |")
+    if not rows:
+        return ["(not benchmarked yet: run with `--bench`)"]
+    return ["| Run | Sparsity | Val bpc | bscompile ms/seq | dense large ms/seq (same loop) | Speed-up | Compile s "
+            "| max |Δ| vs onnxruntime | Layout per weight (bscompile's estimate) |",
+            "|---|---|---|---|---|---|---|---|---|", *rows]
 
 
 def per_layer(g: dict[str, list[dict[str, Any]]]) -> list[str]:
@@ -508,6 +550,10 @@ def write_report(res: dict[str, Any], out: Path, quick: bool) -> Path:
         *convergence(g),
         "",
         "![learning curves](learning_curves.png)",
+        "",
+        "## End to end: bscompile at batch 1",
+        "",
+        *end_to_end(g),
         "",
         "## Per-layer sparsity reached",
         "",
