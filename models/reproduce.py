@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import re
-import shlex
 import statistics
 import subprocess
 import sys
@@ -300,7 +299,8 @@ def _bench(rs: list[dict[str, Any]], key: str) -> float | None:
     return statistics.median(v) if v else None
 
 
-HEADER = ("| Run | Hidden | Non-zero params (k) | Sparsity | Val bpc (mean ± half-range) | Seeds | Rel. vs dense large "
+HEADER = ("| Run | Hidden | Non-zero params (k) | Sparsity | Val bpc (mean ± half-range) | Seeds "
+          "| Rel. vs dense large "
           "| bscompile ms/seq, batch 1 | Speed-up vs dense large |\n|---|---|---|---|---|---|---|---|---|")
 
 
@@ -360,8 +360,8 @@ def plot(res: dict[str, Any], out: Path) -> list[str]:
                     if pts:
                         a2.plot(*zip(*pts), label=fqn)
     a1.set(xlabel="iteration", ylabel="sparsity (%)", title="Sparsity over training (seed 0)", xlim=(0, iters))
-    a2.set(xlabel="iteration", ylabel="threshold ε (max |w| of a block)", title="BP 4x4 threshold (NarangSL, target mode)",
-           xlim=(0, iters))
+    a2.set(xlabel="iteration", ylabel="threshold ε (max |w| of a block)",
+           title="BP 4x4 threshold (NarangSL, target mode)", xlim=(0, iters))
     for a in (a1, a2):
         if a.get_legend_handles_labels()[0]:
             a.legend(fontsize=6)
