@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.ao.pruning.scheduler.lambda_scheduler import LambdaSL
+from torch.ao.pruning import CubicSL, LambdaSL
 
 from .group_lasso import group_lasso_penalty
 from .schedule import NarangSL
@@ -139,6 +139,7 @@ class PruneConfig:
     updates: int = 60
     prune_linear: bool = True
     percentile: float | None = None  # set: the paper's fixed θ from this quantile; the threshold alone decides
+    schedule: str = "narang"  # or "cubic": torch.ao's CubicSL (Zhu & Gupta) sets sparsity_level over the window
 
     def itrs(self, iters: int) -> tuple[int, int, int, int]:
         """(start_itr, ramp_itr, end_itr, freq) for a run of ``iters`` iterations."""
@@ -168,6 +169,10 @@ def make_pruner(model: nn.Module, prune: PruneConfig, iters: int) -> tuple[Block
         return sp, LambdaSL(sp, StepAt(e))
     sp = BlockPruner(prune.target if prune.percentile is None else 1.0, prune.block, prune.reduction)
     sp.prepare(model, config)
+    if prune.schedule == "cubic":  # sparsity 0 → target along 1 − (1 − t)³ from start to end, masks every step
+        return sp, CubicSL(sp, init_sl=0.0, init_t=s, delta_t=1, total_t=e - s, initially_zero=True)
+    if prune.schedule != "narang":
+        raise ValueError(f"unknown pruning schedule {prune.schedule!r} (narang, cubic)")
     return sp, NarangSL(sp, s, r, e, f, percentile=prune.percentile)
 
 

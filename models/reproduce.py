@@ -74,7 +74,7 @@ QUICK = Setup(
     export_seq=8,
 )
 
-MAIN = ("dense large", "dense small", "WP", "BP 4x4", "GLP 4x4", "GL 4x4")
+MAIN = ("dense large", "dense small", "WP", "BP 4x4", "GLP 4x4", "BP 4x4 cubic", "GLP 4x4 cubic", "GL 4x4")
 BLOCKS = ("WP", "BP 4x4", "BP 8x8", "BP 16x16", "BP 32x32", "BP 12x2")
 REDS = ("BP 4x4", "BP 4x4 mean", "BP 4x4 rms", "BP 4x4 geomean", "BP 4x4 median")
 
@@ -105,6 +105,8 @@ def plan(s: Setup, vocab: int) -> list[tuple[str, int, PruneConfig, int]]:
         ("WP", H, replace(bp, method="wp", block=(1, 1)), None),
         ("BP 4x4", H, bp, None),
         ("GLP 4x4", H, replace(bp, method="glp", lam=s.lam_glp), None),
+        ("BP 4x4 cubic", H, replace(bp, schedule="cubic"), None),
+        ("GLP 4x4 cubic", H, replace(bp, method="glp", lam=s.lam_glp, schedule="cubic"), None),
         ("GL 4x4", H, replace(bp, method="gl", lam=s.lam_gl), None),
     ]
     sweeps = [(f"BP {r}x{c}", H, replace(bp, block=(r, c)), None) for r, c in s.block_sweep]
@@ -348,7 +350,7 @@ def plot(res: dict[str, Any], out: Path) -> list[str]:
     plt.close(fig)
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name in ("WP", "BP 4x4", "GLP 4x4", "GL 4x4", "BP 32x32"):
+    for name in ("WP", "BP 4x4", "GLP 4x4", "BP 4x4 cubic", "GL 4x4", "BP 32x32"):
         for r in g.get(name, [])[:1]:
             for fqn, h in r["prune_history"].items():
                 if h:
@@ -373,7 +375,8 @@ def plot(res: dict[str, Any], out: Path) -> list[str]:
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     sweep = sorted([n for n in g if n == "BP 4x4" or n.startswith("BP 4x4 @")], key=lambda n: g[n][0]["sparsity"])
     series = {"dense": ["dense large", "dense small"], "BP 4x4 sparsity sweep": sweep, "WP": ["WP"], "GL": ["GL 4x4"],
-              "GLP": ["GLP 4x4"], "BP other blocks": [n for n in BLOCKS[2:]]}
+              "GLP": ["GLP 4x4"], "BP / GLP 4x4, cubic schedule": ["BP 4x4 cubic", "GLP 4x4 cubic"],
+              "BP other blocks": [n for n in BLOCKS[2:]]}
     for label, names in series.items():
         names = [n for n in names if n in g]
         if names:
@@ -405,7 +408,9 @@ def targets(g: dict[str, list[dict[str, Any]]]) -> list[str]:
 
     out = []
     for a, b, want in (("BP 4x4", "dense small", "better than"), ("GLP 4x4", "dense small", "better than"),
-                       ("GLP 4x4", "BP 4x4", "at least as good as"), ("GL 4x4", "GLP 4x4", "clearly worse than")):
+                       ("GLP 4x4", "BP 4x4", "at least as good as"), ("GL 4x4", "GLP 4x4", "clearly worse than"),
+                       ("BP 4x4 cubic", "dense small", "better than"), ("GLP 4x4 cubic", "dense small", "better than"),
+                       ("GLP 4x4 cubic", "BP 4x4 cubic", "at least as good as")):
         if a in g and b in g:
             out.append(f"target: {a} {want} {b} — {cmp(a, b)}.")
     if "WP" in g and "dense small" in g:
@@ -440,7 +445,7 @@ def pruning_pace(g: dict[str, list[dict[str, Any]]]) -> list[str]:
     for name, rs in g.items():
         r = rs[0]
         pc, iters = r["prune_config"], r["train_config"]["iters"]
-        if r["method"] in ("wp", "bp", "glp") and pc.get("percentile") is None:
+        if r["method"] in ("wp", "bp", "glp") and pc.get("percentile") is None and pc.get("schedule") != "cubic":
             mid = (pc["start"] + pc["end"]) / 2 * iters
             sp = [x for it, _, x, _ in r["train_curve"] if it <= mid]
             if sp:

@@ -182,15 +182,15 @@ def test_reproduce_quick(tmp_path):
     assert not list((tmp_path / "state").glob("*.ckpt"))  # finished runs leave results, not checkpoints
 
 
-@pytest.mark.parametrize("method", ["bp", "gl"])
-def test_training_resumes_from_checkpoint_bit_for_bit(tmp_path, monkeypatch, method):
+@pytest.mark.parametrize(("method", "schedule"), [("bp", "narang"), ("gl", "narang"), ("glp", "cubic")])
+def test_training_resumes_from_checkpoint_bit_for_bit(tmp_path, monkeypatch, method, schedule):
     """A run killed after a checkpoint and resumed ends exactly like an uninterrupted one."""
     from bscompile.models import charlm
     from bscompile.models.charlm import PruneConfig, TrainConfig, train
 
     corpus = load_corpus()
     cfg = TrainConfig(iters=30, batch=4, seq=12, log_every=5, eval_every=10)
-    pc = PruneConfig(method, (4, 4), "max", 0.8, lam=1e-3, start=0.2, ramp=0.4, end=0.7, updates=5)
+    pc = PruneConfig(method, (4, 4), "max", 0.8, lam=1e-3, start=0.2, ramp=0.4, end=0.7, updates=5, schedule=schedule)
     val = replace(corpus, val=corpus.val[:2000])
 
     def fresh():
