@@ -267,6 +267,7 @@ def collect(s: Setup, state: Path, threads: int) -> dict[str, Any]:
                                     if s.corpus == "pydoc+stdlib" else "pydoc_data.topics")
         + f" of Python {platform.python_version()} (sha256 {corpus.sha256}); "
         f"{len(corpus.train)} train / {len(corpus.val)} validation characters",
+        "train_chars": len(corpus.train),
         "threads": threads,
         "train_wall_s": sum(r["wall_s"] for r in runs),
         "machine": machine(),
@@ -548,12 +549,15 @@ def write_report(res: dict[str, Any], out: Path, quick: bool) -> Path:
                                           " (the output linear to the vocabulary stays dense)") + "; never the",
         "  embedding or biases. *Sparsity* is over the pruned weights; *non-zero params* counts every",
         "  parameter. *Dense small* has about as many non-zero parameters as the pruned large model.",
-        f"- Training: {t['iters']} Adam iterations (≈{t['iters'] * t['batch'] * t['seq'] / 418473:.1f} epochs), "
+        f"- Training: {t['iters']} Adam iterations "
+        f"(≈{t['iters'] * t['batch'] * t['seq'] / res.get('train_chars', 418473):.1f} epochs), "
         f"batch {t['batch']} × {t['seq']} characters, lr {t['lr']} (cosine to 5%), grad clip {t['clip']}; "
         f"seeds {list(s['seeds'])}.",
         f"- Pruning: `NarangSL` (target mode) from {pc.get('start', 0):.0%} to {pc.get('end', 0):.0%} of training "
         f"(slope change at {pc.get('ramp', 0):.0%}, {pc.get('updates', 0)} mask updates, φ = 1.5θ), then "
-        f"fine-tuning for the remaining {1 - pc.get('end', 0):.0%}. Target {s['target']:.0%}.",
+        f"fine-tuning for the remaining {1 - pc.get('end', 0):.0%}. Target {s['target']:.0%}. *cubic*: instead,",
+        "  `torch.ao`'s `CubicSL` raises `sparsity_level` from 0 to the target along 1 − (1 − t)³ over the same",
+        "  window (Zhu & Gupta 2017), masks updated every iteration.",
         f"- GL: λ_g = {s['lam_gl']} on block L2 norms all along; blocks pruned once at {pc.get('end', 0):.0%} by "
         "L2 norm to the target (`torch.ao`'s `LambdaSL`), then fine-tuned.",
         f"  GLP: BP 4x4 plus λ_g = {s['lam_glp']}.",
