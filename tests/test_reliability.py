@@ -111,16 +111,14 @@ def test_int32_overflow_and_memory_are_refused_before_allocation(monkeypatch):
         bscompile.compile(model)
 
 
-def test_non_finite_weights_stay_dense_and_non_finite_inputs_are_refused(files):
-    """Pruned zeros are skipped (inf * 0 would be NaN in dense arithmetic): a weight holding
-    NaN or inf keeps the dense layout; TVM's max drops NaN: NaN/inf inputs are refused."""
+def test_non_finite_weights_and_inputs_are_refused(files):
+    """Pruned zeros are skipped and TVM's max drops NaN: NaN/inf cannot propagate as in onnxruntime."""
     model = onnx.load(files / "mlp.onnx")
     w = numpy_helper.to_array(model.graph.initializer[0]).copy()
     w[3, 5] = np.inf
     model.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, model.graph.initializer[0].name))
-    entry = bscompile.compile(model).manifest.weights[0]
-    assert entry["name"] == "fc0.weight" and entry["sparsity"]["structure"] == "non-finite"
-    assert entry["decision"]["layout"] == "dense" and "NaN or inf" in entry["decision"]["reason"]
+    with pytest.raises(UnsupportedModelError, match=r"weight 'fc0.weight' holds inf at \[3, 5\]; .*finite"):
+        bscompile.compile(model)
     mod = bscompile.load(files / "mlp.bsc")
     x = np.load(files / "x.npy")
     x[1, 2] = np.nan
