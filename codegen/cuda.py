@@ -527,7 +527,7 @@ class CudaFamily(KernelFamily):
 
     def __init__(self, gpu: GpuModel):
         self.gpu = gpu
-        self.generators = standard_generators(linear_kernel, recurrent_kernel)
+        self.generators = standard_generators(linear_kernel, recurrent_kernel, static_only=True)
 
     @classmethod
     def for_arch(cls, arch: str) -> "CudaFamily":

@@ -15,6 +15,7 @@ adding one generator to each family's table.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import tvm
@@ -22,17 +23,54 @@ import tvm
 from bscompile.codegen.layout import BlockStats, BSRMatrix
 from bscompile.codegen.recurrent_cells import CellSpec
 
-#: (site attributes, matrices, schedules) -> kernel
-Generator = Callable[[dict, list[BSRMatrix], list[Any]], tvm.tirx.PrimFunc]
+#: Buckets of a symbolic ``m`` (batch x time rows of a linear site, the batch of a
+#: recurrent one): ``(lowest m, highest m or None, the m its schedule is chosen at)``.
+#: ``ChooseLayout`` merges neighbours whose schedules agree, so a kernel branches on m
+#: only where the schedule changes.
+M_BUCKETS: tuple[tuple[int, int | None, int], ...] = ((1, 1, 1), (2, 7, 4), (8, 31, 16), (32, None, 64))
 
 
-def standard_generators(linear: Callable, recurrent: Callable) -> dict[str, Generator]:
+@dataclass(frozen=True)
+class Bucket:
+    """The schedules (one per matrix) a kernel runs for ``lo <= m <= hi`` (``hi`` None: no bound)."""
+
+    lo: int
+    hi: int | None
+    m: int  # the m the schedules were chosen (or tuned) at
+    schedules: tuple
+
+    def to_json(self) -> dict:
+        return {"lo": self.lo, "hi": self.hi, "m": self.m, "schedules": [s.to_json() for s in self.schedules]}
+
+
+def static_dim(value: int | str) -> int | None:
+    """A site attribute's dim: the int, or None when it names a symbolic variable."""
+    return value if isinstance(value, int) else None
+
+
+#: (site attributes, matrices, buckets) -> kernel
+Generator = Callable[[dict, list[BSRMatrix], list[Bucket]], tvm.tirx.PrimFunc]
+
+
+def standard_generators(linear: Callable, recurrent: Callable, static_only: bool = False) -> dict[str, Generator]:
     """The ``linear`` and ``recurrent`` generators from a target's two kernel functions,
-    ``linear(mat, m, sched)`` and ``recurrent(cell, mats, seq, batch, scheds)``."""
+    ``linear(mat, m, buckets)`` and ``recurrent(cell, mats, seq, batch, buckets)``; ``m``,
+    ``seq`` and ``batch`` are None when symbolic, ``buckets`` are ``(lo, hi, schedules)``.
+    ``static_only`` kernels take static dims and one schedule (per matrix) instead."""
+
+    def cases(buckets: list[Bucket], first_only: bool) -> tuple:
+        out = tuple((b.lo, b.hi, b.schedules[0] if first_only else tuple(b.schedules)) for b in buckets)
+        if static_only:
+            if len(out) != 1 or out[0][0] != out[0][1]:
+                raise ValueError("these kernels take static shapes only")
+            return out[0][2]
+        return out
+
     return {
-        "linear": lambda site, mats, scheds: linear(mats[0], site["m"], scheds[0]),
-        "recurrent": lambda site, mats, scheds: recurrent(CellSpec.from_json(site["cell"]), mats, site["seq"],
-                                                          site["batch"], scheds),
+        "linear": lambda site, mats, buckets: linear(mats[0], static_dim(site["m"]), cases(buckets, True)),
+        "recurrent": lambda site, mats, buckets: recurrent(
+            CellSpec.from_json(site["cell"]), mats, static_dim(site["seq"]), static_dim(site["batch"]),
+            cases(buckets, False)),
     }
 
 
@@ -41,14 +79,17 @@ class KernelFamily(ABC):
 
     name: str
     generators: dict[str, Generator]
+    #: Whether the kernels take symbolic dims (else the driver asks for --input-shape).
+    symbolic_shapes: bool = False
 
-    def kernel(self, kind: str, site: dict, mats: list[BSRMatrix], schedules: list[Any]) -> tvm.tirx.PrimFunc:
-        """The kernel of one site: ``mats`` in the chosen layout, one schedule per matrix."""
+    def kernel(self, kind: str, site: dict, mats: list[BSRMatrix], buckets: list[Bucket]) -> tvm.tirx.PrimFunc:
+        """The kernel of one site: ``mats`` in the chosen layout, per m bucket one schedule per
+        matrix (a static m has one bucket)."""
         try:
             gen = self.generators[kind]
         except KeyError:
             raise NotImplementedError(f"the {self.name} kernel family has no generator for {kind!r} sites") from None
-        return gen(site, mats, schedules)
+        return gen(site, mats, buckets)
 
     @abstractmethod
     def default_schedule(self, kind: str, stats: BlockStats, m: int) -> Any:

@@ -2,7 +2,8 @@
 
 Contract
 - Input: Relax with ``nn.conv1d`` (NCW data, OIW kernel, groups 1, dilation 1) whose
-  weight is a constant and whose input has a static shape.
+  weight is a constant and whose input has a static channel count (batch and length
+  may be symbolic).
 - Output: ``x_pad`` is cut into the ``k`` strided windows a kernel tap reads,
   stacked to ``[B, T_out, C*k]`` columns and multiplied by the constant
   ``W.reshape(O, C*k).T``; the result is laid out back as ``[B, O, T_out]``.
@@ -33,10 +34,10 @@ class _Rewriter(relax.PyExprMutator):
         x, w_expr = call.args
         w = const_array(w_expr)
         a = call.attrs
-        try:
-            b, c, t = (int(v) for v in x.ty.shape.values)
-        except (TypeError, AttributeError):
+        values = getattr(getattr(x.ty, "shape", None), "values", None)
+        if values is None or len(values) != 3 or not isinstance(values[1], tvm.tirx.IntImm):
             return call
+        b, c, t = (int(v) if isinstance(v, tvm.tirx.IntImm) else v for v in values)
         if (w is None or w.dtype != np.float32 or a.groups != 1 or tuple(a.dilation) != (1,)
                 or a.data_layout != "NCW" or a.kernel_layout != "OIW" or a.out_layout != "NCW"):
             return call

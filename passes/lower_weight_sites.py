@@ -8,7 +8,8 @@ Contract
   ``BSRMatrix`` data, indices and row pointers as constants, or, for a weight computed
   at run time (always dense), Relax ops that pack it into the dense layout -- and its
   bias re-padded to the layout's rows. The kernel keeps the site's attributes, its
-  layout attribute completed with the schedules used (``schedules``) and
+  layout attribute completed with the schedules used (``schedules``, or per bucket of
+  a symbolic m in ``buckets``: the kernel dispatches on m at run time) and
   ``stored_bytes``. Site functions no longer called are removed. Numerics are
   unchanged up to float reassociation.
 - Left alone: calls of undecided site functions; everything already lowered
@@ -21,7 +22,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from bscompile.codegen.family import KernelFamily
+from bscompile.codegen.family import Bucket, KernelFamily
 from bscompile.codegen.layout import DENSE_ROWS, BlockShape, BSRMatrix, padded
 from bscompile.passes.rewrite import rewrite_relax_functions
 from bscompile.sites import LAYOUT, SITE, SPARSITY, attr, const_array, site_kind
@@ -66,6 +67,7 @@ class _Lowerer(relax.PyExprMutator):
         self.mod, self.family = mod, family
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
+        ret = call.ty  # in the caller's symbolic vars (the site function has its own)
         call = super().visit_call_(call)
         if not isinstance(call.op, tvm.ir.GlobalVar) or call.op not in self.mod.functions:
             return call
@@ -73,9 +75,10 @@ class _Lowerer(relax.PyExprMutator):
         site, layout = attr(func, SITE), attr(func, LAYOUT)
         if site is None or layout is None or not isinstance(func, relax.Function):
             return call
-        return self._lower(site, layout, func, list(call.args))
+        return self._lower(site, layout, func, list(call.args), ret)
 
-    def _lower(self, site: dict, layout: dict, func: relax.Function, operands: list[relax.Expr]) -> relax.Expr:
+    def _lower(self, site: dict, layout: dict, func: relax.Function, operands: list[relax.Expr],
+               ret: relax.Type) -> relax.Expr:
         bb, kind = self.builder_, site_kind(site["kind"])
         mats, packed = [], []
         for m in kind.matrices(site):
@@ -83,20 +86,30 @@ class _Lowerer(relax.PyExprMutator):
             bias = _repad_bias(bb, operands[m.bias], mat.shape[0], mat.padded_shape[0])
             mats.append(mat)
             packed.append((*arrays, bias))
-        tuned = layout.get("schedules") or []
-        if tuned:
-            scheds = [self.family.schedule_from_json(tuned[min(i, len(tuned) - 1)]) for i in range(len(mats))]
+        buckets = [self._bucket(site, mats, b["lo"], b["hi"], b["m"], b["schedules"])
+                   for b in layout.get("buckets") or [{"lo": site["m"], "hi": site["m"], "m": site["m"],
+                                                       "schedules": layout.get("schedules") or []}]]
+        kernel = self.family.kernel(site["kind"], site, mats, buckets)
+        done = {**layout, "stored_bytes": sum(m.nbytes for m in mats)}
+        if "buckets" in layout:
+            done["buckets"] = [b.to_json() for b in buckets]
         else:
-            scheds = [self.family.default_schedule(site["kind"], mat.stats, site["m"]) for mat in mats]
-        kernel = self.family.kernel(site["kind"], site, mats, scheds)
-        done = {**layout, "schedules": [s.to_json() for s in scheds], "stored_bytes": sum(m.nbytes for m in mats)}
+            done["schedules"] = [s.to_json() for s in buckets[0].schedules]
         kernel = kernel.with_attr(SITE, site).with_attr(LAYOUT, done)
         if func.attrs is not None and SPARSITY in func.attrs:
             kernel = kernel.with_attr(SPARSITY, func.attrs[SPARSITY])
         gv = bb.add_func(kernel, f"{site['kind']}_{layout['layout']}")
-        ret = func.ret_ty
         out = list(ret.fields) if isinstance(ret, relax.TupleType) else ret
         return relax.call_tir(gv, relax.Tuple(kind.kernel_args(operands, packed)), out)
+
+    def _bucket(self, site: dict, mats: list[BSRMatrix], lo: int, hi: int | None, m: int, tuned: list) -> Bucket:
+        """One schedule per matrix for ``lo <= m <= hi``: the recorded ones, else the family's
+        default for the packed matrix at the bucket's m."""
+        if tuned:
+            scheds = [self.family.schedule_from_json(tuned[min(i, len(tuned) - 1)]) for i in range(len(mats))]
+        else:
+            scheds = [self.family.default_schedule(site["kind"], mat.stats, m) for mat in mats]
+        return Bucket(lo, hi, m, tuple(scheds))
 
 
 @tvm.transform.module_pass(opt_level=0, name="LowerWeightSites")

@@ -25,8 +25,9 @@ def sparsify(w: np.ndarray, rng: np.random.Generator, kind: str, density: float 
     return (w * mask).astype(w.dtype)
 
 
-def mlp(sizes: list[int], batch: int, kinds: list[str], rng: np.random.Generator, gemm: bool = True):
-    """Linear stack: Gemm(transB=1)+bias+Relu (or MatMul) per layer; returns (model, weights)."""
+def mlp(sizes: list[int], batch: int | str, kinds: list[str], rng: np.random.Generator, gemm: bool = True):
+    """Linear stack: Gemm(transB=1)+bias+Relu (or MatMul) per layer; returns (model, weights).
+    A string ``batch`` is a symbolic dim of that name."""
     nodes, inits, weights = [], [], []
     cur = "x"
     for i, (k, n) in enumerate(zip(sizes[:-1], sizes[1:])):
@@ -51,9 +52,13 @@ def mlp(sizes: list[int], batch: int, kinds: list[str], rng: np.random.Generator
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), weights
 
 
-def recurrent(op: str, input_size: int, hidden: int, seq: int, batch: int, layers: int, bidirectional: bool,
-              kind: str, rng: np.random.Generator, layout: int = 0):
-    """A stack of ONNX GRU/LSTM/RNN layers as PyTorch exports them (GRU: linear_before_reset=1)."""
+def recurrent(op: str, input_size: int, hidden: int, seq: int | str, batch: int | str, layers: int,
+              bidirectional: bool, kind: str, rng: np.random.Generator, layout: int = 0):
+    """A stack of ONNX GRU/LSTM/RNN layers as PyTorch exports them (GRU: linear_before_reset=1).
+
+    String ``seq`` / ``batch`` are symbolic dims of those names, as ``dynamic_axes`` exports
+    them: the initial state is then zero (no ``initial_h``) and the reshapes copy dims."""
+    dynamic = isinstance(seq, str) or isinstance(batch, str)
     gates = {"GRU": 3, "LSTM": 4, "RNN": 1}[op]
     d = 2 if bidirectional else 1
     nodes, inits = [], []
@@ -63,22 +68,24 @@ def recurrent(op: str, input_size: int, hidden: int, seq: int, batch: int, layer
         w = sparsify(rng.standard_normal((d, gates * hidden, cur_size)).astype(np.float32) / np.sqrt(cur_size), rng, kind).astype(np.float32)
         r = sparsify(rng.standard_normal((d, gates * hidden, hidden)).astype(np.float32) / np.sqrt(hidden), rng, kind).astype(np.float32)
         b = rng.standard_normal((d, 2 * gates * hidden)).astype(np.float32) * 0.1
-        h0 = rng.standard_normal((d, batch, hidden)).astype(np.float32)
-        if layout == 1:  # same values as the layout-0 model built from the same seed
-            h0 = np.ascontiguousarray(h0.transpose(1, 0, 2))
         names = [f"l{li}.W", f"l{li}.R", f"l{li}.B"]
         inits += [numpy_helper.from_array(a, n) for a, n in zip((w, r, b), names)]
-        inits.append(numpy_helper.from_array(h0, f"l{li}.h0"))
+        if not dynamic:
+            h0 = rng.standard_normal((d, batch, hidden)).astype(np.float32)
+            if layout == 1:  # same values as the layout-0 model built from the same seed
+                h0 = np.ascontiguousarray(h0.transpose(1, 0, 2))
+            inits.append(numpy_helper.from_array(h0, f"l{li}.h0"))
         attrs = dict(hidden_size=hidden, direction="bidirectional" if bidirectional else "forward", layout=layout)
         if op == "GRU":
             attrs["linear_before_reset"] = 1
-        ins = [cur, *names, "", f"l{li}.h0"]
+        ins = [cur, *names] if dynamic else [cur, *names, "", f"l{li}.h0"]
         outs = [f"l{li}.Y", f"l{li}.Yh"] + ([f"l{li}.Yc"] if op == "LSTM" else [])
         nodes.append(helper.make_node(op, ins, outs, name=f"{op.lower()}{li}", **attrs))
         # [T, D, B, H] -> [T, B, D*H] (layout 0); [B, T, D, H] -> [B, T, D*H] (layout 1)
         perm = [0, 2, 1, 3] if layout == 0 else [0, 1, 2, 3]
         nodes.append(helper.make_node("Transpose", [outs[0]], [f"l{li}.Yt"], perm=perm, name=f"t{li}"))
-        shape = np.array([seq, batch, d * hidden] if layout == 0 else [batch, seq, d * hidden], np.int64)
+        shape = np.array([0, 0, d * hidden] if dynamic else [seq, batch, d * hidden] if layout == 0
+                         else [batch, seq, d * hidden], np.int64)
         inits.append(numpy_helper.from_array(shape, f"l{li}.shape"))
         nodes.append(helper.make_node("Reshape", [f"l{li}.Yt", f"l{li}.shape"], [f"l{li}.out"], name=f"rs{li}"))
         cur, cur_size = f"l{li}.out", d * hidden
