@@ -23,6 +23,7 @@ This module is a leaf: it imports NumPy and TVM only, so that the runtime can us
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
@@ -76,7 +77,7 @@ def dim_of(value: tvm.ir.Expr | int) -> int | str:
         return value
     if isinstance(value, tvm.tirx.IntImm):
         return int(value.value)
-    return str(value)
+    return re.sub(r"T\.int(?:32|64)\((-?\d+)\)", r"\1", str(value))  # "(time - 1) // 2 + 1"
 
 
 def fingerprint(w: np.ndarray) -> str:

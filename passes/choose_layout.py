@@ -115,7 +115,7 @@ def decide(site: dict, sparsity: dict | None, family: KernelFamily, *, sparse: b
                         f"vs dense {_us(t_dense[0]):.1f} us ({1 / rel:.1f}x{over})", stats=best)
     return decision("dense", dense_block, t_dense[0],
                     f"dense: best sparse ({best.block}, {best.block_density * 100:.0f}% blocks) est "
-                    f"{_us(t_best):.1f} us is not {1 / MARGIN:.2f}x under dense {_us(t_dense[0]):.1f} us{over.replace(',', ' (') + ')' if over else ''}",
+                    f"{_us(t_best):.1f} us is not {1 / MARGIN:.2f}x under dense {_us(t_dense[0]):.1f} us{f' ({over[2:]})' if over else ''}",
                     stats=dense)
 
 

@@ -46,7 +46,8 @@ class _Rewriter(relax.PyExprMutator):
         t_out = (t + p0 + p1 - k) // s + 1
         bb = self.builder_
         xp = bb.emit(relax.op.nn.pad(x, [0, 0, 0, 0, p0, p1])) if p0 or p1 else x
-        taps = [bb.emit(relax.op.strided_slice(xp, [2], [j], [j + s * (t_out - 1) + 1], [s])) for j in range(k)]
+        taps = [bb.emit(relax.op.strided_slice(xp, [2], [j], [j + s * (t_out - 1) + 1], [s], assume_inbound=True))
+                for j in range(k)]  # (in bounds by construction; lets Relax see equal lengths)
         cols = bb.emit(relax.op.stack(taps, axis=3))  # [B, C, T_out, k]
         cols = bb.emit(relax.op.permute_dims(cols, [0, 2, 1, 3]))  # [B, T_out, C, k]
         cols = bb.emit(relax.op.reshape(cols, [b, t_out, c * k]))
