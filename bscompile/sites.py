@@ -180,13 +180,14 @@ def emit_site(bb: relax.BlockBuilder, site: dict, operands: Sequence[relax.Expr]
 
 
 def _definable(tys: list[relax.Type], n_params: int) -> tuple[list[relax.Type], Callable]:
-    """``tys`` with every compound symbolic dim of the first ``n_params`` (e.g. ``batch * time``)
-    replaced by a fresh variable, so the site function's parameters define all its symbolic
-    vars (Relax binds them from the call's arguments); plain symbolic vars are kept."""
+    """``tys`` with every symbolic dim of the first ``n_params`` replaced by a variable of the
+    site function's own (Relax functions share no symbolic vars; the call binds them from
+    its arguments): a caller's var by a namesake, a compound dim (``batch * time``) by
+    ``m``; also returns that substitution."""
     fresh: list[tuple[tvm.ir.Expr, tvm.tirx.Var]] = []
 
     def sub(dim):
-        if isinstance(dim, (tvm.tirx.IntImm, tvm.tirx.Var)):
+        if isinstance(dim, tvm.tirx.IntImm):
             return dim
         for old, new in fresh:
             if tvm_ffi.structural_equal(old, dim):
@@ -196,8 +197,10 @@ def _definable(tys: list[relax.Type], n_params: int) -> tuple[list[relax.Type], 
     for ty in tys[:n_params]:
         if isinstance(ty, relax.TensorType) and ty.shape is not None and hasattr(ty.shape, "values"):
             for d in ty.shape.values:
-                if not isinstance(d, (tvm.tirx.IntImm, tvm.tirx.Var)) and sub(d) is d:
-                    fresh.append((d, tvm.tirx.Var("m" if not fresh else f"m{len(fresh)}", "int64")))
+                if not isinstance(d, tvm.tirx.IntImm) and sub(d) is d:
+                    compound = sum(not isinstance(o, tvm.tirx.Var) for o, _ in fresh)
+                    name = d.name if isinstance(d, tvm.tirx.Var) else "m" if not compound else f"m{compound}"
+                    fresh.append((d, tvm.tirx.Var(name, "int64")))
 
     def rewrite(ty):
         if isinstance(ty, relax.TupleType):

@@ -10,6 +10,7 @@ from tvm.script import ir as I
 from tvm.script import relax as R
 
 import bscompile.frontend.recurrent  # noqa: F401 - registers the "recurrent" site kind
+from bscompile.codegen.family import Bucket
 from bscompile.codegen.layout import CANDIDATE_EDGES, DENSE_ROWS, BSRMatrix
 from bscompile.passes.analyze_sparsity import AnalyzeSparsity
 from bscompile.passes.choose_layout import ChooseLayout
@@ -103,23 +104,22 @@ def test_outline_linear_sites_unnamed_weight_without_bias():
 
 
 def test_outline_linear_sites_leaves_other_products_alone():
-    """Run-time weights, a batched (3-D) constant, a symbolic batch, a bias added on the left
-    (the kernel would round it differently) and a non-float32 product stay as they are."""
+    """Run-time weights, a batched (3-D) constant, a bias added on the left (the kernel would
+    round it differently) and a non-float32 product stay as they are (a symbolic batch
+    becomes a site: tests/test_symbolic.py)."""
     w3 = np.ones((2, 3, 5), np.float32)
 
     @I.ir_module
     class Before:
         @R.function
         def main(x: R.Tensor((4, 3), "float32"), w: R.Tensor((3, 5), "float32"),
-                 xb: R.Tensor((2, 4, 3), "float32"), xs: R.Tensor(("n", 3), "float32"),
-                 xh: R.Tensor((4, 3), "float16")):
+                 xb: R.Tensor((2, 4, 3), "float32"), xh: R.Tensor((4, 3), "float16")):
             with R.dataflow():
                 a = R.matmul(x, w)
                 b = R.matmul(xb, R.const(w3))
-                c = R.matmul(xs, R.const(np.ascontiguousarray(W.T)))
                 e = R.matmul(xh, R.const(np.ascontiguousarray(W.T).astype(np.float16)))
-                R.output(a, b, c, e)
-            return (a, b, c, e)
+                R.output(a, b, e)
+            return (a, b, e)
 
     tvm.ir.assert_structural_equal(OutlineLinearSites()(Before), Before)
 
@@ -145,8 +145,8 @@ def test_conv1d_to_matmul():
         def main(x: R.Tensor((1, 3, 6), "float32")) -> R.Tensor((1, 2, 3), "float32"):
             with R.dataflow():
                 xp = R.nn.pad(x, [0, 0, 0, 0, 1, 0])
-                t0 = R.strided_slice(xp, [2], [0], [5], [2])
-                t1 = R.strided_slice(xp, [2], [1], [6], [2])
+                t0 = R.strided_slice(xp, [2], [0], [5], [2], assume_inbound=True)
+                t1 = R.strided_slice(xp, [2], [1], [6], [2], assume_inbound=True)
                 cols = R.stack([t0, t1], axis=3)
                 cols1 = R.permute_dims(cols, [0, 2, 1, 3])
                 cols2 = R.reshape(cols1, R.shape([1, 3, 6]))
@@ -294,7 +294,7 @@ def test_lower_weight_sites_dense_layout():
     np.testing.assert_array_equal(mat.data, packed)
     sched = FAMILY.default_schedule("linear", mat.stats, 2)
     site = attr(before["linear_site"], SITE)
-    kernel = FAMILY.kernel("linear", site, [mat], [sched]).with_attr(SITE, site).with_attr(
+    kernel = FAMILY.kernel("linear", site, [mat], [Bucket(2, 2, 2, (sched,))]).with_attr(SITE, site).with_attr(
         LAYOUT, {**layout, "schedules": [sched.to_json()], "stored_bytes": mat.nbytes})
     bb = relax.BlockBuilder()
     gv = bb.add_func(kernel, "linear_dense")
