@@ -21,7 +21,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from bscompile.codegen.family import KernelFamily
+from bscompile.codegen.family import M_BUCKETS, KernelFamily
 from bscompile.codegen.layout import DENSE_ROWS, BlockShape, BSRMatrix
 from bscompile.driver import analyze_model
 from bscompile.errors import BscompileError
@@ -32,18 +32,27 @@ from bscompile.sites import LAYOUT, SPARSITY, SiteCall, attr, site_calls
 from bscompile.target import TargetSpec, resolve_target
 
 
-def _one_site_module(call: SiteCall, layout: dict) -> tuple[tvm.IRModule, list[np.ndarray]]:
-    """``main(run-time operands) = site(operands)`` with ``layout`` decided, and random run-time inputs."""
+#: The sequence length a recurrent site of symbolic length is tuned at.
+TUNE_SEQ = 8
+
+
+def _one_site_module(call: SiteCall, layout: dict, m: int) -> tuple[tvm.IRModule, list[np.ndarray]]:
+    """``main(run-time operands) = site(operands)`` with ``layout`` decided, and random run-time
+    inputs: a symbolic m of the site is ``m``, any other symbolic dim :data:`TUNE_SEQ`."""
     rng = np.random.default_rng(0)
+    site = call.site
     params, args, feeds = [], [], []
-    for i, op in enumerate(call.operands):
+    for i, (op, param) in enumerate(zip(call.operands, call.func.params)):
         if isinstance(op, tvm.ir.expr.Constant):
             args.append(op)
             continue
-        var = relax.Var(f"in{i}", op.ty)
-        shape, dtype = [int(v) for v in op.ty.shape.values], str(op.ty.dtype)
+        shape = [int(v) if isinstance(v, tvm.tirx.IntImm) else m if str(v) == str(site["m"]) else TUNE_SEQ
+                 for v in param.ty.shape.values]
+        dtype = str(op.ty.dtype)
+        var = relax.Var(f"in{i}", relax.TensorType(shape, dtype))
         if dtype == "int32":  # sequence lengths: full length
-            feeds.append(np.full(shape, call.site.get("seq", 1), np.int32))
+            seq = site.get("seq", 1)
+            feeds.append(np.full(shape, seq if isinstance(seq, int) else TUNE_SEQ, np.int32))
         else:
             feeds.append(rng.standard_normal(shape).astype(dtype))
         params.append(var)
@@ -55,9 +64,11 @@ def _one_site_module(call: SiteCall, layout: dict) -> tuple[tvm.IRModule, list[n
     return bb.get(), feeds
 
 
-def time_site(call: SiteCall, layout: dict, family: KernelFamily, spec: TargetSpec, repeat: int = 5) -> float:
-    """Median seconds of one call of the site's kernel under ``layout`` (VM call overhead included)."""
-    mod, feeds = _one_site_module(call, layout)
+def time_site(call: SiteCall, layout: dict, family: KernelFamily, spec: TargetSpec, repeat: int = 5,
+              m: int | None = None) -> float:
+    """Median seconds of one call of the site's kernel under ``layout`` (VM call overhead included),
+    at ``m`` rows (required when the site's m is symbolic)."""
+    mod, feeds = _one_site_module(call, layout, call.site["m"] if m is None else m)
     mod = LowerWeightSites(family)(mod)
     with spec.tvm_target():
         exe = tvm.compile(mod, target=spec.tvm_target())
@@ -69,11 +80,13 @@ def time_site(call: SiteCall, layout: dict, family: KernelFamily, spec: TargetSp
     return float(np.median(timer().results))
 
 
-def candidates(call: SiteCall, family: KernelFamily, top_k: int) -> list[dict]:
-    """Layout decisions to measure: dense and the model's best ``top_k`` BSR shapes, each per schedule."""
+def candidates(call: SiteCall, family: KernelFamily, top_k: int, m: int | None = None) -> list[dict]:
+    """Layout decisions to measure at ``m`` (default: the site's): dense and the model's best
+    ``top_k`` BSR shapes, each per schedule."""
     site, sparsity = call.site, attr(call.func, SPARSITY)
     n, k = site["shape"]
-    m, kind = site["m"], site["kind"]
+    kind = site["kind"]
+    m = site["m"] if m is None else m
     ranked = sorted(block_stats_of(sparsity), key=lambda s: family.estimate_time(kind, s, m, n, k))
     w = site_weight(site, call.operands)  # several matrices share one schedule: read it off the whole weight
     out = []
@@ -84,28 +97,54 @@ def candidates(call: SiteCall, family: KernelFamily, top_k: int) -> list[dict]:
     return out
 
 
-def tune_site(call: SiteCall, family: KernelFamily, spec: TargetSpec, top_k: int = 3, repeat: int = 5,
-              progress=None) -> TuningRecord:
-    site = call.site
+def _measure(call: SiteCall, family: KernelFamily, spec: TargetSpec, top_k: int, repeat: int,
+             m: int | None) -> list[dict]:
+    """Every candidate at ``m`` with its time (``time_us`` None, and ``error``, if it failed)."""
     tried = []
-    for cand in candidates(call, family, top_k):
+    symbolic = not isinstance(call.site["m"], int)
+    for cand in candidates(call, family, top_k, m):
         layout = {**cand, "est_time_us": 0.0, "dense_est_time_us": 0.0, "reason": "tuning"}
+        if symbolic:  # one bucket over all m: the kernel runs this schedule alone
+            layout = {**layout, "schedules": [], "buckets": [{"lo": 1, "hi": None, "m": m,
+                                                              "schedules": cand["schedules"]}]}
         try:
-            t = time_site(call, layout, family, spec, repeat)
+            t = time_site(call, layout, family, spec, repeat, m)
         except Exception as err:  # noqa: BLE001 - a candidate that fails to build or run is skipped
             tried.append({**cand, "time_us": None, "error": str(err).strip().splitlines()[-1][:200]})
             continue
         tried.append({**cand, "time_us": t * 1e6})
-    ok = [c for c in tried if c["time_us"] is not None]
-    if not any(c["layout"] == "dense" for c in ok):
-        raise BscompileError(f"tuning {site['name']}: the dense kernel failed to build or run")
-    best = min(ok, key=lambda c: c["time_us"])
-    dense = min(c["time_us"] for c in ok if c["layout"] == "dense")
-    if progress:
-        progress(f"tuned {site['name']} {site['shape'][0]}x{site['shape'][1]} m={site['m']}: {best['layout']} "
-                 f"{best['block']} {best['time_us']:.1f} us (dense {dense:.1f} us, {len(tried)} candidates)")
-    return TuningRecord(site["fingerprint"], site["name"], site["kind"], site["m"], spec.name, best["layout"],
-                        best["block"], best["schedules"][0], best["time_us"], dense, tried)
+    if not any(c["layout"] == "dense" and c["time_us"] is not None for c in tried):
+        raise BscompileError(f"tuning {call.site['name']}: the dense kernel failed to build or run")
+    return tried
+
+
+def _best(tried: list[dict], layout: tuple[str, str] | None = None) -> dict:
+    ok = [c for c in tried if c["time_us"] is not None and (layout is None or (c["layout"], c["block"]) == layout)]
+    return min(ok, key=lambda c: c["time_us"])
+
+
+def tune_site(call: SiteCall, family: KernelFamily, spec: TargetSpec, top_k: int = 3, repeat: int = 5,
+              progress=None) -> list[TuningRecord]:
+    """The site's records: one, or for a symbolic m one per bucket (:data:`M_BUCKETS`, each measured
+    at its m), all for the one layout with the best mean time relative to dense over the buckets
+    (the weights are packed once), each with its bucket's fastest schedule for that layout."""
+    site = call.site
+    buckets = [(site["m"], site["m"], site["m"])] if isinstance(site["m"], int) else list(M_BUCKETS)
+    per_bucket = [_measure(call, family, spec, top_k, repeat, rep) for _, _, rep in buckets]
+    dense = [_best(tried, ("dense", f"{DENSE_ROWS}x{site['shape'][1]}"))["time_us"] for tried in per_bucket]
+    layouts = set.intersection(*({(c["layout"], c["block"]) for c in tried if c["time_us"] is not None}
+                                 for tried in per_bucket))
+    chosen = min(sorted(layouts), key=lambda lay: sum(_best(t, lay)["time_us"] / d for t, d in zip(per_bucket, dense)))
+    records = []
+    for (lo, hi, rep), tried, d in zip(buckets, per_bucket, dense):
+        best = _best(tried, chosen)
+        if progress:
+            progress(f"tuned {site['name']} {site['shape'][0]}x{site['shape'][1]} m={rep}: {best['layout']} "
+                     f"{best['block']} {best['time_us']:.1f} us (dense {d:.1f} us, {len(tried)} candidates)")
+        records.append(TuningRecord(site["fingerprint"], site["name"], site["kind"], rep, spec.name, best["layout"],
+                                    best["block"], best["schedules"][0], best["time_us"], d, tried,
+                                    bucket=None if isinstance(site["m"], int) else [lo, hi]))
+    return records
 
 
 def tune_model(model, compile_kwargs: dict, progress=None, top_k: int = 3) -> list[TuningRecord]:
@@ -124,9 +163,9 @@ def tune_model(model, compile_kwargs: dict, progress=None, top_k: int = 3) -> li
     for i, call in enumerate(calls, 1):
         if progress:
             progress(f"tuning site {i}/{len(calls)}: {call.site['name']}")
-        records.append(tune_site(call, family, spec, top_k=top_k, progress=progress))
+        records += tune_site(call, family, spec, top_k=top_k, progress=progress)
     if progress:
-        progress(f"tuned {len(records)} weights in {time.perf_counter() - t0:.1f} s")
+        progress(f"tuned {len(calls)} weights ({len(records)} records) in {time.perf_counter() - t0:.1f} s")
     return records
 
 
