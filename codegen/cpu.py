@@ -203,6 +203,11 @@ def _dim(value: int | None, name: str):
     return value if value is not None else tvm.tirx.Var(name, "int32")
 
 
+def _has_tail(m, mt: int) -> bool:
+    """Whether rows are left after the full M tiles (always possible for a symbolic m)."""
+    return not isinstance(m, int) or m % mt != 0
+
+
 def workspace_size(mat: BSRMatrix, m, sched: CpuSchedule):
     """Floats of scratch a matmul macro needs: ``x`` replicated to the block layout ("block"),
     ``x`` transposed into batch tiles ("batch")."""
@@ -271,7 +276,7 @@ def _block_vector_macro(mat: BSRMatrix, m, sched: CpuSchedule, k_limit: int | No
             kb = T.Bind(indices[p])
             for mm in T.unroll(mt):
                 for i in T.vectorized(rc):
-                    acc[slot, mm, i] = acc[slot, mm, i] + dflat[p * rc + i] * xrep[m0 + mm, kb, i]
+                    acc[slot, mm, i] = acc[slot, mm, i] + dflat[p * rc + i] * xrep[((m0 + mm) * nkb + kb) * rc + i]
 
         @T.macro
         def run(xrep, dflat, indices, indptr, bias, y, y_col0, ib, m0):
@@ -293,21 +298,23 @@ def _block_vector_macro(mat: BSRMatrix, m, sched: CpuSchedule, k_limit: int | No
 
     full = tile(mt)
     tail = tile(1) if mt > 1 else full
+    tail_rows = _has_tail(m, mt)
 
     @T.macro
     def matmul(x, work, data, indices, indptr, bias, y, y_col0):
         dflat = T.decl_buffer((data.shape[0] * rc,), "float32", data=data.data)
-        xrep = T.decl_buffer((m, nkb, rc), "float32", data=work.data)
+        xrep = work  # [m, nkb, rc], indexed flat (a view of a run-time-sized buffer would alias it)
         for mm in T.serial(m):
             for kb in T.serial(nkb):
                 for kk in T.unroll(c):
                     for rr in T.vectorized(r):
-                        xrep[mm, kb, kk * r + rr] = x[mm, clamp(kb * c + kk)]
+                        xrep[(mm * nkb + kb) * rc + kk * r + rr] = x[mm, clamp(kb * c + kk)]
         for ib in rows(nbr):
             for mo in T.serial(m // mt):
                 full(xrep, dflat, indices, indptr, bias, y, y_col0, ib, mo * mt)
-            for mr in T.serial(m % mt):
-                tail(xrep, dflat, indices, indptr, bias, y, y_col0, ib, m - m % mt + mr)
+            if tail_rows:
+                for mr in T.serial(m % mt):
+                    tail(xrep, dflat, indices, indptr, bias, y, y_col0, ib, m - m % mt + mr)
 
     return matmul
 
@@ -334,17 +341,17 @@ def _batch_macro(mat: BSRMatrix, m, m_rep: int, sched: CpuSchedule, n_limit: int
 
     @T.macro
     def matmul(x, work, data, indices, indptr, bias, y, y_col0):
-        xt = T.decl_buffer((m_pad // mv, k_pad, mv), "float32", data=work.data)  # a slice per batch tile
+        xt = work  # [m_pad / mv, k_pad, mv], indexed flat: one slice per batch tile
         for mo in tloop(m_pad // mv):  # row by row: contiguous reads, no div/mod per element
             for mi in T.serial(mv):
                 if mo * mv + mi < m:
                     for kk in T.serial(k):
-                        xt[mo, kk, mi] = x[mo * mv + mi, kk]
+                        xt[(mo * k_pad + kk) * mv + mi] = x[mo * mv + mi, kk]
                     for kk in T.serial(k_pad - k):
-                        xt[mo, k + kk, mi] = T.float32(0)
+                        xt[(mo * k_pad + k + kk) * mv + mi] = T.float32(0)
                 else:
                     for kk in T.serial(k_pad):
-                        xt[mo, kk, mi] = T.float32(0)
+                        xt[(mo * k_pad + kk) * mv + mi] = T.float32(0)
         for ch in rows(chunks):
             for mo in T.serial(m_pad // mv):
                 for ii in T.serial(per_chunk):
@@ -359,7 +366,7 @@ def _batch_macro(mat: BSRMatrix, m, m_rep: int, sched: CpuSchedule, n_limit: int
                             for kk in cloop(c):
                                 for rr in T.unroll(r):
                                     for mi in T.vectorized(mv):
-                                        acc[rr, mi] = acc[rr, mi] + data[p, kk, rr] * xt[mo, col + kk, mi]
+                                        acc[rr, mi] = acc[rr, mi] + data[p, kk, rr] * xt[(mo * k_pad + col + kk) * mv + mi]
                         for rr in T.unroll(r):
                             for mi in T.serial(mv):
                                 if mo * mv + mi < m and ib * r + rr < n_limit:
@@ -385,14 +392,16 @@ def _matmul_macro(mat: BSRMatrix, m, sched: CpuSchedule, k_limit: int | None = N
     tail_row = _block_row_loops(mat, dataclasses.replace(sched, m_tile=1), k_limit, n_limit) if mt > 1 else block_row
     nbr = mat.num_block_rows
     rows = T.parallel if sched.parallel else T.serial
+    tail_rows = _has_tail(m, mt)
 
     @T.macro
     def matmul(x, work, data, indices, indptr, bias, y, y_col0):
         for ib in rows(nbr):
             for mo in T.serial(m // mt):
                 block_row(x, data, indices, indptr, bias, y, ib, mo * mt, y_col0)
-            for mr in T.serial(m % mt):
-                tail_row(x, data, indices, indptr, bias, y, ib, m - m % mt + mr, y_col0)
+            if tail_rows:
+                for mr in T.serial(m % mt):
+                    tail_row(x, data, indices, indptr, bias, y, ib, m - m % mt + mr, y_col0)
 
     return matmul
 
