@@ -10,6 +10,10 @@ from onnx import TensorProto, helper, numpy_helper
 OPSET = 17
 
 
+def _f32(a):
+    return np.asarray(a, np.float32)
+
+
 def sparsify(w: np.ndarray, rng: np.random.Generator, kind: str, density: float = 0.1) -> np.ndarray:
     """``kind``: 'dense', 'zero', 'unstructured', or 'RxC' block sparsity (blocks along the last two axes)."""
     if kind == "dense":
@@ -97,6 +101,51 @@ def recurrent(op: str, input_size: int, hidden: int, seq: int | str, batch: int 
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape),
          helper.make_tensor_value_info("h_n", TensorProto.FLOAT, None)], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+
+
+def gru_with_lens(rng, hidden=24, inp=12):
+    """A GRU (linear_before_reset=0: two recurrent matrices) fed ``sequence_lens`` per batch row."""
+    w = _f32(sparsify(rng.standard_normal((1, 3 * hidden, inp)) / np.sqrt(inp), rng, "4x4"))
+    r = _f32(sparsify(rng.standard_normal((1, 3 * hidden, hidden)) / np.sqrt(hidden), rng, "4x4"))
+    b = _f32(rng.standard_normal((1, 6 * hidden)) * 0.1)
+    node = helper.make_node("GRU", ["x", "W", "R", "B", "lens"], ["y", "h"], hidden_size=hidden, name="gru")
+    g = helper.make_graph(
+        [node], "gru_lens",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["time", "batch", inp]),
+         helper.make_tensor_value_info("lens", TensorProto.INT32, ["batch"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("h", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(a, n) for a, n in ((w, "W"), (r, "R"), (b, "B"))])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)])
+
+
+def deepspeech_like(rng, feats=13, conv=32, hidden=32, classes=10):
+    """x[batch, feats, time] -> Conv1d(k=5, stride 2, pad 2) -> ReLU -> [T', B, C] -> GRU -> Linear."""
+    inits = {
+        "conv.w": sparsify(rng.standard_normal((conv, feats, 5)) / np.sqrt(feats * 5), rng, "4x4"),
+        "conv.b": rng.standard_normal(conv) * 0.1,
+        "gru.W": sparsify(rng.standard_normal((1, 3 * hidden, conv)) / np.sqrt(conv), rng, "4x4"),
+        "gru.R": sparsify(rng.standard_normal((1, 3 * hidden, hidden)) / np.sqrt(hidden), rng, "4x4"),
+        "gru.B": rng.standard_normal((1, 6 * hidden)) * 0.1,
+        "fc.w": sparsify(rng.standard_normal((hidden, classes)) / np.sqrt(hidden), rng, "4x4"),
+        "fc.b": rng.standard_normal(classes),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "conv.w", "conv.b"], ["c"], strides=[2], pads=[2, 2], name="conv"),
+        helper.make_node("Relu", ["c"], ["cr"], name="relu"),
+        helper.make_node("Transpose", ["cr"], ["ct"], perm=[2, 0, 1], name="to_tbc"),
+        helper.make_node("GRU", ["ct", "gru.W", "gru.R", "gru.B"], ["gy", "gh"], hidden_size=hidden,
+                         linear_before_reset=1, name="gru"),
+        helper.make_node("Squeeze", ["gy", "axis1"], ["gs"], name="squeeze"),
+        helper.make_node("MatMul", ["gs", "fc.w"], ["fo"], name="fc"),
+        helper.make_node("Add", ["fo", "fc.b"], ["y"], name="fc_bias"),
+    ]
+    tensors = [numpy_helper.from_array(_f32(a), n) for n, a in inits.items()]
+    tensors.append(numpy_helper.from_array(np.array([1], np.int64), "axis1"))
+    g = helper.make_graph(nodes, "deepspeech_like",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", feats, "time"])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], tensors)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)])
 
 
 def ort_run(model: onnx.ModelProto, feeds: dict) -> dict:

@@ -13,8 +13,7 @@ import numpy as np
 import onnx
 import pytest
 import tvm
-from onnx import TensorProto, helper, numpy_helper
-from onnx_models import OPSET, mlp, ort_run, recurrent, sparsify
+from onnx_models import deepspeech_like, gru_with_lens, mlp, ort_run, recurrent, sparsify
 
 import bscompile
 from bscompile.codegen.family import M_BUCKETS
@@ -28,51 +27,6 @@ SHAPES = [(1, 1), (3, 7), (17, 200), (64, 7), (1, 200), (64, 1)]
 
 def _f32(a):
     return np.asarray(a, np.float32)
-
-
-def gru_with_lens(rng, hidden=24, inp=12):
-    """A GRU (linear_before_reset=0: two recurrent matrices) fed ``sequence_lens`` per batch row."""
-    w = _f32(sparsify(rng.standard_normal((1, 3 * hidden, inp)) / np.sqrt(inp), rng, "4x4"))
-    r = _f32(sparsify(rng.standard_normal((1, 3 * hidden, hidden)) / np.sqrt(hidden), rng, "4x4"))
-    b = _f32(rng.standard_normal((1, 6 * hidden)) * 0.1)
-    node = helper.make_node("GRU", ["x", "W", "R", "B", "lens"], ["y", "h"], hidden_size=hidden, name="gru")
-    g = helper.make_graph(
-        [node], "gru_lens",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["time", "batch", inp]),
-         helper.make_tensor_value_info("lens", TensorProto.INT32, ["batch"])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
-         helper.make_tensor_value_info("h", TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(a, n) for a, n in ((w, "W"), (r, "R"), (b, "B"))])
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)])
-
-
-def deepspeech_like(rng, feats=13, conv=32, hidden=32, classes=10):
-    """x[batch, feats, time] -> Conv1d(k=5, stride 2, pad 2) -> ReLU -> [T', B, C] -> GRU -> Linear."""
-    inits = {
-        "conv.w": sparsify(rng.standard_normal((conv, feats, 5)) / np.sqrt(feats * 5), rng, "4x4"),
-        "conv.b": rng.standard_normal(conv) * 0.1,
-        "gru.W": sparsify(rng.standard_normal((1, 3 * hidden, conv)) / np.sqrt(conv), rng, "4x4"),
-        "gru.R": sparsify(rng.standard_normal((1, 3 * hidden, hidden)) / np.sqrt(hidden), rng, "4x4"),
-        "gru.B": rng.standard_normal((1, 6 * hidden)) * 0.1,
-        "fc.w": sparsify(rng.standard_normal((hidden, classes)) / np.sqrt(hidden), rng, "4x4"),
-        "fc.b": rng.standard_normal(classes),
-    }
-    nodes = [
-        helper.make_node("Conv", ["x", "conv.w", "conv.b"], ["c"], strides=[2], pads=[2, 2], name="conv"),
-        helper.make_node("Relu", ["c"], ["cr"], name="relu"),
-        helper.make_node("Transpose", ["cr"], ["ct"], perm=[2, 0, 1], name="to_tbc"),
-        helper.make_node("GRU", ["ct", "gru.W", "gru.R", "gru.B"], ["gy", "gh"], hidden_size=hidden,
-                         linear_before_reset=1, name="gru"),
-        helper.make_node("Squeeze", ["gy", "axis1"], ["gs"], name="squeeze"),
-        helper.make_node("MatMul", ["gs", "fc.w"], ["fo"], name="fc"),
-        helper.make_node("Add", ["fo", "fc.b"], ["y"], name="fc_bias"),
-    ]
-    tensors = [numpy_helper.from_array(_f32(a), n) for n, a in inits.items()]
-    tensors.append(numpy_helper.from_array(np.array([1], np.int64), "axis1"))
-    g = helper.make_graph(nodes, "deepspeech_like",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", feats, "time"])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], tensors)
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)])
 
 
 def _model(name, rng):
