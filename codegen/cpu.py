@@ -408,11 +408,14 @@ def _matmul_macro(mat: BSRMatrix, m, sched: CpuSchedule, k_limit: int | None = N
 
 def _bucketed(mat: BSRMatrix, m, cases: Cases, which: int | None, k_limit=None, n_limit=None):
     """The dispatching matmul macro over ``cases`` (schedule ``sched`` or ``scheds[which]``) and
-    the flat workspace size it needs at ``m``."""
+    the flat workspace size it needs at ``m``. A bucket of one size (``lo == hi``, e.g. m = 1)
+    is generated for that static m: the code a shape-specialised kernel runs."""
     scheds = [sc if which is None else sc[which] for _, _, sc in cases]
     reps = [lo if hi is None or hi == lo else (lo + hi + 1) // 2 for lo, hi, _ in cases]
-    macros = [_matmul_macro(mat, m, sc, k_limit, n_limit, rep) for sc, rep in zip(scheds, reps)]
-    return _dispatch(m, cases, macros), _by_bucket(m, cases, [workspace_size(mat, m, sc) for sc in scheds])
+    ms = [lo if lo == hi else m for lo, hi, _ in cases]  # (the dispatch reaches bucket i only for m > hi_{i-1})
+    macros = [_matmul_macro(mat, mi, sc, k_limit, n_limit, rep) for mi, sc, rep in zip(ms, scheds, reps)]
+    sizes = [workspace_size(mat, mi, sc) for mi, sc in zip(ms, scheds)]
+    return _dispatch(m, cases, macros), _by_bucket(m, cases, sizes)
 
 
 def _cases(m: int | None, sched) -> Cases:
@@ -534,8 +537,41 @@ def _recurrent_kernel(cell: CellSpec, keys: tuple[LayoutKey, ...], seq_static: i
         @T.macro
         def reset_phase(xp, g, h, rh, work1, seq_lens, data1, indices1, indptr1, rbias1, t):
             T.evaluate(0)
-    # the gate update is parallel as the smallest batch's mat-vec is (one launch per row and step)
-    gate_rows = T.parallel if cases[0][2][0].parallel else T.serial
+
+    def gate_phase(gate_rows):
+        @T.macro
+        def update(xp, g, h, c_out, peep, y, seq_lens, t):
+            for b in T.serial(batch):
+                n_b = T.Bind(T.min(seq_lens[b], seq))
+                tt = T.Bind(n_b * rev + t * (1 - 2 * rev) - rev)
+                if t < n_b:  # branch outside the lanes so the update vectorises
+                    for jo in gate_rows(hid // _GATE_LANES):
+                        for ji in T.vectorized(_GATE_LANES):
+                            step(xp, g, h, c_out, peep, y, b, jo * _GATE_LANES + ji, tt, g0)
+                    for jt in T.serial(hid % _GATE_LANES):
+                        step(xp, g, h, c_out, peep, y, b, hid - hid % _GATE_LANES + jt, tt, g0)
+                else:
+                    for j in T.serial(hid):
+                        y[t, b, j] = T.float32(0)
+
+        return update
+
+    # The gate update is parallel over hidden units as the mat-vec is, at batch 1 only: it
+    # launches the thread pool once per batch row and step (64 rows: 2.4x slower than serial).
+    gates = gate_phase(T.serial)
+    if cases[0][2][0].parallel and cases[0][:2] == (1, 1):
+        gates_one = gate_phase(T.parallel)
+        if isinstance(batch, int):
+            gates = gates_one
+        else:
+            serial_gates = gates
+
+            @T.macro
+            def gates(xp, g, h, c_out, peep, y, seq_lens, t):
+                if batch <= 1:
+                    gates_one(xp, g, h, c_out, peep, y, seq_lens, t)
+                else:
+                    serial_gates(xp, g, h, c_out, peep, y, seq_lens, t)
 
     @T.prim_func(s_tir=True)
     def recurrence(
@@ -585,18 +621,7 @@ def _recurrent_kernel(cell: CellSpec, keys: tuple[LayoutKey, ...], seq_static: i
         for t in T.serial(seq):
             mv0(h, work0, data0, indices0, indptr0, rbias0, g, 0)
             reset_phase(xp, g, h, rh, work1, seq_lens, data1, indices1, indptr1, rbias1, t)
-            for b in T.serial(batch):
-                n_b = T.Bind(T.min(seq_lens[b], seq))
-                tt = T.Bind(n_b * rev + t * (1 - 2 * rev) - rev)
-                if t < n_b:  # branch outside the lanes so the update vectorises
-                    for jo in gate_rows(hid // _GATE_LANES):
-                        for ji in T.vectorized(_GATE_LANES):
-                            step(xp, g, h, c_out, peep, y, b, jo * _GATE_LANES + ji, tt, g0)
-                    for jt in T.serial(hid % _GATE_LANES):
-                        step(xp, g, h, c_out, peep, y, b, hid - hid % _GATE_LANES + jt, tt, g0)
-                else:
-                    for j in T.serial(hid):
-                        y[t, b, j] = T.float32(0)
+            gates(xp, g, h, c_out, peep, y, seq_lens, t)
         for b in T.serial(batch):
             for j in T.serial(hid):
                 h_out[b, j] = h[b, j]

@@ -86,12 +86,13 @@ class _Lowerer(relax.PyExprMutator):
             bias = _repad_bias(bb, operands[m.bias], mat.shape[0], mat.padded_shape[0])
             mats.append(mat)
             packed.append((*arrays, bias))
-        buckets = [self._bucket(site, mats, b["lo"], b["hi"], b["m"], b["schedules"])
-                   for b in layout.get("buckets") or [{"lo": site["m"], "hi": site["m"], "m": site["m"],
-                                                       "schedules": layout.get("schedules") or []}]]
+        m = site["m"]
+        whole = [{"lo": m, "hi": m, "m": m} if isinstance(m, int) else {"lo": 1, "hi": None, "m": 1}]
+        buckets = [self._bucket(site, mats, b["lo"], b["hi"], b["m"], b.get("schedules", layout.get("schedules")))
+                   for b in layout.get("buckets") or whole]  # (a hand-made decision may lack buckets)
         kernel = self.family.kernel(site["kind"], site, mats, buckets)
         done = {**layout, "stored_bytes": sum(m.nbytes for m in mats)}
-        if "buckets" in layout:
+        if "buckets" in layout or not isinstance(m, int):
             done["buckets"] = [b.to_json() for b in buckets]
         else:
             done["schedules"] = [s.to_json() for s in buckets[0].schedules]
