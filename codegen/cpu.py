@@ -367,10 +367,16 @@ def _batch_macro(mat: BSRMatrix, m, m_rep: int, sched: CpuSchedule, n_limit: int
                                 for rr in T.unroll(r):
                                     for mi in T.vectorized(mv):
                                         acc[rr, mi] = acc[rr, mi] + data[p, kk, rr] * xt[(mo * k_pad + col + kk) * mv + mi]
-                        for rr in T.unroll(r):
-                            for mi in T.serial(mv):
-                                if mo * mv + mi < m and ib * r + rr < n_limit:
-                                    y[mo * mv + mi, y_col0 + ib * r + rr] = acc[rr, mi] + bias[ib * r + rr]
+                        if mo * mv + mv <= m:  # a full batch tile: no per-row guard (m tails only)
+                            for rr in T.unroll(r):
+                                for mi in T.serial(mv):
+                                    if ib * r + rr < n_limit:
+                                        y[mo * mv + mi, y_col0 + ib * r + rr] = acc[rr, mi] + bias[ib * r + rr]
+                        else:
+                            for rr in T.unroll(r):
+                                for mi in T.serial(mv):
+                                    if mo * mv + mi < m and ib * r + rr < n_limit:
+                                        y[mo * mv + mi, y_col0 + ib * r + rr] = acc[rr, mi] + bias[ib * r + rr]
 
     return matmul
 

@@ -8,6 +8,7 @@ import tvm
 from tvm import relax
 from tvm.script import ir as I
 from tvm.script import relax as R
+from tvm.script import tirx as T
 
 import bscompile.frontend.recurrent  # noqa: F401 - registers the "recurrent" site kind
 from bscompile.codegen.family import Bucket
@@ -27,6 +28,14 @@ FAMILY = resolve_target("x86_64").kernel_family()
 W = np.arange(15, dtype=np.float32).reshape(5, 3) - 7  # canonical W[N=5, K=3]
 B = np.linspace(-1, 1, 5).astype(np.float32)
 FP = fingerprint(W)
+# 4x4 blocks, 1 in 8 kept: sparse enough that a symbolic-m site is BSR
+W64 = (np.kron(np.arange(256).reshape(16, 16) % 8 == 0, np.ones((4, 4))) * 0.5).astype(np.float32)
+
+
+def _stats(w):
+    from bscompile.codegen.layout import all_block_stats
+
+    return all_block_stats(w)
 
 
 def _twice_is_once(pass_, mod):
@@ -71,6 +80,75 @@ def test_outline_linear_sites_biased_matmul_of_3d_input():
     before = Before.with_attr(WEIGHT_NAMES, {FP: "fc.weight"})
     after = _twice_is_once(OutlineLinearSites(), before)
     tvm.ir.assert_structural_equal(after.without_attr(WEIGHT_NAMES), Expected)
+
+
+def test_outline_linear_sites_symbolic_rows():
+    """x[b, t, K] with symbolic b and t: the site function has a variable of its own for
+    its rows (``m``; Relax functions share no symbolic vars), bound to ``b * t`` by the call."""
+
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor(("b", "t", 3), "float32")) -> R.Tensor(("b", "t", 5), "float32"):
+            with R.dataflow():
+                y = R.matmul(x, R.const(np.ascontiguousarray(W.T)))
+                z = R.add(y, R.const(B))
+                R.output(z)
+            return z
+
+    @I.ir_module
+    class Expected:
+        @R.function(private=True)
+        def linear_site(a0: R.Tensor(("m", 3), "float32"), a1: R.Tensor((5, 3), "float32"),
+                        a2: R.Tensor((5,), "float32")) -> R.Tensor(("m", 5), "float32"):
+            m = T.int64()
+            R.func_attr({"bscompile.site": {"kind": "linear", "name": "fc.weight", "fingerprint": FP, "m": "m",
+                                            "shape": [5, 3]}})
+            return R.call_pure_packed("bscompile.site.linear", a0, a1, a2, ty_args=R.Tensor((m, 5), "float32"))
+
+        @R.function
+        def main(x: R.Tensor(("b", "t", 3), "float32")) -> R.Tensor(("b", "t", 5), "float32"):
+            b = T.int64()
+            t = T.int64()
+            cls = Expected
+            with R.dataflow():
+                x2 = R.reshape(x, R.shape([b * t, 3]))
+                y2 = cls.linear_site(x2, R.const(W), R.const(B))
+                z = R.reshape(y2, R.shape([b, t, 5]))
+                R.output(z)
+            return z
+
+    before = Before.with_attr(WEIGHT_NAMES, {FP: "fc.weight"})
+    after = _twice_is_once(OutlineLinearSites(), before)
+    tvm.ir.assert_structural_equal(after.without_attr(WEIGHT_NAMES), Expected)
+
+
+def test_choose_layout_symbolic_m_writes_buckets():
+    """A symbolic m gets one layout and per-bucket schedules covering m >= 1, neighbours with
+    equal schedules merged; deciding again changes nothing."""
+    from bscompile.codegen.family import M_BUCKETS
+
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor(("n", 64), "float32")) -> R.Tensor(("n", 64), "float32"):
+            with R.dataflow():
+                y = R.matmul(x, R.const(np.ascontiguousarray(W64.T)))
+                R.output(y)
+            return y
+
+    mod = AnalyzeSparsity()(OutlineLinearSites()(Before))
+    layout = attr(_twice_is_once(ChooseLayout(FAMILY), mod)["linear_site"], LAYOUT)
+    assert layout["schedules"] == [] and layout["layout"] == "bsr"
+    buckets = layout["buckets"]
+    assert buckets[0]["lo"] == 1 and buckets[-1]["hi"] is None
+    assert all(a["hi"] + 1 == b["lo"] for a, b in zip(buckets, buckets[1:]))
+    assert all(a["schedules"] != b["schedules"] for a, b in zip(buckets, buckets[1:]))
+    assert {b["m"] for b in buckets} <= {rep for _, _, rep in M_BUCKETS}
+    for b in buckets:  # the family's default at the bucket's m
+        (sched,) = b["schedules"]
+        stats = next(s for s in _stats(W64) if str(s.block) == layout["block"])
+        assert sched == FAMILY.default_schedule("linear", stats, b["m"]).to_json()
 
 
 def test_outline_linear_sites_unnamed_weight_without_bias():
