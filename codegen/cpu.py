@@ -319,7 +319,7 @@ def _block_vector_macro(mat: BSRMatrix, m, sched: CpuSchedule, k_limit: int | No
     return matmul
 
 
-def _batch_macro(mat: BSRMatrix, m, m_rep: int, sched: CpuSchedule, n_limit: int):
+def _batch_macro(mat: BSRMatrix, m, sched: CpuSchedule, n_limit: int):
     """Batch variant: ``x`` is transposed (and zero-padded) into ``xt[K_pad, M_pad]`` so the
     innermost loop runs over ``m_vec`` batch rows: full vectors whatever the block height.
     Per block column: one load of ``x``, ``r`` broadcasts of weights, ``r`` FMAs.
@@ -327,8 +327,7 @@ def _batch_macro(mat: BSRMatrix, m, m_rep: int, sched: CpuSchedule, n_limit: int
     Each thread-pool launch costs tens of microseconds on a pool that does not spin, so
     the kernel launches once: the parallel loop runs over contiguous chunks of block
     rows and each chunk walks the batch tiles (keeping one ``xt`` slice hot) itself.
-    The transpose is parallel only when it is big enough (at ``m_rep`` rows) to pay for
-    its own launch."""
+    The transpose is parallel only when it is big enough to pay for its own launch."""
     k = mat.shape[1]
     k_pad = mat.padded_shape[1]
     nbr, r, c, mv = mat.num_block_rows, mat.block.r, mat.block.c, sched.m_vec
@@ -336,22 +335,45 @@ def _batch_macro(mat: BSRMatrix, m, m_rep: int, sched: CpuSchedule, n_limit: int
     chunks = min(nbr, _PARALLEL_CHUNKS) if sched.parallel else 1
     per_chunk = -(-nbr // chunks)
     rows = T.parallel if sched.parallel else T.serial
-    tloop = T.parallel if sched.parallel and -(-m_rep // mv) * mv * k_pad >= _PARALLEL_TRANSPOSE else T.serial
     cloop = T.unroll if sched.unroll_c else T.serial
+
+    def transposer(tloop):
+        @T.macro
+        def transpose(x, xt):
+            for mo in tloop(m_pad // mv):  # row by row: contiguous reads, no div/mod per element
+                for mi in T.serial(mv):
+                    if mo * mv + mi < m:
+                        for kk in T.serial(k):
+                            xt[(mo * k_pad + kk) * mv + mi] = x[mo * mv + mi, kk]
+                        for kk in T.serial(k_pad - k):
+                            xt[(mo * k_pad + k + kk) * mv + mi] = T.float32(0)
+                    else:
+                        for kk in T.serial(k_pad):
+                            xt[(mo * k_pad + kk) * mv + mi] = T.float32(0)
+
+        return transpose
+
+    # The transpose runs in parallel when it is big enough to pay for its own launch:
+    # decided here for a static m, at run time for a symbolic one.
+    serial_t = transposer(T.serial)
+    transpose = serial_t
+    if sched.parallel:
+        parallel_t = transposer(T.parallel)
+        if isinstance(m, int):
+            transpose = parallel_t if m_pad * k_pad >= _PARALLEL_TRANSPOSE else serial_t
+        else:
+
+            @T.macro
+            def transpose(x, xt):
+                if m * k_pad >= _PARALLEL_TRANSPOSE:
+                    parallel_t(x, xt)
+                else:
+                    serial_t(x, xt)
 
     @T.macro
     def matmul(x, work, data, indices, indptr, bias, y, y_col0):
         xt = work  # [m_pad / mv, k_pad, mv], indexed flat: one slice per batch tile
-        for mo in tloop(m_pad // mv):  # row by row: contiguous reads, no div/mod per element
-            for mi in T.serial(mv):
-                if mo * mv + mi < m:
-                    for kk in T.serial(k):
-                        xt[(mo * k_pad + kk) * mv + mi] = x[mo * mv + mi, kk]
-                    for kk in T.serial(k_pad - k):
-                        xt[(mo * k_pad + k + kk) * mv + mi] = T.float32(0)
-                else:
-                    for kk in T.serial(k_pad):
-                        xt[(mo * k_pad + kk) * mv + mi] = T.float32(0)
+        transpose(x, xt)
         for ch in rows(chunks):
             for mo in T.serial(m_pad // mv):
                 for ii in T.serial(per_chunk):
@@ -382,7 +404,7 @@ def _batch_macro(mat: BSRMatrix, m, m_rep: int, sched: CpuSchedule, n_limit: int
 
 
 def _matmul_macro(mat: BSRMatrix, m, sched: CpuSchedule, k_limit: int | None = None,
-                  n_limit: int | None = None, m_rep: int = 1):
+                  n_limit: int | None = None):
     """``y[:, y_col0 : y_col0 + n_pad] = x @ W.T + bias`` for all block rows.
 
     The macro's arguments are ``(x, work, data, indices, indptr, bias, y, y_col0)``;
@@ -390,7 +412,7 @@ def _matmul_macro(mat: BSRMatrix, m, sched: CpuSchedule, k_limit: int | None = N
     if sched.variant == "block":
         return _block_vector_macro(mat, m, sched, k_limit, n_limit)
     if sched.variant == "batch":
-        return _batch_macro(mat, m, m_rep, sched, mat.shape[0] if n_limit is None else n_limit)
+        return _batch_macro(mat, m, sched, mat.shape[0] if n_limit is None else n_limit)
     if sched.variant != "rows":
         raise ValueError(f"schedule variant {sched.variant!r} has no block-row macro")
     mt = sched.m_tile
@@ -417,9 +439,8 @@ def _bucketed(mat: BSRMatrix, m, cases: Cases, which: int | None, k_limit=None, 
     the flat workspace size it needs at ``m``. A bucket of one size (``lo == hi``, e.g. m = 1)
     is generated for that static m: the code a shape-specialised kernel runs."""
     scheds = [sc if which is None else sc[which] for _, _, sc in cases]
-    reps = [lo if hi is None or hi == lo else (lo + hi + 1) // 2 for lo, hi, _ in cases]
     ms = [lo if lo == hi else m for lo, hi, _ in cases]  # (the dispatch reaches bucket i only for m > hi_{i-1})
-    macros = [_matmul_macro(mat, mi, sc, k_limit, n_limit, rep) for mi, sc, rep in zip(ms, scheds, reps)]
+    macros = [_matmul_macro(mat, mi, sc, k_limit, n_limit) for mi, sc in zip(ms, scheds)]
     sizes = [workspace_size(mat, mi, sc) for mi, sc in zip(ms, scheds)]
     return _dispatch(m, cases, macros), _by_bucket(m, cases, sizes)
 

@@ -108,7 +108,7 @@ def test_dispatch_picks_schedules_per_bucket(rng):
 
 def test_symbolic_kernel_tails_in_every_variant(rng):
     """The linear kernel on a symbolic m with three buckets (block / rows with M tiles of 4 /
-    batch vectors of 8) at m that leave tails in each, against NumPy (rtol 1e-5, atol 1e-4)."""
+    parallel batch vectors of 8) at m that leave tails in each, against NumPy (rtol 1e-5, atol 1e-4)."""
     from bscompile.codegen import cpu
     from bscompile.codegen.layout import BlockShape, BSRMatrix
     from bscompile.target import resolve_target
@@ -119,12 +119,12 @@ def test_symbolic_kernel_tails_in_every_variant(rng):
     base = cpu.default_schedule(mat, 1)
     cases = ((1, 1, dataclasses.replace(base, variant="block", m_tile=1, unroll_c=True)),
              (2, 7, dataclasses.replace(base, variant="rows", m_tile=4)),
-             (8, None, cpu.CpuSchedule(1, False, True, "batch", 8)))
+             (8, None, cpu.CpuSchedule(1, True, True, "batch", 8)))  # parallel: transposes in parallel at 3000
     func = cpu.linear_kernel(mat, None, cases).with_attr("global_symbol", "k")
     lib = tvm.compile(tvm.IRModule({"k": func}), target=resolve_target("llvm").tvm_target())
     bias = np.zeros(mat.padded_shape[0], np.float32)
     bias[:n] = rng.standard_normal(n)
-    for m in (1, 2, 5, 7, 8, 13, 17):
+    for m in (1, 2, 5, 7, 8, 13, 17, 3000):
         x = _f32(rng.standard_normal((m, k)))
         y = tvm.runtime.empty((m, n), "float32")
         lib["k"](*[tvm.runtime.tensor(a) for a in (x, mat.data, mat.indices, mat.indptr, bias)], y)
