@@ -491,6 +491,7 @@ def artifact_mutation(env: Env, d: Path) -> Case:
         expect = "any"
     elif kind == "truncate":
         bsc.write_bytes(data[:int(rng.integers(len(data)))])
+        expect = "any"  # a cut in the tar's trailing zero blocks leaves a whole artifact (--check still guards)
     elif kind == "other_target":
         if "mlp_aarch64" in env.artifacts:
             bsc.write_bytes(env.artifacts["mlp_aarch64"].read_bytes())

@@ -3,7 +3,8 @@
     python bench/kernels.py            # full grid (the committed results; ~20-30 min on 2 cores)
     python bench/kernels.py --quick    # one shape, a few cells (~2 min)
 
-Per (shape, batch) group, all implementations run interleaved in one process:
+Per (shape, batch) group, all implementations run in one process (warm: each in runs of
+its own back-to-back calls; cold: flushed per call, see ``common.interleaved``):
 onnxruntime dense, bscompile's own dense path, PyTorch dense, PyTorch BSR
 (``torch.sparse.mm`` on ``to_sparse_bsr``), scipy BSR, and bscompile on the pruned
 weight (its cost model picks layout and schedule). Every call goes through each

@@ -62,6 +62,27 @@ def _elements(name: str, what: str, dims) -> int:
     return n
 
 
+def check_finite_weights(model: onnx.ModelProto) -> None:
+    """Refuse NaN or infinite float weights: the generated code does not propagate them as
+    onnxruntime does (pruned zeros are skipped, so inf * 0 never makes a NaN, and TVM's
+    max drops NaN). A single value is a fill, not a weight (a static block mask exports
+    its ``-inf`` as one), and is left to the graph."""
+    from onnx import numpy_helper
+
+    for init in model.graph.initializer:
+        if init.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16):
+            continue
+        try:
+            a = numpy_helper.to_array(init)
+        except Exception:  # noqa: BLE001 - malformed data: the importer reports it
+            continue
+        if a.size > 1 and not np.isfinite(a).all():
+            at = [int(i) for i in np.argwhere(~np.isfinite(a))[0]]
+            raise UnsupportedModelError(f"weight '{init.name}' holds {a[tuple(at)]} at {at}; bscompile needs finite "
+                                        "weights (block-sparse kernels skip pruned zeros, so NaN and inf would not "
+                                        "propagate as in dense arithmetic)")
+
+
 #: ai.onnx opsets bscompile accepts: TVM's importer and onnxruntime both start at 7.
 MIN_OPSET = 7
 
@@ -90,3 +111,4 @@ def check_resources(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, .
     if 2 * total > avail:
         raise UnsupportedModelError(f"the model's weights and inputs need {total / 2**30:.2f} GiB (about twice that "
                                     f"while compiling); {avail / 2**30:.2f} GiB of memory is available")
+    check_finite_weights(model)

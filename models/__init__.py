@@ -1,7 +1,7 @@
 """Train and prune models before compiling them (``pip install bscompile[train]``).
 
 WP/BP (:class:`BlockPruner` on ``torch.ao.pruning.BaseSparsifier``) with the
-threshold schedule of Narang et al. (:class:`PruneSchedule`), group lasso
+threshold schedule of Narang et al. (:class:`NarangSL`, a ``torch.ao`` scheduler), group lasso
 (:func:`group_lasso_penalty`), block-wise dynamic sparseness
 (:class:`DynamicBlockLinear`, :mod:`.dynamic`), a char-level LM on CPython's own docs
 (:mod:`.charlm`), a DeepSpeech-like benchmark shape (:mod:`.deepspeech`), ONNX
@@ -10,12 +10,13 @@ export checked against onnxruntime (:mod:`.export`) and the papers' tables
 """
 
 from .group_lasso import block_norms, group_lasso_penalty, prunable_weights
-from .schedule import PruneSchedule
+from .schedule import NarangSL, PruneSchedule
 from .sparsifier import REDUCTIONS, BlockPruner, block_scores, make_config, prune_once
 
 __all__ = [
     "REDUCTIONS",
     "BlockPruner",
+    "NarangSL",
     "PruneSchedule",
     "block_norms",
     "block_scores",

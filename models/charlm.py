@@ -1,8 +1,11 @@
-"""Character-level language model on CPython's own documentation text.
+"""Character-level language model on CPython's own documentation (and source) text.
 
-The corpus is ``pydoc_data.topics`` — the reference-manual topics shipped with
-every CPython, so training needs no download. Topics are joined in sorted key
+The ``pydoc`` corpus is ``pydoc_data.topics`` — the reference-manual topics shipped
+with every CPython, so training needs no download. Topics are joined in sorted key
 order; the first 90 % of characters are training data, the last 10 % validation.
+The ``pydoc+stdlib`` corpus adds the source of the standard library's top-level
+modules (~4.7 M characters, sorted by file name), ten times more text, so that a
+hidden-512 model is not data-limited; each part is split 90/10 the same way.
 The metric is bits per character (cross-entropy in base 2) on validation text,
 read as contiguous streams with the hidden state carried across chunks.
 
@@ -25,9 +28,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.ao.pruning import CubicSL, LambdaSL
 
-from .group_lasso import group_lasso_penalty, prunable_weights
-from .schedule import PruneSchedule
+from .group_lasso import group_lasso_penalty
+from .schedule import NarangSL
 from .sparsifier import BlockPruner, make_config
 
 BUNDLED = Path(__file__).resolve().parent.parent / "bscompile" / "data" / "char_gru_bp4x4.onnx"
@@ -46,17 +50,40 @@ class Corpus:
         index = {ch: i for i, ch in enumerate(self.vocab)}
         return torch.tensor([index[ch] for ch in text], dtype=torch.long)
 
+    def decode(self, ids: torch.Tensor) -> str:
+        return "".join(self.vocab[i] for i in ids.tolist())
 
-def load_corpus(val_frac: float = 0.1) -> Corpus:
-    """The pydoc topics text, split at a fixed character offset (no shuffling)."""
+
+CORPORA = ("pydoc", "pydoc+stdlib")
+
+
+def _texts(source: str) -> list[str]:
     from pydoc_data.topics import topics
 
-    text = "".join(topics[k] for k in sorted(topics))
-    vocab = "".join(sorted(set(text)))
+    texts = ["".join(topics[k] for k in sorted(topics))]
+    if source == "pydoc+stdlib":
+        import sysconfig
+
+        files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+        texts.append("".join(f.read_text(encoding="utf-8", errors="replace") for f in files))
+    elif source != "pydoc":
+        raise ValueError(f"unknown corpus {source!r}; choose from {CORPORA}")
+    return texts
+
+
+def load_corpus(val_frac: float = 0.1, source: str = "pydoc") -> Corpus:
+    """The corpus text, each part split at a fixed character offset (no shuffling)."""
+    texts = _texts(source)
+    vocab = "".join(sorted(set("".join(texts))))
     index = {ch: i for i, ch in enumerate(vocab)}
-    ids = torch.tensor([index[ch] for ch in text], dtype=torch.long)
-    cut = int(len(ids) * (1 - val_frac))
-    return Corpus(vocab, ids[:cut], ids[cut:], hashlib.sha256(text.encode()).hexdigest()[:16])
+    train, val = [], []
+    for text in texts:
+        ids = torch.tensor([index[ch] for ch in text], dtype=torch.long)
+        cut = int(len(ids) * (1 - val_frac))
+        train.append(ids[:cut])
+        val.append(ids[cut:])
+    digest = hashlib.sha256("".join(texts).encode()).hexdigest()[:16]
+    return Corpus(vocab, torch.cat(train), torch.cat(val), digest)
 
 
 class CharLM(nn.Module):
@@ -86,6 +113,7 @@ class TrainConfig:
     clip: float = 1.0
     seed: int = 0
     log_every: int = 100
+    eval_every: int = 0  # validation bpc every so many iterations (0: only at the end)
 
 
 @dataclass
@@ -94,31 +122,63 @@ class PruneConfig:
 
     The schedule is placed by fractions of ``TrainConfig.iters`` (pruning from
     ``start`` to ``end``, slope change at ``ramp``, masks updated ``updates``
-    times); the remaining iterations fine-tune the pruned model. GL prunes once,
-    at ``end``, to ``target`` by block L2 norm; GLP is BP plus a small λ_g.
+    times); the remaining iterations fine-tune the pruned model. BP/WP/GLP use
+    :class:`NarangSL` in target mode (in paper mode with ``percentile``); GL trains with λ_g all along and prunes once,
+    at ``end``, to ``target`` by block RMS (∝ L2 norm), driven by ``torch.ao``'s own
+    ``LambdaSL``; GLP is BP plus a small λ_g.
     """
 
     method: str = "dense"
     block: tuple[int, int] = (4, 4)
     reduction: str = "max"
-    target: float | None = 0.9
+    target: float = 0.9
     lam: float = 0.0
     start: float = 0.1
     ramp: float = 0.35
     end: float = 0.6
     updates: int = 60
     prune_linear: bool = True
+    percentile: float | None = None  # set: the paper's fixed θ from this quantile; the threshold alone decides
+    schedule: str = "narang"  # or "cubic": torch.ao's CubicSL (Zhu & Gupta) sets sparsity_level over the window
 
-    def schedule(self, iters: int) -> PruneSchedule:
-        if self.method == "gl":  # one-shot at end: the only update is at end_itr
-            end = int(self.end * iters)
-            return PruneSchedule(end - 1, end - 1, end, 1)
+    def itrs(self, iters: int) -> tuple[int, int, int, int]:
+        """(start_itr, ramp_itr, end_itr, freq) for a run of ``iters`` iterations."""
         s, r, e = int(self.start * iters), int(self.ramp * iters), int(self.end * iters)
-        return PruneSchedule(s, r, e, max(1, (e - s) // self.updates))
+        return s, r, e, max(1, (e - s) // self.updates)
+
+
+class StepAt:
+    """``LambdaSL`` factor: 0 before sparsifier step ``itr``, then 1 (picklable, unlike a lambda)."""
+
+    def __init__(self, itr: int) -> None:
+        self.itr = itr
+
+    def __call__(self, last_epoch: int) -> float:
+        return float(last_epoch + 1 >= self.itr)  # scheduler epoch e prepares sparsifier step e + 1
+
+
+def make_pruner(model: nn.Module, prune: PruneConfig, iters: int) -> tuple[BlockPruner | None, Any]:
+    """The sparsifier and ``torch.ao``-style scheduler of a run (``None, None`` when dense)."""
+    if prune.method == "dense":
+        return None, None
+    config = make_config(model, linear=prune.prune_linear, exclude=() if prune.prune_linear else ("proj",))
+    s, r, e, f = prune.itrs(iters)
+    if prune.method == "gl":
+        sp = BlockPruner(prune.target, prune.block, "rms")
+        sp.prepare(model, config)
+        return sp, LambdaSL(sp, StepAt(e))
+    sp = BlockPruner(prune.target if prune.percentile is None else 1.0, prune.block, prune.reduction)
+    sp.prepare(model, config)
+    if prune.schedule == "cubic":  # sparsity 0 → target along 1 − (1 − t)³ from start to end, masks every step
+        return sp, CubicSL(sp, init_sl=0.0, init_t=s, delta_t=1, total_t=e - s, initially_zero=True)
+    if prune.schedule != "narang":
+        raise ValueError(f"unknown pruning schedule {prune.schedule!r} (narang, cubic)")
+    return sp, NarangSL(sp, s, r, e, f, percentile=prune.percentile)
 
 
 def bits_per_char(model: CharLM, ids: torch.Tensor, streams: int = 16, chunk: int = 256) -> float:
     """Validation bpc: ``streams`` contiguous pieces of ``ids`` read in chunks, state carried."""
+    was_training = model.training
     model.eval()
     n = len(ids) // streams
     data = ids[: n * streams].view(streams, n)
@@ -128,7 +188,7 @@ def bits_per_char(model: CharLM, ids: torch.Tensor, streams: int = 16, chunk: in
             x, y = data[:, i : min(i + chunk, n - 1)], data[:, i + 1 : min(i + chunk, n - 1) + 1]
             logits, state = model(x, state, return_state=True)
             total += nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
-    model.train()
+    model.train(was_training)
     return total / (streams * (n - 1)) / math.log(2)
 
 
@@ -138,33 +198,55 @@ def count_params(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in ps), sum(int((p != 0).sum()) for p in ps)
 
 
+def _save_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
 def train(
-    model: CharLM, corpus: Corpus, cfg: TrainConfig, prune: PruneConfig | None = None, tag: str = ""
+    model: CharLM,
+    corpus: Corpus,
+    cfg: TrainConfig,
+    prune: PruneConfig | None = None,
+    tag: str = "",
+    ckpt: Path | None = None,
+    ckpt_every: int = 200,
 ) -> tuple[dict[str, Any], BlockPruner | None]:
     """Train (and prune) ``model``; returns a result record and the squashed pruner.
 
-    Pruning follows the usage of :class:`BlockPruner`: ``sparsifier.step()`` right
-    after ``optimizer.step()``. Progress goes to stderr every ``log_every`` steps.
+    Order per iteration as in ``torch.ao``: ``opt.step(); sparsifier.step();
+    scheduler.step()``. With ``ckpt``, the whole state (model, optimizer, LR
+    schedule, sparsifier, pruning scheduler, data RNG, curves) is saved there every
+    ``ckpt_every`` iterations and training resumes from it, bit-for-bit the same
+    batches. Progress goes to stderr every ``log_every`` steps.
     """
     prune = prune or PruneConfig()
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.iters, eta_min=cfg.lr * 0.05)
-    config = make_config(model, linear=prune.prune_linear, exclude=() if prune.prune_linear else ("proj",))
-    pruner = None
-    if prune.method != "dense":
-        if prune.method != "gl" or prune.target is not None:
-            reduction = "rms" if prune.method == "gl" else prune.reduction  # rms ∝ block L2 norm
-            pruner = BlockPruner(prune.schedule(cfg.iters), prune.block, reduction, prune.target)
-            pruner.prepare(model, config)
-    gl_weights = prunable_weights(model, config) if prune.method in ("gl", "glp") and prune.lam > 0 else []
-    t0, losses, curve = time.time(), [], []
+    pruner, psched = make_pruner(model, prune, cfg.iters)
+    gl_weights = [getattr(g["module"], g["tensor_name"]) for g in pruner.groups] \
+        if pruner is not None and prune.method in ("gl", "glp") and prune.lam > 0 else []
+    done, window, curve, wall = 0, [], [], 0.0
+    if ckpt is not None and ckpt.exists():
+        st = torch.load(ckpt, weights_only=False)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        sched.load_state_dict(st["sched"])
+        gen.set_state(st["gen"])
+        torch.set_rng_state(st["rng"])
+        if pruner is not None:
+            pruner.load_state_dict(st["pruner"])
+            psched.load_state_dict(st["psched"])
+        done, window, curve, wall = st["itr"], st["window"], st["curve"], st["wall"]
+        print(f"[{tag}] resumed at itr {done}/{cfg.iters} from {ckpt}", file=sys.stderr, flush=True)
+    t0 = time.time() - wall
     model.train()
-    for itr in range(1, cfg.iters + 1):
+    for itr in range(done + 1, cfg.iters + 1):
         starts = torch.randint(0, len(corpus.train) - cfg.seq - 1, (cfg.batch,), generator=gen)
-        idx = starts[:, None] + torch.arange(cfg.seq + 1)
-        batch = corpus.train[idx]
+        batch = corpus.train[starts[:, None] + torch.arange(cfg.seq + 1)]
         logits = model(batch[:, :-1])
         loss = nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
         total = loss + group_lasso_penalty(gl_weights, prune.block, prune.lam) if gl_weights else loss
@@ -175,16 +257,28 @@ def train(
         sched.step()
         if pruner is not None:
             pruner.step()
-        losses.append(loss.item())
+            psched.step()
+        window.append(loss.item())
         if itr % cfg.log_every == 0 or itr == cfg.iters:
             sp = pruner.overall_sparsity() if pruner else 0.0
-            tr = sum(losses[-cfg.log_every :]) / len(losses[-cfg.log_every :]) / math.log(2)
-            curve.append((itr, tr, sp))
-            print(f"[{tag}] itr {itr}/{cfg.iters} train_bpc {tr:.3f} sparsity {sp:.3f} "
-                  f"{time.time() - t0:.0f}s", file=sys.stderr, flush=True)
+            tr = sum(window) / len(window) / math.log(2)
+            window = []
+            evaluate = itr == cfg.iters or (cfg.eval_every and itr % cfg.eval_every == 0)
+            val = bits_per_char(model, corpus.val) if evaluate else None
+            curve.append((itr, tr, sp, val))
+            el = time.time() - t0
+            print(f"[{tag}] itr {itr}/{cfg.iters} train_bpc {tr:.3f}" + (f" val_bpc {val:.3f}" if val else "")
+                  + f" sparsity {sp:.3f} {el:.0f}s ({el / itr:.3f} s/itr)", file=sys.stderr, flush=True)
+        if ckpt is not None and (itr % ckpt_every == 0 or itr == cfg.iters):
+            _save_atomic({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                          "gen": gen.get_state(), "rng": torch.get_rng_state(),
+                          "pruner": pruner.state_dict() if pruner else None,
+                          "psched": psched.state_dict() if psched else None,
+                          "itr": itr, "window": window, "curve": curve, "wall": time.time() - t0}, ckpt)
     if pruner is not None:
         pruner.squash_mask()
     n_all, n_nz = count_params(model)
+    vals = [v for *_, v in curve if v is not None]
     result = {
         "tag": tag,
         "method": prune.method,
@@ -195,7 +289,7 @@ def train(
         "nonzero_params": n_nz,
         "sparsity": pruner.overall_sparsity() if pruner else 0.0,
         "layer_sparsity": pruner.sparsity() if pruner else {},
-        "val_bpc": bits_per_char(model, corpus.val),
+        "val_bpc": vals[-1] if vals else bits_per_char(model, corpus.val),
         "train_curve": curve,
         "prune_history": {k: v["history"] for k, v in pruner.state.items()} if pruner else {},
         "wall_s": time.time() - t0,

@@ -14,7 +14,9 @@ Contract
   an earlier output is replaced by ``call_tir(copy_output_K, (y,))``, in a binding
   block after the function's last block.
 - Left alone: outputs computed by a kernel of their own (the usual case: still
-  zero-copy), non-tensor outputs, functions other than ``main``.
+  zero-copy), non-tensor outputs, functions other than ``main``, and every output
+  for ``device="cuda"`` (results are copied to the host anyway, and the flat copy
+  kernel is not a GPU schedule).
 """
 
 from __future__ import annotations
@@ -36,7 +38,12 @@ def _static(ty) -> tuple[int, ...] | None:
 
 @tvm.transform.module_pass(opt_level=0, name="OwnOutputs")
 class OwnOutputs:
+    def __init__(self, device: str = "cpu"):
+        self.device = device
+
     def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        if self.device == "cuda":
+            return mod
         gv = mod.get_global_var("main") if any(g.name_hint == "main" for g in mod.functions) else None
         func = mod[gv] if gv is not None else None
         if not isinstance(func, relax.Function) or not isinstance(func.body, relax.SeqExpr):

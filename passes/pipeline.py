@@ -57,7 +57,7 @@ def bscompile_passes(family: KernelFamily, *, sparse: bool = True, force_block: 
         LowerWeightSites(family),
         relax.transform.FoldConstant(),
         relax.transform.DeadCodeElimination(),
-        OwnOutputs(),
+        OwnOutputs(family.name),
     ]
 
 

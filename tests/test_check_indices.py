@@ -132,13 +132,16 @@ def test_constant_index_out_of_range_is_a_compile_error():
         CheckIndices()(Before)
 
 
-def test_cuda_clamps_instead_of_raising():
+def test_cuda_wraps_and_clamps_instead_of_raising():
     @I.ir_module
     class Before:
         @R.function
         def main(x: R.Tensor((5, 2), "float32"), idx: R.Tensor((3,), "int64")):
             with R.dataflow():
-                lv = R.take(x, idx, axis=0, mode="fast")
+                neg = R.less(idx, R.const(0, "int64"))
+                shifted = R.add(idx, R.const(5, "int64"))
+                wrapped = R.where(neg, shifted, idx)
+                lv = R.take(x, wrapped, axis=0, mode="fast")
                 R.output(lv)
             return lv
 
@@ -147,7 +150,13 @@ def test_cuda_clamps_instead_of_raising():
         @R.function
         def main(x: R.Tensor((5, 2), "float32"), idx: R.Tensor((3,), "int64")):
             with R.dataflow():
-                low = R.maximum(idx, R.const(0, "int64"))
+                neg = R.less(idx, R.const(0, "int64"))
+                shifted = R.add(idx, R.const(5, "int64"))
+                wrapped = R.where(neg, shifted, idx)
+                neg1 = R.less(idx, R.const(0, "int64"))
+                shifted1 = R.add(idx, R.const(5, "int64"))
+                wrapped1 = R.where(neg1, shifted1, idx)
+                low = R.maximum(wrapped1, R.const(0, "int64"))
                 c = R.minimum(low, R.const(4, "int64"))
                 lv = R.take(x, c, axis=0, mode="fast")
                 R.output(lv)

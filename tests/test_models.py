@@ -21,7 +21,7 @@ from bscompile.models.export import (  # noqa: E402
     onnx_recurrent_weights,
     run_onnx,
 )
-from bscompile.models.schedule import PruneSchedule  # noqa: E402
+from bscompile.models.schedule import NarangSL  # noqa: E402
 from bscompile.models.sparsifier import BlockPruner, make_config, prune_once  # noqa: E402
 
 torch.set_num_threads(1)
@@ -34,6 +34,16 @@ def test_corpus_split_is_fixed_and_covers_vocab():
     assert int(c.train.max()) < len(c.vocab) and int(c.val.max()) < len(c.vocab)
     assert torch.equal(load_corpus().val[:1000], c.val[:1000])  # deterministic
     assert c.encode("def ").tolist() == [c.vocab.index(ch) for ch in "def "]
+
+
+def test_larger_corpus_adds_stdlib_source_split_per_part():
+    small, big = load_corpus(), load_corpus(source="pydoc+stdlib")
+    assert set(small.vocab) <= set(big.vocab) and len(big.train) > 10 * len(small.train)
+    # each part is split 90/10: validation starts with the pydoc tail, then the stdlib tail
+    assert big.decode(big.val[:200]) == small.decode(small.val[:200])
+    assert abs(len(big.val) / (len(big.train) + len(big.val)) - 0.1) < 1e-4
+    with pytest.raises(ValueError, match="unknown corpus"):
+        load_corpus(source="wikipedia")
 
 
 def test_bits_per_char_of_uniform_model_is_log2_vocab():
@@ -61,8 +71,9 @@ def test_pruned_rnn_trains_runs_and_exports(cell, tmp_path):
             return self.fc(self.rnn(x)[0])
 
     m = Model()
-    sp = BlockPruner(PruneSchedule(2, 8, 16, 2), block=(4, 4), target_sparsity=0.75)
+    sp = BlockPruner(0.75, (4, 4))
     sp.prepare(m, make_config(m))
+    sched = NarangSL(sp, 2, 8, 16, 2)
     opt = torch.optim.Adam(m.parameters(), lr=1e-2)
     x, y = torch.randn(3, 7, 12), torch.randn(3, 7, 8)
     losses = []
@@ -74,6 +85,7 @@ def test_pruned_rnn_trains_runs_and_exports(cell, tmp_path):
             loss.backward()
             opt.step()
             sp.step()
+            sched.step()
             losses.append(loss.item())
     assert losses[-1] < 0.9 * losses[0], "pruned model did not train"
     sp.squash_mask()
@@ -154,13 +166,54 @@ def test_bundled_model_matches_its_sidecar():
 def test_reproduce_quick(tmp_path):
     from bscompile.models.reproduce import main
 
-    main(["--quick", "--out", str(tmp_path)])
-    for f in ("results.md", "results.json", "schedule.png", "bpc_vs_sparsity.png"):
-        assert (tmp_path / f).stat().st_size > 0, f
-    res = json.loads((tmp_path / "results.json").read_text())
+    main(["--quick", "--state", str(tmp_path / "state"), "--out", str(tmp_path / "out")])
+    for f in ("results.md", "results.json", "learning_curves.png", "schedule.png", "bpc_vs_sparsity.png"):
+        assert (tmp_path / "out" / f).stat().st_size > 0, f
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert {r["name"] for r in res["runs"]} >= {"dense large", "dense small", "WP", "BP 4x4", "GL 4x4", "GLP 4x4"}
     for r in res["runs"]:
+        assert (tmp_path / "state" / f"{r['key']}.onnx").exists() and r["onnx_max_abs_err"] <= 1e-5
         # big blocks on the tiny quick model leave a handful of blocks per matrix: no 1 % resolution
-        if r["method"] != "dense" and r["block"][0] * r["block"][1] <= 16:
+        if r["method"] != "dense" and r["block"][0] * r["block"][1] <= 16 and r["prune_config"]["percentile"] is None:
             target = r["prune_config"]["target"]
             assert abs(r["sparsity"] - target) < 0.01, (r["name"], r["sparsity"])
-    assert "## Methods at ~90% sparsity" in (tmp_path / "results.md").read_text()
+    text = (tmp_path / "out" / "results.md").read_text()
+    assert "## Methods at ~90% sparsity" in text and "| BP 4x4 |" in text
+    assert not list((tmp_path / "state").glob("*.ckpt"))  # finished runs leave results, not checkpoints
+
+
+@pytest.mark.parametrize(("method", "schedule"), [("bp", "narang"), ("gl", "narang"), ("glp", "cubic")])
+def test_training_resumes_from_checkpoint_bit_for_bit(tmp_path, monkeypatch, method, schedule):
+    """A run killed after a checkpoint and resumed ends exactly like an uninterrupted one."""
+    from bscompile.models import charlm
+    from bscompile.models.charlm import PruneConfig, TrainConfig, train
+
+    corpus = load_corpus()
+    cfg = TrainConfig(iters=30, batch=4, seq=12, log_every=5, eval_every=10)
+    pc = PruneConfig(method, (4, 4), "max", 0.8, lam=1e-3, start=0.2, ramp=0.4, end=0.7, updates=5, schedule=schedule)
+    val = replace(corpus, val=corpus.val[:2000])
+
+    def fresh():
+        torch.manual_seed(0)
+        return CharLM(len(corpus.vocab), emb=8, hidden=16)
+
+    ref, _ = train(fresh(), val, cfg, pc)
+    save = charlm._save_atomic
+    calls = []
+
+    def crash_after_second_save(obj, path):
+        save(obj, path)
+        calls.append(obj["itr"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(charlm, "_save_atomic", crash_after_second_save)
+    ckpt = tmp_path / "run.ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        train(fresh(), val, cfg, pc, ckpt=ckpt, ckpt_every=8)
+    assert calls == [8, 16]
+    monkeypatch.setattr(charlm, "_save_atomic", save)
+    got, _ = train(fresh(), val, cfg, pc, ckpt=ckpt, ckpt_every=8)
+    assert got["val_bpc"] == ref["val_bpc"]
+    assert got["train_curve"] == ref["train_curve"] and got["prune_history"] == ref["prune_history"]
+    assert abs(got["sparsity"] - 0.8) < 0.01

@@ -1,6 +1,7 @@
 """OwnOutputs: outputs never alias the input staging buffers, a constant, or each other."""
 
 import numpy as np
+import pytest
 import tvm
 from onnx import TensorProto, helper, numpy_helper
 from onnx_models import OPSET, ort_run
@@ -9,6 +10,7 @@ from tvm.script import relax as R
 from tvm.script import tirx as T
 
 import bscompile
+from bscompile.codegen.cuda_ptxas import nvcc_path
 from bscompile.passes.own_outputs import OwnOutputs
 
 
@@ -98,3 +100,17 @@ def test_outputs_survive_the_next_call_and_cannot_corrupt_the_model(rng):
     np.testing.assert_array_equal(third["c"], cst)
     np.testing.assert_array_equal(first["e"], want["e"])  # d and e do not share memory
     np.testing.assert_array_equal(third["e"], want["e"])
+
+
+@pytest.mark.skipif(nvcc_path() is None, reason="nvcc is not installed: cannot build for CUDA here")
+def test_cuda_builds_pass_through_outputs_and_checked_gathers():
+    """On CUDA results are copied to the host anyway: no copy kernel (whose flat loop is no GPU
+    schedule), and indices are clamped (device code cannot raise)."""
+    table = numpy_helper.from_array(np.ones((10, 4), np.float32), "table")
+    nodes = [helper.make_node("Identity", ["x"], ["a"], name="id"),
+             helper.make_node("Gather", ["table", "ids"], ["g"], name="G")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3]),
+                                           helper.make_tensor_value_info("ids", TensorProto.INT64, [3])],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in "ag"], [table])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    assert bscompile.compile(model, target="cuda").manifest.device == "cuda"

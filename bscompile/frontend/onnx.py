@@ -10,6 +10,7 @@ names its sites from.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -138,7 +139,9 @@ class _Importer(tvm_onnx.ONNXGraphImporter):
             return convert_recurrent(RECURRENT_OPS[op_name], self.bb, inputs, attrs, node)
         sym = super()._convert_operator(op_name, inputs, attrs, opset)
         if op_name in INDEX_OPS and isinstance(sym, relax.Call):  # passes.check_indices names the node
-            sym = self.bb.emit(sym, name_hint=attrs["tvm_custom"]["name"])
+            # as an identifier: binding names become kernel parameter names in generated (CUDA) source
+            name = re.sub(r"\W+", "_", attrs["tvm_custom"]["name"]).strip("_") or op_name
+            sym = self.bb.emit(sym, name_hint=name)
         return sym
 
 
