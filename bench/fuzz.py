@@ -507,7 +507,7 @@ def artifact_mutation(env: Env, d: Path) -> Case:
         members = _untar(data)
         manifest = json.loads(members["manifest.json"])
         if kind == "format_version":
-            manifest["format_version"] = int(rng.choice([0, 2, 99, -1]))
+            manifest["format_version"] = int(rng.choice([0, 3, 99, -1]))  # reads formats 1 and 2
         elif kind == "versions":
             manifest["bscompile_version"], manifest["tvm_version"] = "9.9.9", "0.1.0"
             expect = "ok"

@@ -174,18 +174,19 @@ def cmd_compile(args) -> int:
 
 def cmd_inspect(args) -> int:
     from bscompile.driver import analyze_model
-    from bscompile.report import reasons, weight_table
+    from bscompile.report import input_table, reasons, weight_table
     from bscompile.sites import weight_entries
 
     kw = _compile_kwargs(args)
     from bscompile.target import resolve_target
 
     spec = resolve_target(kw["target"], kw["cpu"])
-    _, mod, _ = analyze_model(args.model, kw["input_shapes"], spec, sparse=kw["sparse"], block=kw["block"])
+    im, mod, _ = analyze_model(args.model, kw["input_shapes"], spec, sparse=kw["sparse"], block=kw["block"])
     weights = weight_entries(mod)
     if args.json:
         print(json.dumps(weights, indent=2))
     else:
+        print(input_table(im.inputs) + "\n")
         print(weight_table(weights))
         print("\nlayout choices:")
         print(reasons(weights))
@@ -209,11 +210,13 @@ def _load_inputs(mod, args) -> dict[str, np.ndarray]:
 
 
 def random_input(spec, rng=None) -> np.ndarray:
-    """A random array for an input spec: normal floats, small non-negative integers (token ids)."""
+    """A random array for an input spec: normal floats, small non-negative integers (token ids);
+    symbolic dims get size 1."""
     rng = rng or np.random.default_rng()
+    shape = tuple(d if isinstance(d, int) else 1 for d in spec.shape)
     if np.dtype(spec.dtype).kind in "iu":
-        return rng.integers(0, 8, size=spec.shape).astype(spec.dtype)
-    return rng.standard_normal(spec.shape).astype(spec.dtype)
+        return rng.integers(0, 8, size=shape).astype(spec.dtype)
+    return rng.standard_normal(shape).astype(spec.dtype)
 
 
 def _write_outputs(outs: dict[str, np.ndarray], path: str) -> None:

@@ -104,6 +104,16 @@ def _run(passes: tvm.transform.Pass, mod: tvm.IRModule, spec: TargetSpec, dump_i
         return passes(mod)
 
 
+def _check_symbolic(im: ImportedModel, spec: TargetSpec) -> None:
+    """Targets whose kernels take only static shapes need every dim given (``--input-shape``)."""
+    dynamic = [s for s in im.inputs if s.symbolic]
+    if dynamic and not spec.kernel_family().symbolic_shapes:
+        s = dynamic[0]
+        raise BscompileError(f"target '{spec.name}' needs static shapes, but input '{s.name}' has symbolic dims "
+                             f"{list(s.shape)}; give them with --input-shape {s.name}="
+                             + ",".join(str(d) if isinstance(d, int) else "1" for d in s.shape))
+
+
 def analyze_model(model, input_shapes=None, target="llvm", *, sparse: bool = True,
                   block: BlockShape | str | None = None, records=None, dump_ir=None,
                   progress: Progress | None = None) -> tuple[ImportedModel, tvm.IRModule, TargetSpec]:
@@ -138,6 +148,7 @@ def compile(model: str | os.PathLike | onnx.ModelProto, target: str | dict | Tar
     if progress:
         progress("importing ONNX")
     im = import_onnx(model, input_shapes)
+    _check_symbolic(im, spec)
     pipeline = relax.get_pipeline("bscompile", family=spec.kernel_family(), target=spec.tvm_target(), **opts)
     mod = _run(pipeline, im.mod, spec, dump_ir, progress)
     weights = weight_entries(mod)

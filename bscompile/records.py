@@ -15,7 +15,9 @@ from pathlib import Path
 from bscompile.errors import BscompileError
 from bscompile.runtime.artifact import atomic_write
 
-FORMAT = 2
+#: 3: records of a symbolic m, one per bucket (``bucket``); format 2 files read as well.
+FORMAT = 3
+READ_FORMATS = (2, 3)
 
 
 @dataclass
@@ -34,6 +36,8 @@ class TuningRecord:
     dense_time_us: float
     candidates: list[dict] = dataclasses.field(default_factory=list)  # everything measured
     device: dict = dataclasses.field(default_factory=dict)  # where it was measured
+    #: for a symbolic m: the bucket ``[lo, hi]`` (hi None: unbounded) measured at ``m``
+    bucket: list | None = None
 
 
 def record_key(key: str, m: int) -> str:
@@ -44,7 +48,7 @@ def load_records(path: str | os.PathLike) -> dict[str, TuningRecord]:
     """Records by :func:`record_key` (the driver refuses records measured for another target)."""
     try:
         data = json.loads(Path(path).read_text())
-        if data.get("format") != FORMAT:
+        if data.get("format") not in READ_FORMATS:
             raise BscompileError(f"{path}: tuning records format {data.get('format')} is not supported "
                                  f"(this bscompile reads format {FORMAT}); tune again")
         recs = [TuningRecord(**r) for r in data["records"]]

@@ -29,5 +29,27 @@ def weight_table(weights: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def input_table(inputs) -> str:
+    """The model's inputs (:class:`bscompile.sites.TensorSpec`), naming the symbolic dims: any size
+    >= 1 runs there without recompiling; ``--input-shape`` specialises them."""
+    lines = []
+    for s in inputs:
+        dims = ", ".join(map(str, s.shape))
+        sym = [str(d) for d in s.shape if isinstance(d, str)]
+        lines.append(f"input {s.name}[{dims}] {s.dtype}" + (f"  symbolic: {', '.join(sym)}" if sym else "  static"))
+    return "\n".join(lines)
+
+
+def buckets_text(w: dict) -> str:
+    """A symbolic-m site's run-time dispatch: ``m=1: rows; m=2-7: block; m>=8: batch``."""
+    parts = []
+    for b in w.get("decision", {}).get("buckets", []):
+        rng = f"={b['lo']}" if b["hi"] == b["lo"] else f">={b['lo']}" if b["hi"] is None else f"={b['lo']}-{b['hi']}"
+        sched = b["schedules"][0] if b["schedules"] else {}
+        parts.append(f"m{rng}: {sched.get('variant', 'default')}" + (f"/{sched['m_tile']}" if "m_tile" in sched else ""))
+    return "; ".join(parts)
+
+
 def reasons(weights: list[dict]) -> str:
-    return "\n".join(f"  {w['name']}: {w['decision']['reason']}" for w in weights if "decision" in w)
+    return "\n".join(f"  {w['name']}: {w['decision']['reason']}" + (f" [{buckets_text(w)}]" if buckets_text(w) else "")
+                     for w in weights if "decision" in w)

@@ -23,6 +23,7 @@ This module is a leaf: it imports NumPy and TVM only, so that the runtime can us
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
@@ -42,11 +43,16 @@ _CALL_TIR = tvm.ir.Op.get("relax.call_tir")
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """A graph input or output: name, static shape, dtype."""
+    """A graph input or output: name, shape, dtype. A symbolic dimension is its name
+    (a string, e.g. ``"batch"``); any size >= 1 fits it, and dims of one name agree."""
 
     name: str
-    shape: tuple[int, ...]
+    shape: tuple[int | str, ...]
     dtype: str
+
+    @property
+    def symbolic(self) -> bool:
+        return any(isinstance(d, str) for d in self.shape)
 
     def to_json(self) -> dict:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
@@ -54,6 +60,24 @@ class TensorSpec:
     @classmethod
     def from_json(cls, d: dict) -> "TensorSpec":
         return cls(d["name"], tuple(d["shape"]), d["dtype"])
+
+
+def symbolic_dims(shape) -> dict[str, int]:
+    """Positions of symbolic dims in a :class:`TensorSpec` shape: ``{name: index}`` (first occurrence)."""
+    out: dict[str, int] = {}
+    for i, d in enumerate(shape):
+        if isinstance(d, str):
+            out.setdefault(d, i)
+    return out
+
+
+def dim_of(value: tvm.ir.Expr | int) -> int | str:
+    """A Relax shape dimension as a :class:`TensorSpec` dim: an int, or the text of a symbolic one."""
+    if isinstance(value, int):
+        return value
+    if isinstance(value, tvm.tirx.IntImm):
+        return int(value.value)
+    return re.sub(r"T\.int(?:32|64)\((-?\d+)\)", r"\1", str(value))  # "(time - 1) // 2 + 1"
 
 
 def fingerprint(w: np.ndarray) -> str:
@@ -146,15 +170,53 @@ def emit_site(bb: relax.BlockBuilder, site: dict, operands: Sequence[relax.Expr]
     """Emit a call of a new site function with attributes ``site`` on ``operands``.
 
     The function's body is a placeholder extern call, ``bscompile.site.<kind>``:
-    sites run only once ``LowerWeightSites`` has replaced them by kernels.
+    sites run only once ``LowerWeightSites`` has replaced them by kernels. Symbolic
+    values in ``site`` (``m``, ``seq``, ...: PrimExprs of the caller's shapes) are
+    recorded as the name of the site function's variable for them.
     """
-    params = [relax.Var(f"a{i}", op.ty) for i, op in enumerate(operands)]
+    tys, sub = _definable([op.ty for op in operands] + [out_ty], len(operands))
+    *param_tys, out_ty = tys
+    site = {key: dim_of(sub(v)) if isinstance(v, tvm.ir.Expr) else v for key, v in site.items()}
+    params = [relax.Var(f"a{i}", ty) for i, ty in enumerate(param_tys)]
     fb = relax.BlockBuilder()
     with fb.function(name_hint, params, {SITE: site}, private=True):
         fb.emit_func_output(fb.emit(relax.call_pure_packed(f"bscompile.site.{site['kind']}", *params,
                                                            ty_args=out_ty)))
     gv = bb.add_func(fb.get()[name_hint], name_hint)
     return relax.Call(gv, list(operands))
+
+
+def _definable(tys: list[relax.Type], n_params: int) -> tuple[list[relax.Type], Callable]:
+    """``tys`` with every symbolic dim of the first ``n_params`` replaced by a variable of the
+    site function's own (Relax functions share no symbolic vars; the call binds them from
+    its arguments): a caller's var by a namesake, a compound dim (``batch * time``) by
+    ``m``; also returns that substitution."""
+    fresh: list[tuple[tvm.ir.Expr, tvm.tirx.Var]] = []
+
+    def sub(dim):
+        if isinstance(dim, tvm.tirx.IntImm):
+            return dim
+        for old, new in fresh:
+            if tvm_ffi.structural_equal(old, dim):
+                return new
+        return dim
+
+    for ty in tys[:n_params]:
+        if isinstance(ty, relax.TensorType) and ty.shape is not None and hasattr(ty.shape, "values"):
+            for d in ty.shape.values:
+                if not isinstance(d, tvm.tirx.IntImm) and sub(d) is d:
+                    compound = sum(not isinstance(o, tvm.tirx.Var) for o, _ in fresh)
+                    name = d.name if isinstance(d, tvm.tirx.Var) else "m" if not compound else f"m{compound}"
+                    fresh.append((d, tvm.tirx.Var(name, "int64")))
+
+    def rewrite(ty):
+        if isinstance(ty, relax.TupleType):
+            return relax.TupleType([rewrite(f) for f in ty.fields])
+        if not fresh or not isinstance(ty, relax.TensorType) or ty.shape is None or not hasattr(ty.shape, "values"):
+            return ty
+        return relax.TensorType([sub(d) for d in ty.shape.values], ty.dtype)
+
+    return [rewrite(ty) for ty in tys], sub
 
 
 # --- reading sites from a module ----------------------------------------------------------
@@ -221,6 +283,8 @@ def weight_entry(func: tvm.ir.BaseFunc) -> dict:
         decision = {key: layout[key] for key in ("layout", "block", "est_time_us", "dense_est_time_us", "reason")}
         scheds = layout.get("schedules") or []
         decision["schedule"] = scheds[0] if scheds else {}
+        if "buckets" in layout:  # a symbolic m: the kernel picks a schedule per range of m at run time
+            decision["buckets"] = layout["buckets"]
         entry["decision"] = decision
         if "stored_bytes" in layout:
             entry["stored_bytes"] = layout["stored_bytes"]

@@ -28,7 +28,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from bscompile.codegen.family import KernelFamily
+from bscompile.codegen.family import M_BUCKETS, KernelFamily
 from bscompile.codegen.layout import DENSE_ROWS, BlockShape, BSRMatrix
 from bscompile.driver import analyze_model
 from bscompile.errors import BscompileError
@@ -40,18 +40,27 @@ from bscompile.sites import LAYOUT, SPARSITY, SiteCall, attr, site_calls, site_k
 from bscompile.target import TargetSpec, resolve_target
 
 
-def _one_site_module(call: SiteCall, layout: dict) -> tuple[tvm.IRModule, list[np.ndarray]]:
-    """``main(run-time operands) = site(operands)`` with ``layout`` decided, and random run-time inputs."""
+#: The sequence length a recurrent site of symbolic length is tuned at.
+TUNE_SEQ = 8
+
+
+def _one_site_module(call: SiteCall, layout: dict, m: int) -> tuple[tvm.IRModule, list[np.ndarray]]:
+    """``main(run-time operands) = site(operands)`` with ``layout`` decided, and random run-time
+    inputs: a symbolic m of the site is ``m``, any other symbolic dim :data:`TUNE_SEQ`."""
     rng = np.random.default_rng(0)
+    site = call.site
     params, args, feeds = [], [], []
-    for i, op in enumerate(call.operands):
+    for i, (op, param) in enumerate(zip(call.operands, call.func.params)):
         if isinstance(op, tvm.ir.expr.Constant):
             args.append(op)
             continue
-        var = relax.Var(f"in{i}", op.ty)
-        shape, dtype = [int(v) for v in op.ty.shape.values], str(op.ty.dtype)
+        shape = [int(v) if isinstance(v, tvm.tirx.IntImm) else m if str(v) == str(site["m"]) else TUNE_SEQ
+                 for v in param.ty.shape.values]
+        dtype = str(op.ty.dtype)
+        var = relax.Var(f"in{i}", relax.TensorType(shape, dtype))
         if dtype == "int32":  # sequence lengths: full length
-            feeds.append(np.full(shape, call.site.get("seq", 1), np.int32))
+            seq = site.get("seq", 1)
+            feeds.append(np.full(shape, seq if isinstance(seq, int) else TUNE_SEQ, np.int32))
         else:
             feeds.append(rng.standard_normal(shape).astype(dtype))
         params.append(var)
@@ -63,10 +72,10 @@ def _one_site_module(call: SiteCall, layout: dict) -> tuple[tvm.IRModule, list[n
     return bb.get(), feeds
 
 
-def _reference(call: SiteCall, family: KernelFamily, dense: dict) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Inputs of the site's one-site module and the outputs of its dense layout, run on this machine."""
+def _reference(call: SiteCall, dense: dict, m: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Inputs of the site's one-site module at ``m`` and the outputs of its dense layout, run on this machine."""
     host = resolve_target("llvm")
-    mod, feeds = _one_site_module(call, dense)
+    mod, feeds = _one_site_module(call, dense, m)
     with host.tvm_target():
         exe = tvm.compile(LowerWeightSites(host.kernel_family())(mod), target=host.tvm_target())
     vm = relax.VirtualMachine(exe, tvm.cpu(0))
@@ -75,8 +84,9 @@ def _reference(call: SiteCall, family: KernelFamily, dense: dict) -> tuple[list[
     return feeds, [o.numpy() for o in outs]
 
 
-def _job(call: SiteCall, layout: dict, family: KernelFamily, feeds: list[np.ndarray], want: list[np.ndarray]) -> Job:
-    mod, _ = _one_site_module(call, layout)
+def _job(call: SiteCall, layout: dict, family: KernelFamily, feeds: list[np.ndarray], want: list[np.ndarray],
+         m: int) -> Job:
+    mod, _ = _one_site_module(call, layout, m)
 
     def check(outs):
         for got, ref in zip(outs, want, strict=True):
@@ -85,11 +95,12 @@ def _job(call: SiteCall, layout: dict, family: KernelFamily, feeds: list[np.ndar
     return Job(LowerWeightSites(family)(mod), feeds, check)
 
 
-def candidates(call: SiteCall, family: KernelFamily, top_k: int) -> list[dict]:
-    """Layout decisions to measure: dense and the model's best ``top_k`` BSR shapes, each per schedule."""
+def candidates(call: SiteCall, family: KernelFamily, top_k: int, m: int | None = None) -> list[dict]:
+    """Layout decisions to measure at ``m`` (default: the site's): dense and the model's best
+    ``top_k`` BSR shapes, each per schedule."""
     site, sparsity = call.site, attr(call.func, SPARSITY)
     n, k = site["shape"]
-    m = site["m"]
+    m = site["m"] if m is None else m
     ranked = sorted(block_stats_of(sparsity), key=lambda s: family.estimate_time(site, s, m))
     w = site_weight(site, call.operands)  # several matrices share one schedule: read it off the whole weight
     out = []
@@ -100,27 +111,62 @@ def candidates(call: SiteCall, family: KernelFamily, top_k: int) -> list[dict]:
     return out
 
 
-def tune_site(call: SiteCall, family: KernelFamily, spec: TargetSpec, measurer: Measurer, top_k: int = 3,
-              progress=None) -> TuningRecord:
-    site = call.site
-    cands = candidates(call, family, top_k)
-    layouts = [{**c, "est_time_us": 0.0, "dense_est_time_us": 0.0, "reason": "tuning"} for c in cands]
-    feeds, want = _reference(call, family, layouts[0])  # candidates()[0] is the dense default
-    results = measurer.time_many([_job(call, lay, family, feeds, want) for lay in layouts], progress)
+def _measure(call: SiteCall, family: KernelFamily, measurer: Measurer, top_k: int, m: int,
+             progress=None) -> list[dict]:
+    """Every candidate at ``m`` with its time (``time_us`` None, and ``error``, if it failed)."""
+    symbolic = not isinstance(call.site["m"], int)
+    cands = candidates(call, family, top_k, m)
+    layouts = []
+    for cand in cands:
+        layout = {**cand, "est_time_us": 0.0, "dense_est_time_us": 0.0, "reason": "tuning"}
+        if symbolic:  # one bucket over all m: the kernel runs this schedule alone
+            layout = {**layout, "schedules": [], "buckets": [{"lo": 1, "hi": None, "m": m,
+                                                              "schedules": cand["schedules"]}]}
+        layouts.append(layout)
+    feeds, want = _reference(call, layouts[0], m)  # candidates()[0] is the dense default
+    results = measurer.time_many([_job(call, lay, family, feeds, want, m) for lay in layouts], progress)
     tried = [dict(c, time_us=r * 1e6) if isinstance(r, float) else dict(c, time_us=None, error=str(r))
              for c, r in zip(cands, results)]
-    ok = [c for c in tried if c["time_us"] is not None]
-    if not any(c["layout"] == "dense" for c in ok):
+    if not any(c["layout"] == "dense" and c["time_us"] is not None for c in tried):
         errors = [c["error"] for c in tried if c["layout"] == "dense"]
-        raise BscompileError(f"tuning {site['name']}: the dense kernel failed ({errors[0] if errors else '?'})")
-    best = min(ok, key=lambda c: c["time_us"])
-    dense = min(c["time_us"] for c in ok if c["layout"] == "dense")
-    if progress:
-        progress(f"tuned {site['name']} {site['shape'][0]}x{site['shape'][1]} m={site['m']}: {best['layout']} "
-                 f"{best['block']} {best['time_us']:.1f} us (dense {dense:.1f} us, {len(tried)} candidates, "
-                 f"{len(tried) - len(ok)} failed)")
-    return TuningRecord(site["fingerprint"], site["name"], site["kind"], site["m"], spec.name, best["layout"],
-                        best["block"], best["schedules"][0], best["time_us"], dense, tried, measurer.device)
+        raise BscompileError(f"tuning {call.site['name']}: the dense kernel failed ({errors[0] if errors else '?'})")
+    return tried
+
+
+def _best(tried: list[dict], layout: tuple[str, str] | None = None) -> dict:
+    ok = [c for c in tried if c["time_us"] is not None and (layout is None or (c["layout"], c["block"]) == layout)]
+    return min(ok, key=lambda c: c["time_us"])
+
+
+def site_buckets(site: dict) -> list[tuple[int, int | None, int]]:
+    """``(lo, hi, m measured at)`` per record of a site: its static m, or :data:`M_BUCKETS`."""
+    return [(site["m"], site["m"], site["m"])] if isinstance(site["m"], int) else list(M_BUCKETS)
+
+
+def tune_site(call: SiteCall, family: KernelFamily, spec: TargetSpec, measurer: Measurer, top_k: int = 3,
+              progress=None) -> list[TuningRecord]:
+    """The site's records: one, or for a symbolic m one per bucket (:data:`M_BUCKETS`, each measured
+    at its m), all for the one layout with the best mean time relative to dense over the buckets
+    (the weights are packed once), each with its bucket's fastest schedule for that layout."""
+    site = call.site
+    buckets = site_buckets(site)
+    per_bucket = [_measure(call, family, measurer, top_k, rep, progress) for _, _, rep in buckets]
+    dense = [_best(tried, ("dense", f"{DENSE_ROWS}x{site['shape'][1]}"))["time_us"] for tried in per_bucket]
+    layouts = set.intersection(*({(c["layout"], c["block"]) for c in tried if c["time_us"] is not None}
+                                 for tried in per_bucket))
+    chosen = min(sorted(layouts), key=lambda lay: sum(_best(t, lay)["time_us"] / d for t, d in zip(per_bucket, dense)))
+    records = []
+    for (lo, hi, rep), tried, d in zip(buckets, per_bucket, dense):
+        best = _best(tried, chosen)
+        failed = sum(c["time_us"] is None for c in tried)
+        if progress:
+            progress(f"tuned {site['name']} {site['shape'][0]}x{site['shape'][1]} m={rep}: {best['layout']} "
+                     f"{best['block']} {best['time_us']:.1f} us (dense {d:.1f} us, {len(tried)} candidates, "
+                     f"{failed} failed)")
+        records.append(TuningRecord(site["fingerprint"], site["name"], site["kind"], rep, spec.name, best["layout"],
+                                    best["block"], best["schedules"][0], best["time_us"], d, tried, measurer.device,
+                                    bucket=None if isinstance(site["m"], int) else [lo, hi]))
+    return records
 
 
 def tune_model(model, compile_kwargs: dict, progress=None, top_k: int = 3, remote: str | None = None,
@@ -154,21 +200,21 @@ def tune_model(model, compile_kwargs: dict, progress=None, top_k: int = 3, remot
     records = []
     try:
         for i, call in enumerate(calls, 1):
-            rec = done.get(record_key(call.site["fingerprint"], call.site["m"]))
-            if rec is not None and rec.target == spec.name:
+            recs = [done.get(record_key(call.site["fingerprint"], rep)) for _, _, rep in site_buckets(call.site)]
+            if all(rec is not None and rec.target == spec.name for rec in recs):
                 if progress:
                     progress(f"site {i}/{len(calls)}: {call.site['name']} already tuned in {log}")
-                records.append(rec)
+                records += recs
                 continue
             if progress:
                 progress(f"tuning site {i}/{len(calls)}: {call.site['name']}")
-            records.append(tune_site(call, family, spec, measurer, top_k=top_k, progress=progress))
+            records += tune_site(call, family, spec, measurer, top_k=top_k, progress=progress)
             if log is not None:
                 save_records(log, records)
     finally:
         measurer.close()
     if progress:
-        progress(f"tuned {len(records)} weights in {time.perf_counter() - t0:.1f} s")
+        progress(f"tuned {len(calls)} weights ({len(records)} records) in {time.perf_counter() - t0:.1f} s")
     return records
 
 

@@ -28,7 +28,7 @@ from tvm.script import tirx as T
 
 from bscompile.codegen.cpu_cost import KernelShape, MachineModel, estimate_time
 from bscompile.codegen.cpu_dynamic import DynamicGenerator
-from bscompile.codegen.family import Generator, KernelFamily
+from bscompile.codegen.family import Bucket, Generator, KernelFamily, static_dim
 from bscompile.codegen.layout import BlockShape, BlockStats, BSRMatrix, padded
 from bscompile.codegen.recurrent_cells import CellSpec, gate_update
 
@@ -189,15 +189,67 @@ def block_chains(block: BlockShape, sched: CpuSchedule, lanes: int = 8) -> int:
     return max(1, min(8 // vecs, _ACC_REGISTERS // vecs))
 
 
-def workspace_shape(mat: BSRMatrix, m: int, sched: CpuSchedule) -> tuple[int, ...]:
-    """Scratch a matmul macro needs: ``x`` replicated to the block layout ("block" variant)."""
-    if sched.variant != "block":
-        return (1,)
-    return (m, mat.padded_shape[1] // mat.block.c, mat.block.r * mat.block.c)
+# --- m: a static int or a symbolic TIR variable --------------------------------------------
+#
+# Every macro below takes ``m`` (the rows of x: batch x time, or the batch of a recurrent
+# step) as a Python int or a ``tirx.Var``; M tiles of ``m_tile`` rows are followed by a tail
+# of single rows, which vanishes when m is static and a multiple of the tile.
+
+#: ``(lowest m, highest m or None, schedule(s))``: what a kernel runs for which m.
+Cases = tuple
 
 
-def _block_vector_macro(mat: BSRMatrix, m: int, sched: CpuSchedule,
-                        k_limit: int | None, n_limit: int | None):
+def _dim(value: int | None, name: str):
+    """A kernel dimension: the static int, or a fresh symbolic ``int32`` variable."""
+    return value if value is not None else tvm.tirx.Var(name, "int32")
+
+
+def _has_tail(m, mt: int) -> bool:
+    """Whether rows are left after the full M tiles (always possible for a symbolic m)."""
+    return not isinstance(m, int) or m % mt != 0
+
+
+def workspace_size(mat: BSRMatrix, m, sched: CpuSchedule):
+    """Floats of scratch a matmul macro needs: ``x`` replicated to the block layout ("block"),
+    ``x`` transposed into batch tiles ("batch")."""
+    k_pad = mat.padded_shape[1]
+    if sched.variant == "block":
+        return m * (k_pad // mat.block.c) * mat.block.r * mat.block.c
+    if sched.variant == "batch":
+        return (m + sched.m_vec - 1) // sched.m_vec * sched.m_vec * k_pad
+    return 1
+
+
+def _by_bucket(m, cases: Cases, values: list):
+    """``values[i]`` for the bucket of ``m`` (``cases[i]``): a select chain when m is symbolic."""
+    if isinstance(m, int):
+        return next(v for (lo, hi, _), v in zip(cases, values) if lo <= m and (hi is None or m <= hi))
+    out = values[-1]
+    for (_, hi, _), v in reversed(list(zip(cases[:-1], values[:-1]))):
+        as_expr = [tvm.tirx.const(x, "int32") if isinstance(x, int) else x for x in (v, out)]
+        out = tvm.tirx.Select(m <= hi, *as_expr)
+    return out
+
+
+def _dispatch(m, cases: Cases, macros: list):
+    """One macro ``(x, work, data, indices, indptr, bias, y, y_col0)`` running ``macros[i]`` for
+    the m of bucket ``cases[i]``: the run-time dispatch of a symbolic m (an if-chain on m)."""
+    if isinstance(m, int) or len(macros) == 1:
+        return _by_bucket(m, cases, macros) if isinstance(m, int) else macros[0]
+    first, rest = macros[0], _dispatch(m, cases[1:], macros[1:])
+    hi = cases[0][1]
+
+    @T.macro
+    def pick(x, work, data, indices, indptr, bias, y, y_col0):
+        if m <= hi:
+            first(x, work, data, indices, indptr, bias, y, y_col0)
+        else:
+            rest(x, work, data, indices, indptr, bias, y, y_col0)
+
+    return pick
+
+
+def _block_vector_macro(mat: BSRMatrix, m, sched: CpuSchedule, k_limit: int | None, n_limit: int | None):
     """The "block" variant: each stored block is ``r*c`` contiguous lanes (``[c, r]`` order),
     multiplied lane by lane with ``xrep[m, kb, kk*r + rr] = x[m, kb*c + kk]`` and summed
     per row once per block row. A 4x4 block is two full vectors and two FMAs per batch
@@ -205,83 +257,212 @@ def _block_vector_macro(mat: BSRMatrix, m: int, sched: CpuSchedule,
     ``q`` blocks are in flight at a time so the FMA chains stay independent."""
     r, c, mt = mat.block.r, mat.block.c, sched.m_tile
     rc, nkb, nbr = r * c, mat.padded_shape[1] // mat.block.c, mat.num_block_rows
-    q = block_chains(mat.block, sched)
     rows = T.parallel if sched.parallel else T.serial
     clamp = (lambda i: i) if k_limit is None else (lambda i: T.min(i, k_limit - 1))
 
-    def total(acc, bias, row, mm, rr):
-        e = bias[row + rr]
-        for j in range(q):
-            for kk in range(c):
-                e = e + acc[j, mm, kk * r + rr]
-        return e
+    def tile(mt: int):
+        q = block_chains(mat.block, dataclasses.replace(sched, m_tile=mt))
 
-    store = _store_macro(r, mt, n_limit, total)
+        def total(acc, bias, row, mm, rr):
+            e = bias[row + rr]
+            for j in range(q):
+                for kk in range(c):
+                    e = e + acc[j, mm, kk * r + rr]
+            return e
+
+        store = _store_macro(r, mt, n_limit, total)
+
+        @T.macro
+        def blocks(acc, slot, dflat, indices, xrep, p, m0):
+            kb = T.Bind(indices[p])
+            for mm in T.unroll(mt):
+                for i in T.vectorized(rc):
+                    acc[slot, mm, i] = acc[slot, mm, i] + dflat[p * rc + i] * xrep[((m0 + mm) * nkb + kb) * rc + i]
+
+        @T.macro
+        def run(xrep, dflat, indices, indptr, bias, y, y_col0, ib, m0):
+            acc = T.alloc_buffer((q, mt, rc), "float32")
+            for j in T.unroll(q):
+                for mm in T.unroll(mt):
+                    for i in T.vectorized(rc):
+                        acc[j, mm, i] = T.float32(0)
+            p0 = T.Bind(indptr[ib])
+            cnt = T.Bind(indptr[ib + 1] - p0)
+            for pp in range(cnt // q):
+                for j in T.unroll(q):
+                    blocks(acc, j, dflat, indices, xrep, p0 + pp * q + j, m0)
+            for pr in range(cnt % q):
+                blocks(acc, 0, dflat, indices, xrep, p0 + cnt - cnt % q + pr, m0)
+            store(y, acc, bias, m0, y_col0, ib * r)
+
+        return run
+
+    full = tile(mt)
+    tail = tile(1) if mt > 1 else full
+    tail_rows = _has_tail(m, mt)
 
     @T.macro
-    def blocks(acc, slot, dflat, indices, xrep, p, m0):
-        kb = T.Bind(indices[p])
-        for mm in T.unroll(mt):
-            for i in T.vectorized(rc):
-                acc[slot, mm, i] = acc[slot, mm, i] + dflat[p * rc + i] * xrep[m0 + mm, kb, i]
-
-    @T.macro
-    def matmul(x, xrep, data, indices, indptr, bias, y, y_col0):
+    def matmul(x, work, data, indices, indptr, bias, y, y_col0):
         dflat = T.decl_buffer((data.shape[0] * rc,), "float32", data=data.data)
+        xrep = work  # [m, nkb, rc], indexed flat (a view of a run-time-sized buffer would alias it)
         for mm in T.serial(m):
             for kb in T.serial(nkb):
                 for kk in T.unroll(c):
                     for rr in T.vectorized(r):
-                        xrep[mm, kb, kk * r + rr] = x[mm, clamp(kb * c + kk)]
+                        xrep[(mm * nkb + kb) * rc + kk * r + rr] = x[mm, clamp(kb * c + kk)]
         for ib in rows(nbr):
             for mo in T.serial(m // mt):
-                acc = T.alloc_buffer((q, mt, rc), "float32")
-                for j in T.unroll(q):
-                    for mm in T.unroll(mt):
-                        for i in T.vectorized(rc):
-                            acc[j, mm, i] = T.float32(0)
-                p0 = T.Bind(indptr[ib])
-                cnt = T.Bind(indptr[ib + 1] - p0)
-                for pp in range(cnt // q):
-                    for j in T.unroll(q):
-                        blocks(acc, j, dflat, indices, xrep, p0 + pp * q + j, mo * mt)
-                for pr in range(cnt % q):
-                    blocks(acc, 0, dflat, indices, xrep, p0 + cnt - cnt % q + pr, mo * mt)
-                store(y, acc, bias, mo * mt, y_col0, ib * r)
+                full(xrep, dflat, indices, indptr, bias, y, y_col0, ib, mo * mt)
+            if tail_rows:
+                for mr in T.serial(m % mt):
+                    tail(xrep, dflat, indices, indptr, bias, y, y_col0, ib, m - m % mt + mr)
 
     return matmul
 
 
-def _matmul_macro(mat: BSRMatrix, m: int, sched: CpuSchedule,
-                  k_limit: int | None = None, n_limit: int | None = None):
+def _batch_macro(mat: BSRMatrix, m, sched: CpuSchedule, n_limit: int):
+    """Batch variant: ``x`` is transposed (and zero-padded) into ``xt[K_pad, M_pad]`` so the
+    innermost loop runs over ``m_vec`` batch rows: full vectors whatever the block height.
+    Per block column: one load of ``x``, ``r`` broadcasts of weights, ``r`` FMAs.
+
+    Each thread-pool launch costs tens of microseconds on a pool that does not spin, so
+    the kernel launches once: the parallel loop runs over contiguous chunks of block
+    rows and each chunk walks the batch tiles (keeping one ``xt`` slice hot) itself.
+    The transpose is parallel only when it is big enough to pay for its own launch."""
+    k = mat.shape[1]
+    k_pad = mat.padded_shape[1]
+    nbr, r, c, mv = mat.num_block_rows, mat.block.r, mat.block.c, sched.m_vec
+    m_pad = (m + mv - 1) // mv * mv
+    chunks = min(nbr, _PARALLEL_CHUNKS) if sched.parallel else 1
+    per_chunk = -(-nbr // chunks)
+    rows = T.parallel if sched.parallel else T.serial
+    cloop = T.unroll if sched.unroll_c else T.serial
+
+    def transposer(tloop):
+        @T.macro
+        def transpose(x, xt):
+            for mo in tloop(m_pad // mv):  # row by row: contiguous reads, no div/mod per element
+                for mi in T.serial(mv):
+                    if mo * mv + mi < m:
+                        for kk in T.serial(k):
+                            xt[(mo * k_pad + kk) * mv + mi] = x[mo * mv + mi, kk]
+                        for kk in T.serial(k_pad - k):
+                            xt[(mo * k_pad + k + kk) * mv + mi] = T.float32(0)
+                    else:
+                        for kk in T.serial(k_pad):
+                            xt[(mo * k_pad + kk) * mv + mi] = T.float32(0)
+
+        return transpose
+
+    # The transpose runs in parallel when it is big enough to pay for its own launch:
+    # decided here for a static m, at run time for a symbolic one.
+    serial_t = transposer(T.serial)
+    transpose = serial_t
+    if sched.parallel:
+        parallel_t = transposer(T.parallel)
+        if isinstance(m, int):
+            transpose = parallel_t if m_pad * k_pad >= _PARALLEL_TRANSPOSE else serial_t
+        else:
+
+            @T.macro
+            def transpose(x, xt):
+                if m * k_pad >= _PARALLEL_TRANSPOSE:
+                    parallel_t(x, xt)
+                else:
+                    serial_t(x, xt)
+
+    @T.macro
+    def matmul(x, work, data, indices, indptr, bias, y, y_col0):
+        xt = work  # [m_pad / mv, k_pad, mv], indexed flat: one slice per batch tile
+        transpose(x, xt)
+        for ch in rows(chunks):
+            for mo in T.serial(m_pad // mv):
+                for ii in T.serial(per_chunk):
+                    if ch * per_chunk + ii < nbr:
+                        ib = T.Bind(ch * per_chunk + ii)
+                        acc = T.alloc_buffer((r, mv), "float32")
+                        for rr in T.unroll(r):
+                            for mi in T.vectorized(mv):
+                                acc[rr, mi] = T.float32(0)
+                        for p in range(indptr[ib], indptr[ib + 1]):
+                            col = T.Bind(indices[p] * c)
+                            for kk in cloop(c):
+                                for rr in T.unroll(r):
+                                    for mi in T.vectorized(mv):
+                                        acc[rr, mi] = acc[rr, mi] + data[p, kk, rr] * xt[(mo * k_pad + col + kk) * mv + mi]
+                        if mo * mv + mv <= m:  # a full batch tile: no per-row guard (m tails only)
+                            for rr in T.unroll(r):
+                                for mi in T.serial(mv):
+                                    if ib * r + rr < n_limit:
+                                        y[mo * mv + mi, y_col0 + ib * r + rr] = acc[rr, mi] + bias[ib * r + rr]
+                        else:
+                            for rr in T.unroll(r):
+                                for mi in T.serial(mv):
+                                    if mo * mv + mi < m and ib * r + rr < n_limit:
+                                        y[mo * mv + mi, y_col0 + ib * r + rr] = acc[rr, mi] + bias[ib * r + rr]
+
+    return matmul
+
+
+def _matmul_macro(mat: BSRMatrix, m, sched: CpuSchedule, k_limit: int | None = None,
+                  n_limit: int | None = None):
     """``y[:, y_col0 : y_col0 + n_pad] = x @ W.T + bias`` for all block rows.
 
     The macro's arguments are ``(x, work, data, indices, indptr, bias, y, y_col0)``;
-    ``work`` is scratch of :func:`workspace_shape`."""
+    ``work`` is flat scratch of :func:`workspace_size` floats."""
     if sched.variant == "block":
         return _block_vector_macro(mat, m, sched, k_limit, n_limit)
+    if sched.variant == "batch":
+        return _batch_macro(mat, m, sched, mat.shape[0] if n_limit is None else n_limit)
     if sched.variant != "rows":
         raise ValueError(f"schedule variant {sched.variant!r} has no block-row macro")
+    mt = sched.m_tile
     block_row = _block_row_loops(mat, sched, k_limit, n_limit)
-    nbr, mt = mat.num_block_rows, sched.m_tile
+    tail_row = _block_row_loops(mat, dataclasses.replace(sched, m_tile=1), k_limit, n_limit) if mt > 1 else block_row
+    nbr = mat.num_block_rows
     rows = T.parallel if sched.parallel else T.serial
+    tail_rows = _has_tail(m, mt)
 
     @T.macro
     def matmul(x, work, data, indices, indptr, bias, y, y_col0):
         for ib in rows(nbr):
             for mo in T.serial(m // mt):
                 block_row(x, data, indices, indptr, bias, y, ib, mo * mt, y_col0)
+            if tail_rows:
+                for mr in T.serial(m % mt):
+                    tail_row(x, data, indices, indptr, bias, y, ib, m - m % mt + mr, y_col0)
 
     return matmul
 
 
-def linear_kernel(mat: BSRMatrix, m: int, sched: CpuSchedule) -> tvm.tirx.PrimFunc:
+def _bucketed(mat: BSRMatrix, m, cases: Cases, which: int | None, k_limit=None, n_limit=None):
+    """The dispatching matmul macro over ``cases`` (schedule ``sched`` or ``scheds[which]``) and
+    the flat workspace size it needs at ``m``. A bucket of one size (``lo == hi``, e.g. m = 1)
+    is generated for that static m: the code a shape-specialised kernel runs."""
+    scheds = [sc if which is None else sc[which] for _, _, sc in cases]
+    ms = [lo if lo == hi else m for lo, hi, _ in cases]  # (the dispatch reaches bucket i only for m > hi_{i-1})
+    macros = [_matmul_macro(mat, mi, sc, k_limit, n_limit) for mi, sc in zip(ms, scheds)]
+    sizes = [workspace_size(mat, mi, sc) for mi, sc in zip(ms, scheds)]
+    return _dispatch(m, cases, macros), _by_bucket(m, cases, sizes)
+
+
+def _cases(m: int | None, sched) -> Cases:
+    """``sched`` (one schedule, or schedules per matrix) as the cases of a static or symbolic m."""
+    if isinstance(sched, tuple) and sched and isinstance(sched[0], tuple) and len(sched[0]) == 3 \
+            and isinstance(sched[0][0], int):
+        return sched
+    return ((m or 1, m, sched),)
+
+
+def linear_kernel(mat: BSRMatrix, m: int | None, sched) -> tvm.tirx.PrimFunc:
     """``y[M, N] = x[M, K] @ W.T + bias`` with W in ``mat``'s block layout, ``bias[N_pad]``.
 
-    The number of stored blocks is a symbolic dimension, so weights of one shape and
-    block layout share a kernel (and its parse and LLVM compile).
+    ``m`` is None for a symbolic M; ``sched`` is one :class:`CpuSchedule` or the cases
+    ``((lo, hi, schedule), ...)`` a symbolic M dispatches on at run time. The number of
+    stored blocks is a symbolic dimension too, so weights of one shape and block layout
+    share a kernel (and its parse and LLVM compile).
     """
-    return _linear_kernel(LayoutKey.of(mat), m, sched)
+    return _linear_kernel(LayoutKey.of(mat), m, _cases(m, sched))
 
 
 @dataclass(frozen=True)
@@ -304,121 +485,59 @@ class LayoutKey:
 
 
 @functools.lru_cache(maxsize=256)
-def _linear_kernel(key: LayoutKey, m: int, sched: CpuSchedule) -> tvm.tirx.PrimFunc:
-    if sched.variant == "batch":
-        return _linear_kernel_batch(key, m, sched)
+def _linear_kernel(key: LayoutKey, m_static: int | None, cases: Cases) -> tvm.tirx.PrimFunc:
     mat = key.skeleton()
     n, k = mat.shape
     n_pad, k_pad = mat.padded_shape
     nbr, r, c = mat.num_block_rows, mat.block.r, mat.block.c
-    matmul = _matmul_macro(mat, m, sched, k if k_pad != k else None, n if n_pad != n else None)
-    work_shape = workspace_shape(mat, m, sched)
+    m = _dim(m_static, "m")
+    matmul, work_size = _bucketed(mat, m, cases, None, k if k_pad != k else None, n if n_pad != n else None)
 
     @T.prim_func(s_tir=True)
-    def bsr_linear(x: T.Buffer((m, k), "float32"), data_h: T.handle, indices_h: T.handle,
-                   indptr: T.Buffer((nbr + 1,), "int32"), bias: T.Buffer((n_pad,), "float32"),
-                   y: T.Buffer((m, n), "float32")):
+    def bsr_linear(x_h: T.handle, data_h: T.handle, indices_h: T.handle,
+                   indptr: T.Buffer((nbr + 1,), "int32"), bias: T.Buffer((n_pad,), "float32"), y_h: T.handle):
         T.func_attr({"tir.noalias": True})
+        x = T.match_buffer(x_h, (m, k), "float32")
+        y = T.match_buffer(y_h, (m, n), "float32")
         nnzb = T.int32()
         data = T.match_buffer(data_h, (nnzb, c, r), "float32")
         indices = T.match_buffer(indices_h, (nnzb,), "int32")
-        work = T.alloc_buffer(work_shape, "float32")
+        work = T.alloc_buffer((work_size,), "float32")
         matmul(x, work, data, indices, indptr, bias, y, 0)
 
     return bsr_linear.without_attr("global_symbol")
 
 
-def _linear_kernel_batch(key: LayoutKey, m: int, sched: CpuSchedule) -> tvm.tirx.PrimFunc:
-    """Batch variant: ``x`` is transposed (and zero-padded) into ``xt[K_pad, M_pad]`` so the
-    innermost loop runs over ``m_vec`` batch rows: full vectors whatever the block height.
-    Per block column: one load of ``x``, ``r`` broadcasts of weights, ``r`` FMAs.
-
-    Each thread-pool launch costs tens of microseconds on a pool that does not spin, so
-    the kernel launches once: the parallel loop runs over contiguous chunks of block
-    rows and each chunk walks the batch tiles (keeping one ``xt`` slice hot) itself.
-    The transpose is parallel only when it is big enough to pay for its own launch."""
-    mat = key.skeleton()
-    n, k = mat.shape
-    n_pad, k_pad = mat.padded_shape
-    nbr, r, c, mv = mat.num_block_rows, mat.block.r, mat.block.c, sched.m_vec
-    m_pad = -(-m // mv) * mv
-    chunks = min(nbr, _PARALLEL_CHUNKS) if sched.parallel else 1
-    per_chunk = -(-nbr // chunks)
-    rows = T.parallel if sched.parallel else T.serial
-    tloop = T.parallel if sched.parallel and m_pad * k_pad >= _PARALLEL_TRANSPOSE else T.serial
-    cloop = T.unroll if sched.unroll_c else T.serial
-
-    @T.prim_func(s_tir=True)
-    def bsr_linear_batch(x: T.Buffer((m, k), "float32"), data_h: T.handle, indices_h: T.handle,
-                         indptr: T.Buffer((nbr + 1,), "int32"), bias: T.Buffer((n_pad,), "float32"),
-                         y: T.Buffer((m, n), "float32")):
-        T.func_attr({"tir.noalias": True})
-        nnzb = T.int32()
-        data = T.match_buffer(data_h, (nnzb, c, r), "float32")
-        indices = T.match_buffer(indices_h, (nnzb,), "int32")
-        xt = T.alloc_buffer((m_pad // mv, k_pad, mv), "float32")  # one contiguous slice per batch tile
-        for mo in tloop(m_pad // mv):  # row by row: contiguous reads, no div/mod per element
-            for mi in T.serial(mv):
-                if mo * mv + mi < m:
-                    for kk in T.serial(k):
-                        xt[mo, kk, mi] = x[mo * mv + mi, kk]
-                    for kk in T.serial(k_pad - k):
-                        xt[mo, k + kk, mi] = T.float32(0)
-                else:
-                    for kk in T.serial(k_pad):
-                        xt[mo, kk, mi] = T.float32(0)
-        for ch in rows(chunks):
-            for mo in T.serial(m_pad // mv):
-                for ii in T.serial(per_chunk):
-                    if ch * per_chunk + ii < nbr:
-                        ib = T.Bind(ch * per_chunk + ii)
-                        acc = T.alloc_buffer((r, mv), "float32")
-                        for rr in T.unroll(r):
-                            for mi in T.vectorized(mv):
-                                acc[rr, mi] = T.float32(0)
-                        for p in range(indptr[ib], indptr[ib + 1]):
-                            col = T.Bind(indices[p] * c)
-                            for kk in cloop(c):
-                                for rr in T.unroll(r):
-                                    for mi in T.vectorized(mv):
-                                        acc[rr, mi] = acc[rr, mi] + data[p, kk, rr] * xt[mo, col + kk, mi]
-                        for rr in T.unroll(r):
-                            for mi in T.serial(mv):
-                                if mo * mv + mi < m and ib * r + rr < n:
-                                    y[mo * mv + mi, ib * r + rr] = acc[rr, mi] + bias[ib * r + rr]
-
-    return bsr_linear_batch.without_attr("global_symbol")
-
-
-def recurrent_kernel(
-    cell: CellSpec, mats: list[BSRMatrix], seq: int, batch: int, scheds: list[CpuSchedule]
-) -> tvm.tirx.PrimFunc:
+def recurrent_kernel(cell: CellSpec, mats: list[BSRMatrix], seq: int | None, batch: int | None,
+                     scheds) -> tvm.tirx.PrimFunc:
     """One direction of a GRU/LSTM/RNN layer with the time loop inside the kernel.
 
     Arguments: ``xp[T, B, G*H]`` (input projection incl. its bias), per matrix its
-    BSR arrays and recurrent bias, ``h0``, ``c0``, ``seq_lens``, ``peep[3H]``; outputs
-    ``Y[T, B, H]``, ``h_T``, ``c_T``. ``mats[0]`` are the rows multiplied by ``h``;
-    a GRU with ``linear_before_reset=0`` has ``mats[1]``, the candidate rows,
-    multiplied by ``r * h``. Each step runs the mat-vec over all gates, then the gate
-    arithmetic fused in one pass over ``[B, H]``.
+    BSR arrays and recurrent bias, ``h0``, ``c0``, ``seq_lens`` (clamped to ``T``),
+    ``peep[3H]``; outputs ``Y[T, B, H]``, ``h_T``, ``c_T``. ``T`` and ``B`` are None when
+    symbolic; ``scheds`` are the schedules per matrix, or the cases
+    ``((lo, hi, schedules), ...)`` a symbolic ``B`` dispatches on. ``mats[0]`` are the rows
+    multiplied by ``h``; a GRU with ``linear_before_reset=0`` has ``mats[1]``, the
+    candidate rows, multiplied by ``r * h``. Each step runs the mat-vec over all gates,
+    then the gate arithmetic fused in one pass over ``[B, H]``.
     """
-    return _recurrent_kernel(cell, tuple(LayoutKey.of(m) for m in mats), seq, batch, tuple(scheds))
+    cases = _cases(batch, tuple(scheds))
+    return _recurrent_kernel(cell, tuple(LayoutKey.of(m) for m in mats), seq, batch, cases)
 
 
 @functools.lru_cache(maxsize=64)
-def _recurrent_kernel(cell: CellSpec, keys: tuple[LayoutKey, ...], seq: int, batch: int,
-                      scheds: tuple[CpuSchedule, ...]) -> tvm.tirx.PrimFunc:
+def _recurrent_kernel(cell: CellSpec, keys: tuple[LayoutKey, ...], seq_static: int | None,
+                      batch_static: int | None, cases: Cases) -> tvm.tirx.PrimFunc:
     mats = [k.skeleton() for k in keys]
     hid, gates = cell.hidden, cell.num_gates
     gh = gates * hid
-    assert len(mats) in (1, 2) and len(scheds) == len(mats)
-    mv0 = _matmul_macro(mats[0], batch, scheds[0])
+    assert len(mats) in (1, 2) and all(len(sc) == len(mats) for _, _, sc in cases)
+    seq, batch = _dim(seq_static, "seq"), _dim(batch_static, "batch")
+    mv0, ws0 = _bucketed(mats[0], batch, cases, 0)
     g0 = mats[0].padded_shape[0]
     two = len(mats) == 2
-    mv1 = _matmul_macro(mats[1], batch, scheds[1]) if two else None
+    mv1, ws1 = _bucketed(mats[1], batch, cases, 1) if two else (None, 1)
     g1 = mats[1].padded_shape[0] if two else 1
-    ws0 = workspace_shape(mats[0], batch, scheds[0])
-    ws1 = workspace_shape(mats[1], batch, scheds[1]) if two else (1,)
     r0, c0_ = mats[0].block.r, mats[0].block.c
     r1 = mats[1].block.r if two else 1
     c1_ = mats[1].block.c if two else 1
@@ -434,8 +553,9 @@ def _recurrent_kernel(cell: CellSpec, keys: tuple[LayoutKey, ...], seq: int, bat
         @T.macro
         def reset_phase(xp, g, h, rh, work1, seq_lens, data1, indices1, indptr1, rbias1, t):
             for b in T.serial(batch):
-                tt = T.Bind(seq_lens[b] * rev + t * (1 - 2 * rev) - rev)
-                if t < seq_lens[b]:
+                n_b = T.Bind(T.min(seq_lens[b], seq))
+                tt = T.Bind(n_b * rev + t * (1 - 2 * rev) - rev)
+                if t < n_b:
                     for j in T.serial(hid):
                         rh[b, j] = cell.f_act(cell.clip_expr(xp[tt, b, hid + j] + g[b, hid + j])) * h[b, j]
             mv1(rh, work1, data1, indices1, indptr1, rbias1, g, g0)
@@ -445,11 +565,45 @@ def _recurrent_kernel(cell: CellSpec, keys: tuple[LayoutKey, ...], seq: int, bat
         @T.macro
         def reset_phase(xp, g, h, rh, work1, seq_lens, data1, indices1, indptr1, rbias1, t):
             T.evaluate(0)
-    gate_rows = T.parallel if scheds[0].parallel else T.serial
+
+    def gate_phase(gate_rows):
+        @T.macro
+        def update(xp, g, h, c_out, peep, y, seq_lens, t):
+            for b in T.serial(batch):
+                n_b = T.Bind(T.min(seq_lens[b], seq))
+                tt = T.Bind(n_b * rev + t * (1 - 2 * rev) - rev)
+                if t < n_b:  # branch outside the lanes so the update vectorises
+                    for jo in gate_rows(hid // _GATE_LANES):
+                        for ji in T.vectorized(_GATE_LANES):
+                            step(xp, g, h, c_out, peep, y, b, jo * _GATE_LANES + ji, tt, g0)
+                    for jt in T.serial(hid % _GATE_LANES):
+                        step(xp, g, h, c_out, peep, y, b, hid - hid % _GATE_LANES + jt, tt, g0)
+                else:
+                    for j in T.serial(hid):
+                        y[t, b, j] = T.float32(0)
+
+        return update
+
+    # The gate update is parallel over hidden units as the mat-vec is, at batch 1 only: it
+    # launches the thread pool once per batch row and step (64 rows: 2.4x slower than serial).
+    gates = gate_phase(T.serial)
+    if cases[0][2][0].parallel and cases[0][:2] == (1, 1):
+        gates_one = gate_phase(T.parallel)
+        if isinstance(batch, int):
+            gates = gates_one
+        else:
+            serial_gates = gates
+
+            @T.macro
+            def gates(xp, g, h, c_out, peep, y, seq_lens, t):
+                if batch <= 1:
+                    gates_one(xp, g, h, c_out, peep, y, seq_lens, t)
+                else:
+                    serial_gates(xp, g, h, c_out, peep, y, seq_lens, t)
 
     @T.prim_func(s_tir=True)
     def recurrence(
-        xp: T.Buffer((seq, batch, gh), "float32"),
+        xp_h: T.handle,
         data0_h: T.handle,
         indices0_h: T.handle,
         indptr0: T.Buffer((b0 + 1,), "int32"),
@@ -458,15 +612,22 @@ def _recurrent_kernel(cell: CellSpec, keys: tuple[LayoutKey, ...], seq: int, bat
         indices1_h: T.handle,
         indptr1: T.Buffer((b1 + 1,), "int32"),
         rbias1: T.Buffer((g1,), "float32"),
-        h0: T.Buffer((batch, hid), "float32"),
-        c0: T.Buffer((batch, hid), "float32"),
-        seq_lens: T.Buffer((batch,), "int32"),
+        h0_h: T.handle,
+        c0_h: T.handle,
+        seq_lens_h: T.handle,
         peep: T.Buffer((3 * hid,), "float32"),
-        y: T.Buffer((seq, batch, hid), "float32"),
-        h_out: T.Buffer((batch, hid), "float32"),
-        c_out: T.Buffer((batch, hid), "float32"),
+        y_h: T.handle,
+        h_out_h: T.handle,
+        c_out_h: T.handle,
     ):
         T.func_attr({"tir.noalias": True})
+        xp = T.match_buffer(xp_h, (seq, batch, gh), "float32")
+        h0 = T.match_buffer(h0_h, (batch, hid), "float32")
+        c0 = T.match_buffer(c0_h, (batch, hid), "float32")
+        seq_lens = T.match_buffer(seq_lens_h, (batch,), "int32")
+        y = T.match_buffer(y_h, (seq, batch, hid), "float32")
+        h_out = T.match_buffer(h_out_h, (batch, hid), "float32")
+        c_out = T.match_buffer(c_out_h, (batch, hid), "float32")
         n0 = T.int32()
         n1 = T.int32()
         data0 = T.match_buffer(data0_h, (n0, c0_, r0), "float32")
@@ -476,8 +637,8 @@ def _recurrent_kernel(cell: CellSpec, keys: tuple[LayoutKey, ...], seq: int, bat
         h = T.alloc_buffer((batch, kp0), "float32")
         rh = T.alloc_buffer((batch, kp1), "float32")
         g = T.alloc_buffer((batch, g0 + g1), "float32")
-        work0 = T.alloc_buffer(ws0, "float32")
-        work1 = T.alloc_buffer(ws1, "float32")
+        work0 = T.alloc_buffer((ws0,), "float32")
+        work1 = T.alloc_buffer((ws1,), "float32")
         for b in T.serial(batch):
             for j in T.serial(kp0):
                 h[b, j] = T.if_then_else(j < hid, h0[b, T.min(j, hid - 1)], T.float32(0))
@@ -488,17 +649,7 @@ def _recurrent_kernel(cell: CellSpec, keys: tuple[LayoutKey, ...], seq: int, bat
         for t in T.serial(seq):
             mv0(h, work0, data0, indices0, indptr0, rbias0, g, 0)
             reset_phase(xp, g, h, rh, work1, seq_lens, data1, indices1, indptr1, rbias1, t)
-            for b in T.serial(batch):
-                tt = T.Bind(seq_lens[b] * rev + t * (1 - 2 * rev) - rev)
-                if t < seq_lens[b]:  # branch outside the lanes so the update vectorises
-                    for jo in gate_rows(hid // _GATE_LANES):
-                        for ji in T.vectorized(_GATE_LANES):
-                            step(xp, g, h, c_out, peep, y, b, jo * _GATE_LANES + ji, tt, g0)
-                    for jt in T.serial(hid % _GATE_LANES):
-                        step(xp, g, h, c_out, peep, y, b, hid - hid % _GATE_LANES + jt, tt, g0)
-                else:
-                    for j in T.serial(hid):
-                        y[t, b, j] = T.float32(0)
+            gates(xp, g, h, c_out, peep, y, seq_lens, t)
         for b in T.serial(batch):
             for j in T.serial(hid):
                 h_out[b, j] = h[b, j]
@@ -510,13 +661,18 @@ class BlockRowGenerator(Generator):
     """The ``linear`` and ``recurrent`` kinds on LLVM CPUs: the block-row kernels above,
     their schedule variants, and the analytical model of :mod:`codegen.cpu_cost`."""
 
+    symbolic_m = True
+
     def __init__(self, machine: MachineModel, recurrent: bool):
         self.machine, self.recurrent = machine, recurrent
 
-    def kernel(self, site: dict, mats: list[BSRMatrix], scheds: list[CpuSchedule]) -> tvm.tirx.PrimFunc:
+    def kernel(self, site: dict, mats: list[BSRMatrix], buckets: list[Bucket]) -> tvm.tirx.PrimFunc:
+        """Dispatches on a symbolic m (or T/B) over ``buckets``; a static m has one bucket."""
         if self.recurrent:
-            return recurrent_kernel(CellSpec.from_json(site["cell"]), mats, site["seq"], site["batch"], scheds)
-        return linear_kernel(mats[0], site["m"], scheds[0])
+            cases = tuple((b.lo, b.hi, tuple(b.schedules)) for b in buckets)
+            return recurrent_kernel(CellSpec.from_json(site["cell"]), mats, static_dim(site["seq"]),
+                                    static_dim(site["batch"]), cases)
+        return linear_kernel(mats[0], static_dim(site["m"]), tuple((b.lo, b.hi, b.schedules[0]) for b in buckets))
 
     def default_schedule(self, site: dict, stats: BlockStats, m: int) -> CpuSchedule:
         return schedule_for(stats.block, stats.nnz_blocks, stats.padded_shape[0] // stats.block.r, m,

@@ -16,11 +16,38 @@ A family owns, for its target:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any
 
 import tvm
 
 from bscompile.codegen.layout import BlockStats, BSRMatrix
+from bscompile.errors import UnsupportedModelError
+
+
+#: Buckets of a symbolic ``m`` (batch x time rows of a linear site, the batch of a
+#: recurrent one): ``(lowest m, highest m or None, the m its schedule is chosen at)``.
+#: ``ChooseLayout`` merges neighbours whose schedules agree, so a kernel branches on m
+#: only where the schedule changes.
+M_BUCKETS: tuple[tuple[int, int | None, int], ...] = ((1, 1, 1), (2, 7, 4), (8, 31, 16), (32, None, 64))
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """The schedules (one per matrix) a kernel runs for ``lo <= m <= hi`` (``hi`` None: no bound)."""
+
+    lo: int
+    hi: int | None
+    m: int  # the m the schedules were chosen (or tuned) at
+    schedules: tuple
+
+    def to_json(self) -> dict:
+        return {"lo": self.lo, "hi": self.hi, "m": self.m, "schedules": [s.to_json() for s in self.schedules]}
+
+
+def static_dim(value: int | str) -> int | None:
+    """A site attribute's dim: the int, or None when it names a symbolic variable."""
+    return value if isinstance(value, int) else None
 
 
 class Generator(ABC):
@@ -28,9 +55,15 @@ class Generator(ABC):
     ``mats`` its weight matrices packed in the chosen layout (for kinds packed as BSR),
     ``stats`` a layout's block statistics, ``m`` the rows the kernel multiplies."""
 
+    #: Whether the kernels take a symbolic ``m`` (and ``seq``/``batch``) and dispatch on m
+    #: over buckets; the others take static shapes and one schedule per matrix.
+    symbolic_m: bool = False
+
     @abstractmethod
     def kernel(self, site: dict, mats: list[BSRMatrix], schedules: list[Any]) -> tvm.tirx.PrimFunc:
-        """The kernel, following the kind's calling convention (:class:`bscompile.sites.SiteKind`)."""
+        """The kernel, following the kind's calling convention (:class:`bscompile.sites.SiteKind`).
+        ``schedules`` has one schedule per matrix, or with :attr:`symbolic_m` the
+        :class:`Bucket` list the kernel dispatches on (one bucket for a static m)."""
 
     @abstractmethod
     def default_schedule(self, site: dict, stats: BlockStats, m: int) -> Any:
@@ -64,8 +97,23 @@ class KernelFamily(ABC):
         except KeyError:
             raise NotImplementedError(f"the {self.name} kernel family has no generator for {kind!r} sites") from None
 
-    def kernel(self, site: dict, mats: list[BSRMatrix], schedules: list[Any]) -> tvm.tirx.PrimFunc:
-        return self.generator(site["kind"]).kernel(site, mats, schedules)
+    @property
+    def symbolic_shapes(self) -> bool:
+        """Whether some kernel takes symbolic dims (else the driver asks for --input-shape)."""
+        return any(g.symbolic_m for g in self.generators.values())
+
+    def kernel(self, site: dict, mats: list[BSRMatrix], buckets: list[Bucket]) -> tvm.tirx.PrimFunc:
+        """The kernel of one site: ``mats`` in the chosen layout, per m bucket one schedule per
+        matrix (a static m has one bucket)."""
+        gen = self.generator(site["kind"])
+        if gen.symbolic_m:
+            return gen.kernel(site, mats, buckets)
+        symbolic = [key for key in ("m", "seq", "batch") if isinstance(site.get(key), str)]
+        if symbolic or len(buckets) != 1:
+            raise UnsupportedModelError(f"the {self.name} kernels of {site['kind']!r} sites take static shapes only "
+                             f"(site {site.get('name')!r} has symbolic {', '.join(symbolic) or 'm'}): "
+                             "give --input-shape")
+        return gen.kernel(site, mats, list(buckets[0].schedules))
 
     def default_schedule(self, site: dict, stats: BlockStats, m: int) -> Any:
         return self.generator(site["kind"]).default_schedule(site, stats, m)

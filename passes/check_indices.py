@@ -184,7 +184,8 @@ class _Guard(relax.PyExprMutator):
         fields = list(call.args)
         lens = fields[pos]
         shape = _static(getattr(lens.ty, "shape", None))
-        if isinstance(lens, tvm.ir.expr.Constant) or shape is None or 0 in shape or self.device == "cuda":
+        if (isinstance(lens, tvm.ir.expr.Constant) or shape is None or 0 in shape or self.device == "cuda"
+                or not isinstance(seq, int)):  # a symbolic length: the kernel clamps lens to [0, T]
             return False
         kernel = check_kernel(shape, str(lens.ty.dtype), (seq + 1,), False,
                               f"{self._source(lens)} holds sequence length ", "")

@@ -15,10 +15,13 @@ against the dense layout of the same family. Sparse wins only when it is estimat
 at least ``MARGIN`` faster, so bscompile never trades a sure dense kernel for a
 marginal sparse one. ``sparse=False`` (bscompile's dense path) and ``force_block``
 (a user override) bypass the search; tuning ``records`` ("fingerprint:m" ->
-:class:`bscompile.records.TuningRecord`) replace it by measurement. Sites whose
-weights are computed at run time are dense. A kind whose kernels read a layout of
-their own (``SiteKind.fixed_layout``, e.g. dynamic block selection) gets that layout,
-with the family's estimate against the dense product of the same weight.
+:class:`bscompile.records.TuningRecord`; for a symbolic m one per bucket, at the
+bucket's m) replace it by measurement. Sites whose weights are computed at run time
+are dense. A kind whose kernels read a layout of their own (``SiteKind.fixed_layout``,
+e.g. dynamic block selection) gets that layout, with the family's estimate against the
+dense product of the same weight (its m must be static). A site whose ``m`` is
+symbolic also gets ``buckets``: the schedules its kernel dispatches on at run time,
+per range of m (see :func:`decide`).
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from typing import Mapping
 
 import tvm
 
-from bscompile.codegen.family import KernelFamily
+from bscompile.codegen.family import M_BUCKETS, KernelFamily
+from bscompile.errors import UnsupportedModelError
 from bscompile.codegen.layout import DENSE_ROWS, BlockShape, BlockStats, padded
 from bscompile.passes.analyze_sparsity import block_stats_of
 from bscompile.records import TuningRecord, record_key
@@ -45,54 +49,110 @@ def _us(t: float) -> float:
     return round(t * 1e6, 3)
 
 
+def buckets_of(site: dict, family: KernelFamily) -> list[tuple[int, int | None, int]]:
+    """The m buckets of a site: its static m alone, or the family's buckets of a symbolic m."""
+    m = site["m"]
+    return [(m, m, m)] if isinstance(m, int) else list(M_BUCKETS)
+
+
+def _records_for(site: dict, buckets, records) -> list[TuningRecord] | None:
+    """One record per bucket, all for one layout, or None."""
+    recs = [(records or {}).get(record_key(site["fingerprint"], rep)) for _, _, rep in buckets]
+    if any(r is None for r in recs) or len({(r.layout, r.block) for r in recs}) != 1:
+        return None
+    return recs
+
+
 def decide(site: dict, sparsity: dict | None, family: KernelFamily, *, sparse: bool = True,
            force_block: BlockShape | None = None, records: Mapping[str, TuningRecord] | None = None) -> dict:
-    """The ``bscompile.layout`` attribute of one site."""
-    m = site["m"]
+    """The ``bscompile.layout`` attribute of one site.
+
+    A symbolic ``m`` is costed at each bucket's m (:data:`M_BUCKETS`): one layout serves
+    every bucket (the weights are packed once), chosen by its mean time relative to dense
+    over the buckets; each bucket gets its own schedules (``buckets``: ``lo``, ``hi``,
+    ``m``, ``schedules``), neighbours with equal schedules merged. The estimates reported
+    are at the first bucket's m."""
     n, k = site["shape"]
     kind = site_kind(site["kind"])
-    t_dense = family.estimate_time({**site, "kind": "linear" if kind.fixed_layout else site["kind"]},
-                                   dense_stats(n, k), m)
+    buckets = buckets_of(site, family)
+    symbolic = not isinstance(site["m"], int)
+    if kind.fixed_layout is not None and symbolic:
+        raise UnsupportedModelError(f"{site['kind']} site '{site.get('name')}' needs static shapes (its m is "
+                                    f"{site['m']!r}): give them with --input-shape")
+    dense_site = {**site, "kind": "linear" if kind.fixed_layout else site["kind"]}
+    t_dense = [family.estimate_time(dense_site, dense_stats(n, k), rep) for _, _, rep in buckets]
 
-    def decision(layout, block, t, reason, schedules=()):
-        return {"layout": layout, "block": str(block), "est_time_us": _us(t), "dense_est_time_us": _us(t_dense),
-                "reason": reason, "schedules": list(schedules)}
+    def score(stats: BlockStats) -> tuple[float, float]:
+        """(mean time relative to dense over the buckets, time at the first bucket)"""
+        times = [family.estimate_time(site, stats, rep) for _, _, rep in buckets]
+        return sum(t / d for t, d in zip(times, t_dense)) / len(times), times[0]
+
+    def decision(layout, block, t, reason, schedules=(), stats=None, tuned=None):
+        out = {"layout": layout, "block": str(block), "est_time_us": _us(t), "dense_est_time_us": _us(t_dense[0]),
+               "reason": reason, "schedules": [] if symbolic else list(schedules)}
+        if symbolic:
+            out["buckets"] = _bucket_schedules(family, site, buckets, stats, tuned)
+        return out
 
     dense_block = BlockShape(DENSE_ROWS, k)
     if kind.fixed_layout is not None:  # the kind's kernels read their own layout
-        t = family.estimate_time(site, None, m)
+        t = family.estimate_time(site, None, site["m"])
         summary = f" ({site['summary']})" if "summary" in site else ""
         return decision(kind.fixed_layout, site.get("tile", ""), t,
-                        f"{kind.fixed_layout}{summary}: est {_us(t):.1f} us vs dense {_us(t_dense):.1f} us "
-                        f"({t_dense / t:.1f}x)")
+                        f"{kind.fixed_layout}{summary}: est {_us(t):.1f} us vs dense {_us(t_dense[0]):.1f} us "
+                        f"({t_dense[0] / t:.1f}x)")
+    dense = dense_stats(n, k)
     if sparsity is None:
-        return decision("dense", dense_block, t_dense, "dense: the weight is computed at run time")
+        return decision("dense", dense_block, t_dense[0], "dense: the weight is computed at run time", stats=dense)
     if not sparse:
-        return decision("dense", dense_block, t_dense, "dense path requested")
+        return decision("dense", dense_block, t_dense[0], "dense path requested", stats=dense)
     if sparsity["structure"] == "non-finite":
-        return decision("dense", dense_block, t_dense, "dense: the weight holds NaN or inf, which only the dense "
-                                                       "layout propagates as IEEE arithmetic does")
-    rec = (records or {}).get(record_key(site["fingerprint"], m))
-    if rec is not None:
+        return decision("dense", dense_block, t_dense[0], "dense: the weight holds NaN or inf, which only the dense "
+                                                          "layout propagates as IEEE arithmetic does", stats=dense)
+    stats = block_stats_of(sparsity)
+    recs = _records_for(site, buckets, records)
+    if recs is not None:
+        rec = recs[0]
         block = dense_block if rec.layout == "dense" else BlockShape.parse(rec.block)
         return {**decision(rec.layout, block, rec.time_us * 1e-6,
                            f"tuned: {rec.layout} {block} measured {rec.time_us:.1f} us vs dense "
-                           f"{rec.dense_time_us:.1f} us", [rec.schedule]),
+                           f"{rec.dense_time_us:.1f} us" + (" (m=1)" if symbolic else ""), [rec.schedule],
+                           tuned=[r.schedule for r in recs]),
                 "dense_est_time_us": round(rec.dense_time_us, 3)}
-    stats = block_stats_of(sparsity)
     if force_block is not None and sparsity["structure"] != "dense":
         st = next((s for s in stats if s.block == force_block), None)
-        t = family.estimate_time(site, st, m) if st else t_dense
-        return decision("bsr", force_block, t, f"block {force_block} forced by the user")
-    times = [family.estimate_time(site, s, m) for s in stats]
-    best, t_best = min(zip(stats, times), key=lambda st: st[1])
-    if t_best < MARGIN * t_dense:
+        t = score(st)[1] if st else t_dense[0]
+        return decision("bsr", force_block, t, f"block {force_block} forced by the user", stats=st)
+    over = ", mean over m buckets" if symbolic else ""
+    scored = [(s, *score(s)) for s in stats]
+    best, rel, t_best = min(scored, key=lambda st: st[1])
+    if rel < MARGIN:
         return decision("bsr", best.block, t_best,
                         f"bsr {best.block} keeps {best.block_density * 100:.1f}% of blocks; est {_us(t_best):.1f} us "
-                        f"vs dense {_us(t_dense):.1f} us ({t_dense / t_best:.1f}x)")
-    return decision("dense", dense_block, t_dense,
+                        f"vs dense {_us(t_dense[0]):.1f} us ({1 / rel:.1f}x{over})", stats=best)
+    return decision("dense", dense_block, t_dense[0],
                     f"dense: best sparse ({best.block}, {best.block_density * 100:.0f}% blocks) est "
-                    f"{_us(t_best):.1f} us is not {1 / MARGIN:.2f}x under dense {_us(t_dense):.1f} us")
+                    f"{_us(t_best):.1f} us is not {1 / MARGIN:.2f}x under dense {_us(t_dense[0]):.1f} us"
+                    f"{f' ({over[2:]})' if over else ''}",
+                    stats=dense)
+
+
+def _bucket_schedules(family: KernelFamily, site: dict, buckets, stats: BlockStats | None,
+                      tuned: list[dict] | None) -> list[dict]:
+    """Per bucket its schedules (tuned, else the family's default for ``stats`` at the bucket's m;
+    empty without stats: ``LowerWeightSites`` uses the default for the packed matrix), with
+    neighbours of equal schedules merged into one bucket."""
+    out: list[dict] = []
+    for i, (lo, hi, rep) in enumerate(buckets):
+        if tuned is not None:
+            scheds = [tuned[i]]
+        else:
+            scheds = [] if stats is None else [family.default_schedule(site, stats, rep).to_json()]
+        if out and scheds and out[-1]["schedules"] == scheds:
+            out[-1]["hi"] = hi
+            continue
+        out.append({"lo": lo, "hi": hi, "m": rep, "schedules": scheds})
+    return out
 
 
 @tvm.transform.module_pass(opt_level=0, name="ChooseLayout")

@@ -2,7 +2,8 @@
 
 Contract
 - Input: Relax with ``nn.conv1d`` (NCW data, OIW kernel, groups 1, dilation 1) whose
-  weight is a constant and whose input has a static shape.
+  weight is a constant and whose input has a static channel count (batch and length
+  may be symbolic).
 - Output: ``x_pad`` is cut into the ``k`` strided windows a kernel tap reads,
   stacked to ``[B, T_out, C*k]`` columns and multiplied by the constant
   ``W.reshape(O, C*k).T``; the result is laid out back as ``[B, O, T_out]``.
@@ -33,10 +34,10 @@ class _Rewriter(relax.PyExprMutator):
         x, w_expr = call.args
         w = const_array(w_expr)
         a = call.attrs
-        try:
-            b, c, t = (int(v) for v in x.ty.shape.values)
-        except (TypeError, AttributeError):
+        values = getattr(getattr(x.ty, "shape", None), "values", None)
+        if values is None or len(values) != 3 or not isinstance(values[1], tvm.tirx.IntImm):
             return call
+        b, c, t = (int(v) if isinstance(v, tvm.tirx.IntImm) else v for v in values)
         if (w is None or w.dtype != np.float32 or a.groups != 1 or tuple(a.dilation) != (1,)
                 or a.data_layout != "NCW" or a.kernel_layout != "OIW" or a.out_layout != "NCW"):
             return call
@@ -45,7 +46,8 @@ class _Rewriter(relax.PyExprMutator):
         t_out = (t + p0 + p1 - k) // s + 1
         bb = self.builder_
         xp = bb.emit(relax.op.nn.pad(x, [0, 0, 0, 0, p0, p1])) if p0 or p1 else x
-        taps = [bb.emit(relax.op.strided_slice(xp, [2], [j], [j + s * (t_out - 1) + 1], [s])) for j in range(k)]
+        taps = [bb.emit(relax.op.strided_slice(xp, [2], [j], [j + s * (t_out - 1) + 1], [s], assume_inbound=True))
+                for j in range(k)]  # (in bounds by construction; lets Relax see equal lengths)
         cols = bb.emit(relax.op.stack(taps, axis=3))  # [B, C, T_out, k]
         cols = bb.emit(relax.op.permute_dims(cols, [0, 2, 1, 3]))  # [B, T_out, C, k]
         cols = bb.emit(relax.op.reshape(cols, [b, t_out, c * k]))

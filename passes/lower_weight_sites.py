@@ -9,7 +9,8 @@ Contract
   at run time (always dense), Relax ops that pack it into the dense layout -- and its
   bias re-padded to the layout's rows (a kind with a layout of its own packs its
   operands itself: :attr:`SiteKind.pack`). The kernel keeps the site's attributes, its
-  layout attribute completed with the schedules used (``schedules``) and
+  layout attribute completed with the schedules used (``schedules``, or per bucket of
+  a symbolic m in ``buckets``: the kernel dispatches on m at run time) and
   ``stored_bytes``. Site functions no longer called are removed. Numerics are
   unchanged up to float reassociation.
 - Left alone: calls of undecided site functions; everything already lowered
@@ -22,7 +23,8 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from bscompile.codegen.family import KernelFamily
+from bscompile.codegen.family import Bucket, KernelFamily
+from bscompile.errors import UnsupportedModelError
 from bscompile.codegen.layout import DENSE_ROWS, BlockShape, BSRMatrix, padded
 from bscompile.passes.rewrite import rewrite_relax_functions
 from bscompile.sites import LAYOUT, SITE, SPARSITY, attr, const_array, site_kind
@@ -67,6 +69,7 @@ class _Lowerer(relax.PyExprMutator):
         self.mod, self.family = mod, family
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
+        ret = call.ty  # in the caller's symbolic vars (the site function has its own)
         call = super().visit_call_(call)
         if not isinstance(call.op, tvm.ir.GlobalVar) or call.op not in self.mod.functions:
             return call
@@ -74,37 +77,52 @@ class _Lowerer(relax.PyExprMutator):
         site, layout = attr(func, SITE), attr(func, LAYOUT)
         if site is None or layout is None or not isinstance(func, relax.Function):
             return call
-        return self._lower(site, layout, func, list(call.args))
+        return self._lower(site, layout, func, list(call.args), ret)
 
-    def _lower(self, site: dict, layout: dict, func: relax.Function, operands: list[relax.Expr]) -> relax.Expr:
+    def _lower(self, site: dict, layout: dict, func: relax.Function, operands: list[relax.Expr],
+               ret: relax.Type) -> relax.Expr:
         bb, kind, family = self.builder_, site_kind(site["kind"]), self.family
         tuned = layout.get("schedules") or []
-        if kind.pack is not None:  # a layout of the kind's own: one kernel, one schedule
-            sched = (family.schedule_from_json(site, tuned[0]) if tuned
-                     else family.default_schedule(site, None, site["m"]))
+        m = site["m"]
+        if kind.pack is not None:  # a layout of the kind's own: one kernel, one schedule, static m
+            if not isinstance(m, int):
+                raise UnsupportedModelError(f"{site['kind']} site {site.get('name')!r} needs a static m (has {m!r}): "
+                                 "give --input-shape")
+            sched = family.schedule_from_json(site, tuned[0]) if tuned else family.default_schedule(site, None, m)
             args, stored = kind.pack(site, operands, layout, sched)
             mats, stats = [], [None]
         else:
             mats, packed = [], []
-            for m in kind.matrices(site):
-                mat, arrays = _pack(bb, operands[m.weight], layout)
-                bias = _repad_bias(bb, operands[m.bias], mat.shape[0], mat.padded_shape[0])
+            for w in kind.matrices(site):
+                mat, arrays = _pack(bb, operands[w.weight], layout)
+                bias = _repad_bias(bb, operands[w.bias], mat.shape[0], mat.padded_shape[0])
                 mats.append(mat)
                 packed.append((*arrays, bias))
             args, stored, stats = kind.kernel_args(operands, packed), sum(m.nbytes for m in mats), [m.stats for m in mats]
-        if tuned:
-            scheds = [family.schedule_from_json(site, tuned[min(i, len(tuned) - 1)]) for i in range(len(stats))]
+        whole = [{"lo": m, "hi": m, "m": m} if isinstance(m, int) else {"lo": 1, "hi": None, "m": 1}]
+        buckets = [self._bucket(site, stats, b["lo"], b["hi"], b["m"], b.get("schedules", tuned))
+                   for b in layout.get("buckets") or whole]  # (a hand-made decision may lack buckets)
+        kernel = family.kernel(site, mats, buckets)
+        done = {**layout, "stored_bytes": stored}
+        if "buckets" in layout or not isinstance(m, int):
+            done["buckets"] = [b.to_json() for b in buckets]
         else:
-            scheds = [family.default_schedule(site, st, site["m"]) for st in stats]
-        kernel = family.kernel(site, mats, scheds)
-        done = {**layout, "schedules": [s.to_json() for s in scheds], "stored_bytes": stored}
+            done["schedules"] = [s.to_json() for s in buckets[0].schedules]
         kernel = kernel.with_attr(SITE, site).with_attr(LAYOUT, done)
         if func.attrs is not None and SPARSITY in func.attrs:
             kernel = kernel.with_attr(SPARSITY, func.attrs[SPARSITY])
         gv = bb.add_func(kernel, f"{site['kind']}_{layout['layout']}")
-        ret = func.ret_ty
         out = list(ret.fields) if isinstance(ret, relax.TupleType) else ret
         return relax.call_tir(gv, relax.Tuple(args), out)
+
+    def _bucket(self, site: dict, stats: list, lo: int, hi: int | None, m: int, tuned: list) -> Bucket:
+        """One schedule per matrix for ``lo <= m <= hi``: the recorded ones, else the family's
+        default for the packed matrix (its block statistics) at the bucket's m."""
+        if tuned:
+            scheds = [self.family.schedule_from_json(site, tuned[min(i, len(tuned) - 1)]) for i in range(len(stats))]
+        else:
+            scheds = [self.family.default_schedule(site, st, m) for st in stats]
+        return Bucket(lo, hi, m, tuple(scheds))
 
 
 @tvm.transform.module_pass(opt_level=0, name="LowerWeightSites")

@@ -4,19 +4,23 @@ Contract
 - Input: Relax after constant folding (exporters' transposes and reshapes of
   constant weights folded away, as they insert them for ``Gemm`` and ``MatMul``).
 - Output: each ``matmul(x, C)`` (relax.dpl pattern ``matmul(*, const)``) with float32
-  ``x[..., K]`` of static shape and a 2-D float32 constant ``C[K, N]``, and an ``add``
+  ``x[..., K]`` (static ``K``; the other dims may be symbolic) and a 2-D float32 constant ``C[K, N]``, and an ``add``
   of a constant bias of shape ``[N]`` that follows it, becomes
   ``reshape(site(x2d, W, b), [..., N])``: a call of a site function
   (:func:`bscompile.sites.emit_site`) on ``x2d[M, K]``, the weight in the canonical
   ``W[N, K] = C.T`` orientation, and the bias (zeros without one). Its
   ``bscompile.site`` attribute: ``kind="linear"``, ``name`` (the ONNX initializer, from
   the module's ``bscompile.weight_names`` table, else ``weight_<fingerprint>``),
-  ``fingerprint``, ``m = M``, ``shape = [N, K]``.
-- Left alone: products by run-time values, non-float32 or non-2-D weights, dynamic
-  shapes, batched weights; existing sites. Running it twice changes nothing.
+  ``fingerprint``, ``m = M`` (an int, or the name of the site function's symbolic
+  variable for it), ``shape = [N, K]``.
+- Left alone: products by run-time values, non-float32 or non-2-D weights, unknown
+  ranks or a symbolic ``K``, batched weights; existing sites. Running it twice changes nothing.
 """
 
 from __future__ import annotations
+
+import functools
+import operator
 
 import numpy as np
 import tvm
@@ -40,11 +44,13 @@ _MATMUL = is_op("relax.matmul")(wildcard(), is_const())
 _BIASED = is_op("relax.add")(_MATMUL, is_const())
 
 
-def _static(expr: relax.Expr) -> tuple[int, ...] | None:
-    try:
-        return tuple(int(v) for v in expr.ty.shape.values)
-    except (TypeError, AttributeError):
+def _shape(expr: relax.Expr) -> tuple | None:
+    """Dims of ``expr`` (ints, or PrimExprs for symbolic ones) with a static last dim, else None."""
+    values = getattr(getattr(expr.ty, "shape", None), "values", None)
+    if not values:
         return None
+    out = tuple(int(v) if isinstance(v, tvm.tirx.IntImm) else v for v in values)
+    return out if isinstance(out[-1], int) else None
 
 
 @relax.expr_functor.mutator
@@ -62,7 +68,7 @@ class _Outliner(relax.PyExprMutator):
                 continue
             mm = m[_MATMUL]
             x, c = mm.args
-            w, xs = const_array(c), _static(x)
+            w, xs = const_array(c), _shape(x)
             if w is None or w.ndim != 2 or w.dtype != np.float32 or xs is None or not xs:
                 continue
             if x.ty.dtype != "float32" or xs[-1] != w.shape[0] or mm.attrs.out_dtype not in (None, "float32"):
@@ -88,9 +94,9 @@ class _Outliner(relax.PyExprMutator):
 
     def _emit(self, x: relax.Expr, w: np.ndarray, bias: np.ndarray | None) -> relax.Expr:
         bb = self.builder_
-        shape = _static(x)
+        shape = _shape(x)
         n, k = w.shape
-        m = int(np.prod(shape[:-1]))
+        m = functools.reduce(operator.mul, shape[:-1]) if len(shape) > 1 else 1
         key = fingerprint(w)
         site = {"kind": "linear", "name": self.names.get(key) or f"weight_{key[:8]}", "fingerprint": key,
                 "m": m, "shape": [n, k]}

@@ -21,7 +21,10 @@ from pathlib import Path
 from bscompile.errors import ArtifactError
 from bscompile.sites import TensorSpec
 
-FORMAT_VERSION = 1
+#: 2: a ``TensorSpec`` dim may be a string, the name of a symbolic dim (any size >= 1).
+FORMAT_VERSION = 2
+#: Formats this version reads (1 has static shapes only).
+READ_FORMATS = (1, 2)
 MANIFEST = "manifest.json"
 
 
@@ -52,7 +55,7 @@ class Manifest:
     @classmethod
     def from_json(cls, d: dict) -> "Manifest":
         d = dict(d)
-        if d.get("format_version") != FORMAT_VERSION:
+        if d.get("format_version") not in READ_FORMATS:
             raise ArtifactError(f"artifact format {d.get('format_version')} is not supported "
                                 f"(this bscompile reads format {FORMAT_VERSION})")
         d["inputs"] = [TensorSpec.from_json(t) for t in d["inputs"]]

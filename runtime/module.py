@@ -40,10 +40,15 @@ class CompiledModule:
 
     Inputs are copied into persistent aligned staging buffers that TVM reads through
     DLPack, and outputs come back zero-copy: creating TVM tensors per call costs more
-    than a small sparse layer takes to run. Each output owns its memory (the
-    ``OwnOutputs`` pass copies outputs that would alias an input, a constant or another
-    output), so it survives later calls. Not thread-safe (neither is TVM's VM).
+    than a small sparse layer takes to run. Inputs with symbolic dims (batch, length)
+    accept any size >= 1 there; their staging buffers are kept per shape (the
+    ``STAGED_SHAPES`` most recent). Each output owns its memory (the ``OwnOutputs`` pass
+    copies outputs that would alias an input, a constant or another output), so it
+    survives later calls. Not thread-safe (neither is TVM's VM).
     """
+
+    #: Staging buffers kept per input for shapes of symbolic dims.
+    STAGED_SHAPES = 16
 
     def __init__(self, manifest: Manifest, lib: tvm.runtime.Module, device: tvm.runtime.Device, tmpdir=None):
         self.manifest = manifest
@@ -52,8 +57,7 @@ class CompiledModule:
         self._vm = relax.VirtualMachine(lib, device)
         self._main = self._vm["main"]
         self._cpu = device.dlpack_device_type() == tvm.cpu(0).dlpack_device_type()
-        self._stage = [_aligned_empty(s.shape, s.dtype) for s in manifest.inputs]
-        self._stage_tvm = [tvm_ffi.from_dlpack(a) for a in self._stage] if self._cpu else None
+        self._stage: list[dict[tuple, tuple[np.ndarray, object]]] = [{} for _ in manifest.inputs]
 
     @property
     def inputs(self):
@@ -74,10 +78,18 @@ class CompiledModule:
                 + (f"missing {missing}; " if missing else "")
                 + "expected " + ", ".join(f"{s.name}{list(s.shape)}:{s.dtype}" for s in self.manifest.inputs))
         arrays = []
+        sizes: dict[str, tuple[int, str]] = {}  # symbolic dim -> (size, input that set it)
         for spec in self.manifest.inputs:
             a = np.asarray(feeds[spec.name])
-            if tuple(a.shape) != tuple(spec.shape):
+            if a.ndim != len(spec.shape) or any(isinstance(d, int) and d != n for d, n in zip(spec.shape, a.shape)):
                 raise InputError(f"input '{spec.name}' has shape {list(a.shape)}, expected {list(spec.shape)}")
+            for d, n in zip(spec.shape, a.shape):
+                if isinstance(d, str):
+                    if n < 1:
+                        raise InputError(f"input '{spec.name}' has shape {list(a.shape)}: dim '{d}' must be >= 1")
+                    seen = sizes.setdefault(d, (n, spec.name))
+                    if seen[0] != n:
+                        raise InputError(f"input '{spec.name}' has {d}={n} but input '{seen[1]}' has {d}={seen[0]}")
             if a.dtype != np.dtype(spec.dtype):
                 raise InputError(f"input '{spec.name}' has dtype {a.dtype}, expected {spec.dtype}")
             if a.dtype.kind == "f" and not np.isfinite(a).all():
@@ -87,13 +99,28 @@ class CompiledModule:
             arrays.append(np.require(a, requirements="C"))  # (ascontiguousarray makes 0-d arrays 1-d)
         return arrays
 
+    def _staged(self, i: int, shape: tuple, dtype: str) -> tuple[np.ndarray, object]:
+        """Input ``i``'s staging buffer for ``shape`` (and its TVM view), made on first use."""
+        cache = self._stage[i]
+        hit = cache.pop(shape, None)  # re-inserted: most recent last
+        if hit is None:
+            if len(cache) >= self.STAGED_SHAPES:
+                cache.pop(next(iter(cache)))
+            arr = _aligned_empty(shape, dtype)
+            hit = (arr, tvm_ffi.from_dlpack(arr))
+        cache[shape] = hit
+        return hit
+
     def _args(self, feeds):
         arrays = self.check_inputs(feeds)
         if not self._cpu:
             return [tvm.runtime.tensor(a, self.device) for a in arrays]
-        for stage, a in zip(self._stage, arrays):
+        args = []
+        for i, a in enumerate(arrays):
+            stage, view = self._staged(i, a.shape, a.dtype)
             np.copyto(stage, a)
-        return self._stage_tvm
+            args.append(view)
+        return args
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         args = self._args(feeds)

@@ -10,6 +10,10 @@ from onnx import TensorProto, helper, numpy_helper
 OPSET = 17
 
 
+def _f32(a):
+    return np.asarray(a, np.float32)
+
+
 def sparsify(w: np.ndarray, rng: np.random.Generator, kind: str, density: float = 0.1) -> np.ndarray:
     """``kind``: 'dense', 'zero', 'unstructured', or 'RxC' block sparsity (blocks along the last two axes)."""
     if kind == "dense":
@@ -25,8 +29,9 @@ def sparsify(w: np.ndarray, rng: np.random.Generator, kind: str, density: float 
     return (w * mask).astype(w.dtype)
 
 
-def mlp(sizes: list[int], batch: int, kinds: list[str], rng: np.random.Generator, gemm: bool = True):
-    """Linear stack: Gemm(transB=1)+bias+Relu (or MatMul) per layer; returns (model, weights)."""
+def mlp(sizes: list[int], batch: int | str, kinds: list[str], rng: np.random.Generator, gemm: bool = True):
+    """Linear stack: Gemm(transB=1)+bias+Relu (or MatMul) per layer; returns (model, weights).
+    A string ``batch`` is a symbolic dim of that name."""
     nodes, inits, weights = [], [], []
     cur = "x"
     for i, (k, n) in enumerate(zip(sizes[:-1], sizes[1:])):
@@ -51,9 +56,13 @@ def mlp(sizes: list[int], batch: int, kinds: list[str], rng: np.random.Generator
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), weights
 
 
-def recurrent(op: str, input_size: int, hidden: int, seq: int, batch: int, layers: int, bidirectional: bool,
-              kind: str, rng: np.random.Generator, layout: int = 0):
-    """A stack of ONNX GRU/LSTM/RNN layers as PyTorch exports them (GRU: linear_before_reset=1)."""
+def recurrent(op: str, input_size: int, hidden: int, seq: int | str, batch: int | str, layers: int,
+              bidirectional: bool, kind: str, rng: np.random.Generator, layout: int = 0):
+    """A stack of ONNX GRU/LSTM/RNN layers as PyTorch exports them (GRU: linear_before_reset=1).
+
+    String ``seq`` / ``batch`` are symbolic dims of those names, as ``dynamic_axes`` exports
+    them: the initial state is then zero (no ``initial_h``) and the reshapes copy dims."""
+    dynamic = isinstance(seq, str) or isinstance(batch, str)
     gates = {"GRU": 3, "LSTM": 4, "RNN": 1}[op]
     d = 2 if bidirectional else 1
     nodes, inits = [], []
@@ -63,22 +72,24 @@ def recurrent(op: str, input_size: int, hidden: int, seq: int, batch: int, layer
         w = sparsify(rng.standard_normal((d, gates * hidden, cur_size)).astype(np.float32) / np.sqrt(cur_size), rng, kind).astype(np.float32)
         r = sparsify(rng.standard_normal((d, gates * hidden, hidden)).astype(np.float32) / np.sqrt(hidden), rng, kind).astype(np.float32)
         b = rng.standard_normal((d, 2 * gates * hidden)).astype(np.float32) * 0.1
-        h0 = rng.standard_normal((d, batch, hidden)).astype(np.float32)
-        if layout == 1:  # same values as the layout-0 model built from the same seed
-            h0 = np.ascontiguousarray(h0.transpose(1, 0, 2))
         names = [f"l{li}.W", f"l{li}.R", f"l{li}.B"]
         inits += [numpy_helper.from_array(a, n) for a, n in zip((w, r, b), names)]
-        inits.append(numpy_helper.from_array(h0, f"l{li}.h0"))
+        if not dynamic:
+            h0 = rng.standard_normal((d, batch, hidden)).astype(np.float32)
+            if layout == 1:  # same values as the layout-0 model built from the same seed
+                h0 = np.ascontiguousarray(h0.transpose(1, 0, 2))
+            inits.append(numpy_helper.from_array(h0, f"l{li}.h0"))
         attrs = dict(hidden_size=hidden, direction="bidirectional" if bidirectional else "forward", layout=layout)
         if op == "GRU":
             attrs["linear_before_reset"] = 1
-        ins = [cur, *names, "", f"l{li}.h0"]
+        ins = [cur, *names] if dynamic else [cur, *names, "", f"l{li}.h0"]
         outs = [f"l{li}.Y", f"l{li}.Yh"] + ([f"l{li}.Yc"] if op == "LSTM" else [])
         nodes.append(helper.make_node(op, ins, outs, name=f"{op.lower()}{li}", **attrs))
         # [T, D, B, H] -> [T, B, D*H] (layout 0); [B, T, D, H] -> [B, T, D*H] (layout 1)
         perm = [0, 2, 1, 3] if layout == 0 else [0, 1, 2, 3]
         nodes.append(helper.make_node("Transpose", [outs[0]], [f"l{li}.Yt"], perm=perm, name=f"t{li}"))
-        shape = np.array([seq, batch, d * hidden] if layout == 0 else [batch, seq, d * hidden], np.int64)
+        shape = np.array([0, 0, d * hidden] if dynamic else [seq, batch, d * hidden] if layout == 0
+                         else [batch, seq, d * hidden], np.int64)
         inits.append(numpy_helper.from_array(shape, f"l{li}.shape"))
         nodes.append(helper.make_node("Reshape", [f"l{li}.Yt", f"l{li}.shape"], [f"l{li}.out"], name=f"rs{li}"))
         cur, cur_size = f"l{li}.out", d * hidden
@@ -90,6 +101,51 @@ def recurrent(op: str, input_size: int, hidden: int, seq: int, batch: int, layer
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape),
          helper.make_tensor_value_info("h_n", TensorProto.FLOAT, None)], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+
+
+def gru_with_lens(rng, hidden=24, inp=12):
+    """A GRU (linear_before_reset=0: two recurrent matrices) fed ``sequence_lens`` per batch row."""
+    w = _f32(sparsify(rng.standard_normal((1, 3 * hidden, inp)) / np.sqrt(inp), rng, "4x4"))
+    r = _f32(sparsify(rng.standard_normal((1, 3 * hidden, hidden)) / np.sqrt(hidden), rng, "4x4"))
+    b = _f32(rng.standard_normal((1, 6 * hidden)) * 0.1)
+    node = helper.make_node("GRU", ["x", "W", "R", "B", "lens"], ["y", "h"], hidden_size=hidden, name="gru")
+    g = helper.make_graph(
+        [node], "gru_lens",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["time", "batch", inp]),
+         helper.make_tensor_value_info("lens", TensorProto.INT32, ["batch"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("h", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(a, n) for a, n in ((w, "W"), (r, "R"), (b, "B"))])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)])
+
+
+def deepspeech_like(rng, feats=13, conv=32, hidden=32, classes=10):
+    """x[batch, feats, time] -> Conv1d(k=5, stride 2, pad 2) -> ReLU -> [T', B, C] -> GRU -> Linear."""
+    inits = {
+        "conv.w": sparsify(rng.standard_normal((conv, feats, 5)) / np.sqrt(feats * 5), rng, "4x4"),
+        "conv.b": rng.standard_normal(conv) * 0.1,
+        "gru.W": sparsify(rng.standard_normal((1, 3 * hidden, conv)) / np.sqrt(conv), rng, "4x4"),
+        "gru.R": sparsify(rng.standard_normal((1, 3 * hidden, hidden)) / np.sqrt(hidden), rng, "4x4"),
+        "gru.B": rng.standard_normal((1, 6 * hidden)) * 0.1,
+        "fc.w": sparsify(rng.standard_normal((hidden, classes)) / np.sqrt(hidden), rng, "4x4"),
+        "fc.b": rng.standard_normal(classes),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "conv.w", "conv.b"], ["c"], strides=[2], pads=[2, 2], name="conv"),
+        helper.make_node("Relu", ["c"], ["cr"], name="relu"),
+        helper.make_node("Transpose", ["cr"], ["ct"], perm=[2, 0, 1], name="to_tbc"),
+        helper.make_node("GRU", ["ct", "gru.W", "gru.R", "gru.B"], ["gy", "gh"], hidden_size=hidden,
+                         linear_before_reset=1, name="gru"),
+        helper.make_node("Squeeze", ["gy", "axis1"], ["gs"], name="squeeze"),
+        helper.make_node("MatMul", ["gs", "fc.w"], ["fo"], name="fc"),
+        helper.make_node("Add", ["fo", "fc.b"], ["y"], name="fc_bias"),
+    ]
+    tensors = [numpy_helper.from_array(_f32(a), n) for n, a in inits.items()]
+    tensors.append(numpy_helper.from_array(np.array([1], np.int64), "axis1"))
+    g = helper.make_graph(nodes, "deepspeech_like",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", feats, "time"])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], tensors)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)])
 
 
 def ort_run(model: onnx.ModelProto, feeds: dict) -> dict:

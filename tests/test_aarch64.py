@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from onnx_models import mlp, ort_run, recurrent
+from onnx_models import gru_with_lens, mlp, ort_run, recurrent
 
 import bscompile
 from bscompile.errors import ArtifactError
@@ -266,3 +266,31 @@ def test_aarch64_bundle_runs_a_dynamic_site(rng, tmp_path, emulator_env):
                 emulator_env)
     assert proc.returncode == 0, proc.stderr
     np.testing.assert_allclose(np.load(tmp_path / "out" / "y.npy"), _ort(model_bytes, x), rtol=RTOL, atol=ATOL)
+
+
+def test_aarch64_bundle_runs_symbolic_shapes(rng, tmp_path, emulator_env):
+    """One bundle of a GRU with symbolic time and batch (and sequence_lens per row) runs at two
+    shapes under qemu-aarch64 against onnxruntime; inconsistent batches are one clear error."""
+    from bscompile.runtime.package import package_artifact
+
+    model = gru_with_lens(rng, hidden=16, inp=8)
+    bsc = bscompile.compile(model, target="aarch64").export(tmp_path / "gru.bsc")
+    report = package_artifact(bsc, tmp_path / "gru-aarch64.tar.gz")
+    _unpack(Path(report["bundle"]), tmp_path / "device")
+    bundle = tmp_path / "device" / "gru"
+    for t, b in ((1, 1), (7, 3)):
+        feeds = {"x": rng.standard_normal((t, b, 8)).astype(np.float32),
+                 "lens": rng.integers(1, t + 1, b).astype(np.int32)}
+        args = []
+        for name, value in feeds.items():
+            np.save(tmp_path / f"{name}.npy", value)
+            args += ["--input", f"{name}={tmp_path / f'{name}.npy'}"]
+        proc = _run(bundle, [*args, "--output", str(tmp_path / f"out{t}")], emulator_env)
+        assert proc.returncode == 0, proc.stderr
+        for name, want in ort_run(model, feeds).items():
+            np.testing.assert_allclose(np.load(tmp_path / f"out{t}" / f"{name}.npy"), want, rtol=RTOL, atol=ATOL,
+                                       err_msg=f"{name} at time {t} batch {b}")
+    np.save(tmp_path / "lens.npy", np.ones(2, np.int32))  # batch 2 against x's batch 3
+    proc = _run(bundle, [*args, "--output", str(tmp_path / "bad")], emulator_env)
+    assert proc.returncode != 0 and "input 'lens'" in proc.stderr and "expected [batch]" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

@@ -105,14 +105,18 @@ def test_error_unknown_target(model_dir):
     _one_line_error(*run_cli(model_dir / "mlp.onnx", "--target", "tpu9000")[::2], "unknown target 'tpu9000'")
 
 
-def test_error_dynamic_shape_asks_for_input_shape(tmp_path):
+def test_dynamic_dims_stay_symbolic_unless_given(tmp_path):
+    """Symbolic by default; --input-shape specialises; a static-only target (CUDA) asks for it."""
     m, _ = mlp([8, 4], 1, ["dense"], np.random.default_rng(0))
     m.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
     onnx.save(m, tmp_path / "d.onnx")
-    _one_line_error(*run_cli(tmp_path / "d.onnx")[::2], "--input-shape x=")
+    rc, _, err = run_cli(tmp_path / "d.onnx", "-o", tmp_path / "s.bsc", "-q")
+    assert rc == 0, err
+    assert bscompile.load(tmp_path / "s.bsc").inputs[0].shape == ("batch", 8)
     rc, _, err = run_cli(tmp_path / "d.onnx", "--input-shape", "x=3,8", "-o", tmp_path / "d.bsc", "-q")
     assert rc == 0, err
     assert bscompile.load(tmp_path / "d.bsc").inputs[0].shape == (3, 8)
+    _one_line_error(*run_cli(tmp_path / "d.onnx", "--target", "cuda")[::2], "--input-shape x=1,8")
 
 
 def test_error_wrong_inputs_at_run_time(model_dir, tmp_path):

@@ -8,8 +8,10 @@ import tvm
 from tvm import relax
 from tvm.script import ir as I
 from tvm.script import relax as R
+from tvm.script import tirx as T
 
 import bscompile.frontend.recurrent  # noqa: F401 - registers the "recurrent" site kind
+from bscompile.codegen.family import Bucket
 from bscompile.codegen.layout import CANDIDATE_EDGES, DENSE_ROWS, BSRMatrix
 from bscompile.passes.analyze_sparsity import AnalyzeSparsity
 from bscompile.passes.choose_layout import ChooseLayout
@@ -26,6 +28,14 @@ FAMILY = resolve_target("x86_64").kernel_family()
 W = np.arange(15, dtype=np.float32).reshape(5, 3) - 7  # canonical W[N=5, K=3]
 B = np.linspace(-1, 1, 5).astype(np.float32)
 FP = fingerprint(W)
+# 4x4 blocks, 1 in 8 kept: sparse enough that a symbolic-m site is BSR
+W64 = (np.kron(np.arange(256).reshape(16, 16) % 8 == 0, np.ones((4, 4))) * 0.5).astype(np.float32)
+
+
+def _stats(w):
+    from bscompile.codegen.layout import all_block_stats
+
+    return all_block_stats(w)
 
 
 def _twice_is_once(pass_, mod):
@@ -72,6 +82,75 @@ def test_outline_linear_sites_biased_matmul_of_3d_input():
     tvm.ir.assert_structural_equal(after.without_attr(WEIGHT_NAMES), Expected)
 
 
+def test_outline_linear_sites_symbolic_rows():
+    """x[b, t, K] with symbolic b and t: the site function has a variable of its own for
+    its rows (``m``; Relax functions share no symbolic vars), bound to ``b * t`` by the call."""
+
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor(("b", "t", 3), "float32")) -> R.Tensor(("b", "t", 5), "float32"):
+            with R.dataflow():
+                y = R.matmul(x, R.const(np.ascontiguousarray(W.T)))
+                z = R.add(y, R.const(B))
+                R.output(z)
+            return z
+
+    @I.ir_module
+    class Expected:
+        @R.function(private=True)
+        def linear_site(a0: R.Tensor(("m", 3), "float32"), a1: R.Tensor((5, 3), "float32"),
+                        a2: R.Tensor((5,), "float32")) -> R.Tensor(("m", 5), "float32"):
+            m = T.int64()
+            R.func_attr({"bscompile.site": {"kind": "linear", "name": "fc.weight", "fingerprint": FP, "m": "m",
+                                            "shape": [5, 3]}})
+            return R.call_pure_packed("bscompile.site.linear", a0, a1, a2, ty_args=R.Tensor((m, 5), "float32"))
+
+        @R.function
+        def main(x: R.Tensor(("b", "t", 3), "float32")) -> R.Tensor(("b", "t", 5), "float32"):
+            b = T.int64()
+            t = T.int64()
+            cls = Expected
+            with R.dataflow():
+                x2 = R.reshape(x, R.shape([b * t, 3]))
+                y2 = cls.linear_site(x2, R.const(W), R.const(B))
+                z = R.reshape(y2, R.shape([b, t, 5]))
+                R.output(z)
+            return z
+
+    before = Before.with_attr(WEIGHT_NAMES, {FP: "fc.weight"})
+    after = _twice_is_once(OutlineLinearSites(), before)
+    tvm.ir.assert_structural_equal(after.without_attr(WEIGHT_NAMES), Expected)
+
+
+def test_choose_layout_symbolic_m_writes_buckets():
+    """A symbolic m gets one layout and per-bucket schedules covering m >= 1, neighbours with
+    equal schedules merged; deciding again changes nothing."""
+    from bscompile.codegen.family import M_BUCKETS
+
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor(("n", 64), "float32")) -> R.Tensor(("n", 64), "float32"):
+            with R.dataflow():
+                y = R.matmul(x, R.const(np.ascontiguousarray(W64.T)))
+                R.output(y)
+            return y
+
+    mod = AnalyzeSparsity()(OutlineLinearSites()(Before))
+    layout = attr(_twice_is_once(ChooseLayout(FAMILY), mod)["linear_site"], LAYOUT)
+    assert layout["schedules"] == [] and layout["layout"] == "bsr"
+    buckets = layout["buckets"]
+    assert buckets[0]["lo"] == 1 and buckets[-1]["hi"] is None
+    assert all(a["hi"] + 1 == b["lo"] for a, b in zip(buckets, buckets[1:]))
+    assert all(a["schedules"] != b["schedules"] for a, b in zip(buckets, buckets[1:]))
+    assert {b["m"] for b in buckets} <= {rep for _, _, rep in M_BUCKETS}
+    for b in buckets:  # the family's default at the bucket's m
+        (sched,) = b["schedules"]
+        stats = next(s for s in _stats(W64) if str(s.block) == layout["block"])
+        assert sched == FAMILY.default_schedule(attr(mod["linear_site"], SITE), stats, b["m"]).to_json()
+
+
 def test_outline_linear_sites_unnamed_weight_without_bias():
     @I.ir_module
     class Before:
@@ -103,23 +182,22 @@ def test_outline_linear_sites_unnamed_weight_without_bias():
 
 
 def test_outline_linear_sites_leaves_other_products_alone():
-    """Run-time weights, a batched (3-D) constant, a symbolic batch, a bias added on the left
-    (the kernel would round it differently) and a non-float32 product stay as they are."""
+    """Run-time weights, a batched (3-D) constant, a bias added on the left (the kernel would
+    round it differently) and a non-float32 product stay as they are (a symbolic batch
+    becomes a site: tests/test_symbolic.py)."""
     w3 = np.ones((2, 3, 5), np.float32)
 
     @I.ir_module
     class Before:
         @R.function
         def main(x: R.Tensor((4, 3), "float32"), w: R.Tensor((3, 5), "float32"),
-                 xb: R.Tensor((2, 4, 3), "float32"), xs: R.Tensor(("n", 3), "float32"),
-                 xh: R.Tensor((4, 3), "float16")):
+                 xb: R.Tensor((2, 4, 3), "float32"), xh: R.Tensor((4, 3), "float16")):
             with R.dataflow():
                 a = R.matmul(x, w)
                 b = R.matmul(xb, R.const(w3))
-                c = R.matmul(xs, R.const(np.ascontiguousarray(W.T)))
                 e = R.matmul(xh, R.const(np.ascontiguousarray(W.T).astype(np.float16)))
-                R.output(a, b, c, e)
-            return (a, b, c, e)
+                R.output(a, b, e)
+            return (a, b, e)
 
     tvm.ir.assert_structural_equal(OutlineLinearSites()(Before), Before)
 
@@ -145,8 +223,8 @@ def test_conv1d_to_matmul():
         def main(x: R.Tensor((1, 3, 6), "float32")) -> R.Tensor((1, 2, 3), "float32"):
             with R.dataflow():
                 xp = R.nn.pad(x, [0, 0, 0, 0, 1, 0])
-                t0 = R.strided_slice(xp, [2], [0], [5], [2])
-                t1 = R.strided_slice(xp, [2], [1], [6], [2])
+                t0 = R.strided_slice(xp, [2], [0], [5], [2], assume_inbound=True)
+                t1 = R.strided_slice(xp, [2], [1], [6], [2], assume_inbound=True)
                 cols = R.stack([t0, t1], axis=3)
                 cols1 = R.permute_dims(cols, [0, 2, 1, 3])
                 cols2 = R.reshape(cols1, R.shape([1, 3, 6]))
@@ -294,7 +372,7 @@ def test_lower_weight_sites_dense_layout():
     np.testing.assert_array_equal(mat.data, packed)
     site = attr(before["linear_site"], SITE)
     sched = FAMILY.default_schedule(site, mat.stats, 2)
-    kernel = FAMILY.kernel(site, [mat], [sched]).with_attr(SITE, site).with_attr(
+    kernel = FAMILY.kernel(site, [mat], [Bucket(2, 2, 2, (sched,))]).with_attr(SITE, site).with_attr(
         LAYOUT, {**layout, "schedules": [sched.to_json()], "stored_bytes": mat.nbytes})
     bb = relax.BlockBuilder()
     gv = bb.add_func(kernel, "linear_dense")

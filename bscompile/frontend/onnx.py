@@ -23,7 +23,7 @@ from tvm.relax.frontend.onnx import onnx_frontend as tvm_onnx
 from bscompile.errors import BscompileError, UnsupportedModelError
 from bscompile.frontend.recurrent import convert_recurrent
 from bscompile.limits import check_resources
-from bscompile.sites import WEIGHT_NAMES, TensorSpec, fingerprint
+from bscompile.sites import WEIGHT_NAMES, TensorSpec, dim_of, fingerprint
 
 RECURRENT_OPS = {"GRU": "gru", "LSTM": "lstm", "RNN": "rnn"}
 INDEX_OPS = {"Gather", "GatherElements", "GatherND", "Scatter", "ScatterElements", "ScatterND"}
@@ -73,7 +73,9 @@ def _elem_dtype(elem_type: int) -> str:
 
 
 def graph_inputs(model: onnx.ModelProto, overrides: dict[str, tuple[int, ...]] | None) -> list[TensorSpec]:
-    """Static input signature; dynamic dims must be given in ``overrides``."""
+    """The input signature. Dynamic dims stay symbolic: a ``dim_param`` is its name (one name,
+    one dimension, across inputs), a dim with neither value nor name is ``<input>_d<i>``;
+    ``overrides`` (``--input-shape``) specialise an input to a static shape."""
     overrides = dict(overrides or {})
     inits = {t.name for t in model.graph.initializer}
     specs = []
@@ -81,23 +83,28 @@ def graph_inputs(model: onnx.ModelProto, overrides: dict[str, tuple[int, ...]] |
         if vi.name in inits:
             continue
         tt = vi.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+        dims: list[int | str | None] = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0
+                                        else d.dim_param or None for d in tt.shape.dim]
         if vi.name in overrides:
             shape = tuple(int(v) for v in overrides.pop(vi.name))
-            if len(shape) != len(dims) or any(d is not None and d != s for d, s in zip(dims, shape)):
-                raise BscompileError(f"input '{vi.name}': shape {shape} does not fit the model's {dims}")
-        elif any(d is None or d <= 0 for d in dims):
-            raise BscompileError(
-                f"input '{vi.name}' has dynamic shape {['?' if d is None else d for d in dims]}; "
-                f"give it with --input-shape {vi.name}=" + ",".join(str(d or 1) for d in dims)
-            )
+            if len(shape) != len(dims) or any(isinstance(d, int) and d != s for d, s in zip(dims, shape)) \
+                    or any(s < 1 for s in shape):
+                raise BscompileError(f"input '{vi.name}': shape {shape} does not fit the model's "
+                                     f"{['?' if d is None else d for d in dims]}")
         else:
-            shape = tuple(dims)
+            shape = tuple(f"{vi.name}_d{i}" if d is None else d for i, d in enumerate(dims))
         specs.append(TensorSpec(vi.name, shape, _elem_dtype(tt.elem_type)))
     if overrides:
         raise BscompileError(f"--input-shape names unknown input(s): {', '.join(overrides)}; "
                              f"inputs are {', '.join(s.name for s in specs)}")
     return specs
+
+
+def relax_shapes(specs: list[TensorSpec]) -> dict[str, list]:
+    """Input shapes for TVM's importer: one ``int64`` variable per symbolic dim name."""
+    dim_vars: dict[str, tvm.tirx.Var] = {}
+    return {s.name: [dim_vars.setdefault(d, tvm.tirx.Var(d, "int64")) if isinstance(d, str) else d
+                     for d in s.shape] for s in specs}
 
 
 def weight_name_table(model: onnx.ModelProto) -> dict[str, str]:
@@ -144,10 +151,12 @@ def import_onnx(model: str | os.PathLike | onnx.ModelProto,
     check_supported(proto)
     proto = _with_node_names(proto)
     inputs = graph_inputs(proto, input_shapes)
-    check_resources(proto, {s.name: s.shape for s in inputs}, {s.name: s.dtype for s in inputs})
+    # A symbolic dim is checked at its smallest size, 1 (inputs are not held while compiling).
+    check_resources(proto, {s.name: tuple(d if isinstance(d, int) else 1 for d in s.shape) for s in inputs},
+                    {s.name: s.dtype for s in inputs})
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
     importer = _Importer(
-        {s.name: list(s.shape) for s in inputs}, {s.name: s.dtype for s in inputs},
+        relax_shapes(inputs), {s.name: s.dtype for s in inputs},
         nodes_by_name={n.name: n for n in proto.graph.node},
     )
     try:
@@ -159,7 +168,8 @@ def import_onnx(model: str | os.PathLike | onnx.ModelProto,
     ret = mod["main"].ret_ty
     fields = ret.fields if isinstance(ret, relax.TupleType) else [ret]
     outputs = [
-        TensorSpec(o.name, tuple(int(v) for v in f.shape.values), str(f.dtype.dtype) if hasattr(f.dtype, "dtype") else str(f.dtype))
+        TensorSpec(o.name, tuple(dim_of(v) for v in f.shape.values),
+                   str(f.dtype.dtype) if hasattr(f.dtype, "dtype") else str(f.dtype))
         for o, f in zip(proto.graph.output, fields)
     ]
     return ImportedModel(mod.with_attr(WEIGHT_NAMES, weight_name_table(proto)), inputs, outputs, opset)

@@ -14,13 +14,15 @@ without linear-before-reset multiplies ``R_h`` by ``r * h`` and has two matrices
 ``[xp, R_zr, Rb_zr, R_h, Rb_h, h0, c0, seq_lens, peep]``. Its attribute adds ``cell``
 (:class:`CellSpec` JSON), ``seq``, ``batch``, ``split`` and ``lens_operand`` (where
 ``seq_lens`` is, for CheckIndices) to the common ones.
-Shapes must be static (``T`` and ``B`` are loop bounds of the kernel). Weights fed as
-graph inputs (as in ONNX's own backend tests) work: their sites stay dense.
+``T`` and ``B`` may be symbolic (the kernels take them as symbolic dims); the input
+size and the weights' shapes must be static. Weights fed as graph inputs (as in ONNX's
+own backend tests) work: their sites stay dense.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import tvm
 from tvm import relax
 
 from bscompile.codegen.layout import BSRMatrix
@@ -46,27 +48,36 @@ def _recurrent_kernel_args(operands, packed):
 RECURRENT = register_site_kind(SiteKind("recurrent", _recurrent_matrices, _recurrent_kernel_args))
 
 
-def _static_shape(expr: relax.Expr, node: str, what: str) -> tuple[int, ...]:
+#: Default ``sequence_lens`` of a symbolic-length layer: every row runs the whole
+#: sequence (the kernels clamp the lengths to ``T``).
+_WHOLE_SEQUENCE = 2**31 - 1
+
+
+def _dims(expr: relax.Expr, node: str, what: str, static_from: int) -> tuple:
+    """The shape of ``expr``: dims from ``static_from`` on must be static ints, the rest may be symbolic."""
     shape = expr.ty.shape
-    try:
-        return tuple(int(v) for v in shape.values)
-    except (TypeError, AttributeError) as err:
-        raise UnsupportedModelError(
-            f"node '{node}': input {what} has a dynamic shape {shape}; "
-            "give static input shapes (--input-shape NAME=D0,D1,...)"
-        ) from err
+    values = getattr(shape, "values", None)
+    if values is None:
+        raise UnsupportedModelError(f"node '{node}': input {what} has an unknown shape")
+    out = tuple(int(v) if isinstance(v, tvm.tirx.IntImm) else v for v in values)
+    if any(not isinstance(v, int) for v in out[static_from:]):
+        raise UnsupportedModelError(f"node '{node}': input {what} has a dynamic size {shape}; only its time "
+                                    "and batch dims may be symbolic")
+    return out
 
 
 def _const_or_zeros(bb, expr, shape, dtype="float32"):
-    if expr is None:
+    if expr is not None:
+        return expr
+    if all(isinstance(d, int) for d in shape):
         return relax.const(np.zeros(shape, dtype))
-    return expr
+    return bb.emit(relax.op.zeros(relax.ShapeExpr(list(shape)), dtype))
 
 
 def _slice(bb, t: relax.Expr, axis: int, lo: int, hi: int, shape) -> relax.Expr:
     """``t[lo:hi]`` along ``axis``, reshaped: NumPy for constants, else Relax ops."""
     arr = _const(t)
-    if arr is not None:
+    if arr is not None and all(isinstance(d, int) for d in shape):
         return relax.const(np.ascontiguousarray(np.take(arr, range(lo, hi), axis=axis).reshape(shape)))
     return bb.emit(relax.op.reshape(relax.op.strided_slice(t, [axis], [lo], [hi]), shape))
 
@@ -117,19 +128,19 @@ def convert_recurrent(kind: str, bb: relax.BlockBuilder, inputs, attr: dict, onn
     get = lambda i: inputs[i] if len(inputs) > i else None  # noqa: E731
     b, lens, h0 = get(3), get(4), get(5)
     c0, peep = (get(6), get(7)) if kind == "lstm" else (None, None)
-    hidden = int(attr.get("hidden_size") or _static_shape(r, node, "R")[-1])
+    hidden = int(attr.get("hidden_size") or _dims(r, node, "R", 0)[-1])
     layout = int(attr.get("layout", 0))
     cells = _parse_cells(kind, attr, hidden, node)
     num_dir = len(cells)
     gates = cells[0].num_gates
     gh = gates * hidden
 
-    x_shape = _static_shape(x, node, "X")
+    x_shape = _dims(x, node, "X", static_from=2)
     if layout == 1:
         x = bb.emit(relax.op.permute_dims(x, [1, 0, 2]))
         x_shape = (x_shape[1], x_shape[0], x_shape[2])
     seq, batch, in_size = x_shape
-    w_shape = _static_shape(w, node, "W")
+    w_shape = _dims(w, node, "W", 0)
     if w_shape != (num_dir, gh, in_size):
         raise UnsupportedModelError(f"node '{node}': W has shape {w_shape}, expected {(num_dir, gh, in_size)}")
     if layout == 1:
@@ -139,8 +150,10 @@ def convert_recurrent(kind: str, bb: relax.BlockBuilder, inputs, attr: dict, onn
     h0 = _const_or_zeros(bb, h0, (num_dir, batch, hidden))
     c0 = _const_or_zeros(bb, c0, (num_dir, batch, hidden))
     peep = _const_or_zeros(bb, peep, (num_dir, 3 * hidden))
-    if lens is None:
+    if lens is None and isinstance(batch, int) and isinstance(seq, int):
         lens = relax.const(np.full(batch, seq, np.int32))
+    elif lens is None:
+        lens = bb.emit(relax.op.full(relax.ShapeExpr([batch]), relax.const(_WHOLE_SEQUENCE, "int32"), "int32"))
     elif lens.ty.dtype != "int32":
         lens = bb.emit(relax.op.astype(lens, "int32"))
     x2d = bb.emit(relax.op.reshape(x, [seq * batch, in_size]))

@@ -49,12 +49,13 @@ namespace ffi = tvm::ffi;
 namespace bscompile {
 namespace {
 
-constexpr int kFormatVersion = 1;   // runtime/artifact.py FORMAT_VERSION
+constexpr int kFormatVersion = 2;   // runtime/artifact.py FORMAT_VERSION (reads 1 and 2)
 constexpr int kPooledAllocator = 2;  // tvm.runtime.vm.VirtualMachine.POOLED_ALLOCATOR
 
 struct TensorSpec {
   std::string name;
-  std::vector<int64_t> shape;
+  std::vector<int64_t> shape;   // -1 where the dim is symbolic
+  std::vector<std::string> dim_names;  // the symbolic dims' names ("" for static dims)
   std::string dtype;
 };
 
@@ -99,8 +100,12 @@ std::vector<TensorSpec> Specs(const ffi::json::Object& root, const char* key) {
     if (!shape.has_value()) throw std::runtime_error("manifest.json: shape of '" + spec.name + "' is not a list");
     for (const ffi::Any& d : *shape) {
       auto dim = d.try_cast<int64_t>();
-      if (!dim.has_value()) throw std::runtime_error("manifest.json: shape of '" + spec.name + "' is not static");
-      spec.shape.push_back(*dim);
+      auto name = d.try_cast<ffi::String>();
+      if (!dim.has_value() && !name.has_value()) {
+        throw std::runtime_error("manifest.json: shape of '" + spec.name + "' holds neither sizes nor dim names");
+      }
+      spec.shape.push_back(dim.has_value() ? *dim : -1);
+      spec.dim_names.push_back(dim.has_value() ? std::string() : std::string(*name));
     }
     out.push_back(spec);
   }
@@ -116,7 +121,7 @@ Manifest LoadManifest(const std::string& bundle) {
   auto root = parsed.try_cast<ffi::json::Object>();
   if (!root.has_value()) throw std::runtime_error(path + " is not a bscompile manifest");
   auto version = Field(*root, "format_version", "the manifest").try_cast<int64_t>();
-  if (!version.has_value() || *version != kFormatVersion) {
+  if (!version.has_value() || *version < 1 || *version > kFormatVersion) {
     throw std::runtime_error("artifact format " + (version ? std::to_string(*version) : std::string("?")) +
                              " is not supported (this runner reads format " + std::to_string(kFormatVersion) + ")");
   }
@@ -131,7 +136,29 @@ Manifest LoadManifest(const std::string& bundle) {
   return m;
 }
 
-std::string SpecStr(const TensorSpec& s) { return s.name + ShapeStr(s.shape) + ":" + s.dtype; }
+std::string DimsStr(const TensorSpec& s) {
+  std::string out = "[";
+  for (size_t i = 0; i < s.shape.size(); ++i) {
+    out += (i ? ", " : "") + (s.dim_names[i].empty() ? std::to_string(s.shape[i]) : s.dim_names[i]);
+  }
+  return out + "]";
+}
+
+std::string SpecStr(const TensorSpec& s) { return s.name + DimsStr(s) + ":" + s.dtype; }
+
+// Whether `shape` fits `s`: the rank and static dims agree, symbolic dims are >= 1 and
+// agree with the sizes other inputs gave the same name (recorded in `sizes`).
+bool Fits(const TensorSpec& s, const std::vector<int64_t>& shape, std::map<std::string, int64_t>& sizes) {
+  if (shape.size() != s.shape.size()) return false;
+  for (size_t i = 0; i < shape.size(); ++i) {
+    if (s.dim_names[i].empty()) {
+      if (shape[i] != s.shape[i]) return false;
+    } else if (shape[i] < 1 || sizes.emplace(s.dim_names[i], shape[i]).first->second != shape[i]) {
+      return false;
+    }
+  }
+  return true;
+}
 
 std::string SpecList(const std::vector<TensorSpec>& specs) {
   std::string out;
@@ -322,12 +349,13 @@ int Run(const Options& opt) {
     throw std::runtime_error(msg + "expected " + SpecList(m.inputs));
   }
   std::vector<NpyArray> arrays;
+  std::map<std::string, int64_t> sizes;  // symbolic dim -> the size the inputs give it
   for (const TensorSpec& s : m.inputs) {
     const std::string& file = files[s.name];
     NpyArray a = ReadNpy(file);
-    if (a.shape != s.shape) {
+    if (!Fits(s, a.shape, sizes)) {
       throw std::runtime_error("input '" + s.name + "' (" + file + ") has shape " + ShapeStr(a.shape) + ", expected " +
-                               ShapeStr(s.shape));
+                               DimsStr(s) + (sizes.empty() ? "" : " (symbolic dims >= 1, equal across inputs)"));
     }
     if (a.dtype != s.dtype) {
       throw std::runtime_error("input '" + s.name + "' (" + file + ") has dtype " + a.dtype + ", expected " + s.dtype);
@@ -360,9 +388,9 @@ int Run(const Options& opt) {
   std::vector<ffi::Any> args;
   for (size_t i = 0; i < arrays.size(); ++i) {
     const TensorSpec& s = m.inputs[i];
-    ffi::Tensor t =
-        alloc(ffi::Shape(s.shape), ffi::StringToDLDataType(ffi::String(s.dtype)), dev, ffi::Optional<ffi::String>())
-            .cast<ffi::Tensor>();
+    ffi::Tensor t = alloc(ffi::Shape(arrays[i].shape), ffi::StringToDLDataType(ffi::String(s.dtype)), dev,
+                          ffi::Optional<ffi::String>())
+                        .cast<ffi::Tensor>();
     copy_from(t, static_cast<void*>(arrays[i].data.data()), static_cast<int64_t>(arrays[i].data.size()));
     args.emplace_back(t);
   }
