@@ -5,6 +5,7 @@ The artifact's manifest is read from the final IR (:func:`bscompile.sites.weight
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import tempfile
@@ -30,6 +31,7 @@ from bscompile.sites import weight_entries
 from bscompile.target import TargetSpec, resolve_target
 
 Progress = Callable[[str], None]
+_log = logging.getLogger(__name__)
 
 
 def stderr_progress(msg: str) -> None:
@@ -75,6 +77,9 @@ def _options(spec: TargetSpec, sparse: bool, block: BlockShape | str | None, rec
     if other:  # a layout measured on one device is no evidence for another
         raise BscompileError(f"the tuning records were measured for target {', '.join(other)}; "
                              f"this compile targets {spec.name}: tune for it (bscompile tune --target {spec.name})")
+    if any((r.device or {}).get("emulated") for r in (records or {}).values()):  # plumbing, not evidence
+        _log.warning("bscompile: warning: the tuning records were measured on an emulated device: their "
+                     "choices mean nothing for a real board (tune on it: bscompile tune --remote ssh://...)")
     return {"sparse": sparse, "force_block": block, "records": records or {}}
 
 

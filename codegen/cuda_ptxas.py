@@ -17,6 +17,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 
 @dataclass
@@ -117,3 +118,20 @@ def markdown_table(rows: list[tuple[str, KernelResources]]) -> str:
         lines.append(f"| {model} | {k.arch} | `{k.kernel}` | {k.registers} | {k.spill_stores} | "
                      f"{k.spill_loads} | {k.stack_bytes} | {k.smem_bytes} |")
     return "\n".join(lines)
+
+
+def markdown_report(rows: list[tuple[str, KernelResources]], listed: Callable[[str], bool], archs: tuple[str, ...],
+                    header: str) -> str:
+    """``bench/results/cuda_ptxas.md``: the kernels of ``rows`` whose name is ``listed`` (the
+    weight-site / recurrent ones) in a table, and the spill count over all of ``rows``."""
+    ours = [(m, k) for m, k in rows if listed(k.kernel)]
+    light = len(rows) - len(ours)
+    spilling = sum(k.spills for _, k in rows)
+    worst = max(ours, key=lambda r: r[1].registers)
+    return ("# ptxas resources of bscompile's CUDA kernels\n\n"
+            f"{header} (nvcc `-cubin -O3 {' '.join(load_time_flags())}`: TVM's load-time flags; archs "
+            f"{', '.join(archs)}). Block-sparse / dense weight-site kernels and recurrent step kernels are listed; "
+            f"{light} kernels of TVM-scheduled light ops (reshapes, stacks, activations: dlight) also compiled, "
+            f"{sum(k.spills for _, k in rows if not listed(k.kernel))} of them spilling, omitted here.\n\n"
+            f"Spilling kernels: {spilling}. Most registers: {worst[1].registers} "
+            f"(`{worst[1].kernel}`, {worst[0]}, {worst[1].arch}).\n\n" + markdown_table(ours) + "\n")

@@ -6,7 +6,8 @@ job because installing the emulator is process-wide and because a memory fault i
 faulty kernel must not take the test runner down.
 
 Jobs: ``kernels`` (every linear / recurrent kernel family and schedule of
-codegen/cuda.py against NumPy, forward / reverse / random thread and block order),
+codegen/cuda.py, the persistent recurrent kernel and the dynamic-selection kernel of
+codegen/cuda_dynamic.py against NumPy, forward / reverse / random thread and block order),
 ``artifacts`` (whole compiled models through ``bscompile.load`` against onnxruntime,
 with their launch sequences), ``mutations`` (faults injected into generated source).
 """
@@ -124,6 +125,66 @@ PERSISTENT_CASES = [
 ]
 
 
+@dataclass(frozen=True)
+class DynamicCase:
+    """Input-dependent block selection (codegen/cuda_dynamic.py): gate, selection, tile product."""
+
+    in_f: int
+    out_f: int
+    block: int
+    keep: float  # k = keep_count(keep, tiles alive)
+    m: int
+    pruned: float = 0.0  # fraction of tiles statically pruned (gate bias -inf: never selected)
+
+    @property
+    def name(self) -> str:
+        return f"dyn_{self.out_f}x{self.in_f}_b{self.block}_keep{self.keep}_m{self.m}" + (
+            f"_pruned{self.pruned}" if self.pruned else "")
+
+
+#: Gate rows padded (tiles not a multiple of 16), selection blocks of 32..256 threads,
+#: k = 1 .. every tile, a static block mask, batch 1..17.
+DYNAMIC_CASES = [
+    DynamicCase(32, 48, 8, 0.25, 1),  # 24 tiles
+    DynamicCase(64, 64, 4, 0.15, 3, pruned=0.3),  # 256 tiles, static mask
+    DynamicCase(96, 32, 16, 0.1, 5),  # k = 1
+    DynamicCase(64, 32, 32, 1.0, 2),  # every tile kept
+    DynamicCase(40, 120, 8, 0.5, 17, pruned=0.5),  # 75 tiles
+]
+
+
+def dynamic_func_and_args(case: DynamicCase, rng):
+    """The kernel, its packed arguments (as the site kind packs them) and the NumPy reference
+    (codegen.dynamic_layout.dynamic_linear), on rows whose k-th and (k+1)-th gate scores are
+    1e-2 apart, so float rounding cannot change which tiles are selected."""
+    from bscompile.codegen import cuda_dynamic
+    from bscompile.codegen import dynamic_layout as dl
+
+    n = (case.in_f // case.block) * (case.out_f // case.block)
+    alive = None
+    if case.pruned:
+        alive = rng.random(n) >= case.pruned
+        alive[0] = True
+    n_alive = n if alive is None else int(alive.sum())
+    k = dl.keep_count(case.keep, n_alive)
+    w = (rng.standard_normal((case.out_f, case.in_f)) / np.sqrt(case.in_f)).astype(np.float32)
+    gate_w = (rng.standard_normal((n, case.in_f)) / np.sqrt(case.in_f)).astype(np.float32)
+    gate_b = (rng.standard_normal(n) + 1).astype(np.float32)  # a normalising sum well away from 0
+    bias = rng.standard_normal(case.out_f).astype(np.float32)
+    rows: list = []
+    while len(rows) < case.m:
+        x = rng.standard_normal((4 * case.m, case.in_f)).astype(np.float32)
+        g = x.astype(np.float64) @ gate_w.T + gate_b
+        srt = -np.sort(-(g if alive is None else np.where(alive, g, -np.inf)), axis=1)
+        gap = srt[:, k - 1] - (srt[:, k] if k < n else -np.inf)
+        rows.extend(x[(gap > 1e-2) & (srt[:, :k].sum(1) > 0.5)])
+    x = np.stack(rows[:case.m])
+    ref, _ = dl.dynamic_linear(x, w, gate_w, gate_b, bias, case.block, k, alive)
+    func = cuda_dynamic.dynamic_linear_kernel(case.in_f, case.out_f, case.block, k, case.m, n_alive)
+    args = [x, dl.pack_tiles(w, case.block), dl.pack_gate(gate_w), dl.pad_gate_bias(gate_b, alive), bias]
+    return func, args, ref
+
+
 def _block_sparse(rng, n, k, block, density=0.4):
     w = rng.standard_normal((n, k)).astype(np.float32) / np.sqrt(k)
     if block is None:
@@ -239,6 +300,10 @@ SANITIZED_LINEAR = (0, 3, 7, 9, 13, 17, 20)
 SANITIZED_RECURRENT = (1, 3, 5, 7)
 #: TSan: fused, unfused, split fused, split unfused step kernels (blocks share h through global memory).
 TSAN_RECURRENT = (0, 1, 2, 3)
+#: The dynamic kernel: all of it under ASan+UBSan; under TSan the selection's shared scores
+#: and the gate / selection / product hand-over through global memory.
+SANITIZED_DYNAMIC = tuple(range(len(DYNAMIC_CASES)))
+TSAN_DYNAMIC = (1, 4)
 
 
 def run_kernels(seed: int, sanitize: str = "") -> dict:
@@ -254,6 +319,7 @@ def run_kernels(seed: int, sanitize: str = "") -> dict:
     # sanitized runs: part of the sweep (TSan: the recurrent step kernels, whose blocks share h)
     lin_ids = {"": range(len(LINEAR_CASES)), "address": SANITIZED_LINEAR, "thread": ()}[sanitize]
     rec_ids = {"": range(len(RECURRENT_CASES)), "address": SANITIZED_RECURRENT, "thread": TSAN_RECURRENT}[sanitize]
+    dyn_ids = {"": range(len(DYNAMIC_CASES)), "address": SANITIZED_DYNAMIC, "thread": TSAN_DYNAMIC}[sanitize]
     for i, case in enumerate(LINEAR_CASES):
         if i not in lin_ids:
             continue
@@ -276,6 +342,13 @@ def run_kernels(seed: int, sanitize: str = "") -> dict:
         H, B = case.hidden, case.batch
         checks.append((case.name, sym, args, [(case.seq, B, H), (B, H), (B, H)], list(ref),
                        expected_launches(case)))
+    for i, case in enumerate(DYNAMIC_CASES):
+        if i not in dyn_ids:
+            continue
+        func, args, ref = dynamic_func_and_args(case, rng)
+        sym = f"d{i}"
+        funcs[sym] = func.with_attr("global_symbol", sym)
+        checks.append((case.name, sym, args, [(case.m, case.out_f)], [ref], 3))  # gate, selection, product
     for i, case in enumerate(PERSISTENT_CASES):
         if sanitize:
             break

@@ -8,12 +8,11 @@ split GRU (``linear_before_reset=0``) recurrence and the opt-in persistent GRU k
 exports the artifacts; compiles the
 generated CUDA source with ``nvcc -cubin`` and the flags TVM compiles with at load time
 (``--use_fast_math``, its ptxas options); fails on any compile error or
-any spilling kernel; and writes the ptxas table to ``bench/results/cuda_ptxas.md``.
+any spilling kernel. The ptxas table goes to the test's temporary folder: only
+``python bench/cuda_ptxas.py`` (the same builds) rewrites ``bench/results/cuda_ptxas.md``.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,15 +20,13 @@ import tvm
 
 import bscompile
 from bscompile.codegen import cuda, cuda_persistent
-from bscompile.codegen.cuda_ptxas import (
-    compile_source, cuda_sources, load_time_flags, markdown_table, nvcc_path)
+from bscompile.codegen.cuda_ptxas import KernelResources, compile_source, cuda_sources, markdown_report, nvcc_path
 from bscompile.codegen.layout import BlockShape, BSRMatrix
 from bscompile.codegen.recurrent_cells import CellSpec
 from bscompile.target import resolve_target, with_arch
 from onnx_models import mlp, recurrent, weights_as_inputs
 
 ARCHS = ("sm_80", "sm_90")
-RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results" / "cuda_ptxas.md"
 
 pytestmark = pytest.mark.skipif(nvcc_path() is None, reason="nvcc is not installed: cannot compile CUDA here")
 
@@ -84,15 +81,17 @@ def test_target_table():
         with_arch("cuda", "sm_12")
 
 
-def test_cuda_build_nvcc_ptxas(tmp_path):
-    rows, failures = [], []
+def ptxas_rows(workdir) -> list[tuple[str, KernelResources]]:
+    """Build the models and the kernel module for every arch, compile their CUDA source with
+    nvcc (TVM's load-time flags): ``(model, ptxas resources)`` per kernel and arch."""
+    rows = []
     models = _models()
     for arch in ARCHS:
         spec = with_arch("cuda", arch)
         sources = {}
         for name, model in models.items():
             art = bscompile.compile(model, target=spec)
-            path = art.export(tmp_path / f"{name}_{arch}.bsc")
+            path = art.export(workdir / f"{name}_{arch}.bsc")
             assert path.stat().st_size > 0
             assert art.manifest.device == "cuda"
             (src,) = cuda_sources(art.executable)
@@ -101,26 +100,25 @@ def test_cuda_build_nvcc_ptxas(tmp_path):
             ex = tvm.compile(_kernel_module(tgt), target=tgt)
         (sources["kernels"],) = cuda_sources(ex)
         for name, src in sources.items():
-            kernels = compile_source(src, arch, workdir=str(tmp_path))
+            kernels = compile_source(src, arch, workdir=str(workdir))
             assert kernels, f"{name}: ptxas reported no kernels"
-            for k in kernels:
-                rows.append((name, k))
-                if k.spills:
-                    failures.append(f"{name} {arch} {k.kernel}: {k.spill_stores} B spill stores, "
-                                    f"{k.spill_loads} B spill loads")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    ours = [(m, k) for m, k in rows if not _tvm_light(k.kernel)]
-    light = len(rows) - len(ours)
-    worst = max(ours, key=lambda r: r[1].registers)
-    RESULTS.write_text(
-        "# ptxas resources of bscompile's CUDA kernels\n\n"
-        "Written by `python -m pytest tests/test_cuda_build.py` (nvcc "
-        f"`-cubin -O3 {' '.join(load_time_flags())}`: TVM's load-time flags; archs {', '.join(ARCHS)}). "
-        "Block-sparse / dense weight-site kernels "
-        f"and recurrent step kernels are listed; {light} kernels of TVM-scheduled light ops "
-        "(reshapes, stacks, activations: dlight) also compiled, none spilling, omitted here.\n\n"
-        f"Spilling kernels: {len(failures)}. Most registers: {worst[1].registers} "
-        f"(`{worst[1].kernel}`, {worst[0]}, {worst[1].arch}).\n\n" + markdown_table(ours) + "\n")
+            rows += [(name, k) for k in kernels]
+    return rows
+
+
+def ptxas_report(rows: list[tuple[str, KernelResources]], header: str) -> str:
+    return markdown_report(rows, lambda kernel: not _tvm_light(kernel), ARCHS, header)
+
+
+def test_cuda_build_nvcc_ptxas(tmp_path):
+    rows = ptxas_rows(tmp_path)
+    failures = [f"{name} {k.arch} {k.kernel}: {k.spill_stores} B spill stores, {k.spill_loads} B spill loads"
+                for name, k in rows if k.spills]
+    report = tmp_path / "cuda_ptxas.md"  # not bench/results: that is `python bench/cuda_ptxas.py`'s
+    report.write_text(ptxas_report(rows, "Written by the test"))
+    text = report.read_text()
+    assert f"Spilling kernels: {len(failures)}." in text
+    assert all(f"`{k.kernel}`" in text for _, k in rows if not _tvm_light(k.kernel))
     assert not failures, "kernels spill:\n" + "\n".join(failures)
 
 

@@ -2,10 +2,12 @@
 
 Each check runs tests/cuda_emu_worker.py in a subprocess (installing the emulator is
 process-wide, and a faulty kernel may take its process down) and asserts on its JSON
-report: every kernel family and schedule of codegen/cuda.py against NumPy, whole
+report: every kernel family and schedule of codegen/cuda.py, the persistent recurrent
+kernel and the dynamic-selection kernel (codegen/cuda_dynamic.py) against NumPy, whole
 artifacts through ``bscompile.load`` against onnxruntime with their launch sequences,
 injected faults reported, and sanitizer passes (ASan+UBSan; TSan for races between the
-thread blocks of the recurrent step kernels). Every unsanitized run is repeated with
+thread blocks of the recurrent step kernels and the dynamic kernel's hand-overs). Every
+unsanitized run is repeated with
 threads and blocks forward, reversed and in a seeded random order.
 """
 
@@ -91,15 +93,19 @@ def test_shared_rewrite_and_entry_points():
 # ---------------------------------------------------------------- emulated runs
 
 def test_kernel_sweep_matches_numpy(rng):
-    """Every linear (BSR / dense) and recurrent kernel variant, three orders: rel. error < 1e-4
-    against float64 NumPy (K up to 9000 float32 products; an indexing or sync bug is O(1) or NaN).
-    The persistent kernels run with co-resident blocks, and deadlock (reported) without."""
+    """Every linear (BSR / dense), recurrent and dynamic-selection kernel variant, three orders:
+    rel. error < 1e-4 against float64 NumPy (K up to 9000 float32 products; an indexing or sync
+    bug is O(1) or NaN). The persistent kernels run with co-resident blocks, and deadlock
+    (reported) without; the dynamic kernel is three launches (gate, selection, tile product)."""
     seed = int(rng.integers(1 << 30))
     rep, _ = _worker("kernels", seed)
     res = rep["results"]
     names = {r["case"] for r in res}
-    assert len(names) == len(W.LINEAR_CASES) + len(W.RECURRENT_CASES) + len(W.PERSISTENT_CASES)
+    assert len(names) == (len(W.LINEAR_CASES) + len(W.RECURRENT_CASES) + len(W.PERSISTENT_CASES)
+                          + len(W.DYNAMIC_CASES))
     assert {r["order"] for r in res} == {"forward", "reverse", "random"}
+    dyn = [r for r in res if r["case"].startswith("dyn_")]
+    assert len(dyn) == 3 * len(W.DYNAMIC_CASES) and {r["order"] for r in dyn} == {"forward", "reverse", "random"}
     for r in res:
         ctx = f"{r['case']} ({r['order']} order, worker seed {seed})"
         if r["case"].startswith("persistent_") and not r["coresident"]:
@@ -108,7 +114,7 @@ def test_kernel_sweep_matches_numpy(rng):
             continue
         assert r["error"] is None, f"{ctx}: {r['error']}"
         assert max(r["max_rel_err"]) < 1e-4, f"{ctx}: max rel err {r['max_rel_err']}"
-        if r["expected_launches"] is not None:  # init + per step one fused kernel (split GRU: two)
+        if r["expected_launches"] is not None:  # init + per step one fused kernel (split GRU: two); dynamic: 3
             assert r["launches"] == r["expected_launches"], f"{ctx}: {r['launches']} launches"
         else:
             assert r["launches"] == 1, ctx
@@ -170,11 +176,12 @@ def test_injected_faults_are_reported(rng):
 
 
 def test_address_sanitizer_pass(rng):
-    """ASan+UBSan builds of part of the sweep run clean; a dropped bounds guard is an ASan report."""
+    """ASan+UBSan builds of part of the sweep (all dynamic-selection cases) run clean; a dropped
+    bounds guard is an ASan report."""
     _require_sanitizer("address")
     seed = int(rng.integers(1 << 30))
     rep, err = _worker("kernels-asan", seed, sanitize="address")
-    assert len(rep["results"]) == len(W.SANITIZED_LINEAR) + len(W.SANITIZED_RECURRENT)
+    assert len(rep["results"]) == len(W.SANITIZED_LINEAR) + len(W.SANITIZED_RECURRENT) + len(W.SANITIZED_DYNAMIC)
     for r in rep["results"]:
         assert r["error"] is None and max(r["max_rel_err"]) < 1e-4, f"{r} (worker seed {seed})"
     assert "runtime error" not in err and "AddressSanitizer" not in err
@@ -186,11 +193,13 @@ def test_address_sanitizer_pass(rng):
 def test_thread_sanitizer_cross_block_races(rng):
     """TSan with every CUDA thread a fiber, ordered only by launches, barriers and shuffles: the
     recurrent step kernels (fused, unfused, split) have no race; a single-buffered h (blocks read
-    h_t while others overwrite it) is reported as a data race."""
+    h_t while others overwrite it) is reported as a data race. Two dynamic-selection cases: its
+    selection block shares scores through shared memory and hands the scales to the tile
+    product through global memory."""
     _require_sanitizer("thread")
     seed = int(rng.integers(1 << 30))
     rep, err = _worker("kernels-tsan", seed, sanitize="thread")
-    assert len(rep["results"]) == len(W.TSAN_RECURRENT)
+    assert len(rep["results"]) == len(W.TSAN_RECURRENT) + len(W.TSAN_DYNAMIC)
     for r in rep["results"]:
         assert r["error"] is None and max(r["max_rel_err"]) < 1e-4, f"{r} (worker seed {seed})"
     assert "ThreadSanitizer" not in err, err[-3000:]

@@ -19,7 +19,7 @@ from bscompile.passes.conv1d_to_matmul import Conv1dToMatmul
 from bscompile.passes.lower_weight_sites import LowerWeightSites
 from bscompile.passes.outline_linear_sites import OutlineLinearSites
 from bscompile.records import TuningRecord, record_key
-from bscompile.sites import LAYOUT, SITE, SPARSITY, WEIGHT_NAMES, attr, fingerprint, weight_entries
+from bscompile.sites import LAYOUT, SITE, SPARSITY, WEIGHT_NAMES, attr, const_array, fingerprint, weight_entries
 from bscompile.target import resolve_target
 
 FAMILY = resolve_target("x86_64").kernel_family()
@@ -254,7 +254,7 @@ def test_conv1d_to_matmul_leaves_grouped_dilated_and_runtime_kernels_alone():
 # --- AnalyzeSparsity ----------------------------------------------------------------------
 
 
-def _site_module(w, layout=None, sparsity=None, runtime_weight=False):
+def _site_module(w, layout=None, sparsity=None, runtime_weight=False, bias=None):
     """``main(x) = linear_site(x, W, b)`` with the given attributes, built as the passes build it."""
     n, k = w.shape
     site = {"kind": "linear", "name": "fc", "fingerprint": fingerprint(w), "m": 2, "shape": [n, k]}
@@ -267,7 +267,8 @@ def _site_module(w, layout=None, sparsity=None, runtime_weight=False):
     with bb.function("main", params):
         from bscompile.sites import emit_site
 
-        operands = [x, wv if runtime_weight else relax.const(w), relax.const(np.zeros(n, np.float32))]
+        b = np.zeros(n, np.float32) if bias is None else bias
+        operands = [x, wv if runtime_weight else relax.const(w), relax.const(b)]
         out = bb.emit(emit_site(bb, site, operands, relax.TensorType((2, n), "float32"), "linear_site"))
         bb.emit_func_output(out)
     mod = bb.get()
@@ -295,8 +296,12 @@ def _reference_block_counts(w):
 
 
 def test_analyze_sparsity_attaches_measurements(rng):
-    mask = np.kron(rng.random((6, 5)) < 0.3, np.ones((4, 4)))  # 4x4 blocks; 8x8 .. 32x32 need padding
-    mask[0:4, 0:4] = 1  # at least one block
+    # 4x4 blocks (8x8 .. 32x32 need padding), only at even block rows and columns: every larger
+    # shape stores a pruned 4x4 block next to the one kept at (0, 0), so 4x4 is the detected one
+    even = np.add.outer(np.arange(6) % 2, np.arange(5) % 2) == 0
+    keep = (rng.random((6, 5)) < 0.5) & even
+    keep[0, 0] = True
+    mask = np.kron(keep, np.ones((4, 4)))
     w = (rng.standard_normal((24, 20)) * mask).astype(np.float32)
     before = _site_module(w)
     after = _twice_is_once(AnalyzeSparsity(), before)
@@ -350,6 +355,63 @@ def test_choose_layout_options_and_records(rng):
     assert (tuned["layout"], tuned["block"], tuned["schedules"]) == ("bsr", "2x4", [rec.schedule])
 
 
+# 8x8 blocks, 1 in 7 kept (fixed): BSR 8x8 at m = 2; and a weight without a zero: dense.
+W_BSR = (np.kron(np.arange(64).reshape(8, 8) % 7 == 0, np.ones((8, 8))) * np.linspace(0.5, 1.5, 64)).astype(np.float32)
+W_DENSE = (np.linspace(-1, 1, 48 * 64).reshape(48, 64) + 2).astype(np.float32)
+
+
+def _two_sites() -> tvm.IRModule:
+    """``main(x[2, 64]) = dense_site(bsr_site(x, W_BSR, 0), W_DENSE, 0)``, analysed."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((2, 64), "float32"))
+    with bb.function("main", [x]):
+        from bscompile.sites import emit_site
+
+        h = x
+        for name, w in (("bsr_site", W_BSR), ("dense_site", W_DENSE)):
+            n, k = w.shape
+            site = {"kind": "linear", "name": name, "fingerprint": fingerprint(w), "m": 2, "shape": [n, k]}
+            h = bb.emit(emit_site(bb, site, [h, relax.const(w), relax.const(np.zeros(n, np.float32))],
+                                  relax.TensorType((2, n), "float32"), name))
+        bb.emit_func_output(h)
+    return AnalyzeSparsity()(bb.get())
+
+
+def test_choose_layout_writes_the_layout_attribute():
+    """Before: two analysed sites. Expected: the same module with ``bscompile.layout`` on each
+    site function, spelled out here from the family's machine model (BSR 8x8 for the pruned
+    weight, dense for the one without zeros, whose best sparse shape is estimated no faster);
+    nothing else changes, and a second run changes nothing."""
+    from bscompile.passes.choose_layout import MARGIN, dense_stats
+
+    before = _two_sites()
+
+    def us(t):  # the attribute's unit and precision
+        return round(t * 1e6, 3)
+
+    def stats(w, block):
+        return next(st for st in _stats(w) if str(st.block) == block)
+
+    def est(gv, st):
+        return FAMILY.estimate_time(attr(before[gv], SITE), st, 2)
+
+    t_bsr, t_dense0 = us(est("bsr_site", stats(W_BSR, "8x8"))), us(est("bsr_site", dense_stats(64, 64)))
+    t_best, t_dense1 = us(est("dense_site", stats(W_DENSE, "16x32"))), us(est("dense_site", dense_stats(48, 64)))
+    expected = before.clone()
+    expected["bsr_site"] = before["bsr_site"].with_attr(LAYOUT, {
+        "layout": "bsr", "block": "8x8", "schedules": [], "est_time_us": t_bsr, "dense_est_time_us": t_dense0,
+        "reason": f"bsr 8x8 keeps 15.6% of blocks; est {t_bsr:.1f} us vs dense {t_dense0:.1f} us "
+                  f"({t_dense0 / t_bsr:.1f}x)"})
+    expected["dense_site"] = before["dense_site"].with_attr(LAYOUT, {
+        "layout": "dense", "block": f"{DENSE_ROWS}x64", "schedules": [], "est_time_us": t_dense1,
+        "dense_est_time_us": t_dense1,
+        "reason": f"dense: best sparse (16x32, 100% blocks) est {t_best:.1f} us is not {1 / MARGIN:.2f}x under "
+                  f"dense {t_dense1:.1f} us"})
+    after = _twice_is_once(ChooseLayout(FAMILY), before)
+    tvm.ir.assert_structural_equal(after, expected)
+    assert t_bsr < MARGIN * t_dense0 and t_best > MARGIN * t_dense1  # the decisions follow from the estimates
+
+
 def test_choose_layout_keeps_a_decision_already_made():
     made = {"layout": "bsr", "block": "1x1", "schedules": [], "est_time_us": 1.0, "dense_est_time_us": 2.0,
             "reason": "by hand"}
@@ -385,6 +447,56 @@ def test_lower_weight_sites_dense_layout():
     tvm.ir.assert_structural_equal(after, bb.get())
     (entry,) = weight_entries(after)
     assert entry["stored_bytes"] == packed.nbytes + 4 + 8
+
+
+def test_lower_weight_sites_bsr_site_matches_numpy(rng):
+    """A BSR 8x8 site of a ragged 36x44 weight (padded to 40x48): the site call becomes one
+    ``call_tir`` of a kernel carrying the site's attributes (layout completed with the
+    family's default schedule and the stored bytes), whose constants are SciPy's BSR arrays
+    of the padded weight (blocks stored transposed, [c, r]) and the bias padded to 40 rows;
+    built and run, it equals ``x @ W.T + b`` in NumPy."""
+    import scipy.sparse
+
+    keep = rng.random((5, 6)) < 0.4
+    keep[0, 0] = True
+    w = (np.kron(keep, np.ones((8, 8))) * rng.standard_normal((40, 48)))[:36, :44].astype(np.float32)
+    bias = rng.standard_normal(36).astype(np.float32)
+    layout = {"layout": "bsr", "block": "8x8", "schedules": [], "est_time_us": 1.0, "dense_est_time_us": 2.0,
+              "reason": "by hand"}
+    before = _site_module(w, layout=layout, bias=bias)
+    after = _twice_is_once(LowerWeightSites(FAMILY), before)
+
+    # structure: main is one call_tir of the kernel; the site function is gone
+    assert {gv.name_hint for gv in after.functions} == {"main", "linear_bsr"}
+    (block,) = after["main"].body.blocks
+    (binding,) = block.bindings
+    call = binding.value
+    assert isinstance(call, relax.Call) and call.op.name == "relax.call_tir"
+    assert after["main"].body.body.same_as(binding.var)
+    kernel = after[call.args[0]]
+    assert isinstance(kernel, tvm.tirx.PrimFunc)
+    assert attr(kernel, SITE) == attr(before["linear_site"], SITE)
+    ref = scipy.sparse.bsr_matrix(np.pad(w, ((0, 4), (0, 4))), blocksize=(8, 8))
+    ref.sort_indices()
+    args = call.args[1].fields
+    assert args[0].same_as(after["main"].params[0])
+    data, indices, indptr, padded_bias = (const_array(a) for a in args[1:])
+    np.testing.assert_array_equal(indptr, ref.indptr)
+    np.testing.assert_array_equal(indices, ref.indices)
+    np.testing.assert_array_equal(data, ref.data.transpose(0, 2, 1))
+    np.testing.assert_array_equal(padded_bias, np.pad(bias, (0, 4)))
+    site = attr(before["linear_site"], SITE)
+    stats = next(st for st in _stats(w) if str(st.block) == "8x8")
+    assert attr(kernel, LAYOUT) == {**layout, "schedules": [FAMILY.default_schedule(site, stats, 2).to_json()],
+                                    "stored_bytes": data.nbytes + indices.nbytes + indptr.nbytes}
+
+    # numbers: build for the host and run
+    with tvm.target.Target("llvm"):
+        ex = tvm.compile(after, target="llvm")
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    x = rng.standard_normal((2, 44)).astype(np.float32)
+    y = vm["main"](tvm.runtime.tensor(x)).numpy()
+    np.testing.assert_allclose(y, x.astype(np.float64) @ w.T.astype(np.float64) + bias, rtol=1e-5, atol=1e-5)
 
 
 def test_lower_weight_sites_leaves_undecided_sites_alone():

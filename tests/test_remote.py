@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import tvm
 from onnx_models import mlp, ort_run, recurrent
-from test_aarch64 import emulator_env  # noqa: F401 - fixture: cross toolchain + qemu-user, or skip
+from test_aarch64 import _run, _unpack, emulator_env  # noqa: F401 - fixture: cross toolchain + qemu-user, or skip
 from tvm.script import tirx as T
 
 import bscompile
@@ -264,10 +264,13 @@ def test_local_measurer_and_bad_remotes(rng, tmp_path):
             RemoteMeasurer.connect(url, "rpi4")
 
 
-def test_tune_on_the_emulated_board(rng, tmp_path, emulator_env):  # noqa: F811
+def test_tune_on_the_emulated_board(rng, tmp_path, emulator_env, caplog):  # noqa: F811
     """`bscompile tune --remote emulator`'s path on a block-pruned GRU: records name the
-    emulated device (the recurrent site timed through its recurrent kernel there), and the
-    tuned rpi4 artifact, run on that device, equals onnxruntime."""
+    emulated device (the recurrent site timed through its recurrent kernel there), compiling
+    with them warns that they were emulated, and the tuned rpi4 artifact, run on that device
+    and as the packaged bundle a user copies to the board (under qemu), equals onnxruntime."""
+    from bscompile.records import load_records
+    from bscompile.runtime.package import package_artifact
     from bscompile.tune import check_on_device, save_records, tune_model
 
     model = recurrent("GRU", 8, 16, 3, 2, 1, False, "4x4", rng)
@@ -283,8 +286,13 @@ def test_tune_on_the_emulated_board(rng, tmp_path, emulator_env):  # noqa: F811
     save_records(tmp_path / "t.json", records)
     with pytest.raises(BscompileError, match="measured for target rpi4; this compile targets llvm"):
         bscompile.compile(model, target="llvm", records=str(tmp_path / "t.json"))
+    saved = load_records(tmp_path / "t.json")  # what `bscompile compile --records` reads
+    assert saved and all(r.device["emulated"] is True and r.device["remote"] == "emulator" for r in saved.values())
+    caplog.clear()
     art = bscompile.compile(model, target="rpi4", records=str(tmp_path / "t.json"))
-    assert art.manifest.weights[0]["decision"]["reason"].startswith("tuned")
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "measured on an emulated device" in warned[0] and "\n" not in warned[0], warned
+    assert all(w["decision"]["reason"].startswith("tuned") for w in art.manifest.weights), art.manifest.weights
     bsc = art.export(tmp_path / "tuned.bsc")
     x = rng.standard_normal((3, 2, 8)).astype(np.float32)
     want = ort_run(model, {"x": x})["y"]
@@ -293,3 +301,11 @@ def test_tune_on_the_emulated_board(rng, tmp_path, emulator_env):  # noqa: F811
     # the whole-model check `bscompile tune --remote` ends with: tuned vs untuned, on the device
     line = check_on_device(str(bsc), model, {"target": "rpi4", "sparse": True}, "emulator")
     assert "same outputs" in line and "emulated" in line, line
+    # the last step on a board: package the tuned artifact, copy, unpack, run (here: under qemu)
+    report = package_artifact(bsc, tmp_path / "tuned-aarch64.tar.gz")
+    _unpack(Path(report["bundle"]), tmp_path / "board")
+    np.save(tmp_path / "x.npy", x)
+    proc = _run(tmp_path / "board" / "tuned", ["--input", f"x={tmp_path / 'x.npy'}", "--output", str(tmp_path / "out")],
+                emulator_env)
+    assert proc.returncode == 0, proc.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "out" / "y.npy"), want, rtol=1e-4, atol=1e-5)
