@@ -57,7 +57,7 @@ from tvm.script import tirx as T
 
 from bscompile.codegen.cpu import LayoutKey
 from bscompile.codegen.cuda_cost import GpuModel, estimate_time
-from bscompile.codegen.family import Generator
+from bscompile.codegen.family import Generator, static_dim
 from bscompile.codegen.layout import BlockShape, BlockStats, BSRMatrix
 from bscompile.codegen.recurrent_cells import CellSpec, gate_update
 
@@ -180,69 +180,99 @@ def _stage_macro(mt: int, k: int, k_pad: int, m: int, threads: int):
     return stage
 
 
-def linear_kernel(mat: BSRMatrix, m: int, sched: CudaSchedule) -> tvm.tirx.PrimFunc:
+def linear_kernel(mat: BSRMatrix, m: int | None, sched: CudaSchedule | tuple) -> tvm.tirx.PrimFunc:
     """``y[M, N] = x[M, K] @ W.T + bias`` with W in ``mat``'s block layout, ``bias[N_pad]``.
 
-    The number of stored blocks is symbolic, as on the CPU.
+    ``m`` is the number of rows, or None for a symbolic one; ``sched`` one schedule, or the
+    cases ``((lo, hi, schedule), ...)`` of the m buckets: each bucket is its own launch
+    (its ``m_tile`` fixes the grid), picked on the host by an if-chain on m. The number
+    of stored blocks is symbolic, as on the CPU.
     """
-    return _linear_kernel(LayoutKey.of(mat), m, sched)
+    cases = sched if isinstance(sched, tuple) else ((1, None, sched),)
+    return _linear_kernel(LayoutKey.of(mat), m, cases)
 
 
 @functools.lru_cache(maxsize=256)
-def _linear_kernel(key: LayoutKey, m: int, sched: CudaSchedule) -> tvm.tirx.PrimFunc:
+def _linear_kernel(key: LayoutKey, m_static: int | None, cases: tuple) -> tvm.tirx.PrimFunc:
     mat = key.skeleton()
     n, k = mat.shape
     n_pad, k_pad = mat.padded_shape
     nbr, r, c = mat.num_block_rows, mat.block.r, mat.block.c
-    # a schedule from elsewhere (a tuning record, a hand-written JSON) is made legal here
-    mt = max(1, min(sched.m_tile, m))
-    vec, warps = math.gcd(r, max(sched.vec, 1)), max(1, min(sched.warps, 1024 // WARP))
-    sched = CudaSchedule(warps, mt, vec, sched.stage_x and mt * k_pad * 4 <= SHARED_BYTES)
-    mtiles = -(-m // mt)
-    gx = -(-nbr // warps)
-    threads = warps * WARP
-    if sched.stage_x:
-        def xget(xs, row, col):
-            return xs[row, col]
-    else:
-        def xget(xg, row, col):
-            return xg[T.min(row, m - 1), T.min(col, k - 1)]
-    block_row, lanes_r = _warp_block_row(r, c, vec, mt, xget)
-    stage = _stage_macro(mt, k, k_pad, m, threads)
-    stage_rows = mt if sched.stage_x else 1
-    stage_cols = k_pad if sched.stage_x else 1
+    m = m_static if m_static is not None else tvm.tirx.Var("m", "int32")
+    if m_static is not None:  # a static m runs its own bucket's schedule only
+        cases = tuple(cs for cs in cases if cs[0] <= m_static and (cs[1] is None or m_static <= cs[1]))[:1] or cases[-1:]
 
-    @T.macro
-    def store(y, bias, acc, ib, m0, lane):
-        if lane < lanes_r:
-            for mm in T.unroll(mt):
-                for v in T.unroll(vec):
-                    row = T.Bind(ib * r + lane * vec + v)
-                    if m0 + mm < m and row < n:
-                        y[m0 + mm, row] = acc[mm, v] + bias[row]
-
-    if sched.stage_x:
+    def launch(sched: CudaSchedule, m_hint: int):
+        # a schedule from elsewhere (a tuning record, a hand-written JSON) is made legal here
+        mt = max(1, min(sched.m_tile, m_hint))
+        vec, warps = math.gcd(r, max(sched.vec, 1)), max(1, min(sched.warps, 1024 // WARP))
+        stage_x = sched.stage_x and mt * k_pad * 4 <= SHARED_BYTES
+        mtiles = (m + mt - 1) // mt
+        gx = -(-nbr // warps)
+        threads = warps * WARP
+        if stage_x:
+            def xget(xs, row, col):
+                return xs[row, col]
+        else:
+            def xget(xg, row, col):
+                return xg[T.min(row, m - 1), T.min(col, k - 1)]
+        block_row, lanes_r = _warp_block_row(r, c, vec, mt, xget)
+        stage = _stage_macro(mt, k, k_pad, m, threads)
+        stage_rows, stage_cols = (mt, k_pad) if stage_x else (1, 1)
 
         @T.macro
-        def body(x, data, indices, indptr, bias, y, bx, by, ty, tx):
-            xs = T.alloc_buffer((stage_rows, stage_cols), "float32", scope="shared")
-            acc = T.alloc_buffer((mt, vec), "float32", scope="local")
-            w = T.alloc_buffer((vec,), "float32", scope="local")
-            stage(xs, x, by * mt, ty * WARP + tx)
-            ib = T.Bind(bx * warps + ty)
-            if ib < nbr:
-                block_row(xs, data, indices, indptr, ib, 0, tx, acc, w)
-                store(y, bias, acc, ib, by * mt, tx)
-    else:
+        def store(y, bias, acc, ib, m0, lane):
+            if lane < lanes_r:
+                for mm in T.unroll(mt):
+                    for v in T.unroll(vec):
+                        row = T.Bind(ib * r + lane * vec + v)
+                        if m0 + mm < m and row < n:
+                            y[m0 + mm, row] = acc[mm, v] + bias[row]
 
         @T.macro
         def body(x, data, indices, indptr, bias, y, bx, by, ty, tx):
             acc = T.alloc_buffer((mt, vec), "float32", scope="local")
             w = T.alloc_buffer((vec,), "float32", scope="local")
             ib = T.Bind(bx * warps + ty)
-            if ib < nbr:
-                block_row(x, data, indices, indptr, ib, by * mt, tx, acc, w)
-                store(y, bias, acc, ib, by * mt, tx)
+            if stage_x:
+                xs = T.alloc_buffer((stage_rows, stage_cols), "float32", scope="shared")
+                stage(xs, x, by * mt, ty * WARP + tx)
+                if ib < nbr:
+                    block_row(xs, data, indices, indptr, ib, 0, tx, acc, w)
+                    store(y, bias, acc, ib, by * mt, tx)
+            else:
+                if ib < nbr:
+                    block_row(x, data, indices, indptr, ib, by * mt, tx, acc, w)
+                    store(y, bias, acc, ib, by * mt, tx)
+
+        @T.macro
+        def run(x, data, indices, indptr, bias, y):
+            for bx in T.thread_binding(gx, thread="blockIdx.x"):
+                for by in T.thread_binding(mtiles, thread="blockIdx.y"):
+                    for ty in T.thread_binding(warps, thread="threadIdx.y"):
+                        for tx in T.thread_binding(WARP, thread="threadIdx.x"):
+                            body(x, data, indices, indptr, bias, y, bx, by, ty, tx)
+
+        return run
+
+    def dispatch(cs: tuple):
+        """Bucket ``cs[0]``'s launch when m is in it, else the rest's (an if-chain on the host)."""
+        lo, hi, sched = cs[0]
+        first = launch(sched, m_static if m_static is not None else (hi if hi is not None else MAX_M_TILE))
+        if len(cs) == 1:
+            return first
+        rest = dispatch(cs[1:])
+
+        @T.macro
+        def pick(x, data, indices, indptr, bias, y):
+            if m <= hi:
+                first(x, data, indices, indptr, bias, y)
+            else:
+                rest(x, data, indices, indptr, bias, y)
+
+        return pick
+
+    run_all = dispatch(cases)
 
     @T.prim_func(s_tir=True)
     def bsr_linear_cuda(x: T.Buffer((m, k), "float32"), data_h: T.handle, indices_h: T.handle,
@@ -252,17 +282,13 @@ def _linear_kernel(key: LayoutKey, m: int, sched: CudaSchedule) -> tvm.tirx.Prim
         nnzb = T.int32()
         data = T.match_buffer(data_h, (nnzb, c, r), "float32")
         indices = T.match_buffer(indices_h, (nnzb,), "int32")
-        for bx in T.thread_binding(gx, thread="blockIdx.x"):
-            for by in T.thread_binding(mtiles, thread="blockIdx.y"):
-                for ty in T.thread_binding(warps, thread="threadIdx.y"):
-                    for tx in T.thread_binding(WARP, thread="threadIdx.x"):
-                        body(x, data, indices, indptr, bias, y, bx, by, ty, tx)
+        run_all(x, data, indices, indptr, bias, y)
 
     return bsr_linear_cuda.without_attr("global_symbol")
 
 
 def recurrent_kernel(
-    cell: CellSpec, mats: list[BSRMatrix], seq: int, batch: int, scheds: list[CudaSchedule]
+    cell: CellSpec, mats: list[BSRMatrix], seq: int | None, batch: int | None, scheds: list | tuple
 ) -> tvm.tirx.PrimFunc:
     """One direction of a GRU/LSTM/RNN layer; the argument list of :func:`codegen.cpu.recurrent_kernel`.
 
@@ -270,7 +296,8 @@ def recurrent_kernel(
     recurrent bias, ``h0``, ``c0``, ``seq_lens``, ``peep[3H]``; outputs ``Y[T, B, H]``,
     ``h_T``, ``c_T``. See the module docstring for the kernel structure.
     """
-    return _recurrent_kernel(cell, tuple(LayoutKey.of(m) for m in mats), seq, batch, tuple(scheds))
+    cases = scheds if scheds and isinstance(scheds[0], tuple) else ((1, None, tuple(scheds)),)
+    return _recurrent_kernel(cell, tuple(LayoutKey.of(m) for m in mats), seq, batch, tuple(cases))
 
 
 def fused_steps(cell: CellSpec, mats: list[BSRMatrix]) -> bool:
@@ -279,10 +306,17 @@ def fused_steps(cell: CellSpec, mats: list[BSRMatrix]) -> bool:
 
 
 @functools.lru_cache(maxsize=64)
-def _recurrent_kernel(cell: CellSpec, keys: tuple[LayoutKey, ...], seq: int, batch: int,
-                      scheds: tuple[CudaSchedule, ...]) -> tvm.tirx.PrimFunc:
+def _recurrent_kernel(cell: CellSpec, keys: tuple[LayoutKey, ...], seq_static: int | None,
+                      batch_static: int | None, cases: tuple) -> tvm.tirx.PrimFunc:
+    """``cases``: ``((lo, hi, schedules per matrix), ...)`` over the batch (one case when static).
+    A symbolic batch runs one variant of the whole recurrence per bucket, picked on the host."""
     mats = [k.skeleton() for k in keys]
-    assert len(mats) in (1, 2) and len(scheds) == len(mats)
+    assert len(mats) in (1, 2) and all(len(cs[2]) == len(mats) for cs in cases)
+    seq = seq_static if seq_static is not None else tvm.tirx.Var("seq", "int32")
+    batch = batch_static if batch_static is not None else tvm.tirx.Var("batch", "int32")
+    if batch_static is not None:
+        cases = tuple(cs for cs in cases if cs[0] <= batch_static and (cs[1] is None or batch_static <= cs[1]))[:1] \
+            or cases[-1:]
     hid, gates = cell.hidden, cell.num_gates
     gh = gates * hid
     two = len(mats) == 2
@@ -301,135 +335,227 @@ def _recurrent_kernel(cell: CellSpec, keys: tuple[LayoutKey, ...], seq: int, bat
     kp0 = mats[0].padded_shape[1]
     kp1 = mats[1].padded_shape[1] if two else 1
 
-    # one batch tile per warp pass; every mat-vec of the layer uses the same tile
-    mt = _m_tile(batch)
-    mtiles = -(-batch // mt)
-    s0 = scheds[0]
-    s1 = scheds[1] if two else scheds[0]
-    vec0, vec1 = math.gcd(r0, max(s0.vec, 1)), math.gcd(r1, max(s1.vec, 1))
-    warps0, warps1 = max(1, min(s0.warps, 32)), max(1, min(s1.warps, 32))
-    stage0 = s0.stage_x and mt * kp0 * 4 <= SHARED_BYTES
-    stage1 = two and s1.stage_x and mt * kp1 * 4 <= SHARED_BYTES
+    def variant(scheds: tuple, bhint: int):
+        """The whole recurrence for one batch bucket (its schedules chosen at ``bhint``)."""
+        # one batch tile per warp pass; every mat-vec of the layer uses the same tile
+        mt = _m_tile(bhint)
+        mtiles = (batch + mt - 1) // mt
+        s0 = scheds[0]
+        s1 = scheds[1] if two else scheds[0]
+        vec0, vec1 = math.gcd(r0, max(s0.vec, 1)), math.gcd(r1, max(s1.vec, 1))
+        warps0, warps1 = max(1, min(s0.warps, 32)), max(1, min(s1.warps, 32))
+        stage0 = s0.stage_x and mt * kp0 * 4 <= SHARED_BYTES
+        stage1 = two and s1.stage_x and mt * kp1 * 4 <= SHARED_BYTES
 
-    def hv_get(hv, row, col):  # hv = (parity, buffer) of the double-buffered h
-        par, buf = hv
-        return buf[par, T.min(row, batch - 1), col]
+        def hv_get(hv, row, col):  # hv = (parity, buffer) of the double-buffered h
+            par, buf = hv
+            return buf[par, T.min(row, batch - 1), col]
 
-    def shared_get(xs, row, col):
-        return xs[row, col]
+        def shared_get(xs, row, col):
+            return xs[row, col]
 
-    def rh_get(rh, row, col):
-        return rh[T.min(row, batch - 1), col]
+        def rh_get(rh, row, col):
+            return rh[T.min(row, batch - 1), col]
 
-    mv0, lanes_r0 = _warp_block_row(r0, c0_, vec0, mt, shared_get if stage0 else hv_get)
-    mv1, lanes_r1 = _warp_block_row(r1, c1_, vec1, mt, shared_get if stage1 else rh_get) if two else (None, 1)
-    threads0, threads1 = warps0 * WARP, warps1 * WARP
+        mv0, lanes_r0 = _warp_block_row(r0, c0_, vec0, mt, shared_get if stage0 else hv_get)
+        mv1, lanes_r1 = _warp_block_row(r1, c1_, vec1, mt, shared_get if stage1 else rh_get) if two else (None, 1)
+        threads0, threads1 = warps0 * WARP, warps1 * WARP
 
-    def _stage(kp, threads, load):
-        total = mt * kp
-        iters = -(-total // threads)
+        def _stage(kp, threads, load):
+            total = mt * kp
+            iters = -(-total // threads)
+
+            @T.macro
+            def stage(xs, src, m0, tid):
+                for i in T.serial(iters):
+                    idx = T.Bind(i * threads + tid)
+                    if idx < total:
+                        row = T.Bind(idx // kp)
+                        kk = T.Bind(idx % kp)
+                        xs[row, kk] = T.if_then_else(m0 + row < batch, load(src, T.min(m0 + row, batch - 1), kk),
+                                                     T.float32(0))
+                T.tvm_storage_sync("shared")
+
+            return stage
+
+        stage_h = _stage(kp0, threads0, hv_get)
+        stage_rh = _stage(kp1, threads1, rh_get)
+
+        def n_of(seq_lens, b):  # lengths clamped to T (a symbolic-length layer's default is 2^31 - 1)
+            return T.min(seq_lens[b], seq)
+
+        def tt_of(seq_lens, b, t):
+            return n_of(seq_lens, b) * rev + t * (1 - 2 * rev) - rev
 
         @T.macro
-        def stage(xs, src, m0, tid):
-            for i in T.serial(iters):
-                idx = T.Bind(i * threads + tid)
-                if idx < total:
-                    row = T.Bind(idx // kp)
-                    kk = T.Bind(idx % kp)
-                    xs[row, kk] = T.if_then_else(m0 + row < batch, load(src, T.min(m0 + row, batch - 1), kk),
-                                                 T.float32(0))
-            T.tvm_storage_sync("shared")
+        def store_g(g, rbias, acc, lanes_r, vec, r, ib, col0, m0, lane):
+            # rows of block row ib -> g[b, col0 + row]
+            if lane < lanes_r:
+                for mm in T.unroll(mt):
+                    for v in T.unroll(vec):
+                        row = T.Bind(ib * r + lane * vec + v)
+                        if m0 + mm < batch:
+                            g[m0 + mm, col0 + row] = acc[mm, v] + rbias[row]
 
-        return stage
+        @T.macro
+        def update_unit(xp, g, h, c, peep, y, hv, seq_lens, b, j, t, par):
+            if t < n_of(seq_lens, b):
+                tt = T.Bind(tt_of(seq_lens, b, t))
+                step(xp, g, h, c, peep, y, b, j, tt, g0)
+            else:
+                y[t, b, j] = T.float32(0)
+            hv[1 - par, b, j] = h[b, j]
 
-    stage_h = _stage(kp0, threads0, hv_get)
-    stage_rh = _stage(kp1, threads1, rh_get)
+        @T.macro
+        def reset_unit(xp, g, h, rh, seq_lens, b, j, t):
+            if t < n_of(seq_lens, b):
+                tt = T.Bind(tt_of(seq_lens, b, t))
+                rh[b, j] = f_act(clip(xp[tt, b, hid + j] + g[b, hid + j])) * h[b, j]
 
-    def tt_of(seq_lens, b, t):
-        return seq_lens[b] * rev + t * (1 - 2 * rev) - rev
+        nub0 = hid // r0 if fused else 0  # unit blocks (warps) of the fused kernels
+        nub1 = hid // r1 if fused and two else 0
+        # gates whose rows mats[0] holds: all of them, or z and r for the split GRU
+        gates0 = 2 if two else gates
+        units0 = mt * r0
+        units1 = mt * r1
+        gx0 = -(-(nub0 if fused else b0) // warps0)
+        gx1 = -(-(nub1 if fused else b1) // warps1) if two else 1
+        n_el = batch * hid
+        el_threads = 256
+        gx_el = (n_el + el_threads - 1) // el_threads
+        n_init = batch * max(kp0, kp1, hid)
+        gx_init = (n_init + el_threads - 1) // el_threads
+        sr0, sc0 = (mt, kp0) if stage0 else (1, 1)
+        sr1, sc1 = (mt, kp1) if stage1 else (1, 1)
 
-    @T.macro
-    def store_g(g, rbias, acc, lanes_r, vec, r, ib, col0, m0, lane):
-        # rows of block row ib -> g[b, col0 + row]
-        if lane < lanes_r:
-            for mm in T.unroll(mt):
-                for v in T.unroll(vec):
-                    row = T.Bind(ib * r + lane * vec + v)
-                    if m0 + mm < batch:
-                        g[m0 + mm, col0 + row] = acc[mm, v] + rbias[row]
-
-    @T.macro
-    def update_unit(xp, g, h, c, peep, y, hv, seq_lens, b, j, t, par):
-        if t < seq_lens[b]:
-            tt = T.Bind(tt_of(seq_lens, b, t))
-            step(xp, g, h, c, peep, y, b, j, tt, g0)
-        else:
-            y[t, b, j] = T.float32(0)
-        hv[1 - par, b, j] = h[b, j]
-
-    @T.macro
-    def reset_unit(xp, g, h, rh, seq_lens, b, j, t):
-        if t < seq_lens[b]:
-            tt = T.Bind(tt_of(seq_lens, b, t))
-            rh[b, j] = f_act(clip(xp[tt, b, hid + j] + g[b, hid + j])) * h[b, j]
-
-    nub0 = hid // r0 if fused else 0  # unit blocks (warps) of the fused kernels
-    nub1 = hid // r1 if fused and two else 0
-    # gates whose rows mats[0] holds: all of them, or z and r for the split GRU
-    gates0 = 2 if two else gates
-    units0 = mt * r0
-    units1 = mt * r1
-    gx0 = -(-(nub0 if fused else b0) // warps0)
-    gx1 = -(-(nub1 if fused else b1) // warps1) if two else 1
-    n_el = batch * hid
-    el_threads = 256
-    gx_el = -(-n_el // el_threads)
-    n_init = batch * max(kp0, kp1, hid)
-    gx_init = -(-n_init // el_threads)
-    sr0, sc0 = (mt, kp0) if stage0 else (1, 1)
-    sr1, sc1 = (mt, kp1) if stage1 else (1, 1)
-
-    # ---- phase 1: mat-vec of mats[0] on h (fused: + gate update, or + reset for split GRU)
-    @T.macro
-    def phase0(xp, data0, indices0, indptr0, rbias0, g, h, c, rh, hv, peep, y, seq_lens, t, par):
-        for bx in T.thread_binding(gx0, thread="blockIdx.x"):
-            for by in T.thread_binding(mtiles, thread="blockIdx.y"):
-                for ty in T.thread_binding(warps0, thread="threadIdx.y"):
-                    for tx in T.thread_binding(WARP, thread="threadIdx.x"):
-                        xs = T.alloc_buffer((sr0, sc0), "float32", scope="shared")
-                        acc = T.alloc_buffer((mt, vec0), "float32", scope="local")
-                        w = T.alloc_buffer((vec0,), "float32", scope="local")
-                        m0 = T.Bind(by * mt)
-                        if stage0:
-                            stage_h(xs, (par, hv), m0, ty * WARP + tx)
-                        wid = T.Bind(bx * warps0 + ty)
-                        if fused:
-                            if wid < nub0:
-                                for k in T.serial(gates0):
-                                    ib = T.Bind(k * nub0 + wid)
-                                    if stage0:
-                                        mv0(xs, data0, indices0, indptr0, ib, 0, tx, acc, w)
-                                    else:
-                                        mv0((par, hv), data0, indices0, indptr0, ib, m0, tx, acc, w)
-                                    store_g(g, rbias0, acc, lanes_r0, vec0, r0, ib, 0, m0, tx)
-                            T.tvm_storage_sync("shared")
-                            if wid < nub0:
-                                for u in T.serial((units0 + WARP - 1) // WARP):
-                                    idx = T.Bind(u * WARP + tx)
-                                    if idx < units0 and m0 + idx // r0 < batch:
-                                        if two:
-                                            reset_unit(xp, g, h, rh, seq_lens, m0 + idx // r0,
-                                                       wid * r0 + idx % r0, t)
+        # ---- phase 1: mat-vec of mats[0] on h (fused: + gate update, or + reset for split GRU)
+        @T.macro
+        def phase0(xp, data0, indices0, indptr0, rbias0, g, h, c, rh, hv, peep, y, seq_lens, t, par):
+            for bx in T.thread_binding(gx0, thread="blockIdx.x"):
+                for by in T.thread_binding(mtiles, thread="blockIdx.y"):
+                    for ty in T.thread_binding(warps0, thread="threadIdx.y"):
+                        for tx in T.thread_binding(WARP, thread="threadIdx.x"):
+                            xs = T.alloc_buffer((sr0, sc0), "float32", scope="shared")
+                            acc = T.alloc_buffer((mt, vec0), "float32", scope="local")
+                            w = T.alloc_buffer((vec0,), "float32", scope="local")
+                            m0 = T.Bind(by * mt)
+                            if stage0:
+                                stage_h(xs, (par, hv), m0, ty * WARP + tx)
+                            wid = T.Bind(bx * warps0 + ty)
+                            if fused:
+                                if wid < nub0:
+                                    for k in T.serial(gates0):
+                                        ib = T.Bind(k * nub0 + wid)
+                                        if stage0:
+                                            mv0(xs, data0, indices0, indptr0, ib, 0, tx, acc, w)
                                         else:
-                                            update_unit(xp, g, h, c, peep, y, hv, seq_lens, m0 + idx // r0,
-                                                        wid * r0 + idx % r0, t, par)
-                        else:
-                            if wid < b0:
-                                if stage0:
-                                    mv0(xs, data0, indices0, indptr0, wid, 0, tx, acc, w)
-                                else:
-                                    mv0((par, hv), data0, indices0, indptr0, wid, m0, tx, acc, w)
-                                store_g(g, rbias0, acc, lanes_r0, vec0, r0, wid, 0, m0, tx)
+                                            mv0((par, hv), data0, indices0, indptr0, ib, m0, tx, acc, w)
+                                        store_g(g, rbias0, acc, lanes_r0, vec0, r0, ib, 0, m0, tx)
+                                T.tvm_storage_sync("shared")
+                                if wid < nub0:
+                                    for u in T.serial((units0 + WARP - 1) // WARP):
+                                        idx = T.Bind(u * WARP + tx)
+                                        if idx < units0 and m0 + idx // r0 < batch:
+                                            if two:
+                                                reset_unit(xp, g, h, rh, seq_lens, m0 + idx // r0,
+                                                           wid * r0 + idx % r0, t)
+                                            else:
+                                                update_unit(xp, g, h, c, peep, y, hv, seq_lens, m0 + idx // r0,
+                                                            wid * r0 + idx % r0, t, par)
+                            else:
+                                if wid < b0:
+                                    if stage0:
+                                        mv0(xs, data0, indices0, indptr0, wid, 0, tx, acc, w)
+                                    else:
+                                        mv0((par, hv), data0, indices0, indptr0, wid, m0, tx, acc, w)
+                                    store_g(g, rbias0, acc, lanes_r0, vec0, r0, wid, 0, m0, tx)
+
+
+        @T.macro
+        def run(xp, data0, indices0, indptr0, rbias0, data1, indices1, indptr1, rbias1, h0, c0, seq_lens, peep,
+                y, h_out, c_out, hv, rh, g):
+            for bx in T.thread_binding(gx_init, thread="blockIdx.x"):
+                for tx in T.thread_binding(el_threads, thread="threadIdx.x"):
+                    idx = T.Bind(bx * el_threads + tx)
+                    if idx < n_init:
+                        b = T.Bind(idx % batch)
+                        j = T.Bind(idx // batch)
+                        if j < kp0:
+                            hv[0, b, j] = T.if_then_else(j < hid, h0[b, T.min(j, hid - 1)], T.float32(0))
+                            hv[1, b, j] = T.float32(0)
+                        if j < kp1:
+                            rh[b, j] = T.float32(0)
+                        if j < hid:
+                            h_out[b, j] = h0[b, j]
+                            c_out[b, j] = c0[b, j]
+            for t in T.serial(seq):
+                par = T.Bind(t % 2)
+                phase0(xp, data0, indices0, indptr0, rbias0, g, h_out, c_out, rh, hv, peep, y, seq_lens, t, par)
+                if not fused:
+                    if two:
+                        for bx in T.thread_binding(gx_el, thread="blockIdx.x"):
+                            for tx in T.thread_binding(el_threads, thread="threadIdx.x"):
+                                idx = T.Bind(bx * el_threads + tx)
+                                if idx < n_el:
+                                    reset_unit(xp, g, h_out, rh, seq_lens, idx // hid, idx % hid, t)
+                if two:
+                    for bx in T.thread_binding(gx1, thread="blockIdx.x"):
+                        for by in T.thread_binding(mtiles, thread="blockIdx.y"):
+                            for ty in T.thread_binding(warps1, thread="threadIdx.y"):
+                                for tx in T.thread_binding(WARP, thread="threadIdx.x"):
+                                    xs1 = T.alloc_buffer((sr1, sc1), "float32", scope="shared")
+                                    acc1 = T.alloc_buffer((mt, vec1), "float32", scope="local")
+                                    w1 = T.alloc_buffer((vec1,), "float32", scope="local")
+                                    m1 = T.Bind(by * mt)
+                                    if stage1:
+                                        stage_rh(xs1, rh, m1, ty * WARP + tx)
+                                    wid1 = T.Bind(bx * warps1 + ty)
+                                    if wid1 < (nub1 if fused else b1):
+                                        if stage1:
+                                            mv1(xs1, data1, indices1, indptr1, wid1, 0, tx, acc1, w1)
+                                        else:
+                                            mv1(rh, data1, indices1, indptr1, wid1, m1, tx, acc1, w1)
+                                        store_g(g, rbias1, acc1, lanes_r1, vec1, r1, wid1, g0, m1, tx)
+                                    if fused:
+                                        T.tvm_storage_sync("shared")
+                                        if wid1 < nub1:
+                                            for u in T.serial((units1 + WARP - 1) // WARP):
+                                                idx1 = T.Bind(u * WARP + tx)
+                                                if idx1 < units1 and m1 + idx1 // r1 < batch:
+                                                    update_unit(xp, g, h_out, c_out, peep, y, hv, seq_lens,
+                                                                m1 + idx1 // r1, wid1 * r1 + idx1 % r1, t, par)
+                if not fused:
+                    for bx in T.thread_binding(gx_el, thread="blockIdx.x"):
+                        for tx in T.thread_binding(el_threads, thread="threadIdx.x"):
+                            idx = T.Bind(bx * el_threads + tx)
+                            if idx < n_el:
+                                update_unit(xp, g, h_out, c_out, peep, y, hv, seq_lens, idx // hid, idx % hid,
+                                            t, par)
+
+
+        return run
+
+    def dispatch(cs: tuple):
+        """Bucket ``cs[0]``'s recurrence when the batch is in it, else the rest's."""
+        lo, hi, scheds = cs[0]
+        first = variant(scheds, batch_static if batch_static is not None else (hi if hi is not None else MAX_M_TILE))
+        if len(cs) == 1:
+            return first
+        rest = dispatch(cs[1:])
+
+        @T.macro
+        def pick(xp, data0, indices0, indptr0, rbias0, data1, indices1, indptr1, rbias1, h0, c0, seq_lens, peep,
+                 y, h_out, c_out, hv, rh, g):
+            if batch <= hi:
+                first(xp, data0, indices0, indptr0, rbias0, data1, indices1, indptr1, rbias1, h0, c0, seq_lens,
+                      peep, y, h_out, c_out, hv, rh, g)
+            else:
+                rest(xp, data0, indices0, indptr0, rbias0, data1, indices1, indptr1, rbias1, h0, c0, seq_lens,
+                     peep, y, h_out, c_out, hv, rh, g)
+
+        return pick
+
+    run_all = dispatch(cases)
 
     # ---- the prim func
     @T.prim_func(s_tir=True)
@@ -461,64 +587,8 @@ def _recurrent_kernel(cell: CellSpec, keys: tuple[LayoutKey, ...], seq: int, bat
         hv = T.alloc_buffer((2, batch, kp0), "float32")  # h double buffer, zero padded to kp0
         rh = T.alloc_buffer((batch, kp1), "float32")  # r * h (split GRU), zero padded to kp1
         g = T.alloc_buffer((batch, g0 + g1), "float32")  # gate pre-activations of one step
-        # h_out / c_out hold the state; hv mirrors h for the mat-vecs
-        for bx in T.thread_binding(gx_init, thread="blockIdx.x"):
-            for tx in T.thread_binding(el_threads, thread="threadIdx.x"):
-                idx = T.Bind(bx * el_threads + tx)
-                if idx < n_init:
-                    b = T.Bind(idx % batch)
-                    j = T.Bind(idx // batch)
-                    if j < kp0:
-                        hv[0, b, j] = T.if_then_else(j < hid, h0[b, T.min(j, hid - 1)], T.float32(0))
-                        hv[1, b, j] = T.float32(0)
-                    if j < kp1:
-                        rh[b, j] = T.float32(0)
-                    if j < hid:
-                        h_out[b, j] = h0[b, j]
-                        c_out[b, j] = c0[b, j]
-        for t in T.serial(seq):
-            par = T.Bind(t % 2)
-            phase0(xp, data0, indices0, indptr0, rbias0, g, h_out, c_out, rh, hv, peep, y, seq_lens, t, par)
-            if not fused:
-                if two:
-                    for bx in T.thread_binding(gx_el, thread="blockIdx.x"):
-                        for tx in T.thread_binding(el_threads, thread="threadIdx.x"):
-                            idx = T.Bind(bx * el_threads + tx)
-                            if idx < n_el:
-                                reset_unit(xp, g, h_out, rh, seq_lens, idx // hid, idx % hid, t)
-            if two:
-                for bx in T.thread_binding(gx1, thread="blockIdx.x"):
-                    for by in T.thread_binding(mtiles, thread="blockIdx.y"):
-                        for ty in T.thread_binding(warps1, thread="threadIdx.y"):
-                            for tx in T.thread_binding(WARP, thread="threadIdx.x"):
-                                xs1 = T.alloc_buffer((sr1, sc1), "float32", scope="shared")
-                                acc1 = T.alloc_buffer((mt, vec1), "float32", scope="local")
-                                w1 = T.alloc_buffer((vec1,), "float32", scope="local")
-                                m1 = T.Bind(by * mt)
-                                if stage1:
-                                    stage_rh(xs1, rh, m1, ty * WARP + tx)
-                                wid1 = T.Bind(bx * warps1 + ty)
-                                if wid1 < (nub1 if fused else b1):
-                                    if stage1:
-                                        mv1(xs1, data1, indices1, indptr1, wid1, 0, tx, acc1, w1)
-                                    else:
-                                        mv1(rh, data1, indices1, indptr1, wid1, m1, tx, acc1, w1)
-                                    store_g(g, rbias1, acc1, lanes_r1, vec1, r1, wid1, g0, m1, tx)
-                                if fused:
-                                    T.tvm_storage_sync("shared")
-                                    if wid1 < nub1:
-                                        for u in T.serial((units1 + WARP - 1) // WARP):
-                                            idx1 = T.Bind(u * WARP + tx)
-                                            if idx1 < units1 and m1 + idx1 // r1 < batch:
-                                                update_unit(xp, g, h_out, c_out, peep, y, hv, seq_lens,
-                                                            m1 + idx1 // r1, wid1 * r1 + idx1 % r1, t, par)
-            if not fused:
-                for bx in T.thread_binding(gx_el, thread="blockIdx.x"):
-                    for tx in T.thread_binding(el_threads, thread="threadIdx.x"):
-                        idx = T.Bind(bx * el_threads + tx)
-                        if idx < n_el:
-                            update_unit(xp, g, h_out, c_out, peep, y, hv, seq_lens, idx // hid, idx % hid,
-                                        t, par)
+        run_all(xp, data0, indices0, indptr0, rbias0, data1, indices1, indptr1, rbias1, h0, c0, seq_lens,
+                peep, y, h_out, c_out, hv, rh, g)
 
     return recurrence_cuda.without_attr("global_symbol")
 
@@ -529,11 +599,17 @@ class CudaBlockRowGenerator(Generator):
 
     def __init__(self, gpu: GpuModel, recurrent: bool):
         self.gpu, self.recurrent = gpu, recurrent
+    #: symbolic m (rows of a linear site, the batch of a recurrent one; and its sequence
+    #: length): one launch configuration per m bucket, picked on the host
+    symbolic_m = True
 
-    def kernel(self, site: dict, mats: list[BSRMatrix], scheds: list[CudaSchedule]) -> tvm.tirx.PrimFunc:
+    def kernel(self, site: dict, mats: list[BSRMatrix], buckets: list) -> tvm.tirx.PrimFunc:
         if self.recurrent:
-            return recurrent_kernel(CellSpec.from_json(site["cell"]), mats, site["seq"], site["batch"], scheds)
-        return linear_kernel(mats[0], site["m"], scheds[0])
+            cases = tuple((b.lo, b.hi, tuple(b.schedules)) for b in buckets)
+            return recurrent_kernel(CellSpec.from_json(site["cell"]), mats, static_dim(site["seq"]),
+                                    static_dim(site["batch"]), cases)
+        cases = tuple((b.lo, b.hi, b.schedules[0]) for b in buckets)
+        return linear_kernel(mats[0], static_dim(site["m"]), cases)
 
     def default_schedule(self, site: dict, stats: BlockStats, m: int) -> CudaSchedule:
         return schedule_for(stats.block, stats.padded_shape[0] // stats.block.r, stats.padded_shape[1], m)

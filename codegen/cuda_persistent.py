@@ -36,6 +36,7 @@ import numpy as np
 import tvm
 from tvm.script import tirx as T
 
+from bscompile.codegen import cuda
 from bscompile.codegen.cuda import WARP, CudaBlockRowGenerator, CudaSchedule, _m_tile, _warp_block_row
 from bscompile.codegen.layout import BlockStats, BSRMatrix
 from bscompile.codegen.recurrent_cells import CellSpec, gate_update
@@ -267,8 +268,9 @@ def recurrent_kernel(cell: CellSpec, mats: list[BSRMatrix], seq: int, batch: int
                                     if ui < units and m0 + ui // r < batch:
                                         b = T.Bind(m0 + ui // r)
                                         j = T.Bind(wid * r + ui % r)
-                                        if t < seq_lens[b]:
-                                            tt = T.Bind(seq_lens[b] * rev + t * (1 - 2 * rev) - rev)
+                                        n_b = T.Bind(T.min(seq_lens[b], seq))  # lengths clamped to T
+                                        if t < n_b:
+                                            tt = T.Bind(n_b * rev + t * (1 - 2 * rev) - rev)
                                             step(xp, g, h_out, c_out, peep, y, b, j, tt, g0)
                                         else:
                                             y[t, b, j] = T.float32(0)
@@ -281,6 +283,8 @@ class PersistentGenerator(CudaBlockRowGenerator):
     """Recurrent sites on the persistent kernel (``--persistent-rnn``): opted into, so a
     layer that does not fit is a one-line error rather than a silent fallback."""
 
+    symbolic_m = False  # the persistent grid is sized for one batch and length
+
     def __init__(self, gpu):
         super().__init__(gpu, recurrent=True)
 
@@ -288,8 +292,8 @@ class PersistentGenerator(CudaBlockRowGenerator):
         return dataclasses.replace(super().default_schedule(site, stats, m), persistent=True)
 
     def kernel(self, site: dict, mats: list[BSRMatrix], scheds: list[CudaSchedule]) -> tvm.tirx.PrimFunc:
-        if not scheds[0].persistent:
-            return super().kernel(site, mats, scheds)
+        if not scheds[0].persistent:  # a tuning record may pick the per-step kernels
+            return cuda.recurrent_kernel(CellSpec.from_json(site["cell"]), mats, site["seq"], site["batch"], scheds)
         try:
             return recurrent_kernel(CellSpec.from_json(site["cell"]), mats, site["seq"], site["batch"], scheds)
         except PersistentUnsupported as err:

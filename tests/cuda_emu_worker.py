@@ -474,6 +474,49 @@ def run_artifacts(seed: int) -> dict:
     return {"results": results}
 
 
+def run_symbolic(seed: int) -> dict:
+    """One CUDA artifact per symbolic-shape model, run at several (batch, length) on the
+    emulated device against onnxruntime: the kernels' per-bucket launches and the
+    symbolic sequence loop (tests/test_symbolic.py's models and shapes)."""
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    import bscompile
+    from bscompile.runtime import cuda_emulator as emu
+    from onnx_models import symbolic_model
+
+    rng = np.random.default_rng(seed)
+    emu.install()
+    emu.configure("random", seed)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in SYMBOLIC_CUDA_MODELS:
+            model, feeds_of = symbolic_model(name, rng)
+            path = os.path.join(tmp, f"{name}.onnx")
+            onnx.save(model, path)
+            mod = bscompile.load(bscompile.compile(path, target="cuda").export(os.path.join(tmp, f"{name}.bsc")))
+            sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+            for b, t in SYMBOLIC_SHAPES:
+                feeds = feeds_of(b, t, rng)
+                ref = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+                emu.clear_launches()
+                with emu.raised_as_emulator_error():
+                    outs = mod.run(feeds)
+                results.append({"model": name, "batch": b, "length": t, "symbolic": [list(s.shape) for s in mod.inputs],
+                                "max_abs_err": {k: float(np.max(np.abs(v - ref[k]))) for k, v in outs.items()},
+                                "ref_scale": {k: float(np.max(np.abs(ref[k]))) for k in ref},
+                                "launches": [ln.kernel for ln in emu.launches()]})
+    return {"results": results}
+
+
+#: (batch, length) of the symbolic CUDA run: every m bucket of codegen.family.M_BUCKETS and
+#: lengths 1 to 40 (length 200 is covered on the CPU; here it costs minutes of emulation)
+SYMBOLIC_SHAPES = ((1, 1), (3, 7), (17, 40), (64, 5))
+SYMBOLIC_CUDA_MODELS = ("gru_lens", "lstm_bidir", "linear", "deepspeech")
+
+
 # ---------------------------------------------------------------- mutations
 
 MUT_LINEAR = LinearCase(50, 70, (4, 4), 3, {"warps": 2})  # staged x, 2 warps, ragged rows
@@ -629,7 +672,8 @@ def run_mutation_sanitized(seed: int, name: str, mode: str = "address") -> dict:
 
 
 SANITIZERS = {"asan": "address", "tsan": "thread"}
-JOBS = {"kernels": run_kernels, "artifacts": run_artifacts, "mutations": run_mutations}
+JOBS = {"kernels": run_kernels, "artifacts": run_artifacts, "mutations": run_mutations,
+        "symbolic": run_symbolic}
 
 if __name__ == "__main__":
     job, seed = sys.argv[1], int(sys.argv[2])

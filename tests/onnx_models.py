@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 OPSET = 17
 
 
-def _f32(a):
+def f32(a):
     return np.asarray(a, np.float32)
 
 
@@ -105,9 +105,9 @@ def recurrent(op: str, input_size: int, hidden: int, seq: int | str, batch: int 
 
 def gru_with_lens(rng, hidden=24, inp=12):
     """A GRU (linear_before_reset=0: two recurrent matrices) fed ``sequence_lens`` per batch row."""
-    w = _f32(sparsify(rng.standard_normal((1, 3 * hidden, inp)) / np.sqrt(inp), rng, "4x4"))
-    r = _f32(sparsify(rng.standard_normal((1, 3 * hidden, hidden)) / np.sqrt(hidden), rng, "4x4"))
-    b = _f32(rng.standard_normal((1, 6 * hidden)) * 0.1)
+    w = f32(sparsify(rng.standard_normal((1, 3 * hidden, inp)) / np.sqrt(inp), rng, "4x4"))
+    r = f32(sparsify(rng.standard_normal((1, 3 * hidden, hidden)) / np.sqrt(hidden), rng, "4x4"))
+    b = f32(rng.standard_normal((1, 6 * hidden)) * 0.1)
     node = helper.make_node("GRU", ["x", "W", "R", "B", "lens"], ["y", "h"], hidden_size=hidden, name="gru")
     g = helper.make_graph(
         [node], "gru_lens",
@@ -140,7 +140,7 @@ def deepspeech_like(rng, feats=13, conv=32, hidden=32, classes=10):
         helper.make_node("MatMul", ["gs", "fc.w"], ["fo"], name="fc"),
         helper.make_node("Add", ["fo", "fc.b"], ["y"], name="fc_bias"),
     ]
-    tensors = [numpy_helper.from_array(_f32(a), n) for n, a in inits.items()]
+    tensors = [numpy_helper.from_array(f32(a), n) for n, a in inits.items()]
     tensors.append(numpy_helper.from_array(np.array([1], np.int64), "axis1"))
     g = helper.make_graph(nodes, "deepspeech_like",
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", feats, "time"])],
@@ -166,3 +166,28 @@ def weights_as_inputs(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProt
     for init in moved:
         g.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
     return model
+
+
+SYMBOLIC_MODELS = ("gru_lens", "lstm_bidir", "rnn", "linear", "deepspeech")
+
+
+def symbolic_model(name: str, rng: np.random.Generator):
+    """A model with a symbolic batch (and length) and ``feeds(batch, length, rng)`` for it."""
+    if name == "gru_lens":
+        def feeds(b, t, rng):
+            return {"x": f32(rng.standard_normal((t, b, 12))), "lens": rng.integers(1, t + 1, b).astype(np.int32)}
+        return gru_with_lens(rng), feeds
+    if name == "lstm_bidir":
+        return recurrent("LSTM", 12, 24, "time", "batch", 1, True, "4x4", rng), \
+            lambda b, t, rng: {"x": f32(rng.standard_normal((t, b, 12)))}
+    if name == "rnn":
+        return recurrent("RNN", 12, 24, "time", "batch", 2, False, "4x4", rng), \
+            lambda b, t, rng: {"x": f32(rng.standard_normal((t, b, 12)))}
+    if name == "linear":  # MatMul on [batch, time, features]: batch x length rows
+        model, _ = mlp([48, 40, 24], "batch", ["4x4", "unstructured"], rng, gemm=False)
+        for vi in (model.graph.input[0], model.graph.output[0]):
+            vi.type.tensor_type.shape.dim.insert(1, onnx.TensorShapeProto.Dimension(dim_param="time"))
+        return model, lambda b, t, rng: {"x": f32(rng.standard_normal((b, t, 48)))}
+    if name == "deepspeech":
+        return deepspeech_like(rng), lambda b, t, rng: {"x": f32(rng.standard_normal((b, 13, t)))}
+    raise ValueError(name)

@@ -148,6 +148,26 @@ def test_whole_artifacts_match_onnxruntime(rng):
         assert all(s == seqs[0] for s in seqs), f"{model}: launch sequence depends on the thread order"
 
 
+def test_symbolic_artifacts_match_onnxruntime(rng):
+    """One CUDA artifact per model with a symbolic batch (and length) runs at batch 1, 3, 17
+    and 64 and lengths 1 to 40 on the emulated device, within rtol 1e-4 / atol 1e-5 of
+    onnxruntime (GRU with per-row sequence_lens, bidirectional LSTM, Linear stack,
+    DeepSpeech-like conv + GRU); the batch picks a kernel variant per m bucket."""
+    seed = int(rng.integers(2**31))
+    results = _worker("symbolic", seed)[0]["results"]
+    assert {r["model"] for r in results} == {"gru_lens", "lstm_bidir", "linear", "deepspeech"}
+    for r in results:
+        for out, err in r["max_abs_err"].items():
+            assert err <= 1e-5 + 1e-4 * r["ref_scale"][out], (r["model"], r["batch"], r["length"], out, err, seed)
+    # the symbolic time loop: one state init, then the same launches for every step
+    gru = {(r["batch"], r["length"]): r["launches"] for r in results if r["model"] == "gru_lens"}
+    n1, n40 = (sum(k.startswith("recurrent") for k in gru[bt]) for bt in ((1, 1), (17, 40)))
+    assert n1 >= 2 and n40 - 1 == 40 * (n1 - 1), (n1, n40, seed)
+    # different batches run different kernel variants (the buckets' launch configurations)
+    lin = {r["batch"]: sorted(set(r["launches"])) for r in results if r["model"] == "linear"}
+    assert lin[1] != lin[64], (lin, seed)
+
+
 def _reported(result: dict) -> list[str]:
     """How a mutant was caught in each order: the emulator's error, or a wrong result (> 1e-3 / NaN)."""
     out = []

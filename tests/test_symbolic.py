@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import pytest
 import tvm
-from onnx_models import deepspeech_like, gru_with_lens, mlp, ort_run, recurrent, sparsify
+from onnx_models import SYMBOLIC_MODELS, f32, gru_with_lens, mlp, ort_run, recurrent, sparsify, symbolic_model
 
 import bscompile
 from bscompile.codegen.family import M_BUCKETS
@@ -25,35 +25,9 @@ RTOL, ATOL = 1e-4, 1e-5
 SHAPES = [(1, 1), (3, 7), (17, 200), (64, 7), (1, 200), (64, 1)]
 
 
-def _f32(a):
-    return np.asarray(a, np.float32)
-
-
-def _model(name, rng):
-    """(model, feeds(batch, length, rng))"""
-    if name == "gru_lens":
-        def feeds(b, t, rng):
-            return {"x": _f32(rng.standard_normal((t, b, 12))), "lens": rng.integers(1, t + 1, b).astype(np.int32)}
-        return gru_with_lens(rng), feeds
-    if name == "lstm_bidir":
-        return recurrent("LSTM", 12, 24, "time", "batch", 1, True, "4x4", rng), \
-            lambda b, t, rng: {"x": _f32(rng.standard_normal((t, b, 12)))}
-    if name == "rnn":
-        return recurrent("RNN", 12, 24, "time", "batch", 2, False, "4x4", rng), \
-            lambda b, t, rng: {"x": _f32(rng.standard_normal((t, b, 12)))}
-    if name == "linear":  # MatMul on [batch, time, features]: batch x length rows
-        model, _ = mlp([48, 40, 24], "batch", ["4x4", "unstructured"], rng, gemm=False)
-        for vi in (model.graph.input[0], model.graph.output[0]):
-            vi.type.tensor_type.shape.dim.insert(1, onnx.TensorShapeProto.Dimension(dim_param="time"))
-        return model, lambda b, t, rng: {"x": _f32(rng.standard_normal((b, t, 48)))}
-    if name == "deepspeech":
-        return deepspeech_like(rng), lambda b, t, rng: {"x": _f32(rng.standard_normal((b, 13, t)))}
-    raise ValueError(name)
-
-
-@pytest.mark.parametrize("name", ["gru_lens", "lstm_bidir", "rnn", "linear", "deepspeech"])
+@pytest.mark.parametrize("name", SYMBOLIC_MODELS)
 def test_one_artifact_runs_any_batch_and_length(rng, name):
-    model, feeds_of = _model(name, rng)
+    model, feeds_of = symbolic_model(name, rng)
     art = bscompile.compile(model)
     assert all(s.symbolic for s in art.manifest.inputs)
     mod = art.load()
@@ -71,10 +45,10 @@ def test_shape_specialised_compile_still_works(rng):
     assert {w["m"] for w in art.manifest.weights} == {15, 3}  # x rows (time x batch), recurrent batch
     assert all("buckets" not in w["decision"] for w in art.manifest.weights)
     mod = art.load()
-    x = _f32(rng.standard_normal((5, 3, 12)))
+    x = f32(rng.standard_normal((5, 3, 12)))
     np.testing.assert_allclose(mod.run({"x": x})["y"], ort_run(model, {"x": x})["y"], rtol=RTOL, atol=ATOL)
     with pytest.raises(InputError, match=r"has shape \[5, 4, 12\], expected \[5, 3, 12\]"):
-        mod.run({"x": _f32(np.zeros((5, 4, 12)))})
+        mod.run({"x": f32(np.zeros((5, 4, 12)))})
 
 
 def _kernels(mod: tvm.IRModule) -> dict[str, tvm.tirx.PrimFunc]:
@@ -119,7 +93,7 @@ def test_symbolic_kernel_tails_in_every_variant(rng):
     from bscompile.target import resolve_target
 
     n, k = 37, 45  # neither a multiple of the block
-    w = _f32(sparsify(rng.standard_normal((n, k)), rng, "4x4", 0.4))
+    w = f32(sparsify(rng.standard_normal((n, k)), rng, "4x4", 0.4))
     mat = BSRMatrix.from_dense(w, BlockShape(4, 4))
     base = cpu.default_schedule(mat, 1)
     cases = ((1, 1, dataclasses.replace(base, variant="block", m_tile=1, unroll_c=True)),
@@ -130,7 +104,7 @@ def test_symbolic_kernel_tails_in_every_variant(rng):
     bias = np.zeros(mat.padded_shape[0], np.float32)
     bias[:n] = rng.standard_normal(n)
     for m in (1, 2, 5, 7, 8, 13, 17, 3000):
-        x = _f32(rng.standard_normal((m, k)))
+        x = f32(rng.standard_normal((m, k)))
         y = tvm.runtime.empty((m, n), "float32")
         lib["k"](*[tvm.runtime.tensor(a) for a in (x, mat.data, mat.indices, mat.indptr, bias)], y)
         np.testing.assert_allclose(y.numpy(), x @ w.T + bias[:n], rtol=1e-5, atol=1e-4, err_msg=f"m={m}")
@@ -140,15 +114,15 @@ def test_runtime_checks_symbolic_inputs(rng):
     model = gru_with_lens(rng, hidden=8, inp=4)
     mod = bscompile.compile(model).load()
     assert [s.shape for s in mod.inputs] == [("time", "batch", 4), ("batch",)]
-    ok = {"x": _f32(rng.standard_normal((3, 2, 4))), "lens": np.array([3, 1], np.int32)}
+    ok = {"x": f32(rng.standard_normal((3, 2, 4))), "lens": np.array([3, 1], np.int32)}
     first = mod.run(ok)["y"].copy()
-    other = {"x": _f32(rng.standard_normal((5, 4, 4))), "lens": np.array([5, 2, 1, 4], np.int32)}
+    other = {"x": f32(rng.standard_normal((5, 4, 4))), "lens": np.array([5, 2, 1, 4], np.int32)}
     np.testing.assert_allclose(mod.run(other)["y"], ort_run(model, other)["y"], rtol=RTOL, atol=ATOL)
     np.testing.assert_array_equal(mod.run(ok)["y"], first)  # back to a staged shape
     bad = [
         ({**ok, "x": ok["x"][0]}, r"input 'x' has shape \[2, 4\], expected \['time', 'batch', 4\]"),
-        ({**ok, "x": _f32(np.zeros((3, 2, 5)))}, r"expected \['time', 'batch', 4\]"),
-        ({**ok, "x": _f32(np.zeros((0, 2, 4)))}, r"dim 'time' must be >= 1"),
+        ({**ok, "x": f32(np.zeros((3, 2, 5)))}, r"expected \['time', 'batch', 4\]"),
+        ({**ok, "x": f32(np.zeros((0, 2, 4)))}, r"dim 'time' must be >= 1"),
         ({**ok, "lens": np.array([3, 1, 1], np.int32)}, r"input 'lens' has batch=3 but input 'x' has batch=2"),
         ({**ok, "lens": ok["lens"].astype(np.int64)}, r"input 'lens' has dtype int64, expected int32"),
     ]
@@ -175,10 +149,15 @@ def test_manifest_and_inspect_show_symbolic_dims(rng, tmp_path, capsys):
     assert raw["outputs"][0]["shape"] == ["time", "batch", 24]
 
 
-def test_cuda_asks_for_static_shapes(rng):
+def test_cuda_persistent_rnn_asks_for_static_shapes(rng):
+    """CUDA kernels take symbolic shapes (tests/test_cuda_emulator.py runs them); the opt-in
+    persistent recurrent kernel sizes its grid for one batch and length, so a symbolic
+    one is a one-line error asking for --input-shape."""
+    from bscompile.target import with_persistent_rnn
+
     model = recurrent("GRU", 12, 24, "time", "batch", 1, False, "4x4", rng)
-    with pytest.raises(BscompileError, match=r"target 'cuda' needs static shapes.*--input-shape x=1,1,12"):
-        bscompile.compile(model, target="cuda")
+    with pytest.raises(BscompileError, match=r"static shapes only.*symbolic.*--input-shape"):
+        bscompile.compile(model, target=with_persistent_rnn("cuda"))
 
 
 def test_tune_per_bucket(rng):
@@ -204,5 +183,5 @@ def test_tune_per_bucket(rng):
             assert got[span] == r.schedule
     mod = art.load()
     for b in (1, 5, 40):
-        x = _f32(rng.standard_normal((b, 64)))
+        x = f32(rng.standard_normal((b, 64)))
         np.testing.assert_allclose(mod.run({"x": x})["y"], ort_run(model, {"x": x})["y"], rtol=RTOL, atol=ATOL)
