@@ -71,7 +71,7 @@ class _LSTMLayer(_Layer):
             h, c = self.cell(x_t, *carry)
             return (h, c), h.clone()  # scan forbids an output aliasing the carry
 
-        (h, c), out = scan(step, (h, c), xi)
+        (h, c), out = scan(step, (h.clone(), c.clone()), xi)  # nor a carry aliasing an input
         return out, h, c
 
 
@@ -104,7 +104,7 @@ class _GRULayer(_Layer):
             h = self.cell(x_t, h)
             return h, h.clone()
 
-        h, out = scan(step, h, xi)
+        h, out = scan(step, h.clone(), xi)  # nor a carry aliasing an input
         return out, h
 
 
