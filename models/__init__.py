@@ -3,7 +3,8 @@
 WP/BP (:class:`BlockPruner` on ``torch.ao.pruning.BaseSparsifier``) with the
 threshold schedule of Narang et al. (:class:`NarangSL`, a ``torch.ao`` scheduler), group lasso
 (:func:`group_lasso_penalty`), block-wise dynamic sparseness
-(:class:`DynamicBlockLinear`, :mod:`.dynamic`), a char-level LM on CPython's own docs
+(:class:`DynamicBlockLinear`, :mod:`.dynamic`; recurrent :class:`DynamicBlockLSTM` /
+:class:`DynamicBlockGRU`, :mod:`.dynamic_rnn`), a char-level LM on CPython's own docs
 (:mod:`.charlm`), a DeepSpeech-like benchmark shape (:mod:`.deepspeech`), ONNX
 export checked against onnxruntime (:mod:`.export`) and the papers' tables
 (``python -m bscompile.models.reproduce``). Needs torch; the compiler does not.
@@ -25,6 +26,8 @@ __all__ = [
     "prunable_weights",
     "prune_once",
     "DynamicBlockLinear",
+    "DynamicBlockLSTM",
+    "DynamicBlockGRU",
 ]
 
 
@@ -34,4 +37,8 @@ def __getattr__(name: str):
         from .dynamic import DynamicBlockLinear
 
         return DynamicBlockLinear
+    if name in ("DynamicBlockLSTM", "DynamicBlockGRU"):
+        from . import dynamic_rnn
+
+        return getattr(dynamic_rnn, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

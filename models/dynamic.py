@@ -92,7 +92,7 @@ class DynamicBlockLinear(nn.Module):
         w3 = self.weight.t().reshape(self.nbi, self.block, self.out_features)
         part = torch.matmul(x2.reshape(-1, self.nbi, self.block).transpose(0, 1), w3)  # [nbi, B, out]
         part = part.reshape(self.nbi, -1, self.nbo, self.block)
-        y = (part * r).sum(dim=0).reshape(*lead, self.out_features)
+        y = (part * r).sum(dim=0).reshape(list(lead) + [self.out_features])  # TorchScript: no *lead
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:

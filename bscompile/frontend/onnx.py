@@ -21,6 +21,7 @@ from tvm import relax
 from tvm.relax.frontend.onnx import onnx_frontend as tvm_onnx
 
 from bscompile.errors import BscompileError, UnsupportedModelError
+from bscompile.frontend.loops import LOOP_OPS, convert_loop
 from bscompile.frontend.recurrent import convert_recurrent
 from bscompile.limits import check_resources
 from bscompile.sites import WEIGHT_NAMES, TensorSpec, dim_of, fingerprint
@@ -53,7 +54,7 @@ def load_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
 
 
 def supported_ops() -> set[str]:
-    return set(tvm_onnx._get_convert_map()) | set(RECURRENT_OPS) | {"If", "Constant"}
+    return set(tvm_onnx._get_convert_map()) | set(RECURRENT_OPS) | LOOP_OPS | {"If", "Constant"}
 
 
 def check_supported(model: onnx.ModelProto) -> None:
@@ -137,6 +138,8 @@ class _Importer(tvm_onnx.ONNXGraphImporter):
         if op_name in RECURRENT_OPS:
             node = self._onnx_nodes[attrs["tvm_custom"]["name"]]
             return convert_recurrent(RECURRENT_OPS[op_name], self.bb, inputs, attrs, node)
+        if op_name in LOOP_OPS:
+            return convert_loop(self, op_name, inputs, attrs, supported_ops())
         sym = super()._convert_operator(op_name, inputs, attrs, opset)
         if op_name in INDEX_OPS and isinstance(sym, relax.Call):  # passes.check_indices names the node
             # as an identifier: binding names become kernel parameter names in generated (CUDA) source

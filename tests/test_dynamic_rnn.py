@@ -1,0 +1,208 @@
+"""DynamicBlockLSTM / DynamicBlockGRU: nn.LSTM/GRU semantics, a NumPy reference of the gated cell,
+gradients, and the three export forms (traced, scripted -> Loop, dynamo -> Scan) on onnxruntime
+and through bscompile's Loop/Scan frontend.
+
+Selection is discontinuous in the gate scores, so gated numerics are compared on inputs whose
+every selection (every step, row and product) separates the k-th and (k+1)-th score by MARGIN
+(inputs without one are redrawn), as in test_dynamic.py.
+"""
+
+import io
+import warnings
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch is in the 'test' extra")
+from torch import nn  # noqa: E402
+
+import bscompile  # noqa: E402
+from bscompile.codegen import dynamic_layout as dl  # noqa: E402
+from bscompile.models import DynamicBlockGRU, DynamicBlockLSTM  # noqa: E402
+
+IN, H, BS, B = 16, 32, 8, 2
+MARGIN = 1e-3
+CLASSES = {"lstm": (DynamicBlockLSTM, nn.LSTM), "gru": (DynamicBlockGRU, nn.GRU)}
+
+
+def _model(rng, kind: str, **kw):
+    """Gate scores spread 10x wider than nn.Linear's initialisation gives: the normalised gates
+    r = g / mean(kept g) do not change, the selection margins grow."""
+    torch.manual_seed(int(rng.integers(2**31)))
+    m = CLASSES[kind][0](IN, H, block=BS, **kw).eval()
+    with torch.no_grad():
+        for lin in _products(m):
+            lin.gate.weight.mul_(10)
+            lin.gate.bias.mul_(10)
+    return m
+
+
+def _products(m):
+    return [lin for layer in m.layers for lin in (layer.ih, layer.hh)]
+
+
+def _sigmoid(v):
+    return 1 / (1 + np.exp(-v))
+
+
+def _reference(m, x: np.ndarray) -> tuple[np.ndarray, float]:
+    """NumPy forward of a one-layer model (zero initial state) with dynamic_layout's gated product;
+    also the smallest selection margin met on the way."""
+    layer = m.layers[0]
+    gap = np.inf
+
+    def product(lin, v):
+        nonlocal gap
+        p = {k: t.detach().double().numpy() for k, t in lin.named_parameters()}
+        g = v.astype(np.float64) @ p["gate.weight"].T + p["gate.bias"]
+        srt = -np.sort(-g, axis=1)
+        gap = min(gap, float((srt[:, lin.k - 1] - srt[:, lin.k]).min()) if lin.k < srt.shape[1] else gap,
+                  float(srt[:, : lin.k].sum(1).min()))  # the normalising sum must stay away from zero too
+        return dl.dynamic_linear(v.astype(np.float32), *(lin.weight.detach().numpy(), lin.gate.weight.detach().numpy(),
+                                 lin.gate.bias.detach().numpy(), lin.bias.detach().numpy()), BS, lin.k)[0]
+
+    h = np.zeros((x.shape[1], H))
+    c = np.zeros_like(h)
+    outs = []
+    for t in range(x.shape[0]):
+        gi, gh = product(layer.ih, x[t]), product(layer.hh, h)
+        if isinstance(m, DynamicBlockLSTM):
+            i, f, g, o = np.split(gi + gh, 4, axis=1)
+            c = _sigmoid(f) * c + _sigmoid(i) * np.tanh(g)
+            h = _sigmoid(o) * np.tanh(c)
+        else:
+            (xr, xz, xn), (hr, hz, hn) = np.split(gi, 3, axis=1), np.split(gh, 3, axis=1)
+            r, z = _sigmoid(xr + hr), _sigmoid(xz + hz)
+            h = (1 - z) * np.tanh(xn + r * hn) + z * h
+        outs.append(h)
+    return np.stack(outs), gap
+
+
+def clear_margin_input(m, rng, steps: int) -> np.ndarray:
+    """``x[steps, B, IN]`` whose every selection has a clear margin. The first step's recurrent
+    selection sees h = 0 (the gate bias alone): when that one is close, the gate biases are redrawn."""
+    for attempt in range(100):
+        if attempt % 20 == 19:
+            with torch.no_grad():
+                for lin in _products(m):
+                    lin.gate.bias.copy_(torch.from_numpy(rng.uniform(-2, 2, lin.gate.bias.shape).astype(np.float32)))
+        x = rng.standard_normal((steps, B, IN)).astype(np.float32)
+        if _reference(m, x)[1] > MARGIN:
+            return x
+    raise AssertionError("no input with a clear selection margin in 100 draws")
+
+
+@pytest.mark.parametrize("kind", sorted(CLASSES))
+def test_all_gates_equal_is_the_torch_rnn(rng, kind):
+    """keep=1 with constant gate scores keeps every tile with r = 1: exactly nn.LSTM / nn.GRU
+    (2 layers, batch_first, given initial state), eager, scripted and with the scan loop."""
+    cls, ref_cls = CLASSES[kind]
+    torch.manual_seed(int(rng.integers(2**31)))
+    ref = ref_cls(IN, H, num_layers=2, batch_first=True)
+    outs = []
+    for loop in ("python", "scan"):
+        m = cls(IN, H, num_layers=2, batch_first=True, block=BS, keep=float(rng.choice([1.0, 0.5])), time_loop=loop)
+        m.load_dense(ref)
+        with torch.no_grad():
+            for lin in _products(m):
+                lin.gate.weight.zero_()
+                lin.gate.bias.fill_(0.3)
+        outs.append(m)
+    x = torch.from_numpy(rng.standard_normal((B, 4, IN)).astype(np.float32))
+    h0 = torch.from_numpy(rng.standard_normal((2, B, H)).astype(np.float32))
+    hx = (h0, torch.randn(2, B, H)) if kind == "lstm" else h0
+    with torch.no_grad():
+        want = ref(x, hx)
+        for got in (outs[0](x, hx), torch.jit.script(outs[0])(x, hx), outs[1](x, hx)):
+            for g, w in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
+                np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=1e-5, atol=1e-6)
+        # no hx: zero initial state, like nn.LSTM / nn.GRU
+        for g, w in zip(torch.utils._pytree.tree_leaves(outs[0](x)), torch.utils._pytree.tree_leaves(ref(x))):
+            np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", sorted(CLASSES))
+def test_gated_cell_matches_numpy_reference(rng, kind):
+    m = _model(rng, kind, keep=0.5)
+    x = clear_margin_input(m, rng, 4)
+    want, _ = _reference(m, x)
+    with torch.no_grad():
+        out, state = m(torch.from_numpy(x))
+    np.testing.assert_allclose(out.numpy(), want, rtol=1e-4, atol=1e-5)
+    h_n = state[0] if kind == "lstm" else state
+    np.testing.assert_allclose(h_n[0].numpy(), want[-1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", sorted(CLASSES))
+def test_trainable(rng, kind):
+    """Gradients reach the weights and the gates of both products, through the time loop."""
+    m = _model(rng, kind, keep=0.5).train()
+    x = torch.from_numpy(clear_margin_input(m, rng, 3))
+    out, _ = m(x)
+    (out * torch.randn_like(out)).sum().backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+class _LSTMWithState(nn.Module):
+    """Initial state as plain inputs: the TorchScript exporter cannot take ``Optional[Tuple]``,
+    and TVM's importer cannot shape the zero state traced from ``x.size(1)``."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor):
+        return self.m(x, (h0, c0))
+
+
+class _GRUWithState(_LSTMWithState):
+    def forward(self, x: torch.Tensor, h0: torch.Tensor):
+        return self.m(x, h0)
+
+
+def _export(m, form: str, steps: int) -> bytes:
+    x, h = torch.zeros(steps, B, IN), torch.zeros(1, B, H)
+    wrapped, args = (_LSTMWithState(m), (x, h, h)) if isinstance(m, DynamicBlockLSTM) else (_GRUWithState(m), (x, h))
+    names = ["x", "h0", "c0"][: len(args)]
+    if form == "dynamo":  # the batch stays static: torch 2.13's scan lowering fails on a symbolic one
+        pytest.importorskip("onnxscript", reason="the dynamo exporter needs onnxscript (in the 'test' extra)")
+        prog = torch.onnx.export(wrapped, args, dynamo=True, input_names=names, verbose=False,
+                                 dynamic_shapes=({0: torch.export.Dim("T")},) + (None,) * (len(args) - 1))
+        return prog.model_proto.SerializeToString()
+    buf = io.BytesIO()
+    mod = torch.jit.script(wrapped) if form == "script" else wrapped
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(mod, args, buf, dynamo=False, opset_version=17, input_names=names,
+                          dynamic_axes={"x": {0: "T"}} if form == "script" else None)
+    return buf.getvalue()
+
+
+LOOP_OP = {"trace": None, "script": "Loop", "dynamo": "Scan"}
+
+
+@pytest.mark.parametrize("form", sorted(LOOP_OP))
+@pytest.mark.parametrize("kind", sorted(CLASSES))
+def test_export_forms_on_onnxruntime_and_bscompile(rng, kind, form):
+    """Traced: unrolled, fixed length. Scripted: Loop; dynamo (time_loop="scan"): Scan; both
+    with a symbolic length, run at two lengths by onnxruntime; bscompile unrolls them at one."""
+    m = _model(rng, kind, keep=0.5, time_loop="scan" if form == "dynamo" else "python")
+    steps = 2
+    lengths = (steps, steps + 2) if LOOP_OP[form] else (steps,)
+    xs = [clear_margin_input(m, rng, n) for n in lengths]  # before exporting: it may redraw gate biases
+    model_bytes = _export(m, form, steps)
+    ops = {n.op_type for n in onnx.load_from_string(model_bytes).graph.node}
+    assert ({"Loop", "Scan"} & ops) == ({LOOP_OP[form]} - {None}), ops
+    sess = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+    for x in xs[::-1]:  # the last one run is the one compiled below
+        h0 = np.zeros((1, B, H), np.float32)
+        feeds = {"x": x, "h0": h0, "c0": h0} if kind == "lstm" else {"x": x, "h0": h0}
+        want, _ = _reference(m, x)
+        got = sess.run(None, feeds)
+        np.testing.assert_allclose(got[0], want, rtol=1e-4, atol=1e-5)
+    compiled = bscompile.compile(onnx.load_from_string(model_bytes), input_shapes={"x": x.shape}).load()
+    for g, w in zip(compiled.run(feeds).values(), got):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
