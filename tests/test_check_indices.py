@@ -6,7 +6,7 @@ import onnx
 import pytest
 import tvm
 from onnx import TensorProto, helper
-from onnx_models import OPSET, ort_run
+from onnx_models import OPSET, gru_with_lens, ort_run
 from tvm.script import ir as I
 from tvm.script import relax as R
 from tvm.script import tirx as T
@@ -100,22 +100,111 @@ def test_unnormalised_index_is_checked_from_zero():
 
 
 def test_safe_indexing_is_left_alone():
-    """take in clip/wrap mode, constant in-range indices, symbolic index shapes."""
+    """take in clip/wrap mode, constant in-range indices."""
 
     @I.ir_module
     class Before:
         @R.function
-        def main(tokens: R.Tensor((1, 4), "int64"), dyn: R.Tensor(("n",), "int64")):
-            n = T.int64()
+        def main(tokens: R.Tensor((1, 4), "int64")):
             with R.dataflow():
                 a = R.take(R.const(W), tokens, axis=0, mode="clip")
                 b = R.take(R.const(W), tokens, axis=0, mode="wrap")
                 c = R.take(R.const(W), R.const(np.array([0, 4, 2], np.int64)), axis=0, mode="fast")
-                d = R.take(R.const(W), dyn, axis=0, mode="fast")
-                R.output(a, b, c, d)
-            return (a, b, c, d)
+                R.output(a, b, c)
+            return (a, b, c)
 
     tvm.ir.assert_structural_equal(CheckIndices()(Before), Before)
+
+
+def test_symbolic_index_shape_is_checked():
+    """Dynamic ONNX dims (``dynamic_axes``): the kernel takes the index's shape as its own variables."""
+
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(tokens: R.Tensor(("batch", "seq"), "int64")) -> R.Tensor(("batch", "seq", 2), "float32"):
+            batch, seq = T.int64(), T.int64()
+            with R.dataflow():
+                neg = R.less(tokens, R.const(0, "int64"))
+                shifted = R.add(tokens, R.const(5, "int64"))
+                idx = R.where(neg, shifted, tokens)
+                Gather_3 = R.take(R.const(W), idx, axis=0, mode="fast")
+                R.output(Gather_3)
+            return Gather_3
+
+    @I.ir_module
+    class Expected:
+        @T.prim_func(s_tir=True, private=True)
+        def check_index(var_x: T.handle, var_y: T.handle):
+            T.func_attr({"tir.noalias": True, "op_pattern": 8})
+            n0, n1 = T.int64(), T.int64()
+            x = T.match_buffer(var_x, (n0, n1), "int64")
+            y = T.match_buffer(var_y, (n0, n1), "int64")
+            with T.sblock("root"):
+                xf = T.decl_buffer((n0 * n1,), "int64", data=x.data)
+                yf = T.decl_buffer((n0 * n1,), "int64", data=y.data)
+                for i in range(n0 * n1):
+                    if xf[i] < T.int64(-5) or xf[i] >= T.int64(5):
+                        T.evaluate(T.call_packed("bscompile.index_error", "input 'tokens' holds index ",
+                                                 T.Cast("int64", xf[i]), T.Cast("int64", T.int64(-5)),
+                                                 T.Cast("int64", T.int64(5)), " at node Gather_3"))
+                    yf[i] = T.Select(xf[i] < T.int64(0), xf[i] + T.int64(5), xf[i])
+
+        @R.function
+        def main(tokens: R.Tensor(("batch", "seq"), "int64")) -> R.Tensor(("batch", "seq", 2), "float32"):
+            batch, seq = T.int64(), T.int64()
+            cls = Expected
+            with R.dataflow():
+                neg = R.less(tokens, R.const(0, "int64"))
+                shifted = R.add(tokens, R.const(5, "int64"))
+                idx = R.where(neg, shifted, tokens)  # dead: the pipeline's DCE drops it
+                checked = R.call_tir(cls.check_index, (tokens,), out_ty=R.Tensor((batch, seq), "int64"))
+                Gather_3 = R.take(R.const(W), checked, axis=0, mode="fast")
+                R.output(Gather_3)
+            return Gather_3
+
+    tvm.ir.assert_structural_equal(CheckIndices()(Before), Expected)
+
+
+def test_symbolic_extent_is_a_kernel_argument():
+    """Indexing a dynamic-dim tensor: its extent reaches the kernel as an int64 argument."""
+
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor(("n", 2), "float32"), idx: R.Tensor((3,), "int32")) -> R.Tensor((3, 2), "float32"):
+            n = T.int64()
+            with R.dataflow():
+                Gather_4 = R.take(x, idx, axis=0, mode="fast")
+                R.output(Gather_4)
+            return Gather_4
+
+    @I.ir_module
+    class Expected:
+        @T.prim_func(s_tir=True, private=True)
+        def check_index(x: T.Buffer((3,), "int32"), b0: T.int64, y: T.Buffer((3,), "int32")):
+            T.func_attr({"tir.noalias": True, "op_pattern": 8})
+            with T.sblock("root"):
+                xf = T.decl_buffer((3,), "int32", data=x.data)
+                yf = T.decl_buffer((3,), "int32", data=y.data)
+                for i in range(3):
+                    if xf[i] < 0 or xf[i] >= T.Cast("int32", b0):
+                        T.evaluate(T.call_packed("bscompile.index_error", "input 'idx' holds index ",
+                                                 T.Cast("int64", xf[i]), T.Cast("int64", 0),
+                                                 T.Cast("int64", T.Cast("int32", b0)), " at node Gather_4"))
+                    yf[i] = xf[i]
+
+        @R.function
+        def main(x: R.Tensor(("n", 2), "float32"), idx: R.Tensor((3,), "int32")) -> R.Tensor((3, 2), "float32"):
+            n = T.int64()
+            cls = Expected
+            with R.dataflow():
+                checked = R.call_tir(cls.check_index, (idx, n), out_ty=R.Tensor((3,), "int32"))
+                Gather_4 = R.take(x, checked, axis=0, mode="fast")
+                R.output(Gather_4)
+            return Gather_4
+
+    tvm.ir.assert_structural_equal(CheckIndices()(Before), Expected)
 
 
 def test_constant_index_out_of_range_is_a_compile_error():
@@ -235,3 +324,18 @@ def test_sequence_lengths_from_the_caller_are_checked(rng):
     for bad in (seq + 1, -1, 10**9):
         with pytest.raises(InputError, match=rf"^input 'lens' holds sequence length {bad} outside \[0, {seq + 1}\)$"):
             mod.run({"x": x, "lens": np.array([1, bad], np.int32)})
+
+
+def test_sequence_lengths_with_a_symbolic_sequence_are_checked(rng):
+    """A dynamic-axes GRU (symbolic time and batch): lens > time used to be clamped silently by the
+    CPU kernel (onnxruntime refuses it); now it is the same error as for a static sequence."""
+    model = gru_with_lens(rng, hidden=8, inp=4)
+    mod = bscompile.compile(model).load()
+    seq, batch = 5, 3
+    x = rng.standard_normal((seq, batch, 4)).astype(np.float32)
+    for lens in ([seq, 2, 0], [1, seq, 3]):
+        feeds = {"x": x, "lens": np.array(lens, np.int32)}
+        np.testing.assert_allclose(mod.run(feeds)["y"], ort_run(model, feeds)["y"], rtol=1e-4, atol=1e-5)
+    for bad in (seq + 1, -1, 10**9):
+        with pytest.raises(InputError, match=rf"^input 'lens' holds sequence length {bad} outside \[0, {seq + 1}\)$"):
+            mod.run({"x": x, "lens": np.array([1, bad, 2], np.int32)})
