@@ -67,7 +67,7 @@ _ANONYMOUS = re.compile(r"(lv|gv)\d*$")
 Dim = int | tvm.ir.Expr
 
 
-def _dims(shape) -> tuple[Dim, ...] | None:
+def tensor_dims(shape) -> tuple[Dim, ...] | None:
     """A tensor's dims, each an ``int`` when static (else its PrimExpr); None if its shape is unknown."""
     values = getattr(shape, "values", None)
     if values is None:
@@ -182,7 +182,7 @@ class _Guard(relax.PyExprMutator):
     def _rule(self, call: relax.Call):
         """(index argument position, bounds, whether the op wraps negatives itself) or None."""
         data = call.args[0]
-        shape = _dims(getattr(data.ty, "shape", None))
+        shape = tensor_dims(getattr(data.ty, "shape", None))
         if shape is None:
             return None
         a = call.attrs
@@ -194,7 +194,7 @@ class _Guard(relax.PyExprMutator):
         if self._is(call, "gather_elements") or self._is(call, "scatter_elements"):
             return 1, (shape[int(a.axis) % len(shape)],), self._is(call, "scatter_elements")
         if self._is(call, "gather_nd") or self._is(call, "scatter_nd"):
-            idx_shape = _dims(call.args[1].ty.shape)
+            idx_shape = tensor_dims(call.args[1].ty.shape)
             if not idx_shape or not isinstance(idx_shape[-1], int):
                 return None
             start = int(a.batch_dims) if self._is(call, "gather_nd") else 0
@@ -212,7 +212,7 @@ class _Guard(relax.PyExprMutator):
     def _caller_dim(self, call: relax.Call, name: str):
         """The caller's value of the site function's symbolic dim ``name`` (None if no operand has it)."""
         for param, arg in zip(self.mod[call.op].params, call.args):
-            dims, values = _dims(getattr(param.ty, "shape", None)), _dims(getattr(arg.ty, "shape", None))
+            dims, values = tensor_dims(getattr(param.ty, "shape", None)), tensor_dims(getattr(arg.ty, "shape", None))
             for d, v in zip(dims or (), values or ()):
                 if isinstance(d, tirx.Var) and d.name == name:
                     return v
@@ -222,7 +222,7 @@ class _Guard(relax.PyExprMutator):
         call, seq, pos = binding.value, site["seq"], site["lens_operand"]
         fields = list(call.args)
         lens = fields[pos]
-        shape = _dims(getattr(lens.ty, "shape", None))
+        shape = tensor_dims(getattr(lens.ty, "shape", None))
         if isinstance(seq, str):  # a symbolic length: the caller's value of it
             seq = self._caller_dim(call, seq)
         filled = self._is(self._bound(lens), "full")  # the frontend's "whole sequence" lengths
@@ -265,7 +265,7 @@ class _Guard(relax.PyExprMutator):
         if isinstance(x, tvm.ir.expr.Constant) and static:
             self._check_constant(x.value.numpy(), bounds, wrap, suffix)
             return super().visit_var_binding_(binding)
-        shape = _dims(x.ty.shape)
+        shape = tensor_dims(x.ty.shape)
         if shape is None or not bounds or 0 in shape:  # (no element: nothing to check)
             return super().visit_var_binding_(binding)
         if self.device == "cuda":
