@@ -345,8 +345,8 @@ def _recurrent_kernel(cell: CellSpec, keys: tuple[LayoutKey, ...], seq: int, bat
     stage_h = _stage(kp0, threads0, hv_get)
     stage_rh = _stage(kp1, threads1, rh_get)
 
-    def tt_of(seq_lens, b, t):
-        return seq_lens[b] * rev + t * (1 - 2 * rev) - rev
+    def tt_of(seq_lens, b, t):  # lens clamped to seq (as the CPU kernel does): lens > seq read x[lens - 1]
+        return T.min(seq_lens[b], seq) * rev + t * (1 - 2 * rev) - rev
 
     @T.macro
     def store_g(g, rbias, acc, lanes_r, vec, r, ib, col0, m0, lane):

@@ -268,7 +268,8 @@ def recurrent_kernel(cell: CellSpec, mats: list[BSRMatrix], seq: int, batch: int
                                         b = T.Bind(m0 + ui // r)
                                         j = T.Bind(wid * r + ui % r)
                                         if t < seq_lens[b]:
-                                            tt = T.Bind(seq_lens[b] * rev + t * (1 - 2 * rev) - rev)
+                                            # lens clamped to seq: lens > seq read x[lens - 1]
+                                            tt = T.Bind(T.min(seq_lens[b], seq) * rev + t * (1 - 2 * rev) - rev)
                                             step(xp, g, h_out, c_out, peep, y, b, j, tt, g0)
                                         else:
                                             y[t, b, j] = T.float32(0)
