@@ -230,3 +230,29 @@ def test_out_of_range_token_with_dynamic_axes_is_one_error(tmp_path, capsys, rng
         np.save(tmp_path / "ids.npy", ids)
         assert main(["run", str(tmp_path / "emb.bsc"), "--input", f"tokens={tmp_path / 'ids.npy'}"]) == 2
         assert re.fullmatch("bscompile: error: " + message.format(bad), one_error_line(capsys.readouterr().err))
+
+
+def test_external_data_is_checked_before_it_is_read(files, tmp_path, monkeypatch, capsys):
+    """Weights in a separate file: a missing or short file is one line, and the memory limit
+    is applied (from the dims) before any external byte is read."""
+    model = onnx.load(files / "mlp.onnx")
+    onnx.save(onnx.load(files / "mlp.onnx"), tmp_path / "m.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+              location="w.bin", size_threshold=0)
+    data = (tmp_path / "w.bin").read_bytes()
+    x = np.load(files / "x.npy")
+    out = bscompile.compile(tmp_path / "m.onnx").load().run({"x": x})["y"]
+    np.testing.assert_allclose(out, ort_run(model, {"x": x})["y"], rtol=1e-5, atol=1e-5)
+    (tmp_path / "w.bin").write_bytes(data[:len(data) // 2])
+    assert main(["compile", str(tmp_path / "m.onnx")]) == 2
+    assert re.search(r"external data file 'w.bin' holds \d+ bytes; the model needs \d+$",
+                     one_error_line(capsys.readouterr().err))
+    (tmp_path / "w.bin").unlink()
+    assert main(["compile", str(tmp_path / "m.onnx")]) == 2
+    assert "external data file 'w.bin' is missing" in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "m.bsc").exists()
+    (tmp_path / "w.bin").write_bytes(data)
+    monkeypatch.setattr(limits, "available_memory", lambda: 1024)
+    monkeypatch.setattr(onnx.external_data_helper, "_read_external_data_bytes",
+                        lambda *a: pytest.fail("external data read before the memory check"))
+    with pytest.raises(UnsupportedModelError, match=r"of memory is available"):
+        bscompile.compile(tmp_path / "m.onnx")
