@@ -1,6 +1,10 @@
 """CheckIndices: data-dependent indices are checked at run time (TVM-style pass tests,
 then compiled ONNX models against onnxruntime and on out-of-range input)."""
 
+import shutil
+import subprocess
+import sys
+
 import numpy as np
 import onnx
 import pytest
@@ -305,9 +309,8 @@ def test_index_ops_match_onnxruntime_and_reject_out_of_range(op, compiled, rng):
             mod.run(feeds)
 
 
-def test_sequence_lengths_from_the_caller_are_checked(rng):
-    """A reverse GRU reads x[lens - 1]: lens outside [0, seq] was an out-of-bounds read (segfault)."""
-    seq, batch, inp, hid = 5, 2, 3, 4
+def _reverse_gru(rng, seq=5, batch=2, inp=3, hid=4) -> onnx.ModelProto:
+    """A reverse GRU fed ``sequence_lens``: it reads x[lens - 1 - t]."""
     inits = [onnx.numpy_helper.from_array(rng.standard_normal((1, 3 * hid, inp)).astype(np.float32), "W"),
              onnx.numpy_helper.from_array(rng.standard_normal((1, 3 * hid, hid)).astype(np.float32), "R")]
     node = helper.make_node("GRU", ["x", "W", "R", "", "lens"], ["y", "hn"], hidden_size=hid, direction="reverse",
@@ -315,7 +318,13 @@ def test_sequence_lengths_from_the_caller_are_checked(rng):
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [seq, batch, inp]),
                                             helper.make_tensor_value_info("lens", TensorProto.INT32, [batch])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [seq, 1, batch, hid])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+
+
+def test_sequence_lengths_from_the_caller_are_checked(rng):
+    """A reverse GRU reads x[lens - 1]: lens outside [0, seq] was an out-of-bounds read (segfault)."""
+    seq, batch, inp = 5, 2, 3
+    model = _reverse_gru(rng, seq, batch, inp)
     mod = bscompile.compile(model).load()
     x = rng.standard_normal((seq, batch, inp)).astype(np.float32)
     for lens in ([seq, 3], [0, 1]):
@@ -339,3 +348,21 @@ def test_sequence_lengths_with_a_symbolic_sequence_are_checked(rng):
     for bad in (seq + 1, -1, 10**9):
         with pytest.raises(InputError, match=rf"^input 'lens' holds sequence length {bad} outside \[0, {seq + 1}\)$"):
             mod.run({"x": x, "lens": np.array([1, bad, 2], np.int32)})
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="the CUDA emulator compiles kernels with g++")
+def test_cuda_clamps_sequence_lengths(rng, tmp_path):
+    """CUDA kernels cannot raise: lens > seq is clamped to seq. Before, the reverse direction read
+    x[lens - 1 - t] out of bounds (a wrong answer on the emulator, garbage on a GPU)."""
+    seq, batch, inp = 5, 2, 4
+    model = _reverse_gru(rng, seq, batch, inp, hid=8)
+    bscompile.compile(model, target="cuda").export(tmp_path / "g.bsc")
+    x = rng.standard_normal((seq, batch, inp)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "lens.npy", np.array([seq + 1000, 3], np.int32))
+    proc = subprocess.run([sys.executable, "-m", "bscompile.cli", "run", str(tmp_path / "g.bsc"), "--emulate",
+                           "--input", f"x={tmp_path / 'x.npy'}", "--input", f"lens={tmp_path / 'lens.npy'}",
+                           "--output", str(tmp_path / "y.npz")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    want = ort_run(model, {"x": x, "lens": np.array([seq, 3], np.int32)})["y"]
+    np.testing.assert_allclose(np.load(tmp_path / "y.npz")["y"], want, rtol=1e-4, atol=1e-5)
