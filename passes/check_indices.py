@@ -41,6 +41,7 @@ Contract
 
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -75,13 +76,6 @@ def tensor_dims(shape) -> tuple[Dim, ...] | None:
     return tuple(int(d) if isinstance(d, tirx.IntImm) else d for d in values)
 
 
-def _product(dims) -> Dim:
-    out: Dim = 1
-    for d in dims:
-        out = out * d
-    return out
-
-
 def check_kernel(shape: tuple[Dim, ...], dtype: str, bounds: tuple[Dim, ...] = (), wrap: bool = False,
                  prefix: str = "", suffix: str = "") -> tirx.PrimFunc:
     """``y = x`` (wrapped if ``wrap``); element ``i`` must lie in ``[-b, b)`` (``[0, b)``),
@@ -90,13 +84,13 @@ def check_kernel(shape: tuple[Dim, ...], dtype: str, bounds: tuple[Dim, ...] = (
     back into a reshape (a view), as ``OwnOutputs`` needs.
 
     Symbolic dims of ``shape`` become the kernel's own variables (bound by the buffers);
-    each symbolic bound becomes an ``int64`` parameter after ``x`` (the caller passes it
-    as a ``PrimValue``), so dynamic-shape models are checked too."""
+    each symbolic bound becomes an ``int64`` parameter after ``x`` (the caller passes the
+    PrimExpr as an argument of ``call_tir``), so dynamic-shape models are checked too."""
     shape = tuple(d if isinstance(d, int) else tirx.Var(f"n{i}", "int64") for i, d in enumerate(shape))
     scalars = [tirx.Var(f"b{j}", "int64") for j, b in enumerate(bounds) if not isinstance(b, int)]
     it = iter(scalars)
     bounds = tuple(b if isinstance(b, int) else next(it) for b in bounds)
-    n = int(np.prod(shape, dtype=np.int64)) if all(isinstance(d, int) for d in shape) else _product(shape)
+    n = math.prod(shape)  # (an int, or a PrimExpr of the kernel's variables)
     k = len(bounds)
     checked = k > 0
 
@@ -128,7 +122,7 @@ def check_kernel(shape: tuple[Dim, ...], dtype: str, bounds: tuple[Dim, ...] = (
                                                  T.Cast("int64", low(i)), T.Cast("int64", bound(i)), suffix))
                 yf[i] = wrapped(xf[i], i)
 
-    if scalars:  # (x, b0, ..., y): call_tir passes tensor and PrimValue arguments, then outputs
+    if scalars:  # (x, b0, ..., y): call_tir passes tensor and PrimExpr arguments, then outputs
         params = list(check_index.params)
         check_index = tirx.PrimFunc([params[0], *scalars, params[1]], check_index.body, check_index.ret_type,
                                     check_index.attrs)
@@ -189,7 +183,7 @@ class _Guard(relax.PyExprMutator):
         if self._is(call, "take"):
             if a.mode != "fast":
                 return None
-            bound = _product(shape) if a.axis is None else shape[int(a.axis) % len(shape)]
+            bound = math.prod(shape) if a.axis is None else shape[int(a.axis) % len(shape)]
             return 1, (bound,), False
         if self._is(call, "gather_elements") or self._is(call, "scatter_elements"):
             return 1, (shape[int(a.axis) % len(shape)],), self._is(call, "scatter_elements")
