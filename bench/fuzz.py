@@ -122,7 +122,42 @@ def gru_lens(rng, seq: int = 5, batch: int = 2, inp: int = 3, h: int = 8) -> onn
                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [seq, 1, batch, h])], inits)
 
 
-SEEDS = {"mlp": mlp, "embed_gru": embed_gru, "index_ops": index_ops, "gru_lens": gru_lens}
+def embed_dynamic(rng, vocab: int = 11, dim: int = 8, out: int = 12) -> onnx.ModelProto:
+    """An embedding exported with dynamic axes (symbolic batch and seq) and a pruned projection:
+    the index check must hold with symbolic shapes."""
+    inits = [numpy_helper.from_array(rng.standard_normal((vocab, dim)).astype(np.float32), "emb"),
+             numpy_helper.from_array(_block_pruned(rng, out, dim).T.copy(), "P")]
+    nodes = [helper.make_node("Gather", ["emb", "tokens"], ["e"], name="embed/Gather_0"),
+             helper.make_node("MatMul", ["e", "P"], ["y"], name="proj")]
+    return _model(nodes, [helper.make_tensor_value_info("tokens", TensorProto.INT64, ["batch", "seq"])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", out])], inits)
+
+
+def dynamic_select(rng, inp: int = 32, out: int = 48, block: int = 16) -> onnx.ModelProto | None:
+    """models/dynamic.py's DynamicBlockLinear (input-dependent top-k tile selection), exported by
+    torch.onnx with a dynamic batch: the dynamic weight site. None without torch."""
+    try:
+        import torch
+
+        from bscompile.models.dynamic import DynamicBlockLinear
+    except ImportError:
+        return None
+    import warnings
+
+    torch.manual_seed(int(rng.integers(2**31)))
+    m = DynamicBlockLinear(inp, out, block=block, keep=0.5).eval()
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(m, (torch.randn(2, inp),), buf, dynamo=False, input_names=["x"], output_names=["y"],
+                          opset_version=OPSET, dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+    return onnx.load_from_string(buf.getvalue())
+
+
+SEEDS = {"mlp": mlp, "embed_gru": embed_gru, "index_ops": index_ops, "gru_lens": gru_lens,
+         "embed_dynamic": embed_dynamic, "dynamic_select": dynamic_select}
+#: Sizes a valid input gives each symbolic dim of the seeds (per case, drawn from this range).
+SYMBOLIC_SIZES = (1, 5)
 #: Valid [lo, hi) of each integer input of the seed models.
 INT_RANGES = {"tokens": (-11, 11), "idx": (-6, 6), "lens": (0, 6)}
 
@@ -246,32 +281,51 @@ class Env:
 
     def __init__(self, root: Path, rng: np.random.Generator, timeout: float):
         self.root, self.rng, self.timeout = root, rng, timeout
-        self.models: dict[str, onnx.ModelProto] = {k: f(np.random.default_rng(i)) for i, (k, f) in
-                                                    enumerate(SEEDS.items())}
+        built = {k: f(np.random.default_rng(i)) for i, (k, f) in enumerate(SEEDS.items())}
+        self.models: dict[str, onnx.ModelProto] = {k: m for k, m in built.items() if m is not None}
         self.base = root / "base"
         self.base.mkdir(parents=True, exist_ok=True)
-        self.artifacts: dict[str, Path] = {}
+        self.artifacts: dict[str, Path | None] = {}
+        self.problems: list[str] = []
 
     def prepare(self) -> list[str]:
-        """Compile each seed model once (in a child). Returns problems (there should be none)."""
-        problems = []
+        """Save every seed model and compile ``mlp`` (the CLI cases' model); the other artifacts
+        are compiled when a case first needs one (:meth:`artifact`), so that a short run spends
+        its time on cases. Returns problems (there should be none)."""
         for name, model in self.models.items():
             onnx.save(model, self.base / f"{name}.onnx")
-            o = run_cli(["compile", f"{name}.onnx", "-o", f"{name}.bsc", "-q"], self.base, self.timeout)
-            if o.rc != 0:
-                problems.append(f"seed {name} does not compile: {o.stderr.strip()[-300:]}")
-            else:
-                self.artifacts[name] = self.base / f"{name}.bsc"
-        o = run_cli(["compile", "mlp.onnx", "-o", "mlp_aarch64.bsc", "-q", "--target", "aarch64"], self.base,
-                    self.timeout * 2)
-        if o.rc == 0:
-            self.artifacts["mlp_aarch64"] = self.base / "mlp_aarch64.bsc"
-        return problems
+        self.artifact("mlp")
+        return self.problems
+
+    def artifact(self, name: str) -> Path | None:
+        """The seed ``name`` compiled once (``mlp_aarch64``: mlp for aarch64); None if it does not compile
+        (a setup problem, except for aarch64, which needs a cross toolchain)."""
+        if name not in self.artifacts:
+            aarch64 = name == "mlp_aarch64"
+            src = "mlp" if aarch64 else name
+            o = run_cli(["compile", f"{src}.onnx", "-o", f"{name}.bsc", "-q",
+                         *(["--target", "aarch64"] if aarch64 else [])], self.base, self.timeout * 2)
+            self.artifacts[name] = self.base / f"{name}.bsc" if o.rc == 0 else None
+            if o.rc != 0 and not aarch64:
+                self.problems.append(f"seed {name} does not compile: {o.stderr.strip()[-300:]}")
+        return self.artifacts[name]
+
+    def compiled_seed(self, exclude: str = "") -> str:
+        """A random seed model (not ``exclude``) that compiles."""
+        names = [k for k in self.models if k in SEEDS and k != exclude]
+        while True:
+            name = str(self.rng.choice(names))
+            if self.artifact(name) is not None or len(names) == 1:
+                return name
+            names.remove(name)
 
     def valid_inputs(self, name: str, d: Path) -> list[str]:
         args = []
+        sizes: dict[str, int] = {}  # one size per symbolic dim name, across inputs
         for vi in self.models[name].graph.input:
-            shape = [x.dim_value for x in vi.type.tensor_type.shape.dim]
+            shape = [x.dim_value if x.HasField("dim_value") else
+                     sizes.setdefault(x.dim_param, int(self.rng.integers(*SYMBOLIC_SIZES)))
+                     for x in vi.type.tensor_type.shape.dim]
             np_dtype = onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
             if np.dtype(np_dtype).kind in "iu":
                 a = self.rng.integers(*INT_RANGES.get(vi.name, (0, 4)), shape).astype(np_dtype)
@@ -293,7 +347,8 @@ def _set_array(init: TensorProto, arr: np.ndarray) -> None:
 
 def onnx_mutation(env: Env, d: Path) -> Case:
     rng = env.rng
-    name = str(rng.choice(["mlp", "embed_gru", "gru_lens"]))  # the seeds with weights
+    name = str(rng.choice([k for k in ("mlp", "embed_gru", "gru_lens", "embed_dynamic", "dynamic_select")
+                           if k in env.models]))  # the seeds with weights
     model = copy.deepcopy(env.models[name])
     kinds = ["byte_flip", "truncate", "wrong_dtype", "wrong_rank", "missing_init", "cycle", "huge_dim",
              "special_values", "zero_or_dense", "non_dividing", "unknown_op", "opset", "bad_attr",
@@ -412,14 +467,16 @@ def onnx_mutation(env: Env, d: Path) -> Case:
 
 def input_mutation(env: Env, d: Path) -> Case:
     rng = env.rng
-    name = str(rng.choice([k for k in env.artifacts if k in SEEDS]))
+    name = env.compiled_seed()
     model = env.models[name]
     onnx.save(model, d / "model.onnx")
     good = env.valid_inputs(name, d)
     vi = model.graph.input[int(rng.integers(len(model.graph.input)))]
-    shape = [x.dim_value for x in vi.type.tensor_type.shape.dim]
+    dims = vi.type.tensor_type.shape.dim
     dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))
     a = np.load(d / f"{vi.name}.npy")
+    shape = list(a.shape)
+    static = [i for i, x in enumerate(dims) if x.HasField("dim_value")]  # (a symbolic dim takes any size)
     kinds = ["dtype", "rank", "shape", "empty", "scalar", "pickle", "not_npy", "fortran", "big_endian", "missing",
              "unknown_name", "nan_inf", "out_of_range", "negative_ids"]
     kind = str(rng.choice(kinds))
@@ -431,7 +488,12 @@ def input_mutation(env: Env, d: Path) -> Case:
     elif kind == "rank":
         np.save(target, a[None] if rng.random() < 0.5 or a.ndim == 1 else a.reshape(-1))  # (1-D: always a rank)
     elif kind == "shape":
-        np.save(target, np.resize(a, [s + int(rng.integers(1, 3)) for s in shape]).astype(dtype))
+        if static:
+            np.save(target, np.resize(a, [s + int(rng.integers(1, 3)) * (i in static)
+                                          for i, s in enumerate(shape)]).astype(dtype))
+        else:  # every dim symbolic: another size is a valid input
+            np.save(target, np.resize(a, [s + int(rng.integers(1, 3)) for s in shape]).astype(dtype))
+            expect = "ok"
     elif kind == "empty":
         np.save(target, np.zeros([0] + shape[1:], dtype))
     elif kind == "scalar":
@@ -470,14 +532,14 @@ def input_mutation(env: Env, d: Path) -> Case:
             expect = "error" if kind == "out_of_range" else "ok"
         else:
             expect = "ok"
-    art = env.artifacts[name]
+    art = env.artifact(name)
     return Case("input", f"{name}:{kind}", [(["run", str(art), *good, "--check", "model.onnx"], expect)])
 
 
 def artifact_mutation(env: Env, d: Path) -> Case:
     rng = env.rng
-    name = str(rng.choice([k for k in env.artifacts if k in SEEDS]))
-    data = env.artifacts[name].read_bytes()
+    name = env.compiled_seed()
+    data = env.artifact(name).read_bytes()
     kinds = ["byte_flip", "truncate", "other_target", "format_version", "versions", "other_manifest",
              "other_manifest_resigned", "manifest_shapes", "empty", "directory"]
     kind = str(rng.choice(kinds))
@@ -493,8 +555,8 @@ def artifact_mutation(env: Env, d: Path) -> Case:
         bsc.write_bytes(data[:int(rng.integers(len(data)))])
         expect = "any"  # a cut in the tar's trailing zero blocks leaves a whole artifact (--check still guards)
     elif kind == "other_target":
-        if "mlp_aarch64" in env.artifacts:
-            bsc.write_bytes(env.artifacts["mlp_aarch64"].read_bytes())
+        if env.artifact("mlp_aarch64") is not None:
+            bsc.write_bytes(env.artifact("mlp_aarch64").read_bytes())
             name = "mlp"
         else:
             bsc.write_bytes(data)
@@ -512,8 +574,8 @@ def artifact_mutation(env: Env, d: Path) -> Case:
             manifest["bscompile_version"], manifest["tvm_version"] = "9.9.9", "0.1.0"
             expect = "ok"
         elif kind.startswith("other_manifest"):
-            other = str(rng.choice([k for k in env.artifacts if k in SEEDS and k != name]))
-            manifest = json.loads(_untar(env.artifacts[other].read_bytes())["manifest.json"])
+            other = env.compiled_seed(exclude=name)
+            manifest = json.loads(_untar(env.artifact(other).read_bytes())["manifest.json"])
             if kind.endswith("resigned"):
                 import hashlib
 
@@ -522,7 +584,9 @@ def artifact_mutation(env: Env, d: Path) -> Case:
                                                            else b"").hexdigest()
         elif kind == "manifest_shapes":
             spec = manifest["inputs"][0]
-            spec["shape"] = [s + 1 for s in spec["shape"]] if rng.random() < 0.5 else spec["shape"][:-1]
+            grow = rng.random() < 0.5 and any(isinstance(s, int) for s in spec["shape"])  # (a symbolic dim: any size)
+            spec["shape"] = [s + 1 if isinstance(s, int) else s for s in spec["shape"]] if grow \
+                else spec["shape"][:-1]
             name = "_none"
         members["manifest.json"] = json.dumps(manifest).encode()
         bsc.write_bytes(_tar(members))
@@ -680,7 +744,7 @@ def campaign(seconds: float, max_cases: int | None, seed: int, timeout: float, m
     for f in findings:
         distinct.setdefault(f.signature, f)
     return {"seed": seed, "cases": i, "per_family": dict(counts), "seconds": round(time.perf_counter() - t0, 1),
-            "failures": len(findings), "distinct_failures": len(distinct), "setup_problems": problems,
+            "failures": len(findings), "distinct_failures": len(distinct), "setup_problems": env.problems,
             "findings": [vars(f) for f in distinct.values()],
             "machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}

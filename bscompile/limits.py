@@ -13,6 +13,7 @@ import os
 
 import numpy as np
 import onnx
+from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
 from bscompile.errors import UnsupportedModelError
 
@@ -70,7 +71,8 @@ def check_finite_weights(model: onnx.ModelProto) -> None:
     from onnx import numpy_helper
 
     for init in model.graph.initializer:
-        if init.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16):
+        if init.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16) \
+                or uses_external_data(init):  # (not read yet: checked again once loaded)
             continue
         try:
             a = numpy_helper.to_array(init)
@@ -112,3 +114,26 @@ def check_resources(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, .
         raise UnsupportedModelError(f"the model's weights and inputs need {total / 2**30:.2f} GiB (about twice that "
                                     f"while compiling); {avail / 2**30:.2f} GiB of memory is available")
     check_finite_weights(model)
+
+
+def check_external_data(model: onnx.ModelProto, base_dir: str) -> None:
+    """Every initializer stored outside the model (``save_as_external_data``) names a file in
+    ``base_dir`` long enough for its bytes: a missing or truncated file is one clear error
+    before anything is read (onnx would raise, or read a short tensor)."""
+    for init in model.graph.initializer:
+        if not uses_external_data(init):
+            continue
+        try:
+            info = ExternalDataInfo(init)
+        except ValueError as err:
+            raise UnsupportedModelError(f"weight '{init.name}': bad external data entry ({err})") from None
+        need = (info.offset or 0) + (info.length if info.length is not None
+                                     else _elements(init.name, "weight", init.dims) * _itemsize(init.data_type))
+        path = os.path.join(base_dir, info.location)
+        if not info.location or not os.path.isfile(path):
+            raise UnsupportedModelError(f"weight '{init.name}': external data file '{info.location}' is missing "
+                                        f"(looked in {base_dir or '.'})")
+        size = os.path.getsize(path)
+        if size < need:
+            raise UnsupportedModelError(f"weight '{init.name}': external data file '{info.location}' holds {size} "
+                                        f"bytes; the model needs {need}")

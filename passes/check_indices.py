@@ -8,9 +8,9 @@ error; so must we, on every target.
 
 Contract
 - Input: Relax after constant folding. For each binding of one of those ops whose
-  index tensor is computed at run time, whose index shape is static and whose
-  indexed extents are static, the index argument becomes
-  ``call_tir(check_index_K, (x,))``: a kernel that copies ``x`` and, at the first
+  index tensor is computed at run time and whose index shape is known (static or
+  symbolic: dynamic ONNX dims), the index argument becomes
+  ``call_tir(check_index_K, (x, *symbolic_bounds))``: a kernel that copies ``x`` and, at the first
   element outside the allowed range, calls the packed function
   ``bscompile.index_error(prefix, value, lo, hi, suffix)`` (registered by
   :mod:`bscompile.runtime.module` and by the deploy runner), which raises
@@ -26,17 +26,22 @@ Contract
   indexing op's binding after its node).
 - Recurrent weight sites (calls of a site function of kind "recurrent", operand
   ``lens_operand``): a ``lens`` (ONNX ``sequence_lens``) computed at run time is checked
-  against ``[0, seq]``, as onnxruntime does; a reverse direction reads ``x[lens - 1]``.
+  against ``[0, seq]`` (a symbolic ``seq`` too), as onnxruntime does; a reverse direction
+  reads ``x[lens - 1]``. The frontend's "whole sequence" fill (``full``) is not checked.
 - Constant indices are checked now: out of range is an :class:`UnsupportedModelError`.
+- Symbolic dims: the kernel's buffers take fresh variables (bound at run time); a
+  symbolic indexed extent is an ``int64`` argument of the kernel. A constant index into
+  a symbolic extent is checked at run time.
 - ``device="cuda"``: device code cannot raise, so the index is wrapped and clamped
-  with Relax ops instead (memory-safe, no error).
-- Left alone: ``take`` in mode "wrap"/"clip" (in range by construction), dynamic
-  index shapes (``Compress``: indices from ``nonzero``, in range by construction),
-  unsigned dtypes' wrap (nothing to wrap), ops on symbolic extents.
+  with Relax ops instead (memory-safe, no error); ``lens`` is clamped by the kernels.
+- Left alone: ``take`` in mode "wrap"/"clip" (in range by construction), index tensors
+  of unknown shape, unsigned dtypes' wrap (nothing to wrap), on CUDA an index into a
+  symbolic extent (no constant to clamp to).
 """
 
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -54,33 +59,48 @@ tvm_ffi.register_error(UnsupportedModelError)  # keeps its class when raised thr
 
 _OP = {name: tvm.ir.Op.get(f"relax.{name}") for name in
        ("take", "gather_elements", "gather_nd", "scatter_elements", "scatter_nd", "where", "less", "add",
-        "reshape", "permute_dims", "squeeze", "expand_dims", "flatten", "astype")}
+        "reshape", "permute_dims", "squeeze", "expand_dims", "flatten", "astype", "full")}
 #: Ops that keep every index value (so an error can name the input it came from).
 _VALUE_KEEPING = ("reshape", "permute_dims", "squeeze", "expand_dims", "flatten", "astype")
 _ANONYMOUS = re.compile(r"(lv|gv)\d*$")
 
 
-def _static(shape) -> tuple[int, ...] | None:
-    try:
-        return tuple(int(d) for d in shape.values)
-    except (TypeError, AttributeError):
+Dim = int | tvm.ir.Expr
+
+
+def tensor_dims(shape) -> tuple[Dim, ...] | None:
+    """A tensor's dims, each an ``int`` when static (else its PrimExpr); None if its shape is unknown."""
+    values = getattr(shape, "values", None)
+    if values is None:
         return None
+    return tuple(int(d) if isinstance(d, tirx.IntImm) else d for d in values)
 
 
-def check_kernel(shape: tuple[int, ...], dtype: str, bounds: tuple[int, ...] = (), wrap: bool = False,
+def check_kernel(shape: tuple[Dim, ...], dtype: str, bounds: tuple[Dim, ...] = (), wrap: bool = False,
                  prefix: str = "", suffix: str = "") -> tirx.PrimFunc:
     """``y = x`` (wrapped if ``wrap``); element ``i`` must lie in ``[-b, b)`` (``[0, b)``),
     ``b = bounds[i % len(bounds)]`` (one bound per coordinate of ``gather_nd`` indices).
     Without ``bounds``: a plain copy, written as a flat loop so that TVM does not turn it
-    back into a reshape (a view), as ``OwnOutputs`` needs."""
-    n = int(np.prod(shape, dtype=np.int64))
+    back into a reshape (a view), as ``OwnOutputs`` needs.
+
+    Symbolic dims of ``shape`` become the kernel's own variables (bound by the buffers);
+    each symbolic bound becomes an ``int64`` parameter after ``x`` (the caller passes the
+    PrimExpr as an argument of ``call_tir``), so dynamic-shape models are checked too."""
+    shape = tuple(d if isinstance(d, int) else tirx.Var(f"n{i}", "int64") for i, d in enumerate(shape))
+    scalars = [tirx.Var(f"b{j}", "int64") for j, b in enumerate(bounds) if not isinstance(b, int)]
+    it = iter(scalars)
+    bounds = tuple(b if isinstance(b, int) else next(it) for b in bounds)
+    n = math.prod(shape)  # (an int, or a PrimExpr of the kernel's variables)
     k = len(bounds)
     checked = k > 0
 
-    def bound(i):  # a constant, or a select over the coordinate i % k
-        e = tirx.const(bounds[-1] if checked else 0, dtype)
+    def const(b):
+        return tirx.const(b, dtype) if isinstance(b, int) else b if dtype == "int64" else tirx.Cast(dtype, b)
+
+    def bound(i):  # a constant (or parameter), or a select over the coordinate i % k
+        e = const(bounds[-1] if checked else 0)
         for j in range(k - 2, -1, -1):
-            e = tirx.Select(i % k == j, tirx.const(bounds[j], dtype), e)
+            e = tirx.Select(i % k == j, const(bounds[j]), e)
         return e
 
     def low(i):
@@ -89,7 +109,7 @@ def check_kernel(shape: tuple[int, ...], dtype: str, bounds: tuple[int, ...] = (
     def wrapped(v, i):
         return tirx.Select(v < tirx.const(0, dtype), v + bound(i), v) if wrap else v
 
-    @T.prim_func(s_tir=True, private=True)
+    @T.prim_func(s_tir=True, private=True, check_well_formed=False)  # (free bound vars: params below)
     def check_index(x: T.Buffer(shape, dtype), y: T.Buffer(shape, dtype)):
         T.func_attr({"tir.noalias": True, "op_pattern": 8})
         with T.sblock("root"):
@@ -102,6 +122,10 @@ def check_kernel(shape: tuple[int, ...], dtype: str, bounds: tuple[int, ...] = (
                                                  T.Cast("int64", low(i)), T.Cast("int64", bound(i)), suffix))
                 yf[i] = wrapped(xf[i], i)
 
+    if scalars:  # (x, b0, ..., y): call_tir passes tensor and PrimExpr arguments, then outputs
+        params = list(check_index.params)
+        check_index = tirx.PrimFunc([params[0], *scalars, params[1]], check_index.body, check_index.ret_type,
+                                    check_index.attrs)
     return check_index
 
 
@@ -152,20 +176,20 @@ class _Guard(relax.PyExprMutator):
     def _rule(self, call: relax.Call):
         """(index argument position, bounds, whether the op wraps negatives itself) or None."""
         data = call.args[0]
-        shape = _static(getattr(data.ty, "shape", None))
+        shape = tensor_dims(getattr(data.ty, "shape", None))
         if shape is None:
             return None
         a = call.attrs
         if self._is(call, "take"):
             if a.mode != "fast":
                 return None
-            bound = int(np.prod(shape)) if a.axis is None else shape[int(a.axis) % len(shape)]
+            bound = math.prod(shape) if a.axis is None else shape[int(a.axis) % len(shape)]
             return 1, (bound,), False
         if self._is(call, "gather_elements") or self._is(call, "scatter_elements"):
             return 1, (shape[int(a.axis) % len(shape)],), self._is(call, "scatter_elements")
         if self._is(call, "gather_nd") or self._is(call, "scatter_nd"):
-            idx_shape = _static(call.args[1].ty.shape)
-            if not idx_shape:
+            idx_shape = tensor_dims(call.args[1].ty.shape)
+            if not idx_shape or not isinstance(idx_shape[-1], int):
                 return None
             start = int(a.batch_dims) if self._is(call, "gather_nd") else 0
             return 1, tuple(shape[start:start + idx_shape[-1]]), False
@@ -179,21 +203,39 @@ class _Guard(relax.PyExprMutator):
         site = attr(self.mod[call.op], SITE)
         return site if site is not None and site["kind"] == "recurrent" else None
 
+    def _caller_dim(self, call: relax.Call, name: str):
+        """The caller's value of the site function's symbolic dim ``name`` (None if no operand has it)."""
+        for param, arg in zip(self.mod[call.op].params, call.args):
+            dims, values = tensor_dims(getattr(param.ty, "shape", None)), tensor_dims(getattr(arg.ty, "shape", None))
+            for d, v in zip(dims or (), values or ()):
+                if isinstance(d, tirx.Var) and d.name == name:
+                    return v
+        return None
+
     def _guard_lengths(self, binding: relax.VarBinding, site: dict) -> bool:
         call, seq, pos = binding.value, site["seq"], site["lens_operand"]
         fields = list(call.args)
         lens = fields[pos]
-        shape = _static(getattr(lens.ty, "shape", None))
-        if (isinstance(lens, tvm.ir.expr.Constant) or shape is None or 0 in shape or self.device == "cuda"
-                or not isinstance(seq, int)):  # a symbolic length: the kernel clamps lens to [0, T]
+        shape = tensor_dims(getattr(lens.ty, "shape", None))
+        if isinstance(seq, str):  # a symbolic length: the caller's value of it
+            seq = self._caller_dim(call, seq)
+        filled = self._is(self._bound(lens), "full")  # the frontend's "whole sequence" lengths
+        if (isinstance(lens, tvm.ir.expr.Constant) or filled or shape is None or 0 in shape or seq is None
+                or self.device == "cuda"):  # (CUDA: the kernel clamps lens to [0, T])
             return False
-        kernel = check_kernel(shape, str(lens.ty.dtype), (seq + 1,), False,
-                              f"{self._source(lens)} holds sequence length ", "")
-        fields[pos] = self.builder_.emit(relax.call_tir(self.builder_.add_func(kernel, "check_index"), [lens],
-                                                        lens.ty))
+        checked = self._checked(lens, shape, str(lens.ty.dtype), (seq + 1,), False,
+                                f"{self._source(lens)} holds sequence length ", "")
+        fields[pos] = checked
         new = relax.Call(call.op, fields, call.attrs, call.ty_args)
         self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(new)))
         return True
+
+    def _checked(self, x, shape, dtype: str, bounds, wrap: bool, prefix: str, suffix: str) -> relax.Var:
+        """``call_tir(check_index, (x, symbolic bounds...))``."""
+        kernel = check_kernel(shape, dtype, bounds, wrap, prefix, suffix)
+        gvar = self.builder_.add_func(kernel, "check_index")
+        scalars = [b for b in bounds if not isinstance(b, int)]  # (PrimExprs are Relax arguments)
+        return self.builder_.emit(relax.call_tir(gvar, [x, *scalars], x.ty))
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         call = binding.value
@@ -209,22 +251,23 @@ class _Guard(relax.PyExprMutator):
         suffix = "" if _ANONYMOUS.match(node) else f" at node {node}"
         dtype = str(idx.ty.dtype)
         signed = not dtype.startswith("uint")
-        x = self._unwrapped(idx, bounds) if signed else None
+        static = all(isinstance(b, int) for b in bounds)
+        x = self._unwrapped(idx, bounds) if signed and static else None
         wrap = signed and (x is not None or native_wrap)
         x = idx if x is None else x
         dtype = str(x.ty.dtype)  # the unwrapped index may be wider than the op's (int64 token ids)
-        if isinstance(x, tvm.ir.expr.Constant):
+        if isinstance(x, tvm.ir.expr.Constant) and static:
             self._check_constant(x.value.numpy(), bounds, wrap, suffix)
             return super().visit_var_binding_(binding)
-        shape = _static(x.ty.shape)
+        shape = tensor_dims(x.ty.shape)
         if shape is None or not bounds or 0 in shape:  # (no element: nothing to check)
             return super().visit_var_binding_(binding)
         if self.device == "cuda":
+            if not static:  # (device code cannot raise; a symbolic bound has no Relax constant to clamp to)
+                return super().visit_var_binding_(binding)
             checked = self._clamped(x, bounds, wrap, dtype)
         else:
-            kernel = check_kernel(shape, dtype, bounds, wrap, f"{self._source(x)} holds index ", suffix)
-            gvar = self.builder_.add_func(kernel, "check_index")
-            checked = self.builder_.emit(relax.call_tir(gvar, [x], x.ty))
+            checked = self._checked(x, shape, dtype, bounds, wrap, f"{self._source(x)} holds index ", suffix)
         args = list(call.args)
         args[pos] = checked
         new = relax.Call(call.op, args, call.attrs, call.ty_args)

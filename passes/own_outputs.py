@@ -13,6 +13,7 @@ Contract
   ``flatten``, which TVM lowers to views) is a parameter, a constant, or the root of
   an earlier output is replaced by ``call_tir(copy_output_K, (y,))``, in a binding
   block after the function's last block.
+- Symbolic shapes too (the copy kernel takes them as its own variables).
 - Left alone: outputs computed by a kernel of their own (the usual case: still
   zero-copy), non-tensor outputs, functions other than ``main``, and every output
   for ``device="cuda"`` (results are copied to the host anyway, and the flat copy
@@ -24,16 +25,9 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from bscompile.passes.check_indices import check_kernel
+from bscompile.passes.check_indices import check_kernel, tensor_dims
 
 _VIEWS = tuple(tvm.ir.Op.get(f"relax.{name}") for name in ("reshape", "squeeze", "expand_dims", "flatten"))
-
-
-def _static(ty) -> tuple[int, ...] | None:
-    try:
-        return tuple(int(d) for d in ty.shape.values)
-    except (TypeError, AttributeError):
-        return None
 
 
 @tvm.transform.module_pass(opt_level=0, name="OwnOutputs")
@@ -76,7 +70,7 @@ class OwnOutputs:
                 f = item
             shared = (r in params or isinstance(r, tvm.ir.expr.Constant) or any(r.same_as(s) for s in seen))
             seen.append(r)
-            shape = _static(f.ty) if isinstance(f.ty, relax.TensorType) else None
+            shape = tensor_dims(f.ty.shape) if isinstance(f.ty, relax.TensorType) else None  # (symbolic too)
             if not shared or shape is None or 0 in shape:
                 new_fields.append(f)
                 continue

@@ -31,14 +31,18 @@ def pytest_runtest_makereport(item, call):
 
 @tvm.ir.instrument.pass_instrument
 class _WellFormedAfterBscompilePasses:
-    """relax.analysis.well_formed after every bscompile pass (TVM's own passes check themselves)."""
+    """relax.analysis.well_formed after every bscompile pass (TVM's own passes check themselves).
+    (In this TVM ``well_formed`` raises on the first violation and returns None.)"""
 
-    NAMES = {"CheckIndices", "Conv1dToMatmul", "OutlineLinearSites", "AnalyzeSparsity", "ChooseLayout",
-             "LowerWeightSites", "OwnOutputs"}
+    NAMES = {"CheckIndices", "Conv1dToMatmul", "OutlineDynamicSites", "OutlineLinearSites", "AnalyzeSparsity",
+             "ChooseLayout", "LowerWeightSites", "OwnOutputs"}
 
     def run_after_pass(self, mod, info):
         if info.name in self.NAMES:
-            relax.analysis.well_formed(mod)
+            try:
+                relax.analysis.well_formed(mod)
+            except Exception as err:
+                raise AssertionError(f"the IR after {info.name} is not well formed: {err}") from err
 
 
 @pytest.fixture(autouse=True)

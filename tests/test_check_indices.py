@@ -1,12 +1,16 @@
 """CheckIndices: data-dependent indices are checked at run time (TVM-style pass tests,
 then compiled ONNX models against onnxruntime and on out-of-range input)."""
 
+import shutil
+import subprocess
+import sys
+
 import numpy as np
 import onnx
 import pytest
 import tvm
 from onnx import TensorProto, helper
-from onnx_models import OPSET, ort_run
+from onnx_models import OPSET, gru_with_lens, ort_run
 from tvm.script import ir as I
 from tvm.script import relax as R
 from tvm.script import tirx as T
@@ -100,22 +104,111 @@ def test_unnormalised_index_is_checked_from_zero():
 
 
 def test_safe_indexing_is_left_alone():
-    """take in clip/wrap mode, constant in-range indices, symbolic index shapes."""
+    """take in clip/wrap mode, constant in-range indices."""
 
     @I.ir_module
     class Before:
         @R.function
-        def main(tokens: R.Tensor((1, 4), "int64"), dyn: R.Tensor(("n",), "int64")):
-            n = T.int64()
+        def main(tokens: R.Tensor((1, 4), "int64")):
             with R.dataflow():
                 a = R.take(R.const(W), tokens, axis=0, mode="clip")
                 b = R.take(R.const(W), tokens, axis=0, mode="wrap")
                 c = R.take(R.const(W), R.const(np.array([0, 4, 2], np.int64)), axis=0, mode="fast")
-                d = R.take(R.const(W), dyn, axis=0, mode="fast")
-                R.output(a, b, c, d)
-            return (a, b, c, d)
+                R.output(a, b, c)
+            return (a, b, c)
 
     tvm.ir.assert_structural_equal(CheckIndices()(Before), Before)
+
+
+def test_symbolic_index_shape_is_checked():
+    """Dynamic ONNX dims (``dynamic_axes``): the kernel takes the index's shape as its own variables."""
+
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(tokens: R.Tensor(("batch", "seq"), "int64")) -> R.Tensor(("batch", "seq", 2), "float32"):
+            batch, seq = T.int64(), T.int64()
+            with R.dataflow():
+                neg = R.less(tokens, R.const(0, "int64"))
+                shifted = R.add(tokens, R.const(5, "int64"))
+                idx = R.where(neg, shifted, tokens)
+                Gather_3 = R.take(R.const(W), idx, axis=0, mode="fast")
+                R.output(Gather_3)
+            return Gather_3
+
+    @I.ir_module
+    class Expected:
+        @T.prim_func(s_tir=True, private=True)
+        def check_index(var_x: T.handle, var_y: T.handle):
+            T.func_attr({"tir.noalias": True, "op_pattern": 8})
+            n0, n1 = T.int64(), T.int64()
+            x = T.match_buffer(var_x, (n0, n1), "int64")
+            y = T.match_buffer(var_y, (n0, n1), "int64")
+            with T.sblock("root"):
+                xf = T.decl_buffer((n0 * n1,), "int64", data=x.data)
+                yf = T.decl_buffer((n0 * n1,), "int64", data=y.data)
+                for i in range(n0 * n1):
+                    if xf[i] < T.int64(-5) or xf[i] >= T.int64(5):
+                        T.evaluate(T.call_packed("bscompile.index_error", "input 'tokens' holds index ",
+                                                 T.Cast("int64", xf[i]), T.Cast("int64", T.int64(-5)),
+                                                 T.Cast("int64", T.int64(5)), " at node Gather_3"))
+                    yf[i] = T.Select(xf[i] < T.int64(0), xf[i] + T.int64(5), xf[i])
+
+        @R.function
+        def main(tokens: R.Tensor(("batch", "seq"), "int64")) -> R.Tensor(("batch", "seq", 2), "float32"):
+            batch, seq = T.int64(), T.int64()
+            cls = Expected
+            with R.dataflow():
+                neg = R.less(tokens, R.const(0, "int64"))
+                shifted = R.add(tokens, R.const(5, "int64"))
+                idx = R.where(neg, shifted, tokens)  # dead: the pipeline's DCE drops it
+                checked = R.call_tir(cls.check_index, (tokens,), out_ty=R.Tensor((batch, seq), "int64"))
+                Gather_3 = R.take(R.const(W), checked, axis=0, mode="fast")
+                R.output(Gather_3)
+            return Gather_3
+
+    tvm.ir.assert_structural_equal(CheckIndices()(Before), Expected)
+
+
+def test_symbolic_extent_is_a_kernel_argument():
+    """Indexing a dynamic-dim tensor: its extent reaches the kernel as an int64 argument."""
+
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor(("n", 2), "float32"), idx: R.Tensor((3,), "int32")) -> R.Tensor((3, 2), "float32"):
+            n = T.int64()
+            with R.dataflow():
+                Gather_4 = R.take(x, idx, axis=0, mode="fast")
+                R.output(Gather_4)
+            return Gather_4
+
+    @I.ir_module
+    class Expected:
+        @T.prim_func(s_tir=True, private=True)
+        def check_index(x: T.Buffer((3,), "int32"), b0: T.int64, y: T.Buffer((3,), "int32")):
+            T.func_attr({"tir.noalias": True, "op_pattern": 8})
+            with T.sblock("root"):
+                xf = T.decl_buffer((3,), "int32", data=x.data)
+                yf = T.decl_buffer((3,), "int32", data=y.data)
+                for i in range(3):
+                    if xf[i] < 0 or xf[i] >= T.Cast("int32", b0):
+                        T.evaluate(T.call_packed("bscompile.index_error", "input 'idx' holds index ",
+                                                 T.Cast("int64", xf[i]), T.Cast("int64", 0),
+                                                 T.Cast("int64", T.Cast("int32", b0)), " at node Gather_4"))
+                    yf[i] = xf[i]
+
+        @R.function
+        def main(x: R.Tensor(("n", 2), "float32"), idx: R.Tensor((3,), "int32")) -> R.Tensor((3, 2), "float32"):
+            n = T.int64()
+            cls = Expected
+            with R.dataflow():
+                checked = R.call_tir(cls.check_index, (idx, n), out_ty=R.Tensor((3,), "int32"))
+                Gather_4 = R.take(x, checked, axis=0, mode="fast")
+                R.output(Gather_4)
+            return Gather_4
+
+    tvm.ir.assert_structural_equal(CheckIndices()(Before), Expected)
 
 
 def test_constant_index_out_of_range_is_a_compile_error():
@@ -216,9 +309,8 @@ def test_index_ops_match_onnxruntime_and_reject_out_of_range(op, compiled, rng):
             mod.run(feeds)
 
 
-def test_sequence_lengths_from_the_caller_are_checked(rng):
-    """A reverse GRU reads x[lens - 1]: lens outside [0, seq] was an out-of-bounds read (segfault)."""
-    seq, batch, inp, hid = 5, 2, 3, 4
+def _reverse_gru(rng, seq=5, batch=2, inp=3, hid=4) -> onnx.ModelProto:
+    """A reverse GRU fed ``sequence_lens``: it reads x[lens - 1 - t]."""
     inits = [onnx.numpy_helper.from_array(rng.standard_normal((1, 3 * hid, inp)).astype(np.float32), "W"),
              onnx.numpy_helper.from_array(rng.standard_normal((1, 3 * hid, hid)).astype(np.float32), "R")]
     node = helper.make_node("GRU", ["x", "W", "R", "", "lens"], ["y", "hn"], hidden_size=hid, direction="reverse",
@@ -226,7 +318,13 @@ def test_sequence_lengths_from_the_caller_are_checked(rng):
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [seq, batch, inp]),
                                             helper.make_tensor_value_info("lens", TensorProto.INT32, [batch])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [seq, 1, batch, hid])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+
+
+def test_sequence_lengths_from_the_caller_are_checked(rng):
+    """A reverse GRU reads x[lens - 1]: lens outside [0, seq] was an out-of-bounds read (segfault)."""
+    seq, batch, inp = 5, 2, 3
+    model = _reverse_gru(rng, seq, batch, inp)
     mod = bscompile.compile(model).load()
     x = rng.standard_normal((seq, batch, inp)).astype(np.float32)
     for lens in ([seq, 3], [0, 1]):
@@ -235,3 +333,36 @@ def test_sequence_lengths_from_the_caller_are_checked(rng):
     for bad in (seq + 1, -1, 10**9):
         with pytest.raises(InputError, match=rf"^input 'lens' holds sequence length {bad} outside \[0, {seq + 1}\)$"):
             mod.run({"x": x, "lens": np.array([1, bad], np.int32)})
+
+
+def test_sequence_lengths_with_a_symbolic_sequence_are_checked(rng):
+    """A dynamic-axes GRU (symbolic time and batch): lens > time used to be clamped silently by the
+    CPU kernel (onnxruntime refuses it); now it is the same error as for a static sequence."""
+    model = gru_with_lens(rng, hidden=8, inp=4)
+    mod = bscompile.compile(model).load()
+    seq, batch = 5, 3
+    x = rng.standard_normal((seq, batch, 4)).astype(np.float32)
+    for lens in ([seq, 2, 0], [1, seq, 3]):
+        feeds = {"x": x, "lens": np.array(lens, np.int32)}
+        np.testing.assert_allclose(mod.run(feeds)["y"], ort_run(model, feeds)["y"], rtol=1e-4, atol=1e-5)
+    for bad in (seq + 1, -1, 10**9):
+        with pytest.raises(InputError, match=rf"^input 'lens' holds sequence length {bad} outside \[0, {seq + 1}\)$"):
+            mod.run({"x": x, "lens": np.array([1, bad, 2], np.int32)})
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="the CUDA emulator compiles kernels with g++")
+def test_cuda_clamps_sequence_lengths(rng, tmp_path):
+    """CUDA kernels cannot raise: lens > seq is clamped to seq. Before, the reverse direction read
+    x[lens - 1 - t] out of bounds (a wrong answer on the emulator, garbage on a GPU)."""
+    seq, batch, inp = 5, 2, 4
+    model = _reverse_gru(rng, seq, batch, inp, hid=8)
+    bscompile.compile(model, target="cuda").export(tmp_path / "g.bsc")
+    x = rng.standard_normal((seq, batch, inp)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "lens.npy", np.array([seq + 1000, 3], np.int32))
+    proc = subprocess.run([sys.executable, "-m", "bscompile.cli", "run", str(tmp_path / "g.bsc"), "--emulate",
+                           "--input", f"x={tmp_path / 'x.npy'}", "--input", f"lens={tmp_path / 'lens.npy'}",
+                           "--output", str(tmp_path / "y.npz")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    want = ort_run(model, {"x": x, "lens": np.array([seq, 3], np.int32)})["y"]
+    np.testing.assert_allclose(np.load(tmp_path / "y.npz")["y"], want, rtol=1e-4, atol=1e-5)

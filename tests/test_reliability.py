@@ -5,13 +5,14 @@ exit 2, never an internal error, a signal, a traceback or a wrong answer."""
 import hashlib
 import io
 import json
+import re
 import tarfile
 
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from onnx_models import OPSET, mlp
+from onnx_models import OPSET, mlp, ort_run
 from test_cli_and_artifact import run_cli
 
 import bscompile
@@ -201,3 +202,57 @@ def test_undefined_element_type_is_refused():
     model = _graph_model([helper.make_node("Relu", ["x"], ["y"], name="r")], [bad], [Y])
     with pytest.raises(UnsupportedModelError, match="unsupported tensor element type 0"):
         bscompile.compile(model)
+
+
+def test_out_of_range_token_with_dynamic_axes_is_one_error(tmp_path, capsys, rng):
+    """An embedding exported with dynamic axes (symbolic batch and seq): the index check used to
+    be skipped for symbolic shapes, so an out-of-range token id was an out-of-bounds read again."""
+    vocab, dim = 11, 4
+    inits = [numpy_helper.from_array(rng.standard_normal((vocab, dim)).astype(np.float32), "E"),
+             numpy_helper.from_array(rng.standard_normal((dim, 6)).astype(np.float32), "W")]
+    model = _graph_model([helper.make_node("Gather", ["E", "tokens"], ["e"], name="embed/Gather_3", axis=0),
+                          helper.make_node("MatMul", ["e", "W"], ["y"], name="mm")],
+                         [helper.make_tensor_value_info("tokens", TensorProto.INT64, ["batch", "seq"])],
+                         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 6])], inits)
+    bscompile.compile(model).export(tmp_path / "emb.bsc")
+    mod = bscompile.load(tmp_path / "emb.bsc")
+    for shape in ((2, 5), (1, 3)):
+        ids = rng.integers(-vocab, vocab, shape)
+        ids.flat[:2] = (-vocab, vocab - 1)  # both ends of the range, negative ids with ONNX semantics
+        np.testing.assert_allclose(mod.run({"tokens": ids})["y"], ort_run(model, {"tokens": ids})["y"],
+                                   rtol=1e-5, atol=1e-6)
+    message = rf"input 'tokens' holds index {{}} outside \[-{vocab}, {vocab}\) at node embed_Gather_3"
+    for bad in (vocab, -vocab - 1, 10**9):
+        ids = rng.integers(0, vocab, (3, 7))
+        ids[1, 4] = bad
+        with pytest.raises(InputError, match="^" + message.format(bad) + "$"):
+            mod.run({"tokens": ids})
+        np.save(tmp_path / "ids.npy", ids)
+        assert main(["run", str(tmp_path / "emb.bsc"), "--input", f"tokens={tmp_path / 'ids.npy'}"]) == 2
+        assert re.fullmatch("bscompile: error: " + message.format(bad), one_error_line(capsys.readouterr().err))
+
+
+def test_external_data_is_checked_before_it_is_read(files, tmp_path, monkeypatch, capsys):
+    """Weights in a separate file: a missing or short file is one line, and the memory limit
+    is applied (from the dims) before any external byte is read."""
+    model = onnx.load(files / "mlp.onnx")
+    onnx.save(onnx.load(files / "mlp.onnx"), tmp_path / "m.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+              location="w.bin", size_threshold=0)
+    data = (tmp_path / "w.bin").read_bytes()
+    x = np.load(files / "x.npy")
+    out = bscompile.compile(tmp_path / "m.onnx").load().run({"x": x})["y"]
+    np.testing.assert_allclose(out, ort_run(model, {"x": x})["y"], rtol=1e-5, atol=1e-5)
+    (tmp_path / "w.bin").write_bytes(data[:len(data) // 2])
+    assert main(["compile", str(tmp_path / "m.onnx")]) == 2
+    assert re.search(r"external data file 'w.bin' holds \d+ bytes; the model needs \d+$",
+                     one_error_line(capsys.readouterr().err))
+    (tmp_path / "w.bin").unlink()
+    assert main(["compile", str(tmp_path / "m.onnx")]) == 2
+    assert "external data file 'w.bin' is missing" in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "m.bsc").exists()
+    (tmp_path / "w.bin").write_bytes(data)
+    monkeypatch.setattr(limits, "available_memory", lambda: 1024)
+    monkeypatch.setattr(onnx.external_data_helper, "_read_external_data_bytes",
+                        lambda *a: pytest.fail("external data read before the memory check"))
+    with pytest.raises(UnsupportedModelError, match=r"of memory is available"):
+        bscompile.compile(tmp_path / "m.onnx")

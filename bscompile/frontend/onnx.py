@@ -17,13 +17,14 @@ import numpy as np
 import onnx
 import tvm
 from onnx import numpy_helper
+from onnx.external_data_helper import load_external_data_for_model, uses_external_data
 from tvm import relax
 from tvm.relax.frontend.onnx import onnx_frontend as tvm_onnx
 
 from bscompile.errors import BscompileError, UnsupportedModelError
 from bscompile.frontend.loops import LOOP_OPS, convert_loop
 from bscompile.frontend.recurrent import convert_recurrent
-from bscompile.limits import check_resources
+from bscompile.limits import check_external_data, check_resources
 from bscompile.sites import WEIGHT_NAMES, TensorSpec, dim_of, fingerprint
 
 RECURRENT_OPS = {"GRU": "gru", "LSTM": "lstm", "RNN": "rnn"}
@@ -45,11 +46,20 @@ def load_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     if not os.path.exists(path):
         raise BscompileError(f"no such file: {path}")
     try:
-        proto = onnx.load(path)
+        proto = onnx.load(path, load_external_data=False)
     except Exception as err:  # protobuf raises several types for garbage input
         raise BscompileError(f"{path} is not an ONNX model ({type(err).__name__})") from None
     if not proto.graph.node:
         raise BscompileError(f"{path} is not an ONNX model (no graph nodes)")
+    if any(uses_external_data(t) for t in proto.graph.initializer):
+        # files present and long enough, weights within memory (by their dims) before reading them
+        base = os.path.dirname(path)
+        check_external_data(proto, base)
+        check_resources(proto, {})
+        try:
+            load_external_data_for_model(proto, base)
+        except Exception as err:  # (a location outside the model's folder, unreadable files)
+            raise BscompileError(f"{path}: cannot read its external data ({_first_line(err)})") from None
     return proto
 
 
