@@ -39,8 +39,8 @@ import tvm
 from tvm.script import tirx as T
 
 from bscompile.codegen.cpu_cost import KernelShape, MachineModel, estimate_time
-from bscompile.codegen.dynamic_layout import GATE_ROWS, DynamicShape
-from bscompile.codegen.family import Generator
+from bscompile.codegen.dynamic_layout import GATE_ROWS, DynamicShape, tile_panel
+from bscompile.codegen.family import Bucket, Generator, static_dim
 
 #: Multiply-adds below which the kernel runs on one thread (a sleeping pool's wake-up
 #: costs tens of microseconds).
@@ -100,14 +100,20 @@ def default_schedule(shape: DynamicShape, m: int, vector_lanes: int = 8, threads
     return DynamicSchedule(mt, rt, chunks, gate_parallel=chunks > 1 and m > 4)
 
 
-def dynamic_linear_kernel(in_features: int, out_features: int, block: int, k: int, m: int,
-                          schedule: DynamicSchedule, n_alive: int | None = None) -> tvm.tirx.PrimFunc:
+#: ``(lowest m, highest m or None, schedule)``: which schedule a kernel runs for which m
+#: (the buckets of :data:`codegen.family.M_BUCKETS`, as ``LowerWeightSites`` completes them).
+Cases = tuple
+
+
+def dynamic_linear_kernel(in_features: int, out_features: int, block: int, k: int, m: int | None,
+                          schedule, n_alive: int | None = None) -> tvm.tirx.PrimFunc:
     """The PrimFunc of one dynamic site, arguments (all float32, C-contiguous):
 
     - ``x[m, in]``;
     - ``tiles``: ``W[out, in]`` packed by :func:`dynamic_layout.pack_tiles` with
-      ``panel = schedule.rows_tile``: ``[nbo, nbi, bs, bs]`` when ``rows_tile == bs``,
-      else ``[nbo, nbi, bs / rows_tile, bs, rows_tile]`` (the packing follows the schedule);
+      ``panel = tile_panel(schedules)`` (the narrowest ``rows_tile`` of the schedules):
+      ``[nbo, nbi, bs, bs]`` when that is ``bs``, else ``[nbo, nbi, bs / panel, bs, panel]``
+      (the packing follows the schedules);
     - ``gate_w[ng, in, GATE_ROWS]``: ``Wg[N, in]`` packed by :func:`dynamic_layout.pack_gate`,
       ``ng = ceil(N / GATE_ROWS)``;
     - ``gate_b[ng * GATE_ROWS]``: :func:`dynamic_layout.pad_gate_bias` (``-inf`` on
@@ -115,31 +121,114 @@ def dynamic_linear_kernel(in_features: int, out_features: int, block: int, k: in
     - ``bias[out]`` (zeros for a site without bias);
     - ``y[m, out]``, the output.
 
-    ``k`` counts selected tiles per row (``keep_count(keep, n_alive)``); ``n_alive`` is
-    the number of tiles a static block mask keeps (default ``N``), the normaliser of ``r``.
+    ``m`` is the static number of rows, or None for a symbolic one; ``schedule`` is one
+    :class:`DynamicSchedule`, or the cases ``((lo, hi, schedule), ...)`` the kernel
+    dispatches on at run time (an if-chain on m, as :mod:`codegen.cpu`'s kernels; a case
+    of one size, ``lo == hi``, is generated for that static m). ``k`` counts selected
+    tiles per row (``keep_count(keep, n_alive)``); ``n_alive`` is the number of tiles a
+    static block mask keeps (default ``N``), the normaliser of ``r``.
     """
     shape = DynamicShape(in_features, out_features, block, k)
     n_alive = shape.num_tiles if n_alive is None else n_alive
     if not k <= n_alive <= shape.num_tiles:
         raise ValueError(f"n_alive = {n_alive} must be in [k = {k}, N = {shape.num_tiles}]")
-    return _kernel(shape, m, schedule, n_alive)
+    if isinstance(schedule, DynamicSchedule):
+        schedule = ((m or 1, m, schedule),)
+    return _kernel(shape, m, tuple(schedule), n_alive)
+
+
+def _dispatch(m, cases: Cases, bodies: list):
+    """One macro ``(x, tiles, gate_w, gate_b, bias, y)`` running ``bodies[i]`` for the m of ``cases[i]``."""
+    if isinstance(m, int):
+        return next(b for (lo, hi, _), b in zip(cases, bodies) if lo <= m and (hi is None or m <= hi))
+    if len(bodies) == 1:
+        return bodies[0]
+    first, rest, hi = bodies[0], _dispatch(m, cases[1:], bodies[1:]), cases[0][1]
+
+    @T.macro
+    def pick(x, tiles, gate_w, gate_b, bias, y):
+        if m <= hi:
+            first(x, tiles, gate_w, gate_b, bias, y)
+        else:
+            rest(x, tiles, gate_w, gate_b, bias, y)
+
+    return pick
 
 
 @functools.lru_cache(maxsize=64)
-def _kernel(shape: DynamicShape, m: int, sched: DynamicSchedule, n_alive: int) -> tvm.tirx.PrimFunc:
-    if m % sched.m_tile or shape.block % sched.rows_tile:
-        raise ValueError(f"schedule {sched} does not tile m={m}, block={shape.block}")
-    fin, fout, bs, k = shape.in_features, shape.out_features, shape.block, shape.k
+def _kernel(shape: DynamicShape, m_static: int | None, cases: Cases, n_alive: int) -> tvm.tirx.PrimFunc:
+    fin, fout, bs = shape.in_features, shape.out_features, shape.block
+    nbi, nbo = shape.nbi, shape.nbo
+    ng = -(-shape.num_tiles // GATE_ROWS)
+    panel = tile_panel([sc for _, _, sc in cases])
+    for _, _, sc in cases:
+        if bs % sc.rows_tile or sc.rows_tile % panel:
+            raise ValueError(f"schedule {sc} does not tile block={bs} in panels of {panel}")
+    npan = bs // panel
+    m = m_static if m_static is not None else tvm.tirx.Var("m", "int32")
+    bodies = [_body(shape, lo if lo == hi else m, sc, n_alive, panel) for lo, hi, sc in cases]
+    run = _dispatch(m, cases, bodies)
+    tile_shape = (nbo, nbi, bs, bs) if npan == 1 else (nbo, nbi, npan, bs, panel)
+
+    @T.prim_func(s_tir=True)
+    def dynamic_linear(x_h: T.handle, tiles_in: T.Buffer(tile_shape, "float32"),
+                       gate_w: T.Buffer((ng, fin, GATE_ROWS), "float32"),
+                       gate_b: T.Buffer((ng * GATE_ROWS,), "float32"), bias: T.Buffer((fout,), "float32"),
+                       y_h: T.handle):
+        T.func_attr({"tir.noalias": True})
+        x = T.match_buffer(x_h, (m, fin), "float32")
+        y = T.match_buffer(y_h, (m, fout), "float32")
+        tiles = T.decl_buffer((nbo, nbi, npan, bs, panel), "float32", data=tiles_in.data)  # panel view
+        run(x, tiles, gate_w, gate_b, bias, y)
+
+    return dynamic_linear.without_attr("global_symbol")
+
+
+def _gate_macro(fin: int, gm: int):
+    """g[r0 + rows, group grp] = x @ Wg[group].T + bg for ``ngroups`` groups of ``gm`` rows from
+    ``r0``; ``gq`` chains over the inputs so FMAs overlap their latency."""
+    gq = max(d for d in range(1, max(1, 8 // gm) + 1) if fin % d == 0)
+
+    @T.macro
+    def gate_rows(x, gate_w, gate_b, g, grp, r0, ngroups):
+        for mo in T.serial(ngroups):
+            gacc = T.alloc_buffer((gq, gm, GATE_ROWS), "float32")
+            for c in T.unroll(gq):
+                for j in T.unroll(gm):
+                    for v in T.vectorized(GATE_ROWS):
+                        gacc[c, j, v] = T.float32(0)
+            for io in T.serial(fin // gq):
+                for c in T.unroll(gq):
+                    for j in T.unroll(gm):
+                        xv = T.Bind(x[r0 + mo * gm + j, io * gq + c])
+                        for v in T.vectorized(GATE_ROWS):
+                            gacc[c, j, v] = gacc[c, j, v] + gate_w[grp, io * gq + c, v] * xv
+            for j in T.unroll(gm):
+                row = T.Bind(r0 + mo * gm + j)
+                for v in T.vectorized(GATE_ROWS):
+                    g[row, grp * GATE_ROWS + v] = gate_b[grp * GATE_ROWS + v] + gacc[0, j, v]
+                for c in T.serial(gq - 1):
+                    for v in T.vectorized(GATE_ROWS):
+                        g[row, grp * GATE_ROWS + v] = g[row, grp * GATE_ROWS + v] + gacc[c + 1, j, v]
+
+    return gate_rows
+
+
+def _body(shape: DynamicShape, m, sched: DynamicSchedule, n_alive: int, panel: int):
+    """The whole kernel for ``m`` rows (an int, or the kernel's symbolic m) under one schedule:
+    a macro ``(x, tiles, gate_w, gate_b, bias, y)`` over the panel view of the tiles."""
+    fin, bs, k = shape.in_features, shape.block, shape.k
     nbi, nbo, n_tiles = shape.nbi, shape.nbo, shape.num_tiles
     ng = -(-n_tiles // GATE_ROWS)
     mt, rt, chunks = sched.m_tile, sched.rows_tile, sched.chunks
-    m_pad = -(-m // mt) * mt
-    nrt = bs // rt
-    # gate: row groups of up to 4, chains over the inputs so FMAs overlap their latency
-    gmt = max(d for d in range(1, 5) if m % d == 0)
-    gq = max(d for d in range(1, max(1, 8 // gmt) + 1) if fin % d == 0)
+    static = isinstance(m, int)
+    m_pad = (m + mt - 1) // mt * mt
+    nrt, rp = bs // rt, rt // panel  # register tiles per tile row, panels per register tile
+    # gate: row groups of up to 4 (dividing a static m), then single rows
+    gmt = max(d for d in range(1, 5) if m % d == 0) if static else 4
+    gate_main, gate_tail = _gate_macro(fin, gmt), _gate_macro(fin, 1)
     chunk_loop = T.parallel if chunks > 1 else T.serial
-    dense_groups = m // mt  # groups of a masked dense tile
+    dense_groups = (m + mt - 1) // mt  # groups of a masked dense tile (the last one padded)
     # masked dense when gathered groups * 1 >= dense_fraction * union * dense_groups (integer test)
     frac_num = int(round(sched.dense_fraction * 1024))
 
@@ -164,8 +253,8 @@ def _kernel(shape: DynamicShape, m: int, sched: DynamicSchedule, n_alive: int) -
 
     @T.macro
     def tile_group(tiles, x, acc_y, lrow, lscale, ob, ib, u, j0, rc, pf_ob, pf_ib, first):
-        """acc_y[rows] += scale * (x[rows, ib-block] @ tile[:, rc-slice]) for one row group;
-        the first group of a tile prefetches tile (pf_ob, pf_ib)."""
+        """acc_y[rows] += scale * (x[rows, ib-block] @ tile[:, rc-slice]) for one row group
+        (``rp`` panels wide); the first group of a tile prefetches tile (pf_ob, pf_ib)."""
         acc = T.alloc_buffer((mt, rt), "float32")
         for j in T.unroll(mt):
             for q in T.vectorized(rt):
@@ -174,31 +263,15 @@ def _kernel(shape: DynamicShape, m: int, sched: DynamicSchedule, n_alive: int) -
             prefetch_row(tiles, pf_ob, pf_ib, p, first)
             for j in T.unroll(mt):
                 xv = T.Bind(x[lrow[ob, u, j0 + j], ib * bs + p])
-                for q in T.vectorized(rt):
-                    acc[j, q] = acc[j, q] + tiles[ob, ib, rc, p, q] * xv
+                for pc in T.unroll(rp):
+                    for q in T.vectorized(panel):
+                        acc[j, pc * panel + q] = acc[j, pc * panel + q] + tiles[ob, ib, rc * rp + pc, p, q] * xv
         flush(acc, acc_y, lrow, lscale, ob, u, j0, rc, mt)
 
     @T.macro
     def gate_group(x, gate_w, gate_b, g, grp):
-        """g[:, grp*GATE_ROWS : +GATE_ROWS] = x @ Wg[group].T + bg, gq chains over the inputs."""
-        for mo in T.serial(m // gmt):
-            gacc = T.alloc_buffer((gq, gmt, GATE_ROWS), "float32")
-            for c in T.unroll(gq):
-                for j in T.unroll(gmt):
-                    for v in T.vectorized(GATE_ROWS):
-                        gacc[c, j, v] = T.float32(0)
-            for io in T.serial(fin // gq):
-                for c in T.unroll(gq):
-                    for j in T.unroll(gmt):
-                        xv = T.Bind(x[mo * gmt + j, io * gq + c])
-                        for v in T.vectorized(GATE_ROWS):
-                            gacc[c, j, v] = gacc[c, j, v] + gate_w[grp, io * gq + c, v] * xv
-            for j in T.unroll(gmt):
-                for v in T.vectorized(GATE_ROWS):
-                    g[mo * gmt + j, grp * GATE_ROWS + v] = gate_b[grp * GATE_ROWS + v] + gacc[0, j, v]
-                for c in T.serial(gq - 1):
-                    for v in T.vectorized(GATE_ROWS):
-                        g[mo * gmt + j, grp * GATE_ROWS + v] = g[mo * gmt + j, grp * GATE_ROWS + v] + gacc[c + 1, j, v]
+        gate_main(x, gate_w, gate_b, g, grp, 0, m // gmt)
+        gate_tail(x, gate_w, gate_b, g, grp, m // gmt * gmt, m % gmt)
 
     @T.macro
     def selection(g, kth, scale, st):
@@ -268,14 +341,16 @@ def _kernel(shape: DynamicShape, m: int, sched: DynamicSchedule, n_alive: int) -
                 if u < st[3]:
                     st[0] = st[0] + ugroups[ob, u]
             if st[0] * 1024 >= frac_num * st[3] * dense_groups and st[3] > 0:
-                # masked dense over the union tiles: every row, in order, scale 0 if not selected
+                # masked dense over the union tiles: every row in order (the last group padded
+                # with the last row), scale 0 where not selected
                 for u in T.serial(nbi):
                     if u < st[3]:
-                        for b in T.serial(m):
+                        for b in T.serial(m_pad):
                             n_ = T.Bind(utile[ob, u] * nbo + ob)
-                            lrow[ob, u, b] = b
-                            lscale[ob, u, b] = T.if_then_else(g[b, n_] >= kth[b], g[b, n_] / scale[b],
-                                                              T.float32(0))
+                            row = T.Bind(T.min(b, m - 1))
+                            lrow[ob, u, b] = row
+                            lscale[ob, u, b] = T.if_then_else(b < m and g[row, n_] >= kth[row],
+                                                              g[row, n_] / scale[row], T.float32(0))
                         ugroups[ob, u] = dense_groups
                 st[0] = st[3] * dense_groups
             wpre[ob + 1] = wpre[ob] + st[0] + 1
@@ -320,18 +395,12 @@ def _kernel(shape: DynamicShape, m: int, sched: DynamicSchedule, n_alive: int) -
     # or (gate_parallel, or serial) phases 1 and 4 are one loop each and phases 2-3 run
     # once in between. The chunk a product loop multiplies is ``ch + c2``: one is always 0.
     one_launch = chunks > 1 and not sched.gate_parallel
-    tile_shape = (nbo, nbi, bs, bs) if nrt == 1 else (nbo, nbi, nrt, bs, rt)
     outer_loop, outer = (T.parallel, chunks) if one_launch else (T.serial, 1)
     inner_loop, inner = (T.serial, 1) if one_launch else (chunk_loop, chunks)
     gate_loop = T.parallel if sched.gate_parallel and not one_launch else T.serial
 
-    @T.prim_func(s_tir=True)
-    def dynamic_linear(x: T.Buffer((m, fin), "float32"), tiles_in: T.Buffer(tile_shape, "float32"),
-                       gate_w: T.Buffer((ng, fin, GATE_ROWS), "float32"),
-                       gate_b: T.Buffer((ng * GATE_ROWS,), "float32"), bias: T.Buffer((fout,), "float32"),
-                       y: T.Buffer((m, fout), "float32")):
-        T.func_attr({"tir.noalias": True})
-        tiles = T.decl_buffer((nbo, nbi, nrt, bs, rt), "float32", data=tiles_in.data)  # panel view
+    @T.macro
+    def body(x, tiles, gate_w, gate_b, bias, y):
         for ch in outer_loop(outer):
             g = T.alloc_buffer((m, ng * GATE_ROWS), "float32")
             kth = T.alloc_buffer((m,), "float32")
@@ -351,7 +420,7 @@ def _kernel(shape: DynamicShape, m: int, sched: DynamicSchedule, n_alive: int) -
             for c2 in inner_loop(inner):
                 product(tiles, x, bias, y, lrow, lscale, utile, ugroups, ucnt, bounds[ch + c2], bounds[ch + c2 + 1])
 
-    return dynamic_linear.without_attr("global_symbol")
+    return body
 
 
 class DynamicGenerator(Generator):
@@ -362,6 +431,8 @@ class DynamicGenerator(Generator):
     independent rows -- streamed once, with ``m * k`` tile products of FMAs, both on the
     block-row model of :mod:`codegen.cpu_cost`."""
 
+    symbolic_m = True
+
     def __init__(self, machine: MachineModel):
         self.machine = machine
 
@@ -370,17 +441,27 @@ class DynamicGenerator(Generator):
         out_f, in_f = site["shape"]
         return DynamicShape(in_f, out_f, site["block"], site["k"])
 
-    def kernel(self, site: dict, mats: list, scheds: list[DynamicSchedule]) -> tvm.tirx.PrimFunc:
+    def kernel(self, site: dict, mats: list, buckets: list[Bucket]) -> tvm.tirx.PrimFunc:
+        """Dispatches on a symbolic m over ``buckets`` (one schedule each); a static m has one bucket."""
         out_f, in_f = site["shape"]
-        return dynamic_linear_kernel(in_f, out_f, site["block"], site["k"], site["m"], scheds[0], site["n_alive"])
+        cases = tuple((b.lo, b.hi, b.schedules[0]) for b in buckets)
+        return dynamic_linear_kernel(in_f, out_f, site["block"], site["k"], static_dim(site["m"]), cases,
+                                     site["n_alive"])
 
     def default_schedule(self, site: dict, stats, m: int) -> DynamicSchedule:
         return default_schedule(self._shape(site), m, self.machine.lanes)
 
     def schedule_space(self, site: dict, mat, m: int) -> list[DynamicSchedule]:
+        """The default, the masked dense fallback off (``dense_fraction`` 2) and always on (0),
+        the other panel width, software prefetch, and serial."""
         base = self.default_schedule(site, None, m)
-        out = [base, dataclasses.replace(base, prefetch=True)]
-        out += [dataclasses.replace(base, dense_fraction=f) for f in (0.5, 2.0) if f != base.dense_fraction]
+        out = [base] + [dataclasses.replace(base, dense_fraction=f) for f in (2.0, 0.0) if f != base.dense_fraction]
+        bs, lanes = site["block"], self.machine.lanes
+        for rt in (2 * lanes, 4 * lanes) if m > 1 else ():
+            if rt != base.rows_tile and bs % rt == 0:
+                regs = _acc_registers(lanes) // (rt // lanes)
+                out.append(dataclasses.replace(base, rows_tile=rt, m_tile=max(1, min(base.m_tile, regs))))
+        out.append(dataclasses.replace(base, prefetch=True))
         if base.chunks > 1:
             out.append(dataclasses.replace(base, chunks=1, gate_parallel=False))
         return out
