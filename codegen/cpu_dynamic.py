@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass
 
 import tvm
@@ -41,6 +42,9 @@ from tvm.script import tirx as T
 from bscompile.codegen.cpu_cost import KernelShape, MachineModel, estimate_time
 from bscompile.codegen.dynamic_layout import GATE_ROWS, DynamicShape, tile_panel
 from bscompile.codegen.family import Bucket, Generator, static_dim
+
+#: Seconds per step of the scalar selection and list loops (the machine models have no scalar rate).
+_SCALAR_S = 0.5e-9
 
 #: Multiply-adds below which the kernel runs on one thread (a sleeping pool's wake-up
 #: costs tens of microseconds).
@@ -62,8 +66,12 @@ class DynamicSchedule:
     #: True: the gate is its own parallel launch and selection runs once on the caller;
     #: False with chunks > 1: one launch, every thread computes gate and selection itself
     gate_parallel: bool
-    #: per output block: masked dense product when gathered work >= this x its cost
-    dense_fraction: float = 0.9
+    #: per output block: the masked dense product when the gathered row groups are at least
+    #: this fraction of its groups. 1.0: only when gathering saves no group (same FMAs, rows
+    #: in order, no padding by repeated rows); below 1 it would trade FMAs for order, above
+    #: 1 it is off. (0.9 measured slower than off at batch 2 in an interleaved benchmark in
+    #: which each kernel ran right after another on the same input; see bench/dynamic.py.)
+    dense_fraction: float = 1.0
     #: while multiplying a tile, prefetch the next one row by row (the tiles of a list are
     #: scattered, so the hardware prefetcher restarts at every tile); off by default: it
     #: measured slower on an AMD EPYC (Zen 4); left for the tuner and other cores
@@ -452,16 +460,19 @@ class DynamicGenerator(Generator):
         return default_schedule(self._shape(site), m, self.machine.lanes)
 
     def schedule_space(self, site: dict, mat, m: int) -> list[DynamicSchedule]:
-        """The default, the masked dense fallback off (``dense_fraction`` 2) and always on (0),
-        the other panel width, software prefetch, and serial."""
+        """The default, the masked dense fallback off (``dense_fraction`` 2) and taken earlier
+        (0.5), the other panel width, software prefetch, and serial."""
         base = self.default_schedule(site, None, m)
-        out = [base] + [dataclasses.replace(base, dense_fraction=f) for f in (2.0, 0.0) if f != base.dense_fraction]
+        out = [base]
+        if m > 1:  # (at m = 1 both products are the same)
+            out += [dataclasses.replace(base, dense_fraction=f) for f in (2.0, 0.5) if f != base.dense_fraction]
         bs, lanes = site["block"], self.machine.lanes
         for rt in (2 * lanes, 4 * lanes) if m > 1 else ():
             if rt != base.rows_tile and bs % rt == 0:
                 regs = _acc_registers(lanes) // (rt // lanes)
                 out.append(dataclasses.replace(base, rows_tile=rt, m_tile=max(1, min(base.m_tile, regs))))
-        out.append(dataclasses.replace(base, prefetch=True))
+        if m == 1:
+            out.append(dataclasses.replace(base, prefetch=True))
         if base.chunks > 1:
             out.append(dataclasses.replace(base, chunks=1, gate_parallel=False))
         return out
@@ -470,12 +481,23 @@ class DynamicGenerator(Generator):
         return DynamicSchedule(**d)
 
     def estimate_time(self, site: dict, stats, m: int) -> float:
+        """The default schedule at ``m`` on the machine model: the union of the rows' selections
+        (``1 - (1 - k/n_alive)^m`` of the live tiles for independent rows) and the gate weights
+        stream from memory once; per union tile, the row groups it is multiplied for (its rows,
+        ``m k / union`` on average, in groups of ``m_tile``, at most the masked dense product's
+        ``ceil(m / m_tile)``); the selection is ``O(m N)`` scalar work."""
         shape = self._shape(site)
-        n_tiles, bs = shape.num_tiles, shape.block
-        union = round(n_tiles * (1 - (1 - shape.k / n_tiles) ** m))
-        gate_rows = -(-n_tiles // GATE_ROWS)
-        lanes = self.machine.lanes
-        gate = KernelShape(gate_rows, GATE_ROWS, shape.in_features, gate_rows, m, 1, shape.in_features, n_tiles)
-        tiles = KernelShape(max(union, 1), bs, bs, shape.nbo, 1, 1, shape.in_features, shape.out_features)
-        t_tiles = estimate_time(tiles, self.machine) * max(1.0, m * shape.k / max(union, 1) * lanes / bs)
-        return estimate_time(gate, self.machine) + t_tiles
+        sched = self.default_schedule(site, None, m)
+        mach, bs, n, lanes = self.machine, shape.block, shape.num_tiles, self.machine.lanes
+        n_alive = site.get("n_alive", n)
+        union = max(n_alive * (1 - (1 - shape.k / n_alive) ** m), 1.0)
+        mt = sched.m_tile
+        groups = min(-(-m // mt), math.ceil(m * shape.k / union / mt))
+        fmas = union * groups * mt * bs * bs / lanes
+        loads = union * groups * bs * (bs / lanes + mt * bs / sched.rows_tile)  # weights + x broadcasts
+        gate_fmas = m * -(-n // GATE_ROWS) * GATE_ROWS * shape.in_features / lanes
+        t_fma = (max(fmas, loads) + gate_fmas) / mach.vector_fma_rate + union * groups * mach.block_overhead_s
+        t_mem = (union * bs * bs + n * shape.in_features + m * (shape.in_features + shape.out_features)) * 4 \
+            / mach.bandwidth
+        t_select = m * (4 * n + 4 * 256 + n * shape.nbi) * _SCALAR_S  # radix passes, buckets, lists
+        return max(t_mem, t_fma) + t_select + mach.call_overhead_s

@@ -54,7 +54,7 @@ CASES = [
     (256, 384, 64, 0.5, 8, {"m_tile": 8, "rows_tile": 16}, False, 0.0),  # 4 panels per tile
     (256, 512, 64, 0.5, 4, {"chunks": 2, "gate_parallel": True}, False, 0.0),  # parallel, balanced chunks
     (256, 512, 64, 0.25, 4, {"chunks": 3, "gate_parallel": False}, False, 0.0),  # one launch, gate per thread
-    (256, 384, 32, 0.5, 16, {}, False, 0.0),  # union ~ everything: masked dense per output block
+    (256, 384, 32, 0.5, 16, {}, False, 0.0),  # union ~ everything, rows gathered in groups of 4
     (256, 384, 64, 0.5, 8, {"dense_fraction": 0.0}, False, 0.0),  # always masked dense
     (256, 384, 64, 0.5, 8, {"dense_fraction": 2.0, "m_tile": 4}, False, 0.0),  # never: gathered rows, padding
     (256, 384, 64, 0.75, 2, {}, False, -1.5),  # negative k-th scores (radix select on negative keys)

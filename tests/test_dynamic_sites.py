@@ -211,3 +211,63 @@ def test_cuda_dynamic_site_under_the_emulator(rng, tmp_path, order):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "3 launches of 3 kernels" in proc.stdout and "(ok, rtol 0.0001 atol 1e-05)" in proc.stdout, proc.stdout
+
+
+def test_tuning_a_dynamic_site_records_per_bucket(rng):
+    """``bscompile tune`` measures a dynamic site (symbolic batch) under its generator's
+    schedules (fallback off/on, panels, ...) at each bucket's m, on the real kernel: one
+    record per bucket, the default schedule as the baseline; the tuned artifact equals
+    onnxruntime at batch 1 and 5."""
+    from bscompile.codegen.family import M_BUCKETS
+    from bscompile.records import record_key
+    from bscompile.tune import tune_model
+
+    m = _model(rng, 0.5, False)
+    model = onnx.load_from_string(_export(m, dynamo=False))
+    lines = []
+    records = tune_model(model, {"target": "llvm", "sparse": True}, lines.append)
+    assert [(r.kind, r.m, r.bucket) for r in records] == [("dynamic_linear", rep, [lo, hi]) for lo, hi, rep in M_BUCKETS]
+    assert {(r.layout, r.block) for r in records} == {("tiles", f"{BS}x{BS}")}
+    for r in records:
+        assert len(r.candidates) >= 3 and all(c["time_us"] is not None for c in r.candidates), r.candidates
+        assert r.time_us == min(c["time_us"] for c in r.candidates)
+        assert r.dense_time_us == r.candidates[0]["time_us"]  # the default schedule
+    art = bscompile.compile(model, records={record_key(r.key, r.m): r for r in records})
+    (w,) = art.manifest.weights
+    assert w["decision"]["reason"].startswith("tuned: tiles")
+    mod = art.load()
+    for batch in (1, 5):
+        x = clear_margin_inputs(m, rng, batch)
+        np.testing.assert_allclose(mod.run({"x": x})["y"], _ort(model.SerializeToString(), x), rtol=1e-4, atol=1e-5)
+
+
+def test_inspect_shows_dynamic_site_fields(rng, tmp_path):
+    """``bscompile inspect``: a dynamic site's block, k, tiles, keep and compute fraction as
+    fields (text and --json), and its per-bucket schedules."""
+    import json
+    import subprocess
+    import sys
+
+    m = _model(rng, 0.25, True)
+    path = tmp_path / "dyn.onnx"
+    path.write_bytes(_export(m, dynamo=False))
+    n_alive = int(m.block_mask.sum())
+    frac = m.k / m.num_tiles + m.num_tiles / OUT
+
+    def cli(*args):
+        proc = subprocess.run([sys.executable, "-m", "bscompile.cli", "inspect", str(path), *args],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    out = cli()
+    lines = out.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("dynamic site"))
+    assert lines[at].split()[2:7] == ["block", "k", "tiles", "keep", "compute"]
+    row = lines[at + 2].split()
+    assert row[1:6] == [f"{BS}x{BS}", str(m.k), str(n_alive), f"{m.k / n_alive:g}", f"{frac:.3f}"], out
+    assert "m=1: tiles 1x" in out  # the run-time dispatch per bucket
+    (entry,) = json.loads(cli("--json"))
+    attrs = entry["attributes"]
+    assert (attrs["block"], attrs["k"], attrs["n_alive"]) == (BS, m.k, n_alive)
+    assert attrs["compute_fraction"] == pytest.approx(frac, abs=1e-6)
