@@ -89,7 +89,8 @@ def default_schedule(shape: DynamicShape, m: int, vector_lanes: int = 8, threads
     per group, so a panel (``block x 2 lanes``, 16 KiB at bs 128 with AVX-512) stays in L1
     while every row group of the tile passes over it; whole tiles would be re-read from
     L2 per group, half the FMA rate (measured at batch 16: 1.5x faster with panels of 32
-    than with whole tiles). Parallel when the expected work (gate + selected tiles) is
+    than with whole tiles), and the masked dense fallback where gathering saves no row
+    group (none at batch 1, where the two are the same product). Parallel when the expected work (gate + selected tiles) is
     well above a thread-pool wake-up.
     """
     regs = _acc_registers(vector_lanes)
@@ -105,7 +106,8 @@ def default_schedule(shape: DynamicShape, m: int, vector_lanes: int = 8, threads
     chunks = threads if work >= PARALLEL_MIN_WORK and shape.nbo > 1 else 1
     # one launch with the gate computed by every thread while the gate is a small part
     # of the work (small batches); a separate parallel gate launch beyond that
-    return DynamicSchedule(mt, rt, chunks, gate_parallel=chunks > 1 and m > 4)
+    # (at m = 1 the masked dense product is the gathered one: the fallback is off)
+    return DynamicSchedule(mt, rt, chunks, gate_parallel=chunks > 1 and m > 4, dense_fraction=2.0 if m == 1 else 1.0)
 
 
 #: ``(lowest m, highest m or None, schedule)``: which schedule a kernel runs for which m

@@ -229,7 +229,9 @@ def test_tuning_a_dynamic_site_records_per_bucket(rng):
     assert [(r.kind, r.m, r.bucket) for r in records] == [("dynamic_linear", rep, [lo, hi]) for lo, hi, rep in M_BUCKETS]
     assert {(r.layout, r.block) for r in records} == {("tiles", f"{BS}x{BS}")}
     for r in records:
-        assert len(r.candidates) >= 3 and all(c["time_us"] is not None for c in r.candidates), r.candidates
+        assert len(r.candidates) >= 2 and all(c["time_us"] is not None for c in r.candidates), r.candidates
+        if r.m > 1:  # the masked dense fallback measured on and off
+            assert {c["schedules"][0]["dense_fraction"] for c in r.candidates} >= {1.0, 2.0}
         assert r.time_us == min(c["time_us"] for c in r.candidates)
         assert r.dense_time_us == r.candidates[0]["time_us"]  # the default schedule
     art = bscompile.compile(model, records={record_key(r.key, r.m): r for r in records})
@@ -243,8 +245,7 @@ def test_tuning_a_dynamic_site_records_per_bucket(rng):
 
 def test_inspect_shows_dynamic_site_fields(rng, tmp_path):
     """``bscompile inspect``: a dynamic site's block, k, tiles, keep and compute fraction as
-    fields (text and --json), and its per-bucket schedules."""
-    import json
+    fields (``--json`` has them as the entry's attributes), and its per-bucket schedules."""
     import subprocess
     import sys
 
@@ -254,20 +255,13 @@ def test_inspect_shows_dynamic_site_fields(rng, tmp_path):
     n_alive = int(m.block_mask.sum())
     frac = m.k / m.num_tiles + m.num_tiles / OUT
 
-    def cli(*args):
-        proc = subprocess.run([sys.executable, "-m", "bscompile.cli", "inspect", str(path), *args],
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr
-        return proc.stdout
-
-    out = cli()
+    proc = subprocess.run([sys.executable, "-m", "bscompile.cli", "inspect", str(path)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
     lines = out.splitlines()
     at = next(i for i, line in enumerate(lines) if line.startswith("dynamic site"))
     assert lines[at].split()[2:7] == ["block", "k", "tiles", "keep", "compute"]
     row = lines[at + 2].split()
     assert row[1:6] == [f"{BS}x{BS}", str(m.k), str(n_alive), f"{m.k / n_alive:g}", f"{frac:.3f}"], out
-    assert "m=1: tiles 1x" in out  # the run-time dispatch per bucket
-    (entry,) = json.loads(cli("--json"))
-    attrs = entry["attributes"]
-    assert (attrs["block"], attrs["k"], attrs["n_alive"]) == (BS, m.k, n_alive)
-    assert attrs["compute_fraction"] == pytest.approx(frac, abs=1e-6)
+    assert "m=1: tiles 1x" in out and "no fallback" in out  # the run-time dispatch per bucket
