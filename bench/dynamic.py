@@ -198,7 +198,8 @@ def write_results(rows: list[dict], info: dict, cmd: str) -> None:
         f"`{cmd}` — {info['date']}, {info['cpu']} ({info['cores']} cores, shared with other jobs), "
         f"{info['threads']} thread{'s' if info['threads'] > 1 else ''}, fp32; TVM {info['tvm']}, onnxruntime "
         f"{info['onnxruntime']}, torch {info.get('torch')}. Host load average (runnable tasks on the "
-        f"{info['cores']} cores) at the start: {info['load']:.1f}; per batch before/after below.",
+        f"{info['cores']} cores) at the start: {info['load']:.1f}; per batch before/after below. "
+        "One thread: `BENCH_THREADS=1 python bench/dynamic.py` -> `dynamic_1thread.md`.",
         "",
         f"Layer `in = {IN}`, `out = {OUT}`, tiles {BS}x{BS} (N = {(IN // BS) * (OUT // BS)} gates), the "
         "dynamo export of `DynamicBlockLinear` and of a plain `nn.Linear` with the same weights. "
@@ -222,7 +223,9 @@ def write_results(rows: list[dict], info: dict, cmd: str) -> None:
             lines.append(f"| {label} | {v['cpu_ms']:.3f} | {b['cpu_ms'] / v['cpu_ms']:.2f}x | {v['wall_ms']:.3f} | "
                          f"{v['wall_p10_ms']:.3f} | {v['wall_min_ms']:.3f} | {b['wall_p10_ms'] / v['wall_p10_ms']:.2f}x |")
     lines += ["", "## Targets (speed-up over bscompile's own dense, CPU time; wall p10 in brackets)", "",
-              "| target | artifact | kernel | met |", "|---|---|---|---|"]
+              "`bytes bound` = dense bytes / the dynamic kernel's (`1 / (union + in/bs^2)`): the speed-up a "
+              "product bound by memory bandwidth could reach.", "",
+              "| target | artifact | kernel | bytes bound | met |", "|---|---|---|---|---|"]
     by_batch = {r["batch"]: r["times"] for r in rows}
     for keep, b, need in TARGETS:
         if b not in by_batch:
@@ -234,8 +237,9 @@ def write_results(rows: list[dict], info: dict, cmd: str) -> None:
                t["bsc_dense"]["wall_p10_ms"] / t[f"dyn{keep}"]["wall_p10_ms"])
         met = "met" if min(art[0], ker[0]) >= need else "met by the kernel only" if ker[0] >= need else \
             "met by the artifact only" if art[0] >= need else "**unmet**"
+        bound = 1 / (next(r for r in rows if r["batch"] == b)[f"union_{keep}"] + IN / BS**2)
         lines.append(f"| keep {keep}, batch {b}: >= {need}x | {art[0]:.2f}x ({art[1]:.2f}x) | {ker[0]:.2f}x "
-                     f"({ker[1]:.2f}x) | {met} |")
+                     f"({ker[1]:.2f}x) | {bound:.2f}x | {met} |")
     errs = max(v for r in rows for k, v in r.items() if k.endswith("_vs_ort"))
     lines += ["", f"Outputs vs onnxruntime on the same file (kernels and artifacts, first input of each batch): "
               f"max |diff| / max |y| = {errs:.1e}.", "",

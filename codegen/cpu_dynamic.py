@@ -463,7 +463,8 @@ class DynamicGenerator(Generator):
 
     def schedule_space(self, site: dict, mat, m: int) -> list[DynamicSchedule]:
         """The default, the masked dense fallback off (``dense_fraction`` 2) and taken earlier
-        (0.5), the other panel width, software prefetch, and serial."""
+        (0.5) at m > 1, the other panel width, software prefetch at m = 1, the other way of
+        running the gate in parallel, and serial."""
         base = self.default_schedule(site, None, m)
         out = [base]
         if m > 1:  # (at m = 1 both products are the same)
@@ -475,7 +476,8 @@ class DynamicGenerator(Generator):
                 out.append(dataclasses.replace(base, rows_tile=rt, m_tile=max(1, min(base.m_tile, regs))))
         if m == 1:
             out.append(dataclasses.replace(base, prefetch=True))
-        if base.chunks > 1:
+        if base.chunks > 1:  # the gate as its own launch or computed by every thread; serial
+            out.append(dataclasses.replace(base, gate_parallel=not base.gate_parallel))
             out.append(dataclasses.replace(base, chunks=1, gate_parallel=False))
         return out
 
