@@ -101,12 +101,12 @@ def decide(site: dict, sparsity: dict | None, family: KernelFamily, *, sparse: b
         summary = f" ({site['summary']})" if "summary" in site else ""
         at = f" at m={buckets[0][2]}" if symbolic else ""
         recs = _records_for(site, buckets, records)
-        if recs is not None:
+        t = family.estimate_time(site, None, buckets[0][2])
+        if recs is not None:  # (no dense was measured: the estimate, scaled by the measured gain of tuning)
             rec = recs[0]
-            return decision(kind.fixed_layout, site.get("tile", ""), rec.time_us * 1e-6,
+            return decision(kind.fixed_layout, site.get("tile", ""), t * rec.time_us / rec.dense_time_us,
                             f"tuned: {kind.fixed_layout}{summary} measured {rec.time_us:.1f} us vs its default "
                             f"schedule {rec.dense_time_us:.1f} us{at}", [rec.schedule], tuned=[r.schedule for r in recs])
-        t = family.estimate_time(site, None, buckets[0][2])
         return decision(kind.fixed_layout, site.get("tile", ""), t,
                         f"{kind.fixed_layout}{summary}: est {_us(t):.1f} us vs dense {_us(t_dense[0]):.1f} us "
                         f"({t_dense[0] / t:.1f}x{at})")
