@@ -86,12 +86,12 @@ class DynamicSchedule:
 def default_schedule(shape: DynamicShape, m: int, vector_lanes: int = 8, threads: int = 2) -> DynamicSchedule:
     """Batch 1: whole tiles (one panel, ``block / lanes`` accumulators): each tile streams
     from memory once, row by row. Larger batches: panels of two vectors and up to 4 rows
-    per group, so a panel (``block x 2 lanes``, 16 KiB at bs 128 with AVX-512) stays in L1
+    per group (no more than a selected tile expects), so a panel (``block x 2 lanes``, 16 KiB at bs 128 with AVX-512) stays in L1
     while every row group of the tile passes over it; whole tiles would be re-read from
     L2 per group, half the FMA rate (measured at batch 16: 1.5x faster with panels of 32
     than with whole tiles), and the masked dense fallback where gathering saves no row
-    group (none at batch 1, where the two are the same product). Parallel when the expected work (gate + selected tiles) is
-    well above a thread-pool wake-up.
+    group (none at batch 1, where the two are the same product). Parallel when the
+    expected work (gate + selected tiles) is well above a thread-pool wake-up.
     """
     regs = _acc_registers(vector_lanes)
     if m == 1:
@@ -100,7 +100,11 @@ def default_schedule(shape: DynamicShape, m: int, vector_lanes: int = 8, threads
             rt //= 2
     else:
         rt = 2 * vector_lanes if shape.block % (2 * vector_lanes) == 0 else shape.block
-        mt = max(d for d in range(1, 5) if m % d == 0 and d * -(-rt // vector_lanes) <= regs)
+        # rows a selected tile expects (m k / the union's tiles): groups no larger, since a
+        # group is padded with scale-0 rows (2x the multiply-adds at m = 2 with groups of 4)
+        union = shape.num_tiles * (1 - (1 - shape.k / shape.num_tiles) ** m)
+        rows = max(1, round(m * shape.k / max(union, 1.0)))
+        mt = max(d for d in range(1, 5) if m % d == 0 and d * -(-rt // vector_lanes) <= regs and d <= rows)
     gate = m * shape.in_features * shape.num_tiles
     work = gate + m * shape.k * shape.block * shape.block
     chunks = threads if work >= PARALLEL_MIN_WORK and shape.nbo > 1 else 1
