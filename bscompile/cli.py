@@ -174,7 +174,7 @@ def cmd_compile(args) -> int:
 
 def cmd_inspect(args) -> int:
     from bscompile.driver import analyze_model
-    from bscompile.report import input_table, reasons, weight_table
+    from bscompile.report import dynamic_table, input_table, reasons, weight_table
     from bscompile.sites import weight_entries
 
     kw = _compile_kwargs(args)
@@ -188,6 +188,8 @@ def cmd_inspect(args) -> int:
     else:
         print(input_table(im.inputs) + "\n")
         print(weight_table(weights))
+        if dynamic_table(weights):
+            print("\n" + dynamic_table(weights))
         print("\nlayout choices:")
         print(reasons(weights))
     return 0

@@ -23,10 +23,13 @@ def weight_table(weights: list[dict]) -> str:
             _kb(w.get("stored_bytes", w["dense_bytes"])) if "stored_bytes" in w else "-",
             f"{est:.1f}x" if dec else "-",
         ])
+    return _table(head, rows)
+
+
+def _table(head: list[str], rows: list[list]) -> str:
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
     fmt = lambda r: "  ".join(str(c).ljust(wd) for c, wd in zip(r, widths)).rstrip()  # noqa: E731
-    lines = [fmt(head), fmt(["-" * wd for wd in widths])] + [fmt(r) for r in rows]
-    return "\n".join(lines)
+    return "\n".join([fmt(head), fmt(["-" * wd for wd in widths])] + [fmt(r) for r in rows])
 
 
 def input_table(inputs) -> str:
@@ -46,6 +49,10 @@ def buckets_text(w: dict) -> str:
     for b in w.get("decision", {}).get("buckets", []):
         rng = f"={b['lo']}" if b["hi"] == b["lo"] else f">={b['lo']}" if b["hi"] is None else f"={b['lo']}-{b['hi']}"
         sched = b["schedules"][0] if b["schedules"] else {}
+        if "rows_tile" in sched:  # a dynamic site: register tile, and whether the masked dense fallback may run
+            fb = "fallback" if sched["dense_fraction"] <= 1 else "no fallback"
+            parts.append(f"m{rng}: tiles {sched['m_tile']}x{sched['rows_tile']} {fb}")
+            continue
         parts.append(f"m{rng}: {sched.get('variant', 'default')}" + (f"/{sched['m_tile']}" if "m_tile" in sched else ""))
     return "; ".join(parts)
 
@@ -53,3 +60,13 @@ def buckets_text(w: dict) -> str:
 def reasons(weights: list[dict]) -> str:
     return "\n".join(f"  {w['name']}: {w['decision']['reason']}" + (f" [{buckets_text(w)}]" if buckets_text(w) else "")
                      for w in weights if "decision" in w)
+
+
+def dynamic_table(weights: list[dict]) -> str:
+    """The dynamic sites (input-dependent block selection) as fields: tile, tiles kept per row
+    (``k`` of the tiles a static mask leaves), keep, and the compute fraction (selected
+    tiles plus the gate, relative to the dense product); empty without dynamic sites."""
+    head = ["dynamic site", "block", "k", "tiles", "keep", "compute fraction", "m"]
+    rows = [[w["name"], a["tile"], a["k"], a["n_alive"], f"{a['keep']:g}", f"{a['compute_fraction']:.3f}", w["m"]]
+            for w in weights if w["kind"] == "dynamic_linear" for a in [w["attributes"]]]
+    return _table(head, rows) if rows else ""

@@ -142,9 +142,9 @@ class SiteKind:
     matrices: Callable[[dict], list[Matrix]]
     kernel_args: Callable[[Sequence[relax.Expr], list[tuple[relax.Expr, ...]]], list[relax.Expr]] | None = None
     #: For kinds whose kernels read a weight layout of their own rather than BSR: the one
-    #: layout ``ChooseLayout`` records, and ``pack(site, operands, layout, schedule) ->
+    #: layout ``ChooseLayout`` records, and ``pack(site, operands, layout, schedules) ->
     #: (kernel arguments, stored bytes)``, which replaces the BSR packing and
-    #: ``kernel_args`` (the kernel's schedule may shape the packing).
+    #: ``kernel_args`` (the schedules, one per m bucket, may shape the packing).
     fixed_layout: str | None = None
     pack: Callable[[dict, Sequence[relax.Expr], dict, Any], tuple[list[relax.Expr], int]] | None = None
 

@@ -5,7 +5,9 @@ measurement, on this machine or on the device itself (``remote``: an ssh, TCP or
 tracker URL, or ``emulator``; see :mod:`bscompile.runtime.remote`). For each analysed
 site it times the dense layout and the cost model's
 best few BSR shapes, each under every schedule of the target family's schedule
-space, and records the fastest (:class:`bscompile.records.TuningRecord`).
+space, and records the fastest (:class:`bscompile.records.TuningRecord`); a kind
+with a layout of its own (dynamic block selection) is timed under each schedule of its
+generator, its default schedule standing in for dense as the baseline.
 ``bscompile compile --records FILE`` (or ``bscompile tune``) then compiles with
 the measured choices. The dense layout is always a candidate, so a tuned model
 never runs a weight slower than dense.
@@ -97,10 +99,16 @@ def _job(call: SiteCall, layout: dict, family: KernelFamily, feeds: list[np.ndar
 
 def candidates(call: SiteCall, family: KernelFamily, top_k: int, m: int | None = None) -> list[dict]:
     """Layout decisions to measure at ``m`` (default: the site's): dense and the model's best
-    ``top_k`` BSR shapes, each per schedule."""
+    ``top_k`` BSR shapes, each per schedule; for a kind with a layout of its own
+    (``SiteKind.fixed_layout``, e.g. dynamic block selection) that layout under each
+    schedule of the generator's ``schedule_space``, the default first."""
     site, sparsity = call.site, attr(call.func, SPARSITY)
     n, k = site["shape"]
     m = site["m"] if m is None else m
+    fixed = site_kind(site["kind"]).fixed_layout
+    if fixed is not None:  # a layout of the kind's own: its schedules only, the default first
+        return [{"layout": fixed, "block": site.get("tile", ""), "schedules": [s.to_json()]}
+                for s in family.schedule_space(site, None, m)]
     ranked = sorted(block_stats_of(sparsity), key=lambda s: family.estimate_time(site, s, m))
     w = site_weight(site, call.operands)  # several matrices share one schedule: read it off the whole weight
     out = []
@@ -123,13 +131,13 @@ def _measure(call: SiteCall, family: KernelFamily, measurer: Measurer, top_k: in
             layout = {**layout, "schedules": [], "buckets": [{"lo": 1, "hi": None, "m": m,
                                                               "schedules": cand["schedules"]}]}
         layouts.append(layout)
-    feeds, want = _reference(call, layouts[0], m)  # candidates()[0] is the dense default
+    feeds, want = _reference(call, layouts[0], m)  # candidates()[0] is the dense (or the kind's) default
     results = measurer.time_many([_job(call, lay, family, feeds, want, m) for lay in layouts], progress)
     tried = [dict(c, time_us=r * 1e6) if isinstance(r, float) else dict(c, time_us=None, error=str(r))
              for c, r in zip(cands, results)]
-    if not any(c["layout"] == "dense" and c["time_us"] is not None for c in tried):
-        errors = [c["error"] for c in tried if c["layout"] == "dense"]
-        raise BscompileError(f"tuning {call.site['name']}: the dense kernel failed ({errors[0] if errors else '?'})")
+    if tried[0]["time_us"] is None:
+        raise BscompileError(f"tuning {call.site['name']}: the {tried[0]['layout']} kernel with the default schedule "
+                             f"failed ({tried[0].get('error', '?')})")
     return tried
 
 
@@ -151,7 +159,10 @@ def tune_site(call: SiteCall, family: KernelFamily, spec: TargetSpec, measurer: 
     site = call.site
     buckets = site_buckets(site)
     per_bucket = [_measure(call, family, measurer, top_k, rep, progress) for _, _, rep in buckets]
-    dense = [_best(tried, ("dense", f"{DENSE_ROWS}x{site['shape'][1]}"))["time_us"] for tried in per_bucket]
+    if site_kind(site["kind"]).fixed_layout is None:
+        dense = [_best(tried, ("dense", f"{DENSE_ROWS}x{site['shape'][1]}"))["time_us"] for tried in per_bucket]
+    else:  # the baseline of a kind with a layout of its own: its default schedule
+        dense = [tried[0]["time_us"] for tried in per_bucket]
     layouts = set.intersection(*({(c["layout"], c["block"]) for c in tried if c["time_us"] is not None}
                                  for tried in per_bucket))
     chosen = min(sorted(layouts), key=lambda lay: sum(_best(t, lay)["time_us"] / d for t, d in zip(per_bucket, dense)))
@@ -186,7 +197,7 @@ def tune_model(model, compile_kwargs: dict, progress=None, top_k: int = 3, remot
     family = spec.kernel_family()
     calls, seen = [], set()
     for call in site_calls(mod):
-        if call.gv not in seen and attr(call.func, SPARSITY) is not None and site_kind(call.site["kind"]).pack is None:
+        if call.gv not in seen and attr(call.func, SPARSITY) is not None:
             seen.add(call.gv)
             calls.append(call)
     if remote:

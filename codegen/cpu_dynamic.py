@@ -33,14 +33,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass
 
 import tvm
 from tvm.script import tirx as T
 
 from bscompile.codegen.cpu_cost import KernelShape, MachineModel, estimate_time
-from bscompile.codegen.dynamic_layout import GATE_ROWS, DynamicShape
-from bscompile.codegen.family import Generator
+from bscompile.codegen.dynamic_layout import GATE_ROWS, DynamicShape, tile_panel
+from bscompile.codegen.family import Bucket, Generator, static_dim
+
+#: Seconds per step of the scalar selection and list loops (the machine models have no scalar rate).
+_SCALAR_S = 0.5e-9
 
 #: Multiply-adds below which the kernel runs on one thread (a sleeping pool's wake-up
 #: costs tens of microseconds).
@@ -62,8 +66,12 @@ class DynamicSchedule:
     #: True: the gate is its own parallel launch and selection runs once on the caller;
     #: False with chunks > 1: one launch, every thread computes gate and selection itself
     gate_parallel: bool
-    #: per output block: masked dense product when gathered work >= this x its cost
-    dense_fraction: float = 0.9
+    #: per output block: the masked dense product when the gathered row groups are at least
+    #: this fraction of its groups. 1.0: only when gathering saves no group (same FMAs, rows
+    #: in order, no padding by repeated rows); below 1 it would trade FMAs for order, above
+    #: 1 it is off. (0.9 measured slower than off at batch 2 in an interleaved benchmark in
+    #: which each kernel ran right after another on the same input; see bench/dynamic.py.)
+    dense_fraction: float = 1.0
     #: while multiplying a tile, prefetch the next one row by row (the tiles of a list are
     #: scattered, so the hardware prefetcher restarts at every tile); off by default: it
     #: measured slower on an AMD EPYC (Zen 4); left for the tuner and other cores
@@ -78,11 +86,12 @@ class DynamicSchedule:
 def default_schedule(shape: DynamicShape, m: int, vector_lanes: int = 8, threads: int = 2) -> DynamicSchedule:
     """Batch 1: whole tiles (one panel, ``block / lanes`` accumulators): each tile streams
     from memory once, row by row. Larger batches: panels of two vectors and up to 4 rows
-    per group, so a panel (``block x 2 lanes``, 16 KiB at bs 128 with AVX-512) stays in L1
+    per group (no more than a selected tile expects), so a panel (``block x 2 lanes``, 16 KiB at bs 128 with AVX-512) stays in L1
     while every row group of the tile passes over it; whole tiles would be re-read from
     L2 per group, half the FMA rate (measured at batch 16: 1.5x faster with panels of 32
-    than with whole tiles). Parallel when the expected work (gate + selected tiles) is
-    well above a thread-pool wake-up.
+    than with whole tiles), and the masked dense fallback where gathering saves no row
+    group (none at batch 1, where the two are the same product). Parallel when the
+    expected work (gate + selected tiles) is well above a thread-pool wake-up.
     """
     regs = _acc_registers(vector_lanes)
     if m == 1:
@@ -91,23 +100,34 @@ def default_schedule(shape: DynamicShape, m: int, vector_lanes: int = 8, threads
             rt //= 2
     else:
         rt = 2 * vector_lanes if shape.block % (2 * vector_lanes) == 0 else shape.block
-        mt = max(d for d in range(1, 5) if m % d == 0 and d * -(-rt // vector_lanes) <= regs)
+        # rows a selected tile expects (m k / the union's tiles): groups no larger, since a
+        # group is padded with scale-0 rows (2x the multiply-adds at m = 2 with groups of 4)
+        union = shape.num_tiles * (1 - (1 - shape.k / shape.num_tiles) ** m)
+        rows = max(1, round(m * shape.k / max(union, 1.0)))
+        mt = max(d for d in range(1, 5) if m % d == 0 and d * -(-rt // vector_lanes) <= regs and d <= rows)
     gate = m * shape.in_features * shape.num_tiles
     work = gate + m * shape.k * shape.block * shape.block
     chunks = threads if work >= PARALLEL_MIN_WORK and shape.nbo > 1 else 1
     # one launch with the gate computed by every thread while the gate is a small part
     # of the work (small batches); a separate parallel gate launch beyond that
-    return DynamicSchedule(mt, rt, chunks, gate_parallel=chunks > 1 and m > 4)
+    # (at m = 1 the masked dense product is the gathered one: the fallback is off)
+    return DynamicSchedule(mt, rt, chunks, gate_parallel=chunks > 1 and m > 4, dense_fraction=2.0 if m == 1 else 1.0)
 
 
-def dynamic_linear_kernel(in_features: int, out_features: int, block: int, k: int, m: int,
-                          schedule: DynamicSchedule, n_alive: int | None = None) -> tvm.tirx.PrimFunc:
+#: ``(lowest m, highest m or None, schedule)``: which schedule a kernel runs for which m
+#: (the buckets of :data:`codegen.family.M_BUCKETS`, as ``LowerWeightSites`` completes them).
+Cases = tuple
+
+
+def dynamic_linear_kernel(in_features: int, out_features: int, block: int, k: int, m: int | None,
+                          schedule, n_alive: int | None = None) -> tvm.tirx.PrimFunc:
     """The PrimFunc of one dynamic site, arguments (all float32, C-contiguous):
 
     - ``x[m, in]``;
     - ``tiles``: ``W[out, in]`` packed by :func:`dynamic_layout.pack_tiles` with
-      ``panel = schedule.rows_tile``: ``[nbo, nbi, bs, bs]`` when ``rows_tile == bs``,
-      else ``[nbo, nbi, bs / rows_tile, bs, rows_tile]`` (the packing follows the schedule);
+      ``panel = tile_panel(schedules)`` (the narrowest ``rows_tile`` of the schedules):
+      ``[nbo, nbi, bs, bs]`` when that is ``bs``, else ``[nbo, nbi, bs / panel, bs, panel]``
+      (the packing follows the schedules);
     - ``gate_w[ng, in, GATE_ROWS]``: ``Wg[N, in]`` packed by :func:`dynamic_layout.pack_gate`,
       ``ng = ceil(N / GATE_ROWS)``;
     - ``gate_b[ng * GATE_ROWS]``: :func:`dynamic_layout.pad_gate_bias` (``-inf`` on
@@ -115,31 +135,114 @@ def dynamic_linear_kernel(in_features: int, out_features: int, block: int, k: in
     - ``bias[out]`` (zeros for a site without bias);
     - ``y[m, out]``, the output.
 
-    ``k`` counts selected tiles per row (``keep_count(keep, n_alive)``); ``n_alive`` is
-    the number of tiles a static block mask keeps (default ``N``), the normaliser of ``r``.
+    ``m`` is the static number of rows, or None for a symbolic one; ``schedule`` is one
+    :class:`DynamicSchedule`, or the cases ``((lo, hi, schedule), ...)`` the kernel
+    dispatches on at run time (an if-chain on m, as :mod:`codegen.cpu`'s kernels; a case
+    of one size, ``lo == hi``, is generated for that static m). ``k`` counts selected
+    tiles per row (``keep_count(keep, n_alive)``); ``n_alive`` is the number of tiles a
+    static block mask keeps (default ``N``), the normaliser of ``r``.
     """
     shape = DynamicShape(in_features, out_features, block, k)
     n_alive = shape.num_tiles if n_alive is None else n_alive
     if not k <= n_alive <= shape.num_tiles:
         raise ValueError(f"n_alive = {n_alive} must be in [k = {k}, N = {shape.num_tiles}]")
-    return _kernel(shape, m, schedule, n_alive)
+    if isinstance(schedule, DynamicSchedule):
+        schedule = ((m or 1, m, schedule),)
+    return _kernel(shape, m, tuple(schedule), n_alive)
+
+
+def _dispatch(m, cases: Cases, bodies: list):
+    """One macro ``(x, tiles, gate_w, gate_b, bias, y)`` running ``bodies[i]`` for the m of ``cases[i]``."""
+    if isinstance(m, int):
+        return next(b for (lo, hi, _), b in zip(cases, bodies) if lo <= m and (hi is None or m <= hi))
+    if len(bodies) == 1:
+        return bodies[0]
+    first, rest, hi = bodies[0], _dispatch(m, cases[1:], bodies[1:]), cases[0][1]
+
+    @T.macro
+    def pick(x, tiles, gate_w, gate_b, bias, y):
+        if m <= hi:
+            first(x, tiles, gate_w, gate_b, bias, y)
+        else:
+            rest(x, tiles, gate_w, gate_b, bias, y)
+
+    return pick
 
 
 @functools.lru_cache(maxsize=64)
-def _kernel(shape: DynamicShape, m: int, sched: DynamicSchedule, n_alive: int) -> tvm.tirx.PrimFunc:
-    if m % sched.m_tile or shape.block % sched.rows_tile:
-        raise ValueError(f"schedule {sched} does not tile m={m}, block={shape.block}")
-    fin, fout, bs, k = shape.in_features, shape.out_features, shape.block, shape.k
+def _kernel(shape: DynamicShape, m_static: int | None, cases: Cases, n_alive: int) -> tvm.tirx.PrimFunc:
+    fin, fout, bs = shape.in_features, shape.out_features, shape.block
+    nbi, nbo = shape.nbi, shape.nbo
+    ng = -(-shape.num_tiles // GATE_ROWS)
+    panel = tile_panel([sc for _, _, sc in cases])
+    for _, _, sc in cases:
+        if bs % sc.rows_tile or sc.rows_tile % panel:
+            raise ValueError(f"schedule {sc} does not tile block={bs} in panels of {panel}")
+    npan = bs // panel
+    m = m_static if m_static is not None else tvm.tirx.Var("m", "int32")
+    bodies = [_body(shape, lo if lo == hi else m, sc, n_alive, panel) for lo, hi, sc in cases]
+    run = _dispatch(m, cases, bodies)
+    tile_shape = (nbo, nbi, bs, bs) if npan == 1 else (nbo, nbi, npan, bs, panel)
+
+    @T.prim_func(s_tir=True)
+    def dynamic_linear(x_h: T.handle, tiles_in: T.Buffer(tile_shape, "float32"),
+                       gate_w: T.Buffer((ng, fin, GATE_ROWS), "float32"),
+                       gate_b: T.Buffer((ng * GATE_ROWS,), "float32"), bias: T.Buffer((fout,), "float32"),
+                       y_h: T.handle):
+        T.func_attr({"tir.noalias": True})
+        x = T.match_buffer(x_h, (m, fin), "float32")
+        y = T.match_buffer(y_h, (m, fout), "float32")
+        tiles = T.decl_buffer((nbo, nbi, npan, bs, panel), "float32", data=tiles_in.data)  # panel view
+        run(x, tiles, gate_w, gate_b, bias, y)
+
+    return dynamic_linear.without_attr("global_symbol")
+
+
+def _gate_macro(fin: int, gm: int):
+    """g[r0 + rows, group grp] = x @ Wg[group].T + bg for ``ngroups`` groups of ``gm`` rows from
+    ``r0``; ``gq`` chains over the inputs so FMAs overlap their latency."""
+    gq = max(d for d in range(1, max(1, 8 // gm) + 1) if fin % d == 0)
+
+    @T.macro
+    def gate_rows(x, gate_w, gate_b, g, grp, r0, ngroups):
+        for mo in T.serial(ngroups):
+            gacc = T.alloc_buffer((gq, gm, GATE_ROWS), "float32")
+            for c in T.unroll(gq):
+                for j in T.unroll(gm):
+                    for v in T.vectorized(GATE_ROWS):
+                        gacc[c, j, v] = T.float32(0)
+            for io in T.serial(fin // gq):
+                for c in T.unroll(gq):
+                    for j in T.unroll(gm):
+                        xv = T.Bind(x[r0 + mo * gm + j, io * gq + c])
+                        for v in T.vectorized(GATE_ROWS):
+                            gacc[c, j, v] = gacc[c, j, v] + gate_w[grp, io * gq + c, v] * xv
+            for j in T.unroll(gm):
+                row = T.Bind(r0 + mo * gm + j)
+                for v in T.vectorized(GATE_ROWS):
+                    g[row, grp * GATE_ROWS + v] = gate_b[grp * GATE_ROWS + v] + gacc[0, j, v]
+                for c in T.serial(gq - 1):
+                    for v in T.vectorized(GATE_ROWS):
+                        g[row, grp * GATE_ROWS + v] = g[row, grp * GATE_ROWS + v] + gacc[c + 1, j, v]
+
+    return gate_rows
+
+
+def _body(shape: DynamicShape, m, sched: DynamicSchedule, n_alive: int, panel: int):
+    """The whole kernel for ``m`` rows (an int, or the kernel's symbolic m) under one schedule:
+    a macro ``(x, tiles, gate_w, gate_b, bias, y)`` over the panel view of the tiles."""
+    fin, bs, k = shape.in_features, shape.block, shape.k
     nbi, nbo, n_tiles = shape.nbi, shape.nbo, shape.num_tiles
     ng = -(-n_tiles // GATE_ROWS)
     mt, rt, chunks = sched.m_tile, sched.rows_tile, sched.chunks
-    m_pad = -(-m // mt) * mt
-    nrt = bs // rt
-    # gate: row groups of up to 4, chains over the inputs so FMAs overlap their latency
-    gmt = max(d for d in range(1, 5) if m % d == 0)
-    gq = max(d for d in range(1, max(1, 8 // gmt) + 1) if fin % d == 0)
+    static = isinstance(m, int)
+    m_pad = (m + mt - 1) // mt * mt
+    nrt, rp = bs // rt, rt // panel  # register tiles per tile row, panels per register tile
+    # gate: row groups of up to 4 (dividing a static m), then single rows
+    gmt = max(d for d in range(1, 5) if m % d == 0) if static else 4
+    gate_main, gate_tail = _gate_macro(fin, gmt), _gate_macro(fin, 1)
     chunk_loop = T.parallel if chunks > 1 else T.serial
-    dense_groups = m // mt  # groups of a masked dense tile
+    dense_groups = (m + mt - 1) // mt  # groups of a masked dense tile (the last one padded)
     # masked dense when gathered groups * 1 >= dense_fraction * union * dense_groups (integer test)
     frac_num = int(round(sched.dense_fraction * 1024))
 
@@ -164,8 +267,8 @@ def _kernel(shape: DynamicShape, m: int, sched: DynamicSchedule, n_alive: int) -
 
     @T.macro
     def tile_group(tiles, x, acc_y, lrow, lscale, ob, ib, u, j0, rc, pf_ob, pf_ib, first):
-        """acc_y[rows] += scale * (x[rows, ib-block] @ tile[:, rc-slice]) for one row group;
-        the first group of a tile prefetches tile (pf_ob, pf_ib)."""
+        """acc_y[rows] += scale * (x[rows, ib-block] @ tile[:, rc-slice]) for one row group
+        (``rp`` panels wide); the first group of a tile prefetches tile (pf_ob, pf_ib)."""
         acc = T.alloc_buffer((mt, rt), "float32")
         for j in T.unroll(mt):
             for q in T.vectorized(rt):
@@ -174,31 +277,15 @@ def _kernel(shape: DynamicShape, m: int, sched: DynamicSchedule, n_alive: int) -
             prefetch_row(tiles, pf_ob, pf_ib, p, first)
             for j in T.unroll(mt):
                 xv = T.Bind(x[lrow[ob, u, j0 + j], ib * bs + p])
-                for q in T.vectorized(rt):
-                    acc[j, q] = acc[j, q] + tiles[ob, ib, rc, p, q] * xv
+                for pc in T.unroll(rp):
+                    for q in T.vectorized(panel):
+                        acc[j, pc * panel + q] = acc[j, pc * panel + q] + tiles[ob, ib, rc * rp + pc, p, q] * xv
         flush(acc, acc_y, lrow, lscale, ob, u, j0, rc, mt)
 
     @T.macro
     def gate_group(x, gate_w, gate_b, g, grp):
-        """g[:, grp*GATE_ROWS : +GATE_ROWS] = x @ Wg[group].T + bg, gq chains over the inputs."""
-        for mo in T.serial(m // gmt):
-            gacc = T.alloc_buffer((gq, gmt, GATE_ROWS), "float32")
-            for c in T.unroll(gq):
-                for j in T.unroll(gmt):
-                    for v in T.vectorized(GATE_ROWS):
-                        gacc[c, j, v] = T.float32(0)
-            for io in T.serial(fin // gq):
-                for c in T.unroll(gq):
-                    for j in T.unroll(gmt):
-                        xv = T.Bind(x[mo * gmt + j, io * gq + c])
-                        for v in T.vectorized(GATE_ROWS):
-                            gacc[c, j, v] = gacc[c, j, v] + gate_w[grp, io * gq + c, v] * xv
-            for j in T.unroll(gmt):
-                for v in T.vectorized(GATE_ROWS):
-                    g[mo * gmt + j, grp * GATE_ROWS + v] = gate_b[grp * GATE_ROWS + v] + gacc[0, j, v]
-                for c in T.serial(gq - 1):
-                    for v in T.vectorized(GATE_ROWS):
-                        g[mo * gmt + j, grp * GATE_ROWS + v] = g[mo * gmt + j, grp * GATE_ROWS + v] + gacc[c + 1, j, v]
+        gate_main(x, gate_w, gate_b, g, grp, 0, m // gmt)
+        gate_tail(x, gate_w, gate_b, g, grp, m // gmt * gmt, m % gmt)
 
     @T.macro
     def selection(g, kth, scale, st):
@@ -268,14 +355,16 @@ def _kernel(shape: DynamicShape, m: int, sched: DynamicSchedule, n_alive: int) -
                 if u < st[3]:
                     st[0] = st[0] + ugroups[ob, u]
             if st[0] * 1024 >= frac_num * st[3] * dense_groups and st[3] > 0:
-                # masked dense over the union tiles: every row, in order, scale 0 if not selected
+                # masked dense over the union tiles: every row in order (the last group padded
+                # with the last row), scale 0 where not selected
                 for u in T.serial(nbi):
                     if u < st[3]:
-                        for b in T.serial(m):
+                        for b in T.serial(m_pad):
                             n_ = T.Bind(utile[ob, u] * nbo + ob)
-                            lrow[ob, u, b] = b
-                            lscale[ob, u, b] = T.if_then_else(g[b, n_] >= kth[b], g[b, n_] / scale[b],
-                                                              T.float32(0))
+                            row = T.Bind(T.min(b, m - 1))
+                            lrow[ob, u, b] = row
+                            lscale[ob, u, b] = T.if_then_else(b < m and g[row, n_] >= kth[row],
+                                                              g[row, n_] / scale[row], T.float32(0))
                         ugroups[ob, u] = dense_groups
                 st[0] = st[3] * dense_groups
             wpre[ob + 1] = wpre[ob] + st[0] + 1
@@ -320,18 +409,12 @@ def _kernel(shape: DynamicShape, m: int, sched: DynamicSchedule, n_alive: int) -
     # or (gate_parallel, or serial) phases 1 and 4 are one loop each and phases 2-3 run
     # once in between. The chunk a product loop multiplies is ``ch + c2``: one is always 0.
     one_launch = chunks > 1 and not sched.gate_parallel
-    tile_shape = (nbo, nbi, bs, bs) if nrt == 1 else (nbo, nbi, nrt, bs, rt)
     outer_loop, outer = (T.parallel, chunks) if one_launch else (T.serial, 1)
     inner_loop, inner = (T.serial, 1) if one_launch else (chunk_loop, chunks)
     gate_loop = T.parallel if sched.gate_parallel and not one_launch else T.serial
 
-    @T.prim_func(s_tir=True)
-    def dynamic_linear(x: T.Buffer((m, fin), "float32"), tiles_in: T.Buffer(tile_shape, "float32"),
-                       gate_w: T.Buffer((ng, fin, GATE_ROWS), "float32"),
-                       gate_b: T.Buffer((ng * GATE_ROWS,), "float32"), bias: T.Buffer((fout,), "float32"),
-                       y: T.Buffer((m, fout), "float32")):
-        T.func_attr({"tir.noalias": True})
-        tiles = T.decl_buffer((nbo, nbi, nrt, bs, rt), "float32", data=tiles_in.data)  # panel view
+    @T.macro
+    def body(x, tiles, gate_w, gate_b, bias, y):
         for ch in outer_loop(outer):
             g = T.alloc_buffer((m, ng * GATE_ROWS), "float32")
             kth = T.alloc_buffer((m,), "float32")
@@ -351,7 +434,7 @@ def _kernel(shape: DynamicShape, m: int, sched: DynamicSchedule, n_alive: int) -
             for c2 in inner_loop(inner):
                 product(tiles, x, bias, y, lrow, lscale, utile, ugroups, ucnt, bounds[ch + c2], bounds[ch + c2 + 1])
 
-    return dynamic_linear.without_attr("global_symbol")
+    return body
 
 
 class DynamicGenerator(Generator):
@@ -362,6 +445,8 @@ class DynamicGenerator(Generator):
     independent rows -- streamed once, with ``m * k`` tile products of FMAs, both on the
     block-row model of :mod:`codegen.cpu_cost`."""
 
+    symbolic_m = True
+
     def __init__(self, machine: MachineModel):
         self.machine = machine
 
@@ -370,18 +455,33 @@ class DynamicGenerator(Generator):
         out_f, in_f = site["shape"]
         return DynamicShape(in_f, out_f, site["block"], site["k"])
 
-    def kernel(self, site: dict, mats: list, scheds: list[DynamicSchedule]) -> tvm.tirx.PrimFunc:
+    def kernel(self, site: dict, mats: list, buckets: list[Bucket]) -> tvm.tirx.PrimFunc:
+        """Dispatches on a symbolic m over ``buckets`` (one schedule each); a static m has one bucket."""
         out_f, in_f = site["shape"]
-        return dynamic_linear_kernel(in_f, out_f, site["block"], site["k"], site["m"], scheds[0], site["n_alive"])
+        cases = tuple((b.lo, b.hi, b.schedules[0]) for b in buckets)
+        return dynamic_linear_kernel(in_f, out_f, site["block"], site["k"], static_dim(site["m"]), cases,
+                                     site["n_alive"])
 
     def default_schedule(self, site: dict, stats, m: int) -> DynamicSchedule:
         return default_schedule(self._shape(site), m, self.machine.lanes)
 
     def schedule_space(self, site: dict, mat, m: int) -> list[DynamicSchedule]:
+        """The default, the masked dense fallback off (``dense_fraction`` 2) and taken earlier
+        (0.5) at m > 1, the other panel width, software prefetch at m = 1, the other way of
+        running the gate in parallel, and serial."""
         base = self.default_schedule(site, None, m)
-        out = [base, dataclasses.replace(base, prefetch=True)]
-        out += [dataclasses.replace(base, dense_fraction=f) for f in (0.5, 2.0) if f != base.dense_fraction]
-        if base.chunks > 1:
+        out = [base]
+        if m > 1:  # (at m = 1 both products are the same)
+            out += [dataclasses.replace(base, dense_fraction=f) for f in (2.0, 0.5) if f != base.dense_fraction]
+        bs, lanes = site["block"], self.machine.lanes
+        for rt in (2 * lanes, 4 * lanes) if m > 1 else ():
+            if rt != base.rows_tile and bs % rt == 0:
+                regs = _acc_registers(lanes) // (rt // lanes)
+                out.append(dataclasses.replace(base, rows_tile=rt, m_tile=max(1, min(base.m_tile, regs))))
+        if m == 1:
+            out.append(dataclasses.replace(base, prefetch=True))
+        if base.chunks > 1:  # the gate as its own launch or computed by every thread; serial
+            out.append(dataclasses.replace(base, gate_parallel=not base.gate_parallel))
             out.append(dataclasses.replace(base, chunks=1, gate_parallel=False))
         return out
 
@@ -389,12 +489,23 @@ class DynamicGenerator(Generator):
         return DynamicSchedule(**d)
 
     def estimate_time(self, site: dict, stats, m: int) -> float:
+        """The default schedule at ``m`` on the machine model: the union of the rows' selections
+        (``1 - (1 - k/n_alive)^m`` of the live tiles for independent rows) and the gate weights
+        stream from memory once; per union tile, the row groups it is multiplied for (its rows,
+        ``m k / union`` on average, in groups of ``m_tile``, at most the masked dense product's
+        ``ceil(m / m_tile)``); the selection is ``O(m N)`` scalar work."""
         shape = self._shape(site)
-        n_tiles, bs = shape.num_tiles, shape.block
-        union = round(n_tiles * (1 - (1 - shape.k / n_tiles) ** m))
-        gate_rows = -(-n_tiles // GATE_ROWS)
-        lanes = self.machine.lanes
-        gate = KernelShape(gate_rows, GATE_ROWS, shape.in_features, gate_rows, m, 1, shape.in_features, n_tiles)
-        tiles = KernelShape(max(union, 1), bs, bs, shape.nbo, 1, 1, shape.in_features, shape.out_features)
-        t_tiles = estimate_time(tiles, self.machine) * max(1.0, m * shape.k / max(union, 1) * lanes / bs)
-        return estimate_time(gate, self.machine) + t_tiles
+        sched = self.default_schedule(site, None, m)
+        mach, bs, n, lanes = self.machine, shape.block, shape.num_tiles, self.machine.lanes
+        n_alive = site.get("n_alive", n)
+        union = max(n_alive * (1 - (1 - shape.k / n_alive) ** m), 1.0)
+        mt = sched.m_tile
+        groups = min(-(-m // mt), math.ceil(m * shape.k / union / mt))
+        fmas = union * groups * mt * bs * bs / lanes
+        loads = union * groups * bs * (bs / lanes + mt * bs / sched.rows_tile)  # weights + x broadcasts
+        gate_fmas = m * -(-n // GATE_ROWS) * GATE_ROWS * shape.in_features / lanes
+        t_fma = (max(fmas, loads) + gate_fmas) / mach.vector_fma_rate + union * groups * mach.block_overhead_s
+        t_mem = (union * bs * bs + n * shape.in_features + m * (shape.in_features + shape.out_features)) * 4 \
+            / mach.bandwidth
+        t_select = m * (4 * n + 4 * 256 + n * shape.nbi) * _SCALAR_S  # radix passes, buckets, lists
+        return max(t_mem, t_fma) + t_select + mach.call_overhead_s

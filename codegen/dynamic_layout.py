@@ -171,3 +171,11 @@ def pad_gate_bias(gate_b: np.ndarray, alive: np.ndarray | None = None) -> np.nda
     out = np.full(n_pad, -np.inf, np.float32)
     out[:n] = gate_b if alive is None else np.where(alive, gate_b, np.float32(-np.inf))
     return out
+
+
+def tile_panel(schedules) -> int | None:
+    """The panel width the tiles are packed in for kernels running ``schedules`` (one per m
+    bucket): the narrowest register tile (``rows_tile``), so every schedule's register tile
+    is a whole number of adjacent panels; None (whole tiles) for schedules without one."""
+    widths = [s.rows_tile for s in schedules if getattr(s, "rows_tile", None)]
+    return min(widths) if widths else None

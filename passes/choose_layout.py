@@ -19,7 +19,9 @@ marginal sparse one. ``sparse=False`` (bscompile's dense path) and ``force_block
 bucket's m) replace it by measurement. Sites whose weights are computed at run time
 are dense. A kind whose kernels read a layout of their own (``SiteKind.fixed_layout``,
 e.g. dynamic block selection) gets that layout, with the family's estimate against the
-dense product of the same weight (its m must be static). A site whose ``m`` is
+dense product of the same weight, and its schedules from the records when there are
+some (a symbolic m needs a generator with ``symbolic_m``, else it is an error asking
+for ``--input-shape``). A site whose ``m`` is
 symbolic also gets ``buckets``: the schedules its kernel dispatches on at run time,
 per range of m (see :func:`decide`).
 """
@@ -76,9 +78,9 @@ def decide(site: dict, sparsity: dict | None, family: KernelFamily, *, sparse: b
     kind = site_kind(site["kind"])
     buckets = buckets_of(site, family)
     symbolic = not isinstance(site["m"], int)
-    if kind.fixed_layout is not None and symbolic:
-        raise UnsupportedModelError(f"{site['kind']} site '{site.get('name')}' needs static shapes (its m is "
-                                    f"{site['m']!r}): give them with --input-shape")
+    if kind.fixed_layout is not None and symbolic and not family.generator(site["kind"]).symbolic_m:
+        raise UnsupportedModelError(f"{site['kind']} site '{site.get('name')}' needs static shapes on {family.name} "
+                                    f"(its m is {site['m']!r}): give them with --input-shape")
     dense_site = {**site, "kind": "linear" if kind.fixed_layout else site["kind"]}
     t_dense = [family.estimate_time(dense_site, dense_stats(n, k), rep) for _, _, rep in buckets]
 
@@ -95,12 +97,19 @@ def decide(site: dict, sparsity: dict | None, family: KernelFamily, *, sparse: b
         return out
 
     dense_block = BlockShape(DENSE_ROWS, k)
-    if kind.fixed_layout is not None:  # the kind's kernels read their own layout
-        t = family.estimate_time(site, None, site["m"])
+    if kind.fixed_layout is not None:  # the kind's kernels read their own layout; records pick schedules
         summary = f" ({site['summary']})" if "summary" in site else ""
+        at = f" at m={buckets[0][2]}" if symbolic else ""
+        recs = _records_for(site, buckets, records)
+        t = family.estimate_time(site, None, buckets[0][2])
+        if recs is not None:  # (no dense was measured: the estimate, scaled by the measured gain of tuning)
+            rec = recs[0]
+            return decision(kind.fixed_layout, site.get("tile", ""), t * rec.time_us / rec.dense_time_us,
+                            f"tuned: {kind.fixed_layout}{summary} measured {rec.time_us:.1f} us vs its default "
+                            f"schedule {rec.dense_time_us:.1f} us{at}", [rec.schedule], tuned=[r.schedule for r in recs])
         return decision(kind.fixed_layout, site.get("tile", ""), t,
                         f"{kind.fixed_layout}{summary}: est {_us(t):.1f} us vs dense {_us(t_dense[0]):.1f} us "
-                        f"({t_dense[0] / t:.1f}x)")
+                        f"({t_dense[0] / t:.1f}x{at})")
     dense = dense_stats(n, k)
     if sparsity is None:
         return decision("dense", dense_block, t_dense[0], "dense: the weight is computed at run time", stats=dense)
@@ -146,8 +155,10 @@ def _bucket_schedules(family: KernelFamily, site: dict, buckets, stats: BlockSta
     for i, (lo, hi, rep) in enumerate(buckets):
         if tuned is not None:
             scheds = [tuned[i]]
-        else:
-            scheds = [] if stats is None else [family.default_schedule(site, stats, rep).to_json()]
+        elif stats is None and site_kind(site["kind"]).fixed_layout is None:
+            scheds = []
+        else:  # (a kind with a layout of its own needs no statistics for its schedules)
+            scheds = [family.default_schedule(site, stats, rep).to_json()]
         if out and scheds and out[-1]["schedules"] == scheds:
             out[-1]["hi"] = hi
             continue

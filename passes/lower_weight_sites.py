@@ -24,7 +24,6 @@ import tvm
 from tvm import relax
 
 from bscompile.codegen.family import Bucket, KernelFamily
-from bscompile.errors import UnsupportedModelError
 from bscompile.codegen.layout import DENSE_ROWS, BlockShape, BSRMatrix, padded
 from bscompile.passes.rewrite import rewrite_relax_functions
 from bscompile.sites import LAYOUT, SITE, SPARSITY, attr, const_array, site_kind
@@ -84,12 +83,7 @@ class _Lowerer(relax.PyExprMutator):
         bb, kind, family = self.builder_, site_kind(site["kind"]), self.family
         tuned = layout.get("schedules") or []
         m = site["m"]
-        if kind.pack is not None:  # a layout of the kind's own: one kernel, one schedule, static m
-            if not isinstance(m, int):
-                raise UnsupportedModelError(f"{site['kind']} site {site.get('name')!r} needs a static m (has {m!r}): "
-                                 "give --input-shape")
-            sched = family.schedule_from_json(site, tuned[0]) if tuned else family.default_schedule(site, None, m)
-            args, stored = kind.pack(site, operands, layout, sched)
+        if kind.pack is not None:  # a layout of the kind's own, packed below for the buckets' schedules
             mats, stats = [], [None]
         else:
             mats, packed = [], []
@@ -102,6 +96,8 @@ class _Lowerer(relax.PyExprMutator):
         whole = [{"lo": m, "hi": m, "m": m} if isinstance(m, int) else {"lo": 1, "hi": None, "m": 1}]
         buckets = [self._bucket(site, stats, b["lo"], b["hi"], b["m"], b.get("schedules", tuned))
                    for b in layout.get("buckets") or whole]  # (a hand-made decision may lack buckets)
+        if kind.pack is not None:
+            args, stored = kind.pack(site, operands, layout, [s for b in buckets for s in b.schedules])
         kernel = family.kernel(site, mats, buckets)
         done = {**layout, "stored_bytes": stored}
         if "buckets" in layout or not isinstance(m, int):

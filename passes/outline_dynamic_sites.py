@@ -25,9 +25,12 @@ Contract
   ("tiles": ``W`` tile-contiguous, the gate packed by groups of scores, the static mask
   folded into the gate bias as ``-inf``; :mod:`codegen.dynamic_layout`).
 - Left alone (the generic path computes it, correctly): anything not proven
-  equivalent -- run-time weights, non-float32, symbolic shapes, other reductions,
+  equivalent -- run-time weights, non-float32, a symbolic feature dim, other reductions,
   other normalisers -- and every graph on a target whose family has no
-  ``dynamic_linear`` generator. Idempotent.
+  ``dynamic_linear`` generator. A symbolic batch (both exporters' default) is outlined,
+  the site's ``m`` naming it, when the family's kernel takes a symbolic m
+  (``Generator.symbolic_m``: the CPU one, dispatching per m bucket); else the graph is
+  left alone (CUDA: the driver asks for ``--input-shape`` first). Idempotent.
 """
 
 from __future__ import annotations
@@ -37,18 +40,18 @@ import tvm
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, is_tuple_get_item, wildcard
 
-from bscompile.codegen.dynamic_layout import DynamicShape, pack_gate, pack_tiles, pad_gate_bias
+from bscompile.codegen.dynamic_layout import DynamicShape, pack_gate, pack_tiles, pad_gate_bias, tile_panel
 from bscompile.codegen.family import KernelFamily
 from bscompile.passes.rewrite import rebind, rewrite_with_bindings, weight_names
 from bscompile.sites import (Matrix, SiteKind, const_array, emit_site, fingerprint,
                              register_site_kind)
 
 
-def _pack(site: dict, operands, layout: dict, schedule) -> tuple[list[relax.Expr], int]:
+def _pack(site: dict, operands, layout: dict, schedules) -> tuple[list[relax.Expr], int]:
     """``[x, tiles, gate_w, gate_b, bias]``: the arguments of the dynamic kernels; the tiles are
-    whole, or in panels of the schedule's ``rows_tile`` outputs when it asks for narrower ones."""
+    whole, or in panels of the narrowest ``rows_tile`` of the ``schedules`` (one per m bucket)."""
     x, w, bias, gw, gb, alive = operands
-    arrays = [pack_tiles(const_array(w), site["block"], getattr(schedule, "rows_tile", None)),
+    arrays = [pack_tiles(const_array(w), site["block"], tile_panel(schedules)),
               pack_gate(const_array(gw)),
               pad_gate_bias(const_array(gb), const_array(alive)), const_array(bias).astype(np.float32)]
     return [x, *(relax.const(a) for a in arrays)], sum(a.nbytes for a in arrays)
@@ -79,11 +82,13 @@ _Y = is_op("relax.reshape")(_TILESUM, wildcard())
 _BIASED = is_op("relax.add")(_Y, _BIAS)
 
 
-def _shape(expr) -> tuple[int, ...] | None:
-    try:
-        return tuple(int(v) for v in expr.ty.shape.values)
-    except (TypeError, AttributeError):
+def _shape(expr) -> tuple[int | str, ...] | None:
+    """Dims as ints, a symbolic dim as its text (one Relax function names each symbolic var
+    once, so equal text is the same dim), or None without a known shape."""
+    values = getattr(getattr(expr.ty, "shape", None), "values", None)
+    if values is None:
         return None
+    return tuple(int(v) if isinstance(v, tvm.tirx.IntImm) else str(v) for v in values)
 
 
 def _ints(values) -> list[int]:
@@ -99,6 +104,8 @@ def _prove(m: dict) -> dict | None:
     if xs is None or len(xs) != 2 or str(x.ty.dtype) != "float32":
         return None
     rows, fin = xs
+    if not isinstance(fin, int):
+        return None
     wg_t, bg, w3 = (const_array(m[p]) for p in (_WG, _BG, _W3))
     if any(a.dtype != np.float32 for a in (wg_t, bg, w3)) or wg_t.ndim != 2 or w3.ndim != 3:
         return None
@@ -142,13 +149,14 @@ def _prove(m: dict) -> dict | None:
         return None
     shape = DynamicShape(fin, fout, bs, k)
     return {"x": x, "w": np.ascontiguousarray(w3.reshape(fin, fout).T), "wg": np.ascontiguousarray(wg_t.T),
-            "bg": bg, "alive": alive, "shape": shape, "n_alive": n_alive, "m": rows}
+            "bg": bg, "alive": alive, "shape": shape, "n_alive": n_alive, "m": x.ty.shape.values[0]}
 
 
 @relax.expr_functor.mutator
 class _Outliner(relax.PyExprMutator):
-    def __init__(self, mod: tvm.IRModule):
+    def __init__(self, mod: tvm.IRModule, symbolic: bool):
         super().__init__(mod)
+        self.symbolic = symbolic  # whether the family's kernels take a symbolic m
         self.names = weight_names(mod)
         self.var2val: dict = {}
 
@@ -162,6 +170,8 @@ class _Outliner(relax.PyExprMutator):
         if found is None:
             m = _Y.extract_matched_expr(binding.value, self.var2val)
             found, bias = (_prove(m) if m is not None else None), None
+        if found is not None and not isinstance(found["m"], tvm.tirx.IntImm) and not self.symbolic:
+            found = None  # the family's dynamic kernels take static shapes only
         if found is None:
             super().visit_var_binding_(binding)
             return
@@ -173,15 +183,16 @@ class _Outliner(relax.PyExprMutator):
         shape: DynamicShape = f["shape"]
         key = fingerprint(f["w"])
         frac = shape.compute_fraction()
+        m = int(f["m"]) if isinstance(f["m"], tvm.tirx.IntImm) else f["m"]
         site = {"kind": "dynamic_linear", "name": self.names.get(key) or f"weight_{key[:8]}", "fingerprint": key,
-                "m": f["m"], "shape": [shape.out_features, shape.in_features], "block": shape.block,
+                "m": m, "shape": [shape.out_features, shape.in_features], "block": shape.block,
                 "tile": f"{shape.block}x{shape.block}", "k": shape.k,
                 "n_alive": f["n_alive"], "keep": round(shape.k / f["n_alive"], 6), "compute_fraction": round(frac, 6),
                 "summary": f"selects {shape.k} of {f['n_alive']} {shape.block}x{shape.block} tiles per row; "
                            f"{frac * 100:.0f}% of the dense compute with the gate"}
         operands = [self.visit_expr(f["x"]), relax.const(f["w"]), relax.const(bias), relax.const(f["wg"]),
                     relax.const(f["bg"]), relax.const(f["alive"])]
-        return emit_site(self.builder_, site, operands, relax.TensorType((f["m"], shape.out_features), "float32"),
+        return emit_site(self.builder_, site, operands, relax.TensorType((m, shape.out_features), "float32"),
                          "dynamic_site")
 
 
@@ -193,4 +204,4 @@ class OutlineDynamicSites:
     def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
         if not self.family.supports(DYNAMIC.name):
             return mod
-        return rewrite_with_bindings(_Outliner(mod), mod)
+        return rewrite_with_bindings(_Outliner(mod, self.family.generator(DYNAMIC.name).symbolic_m), mod)

@@ -16,6 +16,7 @@ import tvm
 
 from bscompile.codegen import cpu_dynamic as cd
 from bscompile.codegen import dynamic_layout as dl
+from bscompile.codegen.family import M_BUCKETS
 from bscompile.target import resolve_target
 
 
@@ -53,7 +54,7 @@ CASES = [
     (256, 384, 64, 0.5, 8, {"m_tile": 8, "rows_tile": 16}, False, 0.0),  # 4 panels per tile
     (256, 512, 64, 0.5, 4, {"chunks": 2, "gate_parallel": True}, False, 0.0),  # parallel, balanced chunks
     (256, 512, 64, 0.25, 4, {"chunks": 3, "gate_parallel": False}, False, 0.0),  # one launch, gate per thread
-    (256, 384, 32, 0.5, 16, {}, False, 0.0),  # union ~ everything: masked dense per output block
+    (256, 384, 32, 0.5, 16, {}, False, 0.0),  # union ~ everything, rows gathered in groups of 4
     (256, 384, 64, 0.5, 8, {"dense_fraction": 0.0}, False, 0.0),  # always masked dense
     (256, 384, 64, 0.5, 8, {"dense_fraction": 2.0, "m_tile": 4}, False, 0.0),  # never: gathered rows, padding
     (256, 384, 64, 0.75, 2, {}, False, -1.5),  # negative k-th scores (radix select on negative keys)
@@ -86,6 +87,29 @@ def test_dynamic_kernel_matches_numpy(rng, fin, fout, bs, keep, m, over, static,
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=2e-5 * np.abs(ref).max(), err_msg=str(sched))
 
 
+def test_symbolic_m_dispatches_per_bucket(rng):
+    """One kernel for any m (the buckets of ``M_BUCKETS``, each with its default schedule:
+    whole tiles at m = 1, panels and row groups beyond, tiles packed in the narrowest
+    panel) against NumPy at m = 1, 3 (row groups with a tail), 17 and 40, from one build."""
+    fin, fout, bs, keep = 256, 512, 64, 0.25
+    n = (fin // bs) * (fout // bs)
+    k = dl.keep_count(keep, n)
+    shape = dl.DynamicShape(fin, fout, bs, k)
+    cases = tuple((lo, hi, cd.default_schedule(shape, rep, 8)) for lo, hi, rep in M_BUCKETS)
+    assert cases[0][2].rows_tile != cases[-1][2].rows_tile  # the m = 1 case reads whole-tile registers over panels
+    panel = dl.tile_panel([c[2] for c in cases])
+    fn = _build(fin, fout, bs, k, None, cases)
+    w = rng.standard_normal((fout, fin)).astype(np.float32)
+    gw = (rng.standard_normal((n, fin)) / np.sqrt(fin)).astype(np.float32)
+    gb = rng.standard_normal(n).astype(np.float32)
+    bias = rng.standard_normal(fout).astype(np.float32)
+    for m in (1, 3, 17, 40):
+        x = _margin_rows(rng, m, fin, gw, gb, k)
+        ref, _ = dl.dynamic_linear(x, w, gw, gb, bias, bs, k)
+        np.testing.assert_allclose(_run(fn, x, w, gw, gb, bias, bs, panel), ref, rtol=1e-4,
+                                   atol=2e-5 * np.abs(ref).max(), err_msg=f"m={m}")
+
+
 def test_exact_ties_keep_every_tied_tile(rng):
     """Scores bit-identical in kernel and NumPy (zero gate weights): 5 tiles tie at the
     k-th value, so 5 tiles are kept for k = 3, as onnxruntime's TopK + GreaterOrEqual do."""
@@ -107,7 +131,7 @@ def test_exact_ties_keep_every_tied_tile(rng):
 
 def test_schedule_and_static_mask_are_checked():
     with pytest.raises(ValueError, match="does not tile"):
-        cd.dynamic_linear_kernel(128, 256, 32, 4, 3, cd.DynamicSchedule(2, 32, 1, False))
+        cd.dynamic_linear_kernel(128, 256, 32, 4, 3, cd.DynamicSchedule(2, 24, 1, False))
     with pytest.raises(ValueError, match="n_alive"):
         cd.dynamic_linear_kernel(128, 256, 32, 4, 1, cd.DynamicSchedule(1, 32, 1, False), n_alive=3)
 

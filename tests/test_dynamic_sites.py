@@ -14,6 +14,7 @@ from test_dynamic import BS, IN, OUT, _export, _model, _ort, clear_margin_inputs
 from tvm import relax
 from tvm.script import ir as I
 from tvm.script import relax as R
+from tvm.script import tirx as T
 
 import bscompile
 from bscompile.frontend.onnx import import_onnx
@@ -34,15 +35,12 @@ def _params(m):
             m.gate.bias.detach().numpy(), alive)
 
 
-@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
-@pytest.mark.parametrize("keep,static", [(0.5, False), (0.25, True)], ids=["keep0.5", "keep0.25-static"])
-def test_outline_dynamic_sites(rng, dynamo, keep, static):
-    m = _model(rng, keep, static)
-    before = _folded(_export(m, dynamo))
-    w, b, wg, bg, alive = _params(m)
+def _outline_checked(before: tvm.IRModule, m, rows) -> tuple[tvm.IRModule, dict]:
+    """The pass applied (and checked idempotent) and the site attributes it must write."""
+    w, _, _, _, alive = _params(m)
     n_alive, k = int(alive.sum()), m.k
     frac = k / len(alive) + len(alive) / OUT
-    site_attrs = {"kind": "dynamic_linear", "fingerprint": fingerprint(w), "m": 2, "shape": [OUT, IN], "block": BS,
+    site_attrs = {"kind": "dynamic_linear", "fingerprint": fingerprint(w), "m": rows, "shape": [OUT, IN], "block": BS,
                   "tile": f"{BS}x{BS}", "k": k, "n_alive": n_alive, "keep": round(k / n_alive, 6),
                   "compute_fraction": round(frac, 6),
                   "summary": f"selects {k} of {n_alive} {BS}x{BS} tiles per row; {frac * 100:.0f}% of the dense "
@@ -52,6 +50,16 @@ def test_outline_dynamic_sites(rng, dynamo, keep, static):
     (entry,) = weight_entries(after)
     site_attrs["name"] = entry["name"]
     assert entry["name"] != f"weight_{fingerprint(w)[:8]}"  # named after the exported initializer
+    return after, site_attrs
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+@pytest.mark.parametrize("keep,static", [(0.5, False), (0.25, True)], ids=["keep0.5", "keep0.25-static"])
+def test_outline_dynamic_sites(rng, dynamo, keep, static):
+    m = _model(rng, keep, static)
+    before = _folded(_export(m, dynamo))
+    w, b, wg, bg, alive = _params(m)
+    after, site_attrs = _outline_checked(before, m, 2)
 
     @I.ir_module
     class Expected:
@@ -77,6 +85,41 @@ def test_outline_dynamic_sites(rng, dynamo, keep, static):
     tvm.ir.assert_structural_equal(after.without_attr(WEIGHT_NAMES), Expected)
 
 
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_outline_dynamic_sites_symbolic_batch(rng, dynamo):
+    """The exporters' dynamic batch axis: outlined on a family whose kernel takes a symbolic m,
+    the site's m naming the batch (the site function has its own ``batch``)."""
+    m = _model(rng, 0.5, False)
+    before = relax.transform.FoldConstant()(import_onnx(onnx.load_from_string(_export(m, dynamo)), None).mod)
+    w, b, wg, bg, alive = _params(m)
+    after, site_attrs = _outline_checked(before, m, "batch")
+
+    @I.ir_module
+    class Expected:
+        @R.function(private=True)
+        def dynamic_site(a0: R.Tensor(("batch", IN), "float32"), a1: R.Tensor((OUT, IN), "float32"),
+                         a2: R.Tensor((OUT,), "float32"), a3: R.Tensor((len(alive), IN), "float32"),
+                         a4: R.Tensor((len(alive),), "float32"),
+                         a5: R.Tensor((len(alive),), "bool")) -> R.Tensor(("batch", OUT), "float32"):
+            batch = T.int64()
+            R.func_attr({"bscompile.site": site_attrs})
+            return R.call_pure_packed("bscompile.site.dynamic_linear", a0, a1, a2, a3, a4, a5,
+                                      ty_args=R.Tensor((batch, OUT), "float32"))
+
+        @R.function
+        def main(x: R.Tensor(("batch", IN), "float32")) -> R.Tensor(("batch", OUT), "float32"):
+            batch = T.int64()
+            R.func_attr({"num_input": 1})
+            cls = Expected
+            with R.dataflow():
+                x2 = R.reshape(x, R.shape([batch, IN]))
+                gv = cls.dynamic_site(x2, R.const(w), R.const(b), R.const(wg), R.const(bg), R.const(alive))
+                R.output(gv)
+            return gv
+
+    tvm.ir.assert_structural_equal(after.without_attr(WEIGHT_NAMES), Expected)
+
+
 def _edit(model_bytes: bytes, op: str, values: dict[int, object]) -> bytes:
     """Replace constant inputs (position -> value) of the first ``op`` node that has them."""
     model = onnx.load_from_string(model_bytes)
@@ -91,13 +134,20 @@ def _edit(model_bytes: bytes, op: str, values: dict[int, object]) -> bytes:
     raise AssertionError(f"no {op} with constant inputs {list(values)}")
 
 
-@pytest.mark.parametrize("edit", ["normaliser", "kth", "no-generator"])
+@pytest.mark.parametrize("edit", ["normaliser", "kth", "no-generator", "symbolic-on-cuda"])
 def test_outline_dynamic_sites_leaves_other_graphs_alone(rng, edit):
     """A normaliser that is not the number of tiles, a slice that does not take the k-th
-    value, or a family without a dynamic generator: the generic path keeps the graph."""
+    value, a family without a dynamic generator, or a symbolic batch on a family whose
+    dynamic kernel takes static shapes only (CUDA): the generic path keeps the graph."""
     m = _model(rng, 0.5, False)
     model_bytes = _export(m, dynamo=False)
     family = CPU
+    if edit == "symbolic-on-cuda":
+        before = relax.transform.FoldConstant()(import_onnx(onnx.load_from_string(model_bytes), None).mod)
+        cuda = resolve_target("cuda").kernel_family()
+        assert cuda.supports("dynamic_linear")
+        tvm.ir.assert_structural_equal(OutlineDynamicSites(cuda)(before), before)
+        return
     if edit == "normaliser":
         model_bytes = _edit(model_bytes, "Div", {1: 7.0})
     elif edit == "kth":
@@ -123,6 +173,25 @@ def test_compiled_dynamic_layer_matches_onnxruntime(rng, dynamo, keep, static, b
     np.testing.assert_allclose(art.load().run({"x": x})["y"], _ort(model_bytes, x), rtol=1e-4, atol=1e-5)
 
 
+def test_default_compile_runs_the_dynamic_kernel_at_any_batch(rng):
+    """``bscompile model.onnx`` with the exporters' symbolic batch: one dynamic site (no longer
+    the generic path), one artifact run at batch 1, 3 and 17 (the m = 1, 2-7/8-31 buckets)
+    equal to onnxruntime on inputs with a clear selection margin. (Both exporters give the
+    same Relax: test_outline_dynamic_sites_symbolic_batch.)"""
+    m = _model(rng, 0.25, True)
+    model_bytes = _export(m, dynamo=False)
+    art = bscompile.compile(onnx.load_from_string(model_bytes))
+    (entry,) = art.manifest.weights
+    assert (entry["kind"], entry["decision"]["layout"], entry["m"]) == ("dynamic_linear", "tiles",
+                                                                                      "batch")
+    assert [b["lo"] for b in entry["decision"]["buckets"]][0] == 1 and len(entry["decision"]["buckets"]) >= 2
+    mod = art.load()
+    for batch in (1, 3, 17):
+        x = clear_margin_inputs(m, rng, batch)
+        np.testing.assert_allclose(mod.run({"x": x})["y"], _ort(model_bytes, x), rtol=1e-4, atol=1e-5,
+                                   err_msg=f"batch {batch}")
+
+
 @pytest.mark.parametrize("order", ["forward", "random"])
 def test_cuda_dynamic_site_under_the_emulator(rng, tmp_path, order):
     """The CUDA family's dynamic kernel (gate, selection, tile product: three launches) run
@@ -142,3 +211,63 @@ def test_cuda_dynamic_site_under_the_emulator(rng, tmp_path, order):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "3 launches of 3 kernels" in proc.stdout and "(ok, rtol 0.0001 atol 1e-05)" in proc.stdout, proc.stdout
+
+
+def test_tuning_a_dynamic_site_records_per_bucket(rng, monkeypatch):
+    """``bscompile tune`` measures a dynamic site (symbolic batch) under its generator's
+    schedules (fallback off/on, panels, ...) at each bucket's m, on the real kernel: one
+    record per bucket, the default schedule as the baseline; the tuned artifact equals
+    onnxruntime at batch 1 and 5. (Two buckets, m = 1 and m >= 2, keep the test short:
+    every candidate is a compile.)"""
+    from bscompile import tune
+    from bscompile.passes import choose_layout
+    from bscompile.records import record_key
+    from bscompile.tune import tune_model
+
+    M_BUCKETS = ((1, 1, 1), (2, None, 4))
+    monkeypatch.setattr(tune, "M_BUCKETS", M_BUCKETS)
+    monkeypatch.setattr(choose_layout, "M_BUCKETS", M_BUCKETS)
+
+    m = _model(rng, 0.5, False)
+    model = onnx.load_from_string(_export(m, dynamo=False))
+    lines = []
+    records = tune_model(model, {"target": "llvm", "sparse": True}, lines.append)
+    assert [(r.kind, r.m, r.bucket) for r in records] == [("dynamic_linear", rep, [lo, hi]) for lo, hi, rep in M_BUCKETS]
+    assert {(r.layout, r.block) for r in records} == {("tiles", f"{BS}x{BS}")}
+    for r in records:
+        assert len(r.candidates) >= 2 and all(c["time_us"] is not None for c in r.candidates), r.candidates
+        if r.m > 1:  # the masked dense fallback measured on and off
+            assert {c["schedules"][0]["dense_fraction"] for c in r.candidates} >= {1.0, 2.0}
+        assert r.time_us == min(c["time_us"] for c in r.candidates)
+        assert r.dense_time_us == r.candidates[0]["time_us"]  # the default schedule
+    art = bscompile.compile(model, records={record_key(r.key, r.m): r for r in records})
+    (w,) = art.manifest.weights
+    assert w["decision"]["reason"].startswith("tuned: tiles")
+    mod = art.load()
+    for batch in (1, 5):
+        x = clear_margin_inputs(m, rng, batch)
+        np.testing.assert_allclose(mod.run({"x": x})["y"], _ort(model.SerializeToString(), x), rtol=1e-4, atol=1e-5)
+
+
+def test_inspect_shows_dynamic_site_fields(rng, tmp_path):
+    """``bscompile inspect``: a dynamic site's block, k, tiles, keep and compute fraction as
+    fields (``--json`` has them as the entry's attributes), and its per-bucket schedules."""
+    import subprocess
+    import sys
+
+    m = _model(rng, 0.25, True)
+    path = tmp_path / "dyn.onnx"
+    path.write_bytes(_export(m, dynamo=False))
+    n_alive = int(m.block_mask.sum())
+    frac = m.k / m.num_tiles + m.num_tiles / OUT
+
+    proc = subprocess.run([sys.executable, "-m", "bscompile.cli", "inspect", str(path)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    lines = out.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("dynamic site"))
+    assert lines[at].split()[2:7] == ["block", "k", "tiles", "keep", "compute"]
+    row = lines[at + 2].split()
+    assert row[1:6] == [f"{BS}x{BS}", str(m.k), str(n_alive), f"{m.k / n_alive:g}", f"{frac:.3f}"], out
+    assert "m=1: tiles 1x" in out and "no fallback" in out  # the run-time dispatch per bucket
