@@ -109,6 +109,41 @@ def run_case(case: str, quick: bool, roof: dict) -> dict:
     return row
 
 
+def run_threads(quick: bool) -> dict:
+    """The batch-1 Linear with its default schedule (one thread below ``PARALLEL_MIN_WORK``)
+    against the same kernel forced onto the thread pool by a tuning record: do 2 threads pay?"""
+    import dataclasses
+
+    from onnx import numpy_helper
+
+    from bscompile.codegen.cpu import schedule_for
+    from bscompile.codegen.layout import BlockShape, block_stats
+    from bscompile.records import TuningRecord, record_key
+    from bscompile.sites import fingerprint
+
+    title, model, feeds, _ = build("linear", quick)
+    w = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "w"))
+    fp, st, n = fingerprint(w), block_stats(w, BlockShape(4, 4)), w.shape[0]
+    mods = {}
+    for par in (False, True):
+        sched = dataclasses.replace(schedule_for(st.block, st.nnz_blocks, st.padded_shape[0] // 4, 1), parallel=par)
+        rec = TuningRecord(fp, "w", "linear", 1, "llvm", "bsr", "4x4", sched.to_json(), 0.0, 0.0)
+        art = bscompile.compile(model, input_shapes={"x": (1, n)}, records={record_key(fp, 1): rec})
+        assert art.manifest.weights[0]["decision"]["schedule"]["parallel"] == par
+        mods[f"{1 + par} threads"] = (art.load(), art.load())
+    fns = {k: (lambda m=m[0]: m.run(feeds)) for k, m in mods.items()}
+    twins = {k: (lambda m=m[1]: m.run(feeds)) for k, m in mods.items()}
+    warm = [common.interleaved(fns, 1000) for _ in range(ROUNDS)]
+    cold = [common.interleaved(fns, 100, cold=True, twins=twins) for _ in range(ROUNDS)]
+    row = {"title": f"{title}, batch 1, specialised", "load": os.getloadavg()[0],
+           **{f"warm_{k}_us": float(np.median([t[k] for t in warm])) * 1e6 for k in fns},
+           **{f"cold_{k}_us": float(np.median([t[k] for t in cold])) * 1e6 for k in fns},
+           "ratio_warm": sorted(t["2 threads"] / t["1 threads"] for t in warm),
+           "ratio_cold": sorted(t["2 threads"] / t["1 threads"] for t in cold)}
+    print(row, flush=True)
+    return row
+
+
 def uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
@@ -153,6 +188,16 @@ def write(res: dict, cmd: str, stem: str) -> None:
     lines.append(f"- >= 50% of the cold roofline floor: " + ", ".join(
         f"{r['title']} {r['floor_fraction_cold']:.0%} ({'met' if r['floor_fraction_cold'] >= 0.5 else 'unmet'})"
         for r in fl))
+    t = res["threads"]
+    lines += ["", "## Two threads for a small kernel (`PARALLEL_MIN_WORK`)", "",
+              f"{t['title']}: the default schedule runs on one thread (310k multiply-adds < "
+              "`codegen/cpu.py` `PARALLEL_MIN_WORK` = 2^20); the same kernel forced onto the 2-thread pool by a "
+              f"tuning record: warm {t['warm_1 threads_us']:.1f} us (1 thread) vs {t['warm_2 threads_us']:.1f} us "
+              f"(2 threads), cold {t['cold_1 threads_us']:.1f} vs {t['cold_2 threads_us']:.1f} us; 2 threads / 1 "
+              f"thread per round: warm {', '.join(f'{r:.2f}' for r in t['ratio_warm'])}, cold "
+              f"{', '.join(f'{r:.2f}' for r in t['ratio_cold'])} (load {t['load']:.1f}). "
+              + ("Two threads pay here: lower the threshold." if max(t["ratio_warm"]) < 1 else
+                 "Two threads do not pay on this host at this load: the threshold stays.")]
     OUT.mkdir(parents=True, exist_ok=True)
     md = OUT / f"{stem}.md"
     kept = md.read_text().partition(KEEP)[1:] if md.exists() else ()  # the compile-time section, measured apart
@@ -168,6 +213,7 @@ def main() -> None:
     t0 = time.perf_counter()
     res = {"machine": common.machine_info(), "uptime_before": uptime(), "roofline": common.measure_roofline()}
     res["rows"] = [common.in_fresh_process(run_case, c, args.quick, res["roofline"]) for c in args.cases]
+    res["threads"] = common.in_fresh_process(run_threads, args.quick)
     res.update(uptime_after=uptime(), wall_s=time.perf_counter() - t0,
                cpu_s=sum(os.times()[:4]))
     cmd = "python bench/latency.py" + (" --quick" if args.quick else "") + \
