@@ -1,7 +1,8 @@
 """The cost of symbolic shapes: one artifact for any batch and length against artifacts
 specialised to the shape (``--input-shape``), on the same ONNX file.
 
-    python bench/symbolic.py            # Linear 1760x1760 and GRU(512->1024, 50 steps), batch 1 and 64
+    python bench/symbolic.py            # Linear 1760x1760, GRU(512->1024, 50 steps) and its input
+                                        # projection alone (50 x batch rows), batch 1 and 64
     python bench/symbolic.py --quick    # smaller layers (a check that the script runs)
 
 Weights are pruned to 90% with 4x4 blocks (random values). Per case and batch the
@@ -43,11 +44,12 @@ def _pruned(rng, shape, fan_in: int) -> np.ndarray:
     return (w * np.repeat(np.repeat(keep, 4, -2), 4, -1)).astype(np.float32)
 
 
-def linear_model(rng, n: int) -> onnx.ModelProto:
-    """y[batch, n] = x @ W.T + b."""
-    w, b = _pruned(rng, (n, n), n), rng.standard_normal(n).astype(np.float32)
+def linear_model(rng, n: int, k: int | None = None) -> onnx.ModelProto:
+    """y[batch, n] = x[batch, k] @ W.T + b (k = n by default)."""
+    k = k or n
+    w, b = _pruned(rng, (n, k), k), rng.standard_normal(n).astype(np.float32)
     g = helper.make_graph([helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1, name="fc")], "linear",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", n])],
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", k])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", n])],
                           [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
@@ -73,6 +75,9 @@ def run(quick: bool) -> dict:
     cases = [
         (f"Linear {n}x{n}", linear_model(rng, n), lambda b: {"x": (b, n)}),
         (f"GRU {inp}->{hid}, {seq} steps", gru_model(rng, inp, hid), lambda b: {"x": (seq, b, inp)}),
+        # The GRU's input projection alone: a Linear over its T x B rows (3200 at batch 64).
+        (f"Linear {inp}->{3 * hid} over {seq} x batch rows (the GRU's input projection)",
+         linear_model(rng, 3 * hid, inp), lambda b: {"x": (seq * b, inp)}),
     ]
     rows = []
     for name, model, shapes_of in cases:

@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", help="artifact path (default: MODEL.bsc)")
     c.add_argument("--dump-ir", metavar="DIR", help="write the IR after every pass (bscompile's and TVM's) to DIR")
     c.add_argument("--records", help="tuning records from `bscompile tune` to apply")
+    c.add_argument("--time-passes", action="store_true",
+                   help="print where compile time went (wall and CPU per phase and pass) and the peak memory")
     c.add_argument("-q", "--quiet", action="store_true")
     model_opts(c)
 
@@ -164,12 +166,27 @@ def cmd_compile(args) -> int:
     art = bscompile.compile(args.model, dump_ir=args.dump_ir, records=args.records, progress=_progress(args.quiet),
                             **_compile_kwargs(args))
     art.export(out)
+    if args.time_passes:
+        print(time_table(art))
     if not args.quiet:
         print(weight_table(art.manifest.weights))
         s = art.manifest.summary()
         print(f"\nwrote {out}: {len(art.manifest.weights)} weights, {s['dense_bytes'] / 2**20:.2f} MiB dense -> "
               f"{s['stored_bytes'] / 2**20:.2f} MiB stored, compiled in {art.manifest.compile_seconds:.1f} s")
     return 0
+
+
+def time_table(art) -> str:
+    """``--time-passes``: the artifact's compile timings and this process's peak memory."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    dense = art.manifest.summary()["dense_bytes"]
+    lines = [f"{'wall s':>8} {'CPU s':>8} {'RSS MiB':>8}  phase / pass (RSS: resident memory at its end)"]
+    lines += [f"{w:8.2f} {c:8.2f} {rss:8.0f}  {name}" for name, w, c, rss in art.timings]
+    lines.append(f"peak memory {peak / 2**20:.0f} MiB = {peak / max(dense, 1):.1f}x the weights "
+                 f"({dense / 2**20:.0f} MiB fp32)\n")
+    return "\n".join(lines)
 
 
 def cmd_inspect(args) -> int:

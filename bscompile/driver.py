@@ -10,10 +10,11 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import onnx
 import tvm
 from tvm import relax
@@ -40,11 +41,17 @@ def stderr_progress(msg: str) -> None:
 
 @dataclass
 class Artifact:
-    """A compiled model in memory: the TVM executable plus its manifest."""
+    """A compiled model in memory: the TVM executable plus its manifest.
+
+    ``timings``: where compile time went, ``(label, wall s, CPU s, resident MiB at
+    its end)`` in order: the phases (import, the Relax pipeline's passes indented under
+    it, the build: TIR passes and the rest, which is LLVM's code generation).
+    """
 
     executable: tvm.runtime.Executable
     manifest: Manifest
     spec: TargetSpec
+    timings: list[tuple[str, float, float, float]] = field(default_factory=list)
 
     def export(self, path: str | os.PathLike) -> Path:
         """Write the ``.bsc`` file atomically; cross targets link with their compiler."""
@@ -95,8 +102,55 @@ class _Progress:
             self.progress(f"pass {info.name}")
 
 
-def _run(passes: tvm.transform.Pass, mod: tvm.IRModule, spec: TargetSpec, dump_ir, progress) -> tvm.IRModule:
+def _clock() -> np.ndarray:
+    """(wall, CPU) seconds: on a shared host the wall time alone says little."""
+    return np.array([time.perf_counter(), time.process_time()])
+
+
+def _rss_mib() -> float:
+    """This process's resident memory now (Linux; 0 elsewhere)."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+@tvm.ir.instrument.pass_instrument
+class PassTimes:
+    """Wall and CPU time of every pass down to ``depth`` levels of nesting (a
+    ``Sequential`` is a level). TVM's ``PassTimingInstrument`` renders text only and
+    times only its C++ passes as a tree; this one keeps numbers for the report."""
+
+    def __init__(self, depth: int = 2):
+        self.depth, self.stack, self.times = depth, [], []
+
+    def run_before_pass(self, mod, info):
+        self.stack.append((len(self.times), _clock()))
+        if len(self.stack) <= self.depth:
+            self.times.append(["  " * (len(self.stack) - 1) + info.name, np.zeros(3)])
+
+    def run_after_pass(self, mod, info):
+        i, t0 = self.stack.pop()
+        if len(self.stack) < self.depth:
+            self.times[i][1] = np.append(_clock() - t0, _rss_mib())
+
+    def rows(self) -> list[tuple[str, np.ndarray]]:
+        """(name, [wall, CPU, RSS MiB after]); passes of one name and level that ran back
+        to back are summed (TVM's TIR pipeline runs some passes once per function)."""
+        out: list[tuple[str, np.ndarray]] = []
+        for name, t in self.times:
+            if out and out[-1][0] == name:
+                out[-1] = (name, np.append(out[-1][1][:2] + t[:2], t[2]))
+            else:
+                out.append((name, t))
+        return out
+
+
+def _run(passes: tvm.transform.Pass, mod: tvm.IRModule, spec: TargetSpec, dump_ir, progress,
+         timer: PassTimes | None = None) -> tvm.IRModule:
     instruments = list(tvm.transform.PassContext.current().instruments)  # e.g. the tests' well-formedness check
+    if timer is not None:
+        instruments.append(timer)
     if dump_ir is not None:
         dump = DumpIR(dump_ir, refresh=True)
         Path(dump_ir).mkdir(parents=True, exist_ok=True)
@@ -147,25 +201,41 @@ def compile(model: str | os.PathLike | onnx.ModelProto, target: str | dict | Tar
     ``records`` (a path or loaded dict) applies measured choices from ``bscompile tune``;
     ``dump_ir`` (a directory) receives the IR after every pass.
     """
-    t0 = time.perf_counter()
+    t0 = np.append(_clock(), 0.0)
     spec = resolve_target(target, cpu)
     opts = _options(spec, sparse, block, records)
     if progress:
         progress("importing ONNX")
     im = import_onnx(model, input_shapes)
     _check_symbolic(im, spec)
+    t_import = np.append(_clock(), _rss_mib())
     pipeline = relax.get_pipeline("bscompile", family=spec.kernel_family(), target=spec.tvm_target(), **opts)
-    mod = _run(pipeline, im.mod, spec, dump_ir, progress)
+    relax_timer = PassTimes(depth=2)
+    mod = _run(pipeline, im.mod, spec, dump_ir, progress, relax_timer)
     weights = weight_entries(mod)
     if progress:
         progress(f"building for {spec.name} ({len(weights)} weight sites)")
-    executable = tvm.compile(mod, target=spec.tvm_target(), relax_pipeline=None)
+    t_relax = np.append(_clock(), _rss_mib())
+    build_timer = PassTimes(depth=1)
+    ctx = tvm.transform.PassContext.current()  # keep the caller's options and instruments, add the timer
+    with tvm.transform.PassContext(opt_level=ctx.opt_level, config=ctx.config,
+                                   instruments=[*ctx.instruments, build_timer]):
+        executable = tvm.compile(mod, target=spec.tvm_target(), relax_pipeline=None)
+    t_build = np.append(_clock(), _rss_mib())
+    tir = build_timer.rows()
+    span = lambda a, b: np.append(b[:2] - a[:2], b[2])  # noqa: E731  (wall, CPU, RSS at the end)
+    rows = [("import ONNX", span(t0, t_import)), ("Relax pipeline", span(t_import, t_relax)),
+            *((n[2:], t) for n, t in relax_timer.rows()[1:]),  # [0] is the pipeline itself
+            ("build", span(t_relax, t_build)), *(("  " + n, t) for n, t in tir),
+            ("  code generation (LLVM) and the rest",
+             np.append(span(t_relax, t_build)[:2] - sum(t[:2] for _, t in tir), t_build[2]))]
+    timings = [(n, round(float(t[0]), 4), round(float(t[1]), 4), round(float(t[2]), 1)) for n, t in rows]
     manifest = Manifest(
         bscompile_version=__version__, tvm_version=tvm.__version__, target_name=spec.name,
         target=spec.target, device=spec.device, arch=spec.arch, inputs=im.inputs, outputs=im.outputs,
-        weights=weights, compile_seconds=round(time.perf_counter() - t0, 3),
+        weights=weights, compile_seconds=round(time.perf_counter() - t0[0], 3),
         source=str(model) if not isinstance(model, onnx.ModelProto) else "<ModelProto>",
     )
     if progress:
         progress(f"compiled in {manifest.compile_seconds:.1f} s")
-    return Artifact(executable, manifest, spec)
+    return Artifact(executable, manifest, spec, timings)

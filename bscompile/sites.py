@@ -81,9 +81,30 @@ def dim_of(value: tvm.ir.Expr | int) -> int | str:
 
 
 def fingerprint(w: np.ndarray) -> str:
-    """Content key of a weight matrix: names sites and keys tuning records."""
-    w = np.ascontiguousarray(w, dtype=np.float32) + np.float32(0)  # -0.0 and 0.0 alike
-    return hashlib.sha1(repr(w.shape).encode() + w.tobytes()).hexdigest()
+    """Content key of a weight matrix: names sites and keys tuning records.
+
+    SHA-1 of the shape and the C-order float32 bytes (-0.0 as 0.0), fed in slices of
+    about a MiB: no whole-matrix copies, and a transposed view (the importer keys both
+    orientations of every initializer) is copied in column stripes that stay in cache.
+    """
+    w = np.asarray(w)
+    w = w.reshape(1) if w.ndim == 0 else w  # as np.ascontiguousarray does
+    h = hashlib.sha1(repr(w.shape).encode())
+    for part in _row_slices(w):
+        h.update(np.add(part, np.float32(0), dtype=np.float32, order="C"))  # a C-order copy; -0.0 + 0 = 0.0
+    return h.hexdigest()
+
+
+def _row_slices(w: np.ndarray, size: int = 1 << 18):
+    """``w`` as consecutive slices along axis 0 of about ``size`` elements each."""
+    if w.ndim == 2 and w.T.flags.c_contiguous and not w.flags.c_contiguous:
+        step = max(128, size // max(w.shape[1], 1))  # rows of w per stripe; w.shape[1] is small for a reshaped tensor
+        for j in range(0, w.shape[0], step):  # a transposed matrix: a contiguous stripe of it, then transpose that
+            yield np.ascontiguousarray(w.T[:, j:j + step]).T
+        return
+    rows = max(1, size * len(w) // max(w.size, 1))
+    for i in range(0, len(w), rows):
+        yield w[i:i + rows]
 
 
 def const_array(expr: relax.Expr) -> np.ndarray | None:

@@ -16,7 +16,6 @@ import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.sparse as sp
 
 #: Rows per block of the dense layout (two AVX2 vectors): one constant, because every
 #: stage that packs or decodes a dense weight site must agree on it.
@@ -95,9 +94,9 @@ def all_block_stats(w: np.ndarray, edges: tuple[int, ...] = CANDIDATE_EDGES) -> 
                 rows, cols = -(-n // r), -(-k // c)
                 out.append(BlockStats(BlockShape(r, c), int(grid[:rows, :cols].sum()), rows * cols,
                                       (rows * r, cols * c)))
-            grid = grid.reshape(grid.shape[0] // 2, 2, grid.shape[1]).any(axis=1) if r < top else grid
+            grid = grid[0::2] | grid[1::2] if r < top else grid  # (an elementwise OR: .any(axis) is ~10x slower)
             r *= 2
-        col_grid = col_grid.reshape(col_grid.shape[0], col_grid.shape[1] // 2, 2).any(axis=2) if c < top else col_grid
+        col_grid = col_grid[:, 0::2] | col_grid[:, 1::2] if c < top else col_grid
         c *= 2
     order = {(r, c): i for i, (r, c) in enumerate((r, c) for r in edges for c in edges)}
     return sorted(out, key=lambda st: order[(st.block.r, st.block.c)])
@@ -147,12 +146,15 @@ class BSRMatrix:
     def from_dense(cls, w: np.ndarray, block: BlockShape) -> "BSRMatrix":
         """Keep the blocks of ``w`` that hold a non-zero (zero-padded to the block grid)."""
         w = np.asarray(w, dtype=np.float32)
-        n_pad, k_pad = padded(w.shape[0], block.r), padded(w.shape[1], block.c)
-        bsr = sp.bsr_array(_pad_to(w, n_pad, k_pad), blocksize=(block.r, block.c))
-        bsr.sort_indices()
-        data = np.ascontiguousarray(bsr.data.transpose(0, 2, 1), dtype=np.float32)
-        indices = bsr.indices.astype(np.int32)
-        indptr = bsr.indptr.astype(np.int32)
+        r, c = block.r, block.c
+        n_pad, k_pad = padded(w.shape[0], r), padded(w.shape[1], c)
+        # As scipy's BSR of the dense matrix (blocks holding a non-zero, sorted by column),
+        # without its COO/CSR detour, which costs ~5x more on a large weight.
+        tiles = _pad_to(w, n_pad, k_pad).reshape(n_pad // r, r, k_pad // c, c)
+        rows, cols = np.nonzero((tiles != 0).any(axis=(1, 3)))
+        data = np.ascontiguousarray(tiles[rows, :, cols, :].transpose(0, 2, 1))  # [nnzb, c, r]
+        indices = cols.astype(np.int32)
+        indptr = np.searchsorted(rows, np.arange(n_pad // r + 1)).astype(np.int32)
         if data.shape[0] == 0:  # all-zero weight: keep one zero block so buffers are non-empty
             data = np.zeros((1, block.c, block.r), np.float32)
             indices = np.zeros(1, np.int32)

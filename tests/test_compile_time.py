@@ -1,0 +1,77 @@
+"""Compile-time work (issue 12): the fast weight fingerprint, block statistics and BSR
+packing must equal their plain definitions; ``--time-passes`` reports every pass."""
+
+import hashlib
+
+import numpy as np
+import onnx
+import pytest
+import scipy.sparse as sp
+from onnx_models import mlp
+
+from bscompile.cli import main
+from bscompile.codegen.layout import BlockShape, BSRMatrix, all_block_stats, block_stats, padded
+from bscompile.sites import fingerprint
+
+
+def _sha1_of_bytes(w) -> str:
+    """The definition: SHA-1 of the shape and the C-order float32 bytes, -0.0 read as 0.0."""
+    w = np.ascontiguousarray(w, dtype=np.float32) + np.float32(0)
+    return hashlib.sha1(repr(w.shape).encode() + w.tobytes()).hexdigest()
+
+
+def _sparse(rng, shape, density=0.1):
+    w = rng.standard_normal(shape).astype(np.float32) * (rng.random(shape) < density)
+    w.flat[0] = -0.0
+    return w
+
+
+def test_fingerprint_is_sha1_of_the_c_order_bytes(rng):
+    a = _sparse(rng, (600, 300))
+    b = rng.standard_normal((2, 70, 30))  # float64, 3-D, as ONNX initializers come
+    views = [a, a.T, a[::3], a[:, 5:77], a.T[10:20], a.reshape(2, -1).T, a.reshape(-1, 2).T, b, b.T, b[1].T,
+             np.asfortranarray(b[0]), np.zeros((0, 4), np.float32), np.float32(-0.0), np.arange(12).reshape(3, 4).T]
+    for v in views:
+        assert fingerprint(v) == _sha1_of_bytes(v), np.shape(v)
+    assert fingerprint(a) != fingerprint(a.T) and fingerprint(a) == fingerprint(a + np.float32(0))
+
+
+@pytest.mark.parametrize("shape", [(96, 64), (37, 91), (1, 1), (5, 200)])
+def test_all_block_stats_equals_per_shape_counts(rng, shape):
+    w = _sparse(rng, shape, 0.05)
+    for st in all_block_stats(w):
+        assert st == block_stats(w, st.block), st.block
+
+
+@pytest.mark.parametrize("shape,block", [((64, 48), (4, 4)), ((37, 91), (4, 8)), ((10, 7), (16, 1)), ((3, 100), (2, 32))])
+def test_bsr_from_dense_equals_scipy(rng, shape, block):
+    w = _sparse(rng, shape, 0.05)
+    w[-1, -1] = np.nan  # a non-finite value is stored like any non-zero
+    r, c = block
+    ref = sp.bsr_array(np.pad(w, ((0, padded(shape[0], r) - shape[0]), (0, padded(shape[1], c) - shape[1]))),
+                       blocksize=block)
+    ref.sort_indices()
+    got = BSRMatrix.from_dense(w, BlockShape(r, c))
+    np.testing.assert_array_equal(got.data, ref.data.transpose(0, 2, 1))
+    np.testing.assert_array_equal(got.indices, ref.indices)
+    np.testing.assert_array_equal(got.indptr, ref.indptr)
+    assert got.data.flags.c_contiguous and got.indices.dtype == got.indptr.dtype == np.int32
+    np.testing.assert_array_equal(got.to_dense(), w)
+    empty = BSRMatrix.from_dense(np.zeros(shape, np.float32), BlockShape(r, c))  # one zero block, buffers non-empty
+    assert empty.nnz_blocks == 1 and not empty.data.any() and not empty.indptr.any()
+
+
+def test_time_passes_reports_every_pass_and_peak_memory(rng, tmp_path, capsys):
+    model, _ = mlp([64, 128, 16], "batch", ["4x4", "dense"], rng)
+    onnx.save(model, tmp_path / "m.onnx")
+    assert main(["compile", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "m.bsc"), "--time-passes", "-q"]) == 0
+    out = capsys.readouterr().out
+    for name in ("import ONNX", "Relax pipeline", "AnalyzeSparsity", "LowerWeightSites", "build",
+                 "code generation (LLVM)", "peak memory"):
+        assert name in out, name
+    rows = {ln.split(None, 3)[3].strip(): [float(v) for v in ln.split(None, 3)[:3]]
+            for ln in out.splitlines()[1:] if ln[:8].strip().replace(".", "").isdigit()}
+    passes = ["FoldConstant", "CheckIndices", "OutlineLinearSites", "AnalyzeSparsity", "ChooseLayout",
+              "LowerWeightSites", "OwnOutputs"]
+    assert sum(rows[p][0] for p in passes) <= rows["Relax pipeline"][0] + 0.01  # passes nest in their phase
+    assert all(rows[p][2] > 0 for p in passes)  # resident memory after each pass
