@@ -266,10 +266,10 @@ def _body(shape: DynamicShape, m, sched: DynamicSchedule, n_alive: int, panel: i
                 acc_y[row, rc * rt + q] = acc_y[row, rc * rt + q] + acc[jj, q] * s
 
     @T.macro
-    def tile_group(tiles, x, acc_y, lrow, lscale, ob, ib, u, j0, rc, pf_ob, pf_ib, first):
+    def tile_group(tiles, x, acc, acc_y, lrow, lscale, ob, ib, u, j0, rc, pf_ob, pf_ib, first):
         """acc_y[rows] += scale * (x[rows, ib-block] @ tile[:, rc-slice]) for one row group
-        (``rp`` panels wide); the first group of a tile prefetches tile (pf_ob, pf_ib)."""
-        acc = T.alloc_buffer((mt, rt), "float32")
+        (``rp`` panels wide) in the register tile ``acc``; the first group of a tile
+        prefetches tile (pf_ob, pf_ib)."""
         for j in T.unroll(mt):
             for q in T.vectorized(rt):
                 acc[j, q] = T.float32(0)
@@ -380,8 +380,8 @@ def _body(shape: DynamicShape, m, sched: DynamicSchedule, n_alive: int, panel: i
                 bounds[c] = nbo
 
     @T.macro
-    def product(tiles, x, bias, y, lrow, lscale, utile, ugroups, ucnt, ob_lo, ob_hi):
-        """Output-stationary tile product over output blocks [ob_lo, ob_hi)."""
+    def product(tiles, x, bias, y, acc, lrow, lscale, utile, ugroups, ucnt, ob_lo, ob_hi):
+        """Output-stationary tile product over output blocks [ob_lo, ob_hi), ``acc`` the register tile."""
         acc_y = T.alloc_buffer((m, bs), "float32")
         for ob in T.serial(ob_lo, ob_hi):
             for b in T.serial(m):
@@ -397,7 +397,7 @@ def _body(shape: DynamicShape, m, sched: DynamicSchedule, n_alive: int, panel: i
                                               utile[ob, T.min(u + 1, nbi - 1)]))
                 for rc in T.serial(nrt):
                     for grp in T.serial(ugroups[ob, u]):
-                        tile_group(tiles, x, acc_y, lrow, lscale, ob, ib, u, grp * mt, rc,
+                        tile_group(tiles, x, acc, acc_y, lrow, lscale, ob, ib, u, grp * mt, rc,
                                    pf_ob, pf_ib, rc == 0 and grp == 0)
             for b in T.serial(m):
                 for q in T.vectorized(bs):
@@ -413,9 +413,27 @@ def _body(shape: DynamicShape, m, sched: DynamicSchedule, n_alive: int, panel: i
     inner_loop, inner = (T.serial, 1) if one_launch else (chunk_loop, chunks)
     gate_loop = T.parallel if sched.gate_parallel and not one_launch else T.serial
 
+    # The register tile ``acc`` must be a buffer of its own, which LLVM keeps in registers.
+    # StorageRewrite gives a buffer first used after another one died in the same scope
+    # (the function, or one parallel loop) that one's memory: ``acc`` would then live in
+    # the gate scores' workspace and be stored at every FMA step (2x slower at batch 1).
+    # So where the product shares its scope with the other phases, ``acc`` is zeroed
+    # first of all (live from the start, nothing to reuse); a parallel product loop has
+    # its own scope, and its own ``acc`` per thread.
+    @T.macro
+    def product_own_acc(tiles, x, bias, y, acc_unused, lrow, lscale, utile, ugroups, ucnt, ob_lo, ob_hi):
+        acc = T.alloc_buffer((mt, rt), "float32")
+        product(tiles, x, bias, y, acc, lrow, lscale, utile, ugroups, ucnt, ob_lo, ob_hi)
+
+    run_product = product_own_acc if inner > 1 else product
+
     @T.macro
     def body(x, tiles, gate_w, gate_b, bias, y):
         for ch in outer_loop(outer):
+            acc = T.alloc_buffer((mt, rt), "float32")
+            for j in T.unroll(mt):
+                for q in T.vectorized(rt):
+                    acc[j, q] = T.float32(0)
             g = T.alloc_buffer((m, ng * GATE_ROWS), "float32")
             kth = T.alloc_buffer((m,), "float32")
             scale = T.alloc_buffer((m,), "float32")
@@ -432,7 +450,8 @@ def _body(shape: DynamicShape, m, sched: DynamicSchedule, n_alive: int, panel: i
             selection(g, kth, scale, st)
             tile_lists(g, kth, scale, lrow, lscale, utile, ugroups, ucnt, wpre, bounds, st)
             for c2 in inner_loop(inner):
-                product(tiles, x, bias, y, lrow, lscale, utile, ugroups, ucnt, bounds[ch + c2], bounds[ch + c2 + 1])
+                run_product(tiles, x, bias, y, acc, lrow, lscale, utile, ugroups, ucnt, bounds[ch + c2],
+                            bounds[ch + c2 + 1])
 
     return body
 

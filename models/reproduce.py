@@ -138,8 +138,11 @@ def corpus_for(s: Setup) -> Corpus:
 
 
 def run_queue(s: Setup, state: Path, out: Path, threads: int, max_runs: int | None = None,
-              deadline: float | None = None) -> None:
-    """Train every pending run of :func:`plan` (resuming a checkpointed one), merging results after each."""
+              deadline: float | None = None, only: list[str] | None = None) -> None:
+    """Train every pending run of :func:`plan` (resuming a checkpointed one), merging results after each.
+
+    ``only``: these run names, in this order (seed by seed), instead of the whole plan.
+    """
     from .export import check_onnx, export_onnx
 
     torch.set_num_threads(threads)
@@ -148,6 +151,11 @@ def run_queue(s: Setup, state: Path, out: Path, threads: int, max_runs: int | No
     state.mkdir(parents=True, exist_ok=True)
     (state / "setup.json").write_text(json.dumps(asdict(s), indent=1))
     queue = plan(s, V)
+    if only:
+        unknown = sorted(set(only) - {r[0] for r in queue})
+        if unknown:
+            raise SystemExit(f"bscompile: error: --only: no run named {unknown} in this setup")
+        queue = sorted((r for r in queue if r[0] in only), key=lambda r: (r[3], only.index(r[0])))
     pending = [r for r in queue if not (state / f"{run_key(r[0], r[3])}.json").exists()]
     print(f"{len(queue) - len(pending)}/{len(queue)} runs done; state in {state}", file=sys.stderr, flush=True)
     for k, (name, hidden, pc, seed) in enumerate(pending[:max_runs]):
@@ -195,10 +203,9 @@ def bench(s: Setup, state: Path, repeat: int = 50) -> None:
 
     # The reference is any seed's dense-large model (ONNX files stay on the machine that trained them).
     refs = sorted(p for seed in s.seeds if (p := state / f"{run_key('dense large', seed)}.onnx").exists())
-    if not refs:
-        raise SystemExit(f"bscompile: error: no dense-large ONNX in {state}; bench needs the dense reference")
-    ref_path = refs[0]
-    tokens = corpus_for(s).val[: s.export_seq].view(1, -1).numpy()
+    tokens_t = corpus_for(s).val[: s.export_seq].view(1, -1)
+    ref_path = refs[0] if refs else _untrained_dense_reference(s, state, tokens_t)
+    tokens = tokens_t.numpy()
     feeds = {"tokens": tokens}
     t0 = time.perf_counter()
     dense = bscompile.compile(str(ref_path)).load()
@@ -234,6 +241,26 @@ def bench(s: Setup, state: Path, repeat: int = 50) -> None:
         dest.write_text(json.dumps(rec))
         print(f"bench {f.stem}: {ms:.3f} ms per {s.export_seq}-char sequence, dense {dms:.3f} ms "
               f"({rec['speedup']:.2f}x), |Δ| vs onnxruntime {err:.2e}", file=sys.stderr, flush=True)
+
+
+def _untrained_dense_reference(s: Setup, state: Path, tokens: torch.Tensor) -> Path:
+    """A dense-large model with its initial weights, exported like the trained ones.
+
+    Used when the trained dense-large runs finished on another machine: a dense model's
+    time depends on its shapes, not on its values (no weight of a randomly initialised
+    model is zero, so bscompile compiles it dense like the trained one). Kept outside
+    the glob of finished runs (``state/reference``).
+    """
+    from .export import export_onnx
+
+    dest = state / "reference" / "dense-large-untrained.onnx"
+    if not dest.exists():
+        dest.parent.mkdir(exist_ok=True)
+        torch.manual_seed(0)
+        model = CharLM(len(corpus_for(s).vocab), emb=s.emb, hidden=s.hidden_large, layers=s.layers, cell="gru")
+        export_onnx(_LogitsOnly(model).eval(), (tokens,), dest, ["tokens"], ["logits"])
+    print(f"bench: no trained dense-large ONNX in {state}; timing against {dest}", file=sys.stderr, flush=True)
+    return dest
 
 
 def _layouts(weights: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -638,6 +665,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--report-only", action="store_true", help="re-render results from the state directory")
     ap.add_argument("--iters", type=int, help="another training budget: its own state and results subfolder")
     ap.add_argument("--main-only", action="store_true", help="only the methods table (no sweeps)")
+    ap.add_argument("--only", type=lambda v: [x.strip() for x in v.split(",")],
+                    help="comma-separated run names (e.g. 'dense large,BP 4x4'), trained in this order")
     args = ap.parse_args(argv)
     setup = QUICK if args.quick else Setup()
     if args.iters and not args.quick:
@@ -651,7 +680,7 @@ def main(argv: list[str] | None = None) -> None:
         bench(setup, state)
     elif not args.report_only:
         deadline = time.time() + args.hours * 3600 if args.hours else None
-        run_queue(setup, state, out, args.threads, args.max_runs, deadline)
+        run_queue(setup, state, out, args.threads, args.max_runs, deadline, args.only)
     write_all(collect(setup, state, args.threads), out, args.quick)
     print(out / "results.md")
 
