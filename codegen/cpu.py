@@ -28,7 +28,7 @@ from tvm.script import tirx as T
 
 from bscompile.codegen.cpu_cost import KernelShape, MachineModel, estimate_time
 from bscompile.codegen.cpu_dynamic import DynamicGenerator
-from bscompile.codegen.family import Bucket, Generator, KernelFamily, static_dim
+from bscompile.codegen.family import Bucket, Cases, Generator, KernelFamily, dispatch, pick, static_dim
 from bscompile.codegen.layout import BlockShape, BlockStats, BSRMatrix, padded
 from bscompile.codegen.recurrent_cells import CellSpec, gate_update
 
@@ -195,9 +195,6 @@ def block_chains(block: BlockShape, sched: CpuSchedule, lanes: int = 8) -> int:
 # step) as a Python int or a ``tirx.Var``; M tiles of ``m_tile`` rows are followed by a tail
 # of single rows, which vanishes when m is static and a multiple of the tile.
 
-#: ``(lowest m, highest m or None, schedule(s))``: what a kernel runs for which m.
-Cases = tuple
-
 
 def _dim(value: int | None, name: str):
     """A kernel dimension: the static int, or a fresh symbolic ``int32`` variable."""
@@ -218,35 +215,6 @@ def workspace_size(mat: BSRMatrix, m, sched: CpuSchedule):
     if sched.variant == "batch":
         return (m + sched.m_vec - 1) // sched.m_vec * sched.m_vec * k_pad
     return 1
-
-
-def _by_bucket(m, cases: Cases, values: list):
-    """``values[i]`` for the bucket of ``m`` (``cases[i]``): a select chain when m is symbolic."""
-    if isinstance(m, int):
-        return next(v for (lo, hi, _), v in zip(cases, values) if lo <= m and (hi is None or m <= hi))
-    out = values[-1]
-    for (_, hi, _), v in reversed(list(zip(cases[:-1], values[:-1]))):
-        as_expr = [tvm.tirx.const(x, "int32") if isinstance(x, int) else x for x in (v, out)]
-        out = tvm.tirx.Select(m <= hi, *as_expr)
-    return out
-
-
-def _dispatch(m, cases: Cases, macros: list):
-    """One macro ``(x, work, data, indices, indptr, bias, y, y_col0)`` running ``macros[i]`` for
-    the m of bucket ``cases[i]``: the run-time dispatch of a symbolic m (an if-chain on m)."""
-    if isinstance(m, int) or len(macros) == 1:
-        return _by_bucket(m, cases, macros) if isinstance(m, int) else macros[0]
-    first, rest = macros[0], _dispatch(m, cases[1:], macros[1:])
-    hi = cases[0][1]
-
-    @T.macro
-    def pick(x, work, data, indices, indptr, bias, y, y_col0):
-        if m <= hi:
-            first(x, work, data, indices, indptr, bias, y, y_col0)
-        else:
-            rest(x, work, data, indices, indptr, bias, y, y_col0)
-
-    return pick
 
 
 def _block_vector_macro(mat: BSRMatrix, m, sched: CpuSchedule, k_limit: int | None, n_limit: int | None):
@@ -443,7 +411,7 @@ def _bucketed(mat: BSRMatrix, m, cases: Cases, which: int | None, k_limit=None, 
     ms = [lo if lo == hi else m for lo, hi, _ in cases]  # (the dispatch reaches bucket i only for m > hi_{i-1})
     macros = [_matmul_macro(mat, mi, sc, k_limit, n_limit) for mi, sc in zip(ms, scheds)]
     sizes = [workspace_size(mat, mi, sc) for mi, sc in zip(ms, scheds)]
-    return _dispatch(m, cases, macros), _by_bucket(m, cases, sizes)
+    return dispatch(m, cases, macros), pick(m, cases, sizes)
 
 
 def _cases(m: int | None, sched) -> Cases:
@@ -588,18 +556,7 @@ def _recurrent_kernel(cell: CellSpec, keys: tuple[LayoutKey, ...], seq_static: i
     # launches the thread pool once per batch row and step (64 rows: 2.4x slower than serial).
     gates = gate_phase(T.serial)
     if cases[0][2][0].parallel and cases[0][:2] == (1, 1):
-        gates_one = gate_phase(T.parallel)
-        if isinstance(batch, int):
-            gates = gates_one
-        else:
-            serial_gates = gates
-
-            @T.macro
-            def gates(xp, g, h, c_out, peep, y, seq_lens, t):
-                if batch <= 1:
-                    gates_one(xp, g, h, c_out, peep, y, seq_lens, t)
-                else:
-                    serial_gates(xp, g, h, c_out, peep, y, seq_lens, t)
+        gates = dispatch(batch, ((1, 1), (2, None)), [gate_phase(T.parallel), gates])
 
     @T.prim_func(s_tir=True)
     def recurrence(

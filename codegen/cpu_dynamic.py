@@ -41,7 +41,7 @@ from tvm.script import tirx as T
 
 from bscompile.codegen.cpu_cost import KernelShape, MachineModel, estimate_time
 from bscompile.codegen.dynamic_layout import GATE_ROWS, DynamicShape, tile_panel
-from bscompile.codegen.family import Bucket, Generator, static_dim
+from bscompile.codegen.family import Bucket, Cases, Generator, dispatch, static_dim
 
 #: Seconds per step of the scalar selection and list loops (the machine models have no scalar rate).
 _SCALAR_S = 0.5e-9
@@ -114,11 +114,6 @@ def default_schedule(shape: DynamicShape, m: int, vector_lanes: int = 8, threads
     return DynamicSchedule(mt, rt, chunks, gate_parallel=chunks > 1 and m > 4, dense_fraction=2.0 if m == 1 else 1.0)
 
 
-#: ``(lowest m, highest m or None, schedule)``: which schedule a kernel runs for which m
-#: (the buckets of :data:`codegen.family.M_BUCKETS`, as ``LowerWeightSites`` completes them).
-Cases = tuple
-
-
 def dynamic_linear_kernel(in_features: int, out_features: int, block: int, k: int, m: int | None,
                           schedule, n_alive: int | None = None) -> tvm.tirx.PrimFunc:
     """The PrimFunc of one dynamic site, arguments (all float32, C-contiguous):
@@ -137,10 +132,10 @@ def dynamic_linear_kernel(in_features: int, out_features: int, block: int, k: in
 
     ``m`` is the static number of rows, or None for a symbolic one; ``schedule`` is one
     :class:`DynamicSchedule`, or the cases ``((lo, hi, schedule), ...)`` the kernel
-    dispatches on at run time (an if-chain on m, as :mod:`codegen.cpu`'s kernels; a case
-    of one size, ``lo == hi``, is generated for that static m). ``k`` counts selected
-    tiles per row (``keep_count(keep, n_alive)``); ``n_alive`` is the number of tiles a
-    static block mask keeps (default ``N``), the normaliser of ``r``.
+    dispatches on at run time (:func:`codegen.family.dispatch`; a case of one size,
+    ``lo == hi``, is generated for that static m). ``k`` counts selected tiles per row
+    (``keep_count(keep, n_alive)``); ``n_alive`` is the number of tiles a static block mask
+    keeps (default ``N``), the normaliser of ``r``.
     """
     shape = DynamicShape(in_features, out_features, block, k)
     n_alive = shape.num_tiles if n_alive is None else n_alive
@@ -149,24 +144,6 @@ def dynamic_linear_kernel(in_features: int, out_features: int, block: int, k: in
     if isinstance(schedule, DynamicSchedule):
         schedule = ((m or 1, m, schedule),)
     return _kernel(shape, m, tuple(schedule), n_alive)
-
-
-def _dispatch(m, cases: Cases, bodies: list):
-    """One macro ``(x, tiles, gate_w, gate_b, bias, y)`` running ``bodies[i]`` for the m of ``cases[i]``."""
-    if isinstance(m, int):
-        return next(b for (lo, hi, _), b in zip(cases, bodies) if lo <= m and (hi is None or m <= hi))
-    if len(bodies) == 1:
-        return bodies[0]
-    first, rest, hi = bodies[0], _dispatch(m, cases[1:], bodies[1:]), cases[0][1]
-
-    @T.macro
-    def pick(x, tiles, gate_w, gate_b, bias, y):
-        if m <= hi:
-            first(x, tiles, gate_w, gate_b, bias, y)
-        else:
-            rest(x, tiles, gate_w, gate_b, bias, y)
-
-    return pick
 
 
 @functools.lru_cache(maxsize=64)
@@ -181,7 +158,7 @@ def _kernel(shape: DynamicShape, m_static: int | None, cases: Cases, n_alive: in
     npan = bs // panel
     m = m_static if m_static is not None else tvm.tirx.Var("m", "int32")
     bodies = [_body(shape, lo if lo == hi else m, sc, n_alive, panel) for lo, hi, sc in cases]
-    run = _dispatch(m, cases, bodies)
+    run = dispatch(m, cases, bodies)
     tile_shape = (nbo, nbi, bs, bs) if npan == 1 else (nbo, nbi, npan, bs, panel)
 
     @T.prim_func(s_tir=True)

@@ -57,7 +57,7 @@ from tvm.script import tirx as T
 
 from bscompile.codegen.cpu import LayoutKey
 from bscompile.codegen.cuda_cost import GpuModel, estimate_time
-from bscompile.codegen.family import Generator, static_dim
+from bscompile.codegen.family import Generator, dispatch, pick, static_dim
 from bscompile.codegen.layout import BlockShape, BlockStats, BSRMatrix
 from bscompile.codegen.recurrent_cells import CellSpec, gate_update
 
@@ -200,7 +200,7 @@ def _linear_kernel(key: LayoutKey, m_static: int | None, cases: tuple) -> tvm.ti
     nbr, r, c = mat.num_block_rows, mat.block.r, mat.block.c
     m = m_static if m_static is not None else tvm.tirx.Var("m", "int32")
     if m_static is not None:  # a static m runs its own bucket's schedule only
-        cases = tuple(cs for cs in cases if cs[0] <= m_static and (cs[1] is None or m_static <= cs[1]))[:1] or cases[-1:]
+        cases = (pick(m_static, cases, cases),)
 
     def launch(sched: CudaSchedule, m_hint: int):
         # a schedule from elsewhere (a tuning record, a hand-written JSON) is made legal here
@@ -255,24 +255,9 @@ def _linear_kernel(key: LayoutKey, m_static: int | None, cases: tuple) -> tvm.ti
 
         return run
 
-    def dispatch(cs: tuple):
-        """Bucket ``cs[0]``'s launch when m is in it, else the rest's (an if-chain on the host)."""
-        lo, hi, sched = cs[0]
-        first = launch(sched, m_static if m_static is not None else (hi if hi is not None else MAX_M_TILE))
-        if len(cs) == 1:
-            return first
-        rest = dispatch(cs[1:])
-
-        @T.macro
-        def pick(x, data, indices, indptr, bias, y):
-            if m <= hi:
-                first(x, data, indices, indptr, bias, y)
-            else:
-                rest(x, data, indices, indptr, bias, y)
-
-        return pick
-
-    run_all = dispatch(cases)
+    # one launch per bucket, picked on the host by an if-chain on m
+    run_all = dispatch(m, cases, [launch(sched, m_static if m_static is not None else (hi or MAX_M_TILE))
+                                  for _, hi, sched in cases])
 
     @T.prim_func(s_tir=True)
     def bsr_linear_cuda(x: T.Buffer((m, k), "float32"), data_h: T.handle, indices_h: T.handle,
@@ -314,9 +299,8 @@ def _recurrent_kernel(cell: CellSpec, keys: tuple[LayoutKey, ...], seq_static: i
     assert len(mats) in (1, 2) and all(len(cs[2]) == len(mats) for cs in cases)
     seq = seq_static if seq_static is not None else tvm.tirx.Var("seq", "int32")
     batch = batch_static if batch_static is not None else tvm.tirx.Var("batch", "int32")
-    if batch_static is not None:
-        cases = tuple(cs for cs in cases if cs[0] <= batch_static and (cs[1] is None or batch_static <= cs[1]))[:1] \
-            or cases[-1:]
+    if batch_static is not None:  # a static batch runs its own bucket's schedules only
+        cases = (pick(batch_static, cases, cases),)
     hid, gates = cell.hidden, cell.num_gates
     gh = gates * hid
     two = len(mats) == 2
@@ -535,27 +519,9 @@ def _recurrent_kernel(cell: CellSpec, keys: tuple[LayoutKey, ...], seq_static: i
 
         return run
 
-    def dispatch(cs: tuple):
-        """Bucket ``cs[0]``'s recurrence when the batch is in it, else the rest's."""
-        lo, hi, scheds = cs[0]
-        first = variant(scheds, batch_static if batch_static is not None else (hi if hi is not None else MAX_M_TILE))
-        if len(cs) == 1:
-            return first
-        rest = dispatch(cs[1:])
-
-        @T.macro
-        def pick(xp, data0, indices0, indptr0, rbias0, data1, indices1, indptr1, rbias1, h0, c0, seq_lens, peep,
-                 y, h_out, c_out, hv, rh, g):
-            if batch <= hi:
-                first(xp, data0, indices0, indptr0, rbias0, data1, indices1, indptr1, rbias1, h0, c0, seq_lens,
-                      peep, y, h_out, c_out, hv, rh, g)
-            else:
-                rest(xp, data0, indices0, indptr0, rbias0, data1, indices1, indptr1, rbias1, h0, c0, seq_lens,
-                     peep, y, h_out, c_out, hv, rh, g)
-
-        return pick
-
-    run_all = dispatch(cases)
+    # one variant of the whole recurrence per bucket, picked on the host by an if-chain on the batch
+    run_all = dispatch(batch, cases, [variant(scheds, batch_static if batch_static is not None else (hi or MAX_M_TILE))
+                                      for _, hi, scheds in cases])
 
     # ---- the prim func
     @T.prim_func(s_tir=True)

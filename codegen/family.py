@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import tvm
+from tvm.script import tirx as T
 
 from bscompile.codegen.layout import BlockStats, BSRMatrix
 from bscompile.errors import UnsupportedModelError
@@ -43,6 +44,41 @@ class Bucket:
 
     def to_json(self) -> dict:
         return {"lo": self.lo, "hi": self.hi, "m": self.m, "schedules": [s.to_json() for s in self.schedules]}
+
+
+#: ``((lo, hi or None, payload), ...)``: what a kernel runs for ``lo <= m <= hi`` (the
+#: buckets' ranges, in increasing order, with a generator's own payload: schedules).
+Cases = tuple
+
+
+def pick(m, cases: Cases, values: list):
+    """``values[i]`` for the case ``cases[i]`` holding ``m``: for a static m the value itself (the
+    last one when no case holds it), for a symbolic m a ``Select`` chain on ``m <= hi``."""
+    if isinstance(m, int):
+        return next((v for (lo, hi, *_), v in zip(cases, values) if lo <= m and (hi is None or m <= hi)),
+                    values[-1])
+    out = values[-1]
+    for (_, hi, *_), v in reversed(list(zip(cases[:-1], values[:-1]))):
+        out = tvm.tirx.Select(m <= hi, *[tvm.tirx.const(x, "int32") if isinstance(x, int) else x for x in (v, out)])
+    return out
+
+
+def dispatch(m, cases: Cases, bodies: list):
+    """The run-time bucket dispatch: one macro running the macro ``bodies[i]`` (all taking the
+    same arguments) for the m of ``cases[i]``, an if-chain on ``m <= hi`` when m is symbolic;
+    for a static m, the body of its case alone (:func:`pick`)."""
+    if isinstance(m, int) or len(bodies) == 1:
+        return pick(m, cases, bodies)
+    first, rest, hi = bodies[0], dispatch(m, cases[1:], bodies[1:]), cases[0][1]
+
+    @T.macro
+    def chain(*args):
+        if m <= hi:
+            first(*args)
+        else:
+            rest(*args)
+
+    return chain
 
 
 def static_dim(value: int | str) -> int | None:
