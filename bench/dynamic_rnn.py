@@ -107,7 +107,7 @@ def main() -> None:
         meta["max_rel_err_vs_ort"][name] = float(np.abs(got - want).max() / np.abs(want).max())
         common.log(t0, f"compiled {name} in {art.manifest.compile_seconds:.1f} s, err {meta['max_rel_err_vs_ort'][name]:.1e}")
     meta["load_before"] = os.getloadavg()[0]
-    meta["times"] = _time(fns, 12)
+    meta["times"] = _time(fns, 60)
     meta["load_after"] = os.getloadavg()[0]
     info = common.machine_info()
     cmd = "python bench/dynamic_rnn.py"
