@@ -19,8 +19,9 @@ Contract
 - Output: when every constant is consistent (``N = nbi * nbo = WgT.shape[1]``,
   ``1 <= k <= n_alive``, ``n_alive`` = the tiles the mask keeps, the slice takes the
   k-th value, every reshape splits ``in`` and ``out`` by the same ``bs``), the whole
-  subgraph becomes one ``dynamic_linear`` site on ``[x, W[out, in], bias, Wg[N, in],
-  bg, alive[N]]`` with ``block``, ``k``, ``n_alive``, ``keep``, ``compute_fraction`` and a
+  subgraph becomes one ``dynamic_linear`` site (followed by a reshape when ``y`` has static
+  leading dims that flatten to ``M``: a product over every step of a sequence at once)
+  on ``[x, W[out, in], bias, Wg[N, in], bg, alive[N]]`` with ``block``, ``k``, ``n_alive``, ``keep``, ``compute_fraction`` and a
   ``summary`` in its ``bscompile.site`` attribute. Its kernels read their own layout
   ("tiles": ``W`` tile-contiguous, the gate packed by groups of scores, the static mask
   folded into the gate bias as ``-inf``; :mod:`codegen.dynamic_layout`).
@@ -34,6 +35,8 @@ Contract
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import tvm
@@ -144,12 +147,22 @@ def _prove(m: dict) -> dict | None:
     else:
         ok = (_shape(m[_XR]) == (rows, nbi, 1, bs) and _RT not in m and _shape(m[_PART]) == (rows, nbi, nbo, bs)
               and _ints(m[_TILESUM].attrs.axis) == [1])
+    ys = _shape(m[_Y])
     if (not ok or _shape(m[_RR]) != (rows, nbi, nbo, 1) or bool(m[_TILESUM].attrs.keepdims)
-            or _shape(m[_Y]) != (rows, fout)):
+            or not _rows_then(ys, rows, fout)):
         return None
     shape = DynamicShape(fin, fout, bs, k)
     return {"x": x, "w": np.ascontiguousarray(w3.reshape(fin, fout).T), "wg": np.ascontiguousarray(wg_t.T),
-            "bg": bg, "alive": alive, "shape": shape, "n_alive": n_alive, "m": x.ty.shape.values[0]}
+            "bg": bg, "alive": alive, "shape": shape, "n_alive": n_alive, "m": x.ty.shape.values[0],
+            "out_shape": None if ys == (rows, fout) else m[_Y].ty.shape}
+
+
+def _rows_then(ys, rows, fout: int) -> bool:
+    """Whether ``ys`` is ``(rows, fout)``, or static leading dims whose product is ``rows`` then
+    ``fout`` (``[T, B, out]`` of a product over every step of a sequence, flattened to ``[T*B, in]``)."""
+    if ys is None or len(ys) < 2 or ys[-1] != fout:
+        return False
+    return ys == (rows, fout) or (all(isinstance(d, int) for d in ys) and math.prod(ys[:-1]) == rows)
 
 
 @relax.expr_functor.mutator
@@ -192,8 +205,9 @@ class _Outliner(relax.PyExprMutator):
                            f"{frac * 100:.0f}% of the dense compute with the gate"}
         operands = [self.visit_expr(f["x"]), relax.const(f["w"]), relax.const(bias), relax.const(f["wg"]),
                     relax.const(f["bg"]), relax.const(f["alive"])]
-        return emit_site(self.builder_, site, operands, relax.TensorType((m, shape.out_features), "float32"),
-                         "dynamic_site")
+        y = emit_site(self.builder_, site, operands, relax.TensorType((m, shape.out_features), "float32"),
+                      "dynamic_site")
+        return y if f["out_shape"] is None else relax.op.reshape(self.builder_.emit(y), f["out_shape"])
 
 
 @tvm.transform.module_pass(opt_level=0, name="OutlineDynamicSites")
