@@ -271,3 +271,29 @@ def test_inspect_shows_dynamic_site_fields(rng, tmp_path):
     row = lines[at + 2].split()
     assert row[1:6] == [f"{BS}x{BS}", str(m.k), str(n_alive), f"{m.k / n_alive:g}", f"{frac:.3f}"], out
     assert "m=1: tiles 1x" in out and "no fallback" in out  # the run-time dispatch per bucket
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_sequence_product_is_one_site_over_every_step(rng, dynamo):
+    """``y[T, B, out]`` of a layer applied to a whole sequence at once (the gated RNNs' input
+    product): one dynamic site with ``m = T * B`` then a reshape, equal to onnxruntime."""
+    import io
+
+    import torch
+
+    steps, batch = 3, 2
+    m = _model(rng, 0.5, False)
+    xt = torch.randn(steps, batch, IN)
+    if dynamo:
+        pytest.importorskip("onnxscript", reason="the dynamo exporter needs onnxscript (in the 'test' extra)")
+        model_bytes = torch.onnx.export(m, (xt,), dynamo=True, input_names=["x"], output_names=["y"],
+                                        verbose=False).model_proto.SerializeToString()
+    else:
+        buf = io.BytesIO()
+        torch.onnx.export(m, (xt,), buf, dynamo=False, input_names=["x"], output_names=["y"])
+        model_bytes = buf.getvalue()
+    art = bscompile.compile(onnx.load_from_string(model_bytes))
+    (entry,) = art.manifest.weights
+    assert entry["kind"] == "dynamic_linear" and entry["m"] == steps * batch, entry
+    x = clear_margin_inputs(m, rng, steps * batch).reshape(steps, batch, IN)
+    np.testing.assert_allclose(art.load().run({"x": x})["y"], _ort(model_bytes, x), rtol=1e-4, atol=1e-5)
