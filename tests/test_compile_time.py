@@ -75,3 +75,20 @@ def test_time_passes_reports_every_pass_and_peak_memory(rng, tmp_path, capsys):
               "LowerWeightSites", "OwnOutputs"]
     assert sum(rows[p][0] for p in passes) <= rows["Relax pipeline"][0] + 0.01  # passes nest in their phase
     assert all(rows[p][2] > 0 for p in passes)  # resident memory after each pass
+
+
+def test_weight_name_table_keys_every_orientation_first_name_wins(rng):
+    """The threaded table keys both orientations of each 2-D weight and direction slice, as before."""
+    from onnx import helper, numpy_helper
+
+    from bscompile.frontend.onnx import weight_name_table
+
+    a, b = _sparse(rng, (48, 20)), rng.standard_normal((2, 12, 7)).astype(np.float32)
+    inits = [numpy_helper.from_array(a, "A"), numpy_helper.from_array(b, "B"), numpy_helper.from_array(a.copy(), "A2")]
+    table = weight_name_table(helper.make_model(helper.make_graph([], "g", [], [], inits)))
+    expected = {"A": [a, a.T], "B[0]": [b[0], b[0].T], "B[1]": [b[1], b[1].T],
+                "B": [b.reshape(2, -1), b.reshape(2, -1).T, b.reshape(-1, 7), b.reshape(-1, 7).T]}
+    for name, views in expected.items():
+        for v in views:
+            assert table[_sha1_of_bytes(v)] == name, (name, v.shape)  # A2 (same bytes as A) never wins
+    assert set(table.values()) == set(expected)

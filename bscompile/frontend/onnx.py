@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -121,16 +122,19 @@ def relax_shapes(specs: list[TensorSpec]) -> dict[str, list]:
 def weight_name_table(model: onnx.ModelProto) -> dict[str, str]:
     """Fingerprints of every float initializer (both orientations, per-direction slices)."""
     table: dict[str, str] = {}
-    for init in model.graph.initializer:
-        arr = numpy_helper.to_array(init)
-        if arr.dtype.kind != "f" or arr.ndim not in (2, 3):
-            continue
-        slices = [(arr, init.name)] if arr.ndim == 2 else [(a, f"{init.name}[{d}]") for d, a in enumerate(arr)]
-        if arr.ndim == 3:  # a Conv1d kernel [O, C, k] as im2col multiplies it; a batched [B, K, N] flattened
-            slices += [(arr.reshape(arr.shape[0], -1), init.name), (arr.reshape(-1, arr.shape[-1]), init.name)]
-        for a, name in slices:
-            table.setdefault(fingerprint(a), name)
-            table.setdefault(fingerprint(a.T), name)
+    # SHA-1 and NumPy's copies release the GIL: one initializer's views are hashed on every core,
+    # one initializer at a time (no extra resident copies); setdefault in order keeps first-name-wins.
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        for init in model.graph.initializer:
+            arr = numpy_helper.to_array(init)
+            if arr.dtype.kind != "f" or arr.ndim not in (2, 3):
+                continue
+            slices = [(arr, init.name)] if arr.ndim == 2 else [(a, f"{init.name}[{d}]") for d, a in enumerate(arr)]
+            if arr.ndim == 3:  # a Conv1d kernel [O, C, k] as im2col multiplies it; a batched [B, K, N] flattened
+                slices += [(arr.reshape(arr.shape[0], -1), init.name), (arr.reshape(-1, arr.shape[-1]), init.name)]
+            views = [(v, name) for a, name in slices for v in (a, a.T)]
+            for fp, (_, name) in zip(pool.map(fingerprint, [v for v, _ in views]), views):
+                table.setdefault(fp, name)
     return table
 
 
