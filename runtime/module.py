@@ -58,6 +58,10 @@ class CompiledModule:
         self._main = self._vm["main"]
         self._cpu = device.dlpack_device_type() == tvm.cpu(0).dlpack_device_type()
         self._stage: list[dict[tuple, tuple[np.ndarray, object]]] = [{} for _ in manifest.inputs]
+        # Fast path: the last accepted call's (name, shape, dtype, staging buffer) per input and the VM args.
+        self._last: list[tuple[str, tuple, np.dtype, np.ndarray]] | None = None
+        self._last_args: list = []
+        self._out_names = [s.name for s in manifest.outputs]
 
     @property
     def inputs(self):
@@ -111,7 +115,30 @@ class CompiledModule:
         cache[shape] = hit
         return hit
 
+    def _fast_args(self, feeds) -> list | None:
+        """The staged args when ``feeds`` repeat the last call's names, shapes and dtypes, else None.
+
+        Saves the full check's per-call dict/set building (a third of ``run()`` on a small layer);
+        any mismatch or non-finite value falls back to ``check_inputs``, which words the error.
+        """
+        last = self._last
+        if last is None or len(feeds) != len(last):
+            return None
+        for name, shape, dtype, _ in last:
+            a = feeds.get(name)
+            if type(a) is not np.ndarray or a.shape != shape or a.dtype != dtype:
+                return None
+            if dtype.kind == "f" and not np.isfinite(a).all():
+                return None
+        for name, _, _, stage in last:
+            np.copyto(stage, feeds[name])
+        return self._last_args
+
     def _args(self, feeds):
+        if self._cpu:
+            fast = self._fast_args(feeds)
+            if fast is not None:
+                return fast
         arrays = self.check_inputs(feeds)
         if not self._cpu:
             return [tvm.runtime.tensor(a, self.device) for a in arrays]
@@ -120,6 +147,9 @@ class CompiledModule:
             stage, view = self._staged(i, a.shape, a.dtype)
             np.copyto(stage, a)
             args.append(view)
+        self._last = [(spec.name, a.shape, a.dtype, self._staged(i, a.shape, a.dtype)[0])
+                      for i, (spec, a) in enumerate(zip(self.manifest.inputs, arrays))]
+        self._last_args = args
         return args
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -136,7 +166,7 @@ class CompiledModule:
                                 f"({str(err).strip().splitlines()[0][:200]})") from None
         outs = [out] if isinstance(out, tvm.runtime.Tensor) else list(out)
         if self._cpu:
-            return {spec.name: np.from_dlpack(o) for spec, o in zip(self.manifest.outputs, outs)}
+            return dict(zip(self._out_names, map(np.from_dlpack, outs)))
         return {spec.name: o.numpy() for spec, o in zip(self.manifest.outputs, outs)}
 
     def benchmark(self, feeds: dict[str, np.ndarray], number: int = 10, repeat: int = 5) -> list[float]:

@@ -256,3 +256,24 @@ def test_external_data_is_checked_before_it_is_read(files, tmp_path, monkeypatch
                         lambda *a: pytest.fail("external data read before the memory check"))
     with pytest.raises(UnsupportedModelError, match=r"of memory is available"):
         bscompile.compile(tmp_path / "m.onnx")
+
+
+def test_repeated_calls_keep_every_input_check(files):
+    """run()'s fast path (same names, shapes, dtypes as the last call) still refuses bad inputs."""
+    mod = bscompile.load(files / "mlp.bsc")
+    x = np.load(files / "x.npy")
+    first = next(iter(mod.run({"x": x}).values()))
+    for bad in (np.inf, -np.inf, np.nan):
+        xb = x.copy()
+        xb[0, 7] = bad
+        with pytest.raises(InputError, match=r"input 'x' holds .* at \[0, 7\]; inputs must be finite"):
+            mod.run({"x": xb})
+    with pytest.raises(InputError, match=r"input 'x' has dtype float64, expected float32"):
+        mod.run({"x": x.astype(np.float64)})
+    with pytest.raises(InputError, match=r"inputs do not match the model: unknown \['z'\]"):
+        mod.run({"z": x})
+    big = np.full_like(x, 3e38)  # finite, though a sum of it would overflow
+    mod.run({"x": big})
+    again = next(iter(mod.run({"x": 2 * x}).values()))
+    np.testing.assert_allclose(next(iter(mod.run({"x": x}).values())), first, rtol=1e-6, atol=1e-6)
+    assert not np.array_equal(again, first)  # a fresh result, not the first call's buffer rewritten
