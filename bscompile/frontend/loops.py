@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 import onnx
+import tvm_ffi
 from tvm import relax, tirx
 from tvm.ir import GenericConst
 
@@ -169,14 +170,20 @@ def _unroll_scan(importer: Any, inputs: list, attrs: dict, body: onnx.GraphProto
     in_dirs = list(attrs.get("scan_input_directions", [0] * n_in))
     out_axes = list(attrs.get("scan_output_axes", [0] * n_out))
     out_dirs = list(attrs.get("scan_output_directions", [0] * n_out))
-    lengths = set()
+    lengths, dims = set(), []
     for i, x in enumerate(xs):
         rank = len(x.ty.shape)
         in_axes[i] %= rank
-        lengths.add(_static_int(x.ty.shape[in_axes[i]]))
+        dims.append(x.ty.shape[in_axes[i]])
+        lengths.add(_static_int(dims[-1]))
+    if None in lengths and not all(tvm_ffi.structural_equal(d, dims[0]) for d in dims):
+        lengths.add("mixed")
     if len(lengths) != 1:
         raise UnsupportedModelError(f"Scan '{node}': scan inputs of different or unknown lengths {sorted(map(str, lengths))}")
-    steps = _steps(lengths.pop(), "Scan", node, "the scan length")
+    length = lengths.pop()
+    if length is None:
+        return _scan_loop(importer, body, state, xs, in_axes, in_dirs, out_axes, out_dirs, node)
+    steps = _steps(length, "Scan", node, "the scan length")
     scans: list[list[relax.Expr]] = [[] for _ in range(n_out)]
     for t in range(steps):
         slices = [bb.emit(relax.op.squeeze(relax.op.strided_slice(
@@ -191,3 +198,77 @@ def _unroll_scan(importer: Any, inputs: list, attrs: dict, body: onnx.GraphProto
         rank = len(acc[0].ty.shape) + 1 if acc else 1
         results.append(_stack(bb, acc[::-1] if rev else acc, ax % rank, "Scan", node))
     return state + results
+
+
+def _scan_loop(importer: Any, body: onnx.GraphProto, state: list, xs: list, in_axes: list, in_dirs: list,
+               out_axes: list, out_dirs: list, node: str) -> list[relax.Expr]:
+    """A Scan of symbolic length as a real loop: a private tail-recursive Relax function
+    ``loop(t, n, state..., xs..., outs...)`` that, while ``t < n``, runs the body (converted once,
+    inline) on step ``t``'s slices and writes each scan output's slice into ``outs[t]``
+    (preallocated for all ``n`` steps by the caller)."""
+    bb = importer.bb
+    i64 = relax.TensorType((), "int64")
+    n = bb.emit(relax.op.reshape(relax.op.shape_to_tensor(relax.ShapeExpr([xs[0].ty.shape[in_axes[0]]])), []))
+    # the body's output slices' types: convert it once into a probe function with symbolic params
+    outs_ty = _probe_body(importer, body, state, xs, in_axes, node)
+    n_state = len(state)
+    bufs = [bb.emit(relax.op.zeros(relax.ShapeExpr([xs[0].ty.shape[in_axes[0]], *ty.shape.values]), ty.dtype))
+            for ty in outs_ty[n_state:]]
+    t_p, n_p = relax.Var("t", i64), relax.Var("n", i64)
+    s_p = [relax.Var(f"s{i}", v.ty) for i, v in enumerate(state)]
+    x_p = [relax.Var(f"x{i}", v.ty) for i, v in enumerate(xs)]
+    o_p = [relax.Var(f"o{i}", v.ty) for i, v in enumerate(bufs)]
+    params = [t_p, n_p, *s_p, *x_p, *o_p]
+    name = bb.get_unique_name("scan_loop")
+    gv = relax.GlobalVar(name)
+    ret_ty = relax.TupleType([p.ty for p in s_p + o_p])
+    gv = bb.add_func(relax.Function(params, relax.Tuple(s_p + o_p), ret_ty, is_pure=True).with_attr(
+        "global_symbol", name), name)  # a placeholder the body can call, replaced below
+    bb.begin_scope(params)
+    bb._begin_binding_block()
+    cond = bb.emit(relax.op.less(t_p, n_p))
+    bb._begin_binding_block()
+    last = bb.emit(relax.op.subtract(relax.op.subtract(n_p, t_p), relax.const(1, "int64")))
+    slices = [bb.emit(relax.op.take(x, last if rev else t_p, axis=ax)) for x, ax, rev in zip(x_p, in_axes, in_dirs)]
+    outs = _run_body(importer, body, [*s_p, *slices])
+    new_bufs = []
+    for buf, y, rev in zip(o_p, outs[n_state:], out_dirs):
+        idx = bb.emit(relax.op.reshape(last if rev else t_p, [1, 1]))
+        new_bufs.append(bb.emit(relax.op.scatter_nd(buf, idx, relax.op.expand_dims(y, 0))))
+    t1 = bb.emit(relax.op.add(t_p, relax.const(1, "int64")))
+    rec = bb.emit(relax.Call(gv, [t1, n_p, *outs[:n_state], *x_p, *new_bufs], ty_args=[ret_ty]))
+    then = relax.SeqExpr([bb._end_block()], rec)
+    res = bb.emit(relax.If(cond, then, relax.SeqExpr([], relax.Tuple(s_p + o_p))))
+    seq = bb.normalize(relax.SeqExpr([bb._end_block()], res))
+    bb.end_scope()
+    bb.update_func(gv, relax.Function(params, seq, ret_ty, is_pure=True).with_attr("global_symbol", name))
+    free = relax.analysis.free_vars(bb.get()[gv])
+    if free:
+        raise UnsupportedModelError(f"Scan '{node}': its body reads values computed outside it "
+                                    f"({', '.join(v.name_hint for v in free)}), which bscompile's loop path does not pass yet")
+    res = bb.emit(relax.Call(gv, [relax.const(0, "int64"), n, *state, *xs, *bufs]))
+    fields = [bb.emit(relax.TupleGetItem(res, i)) for i in range(n_state + len(bufs))]
+    results = []
+    for y, ax in zip(fields[n_state:], out_axes):
+        rank = len(y.ty.shape)
+        ax %= rank
+        results.append(y if ax == 0 else bb.emit(relax.op.permute_dims(
+            y, [*range(1, ax + 1), 0, *range(ax + 1, rank)])))
+    return fields[:n_state] + results
+
+
+def _probe_body(importer: Any, body: onnx.GraphProto, state: list, xs: list, in_axes: list, node: str) -> list:
+    """Types of the body's outputs, from converting it in a throwaway function."""
+    bb = importer.bb
+    s_p = [relax.Var(f"s{i}", v.ty) for i, v in enumerate(state)]
+    x_p = [relax.Var(f"x{i}", relax.TensorType([d for j, d in enumerate(v.ty.shape.values) if j != ax], v.ty.dtype))
+           for i, (v, ax) in enumerate(zip(xs, in_axes))]
+    with bb.function("probe", [*s_p, *x_p], private=True):
+        outs = _run_body(importer, body, [*s_p, *x_p])
+        tys = [o.ty for o in outs]
+        gv = bb.emit_func_output(relax.Tuple(outs))
+    importer.bb.get().remove(gv) if hasattr(importer.bb.get(), "remove") else None
+    for ty in tys:
+        if not isinstance(ty, relax.TensorType) or ty.shape is None:
+            raise UnsupportedModelError(f"Scan '{node}': a body output of unknown shape")
+    return tys
