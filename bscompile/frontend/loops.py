@@ -27,6 +27,7 @@ from tvm import relax, tirx
 from tvm.ir import GenericConst
 
 from bscompile.errors import UnsupportedModelError
+from bscompile.sites import _definable
 
 LOOP_OPS = {"Loop", "Scan"}
 
@@ -215,15 +216,13 @@ def _scan_loop(importer: Any, body: onnx.GraphProto, state: list, xs: list, in_a
     bufs = [bb.emit(relax.op.zeros(relax.ShapeExpr([xs[0].ty.shape[in_axes[0]], *ty.shape.values]), ty.dtype))
             for ty in outs_ty[n_state:]]
     t_p, n_p = relax.Var("t", i64), relax.Var("n", i64)
-    s_p = [relax.Var(f"s{i}", v.ty) for i, v in enumerate(state)]
-    x_p = [relax.Var(f"x{i}", v.ty) for i, v in enumerate(xs)]
-    o_p = [relax.Var(f"o{i}", v.ty) for i, v in enumerate(bufs)]
+    tys = _own_vars([v.ty for v in state + xs + bufs])
+    s_p = [relax.Var(f"s{i}", ty) for i, ty in enumerate(tys[:n_state])]
+    x_p = [relax.Var(f"x{i}", ty) for i, ty in enumerate(tys[n_state : n_state + len(xs)])]
+    o_p = [relax.Var(f"o{i}", ty) for i, ty in enumerate(tys[n_state + len(xs) :])]
     params = [t_p, n_p, *s_p, *x_p, *o_p]
-    name = bb.get_unique_name("scan_loop")
-    gv = relax.GlobalVar(name)
     ret_ty = relax.TupleType([p.ty for p in s_p + o_p])
-    gv = bb.add_func(relax.Function(params, relax.Tuple(s_p + o_p), ret_ty, is_pure=True).with_attr(
-        "global_symbol", name), name)  # a placeholder the body can call, replaced below
+    gv = bb.add_func(relax.Function(params, relax.Tuple(s_p + o_p), ret_ty, is_pure=True), "scan_loop")  # a placeholder the body can call, replaced below
     bb.begin_scope(params)
     bb._begin_binding_block()
     cond = bb.emit(relax.op.less(t_p, n_p))
@@ -241,7 +240,7 @@ def _scan_loop(importer: Any, body: onnx.GraphProto, state: list, xs: list, in_a
     res = bb.emit(relax.If(cond, then, relax.SeqExpr([], relax.Tuple(s_p + o_p))))
     seq = bb.normalize(relax.SeqExpr([bb._end_block()], res))
     bb.end_scope()
-    bb.update_func(gv, relax.Function(params, seq, ret_ty, is_pure=True).with_attr("global_symbol", name))
+    bb.update_func(gv, relax.Function(params, seq, ret_ty, is_pure=True))  # private: no global symbol
     free = relax.analysis.free_vars(bb.get()[gv])
     if free:
         raise UnsupportedModelError(f"Scan '{node}': its body reads values computed outside it "
@@ -260,9 +259,11 @@ def _scan_loop(importer: Any, body: onnx.GraphProto, state: list, xs: list, in_a
 def _probe_body(importer: Any, body: onnx.GraphProto, state: list, xs: list, in_axes: list, node: str) -> list:
     """Types of the body's outputs, from converting it in a throwaway function."""
     bb = importer.bb
-    s_p = [relax.Var(f"s{i}", v.ty) for i, v in enumerate(state)]
-    x_p = [relax.Var(f"x{i}", relax.TensorType([d for j, d in enumerate(v.ty.shape.values) if j != ax], v.ty.dtype))
-           for i, (v, ax) in enumerate(zip(xs, in_axes))]
+    x_tys = [relax.TensorType([d for j, d in enumerate(v.ty.shape.values) if j != ax], v.ty.dtype)
+             for v, ax in zip(xs, in_axes)]
+    tys = _own_vars([v.ty for v in state] + x_tys)
+    s_p = [relax.Var(f"s{i}", ty) for i, ty in enumerate(tys[: len(state)])]
+    x_p = [relax.Var(f"x{i}", ty) for i, ty in enumerate(tys[len(state) :])]
     with bb.function("probe", [*s_p, *x_p], private=True):
         outs = _run_body(importer, body, [*s_p, *x_p])
         tys = [o.ty for o in outs]
@@ -272,3 +273,9 @@ def _probe_body(importer: Any, body: onnx.GraphProto, state: list, xs: list, in_
         if not isinstance(ty, relax.TensorType) or ty.shape is None:
             raise UnsupportedModelError(f"Scan '{node}': a body output of unknown shape")
     return tys
+
+
+def _own_vars(tys: list) -> list:
+    """``tys`` with symbolic dims replaced by vars of a new function's own (namesakes of the
+    caller's; Relax functions share none), as site functions get them."""
+    return _definable(tys, len(tys))[0]
