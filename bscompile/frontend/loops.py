@@ -10,10 +10,18 @@ the importer represents, including ONNX sequences (TorchScript exports write
 Relax tuple that grows by one field per step). Scan outputs and ``Loop`` scan outputs
 are stacked along their axis.
 
-A ``Loop`` whose condition depends on the data runs all ``M`` steps with the carried
-values frozen once the condition turns false (exact: later steps do not change them),
-which is only possible without scan outputs (their count would depend on the data).
-Everything else -- a symbolic length, a while-loop without a trip count, ``Scan`` of
+A loop of symbolic length (a Scan over a ``dynamic_axes`` time axis; a Loop whose trip
+count is a symbolic size and whose condition stays true) is a real loop: a private
+tail-recursive Relax function with ``relax.If`` on the step counter, the body converted
+once inside it, scan outputs written by ``scatter_nd`` into buffers preallocated for all
+steps, outer-scope values passed as invariant parameters; a carried sequence that is only
+appended to becomes a scan output that ``ConcatFromSequence`` reads stacked. The VM runs
+the recursion; bscompile's passes visit the loop function like ``main``.
+
+A ``Loop`` whose condition depends on the data runs all ``M`` steps (static ``M``) with the
+carried values frozen once the condition turns false (exact: later steps do not change
+them), which is only possible without scan outputs. Everything else -- a while-loop
+without a trip count, a data-dependent exit with a symbolic trip count, ``Scan`` of
 opset 8 -- is a one-line error naming the op and the node.
 """
 
@@ -302,7 +310,7 @@ def _relax_loop(importer: Any, body: onnx.GraphProto, node: str, length: tirx.Pr
     bb.begin_scope(params)
     bb._begin_binding_block()
     cond = bb.emit(relax.op.less(t_p, n_p))
-    bb._begin_binding_block()
+    bb._begin_dataflow_block()  # (FoldConstant folds dataflow blocks only: the body's weight transposes)
     last = bb.emit(relax.op.subtract(relax.op.subtract(n_p, t_p), relax.const(1, "int64")))
     saved = {nm: importer._nodes[nm] for nm in inv_names}
     importer._nodes.update(zip(inv_names, i_p))
@@ -315,7 +323,7 @@ def _relax_loop(importer: Any, body: onnx.GraphProto, node: str, length: tirx.Pr
         idx = bb.emit(relax.op.reshape(last if rev else t_p, [1, 1]))
         new_bufs.append(bb.emit(relax.op.scatter_nd(buf, idx, relax.op.expand_dims(y, 0))))
     t1 = bb.emit(relax.op.add(t_p, relax.const(1, "int64")))
-    rec = bb.emit(relax.Call(gv, [t1, n_p, *outs[skip: skip + n_state], *x_p, *i_p, *new_bufs]))
+    rec = bb.emit_output(relax.Call(gv, [t1, n_p, *outs[skip: skip + n_state], *x_p, *i_p, *new_bufs]))
     then = relax.SeqExpr([bb._end_block()], rec)
     res = bb.emit(relax.If(cond, then, relax.SeqExpr([], relax.Tuple(s_p + o_p))))
     seq = bb.normalize(relax.SeqExpr([bb._end_block()], res))
@@ -324,7 +332,7 @@ def _relax_loop(importer: Any, body: onnx.GraphProto, node: str, length: tirx.Pr
     free = relax.analysis.free_vars(bb.get()[gv])
     if free:
         raise UnsupportedModelError(f"{node}: its body reads values the loop path cannot pass "
-                                    f"({', '.join(v.name_hint for v in free)})")
+                                    f"({', '.join(v.name for v in free)})")
     res = bb.emit(relax.Call(gv, [relax.const(0, "int64"), n, *state, *xs, *inv, *bufs]))
     return [bb.emit(relax.TupleGetItem(res, i)) for i in range(n_state + len(bufs))]
 
@@ -376,7 +384,7 @@ def _loop_loop(importer: Any, trip: relax.Expr, state: list, body: onnx.GraphPro
     k = 1 + n_state - len(appended)
     old_scans, new_scans = outs[k: k + n_scan_old], outs[k + n_scan_old:]
     del body.output[:]
-    body.output.extend(outs[:k] + new_scans[::-1][::-1] + old_scans)
+    body.output.extend(outs[:k] + new_scans + old_scans)
     kept = [v for j, v in enumerate(state) if j not in dict(appended)]
     length = _symbolic_length(importer.bb, trip)
     prefix = [(relax.TensorType((), "int64"), lambda t: t), (relax.TensorType((), "bool"), lambda t: relax.const(True))]
