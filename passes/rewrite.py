@@ -32,7 +32,9 @@ def weight_names(mod: tvm.IRModule) -> dict[str, str]:
 def rebind(mutator: relax.PyExprMutator, binding: relax.VarBinding, value: relax.Expr) -> None:
     """Emit ``value`` in place of ``binding``; an output of a dataflow block stays one."""
     bb = mutator.builder_
-    emit = bb.emit if isinstance(binding.var, relax.DataflowVar) else bb.emit_output
+    # (outside dataflow blocks, e.g. in a loop function's If branch, every var is a plain Var)
+    output = not isinstance(binding.var, relax.DataflowVar) and bb.current_block_is_dataflow()
+    emit = bb.emit_output if output else bb.emit
     mutator.set_var_remap(binding.var, emit(value, name_hint=binding.var.name))
 
 

@@ -153,14 +153,41 @@ def test_unsupported_op_in_body_names_op_and_node(rng):
         bscompile.compile(model)
 
 
-def test_symbolic_length_asks_for_input_shape(rng):
-    model = _mgu_scan(rng, 0, 0)
+def test_symbolic_length_is_a_relax_loop(rng):
+    """A symbolic scan length compiles once into a Relax loop function (not unrolled) whose body's
+    weights are still weight sites; run at 1, 7 and 50 steps (rtol 1e-4, atol 1e-5); the static
+    length given by --input-shape still unrolls."""
+    model = _mgu_scan(rng, 1, 1)
     model.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "time"
-    with pytest.raises(UnsupportedModelError, match="Scan 'mgu': the scan length is not known when compiling"):
-        bscompile.compile(model)
-    feeds = {"x": rng.standard_normal((B, 3, IN)).astype(np.float32),
-             "h0": rng.standard_normal((B, H)).astype(np.float32)}
-    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
-    got = list(bscompile.compile(model, input_shapes={"x": (B, 3, IN)}).load().run(feeds).values())
-    for g, w in zip(got, want):
+    art = bscompile.compile(model)
+    assert sorted(w["name"] for w in art.manifest.weights) == ["Uf", "Un", "Wf", "Wn"]
+    compiled = art.load()
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for steps in (1, 7, 50):
+        feeds = {"x": rng.standard_normal((B, steps, IN)).astype(np.float32),
+                 "h0": rng.standard_normal((B, H)).astype(np.float32)}
+        want = sess.run(None, feeds)
+        for g, w in zip(compiled.run(feeds).values(), want):
+            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=f"{steps} steps")
+    got = list(bscompile.compile(model, input_shapes={"x": (B, 3, IN)}).load().run(
+        {"x": feeds["x"][:, :3], "h0": feeds["h0"]}).values())
+    for g, w in zip(got, sess.run(None, {"x": feeds["x"][:, :3], "h0": feeds["h0"]})):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_symbolic_trip_count_loop(rng):
+    """A Loop whose trip count is the (symbolic) length of x: one compiled loop for every length."""
+    model = _mgu_loop(rng, None)
+    g = model.graph
+    g.input[0].type.tensor_type.shape.dim[0].dim_param = "time"
+    g.output[1].type.tensor_type.shape.dim[0].dim_param = "time"
+    g.node.insert(0, helper.make_node("Shape", ["x"], ["xs"], start=0, end=1))
+    g.node.insert(1, helper.make_node("Squeeze", ["xs"], ["trip"]))
+    g.node[2].input[0] = "trip"
+    compiled = bscompile.compile(model).load()
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for steps in (1, 7, 50):
+        feeds = {"x": rng.standard_normal((steps, B, IN)).astype(np.float32),
+                 "h0": rng.standard_normal((B, H)).astype(np.float32)}
+        for g_, w in zip(compiled.run(feeds).values(), sess.run(None, feeds)):
+            np.testing.assert_allclose(g_, w, rtol=1e-4, atol=1e-5, err_msg=f"{steps} steps")

@@ -10,10 +10,18 @@ the importer represents, including ONNX sequences (TorchScript exports write
 Relax tuple that grows by one field per step). Scan outputs and ``Loop`` scan outputs
 are stacked along their axis.
 
-A ``Loop`` whose condition depends on the data runs all ``M`` steps with the carried
-values frozen once the condition turns false (exact: later steps do not change them),
-which is only possible without scan outputs (their count would depend on the data).
-Everything else -- a symbolic length, a while-loop without a trip count, ``Scan`` of
+A loop of symbolic length (a Scan over a ``dynamic_axes`` time axis; a Loop whose trip
+count is a symbolic size and whose condition stays true) is a real loop: a private
+tail-recursive Relax function with ``relax.If`` on the step counter, the body converted
+once inside it, scan outputs written by ``scatter_nd`` into buffers preallocated for all
+steps, outer-scope values passed as invariant parameters; a carried sequence that is only
+appended to becomes a scan output that ``ConcatFromSequence`` reads stacked. The VM runs
+the recursion; bscompile's passes visit the loop function like ``main``.
+
+A ``Loop`` whose condition depends on the data runs all ``M`` steps (static ``M``) with the
+carried values frozen once the condition turns false (exact: later steps do not change
+them), which is only possible without scan outputs. Everything else -- a while-loop
+without a trip count, a data-dependent exit with a symbolic trip count, ``Scan`` of
 opset 8 -- is a one-line error naming the op and the node.
 """
 
@@ -22,10 +30,12 @@ from __future__ import annotations
 from typing import Any
 
 import onnx
+import tvm_ffi
 from tvm import relax, tirx
 from tvm.ir import GenericConst
 
 from bscompile.errors import UnsupportedModelError
+from bscompile.sites import _definable
 
 LOOP_OPS = {"Loop", "Scan"}
 
@@ -131,6 +141,8 @@ def _unroll_loop(importer: Any, inputs: list, attrs: dict, body: onnx.GraphProto
     n_scan = len(body.output) - 1 - n_state
     if trip is None:
         raise UnsupportedModelError(f"Loop '{node}': no trip count (a while loop); bscompile needs one")
+    if _static_int(trip) is None and _is_true(cond) and _cond_stays_true(importer, body):
+        return _loop_loop(importer, trip, state, body, node)
     steps = _steps(_static_int(trip), "Loop", node, "the trip count")
     running = None if _is_true(cond) else bb.emit(relax.op.astype(cond, "bool"))  # None: known true
     scans: list[list[relax.Expr]] = [[] for _ in range(n_scan)]
@@ -169,14 +181,20 @@ def _unroll_scan(importer: Any, inputs: list, attrs: dict, body: onnx.GraphProto
     in_dirs = list(attrs.get("scan_input_directions", [0] * n_in))
     out_axes = list(attrs.get("scan_output_axes", [0] * n_out))
     out_dirs = list(attrs.get("scan_output_directions", [0] * n_out))
-    lengths = set()
+    lengths, dims = set(), []
     for i, x in enumerate(xs):
         rank = len(x.ty.shape)
         in_axes[i] %= rank
-        lengths.add(_static_int(x.ty.shape[in_axes[i]]))
+        dims.append(x.ty.shape[in_axes[i]])
+        lengths.add(_static_int(dims[-1]))
+    if None in lengths and not all(tvm_ffi.structural_equal(d, dims[0]) for d in dims):
+        lengths.add("mixed")
     if len(lengths) != 1:
         raise UnsupportedModelError(f"Scan '{node}': scan inputs of different or unknown lengths {sorted(map(str, lengths))}")
-    steps = _steps(lengths.pop(), "Scan", node, "the scan length")
+    length = lengths.pop()
+    if length is None:
+        return _scan_loop(importer, body, state, xs, in_axes, in_dirs, out_axes, out_dirs, node)
+    steps = _steps(length, "Scan", node, "the scan length")
     scans: list[list[relax.Expr]] = [[] for _ in range(n_out)]
     for t in range(steps):
         slices = [bb.emit(relax.op.squeeze(relax.op.strided_slice(
@@ -191,3 +209,204 @@ def _unroll_scan(importer: Any, inputs: list, attrs: dict, body: onnx.GraphProto
         rank = len(acc[0].ty.shape) + 1 if acc else 1
         results.append(_stack(bb, acc[::-1] if rev else acc, ax % rank, "Scan", node))
     return state + results
+
+
+def _scan_loop(importer: Any, body: onnx.GraphProto, state: list, xs: list, in_axes: list, in_dirs: list,
+               out_axes: list, out_dirs: list, node: str) -> list[relax.Expr]:
+    """A Scan of symbolic length as a real loop (:func:`_relax_loop`); the scan inputs are
+    invariants, sliced at step ``t`` (or ``n - 1 - t`` reversed)."""
+    n = xs[0].ty.shape[in_axes[0]]
+
+    def slice_types(tys):
+        return [relax.TensorType([d for j, d in enumerate(ty.shape.values) if j != ax], ty.dtype)
+                for ty, ax in zip(tys, in_axes)]
+
+    def step(bb, t, last, s_p, x_p):
+        return [*s_p, *(bb.emit(relax.op.take(x, last if rev else t, axis=ax)) for x, ax, rev in zip(x_p, in_axes, in_dirs))]
+
+    fields = _relax_loop(importer, body, node, n, state, xs, slice_types, step, len(state), out_dirs)
+    results = []
+    for y, ax in zip(fields[len(state):], out_axes):
+        rank = len(y.ty.shape)
+        ax %= rank
+        results.append(y if ax == 0 else importer.bb.emit(relax.op.permute_dims(
+            y, [*range(1, ax + 1), 0, *range(ax + 1, rank)])))
+    return fields[: len(state)] + results
+
+
+def _symbolic_length(bb: relax.BlockBuilder, trip: relax.Expr) -> tirx.PrimExpr:
+    """A trip count (a shape, a prim value or a tensor) as a PrimExpr of the caller; a tensor's
+    value is bound to a fresh var by ``tensor_to_shape``."""
+    if isinstance(trip, relax.ShapeExpr):
+        return trip.values[0]
+    if not isinstance(trip.ty, relax.TensorType):  # a prim value: what Gather of a symbolic shape gives
+        return trip
+    shape = bb.emit(relax.op.tensor_to_shape(relax.op.reshape(relax.op.astype(trip, "int64"), [1])))
+    var = tirx.Var("trip", "int64")
+    bb.match_cast(shape, relax.ShapeType([var]))
+    return var
+
+
+def _outer_names(body: onnx.GraphProto) -> list[str]:
+    """Names the body (nested bodies included) reads from enclosing graphs, in order."""
+    defined = {i.name for i in body.input} | {t.name for t in body.initializer}
+    found: list[str] = []
+    for n in body.node:
+        for i in list(n.input) + [x for a in n.attribute for g in ([a.g] if a.HasField("g") else []) + list(a.graphs)
+                                  for x in _outer_names(g)]:
+            if i and i not in defined and i not in found:
+                found.append(i)
+        defined.update(n.output)
+    return found
+
+
+def _relax_loop(importer: Any, body: onnx.GraphProto, node: str, length: tirx.PrimExpr, state: list, xs: list,
+                body_x_types: Any, step: Any, n_state: int, out_dirs: list, prefix: list | None = None,
+                ) -> list[relax.Expr]:
+    """A loop of symbolic length ``n`` as a private tail-recursive Relax function
+    ``loop(t, n, state..., xs..., invariants..., outs...)``: while ``t < n`` (``relax.If``) it
+    runs the body -- converted once, by the importer's converters -- on
+    ``step(bb, t, n - 1 - t, state, xs)`` (the body's inputs), writes each scan output's slice
+    into ``outs[t]`` (``outs[n - 1 - t]`` reversed), preallocated for all ``n`` steps by the
+    caller, and calls itself with ``t + 1``. Values the body reads from the enclosing graph that
+    are not constants are passed as invariant parameters. The body's outputs are ``prefix``
+    (ignored outputs, e.g. a Loop's condition) then ``n_state`` new states then scan outputs.
+    Returns the final states and the scan outputs."""
+    bb = importer.bb
+    prefix = prefix or []
+    inv_names = [nm for nm in _outer_names(body)
+                 if isinstance(importer._nodes.get(nm), relax.Expr) and not isinstance(importer._nodes[nm], GenericConst)
+                 and isinstance(importer._nodes[nm].ty, relax.TensorType)]
+    inv = [importer._nodes[nm] for nm in inv_names]
+    # the body's output types (in the caller's symbolic vars): convert it once in a throwaway
+    # function, which nothing calls (dead-code elimination removes it)
+    probe = [relax.Var(f"p{i}", ty) for i, ty in enumerate(
+        [ty for ty, _ in prefix] + [v.ty for v in state] + body_x_types([v.ty for v in xs]) + [v.ty for v in inv])]
+    with bb.function("loop_probe", probe, private=True):
+        saved = {nm: importer._nodes[nm] for nm in inv_names}
+        importer._nodes.update(zip(inv_names, probe[len(probe) - len(inv):]))
+        try:
+            outs = _run_body(importer, body, probe[: len(probe) - len(inv)])
+        finally:
+            importer._nodes.update(saved)
+        out_tys = [o.ty for o in outs]
+        bb.emit_func_output(relax.Tuple(outs))
+    skip = len(outs) - n_state - len(out_dirs)
+    for ty in out_tys[skip + n_state:]:
+        if not isinstance(ty, relax.TensorType) or ty.shape is None:
+            raise UnsupportedModelError(f"{node}: a scan output of unknown shape")
+    n = bb.emit(relax.op.reshape(relax.op.shape_to_tensor(relax.ShapeExpr([length])), []))
+    bufs = [bb.emit(relax.op.zeros(relax.ShapeExpr([length, *ty.shape.values]), ty.dtype))
+            for ty in out_tys[skip + n_state:]]
+    i64 = relax.TensorType((), "int64")
+    t_p, n_p = relax.Var("t", i64), relax.Var("n", i64)
+    tys = _own_vars([v.ty for v in state + xs + inv + bufs])
+    k = [0, n_state, n_state + len(xs), n_state + len(xs) + len(inv), len(tys)]
+    s_p, x_p, i_p, o_p = ([relax.Var(f"{c}{i}", ty) for i, ty in enumerate(tys[k[j]:k[j + 1]])]
+                          for j, c in enumerate("sxio"))
+    params = [t_p, n_p, *s_p, *x_p, *i_p, *o_p]
+    ret_ty = relax.TupleType([p.ty for p in s_p + o_p])
+    gv = bb.add_func(relax.Function(params, relax.Tuple(s_p + o_p), ret_ty, is_pure=True), "loop")
+    bb.begin_scope(params)
+    bb._begin_binding_block()
+    cond = bb.emit(relax.op.less(t_p, n_p))
+    bb._begin_dataflow_block()  # (FoldConstant folds dataflow blocks only: the body's weight transposes)
+    last = bb.emit(relax.op.subtract(relax.op.subtract(n_p, t_p), relax.const(1, "int64")))
+    saved = {nm: importer._nodes[nm] for nm in inv_names}
+    importer._nodes.update(zip(inv_names, i_p))
+    try:
+        outs = _run_body(importer, body, [*(f(t_p) for _, f in prefix), *step(bb, t_p, last, s_p, x_p)])
+    finally:
+        importer._nodes.update(saved)
+    new_bufs = []
+    for buf, y, rev in zip(o_p, outs[skip + n_state:], out_dirs):
+        idx = bb.emit(relax.op.reshape(last if rev else t_p, [1, 1]))
+        new_bufs.append(bb.emit(relax.op.scatter_nd(buf, idx, relax.op.expand_dims(y, 0))))
+    t1 = bb.emit(relax.op.add(t_p, relax.const(1, "int64")))
+    rec = bb.emit_output(relax.Call(gv, [t1, n_p, *outs[skip: skip + n_state], *x_p, *i_p, *new_bufs]))
+    then = relax.SeqExpr([bb._end_block()], rec)
+    res = bb.emit(relax.If(cond, then, relax.SeqExpr([], relax.Tuple(s_p + o_p))))
+    seq = bb.normalize(relax.SeqExpr([bb._end_block()], res))
+    bb.end_scope()
+    bb.update_func(gv, relax.Function(params, seq, ret_ty, is_pure=True))  # private: no global symbol
+    free = relax.analysis.free_vars(bb.get()[gv])
+    if free:
+        raise UnsupportedModelError(f"{node}: its body reads values the loop path cannot pass "
+                                    f"({', '.join(v.name for v in free)})")
+    res = bb.emit(relax.Call(gv, [relax.const(0, "int64"), n, *state, *xs, *inv, *bufs]))
+    return [bb.emit(relax.TupleGetItem(res, i)) for i in range(n_state + len(bufs))]
+
+
+def _own_vars(tys: list) -> list:
+    """``tys`` with symbolic dims replaced by vars of a new function's own (namesakes of the
+    caller's; Relax functions share none), as site functions get them."""
+    return _definable(tys, len(tys))[0]
+
+
+#: Loop outputs that are an appended-to ONNX sequence, held as a tensor stacked on axis 0
+#: (``ConcatFromSequence`` reads them through :func:`concat_stacked`).
+STACKED = "bscompile_stacked_sequence"
+
+
+def _cond_stays_true(importer: Any, body: onnx.GraphProto) -> bool:
+    """The body's condition output is its condition input or a constant true (a for loop)."""
+    out, cond = body.output[0].name, body.input[1].name
+    src = next((n.input[0] for n in body.node if n.op_type == "Identity" and n.output[0] == out), out)
+    return src == cond or _is_true(importer._nodes.get(src, relax.const(False)))
+
+
+def _loop_loop(importer: Any, trip: relax.Expr, state: list, body: onnx.GraphProto, node: str) -> list:
+    """A ``Loop`` with a symbolic trip count and a condition that stays true, as a real loop
+    (:func:`_relax_loop`). A carried sequence that starts empty and is only appended to
+    (``SequenceInsert(seq, x)``: TorchScript's ``outputs.append(h)``) becomes a scan output,
+    returned stacked on axis 0 and marked for ``ConcatFromSequence``."""
+    body = onnx.GraphProto.FromString(body.SerializeToString())
+    n_state = len(state)
+    appended = []
+    for j in range(n_state):
+        seq_in, seq_out = body.input[2 + j].name, body.output[1 + j].name
+        ins = [n for n in body.node if n.op_type == "SequenceInsert" and n.output[0] == seq_out]
+        if not (isinstance(state[j], relax.Tuple) and len(state[j].fields) == 0 and len(ins) == 1
+                and list(ins[0].input[:1]) == [seq_in] and len(ins[0].input) == 2
+                and sum(seq_in in n.input for n in body.node) == 1):
+            if not isinstance(state[j].ty, relax.TensorType):
+                raise UnsupportedModelError(f"Loop '{node}': a carried sequence other than one only appended to")
+            continue
+        appended.append((j, ins[0].input[1]))
+    for j, elem in reversed(appended):
+        body.node.remove(next(n for n in body.node if n.op_type == "SequenceInsert" and n.output[0] == body.output[1 + j].name))
+        body.output.append(onnx.helper.make_tensor_value_info(elem, onnx.TensorProto.UNDEFINED, None))
+        body.output.pop(1 + j)
+        body.input.pop(2 + j)
+    # appended elements are now scan outputs after the original ones; reorder them to the front
+    n_scan_old = len(body.output) - 1 - (n_state - len(appended)) - len(appended)
+    outs = list(body.output)
+    k = 1 + n_state - len(appended)
+    old_scans, new_scans = outs[k: k + n_scan_old], outs[k + n_scan_old:]
+    del body.output[:]
+    body.output.extend(outs[:k] + new_scans + old_scans)
+    kept = [v for j, v in enumerate(state) if j not in dict(appended)]
+    length = _symbolic_length(importer.bb, trip)
+    prefix = [(relax.TensorType((), "int64"), lambda t: t), (relax.TensorType((), "bool"), lambda t: relax.const(True))]
+    n_scans = len(body.output) - k
+    fields = _relax_loop(importer, body, f"Loop '{node}'", length, kept, [], lambda tys: [], lambda bb, t, last, s_p, x_p: list(s_p),
+                         len(kept), [0] * n_scans, prefix)
+    states, scans = fields[: len(kept)], fields[len(kept):]
+    stacked = scans[: len(appended)]
+    for v in stacked:
+        importer.__dict__.setdefault(STACKED, set()).add(v)
+    it = iter(states)
+    merged = [stacked[[j for j, _ in appended].index(j)] if j in dict(appended) else next(it) for j in range(n_state)]
+    return merged + scans[len(appended):]
+
+
+def concat_stacked(bb: relax.BlockBuilder, seq: relax.Expr, axis: int, new_axis: int, node: str) -> relax.Expr:
+    """``ConcatFromSequence`` of a sequence held stacked on axis 0 (``[n, *elem]``)."""
+    rank = len(seq.ty.shape) - 1
+    if new_axis:
+        axis %= rank + 1
+        return seq if axis == 0 else bb.normalize(relax.op.permute_dims(seq, [*range(1, axis + 1), 0, *range(axis + 1, rank + 1)]))
+    axis %= rank
+    moved = seq if axis == 0 else bb.emit(relax.op.permute_dims(seq, [*range(1, axis + 1), 0, *range(axis + 1, rank + 1)]))
+    dims = list(moved.ty.shape.values)
+    return bb.normalize(relax.op.reshape(moved, [*dims[:axis], dims[axis] * dims[axis + 1], *dims[axis + 2:]]))

@@ -23,7 +23,7 @@ from tvm import relax
 from tvm.relax.frontend.onnx import onnx_frontend as tvm_onnx
 
 from bscompile.errors import BscompileError, UnsupportedModelError
-from bscompile.frontend.loops import LOOP_OPS, convert_loop
+from bscompile.frontend.loops import LOOP_OPS, STACKED, concat_stacked, convert_loop
 from bscompile.frontend.recurrent import convert_recurrent
 from bscompile.limits import check_external_data, check_resources
 from bscompile.sites import WEIGHT_NAMES, TensorSpec, dim_of, fingerprint
@@ -154,6 +154,9 @@ class _Importer(tvm_onnx.ONNXGraphImporter):
             return convert_recurrent(RECURRENT_OPS[op_name], self.bb, inputs, attrs, node)
         if op_name in LOOP_OPS:
             return convert_loop(self, op_name, inputs, attrs, supported_ops())
+        if op_name == "ConcatFromSequence" and inputs[0] in getattr(self, STACKED, ()):
+            return concat_stacked(self.bb, inputs[0], attrs.get("axis", 0), attrs.get("new_axis", 0),
+                                  attrs["tvm_custom"]["name"])
         sym = super()._convert_operator(op_name, inputs, attrs, opset)
         if op_name in INDEX_OPS and isinstance(sym, relax.Call):  # passes.check_indices names the node
             # as an identifier: binding names become kernel parameter names in generated (CUDA) source
