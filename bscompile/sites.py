@@ -195,7 +195,7 @@ def emit_site(bb: relax.BlockBuilder, site: dict, operands: Sequence[relax.Expr]
     values in ``site`` (``m``, ``seq``, ...: PrimExprs of the caller's shapes) are
     recorded as the name of the site function's variable for them.
     """
-    tys, sub = _definable([op.ty for op in operands] + [out_ty], len(operands))
+    tys, sub = definable([op.ty for op in operands] + [out_ty], len(operands))
     *param_tys, out_ty = tys
     site = {key: dim_of(sub(v)) if isinstance(v, tvm.ir.Expr) else v for key, v in site.items()}
     params = [relax.Var(f"a{i}", ty) for i, ty in enumerate(param_tys)]
@@ -207,7 +207,7 @@ def emit_site(bb: relax.BlockBuilder, site: dict, operands: Sequence[relax.Expr]
     return relax.Call(gv, list(operands))
 
 
-def _definable(tys: list[relax.Type], n_params: int) -> tuple[list[relax.Type], Callable]:
+def definable(tys: list[relax.Type], n_params: int) -> tuple[list[relax.Type], Callable]:
     """``tys`` with every symbolic dim of the first ``n_params`` replaced by a variable of the
     site function's own (Relax functions share no symbolic vars; the call binds them from
     its arguments): a caller's var by a namesake, a compound dim (``batch * time``) by

@@ -35,7 +35,7 @@ from tvm import relax, tirx
 from tvm.ir import GenericConst
 
 from bscompile.errors import UnsupportedModelError
-from bscompile.sites import _definable
+from bscompile.sites import definable
 
 LOOP_OPS = {"Loop", "Scan"}
 
@@ -340,7 +340,7 @@ def _relax_loop(importer: Any, body: onnx.GraphProto, node: str, length: tirx.Pr
 def _own_vars(tys: list) -> list:
     """``tys`` with symbolic dims replaced by vars of a new function's own (namesakes of the
     caller's; Relax functions share none), as site functions get them."""
-    return _definable(tys, len(tys))[0]
+    return definable(tys, len(tys))[0]
 
 
 #: Loop outputs that are an appended-to ONNX sequence, held as a tensor stacked on axis 0
