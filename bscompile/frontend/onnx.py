@@ -187,6 +187,10 @@ def import_onnx(model: str | os.PathLike | onnx.ModelProto,
         raise UnsupportedModelError(f"ONNX import failed: {_first_line(err)}") from err
     ret = mod["main"].ret_ty
     fields = ret.fields if isinstance(ret, relax.TupleType) else [ret]
+    for o, f in zip(proto.graph.output, fields):
+        if getattr(f, "shape", None) is None:  # e.g. a MatMul whose operands' ranks do not match the model
+            raise UnsupportedModelError(f"output '{o.name}' has no known shape after import "
+                                        "(inconsistent shapes in the model?)")
     outputs = [
         TensorSpec(o.name, tuple(dim_of(v) for v in f.shape.values),
                    str(f.dtype.dtype) if hasattr(f.dtype, "dtype") else str(f.dtype))
