@@ -294,3 +294,31 @@ def test_aarch64_bundle_runs_symbolic_shapes(rng, tmp_path, emulator_env):
     proc = _run(bundle, [*args, "--output", str(tmp_path / "bad")], emulator_env)
     assert proc.returncode != 0 and "input 'lens'" in proc.stderr and "expected [batch]" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_aarch64_bundle_runs_a_symbolic_scan_loop(rng, tmp_path, emulator_env):
+    """A custom cell (MGU) as an ONNX Scan over a symbolic time axis: the Relax loop runs in
+    the Python-free runner under qemu-aarch64 at 1, 7 and 600 steps (more than one chunk of
+    the loop) against onnxruntime."""
+    from test_loops import B, H, IN, _mgu_scan
+
+    from bscompile.runtime.package import package_artifact
+
+    model = _mgu_scan(rng, 0, 0)
+    model.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "time"
+    model.graph.output[1].type.tensor_type.shape.dim[0].dim_param = "time"
+    report = package_artifact(bscompile.compile(model, target="aarch64").export(tmp_path / "mgu.bsc"),
+                              tmp_path / "mgu-aarch64.tar.gz")
+    _unpack(Path(report["bundle"]), tmp_path / "device")
+    for t in (1, 7, 600):
+        feeds = {"x": rng.standard_normal((B, t, IN)).astype(np.float32),
+                 "h0": rng.standard_normal((B, H)).astype(np.float32)}
+        args = []
+        for name, value in feeds.items():
+            np.save(tmp_path / f"{name}.npy", value)
+            args += ["--input", f"{name}={tmp_path / f'{name}.npy'}"]
+        proc = _run(tmp_path / "device" / "mgu", [*args, "--output", str(tmp_path / f"out{t}")], emulator_env)
+        assert proc.returncode == 0, proc.stderr
+        for name, want in ort_run(model, feeds).items():
+            np.testing.assert_allclose(np.load(tmp_path / f"out{t}" / f"{name}.npy"), want, rtol=RTOL, atol=ATOL,
+                                       err_msg=f"{name} at {t} steps")

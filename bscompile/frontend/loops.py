@@ -12,9 +12,10 @@ are stacked along their axis.
 
 A loop of symbolic length (a Scan over a ``dynamic_axes`` time axis; a Loop whose trip
 count is a symbolic size and whose condition stays true) is a real loop: a private
-tail-recursive Relax function with ``relax.If`` on the step counter, the body converted
-once inside it, scan outputs written by ``scatter_nd`` into buffers preallocated for all
-steps, outer-scope values passed as invariant parameters; a carried sequence that is only
+tail-recursive Relax function with ``relax.If`` on the step counter (called a chunk of
+steps at a time, so that the VM's recursion stays shallow), the body converted once inside it, scan outputs written in place (one row per step, ``call_tir_inplace``: O(T) copies,
+where ``scatter_nd`` would copy the whole buffer every step) into buffers preallocated for
+all steps, outer-scope values passed as invariant parameters; a carried sequence that is only
 appended to becomes a scan output that ``ConcatFromSequence`` reads stacked. The VM runs
 the recursion; bscompile's passes visit the loop function like ``main``.
 
@@ -27,11 +28,14 @@ opset 8 -- is a one-line error naming the op and the node.
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any
 
 import onnx
 import tvm_ffi
 from tvm import relax, tirx
+from tvm.script import tirx as T
 from tvm.ir import GenericConst
 
 from bscompile.errors import UnsupportedModelError
@@ -41,6 +45,9 @@ LOOP_OPS = {"Loop", "Scan"}
 
 #: Above this many steps an unrolled loop would make a Relax module too large to compile.
 MAX_UNROLL = 4096
+
+#: Steps per chunk of a real loop: the VM's recursion is ``n / CHUNK + CHUNK`` frames deep.
+CHUNK = 256
 
 
 def convert_loop(importer: Any, op_name: str, inputs: list, attrs: dict, supported: set[str]) -> relax.Expr:
@@ -263,9 +270,10 @@ def _outer_names(body: onnx.GraphProto) -> list[str]:
 def _relax_loop(importer: Any, body: onnx.GraphProto, node: str, length: tirx.PrimExpr, state: list, xs: list,
                 body_x_types: Any, step: Any, n_state: int, out_dirs: list, prefix: list | None = None,
                 ) -> list[relax.Expr]:
-    """A loop of symbolic length ``n`` as a private tail-recursive Relax function
-    ``loop(t, n, state..., xs..., invariants..., outs...)``: while ``t < n`` (``relax.If``) it
-    runs the body -- converted once, by the importer's converters -- on
+    """A loop of symbolic length ``n`` as two private tail-recursive Relax functions:
+    ``loop_chunks(t, n, state..., xs..., invariants..., outs...)`` calls
+    ``loop(t, min(t + CHUNK, n), n, ...)`` and itself from there; ``loop(t, stop, n, ...)``,
+    while ``t < stop`` (``relax.If``), runs the body -- converted once, by the importer's converters -- on
     ``step(bb, t, n - 1 - t, state, xs)`` (the body's inputs), writes each scan output's slice
     into ``outs[t]`` (``outs[n - 1 - t]`` reversed), preallocated for all ``n`` steps by the
     caller, and calls itself with ``t + 1``. Values the body reads from the enclosing graph that
@@ -299,17 +307,33 @@ def _relax_loop(importer: Any, body: onnx.GraphProto, node: str, length: tirx.Pr
     bufs = [bb.emit(relax.op.zeros(relax.ShapeExpr([length, *ty.shape.values]), ty.dtype))
             for ty in out_tys[skip + n_state:]]
     i64 = relax.TensorType((), "int64")
-    t_p, n_p = relax.Var("t", i64), relax.Var("n", i64)
-    tys = _own_vars([v.ty for v in state + xs + inv + bufs])
-    k = [0, n_state, n_state + len(xs), n_state + len(xs) + len(inv), len(tys)]
-    s_p, x_p, i_p, o_p = ([relax.Var(f"{c}{i}", ty) for i, ty in enumerate(tys[k[j]:k[j + 1]])]
-                          for j, c in enumerate("sxio"))
-    params = [t_p, n_p, *s_p, *x_p, *i_p, *o_p]
+    n_tys = [v.ty for v in state + xs + inv + bufs]
+    k = [0, n_state, n_state + len(xs), n_state + len(xs) + len(inv), len(n_tys)]
+
+    def loop_params(*head: str) -> tuple[list, list, list, list, list]:
+        tys = _own_vars(n_tys)
+        s_p, x_p, i_p, o_p = ([relax.Var(f"{c}{i}", ty) for i, ty in enumerate(tys[k[j]:k[j + 1]])]
+                              for j, c in enumerate("sxio"))
+        return [relax.Var(h, i64) for h in head], s_p, x_p, i_p, o_p
+
+    def recurse(gv: relax.GlobalVar, params: list, cond: relax.Expr, then: list, rec: relax.Expr,
+                result: list) -> None:
+        """``gv``'s body: ``if cond: (then; rec) else result``."""
+        ret_ty = relax.TupleType([p.ty for p in result])
+        seq = relax.SeqExpr([then], rec)
+        res = bb.emit(relax.If(cond, seq, relax.SeqExpr([], relax.Tuple(result))))
+        body = bb.normalize(relax.SeqExpr([bb._end_block()], res))
+        bb.end_scope()
+        bb.update_func(gv, relax.Function(params, body, ret_ty, is_pure=True))  # private: no global symbol
+
+    # the steps [t, stop) of n: one call per step (the VM recurses: a frame per step)
+    (t_p, stop_p, n_p), s_p, x_p, i_p, o_p = loop_params("t", "stop", "n")
+    params = [t_p, stop_p, n_p, *s_p, *x_p, *i_p, *o_p]
     ret_ty = relax.TupleType([p.ty for p in s_p + o_p])
     gv = bb.add_func(relax.Function(params, relax.Tuple(s_p + o_p), ret_ty, is_pure=True), "loop")
     bb.begin_scope(params)
     bb._begin_binding_block()
-    cond = bb.emit(relax.op.less(t_p, n_p))
+    cond = bb.emit(relax.op.less(t_p, stop_p))
     bb._begin_dataflow_block()  # (FoldConstant folds dataflow blocks only: the body's weight transposes)
     last = bb.emit(relax.op.subtract(relax.op.subtract(n_p, t_p), relax.const(1, "int64")))
     saved = {nm: importer._nodes[nm] for nm in inv_names}
@@ -320,21 +344,58 @@ def _relax_loop(importer: Any, body: onnx.GraphProto, node: str, length: tirx.Pr
         importer._nodes.update(saved)
     new_bufs = []
     for buf, y, rev in zip(o_p, outs[skip + n_state:], out_dirs):
-        idx = bb.emit(relax.op.reshape(last if rev else t_p, [1, 1]))
-        new_bufs.append(bb.emit(relax.op.scatter_nd(buf, idx, relax.op.expand_dims(y, 0))))
+        # in place: the buffer is the caller's fresh allocation and dead after this call
+        write = bb.add_func(_write_step(len(buf.ty.shape) - 1, buf.ty.dtype), "loop_write_step")
+        new_bufs.append(bb.emit(relax.call_tir_inplace(write, [buf, last if rev else t_p, y], 0, buf.ty)))
     t1 = bb.emit(relax.op.add(t_p, relax.const(1, "int64")))
-    rec = bb.emit_output(relax.Call(gv, [t1, n_p, *outs[skip: skip + n_state], *x_p, *i_p, *new_bufs]))
-    then = relax.SeqExpr([bb._end_block()], rec)
-    res = bb.emit(relax.If(cond, then, relax.SeqExpr([], relax.Tuple(s_p + o_p))))
-    seq = bb.normalize(relax.SeqExpr([bb._end_block()], res))
-    bb.end_scope()
-    bb.update_func(gv, relax.Function(params, seq, ret_ty, is_pure=True))  # private: no global symbol
+    rec = bb.emit_output(relax.Call(gv, [t1, stop_p, n_p, *outs[skip: skip + n_state], *x_p, *i_p, *new_bufs]))
+    recurse(gv, params, cond, bb._end_block(), rec, s_p + o_p)
     free = relax.analysis.free_vars(bb.get()[gv])
     if free:
         raise UnsupportedModelError(f"{node}: its body reads values the loop path cannot pass "
                                     f"({', '.join(v.name for v in free)})")
+    # all n steps, CHUNK at a time: the recursion is n / CHUNK + CHUNK deep, not n (a VM frame
+    # per step overflows the C stack after a few thousand steps), and each chunk's per-step
+    # values are released when it returns
+    step_gv = gv
+    (t_p, n_p), s_p, x_p, i_p, o_p = loop_params("t", "n")
+    params = [t_p, n_p, *s_p, *x_p, *i_p, *o_p]
+    gv = bb.add_func(relax.Function(params, relax.Tuple(s_p + o_p), relax.TupleType([p.ty for p in s_p + o_p]),
+                                    is_pure=True), "loop_chunks")
+    bb.begin_scope(params)
+    bb._begin_binding_block()
+    cond = bb.emit(relax.op.less(t_p, n_p))
+    bb._begin_binding_block()
+    stop = bb.emit(relax.op.minimum(relax.op.add(t_p, relax.const(CHUNK, "int64")), n_p))
+    res = bb.emit(relax.Call(step_gv, [t_p, stop, n_p, *s_p, *x_p, *i_p, *o_p]))
+    fields = [bb.emit(relax.TupleGetItem(res, j)) for j in range(n_state + len(o_p))]
+    rec = bb.emit(relax.Call(gv, [stop, n_p, *fields[:n_state], *x_p, *i_p, *fields[n_state:]]))
+    recurse(gv, params, cond, bb._end_block(), rec, s_p + o_p)
     res = bb.emit(relax.Call(gv, [relax.const(0, "int64"), n, *state, *xs, *inv, *bufs]))
     return [bb.emit(relax.TupleGetItem(res, i)) for i in range(n_state + len(bufs))]
+
+
+@functools.cache
+def _write_step(rank: int, dtype: str) -> tirx.PrimFunc:
+    """``buf[t] = y`` in place, for ``buf: [n, *dims]`` and ``y: [*dims]``; a ``t`` outside
+    ``[0, n)`` writes nothing (the loop never passes one; the guard keeps memory safe)."""
+    n = tirx.Var("n", "int64")
+    dims = [tirx.Var(f"d{i}", "int64") for i in range(rank)]
+    size = math.prod(dims) if dims else tirx.const(1, "int64")
+
+    @T.prim_func(private=True)
+    def write_step(buf_h: T.handle, t_h: T.handle, y_h: T.handle):
+        T.func_attr({"tir.noalias": True})
+        buf = T.match_buffer(buf_h, [n, *dims], dtype)
+        t = T.match_buffer(t_h, (), "int64")
+        y = T.match_buffer(y_h, dims, dtype)
+        flat = T.decl_buffer((n * size,), dtype, data=buf.data)
+        row = T.decl_buffer((size,), dtype, data=y.data)
+        if 0 <= t[()] and t[()] < n:
+            for i in range(size):
+                flat[t[()] * size + i] = row[i]
+
+    return write_step
 
 
 def _own_vars(tys: list) -> list:
