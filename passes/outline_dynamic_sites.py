@@ -149,7 +149,7 @@ def _prove(m: dict) -> dict | None:
               and _ints(m[_TILESUM].attrs.axis) == [1])
     ys = _shape(m[_Y])
     if (not ok or _shape(m[_RR]) != (rows, nbi, nbo, 1) or bool(m[_TILESUM].attrs.keepdims)
-            or not _rows_then(ys, rows, fout)):
+            or not _rows_then(m[_Y], x, fout)):
         return None
     shape = DynamicShape(fin, fout, bs, k)
     return {"x": x, "w": np.ascontiguousarray(w3.reshape(fin, fout).T), "wg": np.ascontiguousarray(wg_t.T),
@@ -157,12 +157,14 @@ def _prove(m: dict) -> dict | None:
             "out_shape": None if ys == (rows, fout) else m[_Y].ty.shape}
 
 
-def _rows_then(ys, rows, fout: int) -> bool:
-    """Whether ``ys`` is ``(rows, fout)``, or static leading dims whose product is ``rows`` then
-    ``fout`` (``[T, B, out]`` of a product over every step of a sequence, flattened to ``[T*B, in]``)."""
-    if ys is None or len(ys) < 2 or ys[-1] != fout:
+def _rows_then(y: relax.Expr, x: relax.Expr, fout: int) -> bool:
+    """Whether ``y``'s shape is leading dims whose product is provably ``x``'s rows, then
+    ``fout``: ``[M, out]``, or ``[T, B, out]`` of a product over every step of a sequence
+    flattened to ``[T*B, in]`` (``T`` may be symbolic: a scan-form export's time axis)."""
+    ys = getattr(getattr(y.ty, "shape", None), "values", None)
+    if ys is None or len(ys) < 2 or not isinstance(ys[-1], tvm.tirx.IntImm) or int(ys[-1]) != fout:
         return False
-    return ys == (rows, fout) or (all(isinstance(d, int) for d in ys) and math.prod(ys[:-1]) == rows)
+    return tvm.sym.Analyzer().can_prove_equal(math.prod(ys[:-1]), x.ty.shape.values[0])
 
 
 @relax.expr_functor.mutator

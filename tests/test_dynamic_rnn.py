@@ -218,8 +218,12 @@ def test_symbolic_length_compiled_once(rng, kind, form):
     model_bytes = _export(m, form, 2)
     sess = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
     art = bscompile.compile(onnx.load_from_string(model_bytes))
-    # the recurrent product inside the loop function is still a dynamic weight site
-    assert "dynamic_linear" in {w["kind"] for w in art.manifest.weights}
+    # every gated product is a dynamic weight site: the recurrent one inside the loop function,
+    # and the scan form's input product, hoisted over all steps, with the symbolic length as m
+    sites = {(w["name"], w["kind"], str(w["m"])) for w in art.manifest.weights}
+    assert {kind for _, kind, _ in sites} == {"dynamic_linear"}, sites
+    if form == "dynamo":
+        assert any(not m.isdigit() for _, _, m in sites), sites
     compiled = art.load()
     for x in xs:
         h0 = np.zeros((1, B, H), np.float32)
