@@ -5,7 +5,9 @@
 One layer, input 1024, hidden 1024, 50 steps, batch 1, tiles 128x128 (gate = in/bs^2 = 6%
 of a dense mat-vec), fp32. ``DynamicBlockLSTM`` (keep 0.5, 0.25) exported by tracing (the
 unrolled form: every step's hh product one dynamic site, the input product of all steps
-one m=50 dynamic site); ``nn.LSTM`` with the same weights exported to ONNX ``LSTM``. Each
+one m=50 dynamic site) and by dynamo with ``time_loop="scan"`` (ONNX ``Scan`` over a
+symbolic length: a Relax loop whose body's hh product is one dynamic site, the input
+product of all steps one dynamic site with the symbolic length as m); ``nn.LSTM`` with the same weights exported to ONNX ``LSTM``. Each
 file compiled by bscompile (``Module.run``) and run by onnxruntime. Timing as
 bench/dynamic.py: every implementation warm for itself (two untimed calls, then its timed
 calls back to back, in rounds), process CPU time and wall time per call, one run.
@@ -51,9 +53,13 @@ class _WithState(torch.nn.Module):
         return self.m(x, (h0, c0))
 
 
-def _export(m) -> bytes:
-    buf = io.BytesIO()
+def _export(m, scan: bool = False) -> bytes:
     z = torch.zeros(1, B, H)
+    if scan:  # dynamo: ONNX Scan over a symbolic time axis (the model's time_loop="scan")
+        prog = torch.onnx.export(_WithState(m).eval(), (torch.zeros(T, B, IN), z, z), dynamo=True, verbose=False,
+                                 input_names=["x", "h0", "c0"], dynamic_shapes=({0: torch.export.Dim("T")}, None, None))
+        return prog.model_proto.SerializeToString()
+    buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(_WithState(m).eval(), (torch.zeros(T, B, IN), z, z), buf, dynamo=False, opset_version=17,
@@ -84,13 +90,16 @@ def main() -> None:
     dense = torch.nn.LSTM(IN, H).eval()
     files = {"dense": _export(dense)}
     for keep in KEEPS:
-        m = DynamicBlockLSTM(IN, H, block=BS, keep=keep).eval()
-        m.load_dense(dense)
-        with torch.no_grad():
-            for lin in (m.layers[0].ih, m.layers[0].hh):
-                lin.gate.weight.mul_(10)
-                lin.gate.bias.mul_(10)
-        files[f"dyn{keep}"] = _export(m)
+        for scan in (False, True):
+            m = DynamicBlockLSTM(IN, H, block=BS, keep=keep, time_loop="scan" if scan else "python").eval()
+            m.load_dense(dense)
+            with torch.no_grad():
+                for lin in (m.layers[0].ih, m.layers[0].hh):
+                    lin.gate.weight.mul_(10)
+                    lin.gate.bias.mul_(10)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                files[f"dyn{keep}" + ("-scan" if scan else "")] = _export(m, scan)
     common.log(t0, "exported")
     rng = np.random.default_rng(0)
     xs = [rng.standard_normal((T, B, IN)).astype(np.float32) for _ in range(N_INPUTS)]
@@ -118,7 +127,9 @@ def main() -> None:
              f"`TVM_THREAD_POOL_SPIN_COUNT=0 OMP_WAIT_POLICY=PASSIVE /tmp/h/quiet.sh {cmd}` — {info['date']}, "
              f"{info['cpu']} ({info['cores']} cores, shared: load {meta['load_before']:.1f} -> {meta['load_after']:.1f}), "
              f"{info['threads']} threads, fp32. One layer, input {IN}, hidden {H}, {T} steps, batch {B}, tiles "
-             f"{BS}x{BS} (gate {IN / BS**2:.0%} of a dense mat-vec); traced export (unrolled). Speed-up = "
+             f"{BS}x{BS} (gate {IN / BS**2:.0%} of a dense mat-vec). `dynK`: traced export (unrolled, fixed "
+             "length); `dynK-scan`: dynamo export with `time_loop=\"scan\"` (ONNX `Scan`, symbolic length: one "
+             "Relax loop, the input product hoisted over all steps). Speed-up = "
              "bscompile dense LSTM (ONNX `LSTM`) / this, CPU time (wall p10 in brackets).", "",
              "| implementation | CPU ms | speed-up | wall ms median | wall p10 | speed-up (p10) | compile s | max rel err vs ort |",
              "|---|---|---|---|---|---|---|---|"]
