@@ -62,10 +62,10 @@ def bscompile_passes(family: KernelFamily, *, sparse: bool = True, force_block: 
 
 
 def tvm_lowering(target: tvm.target.Target) -> tvm.transform.Pass:
-    """TVM's Relax lowering for ``target``, as ``tvm.compile`` would pick it."""
-    if "gpu" in target.keys:
-        return relax.get_default_pipeline(target)
-    return relax.get_pipeline("default")
+    """TVM's Relax lowering for ``target``: its default pipeline for the target kind, which
+    fuses the generic ops (FuseOps/FuseTIR: a cell's elementwise tail is one kernel, not one
+    kernel and one allocation per op); site kernels are opaque to fusion."""
+    return relax.get_default_pipeline(target)
 
 
 @relax.register_pipeline("bscompile")

@@ -326,6 +326,22 @@ def _relax_loop(importer: Any, body: onnx.GraphProto, node: str, length: tirx.Pr
         bb.end_scope()
         bb.update_func(gv, relax.Function(params, body, ret_ty, is_pure=True))  # private: no global symbol
 
+    # one step, its own function: FoldConstant (the body's weight transposes) and FuseOps (the
+    # cell's elementwise ops into one kernel) work on a function's top-level dataflow block,
+    # not on an If branch
+    (t_p, last_p), s_p, x_p, i_p, _ = loop_params("t", "last")
+    step_params = [t_p, last_p, *s_p, *x_p, *i_p]
+    with bb.function("loop_step", step_params, private=True):
+        with bb.dataflow():
+            saved = {nm: importer._nodes[nm] for nm in inv_names}
+            importer._nodes.update(zip(inv_names, i_p))
+            try:
+                outs = _run_body(importer, body, [*(f(t_p) for _, f in prefix), *step(bb, t_p, last_p, s_p, x_p)])
+            finally:
+                importer._nodes.update(saved)
+            res = bb.emit_output(relax.Tuple(outs[skip:]))
+        step_gv = bb.emit_func_output(res)
+    _check_closed(bb, step_gv, node)
     # the steps [t, stop) of n: one call per step (the VM recurses: a frame per step)
     (t_p, stop_p, n_p), s_p, x_p, i_p, o_p = loop_params("t", "stop", "n")
     params = [t_p, stop_p, n_p, *s_p, *x_p, *i_p, *o_p]
@@ -334,14 +350,10 @@ def _relax_loop(importer: Any, body: onnx.GraphProto, node: str, length: tirx.Pr
     bb.begin_scope(params)
     bb._begin_binding_block()
     cond = bb.emit(relax.op.less(t_p, stop_p))
-    bb._begin_dataflow_block()  # (FoldConstant folds dataflow blocks only: the body's weight transposes)
+    bb._begin_dataflow_block()
     last = bb.emit(relax.op.subtract(relax.op.subtract(n_p, t_p), relax.const(1, "int64")))
-    saved = {nm: importer._nodes[nm] for nm in inv_names}
-    importer._nodes.update(zip(inv_names, i_p))
-    try:
-        outs = _run_body(importer, body, [*(f(t_p) for _, f in prefix), *step(bb, t_p, last, s_p, x_p)])
-    finally:
-        importer._nodes.update(saved)
+    res = bb.emit(relax.Call(step_gv, [t_p, last, *s_p, *x_p, *i_p]))
+    outs = [None] * skip + [bb.emit(relax.TupleGetItem(res, j)) for j in range(len(out_tys) - skip)]
     new_bufs = []
     for buf, y, rev in zip(o_p, outs[skip + n_state:], out_dirs):
         # in place: the buffer is the caller's fresh allocation and dead after this call
@@ -350,10 +362,6 @@ def _relax_loop(importer: Any, body: onnx.GraphProto, node: str, length: tirx.Pr
     t1 = bb.emit(relax.op.add(t_p, relax.const(1, "int64")))
     rec = bb.emit_output(relax.Call(gv, [t1, stop_p, n_p, *outs[skip: skip + n_state], *x_p, *i_p, *new_bufs]))
     recurse(gv, params, cond, bb._end_block(), rec, s_p + o_p)
-    free = relax.analysis.free_vars(bb.get()[gv])
-    if free:
-        raise UnsupportedModelError(f"{node}: its body reads values the loop path cannot pass "
-                                    f"({', '.join(v.name for v in free)})")
     # all n steps, CHUNK at a time: the recursion is n / CHUNK + CHUNK deep, not n (a VM frame
     # per step overflows the C stack after a few thousand steps), and each chunk's per-step
     # values are released when it returns
@@ -373,6 +381,13 @@ def _relax_loop(importer: Any, body: onnx.GraphProto, node: str, length: tirx.Pr
     recurse(gv, params, cond, bb._end_block(), rec, s_p + o_p)
     res = bb.emit(relax.Call(gv, [relax.const(0, "int64"), n, *state, *xs, *inv, *bufs]))
     return [bb.emit(relax.TupleGetItem(res, i)) for i in range(n_state + len(bufs))]
+
+
+def _check_closed(bb: relax.BlockBuilder, gv: relax.GlobalVar, node: str) -> None:
+    free = relax.analysis.free_vars(bb.get()[gv])
+    if free:
+        raise UnsupportedModelError(f"{node}: its body reads values the loop path cannot pass "
+                                    f"({', '.join(v.name for v in free)})")
 
 
 @functools.cache
