@@ -142,7 +142,8 @@ claim = lambda m, rt: dataclasses.replace(cd.default_schedule(shape, m, 16), chu
 cases = ((1, 1, claim(1, 64)), (2, None, claim(4, 16)))
 func = cd.dynamic_linear_kernel({fin}, {fout}, {bs}, {k}, None, cases).with_attr("global_symbol", "k")
 fn = tvm.compile(tvm.IRModule({{"k": func}}), target=resolve_target("llvm").tvm_target())["k"]
-args = [tvm.runtime.tensor(a) for a in (dl.pack_tiles(d["w"], {bs}, 16), dl.pack_gate(d["gw"]), dl.pad_gate_bias(d["gb"]), d["bias"])]
+args = [tvm.runtime.tensor(a) for a in
+        (dl.pack_tiles(d["w"], {bs}, 16), dl.pack_gate(d["gw"]), dl.pad_gate_bias(d["gb"]), d["bias"])]
 out = {{}}
 for m in (1, 3):
     y = tvm.runtime.empty((m, {fout}), "float32")
