@@ -246,18 +246,26 @@ def test_cuda_bundle_ships_the_cuda_runtime(tmp_path, emulator_env):
     assert '"device": "cuda"' in manifest
 
 
-def test_aarch64_bundle_runs_a_dynamic_site(rng, tmp_path, emulator_env):
+@pytest.mark.parametrize("parallel", [False, True])
+def test_aarch64_bundle_runs_a_dynamic_site(rng, tmp_path, emulator_env, monkeypatch, parallel):
     """Input-dependent block selection on the board: the packaged dynamic site under qemu
-    equals onnxruntime on inputs with a clear selection margin."""
+    equals onnxruntime on inputs with a clear selection margin. ``parallel``: the layer is
+    small enough for one thread; with the threshold at 0 it takes the two-thread schedule
+    (threads claiming gate groups and output blocks, a barrier between) on a weakly ordered core."""
     import onnx
     from test_dynamic import IN, _export, _model, _ort, clear_margin_inputs
 
+    from bscompile.codegen import cpu_dynamic
     from bscompile.runtime.package import package_artifact
+
+    if parallel:
+        monkeypatch.setattr(cpu_dynamic, "PARALLEL_MIN_WORK", 0)
 
     m = _model(rng, 0.25, True)
     model_bytes = _export(m, dynamo=False)
     art = bscompile.compile(onnx.load_from_string(model_bytes), target="aarch64", input_shapes={"x": (3, IN)})
     assert [w["kind"] for w in art.manifest.weights] == ["dynamic_linear"]
+    assert art.manifest.weights[0]["decision"]["schedule"]["claim"] == parallel
     report = package_artifact(art.export(tmp_path / "dyn.bsc"), tmp_path / "dyn-aarch64.tar.gz")
     _unpack(Path(report["bundle"]), tmp_path / "device")
     x = clear_margin_inputs(m, rng, 3)

@@ -9,7 +9,10 @@ bug is off by O(|y|)).
 """
 
 import dataclasses
+import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -61,6 +64,9 @@ CASES = [
     (256, 384, 64, 0.75, 2, {}, False, -1.5),  # negative k-th scores (radix select on negative keys)
     (256, 384, 64, 0.5, 2, {"chunks": 3}, True, 0.0),  # static block mask: -inf scores, n_alive
     (128, 256, 32, 1.0, 1, {}, False, 2.0),  # keep everything
+    (256, 512, 64, 0.5, 1, {"chunks": 2, "claim": True}, False, 0.0),  # threads claim gate groups and blocks
+    (256, 512, 64, 0.25, 3, {"chunks": 2, "claim": True}, True, 0.0),  # claimed, row groups, static mask
+    (256, 512, 64, 0.5, 1, {"chunks": 2, "claim": True, "prefetch": True}, False, 0.0),
 ]
 
 
@@ -109,6 +115,49 @@ def test_symbolic_m_dispatches_per_bucket(rng):
         ref, _ = dl.dynamic_linear(x, w, gw, gb, bias, bs, k)
         np.testing.assert_allclose(_run(fn, x, w, gw, gb, bias, bs, panel), ref, rtol=1e-4,
                                    atol=2e-5 * np.abs(ref).max(), err_msg=f"m={m}")
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_claimed_work_is_complete_with_any_pool_size(rng, threads, tmp_path):
+    """``claim`` splits its items between two threads by flags; with one pool thread the
+    first iteration takes everything, with three the third gets nothing but still meets the
+    barrier. Run in a fresh process with ``TVM_NUM_THREADS`` set, at m = 1 (a symbolic
+    kernel: whole-tile registers over narrower panels) and m = 3, against NumPy."""
+    fin, fout, bs, keep = 256, 512, 64, 0.5
+    n = (fin // bs) * (fout // bs)
+    k = dl.keep_count(keep, n)
+    w = rng.standard_normal((fout, fin)).astype(np.float32)
+    gw = (rng.standard_normal((n, fin)) / np.sqrt(fin)).astype(np.float32)
+    gb = rng.standard_normal(n).astype(np.float32)
+    bias = rng.standard_normal(fout).astype(np.float32)
+    xs = {m: _margin_rows(rng, m, fin, gw, gb, k) for m in (1, 3)}
+    np.savez(tmp_path / "in.npz", w=w, gw=gw, gb=gb, bias=bias, x1=xs[1], x3=xs[3])
+    script = f"""
+import dataclasses, numpy as np, tvm
+from bscompile.codegen import cpu_dynamic as cd, dynamic_layout as dl
+from bscompile.target import resolve_target
+d = np.load({str(tmp_path / "in.npz")!r})
+shape = dl.DynamicShape({fin}, {fout}, {bs}, {k})
+claim = lambda m, rt: dataclasses.replace(cd.default_schedule(shape, m, 16), chunks=2, claim=True, rows_tile=rt)
+cases = ((1, 1, claim(1, 64)), (2, None, claim(4, 16)))
+func = cd.dynamic_linear_kernel({fin}, {fout}, {bs}, {k}, None, cases).with_attr("global_symbol", "k")
+fn = tvm.compile(tvm.IRModule({{"k": func}}), target=resolve_target("llvm").tvm_target())["k"]
+args = [tvm.runtime.tensor(a) for a in
+        (dl.pack_tiles(d["w"], {bs}, 16), dl.pack_gate(d["gw"]), dl.pad_gate_bias(d["gb"]), d["bias"])]
+out = {{}}
+for m in (1, 3):
+    y = tvm.runtime.empty((m, {fout}), "float32")
+    fn(tvm.runtime.tensor(d[f"x{{m}}"]), *args, y)
+    out[f"y{{m}}"] = y.numpy()
+np.savez({str(tmp_path / "out.npz")!r}, **out)
+"""
+    env = {**os.environ, "TVM_NUM_THREADS": str(threads)}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = np.load(tmp_path / "out.npz")
+    for m in (1, 3):
+        ref, _ = dl.dynamic_linear(xs[m], w, gw, gb, bias, bs, k)
+        np.testing.assert_allclose(got[f"y{m}"], ref, rtol=1e-4, atol=2e-5 * np.abs(ref).max(), err_msg=f"m={m}")
 
 
 def test_exact_ties_keep_every_tied_tile(rng):
@@ -162,7 +211,7 @@ class _AfterStorageRewrite:
 
 
 @pytest.mark.parametrize("m", [1, 4])
-@pytest.mark.parametrize("variant", ["default", "serial", "gate_parallel"])
+@pytest.mark.parametrize("variant", ["default", "serial", "gate_parallel", "claim"])
 def test_register_tile_keeps_its_own_buffer(m, variant):
     """The accumulator tile of the product must not share another buffer's memory.
 
@@ -175,7 +224,8 @@ def test_register_tile_keeps_its_own_buffer(m, variant):
     shape = dl.DynamicShape(fin, fout, bs, 8)
     base = dataclasses.replace(cd.default_schedule(shape, m, 16, 2), chunks=2)
     sched = {"default": base, "serial": dataclasses.replace(base, chunks=1),
-             "gate_parallel": dataclasses.replace(base, gate_parallel=not base.gate_parallel)}[variant]
+             "gate_parallel": dataclasses.replace(base, gate_parallel=not base.gate_parallel, claim=False),
+             "claim": dataclasses.replace(base, gate_parallel=False, claim=True)}[variant]
     func = cd.dynamic_linear_kernel(fin, fout, bs, 8, m, sched).with_attr("global_symbol", "k")
     keep = _AfterStorageRewrite()
     with tvm.transform.PassContext(instruments=[keep]):
