@@ -28,7 +28,8 @@ from tvm import relax
 from bscompile.codegen.layout import BSRMatrix
 from bscompile.codegen.recurrent_cells import ACTIVATIONS, Activation, CellSpec
 from bscompile.errors import UnsupportedModelError
-from bscompile.sites import Matrix, SiteKind, const_array as _const, emit_site, fingerprint, register_site_kind
+from bscompile.sites import (Matrix, SiteKind, const_array as _const, const_name, emit_site, fingerprint, named_const,
+                             register_site_kind)
 
 
 def _recurrent_matrices(site: dict) -> list[Matrix]:
@@ -75,10 +76,13 @@ def _const_or_zeros(bb, expr, shape, dtype="float32"):
 
 
 def _slice(bb, t: relax.Expr, axis: int, lo: int, hi: int, shape) -> relax.Expr:
-    """``t[lo:hi]`` along ``axis``, reshaped: NumPy for constants, else Relax ops."""
+    """``t[lo:hi]`` along ``axis``, reshaped: for a constant one copy of the slice (a named
+    weight's slice ``d`` along axis 0 is named ``W[d]``), else Relax ops."""
     arr = _const(t)
     if arr is not None and all(isinstance(d, int) for d in shape):
-        return relax.const(np.ascontiguousarray(np.take(arr, range(lo, hi), axis=axis).reshape(shape)))
+        name = const_name(t)
+        return named_const(arr[(slice(None),) * axis + (slice(lo, hi),)].reshape(shape),
+                           f"{name}[{lo}]" if name and axis == 0 and hi == lo + 1 else None)
     return bb.emit(relax.op.reshape(relax.op.strided_slice(t, [axis], [lo], [hi]), shape))
 
 
@@ -163,7 +167,7 @@ def convert_recurrent(kind: str, bb: relax.BlockBuilder, inputs, attr: dict, onn
         w_d, r_d = _slice(bb, w, 0, d, d + 1, (gh, in_size)), _slice(bb, r, 0, d, d + 1, (gh, hidden))
         b_d = _slice(bb, b, 0, d, d + 1, (2 * gh,))
         wb, rb = _slice(bb, b_d, 0, 0, gh, (gh,)), _slice(bb, b_d, 0, gh, 2 * gh, (gh,))
-        w_t = relax.const(np.ascontiguousarray(_const(w_d).T)) if _const(w_d) is not None \
+        w_t = named_const(_const(w_d).T, const_name(w_d)) if _const(w_d) is not None \
             else relax.op.permute_dims(w_d, [1, 0])
         xp = bb.emit(relax.op.add(relax.op.matmul(x2d, w_t), wb))
         xp = bb.emit(relax.op.reshape(xp, [seq, batch, gh]))
