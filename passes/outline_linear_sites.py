@@ -88,24 +88,26 @@ class _Outliner(relax.PyExprMutator):
             super().visit_var_binding_(binding)
             return
         x, w, bias = found
-        new = self._emit(self.visit_expr(x), w, bias)
+        new = emit_linear_site(self.builder_, self.visit_expr(x), w, bias)
         rebind(self, binding, new)
 
-    def _emit(self, x: relax.Expr, w: relax.Expr, bias: np.ndarray | None) -> relax.Expr:
-        bb = self.builder_
-        shape = _shape(x)
-        n, k = (int(d) for d in w.ty.shape.values)
-        m = functools.reduce(operator.mul, shape[:-1]) if len(shape) > 1 else 1
-        key = fingerprint(const_array(w))
-        site = {"kind": "linear", "name": const_name(w) or f"weight_{key[:8]}", "fingerprint": key,
-                "m": m, "shape": [n, k]}
-        b = np.zeros(n, np.float32) if bias is None else bias
-        if len(shape) == 2:
-            return emit_site(bb, site, [x, w, relax.const(b)], relax.TensorType((m, n), "float32"), "linear_site")
-        x2d = bb.emit(relax.op.reshape(x, [m, k]))
-        y = bb.emit(emit_site(bb, site, [x2d, w, relax.const(b)], relax.TensorType((m, n), "float32"),
-                              "linear_site"))
-        return relax.op.reshape(y, [*shape[:-1], n])
+
+def emit_linear_site(bb: relax.BlockBuilder, x: relax.Expr, w: relax.Expr, bias: np.ndarray | None) -> relax.Expr:
+    """The linear site ``x @ w.T + bias`` (``w`` a constant ``W[N, K]``; ``x[..., K]`` float32
+    with a static ``K``), as this pass makes it; also called by the recurrent converters for
+    their input products, whose weights come in this orientation."""
+    shape = _shape(x)
+    n, k = (int(d) for d in w.ty.shape.values)
+    m = functools.reduce(operator.mul, shape[:-1]) if len(shape) > 1 else 1
+    key = fingerprint(const_array(w))
+    site = {"kind": "linear", "name": const_name(w) or f"weight_{key[:8]}", "fingerprint": key,
+            "m": m, "shape": [n, k]}
+    b = np.zeros(n, np.float32) if bias is None else bias
+    if len(shape) == 2:
+        return emit_site(bb, site, [x, w, relax.const(b)], relax.TensorType((m, n), "float32"), "linear_site")
+    x2d = bb.emit(relax.op.reshape(x, [m, k]))
+    y = bb.emit(emit_site(bb, site, [x2d, w, relax.const(b)], relax.TensorType((m, n), "float32"), "linear_site"))
+    return relax.op.reshape(y, [*shape[:-1], n])
 
 
 @tvm.transform.module_pass(opt_level=0, name="OutlineLinearSites")

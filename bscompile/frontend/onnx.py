@@ -9,6 +9,7 @@ converted; layout ops on a named weight (``Transpose``, ``Reshape``, ``Cast``, a
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -121,9 +122,12 @@ def relax_shapes(specs: list[TensorSpec]) -> dict[str, list]:
 
 
 def convert_initializers(model: onnx.ModelProto) -> dict[str, relax.Expr]:
-    """Every initializer of the graph as a named constant, each read out of the proto once."""
+    """Every initializer of the graph as a named constant, each read out of the proto once.
+
+    Largest first: each is read through a transient copy (``raw_data``) while the proto and
+    the constants made so far are resident, and in this order the last copies are the smallest."""
     weights = {}
-    for init in model.graph.initializer:
+    for init in sorted(model.graph.initializer, key=lambda t: -math.prod(t.dims)):
         if not init.name.strip():
             raise UnsupportedModelError("ONNX import failed: an initializer has no name")
         try:

@@ -2,9 +2,10 @@
 
 Each direction of a layer becomes two things:
 
-1. the input projection over all time steps, ``xp = X[T*B, I] @ W_d.T + bias``: one
-   ordinary ``matmul`` on a (usually constant) weight, which ``OutlineLinearSites``
-   later turns into a ``linear`` site like any other product by a weight;
+1. the input projection over all time steps, ``xp = X[T*B, I] @ W_d.T + bias``: for a
+   constant weight a ``linear`` site made here as ``OutlineLinearSites`` makes one
+   (``W_d`` is already in the site's ``[N, K]`` orientation: a ``matmul`` would need its
+   transpose made and then undone, two copies of the largest weights), else a ``matmul``;
 2. a ``recurrent`` weight site (:func:`bscompile.sites.emit_site`) for the recurrence
    with the recurrent weight ``R_d``: lowered to one generated kernel per direction
    with the time loop inside it (the target family's ``recurrent`` generator).
@@ -28,6 +29,7 @@ from tvm import relax
 from bscompile.codegen.layout import BSRMatrix
 from bscompile.codegen.recurrent_cells import ACTIVATIONS, Activation, CellSpec
 from bscompile.errors import UnsupportedModelError
+from bscompile.passes.outline_linear_sites import emit_linear_site
 from bscompile.sites import (Matrix, SiteKind, const_array as _const, const_name, emit_site, fingerprint, named_const,
                              register_site_kind)
 
@@ -76,13 +78,16 @@ def _const_or_zeros(bb, expr, shape, dtype="float32"):
 
 
 def _slice(bb, t: relax.Expr, axis: int, lo: int, hi: int, shape) -> relax.Expr:
-    """``t[lo:hi]`` along ``axis``, reshaped: for a constant one copy of the slice (a named
-    weight's slice ``d`` along axis 0 is named ``W[d]``), else Relax ops."""
+    """``t[lo:hi]`` along ``axis``, reshaped: for a constant, along axis 0 a view of it (whole
+    rows: no copy; a named weight's slice ``d`` is named ``W[d]``), else a copy; else Relax ops."""
     arr = _const(t)
     if arr is not None and all(isinstance(d, int) for d in shape):
         name = const_name(t)
-        return named_const(arr[(slice(None),) * axis + (slice(lo, hi),)].reshape(shape),
-                           f"{name}[{lo}]" if name and axis == 0 and hi == lo + 1 else None)
+        if axis == 0:
+            value = t.value._create_view(tuple(shape), str(arr.dtype), lo * arr.strides[0])
+        else:
+            value = arr[(slice(None),) * axis + (slice(lo, hi),)].reshape(shape)
+        return named_const(value, f"{name}[{lo}]" if name and axis == 0 and hi == lo + 1 else None)
     return bb.emit(relax.op.reshape(relax.op.strided_slice(t, [axis], [lo], [hi]), shape))
 
 
@@ -167,9 +172,10 @@ def convert_recurrent(kind: str, bb: relax.BlockBuilder, inputs, attr: dict, onn
         w_d, r_d = _slice(bb, w, 0, d, d + 1, (gh, in_size)), _slice(bb, r, 0, d, d + 1, (gh, hidden))
         b_d = _slice(bb, b, 0, d, d + 1, (2 * gh,))
         wb, rb = _slice(bb, b_d, 0, 0, gh, (gh,)), _slice(bb, b_d, 0, gh, 2 * gh, (gh,))
-        w_t = named_const(_const(w_d).T, const_name(w_d)) if _const(w_d) is not None \
-            else relax.op.permute_dims(w_d, [1, 0])
-        xp = bb.emit(relax.op.add(relax.op.matmul(x2d, w_t), wb))
+        if _const(w_d) is not None and _const(w_d).dtype == np.float32 and _const(wb) is not None:
+            xp = bb.emit(emit_linear_site(bb, x2d, w_d, _const(wb)))
+        else:
+            xp = bb.emit(relax.op.add(relax.op.matmul(x2d, relax.op.permute_dims(w_d, [1, 0])), wb))
         xp = bb.emit(relax.op.reshape(xp, [seq, batch, gh]))
         # GRU without linear-before-reset multiplies R_h by (r * h): a second matrix.
         split = cell.kind == "gru" and not cell.linear_before_reset
