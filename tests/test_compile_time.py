@@ -104,3 +104,41 @@ def test_sites_are_named_from_the_ir_through_layout_ops(rng):
     names = sorted(w["name"] for w in weight_entries(mod))
     computed = [n for n in names if n.startswith("weight_")]
     assert names == sorted(["A", "B", "C", "D", "W[0]", "W[1]", "R[0]", "R[1]", *computed]) and len(computed) == 1
+
+
+def test_weights_read_from_the_mapped_file_equal_numpy_helper(rng, tmp_path):
+    """read_model leaves plain-typed initializers' raw data in the file (memory-mapped) and
+    convert_initializers reads them from there: every weight equals onnx's own reading of it;
+    other types (bfloat16) and tensors stored as typed fields stay in the proto; a truncated
+    file is a one-line error."""
+    import ml_dtypes
+    from onnx import TensorProto, helper, numpy_helper
+
+    from bscompile.errors import BscompileError
+    from bscompile.frontend.onnx import convert_initializers, read_model
+
+    arrays = {"f32": _sparse(rng, (37, 11)), "i64": rng.integers(-9, 9, (5, 3)), "f16": rng.random(7).astype(np.float16),
+              "b": rng.random((2, 2)) < 0.5, "scalar": np.float32(rng.standard_normal()), "empty": np.zeros((0, 4), np.float32),
+              "u8": rng.integers(0, 255, 9).astype(np.uint8), "f64": rng.standard_normal((3, 3))}
+    inits = [numpy_helper.from_array(np.asarray(a), n) for n, a in arrays.items()]
+    bf = rng.standard_normal(6).astype(ml_dtypes.bfloat16)
+    inits += [helper.make_tensor("bf16", TensorProto.BFLOAT16, [6], bf.view(np.uint16).tobytes(), raw=True),
+              helper.make_tensor("typed", TensorProto.FLOAT, [3], [1.0, -2.0, 3.5])]  # float_data, no raw_data
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])], inits)
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph), path)
+    proto, raw = read_model(path)
+    split = {t.name for t, s in zip(proto.graph.initializer, raw.spans) if s is not None}
+    assert split == set(arrays) - {"empty"} or split == set(arrays)
+    assert not any(t.raw_data for t in proto.graph.initializer if t.name in split)
+    got = convert_initializers(proto, raw)
+    for t in onnx.load(path).graph.initializer:
+        want = numpy_helper.to_array(t)
+        have = got[t.name].value.numpy()
+        assert have.dtype == want.dtype and have.shape == want.shape, t.name
+        assert have.tobytes() == want.tobytes(), t.name  # (bit for bit: -0.0 and NaN payloads too)
+    path.write_bytes(path.read_bytes()[:-40])
+    with pytest.raises(BscompileError, match="is not an ONNX model"):
+        read_model(path)

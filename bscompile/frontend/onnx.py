@@ -10,6 +10,7 @@ converted; layout ops on a named weight (``Transpose``, ``Reshape``, ``Cast``, a
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import re
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from tvm.relax.frontend.onnx import onnx_frontend as tvm_onnx
 from bscompile.errors import BscompileError, UnsupportedModelError
 from bscompile.frontend.loops import LOOP_OPS, STACKED, concat_stacked, convert_loop
 from bscompile.frontend.recurrent import convert_recurrent
+from bscompile.frontend.wire import split_raw_data
 from bscompile.limits import check_external_data, check_finite, check_resources
 from bscompile.sites import TensorSpec, const_array, const_name, dim_of, named_const
 
@@ -42,14 +44,30 @@ class ImportedModel:
     opset: int = 0
 
 
+@dataclass
+class MappedWeights:
+    """Initializers' raw data left in a read-only memory map of the model file
+    (:func:`bscompile.frontend.wire.split_raw_data`): ``spans[i]`` is ``(offset, length)``
+    for ``graph.initializer[i]``, or None where the data stayed in the proto."""
+
+    mapped: mmap.mmap
+    spans: list[tuple[int, int] | None]
+
+
 def load_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
+    return read_model(model, split=False)[0]
+
+
+def read_model(model: str | os.PathLike | onnx.ModelProto,
+               split: bool = True) -> tuple[onnx.ModelProto, MappedWeights | None]:
+    """The model, and with ``split`` (for a file) its initializers' raw data apart, in a memory map."""
     if isinstance(model, onnx.ModelProto):
-        return model
+        return model, None
     path = os.fspath(model)
     if not os.path.exists(path):
         raise BscompileError(f"no such file: {path}")
     try:
-        proto = onnx.load(path, load_external_data=False)
+        proto, raw = _parse(path, split)
     except Exception as err:  # protobuf raises several types for garbage input
         raise BscompileError(f"{path} is not an ONNX model ({type(err).__name__})") from None
     if not proto.graph.node:
@@ -63,7 +81,33 @@ def load_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
             load_external_data_for_model(proto, base)
         except Exception as err:  # (a location outside the model's folder, unreadable files)
             raise BscompileError(f"{path}: cannot read its external data ({_first_line(err)})") from None
-    return proto
+    return proto, raw
+
+
+def _parse(path: str, split: bool) -> tuple[onnx.ModelProto, MappedWeights | None]:
+    """``onnx.load(path, load_external_data=False)``. A binary model is parsed from a memory map
+    of the file, not from a copy of it in a bytes object; with ``split`` without the raw data of
+    its initializers, which stays in the map (see :mod:`bscompile.frontend.wire`)."""
+    fmt = onnx.serialization.registry.get_format_from_file_extension(os.path.splitext(path)[1]) or "protobuf"
+    if fmt != "protobuf" or not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return onnx.load(path, load_external_data=False), None
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    proto = onnx.ModelProto()
+    if split:
+        try:
+            with memoryview(mapped) as data:
+                light, spans = split_raw_data(data)
+        except (ValueError, IndexError):  # not a well-formed model: the parser below says so
+            spans = []
+        if any(spans):
+            proto.ParseFromString(light)
+            if len(spans) == len(proto.graph.initializer):
+                return proto, MappedWeights(mapped, spans)
+    with memoryview(mapped) as data:
+        proto.ParseFromString(data)  # (raises DecodeError on garbage, as onnx.load does)
+    mapped.close()
+    return proto, None
 
 
 def supported_ops() -> set[str]:
@@ -121,22 +165,48 @@ def relax_shapes(specs: list[TensorSpec]) -> dict[str, list]:
                      for d in s.shape] for s in specs}
 
 
-def convert_initializers(model: onnx.ModelProto) -> dict[str, relax.Expr]:
-    """Every initializer of the graph as a named constant, each read out of the proto once.
+def convert_initializers(model: onnx.ModelProto, raw: MappedWeights | None = None) -> dict[str, relax.Expr]:
+    """Every initializer of the graph as a named constant, each read once: from the memory map
+    of the file where ``raw`` has its data (the map's pages are dropped once copied), else out of the proto.
 
-    Largest first: each is read through a transient copy (``raw_data``) while the proto and
-    the constants made so far are resident, and in this order the last copies are the smallest."""
+    Largest first: a weight read out of the proto goes through a transient copy (``raw_data``)
+    while the constants made so far are resident; in this order the last copies are the smallest."""
+    inits = list(model.graph.initializer)
+    spans = raw.spans if raw is not None else [None] * len(inits)
     weights = {}
-    for init in sorted(model.graph.initializer, key=lambda t: -math.prod(t.dims)):
+    for i in sorted(range(len(inits)), key=lambda i: -math.prod(inits[i].dims)):
+        init = inits[i]
         if not init.name.strip():
             raise UnsupportedModelError("ONNX import failed: an initializer has no name")
         try:
-            arr = numpy_helper.to_array(init).reshape(tuple(init.dims))
+            arr = (numpy_helper.to_array(init) if spans[i] is None else _mapped_array(raw.mapped, spans[i], init)
+                   ).reshape(tuple(init.dims))
         except Exception as err:  # noqa: BLE001 - malformed data (found by fuzzing)
             raise UnsupportedModelError(f"ONNX import failed: initializer '{init.name}': {_first_line(err)}") from None
         check_finite(init.name, arr)
         weights[init.name] = named_const(tvm.runtime.tensor(arr), init.name)
+        if spans[i] is not None:
+            del arr
+            _drop_pages(raw.mapped, *spans[i])
     return weights
+
+
+def _mapped_array(mapped: mmap.mmap, span: tuple[int, int], init: onnx.TensorProto) -> np.ndarray:
+    """A read-only view of an initializer's raw data (little-endian) in the memory-mapped file."""
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type)).newbyteorder("<")
+    count, (offset, length) = math.prod(init.dims), span
+    if length != count * dtype.itemsize:
+        raise ValueError(f"{length} bytes of data for shape {list(init.dims)} of {dtype.name}")
+    return np.frombuffer(mapped, dtype, count, offset).astype(dtype.newbyteorder("="), copy=False)
+
+
+def _drop_pages(mapped: mmap.mmap, offset: int, length: int) -> None:
+    """Unmap the whole pages of ``mapped[offset:offset + length]`` from this process (they stay
+    in the page cache): a weight already copied into its constant stops counting as resident."""
+    lo = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE
+    hi = (offset + length) // mmap.PAGESIZE * mmap.PAGESIZE
+    if hi > lo and hasattr(mapped, "madvise"):
+        mapped.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
 def _without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -202,13 +272,14 @@ class _Importer(tvm_onnx.ONNXGraphImporter):
 
 def import_onnx(model: str | os.PathLike | onnx.ModelProto,
                 input_shapes: dict[str, tuple[int, ...]] | None = None) -> ImportedModel:
-    proto = load_model(model)
+    proto, raw = read_model(model)
     check_supported(proto)
     inputs = graph_inputs(proto, input_shapes)
     # A symbolic dim is checked at its smallest size, 1 (inputs are not held while compiling).
     check_resources(proto, {s.name: tuple(d if isinstance(d, int) else 1 for d in s.shape) for s in inputs},
                     {s.name: s.dtype for s in inputs}, finite=False)  # (checked as they are converted)
-    weights = convert_initializers(proto)
+    weights = convert_initializers(proto, raw)
+    del raw  # (the memory map closes with it)
     proto = _with_node_names(_without_initializers(proto))  # the weights' proto is freed (if not the caller's)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
     importer = _Importer(

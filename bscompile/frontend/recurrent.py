@@ -77,13 +77,18 @@ def _const_or_zeros(bb, expr, shape, dtype="float32"):
     return bb.emit(relax.op.zeros(relax.ShapeExpr(list(shape)), dtype))
 
 
-def _slice(bb, t: relax.Expr, axis: int, lo: int, hi: int, shape) -> relax.Expr:
-    """``t[lo:hi]`` along ``axis``, reshaped: for a constant, along axis 0 a view of it (whole
-    rows: no copy; a named weight's slice ``d`` is named ``W[d]``), else a copy; else Relax ops."""
+def _slice(bb, t: relax.Expr, axis: int, lo: int, hi: int, shape, view: bool = False) -> relax.Expr:
+    """``t[lo:hi]`` along ``axis``, reshaped: for a constant a copy (a named weight's slice ``d``
+    along axis 0 is named ``W[d]``), or with ``view`` a view of its rows (no copy); else Relax ops.
+
+    A view is a ``byte_offset`` into the weight's tensor, which NumPy honours and TVM kernels do
+    not: only a site's weight matrix may be one, as ``LowerWeightSites`` always replaces those
+    with packed copies, so a view never reaches a kernel (nor ``FoldConstant``).
+    """
     arr = _const(t)
     if arr is not None and all(isinstance(d, int) for d in shape):
         name = const_name(t)
-        if axis == 0:
+        if axis == 0 and view:
             value = t.value._create_view(tuple(shape), str(arr.dtype), lo * arr.strides[0])
         else:
             value = arr[(slice(None),) * axis + (slice(lo, hi),)].reshape(shape)
@@ -169,10 +174,11 @@ def convert_recurrent(kind: str, bb: relax.BlockBuilder, inputs, attr: dict, onn
 
     ys, hs, cs = [], [], []
     for d, cell in enumerate(cells):
-        w_d, r_d = _slice(bb, w, 0, d, d + 1, (gh, in_size)), _slice(bb, r, 0, d, d + 1, (gh, hidden))
         b_d = _slice(bb, b, 0, d, d + 1, (2 * gh,))
         wb, rb = _slice(bb, b_d, 0, 0, gh, (gh,)), _slice(bb, b_d, 0, gh, 2 * gh, (gh,))
-        if _const(w_d) is not None and _const(w_d).dtype == np.float32 and _const(wb) is not None:
+        site_w = _const(w) is not None and _const(w).dtype == np.float32 and _const(wb) is not None
+        w_d, r_d = _slice(bb, w, 0, d, d + 1, (gh, in_size), site_w), _slice(bb, r, 0, d, d + 1, (gh, hidden), True)
+        if site_w:
             xp = bb.emit(emit_linear_site(bb, x2d, w_d, _const(wb)))
         else:
             xp = bb.emit(relax.op.add(relax.op.matmul(x2d, relax.op.permute_dims(w_d, [1, 0])), wb))
