@@ -64,10 +64,7 @@ def _elements(name: str, what: str, dims) -> int:
 
 
 def check_finite_weights(model: onnx.ModelProto) -> None:
-    """Refuse NaN or infinite float weights: the generated code does not propagate them as
-    onnxruntime does (pruned zeros are skipped, so inf * 0 never makes a NaN, and TVM's
-    max drops NaN). A single value is a fill, not a weight (a static block mask exports
-    its ``-inf`` as one), and is left to the graph."""
+    """:func:`check_finite` on every float initializer the model holds."""
     from onnx import numpy_helper
 
     for init in model.graph.initializer:
@@ -78,11 +75,19 @@ def check_finite_weights(model: onnx.ModelProto) -> None:
             a = numpy_helper.to_array(init)
         except Exception:  # noqa: BLE001 - malformed data: the importer reports it
             continue
-        if a.size > 1 and not np.isfinite(a).all():
-            at = [int(i) for i in np.argwhere(~np.isfinite(a))[0]]
-            raise UnsupportedModelError(f"weight '{init.name}' holds {a[tuple(at)]} at {at}; bscompile needs finite "
-                                        "weights (block-sparse kernels skip pruned zeros, so NaN and inf would not "
-                                        "propagate as in dense arithmetic)")
+        check_finite(init.name, a)
+
+
+def check_finite(name: str, a: np.ndarray) -> None:
+    """Refuse NaN or infinite float weights: the generated code does not propagate them as
+    onnxruntime does (pruned zeros are skipped, so inf * 0 never makes a NaN, and TVM's
+    max drops NaN). A single value is a fill, not a weight (a static block mask exports
+    its ``-inf`` as one), and is left to the graph."""
+    if a.dtype.kind == "f" and a.size > 1 and not np.isfinite(a).all():
+        at = [int(i) for i in np.argwhere(~np.isfinite(a))[0]]
+        raise UnsupportedModelError(f"weight '{name}' holds {a[tuple(at)]} at {at}; bscompile needs finite "
+                                    "weights (block-sparse kernels skip pruned zeros, so NaN and inf would not "
+                                    "propagate as in dense arithmetic)")
 
 
 #: ai.onnx opsets bscompile accepts: TVM's importer and onnxruntime both start at 7.
@@ -98,9 +103,10 @@ def check_opset(model: onnx.ModelProto) -> None:
 
 
 def check_resources(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]],
-                    input_dtypes: dict[str, str] | None = None) -> None:
+                    input_dtypes: dict[str, str] | None = None, finite: bool = True) -> None:
     """Refuse a model whose weights (plus inputs) exceed the memory available, or any
-    tensor the kernels could not index with int32 (:class:`UnsupportedModelError`)."""
+    tensor the kernels could not index with int32 (:class:`UnsupportedModelError`);
+    ``finite``: and non-finite weights (the importer checks them as it converts them)."""
     total = 0
     for init in model.graph.initializer:
         total += _elements(init.name, "weight", init.dims) * _itemsize(init.data_type)
@@ -113,7 +119,8 @@ def check_resources(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, .
     if 2 * total > avail:
         raise UnsupportedModelError(f"the model's weights and inputs need {total / 2**30:.2f} GiB (about twice that "
                                     f"while compiling); {avail / 2**30:.2f} GiB of memory is available")
-    check_finite_weights(model)
+    if finite:
+        check_finite_weights(model)
 
 
 def check_external_data(model: onnx.ModelProto, base_dir: str) -> None:

@@ -35,8 +35,6 @@ from tvm import relax
 SITE = "bscompile.site"
 SPARSITY = "bscompile.sparsity"
 LAYOUT = "bscompile.layout"
-#: Module attribute: content fingerprint -> ONNX initializer name (set by the frontend).
-WEIGHT_NAMES = "bscompile.weight_names"
 
 _CALL_TIR = tvm.ir.Op.get("relax.call_tir")
 
@@ -108,10 +106,44 @@ def _row_slices(w: np.ndarray, size: int = 1 << 18):
 
 
 def const_array(expr: relax.Expr) -> np.ndarray | None:
-    """The value of a Relax constant, or None for anything computed at run time."""
-    if isinstance(expr, tvm.ir.expr.Constant):
+    """The value of a Relax constant (a read-only view of it, no copy), or None for anything
+    computed at run time."""
+    if not isinstance(expr, tvm.ir.expr.Constant):
+        return None
+    try:
+        arr = np.from_dlpack(expr.value)
+    except (BufferError, TypeError, ValueError, RuntimeError):  # a dtype NumPy has no DLPack code for
         return expr.value.numpy()
-    return None
+    arr.flags.writeable = False
+    return arr
+
+
+#: The span source name of a named weight constant: this prefix, then the weight's name.
+_WEIGHT_SPAN = "bscompile.weight:"
+
+
+def named_const(value: np.ndarray | tvm.runtime.Tensor, name: str | None) -> relax.Expr:
+    """A Relax constant that carries the name of the weight it is (an ONNX initializer, or
+    ``"W[d]"`` for one direction of a recurrent weight) as its span's source name: the IR,
+    not a side table, says which weight a constant is. A derived constant (a transpose, a
+    slice) is given its source's name by whoever makes it; TVM's ``FoldConstant`` drops it."""
+    if not isinstance(value, tvm.runtime.Tensor):
+        arr = np.asarray(value)
+        if arr.flags.c_contiguous or arr.dtype.kind not in "fiub":
+            value = tvm.runtime.tensor(arr)
+        else:  # a transposed or strided view: one copy, straight into the constant
+            value = tvm.runtime.empty(arr.shape, str(arr.dtype))
+            np.from_dlpack(value)[...] = arr
+    span = tvm.ir.Span(tvm.ir.SourceName(_WEIGHT_SPAN + name), 0, 0, 0, 0) if name else None
+    return tvm.ir.GenericConst(value, relax.TensorType(value.shape, value.dtype), span)
+
+
+def const_name(expr: relax.Expr) -> str | None:
+    """The weight name :func:`named_const` gave a constant, or None (a parsed constant's span
+    names its source file, which is no weight name)."""
+    span = getattr(expr, "span", None) if isinstance(expr, tvm.ir.expr.Constant) else None
+    source = span.source_name.name if span is not None and span.source_name is not None else ""
+    return source[len(_WEIGHT_SPAN):] if source.startswith(_WEIGHT_SPAN) else None
 
 
 def to_py(value: Any) -> Any:

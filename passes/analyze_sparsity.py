@@ -11,7 +11,7 @@ Contract
   blocks, padded N, padded K]``. A site with several matrices (a GRU's two recurrent
   products) is measured as one weight, its matrices stacked along N.
 - Left alone: sites whose weights are computed at run time, and sites already
-  analysed (the pass is idempotent).
+  analysed (the pass is idempotent). The sites are measured on all cores.
 
 Block-structure detection: the structure a pruner produced is the largest block
 shape whose occupied blocks are (almost) entirely non-zero, i.e. the non-zeros fill
@@ -21,6 +21,9 @@ an unstructured one fills nothing larger than 1x1.
 """
 
 from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import tvm
@@ -80,11 +83,16 @@ def site_weight(site: dict, operands) -> np.ndarray | None:
 class AnalyzeSparsity:
     def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
         mod = mod.clone()
+        todo = {}  # site function -> its weight (at its first call)
         for call in site_calls(mod):
             func = mod[call.gv]
-            if SPARSITY in (func.attrs or {}) or not isinstance(func, tvm.relax.Function):
+            if call.gv in todo or SPARSITY in (func.attrs or {}) or not isinstance(func, tvm.relax.Function):
                 continue
             w = site_weight(attr(func, SITE), call.operands)
             if w is not None:
-                mod[call.gv] = func.with_attr(SPARSITY, analyze(w))
+                todo[call.gv] = w
+        if todo:  # on all cores: NumPy releases the GIL
+            with ThreadPoolExecutor(min(len(todo), os.cpu_count() or 1)) as pool:
+                for gv, found in zip(todo, pool.map(analyze, todo.values())):
+                    mod[gv] = mod[gv].with_attr(SPARSITY, found)
         return mod

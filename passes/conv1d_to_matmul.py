@@ -20,7 +20,7 @@ import tvm
 from tvm import relax
 
 from bscompile.passes.rewrite import rewrite_relax_functions
-from bscompile.sites import const_array
+from bscompile.sites import const_array, const_name, named_const
 
 _CONV1D = tvm.ir.Op.get("relax.nn.conv1d")
 
@@ -51,7 +51,7 @@ class _Rewriter(relax.PyExprMutator):
         cols = bb.emit(relax.op.stack(taps, axis=3))  # [B, C, T_out, k]
         cols = bb.emit(relax.op.permute_dims(cols, [0, 2, 1, 3]))  # [B, T_out, C, k]
         cols = bb.emit(relax.op.reshape(cols, [b, t_out, c * k]))
-        w_mat = relax.const(np.ascontiguousarray(w.reshape(o, c * k).T))
+        w_mat = named_const(w.reshape(o, c * k).T, const_name(w_expr))  # the kernel's name goes with it
         y = bb.emit(relax.op.matmul(cols, w_mat))  # [B, T_out, O]
         return relax.op.permute_dims(y, [0, 2, 1])
 

@@ -12,12 +12,16 @@ Contract
   layout attribute completed with the schedules used (``schedules``, or per bucket of
   a symbolic m in ``buckets``: the kernel dispatches on m at run time) and
   ``stored_bytes``. Site functions no longer called are removed. Numerics are
-  unchanged up to float reassociation.
+  unchanged up to float reassociation. The constant weights are packed up front on all
+  cores (NumPy releases the GIL), then the kernels are made one by one.
 - Left alone: calls of undecided site functions; everything already lowered
   (the pass is idempotent).
 """
 
 from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import tvm
@@ -26,7 +30,7 @@ from tvm import relax
 from bscompile.codegen.family import Bucket, KernelFamily
 from bscompile.codegen.layout import DENSE_ROWS, BlockShape, BSRMatrix, padded
 from bscompile.passes.rewrite import rewrite_relax_functions
-from bscompile.sites import LAYOUT, SITE, SPARSITY, attr, const_array, site_kind
+from bscompile.sites import LAYOUT, SITE, SPARSITY, attr, const_array, site_calls, site_kind
 
 
 def pack_dense_rows(bb: relax.BlockBuilder, w: relax.Expr, rows: int, cols: int) -> relax.Expr:
@@ -47,7 +51,37 @@ def _repad_bias(bb: relax.BlockBuilder, bias: relax.Expr, n: int, n_pad: int) ->
     return bias if n_pad == n else bb.emit(relax.op.nn.pad(bias, [0, n_pad - n]))
 
 
-def _pack(bb: relax.BlockBuilder, w_expr: relax.Expr, layout: dict) -> tuple[BSRMatrix, list[relax.Expr]]:
+def _packed(w: np.ndarray, layout: dict) -> BSRMatrix:
+    """A constant weight in ``layout``."""
+    if layout["layout"] == "dense":
+        return BSRMatrix.dense(w, DENSE_ROWS)
+    return BSRMatrix.from_dense(w, BlockShape.parse(layout["block"]))
+
+
+def _key(w_expr: relax.Expr, layout: dict) -> tuple:
+    return w_expr.__chandle__(), layout["layout"], layout.get("block")
+
+
+def _pack_all(mod: tvm.IRModule) -> dict[tuple, BSRMatrix]:
+    """Every decided site's constant weight matrices packed, on all cores: ``_key`` -> matrix."""
+    jobs = {}
+    for call in site_calls(mod):
+        site, layout = attr(call.func, SITE), attr(call.func, LAYOUT)
+        kind = site_kind(site["kind"])
+        if layout is None or kind.pack is not None or not isinstance(call.func, relax.Function):
+            continue
+        for mat in kind.matrices(site):
+            w_expr = call.operands[mat.weight]
+            if const_array(w_expr) is not None:
+                jobs[_key(w_expr, layout)] = (const_array(w_expr), layout)
+    if not jobs:
+        return {}
+    with ThreadPoolExecutor(min(len(jobs), os.cpu_count() or 1)) as pool:
+        return dict(zip(jobs, pool.map(lambda job: _packed(*job), jobs.values())))
+
+
+def _pack(bb: relax.BlockBuilder, w_expr: relax.Expr, layout: dict,
+          packed: dict[tuple, BSRMatrix]) -> tuple[BSRMatrix, list[relax.Expr]]:
     """The matrix in ``layout`` (a skeleton for a run-time weight) and its ``[data, indices, indptr]``."""
     w = const_array(w_expr)
     if w is None:  # computed at run time: dense rows, packed by the program itself
@@ -55,8 +89,7 @@ def _pack(bb: relax.BlockBuilder, w_expr: relax.Expr, layout: dict) -> tuple[BSR
         mat = BSRMatrix.dense(np.zeros((rows, cols), np.float32), DENSE_ROWS)
         data = pack_dense_rows(bb, w_expr, rows, cols)
     else:
-        dense = layout["layout"] == "dense"
-        mat = BSRMatrix.dense(w, DENSE_ROWS) if dense else BSRMatrix.from_dense(w, BlockShape.parse(layout["block"]))
+        mat = packed.pop(_key(w_expr, layout), None) or _packed(w, layout)  # (popped: freed once a constant)
         data = relax.const(mat.data)
     return mat, [data, relax.const(mat.indices), relax.const(mat.indptr)]
 
@@ -66,6 +99,7 @@ class _Lowerer(relax.PyExprMutator):
     def __init__(self, mod: tvm.IRModule, family: KernelFamily):
         super().__init__(mod)
         self.mod, self.family = mod, family
+        self.packed = _pack_all(mod)
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         ret = call.ty  # in the caller's symbolic vars (the site function has its own)
@@ -88,7 +122,7 @@ class _Lowerer(relax.PyExprMutator):
         else:
             mats, packed = [], []
             for w in kind.matrices(site):
-                mat, arrays = _pack(bb, operands[w.weight], layout)
+                mat, arrays = _pack(bb, operands[w.weight], layout, self.packed)
                 bias = _repad_bias(bb, operands[w.bias], mat.shape[0], mat.padded_shape[0])
                 mats.append(mat)
                 packed.append((*arrays, bias))

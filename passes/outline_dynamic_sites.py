@@ -45,8 +45,8 @@ from tvm.relax.dpl import is_const, is_op, is_tuple_get_item, wildcard
 
 from bscompile.codegen.dynamic_layout import DynamicShape, pack_gate, pack_tiles, pad_gate_bias, tile_panel
 from bscompile.codegen.family import KernelFamily
-from bscompile.passes.rewrite import rebind, rewrite_with_bindings, weight_names
-from bscompile.sites import (Matrix, SiteKind, const_array, emit_site, fingerprint,
+from bscompile.passes.rewrite import rebind, rewrite_with_bindings
+from bscompile.sites import (Matrix, SiteKind, const_array, const_name, emit_site, fingerprint,
                              register_site_kind)
 
 
@@ -152,7 +152,8 @@ def _prove(m: dict) -> dict | None:
             or not _rows_then(m[_Y], x, fout)):
         return None
     shape = DynamicShape(fin, fout, bs, k)
-    return {"x": x, "w": np.ascontiguousarray(w3.reshape(fin, fout).T), "wg": np.ascontiguousarray(wg_t.T),
+    return {"x": x, "w": np.ascontiguousarray(w3.reshape(fin, fout).T), "name": const_name(m[_W3]),
+            "wg": np.ascontiguousarray(wg_t.T),
             "bg": bg, "alive": alive, "shape": shape, "n_alive": n_alive, "m": x.ty.shape.values[0],
             "out_shape": None if ys == (rows, fout) else m[_Y].ty.shape}
 
@@ -172,7 +173,6 @@ class _Outliner(relax.PyExprMutator):
     def __init__(self, mod: tvm.IRModule, symbolic: bool):
         super().__init__(mod)
         self.symbolic = symbolic  # whether the family's kernels take a symbolic m
-        self.names = weight_names(mod)
         self.var2val: dict = {}
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
@@ -199,7 +199,7 @@ class _Outliner(relax.PyExprMutator):
         key = fingerprint(f["w"])
         frac = shape.compute_fraction()
         m = int(f["m"]) if isinstance(f["m"], tvm.tirx.IntImm) else f["m"]
-        site = {"kind": "dynamic_linear", "name": self.names.get(key) or f"weight_{key[:8]}", "fingerprint": key,
+        site = {"kind": "dynamic_linear", "name": f["name"] or f"weight_{key[:8]}", "fingerprint": key,
                 "m": m, "shape": [shape.out_features, shape.in_features], "block": shape.block,
                 "tile": f"{shape.block}x{shape.block}", "k": shape.k,
                 "n_alive": f["n_alive"], "keep": round(shape.k / f["n_alive"], 6), "compute_fraction": round(frac, 6),

@@ -9,8 +9,8 @@ Contract
   ``reshape(site(x2d, W, b), [..., N])``: a call of a site function
   (:func:`bscompile.sites.emit_site`) on ``x2d[M, K]``, the weight in the canonical
   ``W[N, K] = C.T`` orientation, and the bias (zeros without one). Its
-  ``bscompile.site`` attribute: ``kind="linear"``, ``name`` (the ONNX initializer, from
-  the module's ``bscompile.weight_names`` table, else ``weight_<fingerprint>``),
+  ``bscompile.site`` attribute: ``kind="linear"``, ``name`` (the name the constant carries,
+  :func:`bscompile.sites.const_name`: its ONNX initializer; else ``weight_<fingerprint>``),
   ``fingerprint``, ``m = M`` (an int, or the name of the site function's symbolic
   variable for it), ``shape = [N, K]``.
 - Left alone: products by run-time values, non-float32 or non-2-D weights, unknown
@@ -27,8 +27,8 @@ import tvm
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, wildcard
 
-from bscompile.passes.rewrite import rebind, rewrite_with_bindings, weight_names
-from bscompile.sites import (Matrix, SiteKind, const_array, emit_site, fingerprint,
+from bscompile.passes.rewrite import rebind, rewrite_with_bindings
+from bscompile.sites import (Matrix, SiteKind, const_array, const_name, emit_site, fingerprint, named_const,
                              register_site_kind)
 
 
@@ -57,11 +57,10 @@ def _shape(expr: relax.Expr) -> tuple | None:
 class _Outliner(relax.PyExprMutator):
     def __init__(self, mod: tvm.IRModule):
         super().__init__(mod)
-        self.names = weight_names(mod)
         self.var2val: dict = {}
 
     def _match(self, value: relax.Expr):
-        """``(x, W[N, K], bias | None)`` for a product by a constant weight, else None."""
+        """``(x, W[N, K] (a constant), bias | None)`` for a product by a constant weight, else None."""
         for pattern in (_BIASED, _MATMUL):
             m = pattern.extract_matched_expr(value, self.var2val)
             if m is None:
@@ -80,7 +79,7 @@ class _Outliner(relax.PyExprMutator):
                 bias = const_array(m[_BIASED].args[1])
                 if bias is None or bias.dtype != np.float32 or bias.shape != (w.shape[1],):
                     continue
-            return x, np.ascontiguousarray(w.T), bias
+            return x, named_const(w.T, const_name(c)), bias
         return None
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
@@ -89,25 +88,26 @@ class _Outliner(relax.PyExprMutator):
             super().visit_var_binding_(binding)
             return
         x, w, bias = found
-        new = self._emit(self.visit_expr(x), w, bias)
+        new = emit_linear_site(self.builder_, self.visit_expr(x), w, bias)
         rebind(self, binding, new)
 
-    def _emit(self, x: relax.Expr, w: np.ndarray, bias: np.ndarray | None) -> relax.Expr:
-        bb = self.builder_
-        shape = _shape(x)
-        n, k = w.shape
-        m = functools.reduce(operator.mul, shape[:-1]) if len(shape) > 1 else 1
-        key = fingerprint(w)
-        site = {"kind": "linear", "name": self.names.get(key) or f"weight_{key[:8]}", "fingerprint": key,
-                "m": m, "shape": [n, k]}
-        b = np.zeros(n, np.float32) if bias is None else bias
-        if len(shape) == 2:
-            return emit_site(bb, site, [x, relax.const(w), relax.const(b)], relax.TensorType((m, n), "float32"),
-                             "linear_site")
-        x2d = bb.emit(relax.op.reshape(x, [m, k]))
-        y = bb.emit(emit_site(bb, site, [x2d, relax.const(w), relax.const(b)], relax.TensorType((m, n), "float32"),
-                              "linear_site"))
-        return relax.op.reshape(y, [*shape[:-1], n])
+
+def emit_linear_site(bb: relax.BlockBuilder, x: relax.Expr, w: relax.Expr, bias: np.ndarray | None) -> relax.Expr:
+    """The linear site ``x @ w.T + bias`` (``w`` a constant ``W[N, K]``; ``x[..., K]`` float32
+    with a static ``K``), as this pass makes it; also called by the recurrent converters for
+    their input products, whose weights come in this orientation."""
+    shape = _shape(x)
+    n, k = (int(d) for d in w.ty.shape.values)
+    m = functools.reduce(operator.mul, shape[:-1]) if len(shape) > 1 else 1
+    key = fingerprint(const_array(w))
+    site = {"kind": "linear", "name": const_name(w) or f"weight_{key[:8]}", "fingerprint": key,
+            "m": m, "shape": [n, k]}
+    b = np.zeros(n, np.float32) if bias is None else bias
+    if len(shape) == 2:
+        return emit_site(bb, site, [x, w, relax.const(b)], relax.TensorType((m, n), "float32"), "linear_site")
+    x2d = bb.emit(relax.op.reshape(x, [m, k]))
+    y = bb.emit(emit_site(bb, site, [x2d, w, relax.const(b)], relax.TensorType((m, n), "float32"), "linear_site"))
+    return relax.op.reshape(y, [*shape[:-1], n])
 
 
 @tvm.transform.module_pass(opt_level=0, name="OutlineLinearSites")

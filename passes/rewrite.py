@@ -7,7 +7,7 @@ from typing import Callable
 import tvm
 from tvm import relax
 
-from bscompile.sites import SITE, WEIGHT_NAMES, to_py
+from bscompile.sites import SITE
 
 
 def rewrite_relax_functions(mutator: relax.PyExprMutator, mod: tvm.IRModule,
@@ -22,11 +22,6 @@ def rewrite_relax_functions(mutator: relax.PyExprMutator, mod: tvm.IRModule,
                 before_each(func)
             mutator.builder_.update_func(gv, mutator.visit_expr(func))
     return mutator.builder_.get()
-
-
-def weight_names(mod: tvm.IRModule) -> dict[str, str]:
-    """The frontend's fingerprint -> initializer name table (empty for a module from elsewhere)."""
-    return to_py(mod.attrs[WEIGHT_NAMES]) if mod.attrs is not None and WEIGHT_NAMES in mod.attrs else {}
 
 
 def rebind(mutator: relax.PyExprMutator, binding: relax.VarBinding, value: relax.Expr) -> None:

@@ -77,18 +77,68 @@ def test_time_passes_reports_every_pass_and_peak_memory(rng, tmp_path, capsys):
     assert all(rows[p][2] > 0 for p in passes)  # resident memory after each pass
 
 
-def test_weight_name_table_keys_every_orientation_first_name_wins(rng):
-    """The threaded table keys both orientations of each 2-D weight and direction slice, as before."""
-    from onnx import helper, numpy_helper
+def test_sites_are_named_from_the_ir_through_layout_ops(rng):
+    """Initializers are named constants: a Gemm's transB, a Transpose node, a Cast from float16 and
+    a GRU's per-direction slices keep the initializer's name; a weight the graph computes has none."""
+    from onnx import TensorProto, helper, numpy_helper
 
-    from bscompile.frontend.onnx import weight_name_table
+    from bscompile.driver import analyze_model
+    from bscompile.sites import weight_entries
 
-    a, b = _sparse(rng, (48, 20)), rng.standard_normal((2, 12, 7)).astype(np.float32)
-    inits = [numpy_helper.from_array(a, "A"), numpy_helper.from_array(b, "B"), numpy_helper.from_array(a.copy(), "A2")]
-    table = weight_name_table(helper.make_model(helper.make_graph([], "g", [], [], inits)))
-    expected = {"A": [a, a.T], "B[0]": [b[0], b[0].T], "B[1]": [b[1], b[1].T],
-                "B": [b.reshape(2, -1), b.reshape(2, -1).T, b.reshape(-1, 7), b.reshape(-1, 7).T]}
-    for name, views in expected.items():
-        for v in views:
-            assert table[_sha1_of_bytes(v)] == name, (name, v.shape)  # A2 (same bytes as A) never wins
-    assert set(table.values()) == set(expected)
+    f = lambda *s: _sparse(rng, s, 0.3)  # noqa: E731
+    inits = [numpy_helper.from_array(a, n) for a, n in [
+        (f(16, 8), "A"), (f(16, 12), "B"), (f(6, 12), "C"), (f(6, 10).astype(np.float16), "D"),
+        (f(2, 30, 10), "W"), (f(2, 30, 10), "R"), (f(10, 5), "E"), (np.float32([2.0]), "two")]]
+    nodes = [helper.make_node("Gemm", ["x", "A"], ["a"], transB=1), helper.make_node("MatMul", ["a", "B"], ["b"]),
+             helper.make_node("Transpose", ["C"], ["ct"]), helper.make_node("MatMul", ["b", "ct"], ["c"]),
+             helper.make_node("Cast", ["D"], ["d32"], to=TensorProto.FLOAT), helper.make_node("MatMul", ["c", "d32"], ["d"]),
+             helper.make_node("Reshape", ["d", "shape"], ["seq"]),
+             helper.make_node("GRU", ["seq", "W", "R"], ["y", "h"], hidden_size=10, direction="bidirectional",
+                              linear_before_reset=1),
+             helper.make_node("Mul", ["E", "two"], ["e2"]), helper.make_node("MatMul", ["h", "e2"], ["out"])]
+    inits.append(numpy_helper.from_array(np.int64([4, 1, 10]), "shape"))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 1, 5])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    _, mod, _ = analyze_model(model)
+    names = sorted(w["name"] for w in weight_entries(mod))
+    computed = [n for n in names if n.startswith("weight_")]
+    assert names == sorted(["A", "B", "C", "D", "W[0]", "W[1]", "R[0]", "R[1]", *computed]) and len(computed) == 1
+
+
+def test_weights_read_from_the_mapped_file_equal_numpy_helper(rng, tmp_path):
+    """read_model leaves plain-typed initializers' raw data in the file (memory-mapped) and
+    convert_initializers reads them from there: every weight equals onnx's own reading of it;
+    other types (bfloat16) and tensors stored as typed fields stay in the proto; a truncated
+    file is a one-line error."""
+    import ml_dtypes
+    from onnx import TensorProto, helper, numpy_helper
+
+    from bscompile.errors import BscompileError
+    from bscompile.frontend.onnx import convert_initializers, read_model
+
+    arrays = {"f32": _sparse(rng, (37, 11)), "i64": rng.integers(-9, 9, (5, 3)), "f16": rng.random(7).astype(np.float16),
+              "b": rng.random((2, 2)) < 0.5, "scalar": np.float32(rng.standard_normal()), "empty": np.zeros((0, 4), np.float32),
+              "u8": rng.integers(0, 255, 9).astype(np.uint8), "f64": rng.standard_normal((3, 3))}
+    inits = [numpy_helper.from_array(np.asarray(a), n) for n, a in arrays.items()]
+    bf = rng.standard_normal(6).astype(ml_dtypes.bfloat16)
+    inits += [helper.make_tensor("bf16", TensorProto.BFLOAT16, [6], bf.view(np.uint16).tobytes(), raw=True),
+              helper.make_tensor("typed", TensorProto.FLOAT, [3], [1.0, -2.0, 3.5])]  # float_data, no raw_data
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])], inits)
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph), path)
+    proto, raw = read_model(path)
+    split = {t.name for t, s in zip(proto.graph.initializer, raw.spans) if s is not None}
+    assert split == set(arrays) - {"empty"} or split == set(arrays)
+    assert not any(t.raw_data for t in proto.graph.initializer if t.name in split)
+    got = convert_initializers(proto, raw)
+    for t in onnx.load(path).graph.initializer:
+        want = numpy_helper.to_array(t)
+        have = got[t.name].value.numpy()
+        assert have.dtype == want.dtype and have.shape == want.shape, t.name
+        assert have.tobytes() == want.tobytes(), t.name  # (bit for bit: -0.0 and NaN payloads too)
+    path.write_bytes(path.read_bytes()[:-40])
+    with pytest.raises(BscompileError, match="is not an ONNX model"):
+        read_model(path)

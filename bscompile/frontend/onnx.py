@@ -1,17 +1,18 @@
 """ONNX import: TVM's Relax ONNX frontend plus bscompile's recurrent converters.
 
-Besides the Relax module this records what later stages need and Relax forgets:
-the graph's input/output signature, and a name for every constant weight, as the
-module attribute ``bscompile.weight_names`` (content fingerprint -> initializer
-name, since constants lose their names inside Relax), which ``OutlineLinearSites``
-names its sites from.
+Besides the Relax module this records the graph's input/output signature. Every
+initializer becomes one constant that carries its name (:func:`bscompile.sites.named_const`),
+converted once from the ONNX proto, which is then dropped before the graph is
+converted; layout ops on a named weight (``Transpose``, ``Reshape``, ``Cast``, a
+``Gemm``'s ``transB``) keep its name, so the sites are named from the IR.
 """
 
 from __future__ import annotations
 
+import math
+import mmap
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,11 +26,14 @@ from tvm.relax.frontend.onnx import onnx_frontend as tvm_onnx
 from bscompile.errors import BscompileError, UnsupportedModelError
 from bscompile.frontend.loops import LOOP_OPS, STACKED, concat_stacked, convert_loop
 from bscompile.frontend.recurrent import convert_recurrent
-from bscompile.limits import check_external_data, check_resources
-from bscompile.sites import WEIGHT_NAMES, TensorSpec, dim_of, fingerprint
+from bscompile.frontend.wire import split_raw_data
+from bscompile.limits import check_external_data, check_finite, check_resources
+from bscompile.sites import TensorSpec, const_array, const_name, dim_of, named_const
 
 RECURRENT_OPS = {"GRU": "gru", "LSTM": "lstm", "RNN": "rnn"}
 INDEX_OPS = {"Gather", "GatherElements", "GatherND", "Scatter", "ScatterElements", "ScatterND"}
+#: Ops that only re-lay out (or cast) one weight: a constant result keeps the weight's name.
+LAYOUT_OPS = {"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast", "Identity"}
 
 
 @dataclass
@@ -40,14 +44,30 @@ class ImportedModel:
     opset: int = 0
 
 
+@dataclass
+class MappedWeights:
+    """Initializers' raw data left in a read-only memory map of the model file
+    (:func:`bscompile.frontend.wire.split_raw_data`): ``spans[i]`` is ``(offset, length)``
+    for ``graph.initializer[i]``, or None where the data stayed in the proto."""
+
+    mapped: mmap.mmap
+    spans: list[tuple[int, int] | None]
+
+
 def load_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
+    return read_model(model, split=False)[0]
+
+
+def read_model(model: str | os.PathLike | onnx.ModelProto,
+               split: bool = True) -> tuple[onnx.ModelProto, MappedWeights | None]:
+    """The model, and with ``split`` (for a file) its initializers' raw data apart, in a memory map."""
     if isinstance(model, onnx.ModelProto):
-        return model
+        return model, None
     path = os.fspath(model)
     if not os.path.exists(path):
         raise BscompileError(f"no such file: {path}")
     try:
-        proto = onnx.load(path, load_external_data=False)
+        proto, raw = _parse(path, split)
     except Exception as err:  # protobuf raises several types for garbage input
         raise BscompileError(f"{path} is not an ONNX model ({type(err).__name__})") from None
     if not proto.graph.node:
@@ -61,7 +81,33 @@ def load_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
             load_external_data_for_model(proto, base)
         except Exception as err:  # (a location outside the model's folder, unreadable files)
             raise BscompileError(f"{path}: cannot read its external data ({_first_line(err)})") from None
-    return proto
+    return proto, raw
+
+
+def _parse(path: str, split: bool) -> tuple[onnx.ModelProto, MappedWeights | None]:
+    """``onnx.load(path, load_external_data=False)``. A binary model is parsed from a memory map
+    of the file, not from a copy of it in a bytes object; with ``split`` without the raw data of
+    its initializers, which stays in the map (see :mod:`bscompile.frontend.wire`)."""
+    fmt = onnx.serialization.registry.get_format_from_file_extension(os.path.splitext(path)[1]) or "protobuf"
+    if fmt != "protobuf" or not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return onnx.load(path, load_external_data=False), None
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    proto = onnx.ModelProto()
+    if split:
+        try:
+            with memoryview(mapped) as data:
+                light, spans = split_raw_data(data)
+        except (ValueError, IndexError):  # not a well-formed model: the parser below says so
+            spans = []
+        if any(spans):
+            proto.ParseFromString(light)
+            if len(spans) == len(proto.graph.initializer):
+                return proto, MappedWeights(mapped, spans)
+    with memoryview(mapped) as data:
+        proto.ParseFromString(data)  # (raises DecodeError on garbage, as onnx.load does)
+    mapped.close()
+    return proto, None
 
 
 def supported_ops() -> set[str]:
@@ -119,36 +165,95 @@ def relax_shapes(specs: list[TensorSpec]) -> dict[str, list]:
                      for d in s.shape] for s in specs}
 
 
-def weight_name_table(model: onnx.ModelProto) -> dict[str, str]:
-    """Fingerprints of every float initializer (both orientations, per-direction slices)."""
-    table: dict[str, str] = {}
-    # SHA-1 and NumPy's copies release the GIL: one initializer's views are hashed on every core,
-    # one initializer at a time (no extra resident copies); setdefault in order keeps first-name-wins.
-    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-        for init in model.graph.initializer:
-            arr = numpy_helper.to_array(init)
-            if arr.dtype.kind != "f" or arr.ndim not in (2, 3):
+def convert_initializers(model: onnx.ModelProto, raw: MappedWeights | None = None) -> dict[str, relax.Expr]:
+    """Every initializer of the graph as a named constant, each read once: from the memory map
+    of the file where ``raw`` has its data (the map's pages are dropped once copied), else out of the proto.
+
+    Largest first: a weight read out of the proto goes through a transient copy (``raw_data``)
+    while the constants made so far are resident; in this order the last copies are the smallest."""
+    inits = list(model.graph.initializer)
+    spans = raw.spans if raw is not None else [None] * len(inits)
+    weights = {}
+    for i in sorted(range(len(inits)), key=lambda i: -math.prod(inits[i].dims)):
+        init = inits[i]
+        if not init.name.strip():
+            raise UnsupportedModelError("ONNX import failed: an initializer has no name")
+        try:
+            arr = (numpy_helper.to_array(init) if spans[i] is None else _mapped_array(raw.mapped, spans[i], init)
+                   ).reshape(tuple(init.dims))
+        except Exception as err:  # noqa: BLE001 - malformed data (found by fuzzing)
+            raise UnsupportedModelError(f"ONNX import failed: initializer '{init.name}': {_first_line(err)}") from None
+        check_finite(init.name, arr)
+        weights[init.name] = named_const(tvm.runtime.tensor(arr), init.name)
+        if spans[i] is not None:
+            del arr
+            _drop_pages(raw.mapped, *spans[i])
+    return weights
+
+
+def _mapped_array(mapped: mmap.mmap, span: tuple[int, int], init: onnx.TensorProto) -> np.ndarray:
+    """A read-only view of an initializer's raw data (little-endian) in the memory-mapped file."""
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type)).newbyteorder("<")
+    count, (offset, length) = math.prod(init.dims), span
+    if length != count * dtype.itemsize:
+        raise ValueError(f"{length} bytes of data for shape {list(init.dims)} of {dtype.name}")
+    return np.frombuffer(mapped, dtype, count, offset).astype(dtype.newbyteorder("="), copy=False)
+
+
+def _drop_pages(mapped: mmap.mmap, offset: int, length: int) -> None:
+    """Unmap the whole pages of ``mapped[offset:offset + length]`` from this process (they stay
+    in the page cache): a weight already copied into its constant stops counting as resident."""
+    lo = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE
+    hi = (offset + length) // mmap.PAGESIZE * mmap.PAGESIZE
+    if hi > lo and hasattr(mapped, "madvise"):
+        mapped.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+
+def _without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` without its graph's initializers (small: the weights stay in the
+    original, which the caller can then drop)."""
+    light = onnx.ModelProto()
+    for dst, src in ((light, model), (light.graph, model.graph)):
+        for fd, value in src.ListFields():
+            if fd.name in ("graph", "initializer"):
                 continue
-            slices = [(arr, init.name)] if arr.ndim == 2 else [(a, f"{init.name}[{d}]") for d, a in enumerate(arr)]
-            if arr.ndim == 3:  # a Conv1d kernel [O, C, k] as im2col multiplies it; a batched [B, K, N] flattened
-                slices += [(arr.reshape(arr.shape[0], -1), init.name), (arr.reshape(-1, arr.shape[-1]), init.name)]
-            views = [(v, name) for a, name in slices for v in (a, a.T)]
-            for fp, (_, name) in zip(pool.map(fingerprint, [v for v, _ in views]), views):
-                table.setdefault(fp, name)
-    return table
+            field = getattr(dst, fd.name)
+            if hasattr(field, "extend"):  # a repeated field
+                field.extend(value)
+            elif hasattr(field, "CopyFrom"):  # a message
+                field.CopyFrom(value)
+            else:
+                setattr(dst, fd.name, value)
+    return light
 
 
 class _Importer(tvm_onnx.ONNXGraphImporter):
     """TVM's importer with GRU/LSTM/RNN converters."""
 
-    def __init__(self, *args, nodes_by_name: dict, **kwargs):
+    def __init__(self, *args, nodes_by_name: dict, weights: dict[str, relax.Expr], **kwargs):
         super().__init__(*args, **kwargs)
         self._onnx_nodes = nodes_by_name
+        self._weights = weights
+
+    def _parse_graph_initializers(self, graph):  # converted once, by convert_initializers
+        self._nodes.update(self._weights)
+        self._weights = {}
 
     def _check_for_unsupported_ops(self, graph):  # done by check_supported, with node names
         pass
 
     def _convert_operator(self, op_name, inputs, attrs, opset):
+        name = const_name(inputs[0]) if inputs and op_name in LAYOUT_OPS else None
+        if op_name == "Gemm" and attrs.get("transB") and const_name(inputs[1]):  # the weight's name survives
+            w = inputs[1]
+            inputs[1] = named_const(const_array(w).T, const_name(w))
+            attrs = {**attrs, "transB": 0}
+        sym = self._convert_operator_(op_name, inputs, attrs, opset)
+        if name and isinstance(sym, tvm.ir.expr.Constant) and const_name(sym) is None:
+            sym = named_const(sym.value, name)
+        return sym
+
+    def _convert_operator_(self, op_name, inputs, attrs, opset):
         if op_name in RECURRENT_OPS:
             node = self._onnx_nodes[attrs["tvm_custom"]["name"]]
             return convert_recurrent(RECURRENT_OPS[op_name], self.bb, inputs, attrs, node)
@@ -167,18 +272,21 @@ class _Importer(tvm_onnx.ONNXGraphImporter):
 
 def import_onnx(model: str | os.PathLike | onnx.ModelProto,
                 input_shapes: dict[str, tuple[int, ...]] | None = None) -> ImportedModel:
-    proto = load_model(model)
+    proto, raw = read_model(model)
     check_supported(proto)
-    proto = _with_node_names(proto)
     inputs = graph_inputs(proto, input_shapes)
     # A symbolic dim is checked at its smallest size, 1 (inputs are not held while compiling).
     check_resources(proto, {s.name: tuple(d if isinstance(d, int) else 1 for d in s.shape) for s in inputs},
-                    {s.name: s.dtype for s in inputs})
+                    {s.name: s.dtype for s in inputs}, finite=False)  # (checked as they are converted)
+    weights = convert_initializers(proto, raw)
+    del raw  # (the memory map closes with it)
+    proto = _with_node_names(_without_initializers(proto))  # the weights' proto is freed (if not the caller's)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
     importer = _Importer(
         relax_shapes(inputs), {s.name: s.dtype for s in inputs},
-        nodes_by_name={n.name: n for n in proto.graph.node},
+        nodes_by_name={n.name: n for n in proto.graph.node}, weights=weights,
     )
+    del weights
     try:
         mod = importer.from_onnx(proto.graph, opset)
     except BscompileError:
@@ -196,7 +304,7 @@ def import_onnx(model: str | os.PathLike | onnx.ModelProto,
                    str(f.dtype.dtype) if hasattr(f.dtype, "dtype") else str(f.dtype))
         for o, f in zip(proto.graph.output, fields)
     ]
-    return ImportedModel(mod.with_attr(WEIGHT_NAMES, weight_name_table(proto)), inputs, outputs, opset)
+    return ImportedModel(mod, inputs, outputs, opset)
 
 
 def _with_node_names(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -2,9 +2,10 @@
 
 Each direction of a layer becomes two things:
 
-1. the input projection over all time steps, ``xp = X[T*B, I] @ W_d.T + bias``: one
-   ordinary ``matmul`` on a (usually constant) weight, which ``OutlineLinearSites``
-   later turns into a ``linear`` site like any other product by a weight;
+1. the input projection over all time steps, ``xp = X[T*B, I] @ W_d.T + bias``: for a
+   constant weight a ``linear`` site made here as ``OutlineLinearSites`` makes one
+   (``W_d`` is already in the site's ``[N, K]`` orientation: a ``matmul`` would need its
+   transpose made and then undone, two copies of the largest weights), else a ``matmul``;
 2. a ``recurrent`` weight site (:func:`bscompile.sites.emit_site`) for the recurrence
    with the recurrent weight ``R_d``: lowered to one generated kernel per direction
    with the time loop inside it (the target family's ``recurrent`` generator).
@@ -28,7 +29,9 @@ from tvm import relax
 from bscompile.codegen.layout import BSRMatrix
 from bscompile.codegen.recurrent_cells import ACTIVATIONS, Activation, CellSpec
 from bscompile.errors import UnsupportedModelError
-from bscompile.sites import Matrix, SiteKind, const_array as _const, emit_site, fingerprint, register_site_kind
+from bscompile.passes.outline_linear_sites import emit_linear_site
+from bscompile.sites import (Matrix, SiteKind, const_array as _const, const_name, emit_site, fingerprint, named_const,
+                             register_site_kind)
 
 
 def _recurrent_matrices(site: dict) -> list[Matrix]:
@@ -74,11 +77,22 @@ def _const_or_zeros(bb, expr, shape, dtype="float32"):
     return bb.emit(relax.op.zeros(relax.ShapeExpr(list(shape)), dtype))
 
 
-def _slice(bb, t: relax.Expr, axis: int, lo: int, hi: int, shape) -> relax.Expr:
-    """``t[lo:hi]`` along ``axis``, reshaped: NumPy for constants, else Relax ops."""
+def _slice(bb, t: relax.Expr, axis: int, lo: int, hi: int, shape, view: bool = False) -> relax.Expr:
+    """``t[lo:hi]`` along ``axis``, reshaped: for a constant a copy (a named weight's slice ``d``
+    along axis 0 is named ``W[d]``), or with ``view`` a view of its rows (no copy); else Relax ops.
+
+    A view is a ``byte_offset`` into the weight's tensor, which NumPy honours and TVM kernels do
+    not: only a site's weight matrix may be one, as ``LowerWeightSites`` always replaces those
+    with packed copies, so a view never reaches a kernel (nor ``FoldConstant``).
+    """
     arr = _const(t)
     if arr is not None and all(isinstance(d, int) for d in shape):
-        return relax.const(np.ascontiguousarray(np.take(arr, range(lo, hi), axis=axis).reshape(shape)))
+        name = const_name(t)
+        if axis == 0 and view:
+            value = t.value._create_view(tuple(shape), str(arr.dtype), lo * arr.strides[0])
+        else:
+            value = arr[(slice(None),) * axis + (slice(lo, hi),)].reshape(shape)
+        return named_const(value, f"{name}[{lo}]" if name and axis == 0 and hi == lo + 1 else None)
     return bb.emit(relax.op.reshape(relax.op.strided_slice(t, [axis], [lo], [hi]), shape))
 
 
@@ -160,12 +174,14 @@ def convert_recurrent(kind: str, bb: relax.BlockBuilder, inputs, attr: dict, onn
 
     ys, hs, cs = [], [], []
     for d, cell in enumerate(cells):
-        w_d, r_d = _slice(bb, w, 0, d, d + 1, (gh, in_size)), _slice(bb, r, 0, d, d + 1, (gh, hidden))
         b_d = _slice(bb, b, 0, d, d + 1, (2 * gh,))
         wb, rb = _slice(bb, b_d, 0, 0, gh, (gh,)), _slice(bb, b_d, 0, gh, 2 * gh, (gh,))
-        w_t = relax.const(np.ascontiguousarray(_const(w_d).T)) if _const(w_d) is not None \
-            else relax.op.permute_dims(w_d, [1, 0])
-        xp = bb.emit(relax.op.add(relax.op.matmul(x2d, w_t), wb))
+        site_w = _const(w) is not None and _const(w).dtype == np.float32 and _const(wb) is not None
+        w_d, r_d = _slice(bb, w, 0, d, d + 1, (gh, in_size), site_w), _slice(bb, r, 0, d, d + 1, (gh, hidden), True)
+        if site_w:
+            xp = bb.emit(emit_linear_site(bb, x2d, w_d, _const(wb)))
+        else:
+            xp = bb.emit(relax.op.add(relax.op.matmul(x2d, relax.op.permute_dims(w_d, [1, 0])), wb))
         xp = bb.emit(relax.op.reshape(xp, [seq, batch, gh]))
         # GRU without linear-before-reset multiplies R_h by (r * h): a second matrix.
         split = cell.kind == "gru" and not cell.linear_before_reset
