@@ -86,14 +86,30 @@ def load_corpus(val_frac: float = 0.1, source: str = "pydoc") -> Corpus:
     return Corpus(vocab, torch.cat(train), torch.cat(val), digest)
 
 
-class CharLM(nn.Module):
-    """Embedding → multi-layer GRU/LSTM → linear to the vocabulary."""
+CELLS = ("gru", "lstm", "dyngru", "dynlstm")
 
-    def __init__(self, vocab: int, emb: int = 64, hidden: int = 256, layers: int = 2, cell: str = "gru") -> None:
+
+class CharLM(nn.Module):
+    """Embedding → multi-layer GRU/LSTM → linear to the vocabulary.
+
+    ``cell="dyngru"`` / ``"dynlstm"``: the recurrent layer is :class:`~.dynamic_rnn.DynamicBlockGRU` /
+    ``DynamicBlockLSTM`` (both gate products block-gated per step, ``block`` x ``block`` tiles, ``keep``
+    of them kept; ``time_loop`` as there); ``block``, ``keep`` and ``time_loop`` are ignored otherwise.
+    """
+
+    def __init__(self, vocab: int, emb: int = 64, hidden: int = 256, layers: int = 2, cell: str = "gru",
+                 block: int = 64, keep: float = 1.0, time_loop: str = "python") -> None:
         super().__init__()
-        rnn = {"gru": nn.GRU, "lstm": nn.LSTM}[cell]
+        if cell not in CELLS:
+            raise ValueError(f"unknown cell {cell!r}; choose from {CELLS}")
         self.embed = nn.Embedding(vocab, emb)
-        self.rnn = rnn(emb, hidden, layers, batch_first=True)
+        if cell.startswith("dyn"):
+            from .dynamic_rnn import DynamicBlockGRU, DynamicBlockLSTM
+
+            rnn = DynamicBlockGRU if cell == "dyngru" else DynamicBlockLSTM
+            self.rnn = rnn(emb, hidden, layers, batch_first=True, block=block, keep=keep, time_loop=time_loop)
+        else:
+            self.rnn = {"gru": nn.GRU, "lstm": nn.LSTM}[cell](emb, hidden, layers, batch_first=True)
         self.proj = nn.Linear(hidden, vocab)
 
     def forward(self, tokens: torch.Tensor, state: Any = None, return_state: bool = False):

@@ -72,9 +72,9 @@ class ContextMLP(nn.Module):
 def compute_fraction(run: Run, d_in: int, ref_hidden: int, block: int) -> float:
     """Multiply-adds of fc1 + fc2 relative to the dense model of width ``ref_hidden``."""
     ref = d_in * ref_hidden + ref_hidden * ref_hidden
-    if run.kind == "dynamic":
-        return (run.keep * (d_in * run.hidden + run.hidden ** 2)
-                + (d_in + run.hidden) * (d_in // block) * (run.hidden // block)) / ref
+    if run.kind == "dynamic":  # a gate Linear(in -> (in/bs) * (out/bs)) per product
+        gates = (d_in * (d_in // block) + run.hidden * (run.hidden // block)) * (run.hidden // block)
+        return (run.keep * (d_in * run.hidden + run.hidden ** 2) + gates) / ref
     if run.kind == "bp":
         return run.keep * (d_in * run.hidden + run.hidden ** 2) / ref
     return (d_in * run.hidden + run.hidden ** 2) / ref

@@ -26,7 +26,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 
@@ -58,6 +58,35 @@ class Setup:
     sweeps: bool = True  # False: the methods table only
     prune_linear: bool = False  # the output layer to the vocabulary stays dense
     export_seq: int = 64  # characters per sequence in the exported ONNX (end-to-end timing)
+
+    MODULE: ClassVar[str] = "reproduce"  # ``python -m bscompile.models.<MODULE>`` runs this study
+    REFERENCE: ClassVar[str] = "dense large"  # the run every bscompile time is compared with
+
+    def plan(self, vocab: int) -> list[Run]:
+        """Every run of this study, in order of importance."""
+        return plan(self, vocab)
+
+    def write(self, res: dict[str, Any], out: Path, quick: bool) -> None:
+        """results.json, plots and results.md in ``out``."""
+        write_all(res, out, quick)
+
+    def command(self) -> str:
+        """The command line that trains this setup."""
+        return (f"nice -n 10 python -m bscompile.models.{self.MODULE}" + (" --quick" if self.name.endswith("quick")
+                else "") + (f" --iters {self.train.iters}" if "-it" in self.name else "")
+                + ("" if self.sweeps else " --main-only"))
+
+
+class Run(NamedTuple):
+    """One planned training run: a CharLM of ``cell`` (``block``/``keep`` for the gated cells), pruned by ``prune``."""
+
+    name: str
+    hidden: int
+    prune: PruneConfig
+    seed: int
+    cell: str = "gru"
+    keep: float = 1.0
+    block: int = 64
 
 
 QUICK = Setup(
@@ -92,7 +121,7 @@ def small_hidden(vocab: int, s: Setup) -> int:
                key=lambda h: abs(sum(weight_counts(vocab, s.emb, h, s.layers)) - budget))
 
 
-def plan(s: Setup, vocab: int) -> list[tuple[str, int, PruneConfig, int]]:
+def plan(s: Setup, vocab: int) -> list[Run]:
     """(name, hidden, prune config, seed) of every run, in order of importance.
 
     Main table for every seed first, then the sweeps (seed 0, then the others).
@@ -113,8 +142,8 @@ def plan(s: Setup, vocab: int) -> list[tuple[str, int, PruneConfig, int]]:
     sweeps += [(f"BP 4x4 {red}", H, replace(bp, reduction=red), None) for red in s.reduction_sweep]
     sweeps += [(f"BP 4x4 @{x:.2f}", H, replace(bp, target=x), None) for x in s.sparsity_sweep]
     sweeps.append(("BP 4x4 fixed θ", H, replace(bp, percentile=0.9), None))  # paper mode: layers may differ
-    return [(n, h, pc, seed) for seed in s.seeds for n, h, pc, _ in main] + \
-        [(n, h, pc, seed) for seed in s.seeds for n, h, pc, _ in sweeps if s.sweeps]
+    return [Run(n, h, pc, seed) for seed in s.seeds for n, h, pc, _ in main] + \
+        [Run(n, h, pc, seed) for seed in s.seeds for n, h, pc, _ in sweeps if s.sweeps]
 
 
 def run_key(name: str, seed: int) -> str:
@@ -143,45 +172,73 @@ def run_queue(s: Setup, state: Path, out: Path, threads: int, max_runs: int | No
 
     ``only``: these run names, in this order (seed by seed), instead of the whole plan.
     """
-    from .export import check_onnx, export_onnx
+    from .export import check_onnx
 
     torch.set_num_threads(threads)
     corpus = corpus_for(s)
     V = len(corpus.vocab)
     state.mkdir(parents=True, exist_ok=True)
     (state / "setup.json").write_text(json.dumps(asdict(s), indent=1))
-    queue = plan(s, V)
+    queue = s.plan(V)
     if only:
-        unknown = sorted(set(only) - {r[0] for r in queue})
+        unknown = sorted(set(only) - {r.name for r in queue})
         if unknown:
             raise SystemExit(f"bscompile: error: --only: no run named {unknown} in this setup")
-        queue = sorted((r for r in queue if r[0] in only), key=lambda r: (r[3], only.index(r[0])))
-    pending = [r for r in queue if not (state / f"{run_key(r[0], r[3])}.json").exists()]
+        queue = sorted((r for r in queue if r.name in only), key=lambda r: (r.seed, only.index(r.name)))
+    pending = [r for r in queue if not (state / f"{run_key(r.name, r.seed)}.json").exists()]
     print(f"{len(queue) - len(pending)}/{len(queue)} runs done; state in {state}", file=sys.stderr, flush=True)
-    for k, (name, hidden, pc, seed) in enumerate(pending[:max_runs]):
+    for k, run in enumerate(pending[:max_runs]):
+        name, hidden, seed = run.name, run.hidden, run.seed
         if deadline is not None and time.time() > deadline:
             print("deadline reached: stopping before the next run", file=sys.stderr, flush=True)
             break
         key = run_key(name, seed)
         print(f"== [{k + 1}/{len(pending)} pending] {name} seed {seed} (hidden {hidden})", file=sys.stderr, flush=True)
         torch.manual_seed(seed)
-        model = CharLM(V, emb=s.emb, hidden=hidden, layers=s.layers, cell="gru")
-        res, _ = train(model, corpus, replace(s.train, seed=seed), pc, tag=f"{name} s{seed}",
+        model = CharLM(V, emb=s.emb, hidden=hidden, layers=s.layers, cell=run.cell, block=run.block, keep=run.keep)
+        res, _ = train(model, corpus, replace(s.train, seed=seed), run.prune, tag=f"{name} s{seed}",
                        ckpt=state / f"{key}.ckpt")
         tokens = corpus.val[: s.export_seq].view(1, -1)
         wrapped = _LogitsOnly(model).eval()
-        onnx_path = export_onnx(wrapped, (tokens,), state / f"{key}.onnx", ["tokens"], ["logits"])
-        res.update(name=name, seed=seed, key=key, onnx_max_abs_err=check_onnx(wrapped, onnx_path, {"tokens": tokens}))
+        onnx_path = export_run(wrapped, tokens, state / f"{key}.onnx")
+        res.update(name=name, seed=seed, key=key, cell=run.cell, keep=run.keep, gate_block=run.block,
+                   onnx_max_abs_err=check_onnx(wrapped, onnx_path, {"tokens": tokens}))
         (state / f"{key}.json").write_text(json.dumps(res))
         (state / f"{key}.ckpt").unlink(missing_ok=True)  # the result and the ONNX file are what is kept
         print(f"== {name} seed {seed}: val_bpc {res['val_bpc']:.4f} sparsity {res['sparsity']:.4f} "
               f"({res['wall_s']:.0f}s)", file=sys.stderr, flush=True)
-        if s.name == "quick":
+        if s.name.endswith("quick"):
             continue  # main() writes the report once at the end
         try:
-            write_all(collect(s, state, threads), out, False)
+            s.write(collect(s, state, threads), out, False)
         except Exception as err:  # noqa: BLE001 - a report bug must not stop the queue
             print(f"report failed ({err!r}); rerun with --report-only", file=sys.stderr, flush=True)
+
+
+def export_run(wrapped: _LogitsOnly, tokens: torch.Tensor, path: Path) -> Path:
+    """ONNX of a trained CharLM: ``tokens [1, T] -> logits``.
+
+    nn.GRU/nn.LSTM: the TorchScript exporter (ONNX recurrent ops, fixed length). Gated cells: their scan
+    form through the dynamo exporter, an ONNX ``Scan`` over a symbolic length, which bscompile compiles
+    in seconds and runs as fast as the unrolled trace (bench/results/dynamic_rnn.md).
+    """
+    from .export import export_onnx
+
+    rnn = wrapped.model.rnn
+    if not hasattr(rnn, "scan"):
+        return export_onnx(wrapped, (tokens,), path, ["tokens"], ["logits"])
+    import onnx
+
+    rnn.scan = True
+    try:
+        prog = torch.onnx.export(wrapped.eval(), (tokens,), dynamo=True, verbose=False, input_names=["tokens"],
+                                 output_names=["logits"], dynamic_shapes=({1: torch.export.Dim("T")},))
+    finally:
+        rnn.scan = False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(prog.model_proto, str(path))
+    onnx.checker.check_model(str(path))
+    return path
 
 
 def bench(s: Setup, state: Path, repeat: int = 50) -> None:
@@ -202,7 +259,7 @@ def bench(s: Setup, state: Path, repeat: int = 50) -> None:
     from .export import run_onnx
 
     # The reference is any seed's dense-large model (ONNX files stay on the machine that trained them).
-    refs = sorted(p for seed in s.seeds if (p := state / f"{run_key('dense large', seed)}.onnx").exists())
+    refs = sorted(p for seed in s.seeds if (p := state / f"{run_key(s.REFERENCE, seed)}.onnx").exists())
     tokens_t = corpus_for(s).val[: s.export_seq].view(1, -1)
     ref_path = refs[0] if refs else _untrained_dense_reference(s, state, tokens_t)
     tokens = tokens_t.numpy()
@@ -286,7 +343,7 @@ def collect(s: Setup, state: Path, threads: int) -> dict[str, Any]:
         if b.exists():
             r["bench"] = json.loads(b.read_text())
         runs.append(r)
-    order = {run_key(n, seed): i for i, (n, _, _, seed) in enumerate(plan(s, len(corpus.vocab)))}
+    order = {run_key(r.name, r.seed): i for i, r in enumerate(s.plan(len(corpus.vocab)))}
     runs.sort(key=lambda r: order.get(r["key"], len(order)))  # runs outside the plan (e.g. sweeps) go last
     return {
         "runs": runs,
@@ -302,8 +359,7 @@ def collect(s: Setup, state: Path, threads: int) -> dict[str, Any]:
         "machine": machine(),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "torch": torch.__version__,
-        "command": "nice -n 10 python -m bscompile.models.reproduce" + (" --quick" if s.name == "quick" else "")
-        + (f" --iters {s.train.iters}" if "-it" in s.name else "") + ("" if s.sweeps else " --main-only"),
+        "command": s.command(),
     }
 
 
@@ -452,10 +508,11 @@ def targets(g: dict[str, list[dict[str, Any]]]) -> list[str]:
     return out
 
 
-def convergence(g: dict[str, list[dict[str, Any]]]) -> list[str]:
-    """Validation bpc at each evaluation of the dense runs: is the baseline converged?"""
+def convergence(g: dict[str, list[dict[str, Any]]], names: list[str] | tuple[str, ...] = ("dense large", "dense small")
+                ) -> list[str]:
+    """Validation bpc at each evaluation of the ``names`` runs (the dense ones): is the baseline converged?"""
     lines = []
-    for name in ("dense large", "dense small"):
+    for name in names:
         for r in g.get(name, []):
             vals = [(it, v) for it, _, _, v in r["train_curve"] if v is not None]
             tr = r["train_curve"][-1][1]
@@ -653,8 +710,11 @@ def write_all(res: dict[str, Any], out: Path, quick: bool) -> None:
     write_report(res, out, quick)
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, full: Setup | None = None, quick: Setup = QUICK,
+         results: Path = RESULTS, doc: str | None = None) -> None:
+    """The command line of a study: ``full``/``quick`` are its setups (default: the papers' tables),
+    ``results`` its committed results folder."""
+    ap = argparse.ArgumentParser(description=(doc or __doc__).splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the mechanics in seconds")
     ap.add_argument("--out", type=Path, help="tables/plots/results.json (default models/results; quick: STATE/quick)")
     ap.add_argument("--state", type=Path, help=f"checkpoints and finished runs (default {STATE}/<setup>)")
@@ -668,20 +728,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--only", type=lambda v: [x.strip() for x in v.split(",")],
                     help="comma-separated run names (e.g. 'dense large,BP 4x4'), trained in this order")
     args = ap.parse_args(argv)
-    setup = QUICK if args.quick else Setup()
+    setup = quick if args.quick else full or Setup()
     if args.iters and not args.quick:
         t = replace(setup.train, iters=args.iters, eval_every=max(1, args.iters // 8))
         setup = replace(setup, name=f"{setup.name}-it{args.iters}", train=t)
     if args.main_only:
         setup = replace(setup, sweeps=False)
     state = args.state or STATE / setup.name
-    out = args.out or (state / "report" if args.quick else RESULTS if args.iters is None else RESULTS / setup.name)
+    out = args.out or (state / "report" if args.quick else results if args.iters is None else results / setup.name)
     if args.bench:
         bench(setup, state)
     elif not args.report_only:
         deadline = time.time() + args.hours * 3600 if args.hours else None
         run_queue(setup, state, out, args.threads, args.max_runs, deadline, args.only)
-    write_all(collect(setup, state, args.threads), out, args.quick)
+    setup.write(collect(setup, state, args.threads), out, args.quick)
     print(out / "results.md")
 
 

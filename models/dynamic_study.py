@@ -1,0 +1,268 @@
+"""Dynamic block selection in the char LM's recurrent layer (issue 15): ``python -m bscompile.models.dynamic_study``.
+
+The gated GRU (:class:`~.dynamic_rnn.DynamicBlockGRU`, ``--cell lstm``: the gated LSTM) at keep
+1.0 / 0.5 / 0.25 against, at each keep's compute: the dense layer of the same hidden size, a
+narrower dense layer of the same compute, and static BP 4x4 and WP at the same compute (density
+= the compute fraction). Compute fraction = multiply-adds of the recurrent layer (input and
+recurrent products) relative to the dense one of the same hidden size; a gated product costs
+``keep + in/block^2`` of its dense product, the gate included (:func:`.dynamic_lm.compute_fraction`
+with ``d_in`` = the embedding width: every product of a ``G``-gate cell is ``G`` times that of
+the MLP's fc1/fc2, so the ratios are the same). The output layer to the vocabulary is the same
+in every model and not counted.
+
+It is a second study of :mod:`.reproduce`'s machinery: the same resumable queue and flags
+(``--quick``, ``--only``, ``--iters``, ``--hours``, ``--bench``, ``--report-only``), state in
+``~/.cache/bscompile/repro/<setup name>``, results in ``models/results/dynamic_rnn/``. The gated
+models are exported in their scan form (ONNX ``Scan``, symbolic length) for ``--bench``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, ClassVar
+
+from .charlm import PruneConfig, TrainConfig
+from .dynamic_lm import Run as Product
+from .dynamic_lm import compute_fraction, dense_width
+from .reproduce import RESULTS, Run, Setup, by_name, bpc, convergence, spread
+from .reproduce import main as reproduce_main
+
+OUT = RESULTS / "dynamic_rnn"
+
+
+@dataclass
+class DynSetup(Setup):
+    """Sizes of the study; ``name`` keys its state directory (change it when sizes change)."""
+
+    name: str = "dyngru512-b64-pystd"
+    cell: str = "gru"  # the gated cell is "dyn" + cell
+    block: int = 64  # gate cost at hidden 512: 512/64^2 = 12.5% of the recurrent mat-vec
+    keeps: tuple[float, ...] = (0.5, 0.25, 1.0)  # in order of importance
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        iters=12000, batch=32, seq=32, lr=3e-3, log_every=100, eval_every=1000))
+    seeds: tuple[int, ...] = (0,)
+    sweeps: bool = False
+
+    MODULE: ClassVar[str] = "dynamic_study"
+    REFERENCE: ClassVar[str] = "dense"
+
+    def fraction(self, kind: str, hidden: int, keep: float = 1.0) -> float:
+        """Recurrent-layer multiply-adds relative to the dense layer of ``hidden_large``."""
+        return compute_fraction(Product(kind, hidden, keep), self.emb, self.hidden_large, self.block)
+
+    def plan(self, vocab: int) -> list[Run]:
+        """Per seed: dense, then for each keep the gated model and its same-compute BP, dense, WP."""
+        H = self.hidden_large
+        runs = [("dense", H, PruneConfig("dense"), "gru", 1.0)]
+        for keep in self.keeps:
+            runs.append((f"gated keep {keep}", H, PruneConfig("dense"), "dyn" + self.cell, keep))
+            if keep >= 1.0:
+                continue
+            f = self.fraction("dynamic", H, keep)
+            bp = PruneConfig("bp", (4, 4), "max", 1.0 - f, prune_linear=False)
+            runs += [(f"BP 4x4 @ keep {keep}", H, bp, self.cell, 1.0),
+                     (f"dense @ keep {keep}", dense_width(f, self.emb, H), PruneConfig("dense"), self.cell, 1.0),
+                     (f"WP @ keep {keep}", H, replace(bp, method="wp", block=(1, 1)), self.cell, 1.0)]
+        return [Run(n, h, pc, seed, cell, keep, self.block) for seed in self.seeds for n, h, pc, cell, keep in runs]
+
+    def write(self, res: dict[str, Any], out: Path, quick: bool) -> None:
+        write(self, res, out, quick)
+
+    def command(self) -> str:
+        return (f"nice -n 10 python -m bscompile.models.{self.MODULE}" + (f" --cell {self.cell}" if self.cell != "gru"
+                else "") + (" --quick" if self.name.endswith("quick") else "")
+                + (f" --iters {self.train.iters}" if "-it" in self.name else ""))
+
+
+QUICK = DynSetup(
+    name="dynamic-quick",
+    corpus="pydoc",
+    hidden_large=32,
+    emb=16,
+    block=16,
+    train=TrainConfig(iters=24, batch=8, seq=16, lr=3e-3, log_every=12, eval_every=12),
+    val_chars=1024,
+    export_seq=8,
+)
+
+
+def run_fraction(s: DynSetup, r: dict[str, Any]) -> float:
+    """Compute fraction of a finished run: gated by its keep, pruned by its measured density."""
+    if r.get("cell", "").startswith("dyn"):
+        return s.fraction("dynamic", r["hidden"], r["keep"])
+    return s.fraction("dense", r["hidden"]) * (1.0 - r["sparsity"])
+
+
+def _ms_per_token(r: dict[str, Any]) -> float | None:
+    b = r.get("bench")
+    return b["ms"] / b["seq"] if b else None
+
+
+def table(s: DynSetup, g: dict[str, list[dict[str, Any]]], order: list[str]) -> list[str]:
+    ref = bpc(g["dense"]) if "dense" in g else None
+    rows = []
+    for name in order:
+        if name not in g:
+            continue
+        rs, r = g[name], g[name][0]
+        rel = f"{(bpc(rs) - ref) / ref * 100:+.2f}%" if ref else "–"
+        ms = _ms_per_token(r)
+        up = f"{r['bench']['speedup']:.2f}x" if ms else "–"
+        iters = r["train_config"]["iters"]
+        rows.append(f"| {name} | {r['cell']} | {r['hidden']} | {r['keep'] if r['cell'].startswith('dyn') else '–'} "
+                    f"| {r['sparsity'] * 100:.1f}% | {run_fraction(s, r):.3f} | {bpc(rs):.4f}"
+                    + (f" ± {spread(rs):.4f}" if len(rs) > 1 else "") + f" | {len(rs)} | {rel} "
+                    f"| {f'{ms * 1e3:.1f}' if ms else '–'} | {up} | {r['wall_s'] / iters:.2f} |")
+    if not rows:
+        return ["(not run yet)"]
+    return ["| Run | Cell | Hidden | Keep | Sparsity | Compute fraction | Val bpc | Seeds | Δ bpc vs dense "
+            "| bscompile µs/token, batch 1 | Speed-up vs dense | Training s/iter |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|", *rows]
+
+
+def targets(g: dict[str, list[dict[str, Any]]], keeps: tuple[float, ...]) -> list[str]:
+    """The issue's targets: keep 0.5 within 2% of dense, and better than static pruning at the same compute."""
+    out = []
+    for keep in keeps:
+        a = f"gated keep {keep}"
+        if a not in g:
+            continue
+        if "dense" in g:
+            rel = (bpc(g[a]) - bpc(g["dense"])) / bpc(g["dense"]) * 100
+            out.append(f"{'target' if keep == 0.5 else '(not a target)'}: {a} within 2% of dense — "
+                       f"{rel:+.2f}% ({'met' if rel <= 2 else 'missed'}).")
+        for b in (f"BP 4x4 @ keep {keep}", f"WP @ keep {keep}", f"dense @ keep {keep}"):
+            if b in g:
+                d = bpc(g[a]) - bpc(g[b])
+                noise = spread(g[a]) + spread(g[b])
+                word = "within the seed spread of" if abs(d) <= noise and noise else \
+                    ("better than" if d < 0 else "worse than")
+                out.append(f"{a} {bpc(g[a]):.4f} is {word} {b} {bpc(g[b]):.4f} (Δ {d:+.4f} bpc"
+                           + (", one seed: no spread" if not noise else f", spreads ±{noise:.4f}") + ").")
+    return out
+
+
+def plot(s: DynSetup, res: dict[str, Any], out: Path) -> None:
+    """quality_vs_compute.png (bpc against compute fraction and bscompile time) and learning_curves.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    g = by_name(res)
+    series = {"gated (gate included)": lambda n: n.startswith("gated"), "BP 4x4": lambda n: n.startswith("BP"),
+              "WP": lambda n: n.startswith("WP"), "dense, narrower": lambda n: n.startswith("dense")}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for label, match in series.items():
+        names = sorted((n for n in g if match(n)), key=lambda n: run_fraction(s, g[n][0]))
+        if not names:
+            continue
+        pts = [(run_fraction(s, g[n][0]), _ms_per_token(g[n][0]), bpc(g[n]), spread(g[n])) for n in names]
+        axes[0].errorbar([p[0] for p in pts], [p[2] for p in pts], yerr=[p[3] for p in pts], fmt="o-",
+                         label=label, capsize=3)
+        timed = [p for p in pts if p[1] is not None]
+        if timed:
+            axes[1].plot([p[1] * 1e3 for p in timed], [p[2] for p in timed], "o", label=label)
+    axes[0].set(xlabel="compute fraction of the recurrent layer (dense = 1)", ylabel="validation bits per character")
+    axes[1].set(xlabel="bscompile µs per token (batch 1, one thread)", ylabel="validation bits per character")
+    for a in axes:
+        a.grid(alpha=0.3)
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize=8)
+    fig.suptitle(f"Char LM, {s.cell.upper()} hidden {s.hidden_large}, tiles {s.block}x{s.block}")
+    fig.tight_layout()
+    fig.savefig(out / "quality_vs_compute.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for name, rs in g.items():
+        for r in rs:
+            c = [(it, v) for it, _, _, v in r["train_curve"] if v is not None]
+            ax.plot(*zip(*c), ".-" if name.startswith(("dense", "gated")) else ".--", label=f"{name} s{r['seed']}")
+    ax.set(xlabel="iteration", ylabel="validation bpc", title="Validation bpc during training",
+           xlim=(0, s.train.iters))
+    ax.set_ylim(top=min(4.0, ax.get_ylim()[1]))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "learning_curves.png", dpi=110)
+    plt.close(fig)
+
+
+def write(s: DynSetup, res: dict[str, Any], out: Path, quick: bool) -> Path:
+    """results.json, the plots and results.md in ``out``."""
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(res, indent=1))
+    if res["runs"]:
+        plot(s, res, out)
+    g = by_name(res)
+    t = s.train
+    order = [r.name for r in s.plan(res["vocab"]) if r.seed == s.seeds[0]]
+    H, bs = s.hidden_large, s.block
+    lines = [
+        f"# Dynamic block selection in the recurrent layer: char-level {s.cell.upper()} LM"
+        + (" (QUICK MODE: mechanics only)" if quick else ""),
+        "",
+        "Hadifar et al. 2020's gated cell (per step, both gate products keep the top `keep` of their "
+        f"{bs}x{bs} weight tiles, chosen by a linear gate of the product's input) against static pruning and",
+        "narrower dense layers at the same compute. Lower bits per character (bpc) is better.",
+        "",
+        f"- Command: `{res['command']}` (resumable: re-run to continue; checkpoints outside the repository),",
+        "  then the same command with `--bench` (bscompile timing) and with `--report-only` (these tables)",
+        f"- Machine: {res['machine']}; torch {res['torch']}, {res['threads']} training thread(s), shared machine",
+        f"- Date: {res['date']}; {len(res['runs'])} of {len(s.plan(res['vocab']))} planned runs finished, "
+        f"{res['train_wall_s'] / 3600:.1f} h of training",
+        f"- Corpus: {res['corpus']}",
+        f"- Model: Embedding({res['vocab']}, {s.emb}) → {s.layers}-layer {s.cell.upper()} (hidden {H}: "
+        f"`nn.{s.cell.upper()}`, or `DynamicBlock{s.cell.upper()}` with {bs}x{bs} tiles) → Linear to the "
+        "vocabulary.",
+        f"- Compute fraction: multiply-adds of the recurrent layer relative to dense hidden {H}; a gated product "
+        f"costs `keep + in/{bs}^2` (input product {s.emb}/{bs}^2 = {s.emb / bs ** 2:.1%}, recurrent "
+        f"{H}/{bs}^2 = {H / bs ** 2:.1%}); BP/WP: their density; narrower dense: its own multiply-adds. The "
+        "output layer is the same in all and not counted.",
+        f"- Training: {t.iters} Adam iterations (≈{t.iters * t.batch * t.seq / res['train_chars']:.1f} epochs), "
+        f"batch {t.batch} × {t.seq} characters, lr {t.lr} (cosine to 5%), grad clip {t.clip}; seeds "
+        f"{list(s.seeds)}. BP/WP: `NarangSL` target mode from 10% to 60% of training, the output layer dense.",
+        f"- bscompile: each model exported to ONNX ({s.export_seq} characters, batch 1; the gated ones in their "
+        "scan form, an ONNX `Scan` over a symbolic length), compiled with `bscompile.compile(path).load()` for",
+        "  this CPU, one thread; best of 50 `run` calls, timed alternately with the compiled dense model; "
+        "µs/token = that time / sequence length.",
+        "",
+        "## Quality vs compute vs time",
+        "",
+        *table(s, g, order),
+        "",
+        *[f"- {x}" for x in targets(g, s.keeps)],
+        "",
+        "![quality vs compute](quality_vs_compute.png)",
+        "",
+        "## Convergence",
+        "",
+        *convergence(g, [n for n in order if n.startswith(("dense", "gated"))]),
+        "",
+        "![learning curves](learning_curves.png)",
+        "",
+    ]
+    path = out / "results.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--cell", choices=("gru", "lstm"), default="gru", help="the recurrent cell (default gru)")
+    args, rest = pre.parse_known_args(argv)
+    full, quick, out = DynSetup(), QUICK, OUT
+    if args.cell != "gru":
+        full = replace(full, name=f"dyn{args.cell}512-b64-pystd", cell=args.cell)
+        quick = replace(quick, name=f"dynamic-{args.cell}-quick", cell=args.cell)
+        out = OUT / args.cell
+    reproduce_main(rest, full, quick, out, __doc__)
+
+
+if __name__ == "__main__":
+    main()
