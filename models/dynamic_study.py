@@ -55,7 +55,7 @@ class DynSetup(Setup):
     def plan(self, vocab: int) -> list[Run]:
         """Per seed: dense, then for each keep the gated model and its same-compute BP, dense, WP."""
         H = self.hidden_large
-        runs = [("dense", H, PruneConfig("dense"), "gru", 1.0)]
+        runs = [("dense", H, PruneConfig("dense"), self.cell, 1.0)]
         for keep in self.keeps:
             runs.append((f"gated keep {keep}", H, PruneConfig("dense"), "dyn" + self.cell, keep))
             if keep >= 1.0:

@@ -192,6 +192,10 @@ def test_quality_study_compute_accounting():
     assert compute_fraction(Run("bp", h, dyn), d_in, h, bs) == pytest.approx(dyn)
     w = dense_width(dyn, d_in, h, multiple=1)
     assert compute_fraction(Run("dense", w, 1.0), d_in, h, bs) == pytest.approx(dyn, rel=0.01)
+    # d_in != h (the recurrent study: embedding 64 -> hidden 512): each product's gate costs in/bs^2 of it
+    d_in = 64
+    gated = d_in * h * d_in / bs**2 + h * h * h / bs**2
+    assert compute_fraction(Run("dynamic", h, 0.5), d_in, h, bs) == pytest.approx(0.5 + gated / (d_in * h + h * h))
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["no-mask", "static-mask"])
