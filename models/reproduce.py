@@ -301,7 +301,7 @@ def bench(s: Setup, state: Path, repeat: int = 50) -> None:
 
 
 def _untrained_dense_reference(s: Setup, state: Path, tokens: torch.Tensor) -> Path:
-    """A dense-large model with its initial weights, exported like the trained ones.
+    """The reference (dense-large) model with its initial weights, exported like the trained ones.
 
     Used when the trained dense-large runs finished on another machine: a dense model's
     time depends on its shapes, not on its values (no weight of a randomly initialised
@@ -314,7 +314,9 @@ def _untrained_dense_reference(s: Setup, state: Path, tokens: torch.Tensor) -> P
     if not dest.exists():
         dest.parent.mkdir(exist_ok=True)
         torch.manual_seed(0)
-        model = CharLM(len(corpus_for(s).vocab), emb=s.emb, hidden=s.hidden_large, layers=s.layers, cell="gru")
+        vocab = len(corpus_for(s).vocab)
+        ref = next(r for r in s.plan(vocab) if r.name == s.REFERENCE)
+        model = CharLM(vocab, emb=s.emb, hidden=ref.hidden, layers=s.layers, cell=ref.cell)
         export_onnx(_LogitsOnly(model).eval(), (tokens,), dest, ["tokens"], ["logits"])
     print(f"bench: no trained dense-large ONNX in {state}; timing against {dest}", file=sys.stderr, flush=True)
     return dest
