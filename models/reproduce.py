@@ -10,6 +10,9 @@ and ``<key>.onnx`` there; after every run, all finished results are merged into
 each finished model with bscompile and times it at batch 1; ``--report-only``
 re-renders from the state directory. ``--quick`` shrinks everything to check the
 mechanics in seconds; its numbers say nothing about accuracy.
+
+Another study reuses this machinery by subclassing :class:`Setup` (its ``plan``, ``write``,
+``command``) and calling :func:`main` with its setups: :mod:`.dynamic_study`.
 """
 
 from __future__ import annotations
