@@ -273,13 +273,13 @@ def write(s: DynSetup, res: dict[str, Any], out: Path, quick: bool) -> Path:
 def main(argv: list[str] | None = None) -> None:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--cell", choices=("gru", "lstm"), default="gru", help="the recurrent cell (default gru)")
-    args, rest = pre.parse_known_args(argv)
+    args, _ = pre.parse_known_args(argv)
     full, quick, out = DynSetup(), QUICK, OUT
     if args.cell != "gru":
         full = replace(full, name=f"dyn{args.cell}512-b64-pystd", cell=args.cell)
         quick = replace(quick, name=f"dynamic-{args.cell}-quick", cell=args.cell)
         out = OUT / args.cell
-    reproduce_main(rest, full, quick, out, __doc__)
+    reproduce_main(argv, full, quick, out, __doc__, (pre,))
 
 
 if __name__ == "__main__":

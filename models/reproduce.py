@@ -716,10 +716,10 @@ def write_all(res: dict[str, Any], out: Path, quick: bool) -> None:
 
 
 def main(argv: list[str] | None = None, full: Setup | None = None, quick: Setup = QUICK,
-         results: Path = RESULTS, doc: str | None = None) -> None:
+         results: Path = RESULTS, doc: str | None = None, parents: tuple[argparse.ArgumentParser, ...] = ()) -> None:
     """The command line of a study: ``full``/``quick`` are its setups (default: the papers' tables),
-    ``results`` its committed results folder."""
-    ap = argparse.ArgumentParser(description=(doc or __doc__).splitlines()[0])
+    ``results`` its committed results folder, ``parents`` its own flags (for ``--help``; it reads them)."""
+    ap = argparse.ArgumentParser(description=(doc or __doc__).splitlines()[0], parents=list(parents))
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the mechanics in seconds")
     ap.add_argument("--out", type=Path, help="tables/plots/results.json (default models/results; quick: STATE/quick)")
     ap.add_argument("--state", type=Path, help=f"checkpoints and finished runs (default {STATE}/<setup>)")

@@ -220,14 +220,16 @@ def test_training_resumes_from_checkpoint_bit_for_bit(tmp_path, monkeypatch, met
     assert abs(got["sparsity"] - (0.8 if method != "dense" else 0.0)) < 0.01
 
 
-def test_dynamic_study_quick(tmp_path):
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_dynamic_study_quick(tmp_path, cell):
     """The gated-RNN study (issue 15) runs its whole --quick queue, resumes, and writes its table."""
     import onnx
 
     from bscompile.models.dynamic_study import QUICK, main
 
     state, out = tmp_path / "state", tmp_path / "out"
-    main(["--quick", "--state", str(state), "--out", str(out)])
+    argv = ["--cell", cell, "--quick", "--state", str(state), "--out", str(out)]
+    main(argv)
     res = json.loads((out / "results.json").read_text())
     runs = {r["name"]: r for r in res["runs"]}
     assert list(runs) == [r.name for r in QUICK.plan(res["vocab"])]
@@ -235,7 +237,7 @@ def test_dynamic_study_quick(tmp_path):
     emb, h, bs = QUICK.emb, QUICK.hidden_large, QUICK.block  # gates: in x (in/bs)(out/bs) per product, / dense
     assert abs(frac - (0.5 + (emb * (emb // bs) + h * (h // bs)) * (h // bs) / (emb * h + h * h))) < 1e-12
     for name, r in runs.items():
-        assert r["onnx_max_abs_err"] <= 1e-5
+        assert r["onnx_max_abs_err"] <= 1e-5 and r["cell"] == ("dyn" if name.startswith("gated") else "") + cell
         ops = {n.op_type for n in onnx.load(str(state / f"{r['key']}.onnx")).graph.node}
         assert ("Scan" in ops) == name.startswith("gated"), (name, ops)  # gated: the scan form
         if name.startswith(("BP", "WP")):  # density = the gated model's compute fraction
@@ -243,8 +245,8 @@ def test_dynamic_study_quick(tmp_path):
             assert abs(1 - r["sparsity"] - QUICK.fraction("dynamic", h, keep)) < 0.01, (name, r["sparsity"])
     assert runs["dense @ keep 0.25"]["hidden"] < runs["dense @ keep 0.5"]["hidden"] < h
     text = (out / "results.md").read_text()
-    assert "| gated keep 0.5 | dyngru |" in text and "target: gated keep 0.5 within 2% of dense" in text
+    assert f"| gated keep 0.5 | dyn{cell} |" in text and "target: gated keep 0.5 within 2% of dense" in text
     assert (out / "quality_vs_compute.png").stat().st_size > 0 and not list(state.glob("*.ckpt"))
     before = (state / "dense-s0.json").read_text()
-    main(["--quick", "--state", str(state), "--out", str(out)])  # nothing pending: no run trains again
+    main(argv)  # nothing pending: no run trains again
     assert (state / "dense-s0.json").read_text() == before
