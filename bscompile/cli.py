@@ -401,7 +401,25 @@ def cmd_tune(args) -> int:
     return tune_command(args, _compile_kwargs(args), _progress(False))
 
 
+def _import_tvm_without_torch() -> None:
+    """Import TVM with ``import torch`` refused, then allow it again.
+
+    tvm_ffi imports torch eagerly (for DLPack interop only), ~1 s of every command's
+    start-up; no command of this CLI uses torch. Only for the console script: a process
+    that already has, or may later want, torch keeps tvm_ffi's torch fast path.
+    """
+    if "tvm" in sys.modules or "torch" in sys.modules:
+        return
+    sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` raises ImportError
+    try:
+        import tvm  # noqa: F401
+    finally:
+        del sys.modules["torch"]
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        _import_tvm_without_torch()
     argv = list(sys.argv[1:] if argv is None else argv)
     # `bscompile model.onnx ...` is `bscompile compile model.onnx ...`
     first = next((a for a in argv if a not in ("--debug", "--verbose")), None)

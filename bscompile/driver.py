@@ -26,7 +26,7 @@ from bscompile.errors import BscompileError
 from bscompile.frontend.onnx import ImportedModel, import_onnx
 from bscompile.passes.pipeline import bscompile_passes
 from bscompile.records import load_records
-from bscompile.runtime.artifact import Manifest, write_artifact
+from bscompile.runtime.artifact import Manifest, pack_imports_incbin, write_artifact
 from bscompile.runtime.module import CompiledModule, load
 from bscompile.sites import weight_entries
 from bscompile.target import TargetSpec, resolve_target
@@ -62,7 +62,7 @@ class Artifact:
                 from tvm.support import cc
 
                 kwargs["fcompile"] = cc.cross_compiler(self.spec.cross_compiler)
-            self.executable.export_library(str(lib), **kwargs)
+            self.executable.export_library(str(lib), fpack_imports=pack_imports_incbin, **kwargs)
             write_artifact(path, self.manifest, lib)
         return Path(path)
 
