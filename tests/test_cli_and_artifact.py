@@ -206,3 +206,11 @@ def test_dump_ir_writes_every_pass(model_dir, tmp_path):
     assert '"kind": "linear"' in outlined and "bscompile.layout" not in outlined
     chosen = (tmp_path / "ir" / files[passes.index("ChooseLayout")]).read_text()
     assert "bscompile.sparsity" in chosen and "bscompile.layout" in chosen
+
+
+def test_console_script_starts_without_torch():
+    """tvm_ffi imports torch eagerly (~1 s); the console script must not pay for it, yet torch stays importable."""
+    code = ("import sys; sys.argv = ['bscompile', 'targets']; from bscompile.cli import main; rc = main(); "
+            "loaded = 'torch' in sys.modules; import torch; print(rc, loaded, torch.ones(1).item())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split()[-3:] == ["0", "False", "1.0"], out
