@@ -305,6 +305,7 @@ def _batch_macro(mat: BSRMatrix, m, sched: CpuSchedule, n_limit: int):
     per_chunk = -(-nbr // chunks)
     rows = T.parallel if sched.parallel else T.serial
     cloop = T.unroll if sched.unroll_c else T.serial
+    full_rows = nbr * r == n_limit  # every block row stores r whole outputs
 
     def transposer(tloop):
         @T.macro
@@ -359,13 +360,18 @@ def _batch_macro(mat: BSRMatrix, m, sched: CpuSchedule, n_limit: int):
                                     for mi in T.vectorized(mv):
                                         acc[rr, mi] = acc[rr, mi] + data[p, kk, rr] * xt[(mo * k_pad + col + kk) * mv + mi]
                         if mo * mv + mv <= m:  # a full batch tile: no per-row guard (m tails only)
-                            for rr in T.unroll(r):
-                                for mi in T.serial(mv):
-                                    if ib * r + rr < n_limit:
+                            if full_rows:  # a vector of r outputs per row
+                                for mi in T.unroll(mv):
+                                    for rr in T.vectorized(r):
                                         y[mo * mv + mi, y_col0 + ib * r + rr] = acc[rr, mi] + bias[ib * r + rr]
+                            else:
+                                for rr in T.unroll(r):
+                                    for mi in T.unroll(mv):
+                                        if ib * r + rr < n_limit:
+                                            y[mo * mv + mi, y_col0 + ib * r + rr] = acc[rr, mi] + bias[ib * r + rr]
                         else:
                             for rr in T.unroll(r):
-                                for mi in T.serial(mv):
+                                for mi in T.unroll(mv):
                                     if mo * mv + mi < m and ib * r + rr < n_limit:
                                         y[mo * mv + mi, y_col0 + ib * r + rr] = acc[rr, mi] + bias[ib * r + rr]
 
