@@ -663,7 +663,8 @@ class BlockRowGenerator(Generator):
         block = stats.block
         n, k = site["shape"]
         shape = KernelShape(max(stats.nnz_blocks, 1), block.r, block.c, stats.padded_shape[0] // block.r, m,
-                            sched.m_tile, k, n, sched.variant, sched.m_vec)
+                            sched.m_tile, k, n, sched.variant, sched.m_vec, resident=self.recurrent,
+                            parallel=sched.parallel)
         return estimate_time(shape, self.machine)
 
 

@@ -54,8 +54,11 @@ def test_recurrent_two_layers(rng, op, kind, bidir, batch, seq, hidden):
     art = _check(model, {"x": x})
     dirs = 2 if bidir else 1
     assert len(art.manifest.weights) == 2 * 2 * dirs  # W and R per layer and direction
-    if kind != "dense":
-        assert any(w["decision"]["layout"] == "bsr" for w in art.manifest.weights)
+    layouts = {w["name"]: w["decision"]["layout"] for w in art.manifest.weights}
+    if kind == "unstructured":  # R is read every step from cache: 2x1 blocks at ~19% lose to dense (measured 1.6x)
+        assert all(layouts[n] == "dense" for n in layouts if n.startswith("R")), layouts
+    elif kind != "dense":
+        assert "bsr" in layouts.values(), layouts
 
 
 @pytest.mark.parametrize("op", ["GRU", "LSTM", "RNN"])
