@@ -23,7 +23,6 @@ class MachineModel:
     lanes: int = 8  # fp32 lanes per vector register
     block_overhead_s: float = 1.2e-9  # per stored block and M tile
     call_overhead_s: float = 2e-6  # kernel launch / thread-pool wake-up
-    cores: int = 2  # threads the rates above are summed over (a serial kernel gets one)
     #: A recurrent kernel reads its weights once per step: weights up to ``cache_bytes``
     #: stay in cache between steps and stream at ``cache_bandwidth`` (0: not measured for
     #: this machine, every step priced at the memory bandwidth).
@@ -46,9 +45,9 @@ MACHINES: dict[str, MachineModel] = {
     "x86_64-avx512": MachineModel(lanes=16, vector_fma_rate=8e9, cache_bytes=CACHE_X86, cache_bandwidth=CACHE_BW_X86),
     "aarch64": MachineModel(bandwidth=8e9, vector_fma_rate=8e9, lanes=4, block_overhead_s=2e-9),
     "cortex-a72": MachineModel(bandwidth=4e9, vector_fma_rate=4 * 1.5e9, lanes=4, block_overhead_s=3e-9,
-                               call_overhead_s=4e-6, cores=4),  # Raspberry Pi 4: 4 cores, LPDDR4
+                               call_overhead_s=4e-6),  # Raspberry Pi 4: 4 cores, LPDDR4
     "cortex-a76": MachineModel(bandwidth=10e9, vector_fma_rate=4 * 2 * 2.4e9, lanes=4, block_overhead_s=1.5e-9,
-                               call_overhead_s=3e-6, cores=4),  # Raspberry Pi 5: 4 cores, LPDDR4X
+                               call_overhead_s=3e-6),  # Raspberry Pi 5: 4 cores, LPDDR4X
     "neoverse-n1": MachineModel(bandwidth=20e9, vector_fma_rate=2 * 2 * 2.5e9, lanes=4,
                                 block_overhead_s=1.2e-9),  # 2 vCPUs of a Graviton2
 }
@@ -69,7 +68,7 @@ class KernelShape:
     variant: str = "rows"
     m_vec: int = 8
     resident: bool = False  # weights re-read by every step of a recurrent kernel
-    parallel: bool = True  # on every core (else one core: a kernel below a pool wake-up's worth)
+    parallel: bool = True  # on the thread pool (else no launch per recurrent step)
 
 
 def estimate_time(ks: KernelShape, machine: MachineModel = MachineModel()) -> float:
@@ -95,10 +94,10 @@ def estimate_time(ks: KernelShape, machine: MachineModel = MachineModel()) -> fl
         loads = ks.nnz_blocks * ks.c * (ks.m + m_tiles * vecs)  # x broadcasts per row + weights per tile
     # A load issues in an FMA's slot as far as throughput goes: short blocks at large batch
     # (one broadcast of x per FMA) are load-bound, taller blocks reuse each broadcast.
-    t_fma = max(fmas, loads) / machine.vector_fma_rate * (1 if ks.parallel else machine.cores)
+    t_fma = max(fmas, loads) / machine.vector_fma_rate
     cached = ks.resident and machine.cache_bandwidth > 0 and weight_bytes <= machine.cache_bytes
     t_mem = weight_bytes / (machine.cache_bandwidth if cached else machine.bandwidth) + act_bytes / machine.bandwidth
-    t_blocks = ks.nnz_blocks * m_tiles * machine.block_overhead_s * (1 if ks.parallel else machine.cores)
+    t_blocks = ks.nnz_blocks * m_tiles * machine.block_overhead_s
     # a step of a recurrent kernel launches nothing unless it runs on the thread pool
     launch = machine.call_overhead_s if ks.parallel or not ks.resident else 0.0
     return max(t_mem, t_fma + t_blocks) + launch
