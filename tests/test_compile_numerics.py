@@ -1,5 +1,10 @@
 """Compiled models match onnxruntime on fresh random inputs (fp32: rtol 1e-4, atol 1e-5)."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from onnx_models import mlp, ort_run, recurrent
@@ -113,3 +118,33 @@ def test_recurrent_detection_names_weights(rng):
     sites = weight_entries(mod)
     assert sorted(s["name"] for s in sites) == ["l0.R[0]", "l0.R[1]", "l0.W[0]", "l0.W[1]"]
     assert all(s["sparsity"]["detected_block"] == "8x8" for s in sites)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_persistent_recurrence_with_any_pool_size(threads, tmp_path):
+    """A batch-1 recurrence of >= PERSISTENT_MIN_WORK multiply-adds per step runs as one pool
+    launch with a barrier after each phase. With 1, 2 or 3 pool threads (a fresh process with
+    ``TVM_NUM_THREADS``), the symbolic-batch artifact matches onnxruntime at batch 1 (the
+    persistent bucket, bidirectional) and batch 3 (per-step bucket), GRU and LSTM."""
+    seed = int(np.random.SeedSequence().entropy % 2**32)
+    script = f"""
+import sys, numpy as np
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from onnx_models import ort_run, recurrent
+import bscompile
+rng = np.random.default_rng({seed})
+for op in ("GRU", "LSTM"):
+    model = recurrent(op, 16, 512, "seq", "batch", 1, True, "dense", rng)
+    art = bscompile.compile(model)
+    r = next(w for w in art.manifest.weights if "R[" in w["name"])
+    assert r["decision"]["buckets"][0]["schedules"][0].get("persistent"), r["decision"]
+    mod = art.load()
+    for b in (1, 3):
+        x = rng.standard_normal((9, b, 16)).astype(np.float32)
+        got, want = mod.run({{"x": x}}), ort_run(model, {{"x": x}})
+        for k in want:
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-5, err_msg=f"{{op}} batch {{b}} {{k}}")
+"""
+    env = {**os.environ, "TVM_NUM_THREADS": str(threads)}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"seed {seed}: {proc.stderr[-3000:]}"
