@@ -32,6 +32,11 @@ class DynamicBlockLinear(nn.Module):
     A static block mask (:meth:`set_block_mask`) removes tiles for good: they score
     ``-inf`` in the selection, ``k`` and the normalisation count the remaining tiles
     only, and their weights are zeroed so the exported file shows them pruned.
+
+    The normalisation divides by the mean of the kept raw (signed) gates. With few tiles
+    dropped that mean can come near 0: at ``keep=1.0`` a char-LM GRU diverged from the first
+    iterations and even its untrained outputs are dominated by float rounding
+    (models/results/dynamic_rnn); the method is meant for ``keep`` well below 1.
     """
 
     def __init__(self, in_features: int, out_features: int, block: int = 128, keep: float = 0.5,

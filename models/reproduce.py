@@ -204,8 +204,12 @@ def run_queue(s: Setup, state: Path, out: Path, threads: int, max_runs: int | No
         tokens = corpus.val[: s.export_seq].view(1, -1)
         wrapped = _LogitsOnly(model).eval()
         onnx_path = export_run(wrapped, tokens, state / f"{key}.onnx")
-        res.update(name=name, seed=seed, key=key, cell=run.cell, keep=run.keep, gate_block=run.block,
-                   onnx_max_abs_err=check_onnx(wrapped, onnx_path, {"tokens": tokens}))
+        res.update(name=name, seed=seed, key=key, cell=run.cell, keep=run.keep, gate_block=run.block)
+        try:
+            res["onnx_max_abs_err"] = check_onnx(wrapped, onnx_path, {"tokens": tokens})
+        except AssertionError as err:  # a diverged model amplifies rounding: keep its result, say so
+            res["onnx_check"] = str(err)
+            print(f"== {name} seed {seed}: {err}", file=sys.stderr, flush=True)
         (state / f"{key}.json").write_text(json.dumps(res))
         (state / f"{key}.ckpt").unlink(missing_ok=True)  # the result and the ONNX file are what is kept
         print(f"== {name} seed {seed}: val_bpc {res['val_bpc']:.4f} sparsity {res['sparsity']:.4f} "
