@@ -61,9 +61,12 @@ _ACC_REGISTERS = 12
 #: Multiply-adds below which a kernel runs on one thread (see :func:`schedule_for`).
 PARALLEL_MIN_WORK = 1 << 20
 #: Multiply-adds per step from which a batch-1 recurrence runs persistent on the pool.
-#: Measured at 2 threads: 786k (dense GRU 64->512) 1.99 -> 1.04 ms per 64 steps; 315k (GRU
-#: 512->1024, 10% 4x4) 0.92 -> 1.16 ms per 50 steps and 79k 0.35 -> 0.59 ms: barriers lose.
-PERSISTENT_MIN_WORK = 1 << 19
+#: Serial step -> persistent step, 2 threads, quiet host (2026-12-05, GRUs at 10% 4x4 unless
+#: said): 786k (dense 64->512) 1.99 -> 1.04 ms / 64 steps; 461k (dense 392) 1.10 -> 0.49;
+#: 315k (512->1024) 0.93 -> 0.56 ms / 50 steps; 79k (256->512) 0.25 -> 0.20; 44k (192->384)
+#: 0.16 -> 0.16 (noisy); 20k (128->256) 0.09 -> 0.21; 5k 0.04 -> 0.16: two barriers a step
+#: cost ~2-3 µs, worth it from ~50k multiply-adds.
+PERSISTENT_MIN_WORK = 1 << 16
 #: Chunks of block rows a batch-variant kernel splits into (a multiple of any thread count here).
 _PARALLEL_CHUNKS = 4
 #: Elements of x below which the batch variant transposes it on one thread.

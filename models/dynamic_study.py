@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 from .charlm import PruneConfig, TrainConfig
 from .dynamic_lm import Run as Product
 from .dynamic_lm import compute_fraction, dense_width
-from .reproduce import RESULTS, Run, Setup, by_name, bpc, convergence, run_key, spread
+from .reproduce import RESULTS, Run, Setup, bench_method, by_name, bpc, convergence, run_key, spread
 from .reproduce import main as reproduce_main
 
 OUT = RESULTS / "dynamic_rnn"
@@ -49,6 +49,7 @@ class DynSetup(Setup):
 
     MODULE: ClassVar[str] = "dynamic_study"
     REFERENCE: ClassVar[str] = "dense"
+    BENCH_THREADS: ClassVar[int] = 2  # issue 15's language-model target: batch 1, 2 threads
 
     def fraction(self, kind: str, hidden: int, keep: float = 1.0) -> float:
         """Recurrent-layer multiply-adds relative to the dense layer of ``hidden_large``."""
@@ -118,16 +119,18 @@ def table(s: DynSetup, g: dict[str, list[dict[str, Any]]], order: list[str]) -> 
         rel = f"{(bpc(rs) - ref) / ref * 100:+.2f}%" if ref else "–"
         ms = _ms_per_token(r)
         up = f"{r['bench']['speedup']:.2f}x" if ms else "–"
+        ort = f"{r['bench']['speedup_vs_ort']:.2f}x" if ms and "speedup_vs_ort" in r["bench"] else "–"
         iters = r["train_config"]["iters"]
         rows.append(f"| {name}{' (diverged)' if diverged(r) else ''} | {r['cell']} | {r['hidden']} | {r['keep'] if r['cell'].startswith('dyn') else '–'} "
                     f"| {r['sparsity'] * 100:.1f}% | {run_fraction(s, r):.3f} | {bpc(rs):.4f}"
                     + (f" ± {spread(rs):.4f}" if len(rs) > 1 else "") + f" | {len(rs)} | {rel} "
-                    f"| {f'{ms * 1e3:.1f}' if ms else '–'} | {up} | {r['wall_s'] / iters:.2f} |")
+                    f"| {f'{ms * 1e3:.1f}' if ms else '–'} | {up} | {ort} | {r['wall_s'] / iters:.2f} |")
     if not rows:
         return ["(not run yet)"]
     return ["| Run | Cell | Hidden | Keep | Sparsity | Compute fraction | Val bpc | Seeds | Δ bpc vs dense "
-            "| bscompile µs/token, batch 1 | Speed-up vs dense | Training s/iter |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|", *rows]
+            "| bscompile µs/token, batch 1 | Speed-up vs bscompile dense | vs onnxruntime (same file) "
+            "| Training s/iter |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|", *rows]
 
 
 def planned(s: DynSetup, vocab: int, done: set[str]) -> list[str]:
@@ -196,7 +199,7 @@ def plot(s: DynSetup, res: dict[str, Any], out: Path) -> None:
         if timed:
             axes[1].plot([p[1] * 1e3 for p in timed], [p[2] for p in timed], "o", label=label)
     axes[0].set(xlabel="compute fraction of the recurrent layer (dense = 1)", ylabel="validation bits per character")
-    axes[1].set(xlabel="bscompile µs per token (batch 1, one thread)", ylabel="validation bits per character")
+    axes[1].set(xlabel=f"bscompile µs per token (batch 1, {s.BENCH_THREADS} threads)", ylabel="validation bits per character")
     for a in axes:
         a.grid(alpha=0.3)
         if a.get_legend_handles_labels()[0]:
@@ -258,9 +261,8 @@ def write(s: DynSetup, res: dict[str, Any], out: Path, quick: bool) -> Path:
         f"batch {t.batch} × {t.seq} characters, lr {t.lr} (cosine to 5%), grad clip {t.clip}; seeds "
         f"{list(s.seeds)}. BP/WP: `NarangSL` target mode from 10% to 60% of training, the output layer dense.",
         f"- bscompile: each model exported to ONNX ({s.export_seq} characters, batch 1; the gated ones in their "
-        "scan form, an ONNX `Scan` over a symbolic length), compiled with `bscompile.compile(path).load()` for",
-        "  this CPU, one thread; best of 50 `run` calls, timed alternately with the compiled dense model; "
-        "µs/token = that time / sequence length.",
+        "scan form, an ONNX `Scan` over a symbolic length), " + bench_method(res["runs"])
+        + " µs/token = the time per sequence / its length.",
         "",
         "## Quality vs compute vs time",
         "",

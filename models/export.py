@@ -54,13 +54,18 @@ def export_onnx(
     return path
 
 
+def ort_session(path: str | Path, threads: int = 1) -> ort.InferenceSession:
+    """onnxruntime's CPU provider with ``threads`` intra-op threads that do not spin when idle."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle spinning steals cores
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
 def run_onnx(path: str | Path, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
     """Run the file on onnxruntime's CPU provider with one thread."""
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    return sess.run(None, inputs)
+    return ort_session(path).run(None, inputs)
 
 
 def check_onnx(

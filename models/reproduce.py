@@ -64,6 +64,7 @@ class Setup:
 
     MODULE: ClassVar[str] = "reproduce"  # ``python -m bscompile.models.<MODULE>`` runs this study
     REFERENCE: ClassVar[str] = "dense large"  # the run every bscompile time is compared with
+    BENCH_THREADS: ClassVar[int] = 1  # bscompile and onnxruntime threads in ``--bench``
 
     def plan(self, vocab: int) -> list[Run]:
         """Every run of this study, in order of importance."""
@@ -248,29 +249,32 @@ def export_run(wrapped: _LogitsOnly, tokens: torch.Tensor, path: Path) -> Path:
     return path
 
 
-def bench(s: Setup, state: Path, repeat: int = 50) -> None:
-    """bscompile end to end at batch 1, one thread: each finished run's ONNX against dense large.
+def bench(s: Setup, state: Path, repeat: int = 50, rounds: int = 5) -> None:
+    """bscompile end to end at batch 1 (``s.BENCH_THREADS`` threads): each finished run's ONNX against
+    dense large, and onnxruntime running the same file.
 
-    Each model is compiled with ``bscompile.compile(path).load()`` and its ``run`` timed
-    alternately with the dense-large model in the same process (so machine load hits
-    both alike); on a shared machine the best of ``repeat`` calls is the least disturbed
-    one, so times and the speed-up are minima. Outputs are checked against onnxruntime.
-    Results: ``<key>.bench.json``.
+    Each model is compiled with ``bscompile.compile(path).load()``. Warm means warm for each:
+    ``rounds`` blocks of back-to-back calls per model (this one, the dense-large model, onnxruntime
+    on this file), the blocks alternating so that machine load hits all alike; on a shared machine
+    the best call is the least disturbed one, so times and speed-ups are minima (medians are kept
+    too). Outputs are checked against onnxruntime. Results: ``<key>.bench.json``.
     """
-    os.environ.setdefault("TVM_NUM_THREADS", "1")
+    threads = s.BENCH_THREADS
+    os.environ.setdefault("TVM_NUM_THREADS", str(threads))
     os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
+    import timeit
+
     import numpy as np
 
     import bscompile
 
-    from .export import run_onnx
+    from .export import ort_session
 
     # The reference is any seed's dense-large model (ONNX files stay on the machine that trained them).
     refs = sorted(p for seed in s.seeds if (p := state / f"{run_key(s.REFERENCE, seed)}.onnx").exists())
     tokens_t = corpus_for(s).val[: s.export_seq].view(1, -1)
     ref_path = refs[0] if refs else _untrained_dense_reference(s, state, tokens_t)
-    tokens = tokens_t.numpy()
-    feeds = {"tokens": tokens}
+    feeds = {"tokens": tokens_t.numpy()}
     t0 = time.perf_counter()
     dense = bscompile.compile(str(ref_path)).load()
     dense_compile_s = time.perf_counter() - t0
@@ -287,24 +291,41 @@ def bench(s: Setup, state: Path, repeat: int = 50) -> None:
         t0 = time.perf_counter()
         module = dense if f == ref_path else bscompile.compile(str(f)).load()
         compile_s = time.perf_counter() - t0 if f != ref_path else dense_compile_s
-        err = float(np.abs(module.run(feeds)["logits"] - run_onnx(f, feeds)[0]).max())
-        dense.run(feeds)
-        times, dtimes = [], []
-        for _ in range(repeat):
-            t = time.perf_counter()
-            module.run(feeds)
-            times.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            dense.run(feeds)
-            dtimes.append(time.perf_counter() - t)
-        ms, dms = min(times) * 1e3, min(dtimes) * 1e3
-        rec = {"ms": ms, "dense_ms": dms, "speedup": dms / ms, "median_ms": statistics.median(times) * 1e3,
-               "dense_median_ms": statistics.median(dtimes) * 1e3, "repeat": repeat,
-               "seq": s.export_seq, "compile_s": compile_s, "max_abs_err_vs_onnxruntime": err, "threads": 1,
-               "layouts": _layouts(module.manifest.weights)}
+        sess = ort_session(f, threads)
+        err = float(np.abs(module.run(feeds)["logits"] - sess.run(None, feeds)[0]).max())
+        calls = {"ms": lambda: module.run(feeds), "dense_ms": lambda: dense.run(feeds),
+                 "ort_ms": lambda: sess.run(None, feeds)}
+        times: dict[str, list[float]] = {k: [] for k in calls}
+        for _ in range(rounds):
+            for k, call in calls.items():
+                times[k] += timeit.repeat(call, number=1, repeat=repeat // rounds + 1)[1:]  # the first warms
+        rec = {k: min(v) * 1e3 for k, v in times.items()} | {
+            k.replace("ms", "median_ms"): statistics.median(v) * 1e3 for k, v in times.items()}
+        rec |= {"speedup": rec["dense_ms"] / rec["ms"], "speedup_vs_ort": rec["ort_ms"] / rec["ms"],
+                "repeat": repeat, "seq": s.export_seq, "compile_s": compile_s, "max_abs_err_vs_onnxruntime": err,
+                "threads": threads, "layouts": _layouts(module.manifest.weights)}
         dest.write_text(json.dumps(rec))
-        print(f"bench {f.stem}: {ms:.3f} ms per {s.export_seq}-char sequence, dense {dms:.3f} ms "
-              f"({rec['speedup']:.2f}x), |Δ| vs onnxruntime {err:.2e}", file=sys.stderr, flush=True)
+        print(f"bench {f.stem}: {rec['ms']:.3f} ms per {s.export_seq}-char sequence, dense {rec['dense_ms']:.3f} ms "
+              f"({rec['speedup']:.2f}x), onnxruntime {rec['ort_ms']:.3f} ms ({rec['speedup_vs_ort']:.2f}x), "
+              f"|Δ| vs onnxruntime {err:.2e}", file=sys.stderr, flush=True)
+
+
+def bench_method(runs: list[dict[str, Any]]) -> str:
+    """How :func:`bench` timed the runs, for the reports (older records were timed differently)."""
+    recs = [r["bench"] for r in runs if "bench" in r]
+    threads = sorted({b.get("threads", 1) for b in recs}) or [1]
+    if recs and all("ort_ms" not in b for b in recs):
+        return ("compiled with `bscompile.compile(path).load()` for this CPU, one thread; best of 50 `run` calls "
+                "(shared machine: the least disturbed call), timed alternately with the compiled dense reference in "
+                "the same process; the speed-up column is that ratio.")
+    text = (f"compiled with `bscompile.compile(path).load()` for this CPU, {'/'.join(map(str, threads))} thread(s) "
+            "for bscompile and onnxruntime; warm for each: 5 alternating blocks of back-to-back calls per model (this "
+            "one, the compiled dense reference, onnxruntime on the same file), best of 50 (shared machine: the least "
+            "disturbed call); the speed-ups are ratios of those.")
+    if any("ort_ms" not in b for b in recs):
+        text += (" Records without an onnxruntime time were timed by the earlier method: single calls alternating "
+                 "with the dense reference, one thread.")
+    return text
 
 
 def _untrained_dense_reference(s: Setup, state: Path, tokens: torch.Tensor) -> Path:
@@ -568,14 +589,15 @@ def end_to_end(g: dict[str, list[dict[str, Any]]]) -> list[str]:
                             + (f" {w['block']}" if w["layout"] not in (None, "dense") else "")
                             + (f" (est {w['est_speedup']:.1f}x)" if w.get("est_speedup") else "")
                             for w in b.get("layouts", []))
+            ort = f"{b['ort_ms']:.3f} ({b['speedup_vs_ort']:.2f}x)" if "ort_ms" in b else "–"
             rows.append(f"| {name} s{r['seed']} | {r['sparsity'] * 100:.0f}% | {r['val_bpc']:.4f} | {b['ms']:.3f} "
-                        f"| {b['dense_ms']:.3f} | {b['speedup']:.2f}x | {b['compile_s']:.0f} "
+                        f"| {b['dense_ms']:.3f} | {b['speedup']:.2f}x | {ort} | {b['compile_s']:.0f} "
                         f"| {b['max_abs_err_vs_onnxruntime']:.1e} | {lay} |")
     if not rows:
         return ["(not benchmarked yet: run with `--bench`)"]
-    return ["| Run | Sparsity | Val bpc | bscompile ms/seq | dense large ms/seq (same loop) | Speed-up | Compile s "
-            "| max |Δ| vs onnxruntime | Layout per weight (bscompile's estimate) |",
-            "|---|---|---|---|---|---|---|---|---|", *rows]
+    return ["| Run | Sparsity | Val bpc | bscompile ms/seq | dense large ms/seq | Speed-up | onnxruntime ms/seq "
+            "(bscompile's speed-up) | Compile s | max |Δ| vs onnxruntime | Layout per weight (bscompile's estimate) |",
+            "|---|---|---|---|---|---|---|---|---|---|", *rows]
 
 
 def per_layer(g: dict[str, list[dict[str, Any]]]) -> list[str]:
@@ -656,10 +678,8 @@ def write_report(res: dict[str, Any], out: Path, quick: bool) -> Path:
         f"- GL: λ_g = {s['lam_gl']} on block L2 norms all along; blocks pruned once at {pc.get('end', 0):.0%} by "
         "L2 norm to the target (`torch.ao`'s `LambdaSL`), then fine-tuned.",
         f"  GLP: BP 4x4 plus λ_g = {s['lam_glp']}.",
-        f"- bscompile: each model exported to ONNX ({s['export_seq']} characters, batch 1), compiled with "
-        "`bscompile.compile(path).load()` for this CPU, one thread; best of 50 `run` calls (shared machine: the",
-        "  least disturbed call), timed alternately with the compiled dense-large model in the same process;",
-        "  the speed-up column is that ratio.",
+        f"- bscompile: each model exported to ONNX ({s['export_seq']} characters, batch 1), "
+        + bench_method(res["runs"]),
         "",
         "## Methods at ~90% sparsity",
         "",
