@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import tempfile
@@ -128,7 +129,7 @@ class CompiledModule:
             a = feeds.get(name)
             if type(a) is not np.ndarray or a.shape != shape or a.dtype != dtype:
                 return None
-            if dtype.kind == "f" and not np.isfinite(a).all():
+            if dtype.kind == "f" and not _all_finite(a):
                 return None
         for name, _, _, stage in last:
             np.copyto(stage, feeds[name])
@@ -175,6 +176,21 @@ class CompiledModule:
         self._vm.save_function("main", "bsc_bench", *args)
         timer = self._vm.time_evaluator("bsc_bench", self.device, number=number, repeat=repeat)
         return list(timer().results)
+
+
+#: Inputs up to this many elements are checked by a dot product (BLAS stays single-threaded there).
+_DOT_CHECK_MAX = 1 << 14
+
+
+def _all_finite(a: np.ndarray) -> bool:
+    """No NaN or inf in ``a``; False may also mean only that its sum of squares overflowed.
+
+    The sum of squares propagates NaN and inf and cannot cancel them; on small inputs it
+    takes 0.4 us against isfinite().all()'s 1.0 us, a sixth of a small layer's ``run()``.
+    """
+    if a.size <= _DOT_CHECK_MAX:
+        return math.isfinite(np.vdot(a, a))
+    return bool(np.isfinite(a).all())
 
 
 def _device(kind: str) -> tvm.runtime.Device:
