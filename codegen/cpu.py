@@ -59,7 +59,16 @@ class CpuSchedule:
 #: Vector registers worth of accumulators a tile may use (x86 has 16 ymm, NEON 32 q).
 _ACC_REGISTERS = 12
 #: Multiply-adds below which a kernel runs on one thread (see :func:`schedule_for`).
-PARALLEL_MIN_WORK = 1 << 20
+#: Waking the non-spinning pool costs ~30 us here. 2 threads vs 1, linear 90% 4x4, quiet
+#: host (2026-12-05), median us: 1760^2 batch 4 (1.2M) 45 vs 36, batch 8 (2.5M) 92 vs 84,
+#: batch 16 (5M) 97 vs 88, batch 32 (10M) 128 vs 116; 3072^2 batch 4 (3.8M) 127 vs 120,
+#: batch 8 (7.5M) 155 vs 237; the char GRU's 256->768 projection over 50 rows (1M) 49 vs
+#: ~39. Ties above 4M: those kernels' tuning records decide (`bscompile tune`).
+PARALLEL_MIN_WORK = 1 << 22
+#: Stored weights (elements) from which a kernel runs on the pool whatever its work: it is
+#: bandwidth-bound and two cores read faster (7680x2560 90% batch 1, 2M weights: 67 us on
+#: 2 threads, 99 us on 1).
+PARALLEL_MIN_WEIGHTS = 1 << 20
 #: Multiply-adds per step from which a batch-1 recurrence runs persistent on the pool.
 #: Serial step -> persistent step, 2 threads, quiet host (2026-12-05, GRUs at 10% 4x4 unless
 #: said): 786k (dense 64->512) 1.99 -> 1.04 ms / 64 steps; 461k (dense 392) 1.10 -> 0.49;
@@ -101,10 +110,11 @@ def schedule_for(block: BlockShape, nnz_blocks: int, num_block_rows: int, m: int
     otherwise over the whole block against a copy of ``x`` replicated to the block's
     layout (also inside recurrent kernels, whose mat-vec has no transposed ``x``).
     """
-    work = nnz_blocks * block.r * block.c * m
+    weights = nnz_blocks * block.r * block.c
+    work = weights * m
     # Waking a sleeping thread pool costs tens of microseconds (pools must not spin on
-    # shared cores): parallelise only kernels well above that (~1M multiply-adds).
-    parallel = work >= PARALLEL_MIN_WORK and num_block_rows > 1
+    # shared cores): parallelise only kernels well above that.
+    parallel = (work >= PARALLEL_MIN_WORK or weights >= PARALLEL_MIN_WEIGHTS) and num_block_rows > 1
     unroll = block.c <= 32
     if not recurrent and m >= vector_lanes and block.r < vector_lanes and block.c <= 64:
         m_vec = 2 * vector_lanes if block.r <= 4 and m >= 2 * vector_lanes else vector_lanes
