@@ -567,7 +567,11 @@ def _recurrent_kernel(cell: CellSpec, keys: tuple[LayoutKey, ...], seq_static: i
         def reset_phase(xp, g, h, rh, work1, seq_lens, data1, indices1, indptr1, rbias1, t):
             T.evaluate(0)
 
-    def gate_phase(gate_rows):
+    def gate_phase(gate_rows, tail_rows=T.serial):
+        """``tail_rows``: the loop over the units past the last full vector. Inside a persistent
+        launch every thread runs serial statements, and the update is not idempotent (it
+        reads the ``h`` and ``c`` it writes): there the tail must be split among threads too."""
+
         @T.macro
         def update(xp, g, h, c_out, peep, y, seq_lens, t):
             for b in T.serial(batch):
@@ -577,7 +581,7 @@ def _recurrent_kernel(cell: CellSpec, keys: tuple[LayoutKey, ...], seq_static: i
                     for jo in gate_rows(hid // _GATE_LANES):
                         for ji in T.vectorized(_GATE_LANES):
                             step(xp, g, h, c_out, peep, y, b, jo * _GATE_LANES + ji, tt, g0)
-                    for jt in T.serial(hid % _GATE_LANES):
+                    for jt in tail_rows(hid % _GATE_LANES):
                         step(xp, g, h, c_out, peep, y, b, hid - hid % _GATE_LANES + jt, tt, g0)
                 else:
                     for j in T.serial(hid):
@@ -602,7 +606,7 @@ def _recurrent_kernel(cell: CellSpec, keys: tuple[LayoutKey, ...], seq_static: i
     steps = serial_steps
     if persistent:  # the batch-1 bucket (GRUs with a second mat-vec keep the serial steps)
         mv_p, _ = _bucketed(mats[0], 1, ((1, 1, cases[0][2]),), 0)
-        gates_p = gate_phase(T.parallel)
+        gates_p = gate_phase(T.parallel, T.parallel)
 
         # Every pool thread runs the time loop; its serial statements (x replicated for the
         # block variant, the step's bounds) write identical values. The parallel loops split

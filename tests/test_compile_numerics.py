@@ -125,7 +125,9 @@ def test_persistent_recurrence_with_any_pool_size(threads, tmp_path):
     """A batch-1 recurrence of >= PERSISTENT_MIN_WORK multiply-adds per step runs as one pool
     launch with a barrier after each phase. With 1, 2 or 3 pool threads (a fresh process with
     ``TVM_NUM_THREADS``), the symbolic-batch artifact matches onnxruntime at batch 1 (the
-    persistent bucket, bidirectional) and batch 3 (per-step bucket), GRU and LSTM."""
+    persistent bucket, bidirectional) and batch 3 (per-step bucket), GRU and LSTM, with a
+    hidden size that fills the gate update's vectors and ones that leave a tail (150 dense,
+    1020 in 4x4 blocks at 10%: the block variant's replicated ``h``)."""
     seed = int(np.random.SeedSequence().entropy % 2**32)
     script = f"""
 import sys, numpy as np
@@ -133,8 +135,9 @@ sys.path.insert(0, {str(Path(__file__).parent)!r})
 from onnx_models import ort_run, recurrent
 import bscompile
 rng = np.random.default_rng({seed})
-for op in ("GRU", "LSTM"):
-    model = recurrent(op, 16, 512, "seq", "batch", 1, True, "dense", rng)
+for op, hidden, kind in (("GRU", 512, "dense"), ("LSTM", 512, "dense"), ("GRU", 150, "dense"),
+                         ("LSTM", 150, "dense"), ("GRU", 1020, "4x4")):
+    model = recurrent(op, 16, hidden, "seq", "batch", 1, True, kind, rng)
     art = bscompile.compile(model)
     r = next(w for w in art.manifest.weights if "R[" in w["name"])
     assert r["decision"]["buckets"][0]["schedules"][0].get("persistent"), r["decision"]
@@ -143,7 +146,7 @@ for op in ("GRU", "LSTM"):
         x = rng.standard_normal((9, b, 16)).astype(np.float32)
         got, want = mod.run({{"x": x}}), ort_run(model, {{"x": x}})
         for k in want:
-            np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-5, err_msg=f"{{op}} batch {{b}} {{k}}")
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-5, err_msg=f"{{op}} {{hidden}} batch {{b}} {{k}}")
 """
     env = {**os.environ, "TVM_NUM_THREADS": str(threads)}
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
