@@ -522,6 +522,9 @@ def recurrent_kernel(cell: CellSpec, mats: list[BSRMatrix], seq: int | None, bat
     then the gate arithmetic fused in one pass over ``[B, H]``.
     """
     cases = _cases(batch, tuple(scheds))
+    if len(mats) == 2:  # no persistent form with a second mat-vec: those steps run on one thread
+        cases = tuple((lo, hi, tuple(dataclasses.replace(sc, parallel=False, persistent=False) if sc.persistent
+                                     else sc for sc in scs)) for lo, hi, scs in cases)
     return _recurrent_kernel(cell, tuple(LayoutKey.of(m) for m in mats), seq, batch, cases)
 
 
@@ -547,7 +550,7 @@ def _recurrent_kernel(cell: CellSpec, keys: tuple[LayoutKey, ...], seq_static: i
     kp1 = mats[1].padded_shape[1] if two else 1
     rev = 1 if cell.reverse else 0
     step = gate_update(cell)
-    persistent = cases[0][:2] == (1, 1) and cases[0][2][0].persistent and not two
+    persistent = cases[0][:2] == (1, 1) and cases[0][2][0].persistent
 
     if two:  # GRU without linear-before-reset: R_h multiplies r * h, a second mat-vec
 
@@ -604,7 +607,7 @@ def _recurrent_kernel(cell: CellSpec, keys: tuple[LayoutKey, ...], seq_static: i
             gates(xp, g, h, c_out, peep, y, seq_lens, t)
 
     steps = serial_steps
-    if persistent:  # the batch-1 bucket (GRUs with a second mat-vec keep the serial steps)
+    if persistent:  # the batch-1 bucket
         mv_p, _ = _bucketed(mats[0], 1, ((1, 1, cases[0][2]),), 0)
         gates_p = gate_phase(T.parallel, T.parallel)
 
@@ -705,8 +708,8 @@ class BlockRowGenerator(Generator):
         lanes = self.machine.lanes
         base = default_schedule(mat, m, lanes, self.recurrent)
         out = [base, dataclasses.replace(base, parallel=not base.parallel, persistent=False)]
-        if self.recurrent and m == 1:  # one launch per sequence, or one per step / none
-            out.append(dataclasses.replace(base, parallel=not base.persistent, persistent=not base.persistent))
+        if self.recurrent and m == 1:  # with the above: one launch per sequence, one per step, none
+            out.append(dataclasses.replace(base, parallel=True, persistent=not base.persistent))
         if not self.recurrent and base.variant == "rows" and m >= lanes and mat.block.c <= 64:
             out.append(CpuSchedule(1, base.parallel, base.unroll_c, "batch", lanes))
         if base.variant != "block" and block_vector_ok(mat.block, lanes):
