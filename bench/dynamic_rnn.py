@@ -37,10 +37,15 @@ import torch  # noqa: E402
 
 import bscompile  # noqa: E402
 from bscompile.models import DynamicBlockLSTM  # noqa: E402
+from bscompile.models.charlm import CharLM  # noqa: E402
+from bscompile.models.reproduce import _LogitsOnly, export_run  # noqa: E402
 
 IN, H, T, B, BS = 1024, 1024, 50, 1, 128
 KEEPS = (0.5, 0.25)
 N_INPUTS = 8
+#: the language model of the dynamic study (models/results/dynamic_rnn/lstm): vocabulary,
+#: embedding, hidden, tiles, characters per sequence
+LM_VOCAB, LM_EMB, LM_H, LM_BS, LM_SEQ = 172, 64, 512, 64, 64
 OUT_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -83,6 +88,33 @@ def _time(fns: dict, reps: int, rounds: int = 3) -> dict:
                 "wall_p10_ms": float(np.percentile(wall[k], 10)) * 1e3} for k in fns}
 
 
+def _lm(meta: dict, t0: float) -> dict:
+    """The study's character LSTM language model (random weights: the speed does not depend on
+    training) exported as the study exports it -- ``nn.LSTM`` to ONNX ``LSTM``, the gated ones in
+    their scan form -- compiled by bscompile and run by onnxruntime on the same file."""
+    import tempfile
+
+    rng = np.random.default_rng(1)
+    tokens = [rng.integers(0, LM_VOCAB, (1, LM_SEQ)) for _ in range(N_INPUTS)]
+    fns, tmp = {}, Path(tempfile.mkdtemp())
+    meta.update(lm_compile_s={}, lm_max_abs_err_vs_ort={})
+    for name, cell, keep in [("lm_dense", "lstm", 1.0)] + [(f"lm_dyn{k}", "dynlstm", k) for k in KEEPS]:
+        torch.manual_seed(0)
+        model = CharLM(LM_VOCAB, emb=LM_EMB, hidden=LM_H, layers=1, cell=cell, block=LM_BS, keep=keep).eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            path = export_run(_LogitsOnly(model), torch.from_numpy(tokens[0]), tmp / f"{name}.onnx")
+        art = bscompile.compile(str(path))
+        mod, sess = art.load(), common.ort_session(path.read_bytes())
+        meta["lm_compile_s"][name] = art.manifest.compile_seconds
+        fns[f"bsc_{name}"] = lambda i, mod=mod: mod.run({"tokens": tokens[i]})
+        fns[f"ort_{name}"] = lambda i, s=sess: s.run(None, {"tokens": tokens[i]})
+        err = float(np.abs(fns[f"bsc_{name}"](2)["logits"] - fns[f"ort_{name}"](2)[0]).max())
+        meta["lm_max_abs_err_vs_ort"][name] = err
+        common.log(t0, f"compiled {name} in {art.manifest.compile_seconds:.1f} s, max abs err {err:.1e}")
+    return fns
+
+
 def main() -> None:
     t0 = time.perf_counter()
     torch.manual_seed(0)
@@ -117,6 +149,8 @@ def main() -> None:
         common.log(t0, f"compiled {name} in {art.manifest.compile_seconds:.1f} s, err {meta['max_rel_err_vs_ort'][name]:.1e}")
     meta["load_before"] = os.getloadavg()[0]
     meta["times"] = _time(fns, 60)
+    lm_fns = _lm(meta, t0)
+    meta["lm_times"] = _time(lm_fns, 100)
     meta["load_after"] = os.getloadavg()[0]
     info = common.machine_info()
     cmd = "python bench/dynamic_rnn.py"
@@ -140,6 +174,19 @@ def main() -> None:
                      f"{v['wall_p10_ms']:.1f} | {base['wall_p10_ms'] / v['wall_p10_ms']:.2f}x | "
                      + (f"{meta['compile_s'][name]:.1f} | {meta['max_rel_err_vs_ort'][name]:.1e} |" if k.startswith("bsc") else "| |"))
     lines += ["", "Sites: " + "; ".join(f"{k}: {', '.join(v)}" for k, v in meta["sites"].items()), ""]
+    lt = meta["lm_times"]
+    lines += ["## The language model", "",
+              f"The dynamic study's character LM (`CharLM`: embedding {LM_EMB}, one LSTM layer of {LM_H}, "
+              f"{LM_BS}x{LM_BS} tiles, vocabulary {LM_VOCAB}; random weights), {LM_SEQ} characters, batch 1, "
+              "exported as the study exports it (dense: ONNX `LSTM`; gated: `Scan`). Speed-ups from wall p10.", "",
+              "| model | bscompile wall p10 ms | vs bscompile dense | onnxruntime wall p10 ms | vs onnxruntime "
+              "(same file) | µs/char | compile s | max abs err vs ort |", "|---|---|---|---|---|---|---|---|"]
+    for name in meta["lm_compile_s"]:
+        b, o = lt[f"bsc_{name}"]["wall_p10_ms"], lt[f"ort_{name}"]["wall_p10_ms"]
+        lines.append(f"| {name[3:]} | {b:.3f} | {lt['bsc_lm_dense']['wall_p10_ms'] / b:.2f}x | {o:.3f} | "
+                     f"{o / b:.2f}x | {b * 1e3 / LM_SEQ:.1f} | {meta['lm_compile_s'][name]:.1f} | "
+                     f"{meta['lm_max_abs_err_vs_ort'][name]:.1e} |")
+    lines.append("")
     (OUT_DIR / "dynamic_rnn.md").write_text("\n".join(lines))
     print("\n".join(lines))
 

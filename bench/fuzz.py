@@ -236,6 +236,9 @@ def classify(o: Outcome, expect: str) -> str | None:
     if o.signal:
         return f"signal {o.signal}"
     if "Traceback" in o.stderr:
+        # what --debug asks for, around a clean error; anything else escaped
+        if "--debug" in o.argv and lines and re.match(r"bscompile\.errors\.\w+: ", lines[-1]):
+            return "refused valid input" if expect == "ok" else None
         return "traceback"
     if o.rc == 3 or "internal error" in o.stderr:
         return "internal error"

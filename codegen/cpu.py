@@ -28,6 +28,7 @@ from tvm.script import tirx as T
 
 from bscompile.codegen.cpu_cost import KernelShape, MachineModel, estimate_time
 from bscompile.codegen.cpu_dynamic import DynamicGenerator
+from bscompile.codegen.cpu_dynamic_recurrent import DynamicRecurrentGenerator
 from bscompile.codegen.family import Bucket, Cases, Generator, KernelFamily, dispatch, pick, static_dim
 from bscompile.codegen.layout import BlockShape, BlockStats, BSRMatrix, padded
 from bscompile.codegen.recurrent_cells import CellSpec, gate_update
@@ -739,4 +740,5 @@ class CpuFamily(KernelFamily):
     def __init__(self, machine: MachineModel):
         self.machine = machine
         self.generators = {"linear": BlockRowGenerator(machine, False), "recurrent": BlockRowGenerator(machine, True),
-                           "dynamic_linear": DynamicGenerator(machine)}
+                           "dynamic_linear": DynamicGenerator(machine),
+                           "dynamic_recurrent": DynamicRecurrentGenerator(machine)}

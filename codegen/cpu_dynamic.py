@@ -44,6 +44,7 @@ import dataclasses
 import functools
 import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import tvm
 from tvm.script import tirx as T
@@ -229,9 +230,11 @@ def _gate_macro(fin: int, gm: int):
     return gate_rows
 
 
-def _body(shape: DynamicShape, m, sched: DynamicSchedule, n_alive: int, panel: int):
-    """The whole kernel for ``m`` rows (an int, or the kernel's symbolic m) under one schedule:
-    a macro ``(x, tiles, gate_w, gate_b, bias, y)`` over the panel view of the tiles."""
+def phases(shape: DynamicShape, m, sched: DynamicSchedule, n_alive: int, panel: int) -> SimpleNamespace:
+    """The kernel's phases for ``m`` rows under one schedule, as macros (``gate_group``,
+    ``selection``, ``tile_lists``, ``product``) over the panel view of the tiles, with the
+    sizes their scratch buffers take (``ng``, ``m_pad``, ``mt``, ``rt``): the whole kernel
+    (:func:`_body`) and the recurrence (:func:`dynamic_recurrent_kernel`) compose them."""
     fin, bs, k = shape.in_features, shape.block, shape.k
     nbi, nbo, n_tiles = shape.nbi, shape.nbo, shape.num_tiles
     ng = -(-n_tiles // GATE_ROWS)
@@ -290,37 +293,53 @@ def _body(shape: DynamicShape, m, sched: DynamicSchedule, n_alive: int, panel: i
 
     @T.macro
     def selection(g, kth, scale, st):
-        """kth[b]: radix select of the k-th largest key, byte by byte from the top;
-        scale[b] = sum(kept scores) / n_alive. key = bits ^ ((bits >> 31) & 0x7fffffff)
-        orders the int32 keys like the floats."""
-        hist = T.alloc_buffer((256,), "int32")
+        """kth[b]: the k-th largest score of row b by quickselect on a copy of the row
+        (median-of-three pivot; each round counts the scores above and equal to the pivot,
+        then keeps the side holding the k-th, compacted to the front without branches):
+        about 3N comparisons, where a radix select's four 256-bucket passes cost several times
+        that for N of a few hundred; scale[b] = sum(kept scores) / n_alive. Every round shrinks
+        the candidates (the pivot is one of them), also with NaN scores."""
+        a = T.alloc_buffer((n_tiles,), "float32")
+        cnt = T.alloc_buffer((2,), "int32")  # above the pivot, equal to it
         fsum = T.alloc_buffer((1,), "float32")
         for b in T.serial(m):
-            st[0] = 0  # prefix: the key's bytes found so far (arithmetic shift of the key)
-            st[1] = k  # rank still to find among the candidates
-            for lvl in T.serial(4):
-                sh = T.Bind(24 - 8 * lvl)
-                for d in T.serial(256):
-                    hist[d] = 0
-                for n in T.serial(n_tiles):
-                    bits = T.Bind(T.reinterpret("int32", g[b, n]))
-                    key = T.Bind(T.bitwise_xor(bits, T.bitwise_and(T.shift_right(bits, 31), 0x7FFFFFFF)))
-                    if lvl == 0 or T.shift_right(key, T.min(sh + 8, 31)) == st[0]:  # no shift by 32
-                        dig = T.Bind(T.bitwise_and(T.shift_right(key, sh), 255))
-                        hist[dig] = hist[dig] + 1
-                st[2] = 0
-                for dd in T.serial(256):
-                    # top byte: signed, so its buckets run 127..0, 255..128 from large to small
-                    d = T.Bind(T.if_then_else(lvl == 0, T.bitwise_and(127 - dd, 255), 255 - dd))
-                    if st[2] == 0:
-                        if st[1] <= hist[d]:
-                            st[2] = 1
-                            st[0] = T.if_then_else(lvl == 0, T.shift_right(T.shift_left(d, 24), 24),
-                                                   T.shift_left(st[0], 8) + d)
-                        else:
-                            st[1] = st[1] - hist[d]
-            kbits = T.Bind(T.bitwise_xor(st[0], T.bitwise_and(T.shift_right(st[0], 31), 0x7FFFFFFF)))
-            kth[b] = T.reinterpret("float32", kbits)
+            for n in T.serial(n_tiles):
+                a[n] = g[b, n]
+            st[0] = n_tiles  # candidates: a[0 : st[0]]
+            st[1] = k - 1  # rank of the k-th among them, from the largest
+            st[2] = 0  # done
+            while st[2] == 0:
+                size = T.Bind(st[0])
+                if size <= 1:
+                    kth[b] = a[0]
+                    st[2] = 1
+                else:
+                    x0 = T.Bind(a[0])
+                    x1 = T.Bind(a[size // 2])
+                    x2 = T.Bind(a[size - 1])
+                    piv = T.Bind(T.max(T.min(x0, x1), T.min(T.max(x0, x1), x2)))
+                    cnt[0] = 0
+                    cnt[1] = 0
+                    for n in T.serial(size):
+                        cnt[0] = cnt[0] + T.Cast("int32", a[n] > piv)
+                        cnt[1] = cnt[1] + T.Cast("int32", a[n] == piv)
+                    rank = T.Bind(st[1])
+                    if rank < cnt[0]:  # among the larger ones
+                        st[0] = 0
+                        for n in T.serial(size):
+                            v = T.Bind(a[n])
+                            a[st[0]] = v  # (the write index never passes the read index)
+                            st[0] = st[0] + T.Cast("int32", v > piv)
+                    elif rank < cnt[0] + cnt[1]:
+                        kth[b] = piv
+                        st[2] = 1
+                    else:  # among the smaller ones
+                        st[1] = rank - cnt[0] - cnt[1]
+                        st[0] = 0
+                        for n in T.serial(size):
+                            v = T.Bind(a[n])
+                            a[st[0]] = v
+                            st[0] = st[0] + T.Cast("int32", v < piv)
             fsum[0] = T.float32(0)
             for n in T.serial(n_tiles):
                 if g[b, n] >= kth[b]:
@@ -404,6 +423,47 @@ def _body(shape: DynamicShape, m, sched: DynamicSchedule, n_alive: int, panel: i
                 for q in T.vectorized(bs):
                     y[b, ob * bs + q] = acc_y[b, q] + bias[ob * bs + q]
 
+    def with_lists(then):
+        """A macro ``(g, tiles, x, bias, y, extra)`` for the body of a parallel loop: the register
+        tile first (its own memory: see :func:`_body`), the selection and tile lists of ``g`` into
+        buffers of the thread's own, then ``then(tiles, x, bias, y, acc, lrow, lscale, utile,
+        ugroups, ucnt, bounds, extra)`` (the macro that multiplies the thread's output blocks)."""
+
+        @T.macro
+        def run(g, tiles, x, bias, y, extra):
+            acc = T.alloc_buffer((mt, rt), "float32")
+            for j in T.unroll(mt):
+                for q in T.vectorized(rt):
+                    acc[j, q] = T.float32(0)
+            kth = T.alloc_buffer((m,), "float32")
+            scale = T.alloc_buffer((m,), "float32")
+            lrow = T.alloc_buffer((nbo, nbi, m_pad), "int32")
+            lscale = T.alloc_buffer((nbo, nbi, m_pad), "float32")
+            utile = T.alloc_buffer((nbo, nbi), "int32")
+            ugroups = T.alloc_buffer((nbo, nbi), "int32")
+            ucnt = T.alloc_buffer((nbo,), "int32")
+            wpre = T.alloc_buffer((nbo + 1,), "int32")
+            bounds = T.alloc_buffer((chunks + 1,), "int32")
+            st = T.alloc_buffer((4,), "int32")
+            selection(g, kth, scale, st)
+            tile_lists(g, kth, scale, lrow, lscale, utile, ugroups, ucnt, wpre, bounds, st)
+            then(tiles, x, bias, y, acc, lrow, lscale, utile, ugroups, ucnt, bounds, extra)
+
+        return run
+
+    return SimpleNamespace(gate_group=gate_group, selection=selection, tile_lists=tile_lists, product=product,
+                           with_lists=with_lists,
+                           ng=ng, m_pad=m_pad, mt=mt, rt=rt)
+
+
+def _body(shape: DynamicShape, m, sched: DynamicSchedule, n_alive: int, panel: int):
+    """The whole kernel for ``m`` rows (an int, or the kernel's symbolic m) under one schedule:
+    a macro ``(x, tiles, gate_w, gate_b, bias, y)`` over the panel view of the tiles."""
+    ph = phases(shape, m, sched, n_alive, panel)
+    gate_group, selection, tile_lists, product = ph.gate_group, ph.selection, ph.tile_lists, ph.product
+    nbi, nbo, ng, m_pad, mt, rt, chunks = shape.nbi, shape.nbo, ph.ng, ph.m_pad, ph.mt, ph.rt, sched.chunks
+    chunk_loop = T.parallel if chunks > 1 else T.serial
+
     # Either one launch in which every thread computes the gate, the selection and the
     # lists itself (redundant work, ~in/bs^2 of the dense product, instead of a second
     # wake-up of the pool and a wait for its slowest thread) and multiplies its own range,
@@ -461,6 +521,23 @@ def _body(shape: DynamicShape, m, sched: DynamicSchedule, n_alive: int, panel: i
     # (t = 1), each taken by setting its plain int32 flag first, until one the other thread
     # took; two threads taking one item at once both do it and write the same values.
     @T.macro
+    def claim_blocks(tiles, x, bias, y, acc, lrow, lscale, utile, ugroups, ucnt, bounds, extra):
+        """Output blocks from the front (thread 0) or the back until one the other thread took."""
+        t, block_taken = extra
+        stp = T.alloc_buffer((1,), "int32")
+        stp[0] = 0
+        for i in T.serial(nbo):
+            ob = T.Bind(T.if_then_else(t == 0, i, nbo - 1 - i))
+            if stp[0] == 0:
+                if block_taken[ob] == 0:
+                    block_taken[ob] = 1
+                    product(tiles, x, bias, y, acc, lrow, lscale, utile, ugroups, ucnt, ob, ob + 1)
+                else:
+                    stp[0] = 1
+
+    claimed = ph.with_lists(claim_blocks)
+
+    @T.macro
     def body_claim(x, tiles, gate_w, gate_b, bias, y):
         g = T.alloc_buffer((m, ng * GATE_ROWS), "float32")  # shared by the threads
         gate_taken = T.alloc_buffer((ng,), "int32")
@@ -485,32 +562,7 @@ def _body(shape: DynamicShape, m, sched: DynamicSchedule, n_alive: int, panel: i
                             else:
                                 stp[0] = 1
             for t in T.parallel(2):
-                acc = T.alloc_buffer((mt, rt), "float32")  # first: its own memory (see above)
-                for j in T.unroll(mt):
-                    for q in T.vectorized(rt):
-                        acc[j, q] = T.float32(0)
-                kth = T.alloc_buffer((m,), "float32")
-                scale = T.alloc_buffer((m,), "float32")
-                lrow = T.alloc_buffer((nbo, nbi, m_pad), "int32")
-                lscale = T.alloc_buffer((nbo, nbi, m_pad), "float32")
-                utile = T.alloc_buffer((nbo, nbi), "int32")
-                ugroups = T.alloc_buffer((nbo, nbi), "int32")
-                ucnt = T.alloc_buffer((nbo,), "int32")
-                wpre = T.alloc_buffer((nbo + 1,), "int32")
-                bounds = T.alloc_buffer((chunks + 1,), "int32")
-                st = T.alloc_buffer((4,), "int32")
-                stp = T.alloc_buffer((1,), "int32")
-                selection(g, kth, scale, st)
-                tile_lists(g, kth, scale, lrow, lscale, utile, ugroups, ucnt, wpre, bounds, st)
-                stp[0] = 0
-                for i in T.serial(nbo):
-                    ob = T.Bind(T.if_then_else(t == 0, i, nbo - 1 - i))
-                    if stp[0] == 0:
-                        if block_taken[ob] == 0:
-                            block_taken[ob] = 1
-                            product(tiles, x, bias, y, acc, lrow, lscale, utile, ugroups, ucnt, ob, ob + 1)
-                        else:
-                            stp[0] = 1
+                claimed(g, tiles, x, bias, y, (t, block_taken))
 
     return body_claim
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from bscompile.codegen.cuda import CudaBlockRowGenerator
 from bscompile.codegen.cuda_cost import GPUS, GpuModel
-from bscompile.codegen.cuda_dynamic import CudaDynamicGenerator
+from bscompile.codegen.cuda_dynamic import CudaDynamicGenerator, CudaDynamicRecurrentGenerator
 from bscompile.codegen.cuda_persistent import PersistentGenerator
 from bscompile.codegen.family import KernelFamily
 
@@ -19,7 +19,8 @@ class CudaFamily(KernelFamily):
         self.gpu = gpu
         recurrent = PersistentGenerator(gpu) if persistent_rnn else CudaBlockRowGenerator(gpu, True)
         self.generators = {"linear": CudaBlockRowGenerator(gpu, False), "recurrent": recurrent,
-                           "dynamic_linear": CudaDynamicGenerator(gpu)}
+                           "dynamic_linear": CudaDynamicGenerator(gpu),
+                           "dynamic_recurrent": CudaDynamicRecurrentGenerator(gpu)}
 
     @classmethod
     def for_arch(cls, arch: str, persistent_rnn: bool = False) -> "CudaFamily":

@@ -86,6 +86,10 @@ class CellSpec:
     input_forget: bool = False
     clip: float | None = None
     activations: tuple[Activation, ...] = field(default=())
+    #: where each gate of the ONNX order (``zrh``, ``iofc``) sits among the columns of the
+    #: products, in gates of ``hidden``: None is the ONNX order itself; PyTorch's cells
+    #: (``rzn``, ``ifgo``) are ``(1, 0, 2)`` and ``(0, 3, 1, 2)``
+    gate_order: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if not self.activations:
@@ -98,6 +102,10 @@ class CellSpec:
     @staticmethod
     def num_activations(kind: str) -> int:
         return len(_DEFAULT_ACTS[kind])
+
+    def offset(self, gate: int) -> int:
+        """First column of ONNX gate ``gate`` in the products."""
+        return (self.gate_order[gate] if self.gate_order else gate) * self.hidden
 
     def clip_expr(self, x):
         if self.clip is None:
@@ -116,8 +124,9 @@ class CellSpec:
     @classmethod
     def from_json(cls, d: dict) -> "CellSpec":
         acts = tuple(Activation(**a) for a in d["activations"])
+        order = d.get("gate_order")
         return cls(d["kind"], d["hidden"], d["reverse"], d["linear_before_reset"], d["input_forget"],
-                   d["clip"], acts)
+                   d["clip"], acts, tuple(order) if order else None)
 
     def to_json(self) -> dict:
         return {
@@ -125,7 +134,7 @@ class CellSpec:
             "linear_before_reset": self.linear_before_reset, "input_forget": self.input_forget,
             "clip": self.clip,
             "activations": [{"name": a.name, "alpha": a.alpha, "beta": a.beta} for a in self.activations],
-        }
+        } | ({"gate_order": list(self.gate_order)} if self.gate_order else {})
 
 
 def gate_update(cell: CellSpec):
@@ -135,6 +144,7 @@ def gate_update(cell: CellSpec):
     candidate row ``R_h (r * h) + Rb_h`` sits at column ``g1 + j``.
     """
     H = cell.hidden
+    o0, o1, o2, o3 = [cell.offset(q) for q in range(cell.num_gates)] + [0] * (4 - cell.num_gates)
     clip, f, gg = cell.clip_expr, cell.f_act, cell.g_act
 
     if cell.kind == "rnn":
@@ -150,15 +160,15 @@ def gate_update(cell: CellSpec):
     if cell.kind == "gru":
         if cell.linear_before_reset:  # candidate = g(x_h + r * (R_h h + Rb_h))
             def candidate(xp, g, rg, b, j, tt, g1):
-                return gg(clip(xp[tt, b, 2 * H + j] + rg * g[b, 2 * H + j]))
+                return gg(clip(xp[tt, b, o2 + j] + rg * g[b, o2 + j]))
         else:  # candidate = g(x_h + R_h (r * h) + Rb_h), computed by the second mat-vec
             def candidate(xp, g, rg, b, j, tt, g1):
-                return gg(clip(xp[tt, b, 2 * H + j] + g[b, g1 + j]))
+                return gg(clip(xp[tt, b, o2 + j] + g[b, g1 + j]))
 
         @T.macro
         def step(xp, g, h, c, peep, y, b, j, tt, g1):
-            z = T.Bind(f(clip(xp[tt, b, j] + g[b, j])))
-            rg = T.Bind(f(clip(xp[tt, b, H + j] + g[b, H + j])))
+            z = T.Bind(f(clip(xp[tt, b, o0 + j] + g[b, o0 + j])))
+            rg = T.Bind(f(clip(xp[tt, b, o1 + j] + g[b, o1 + j])))
             cand = T.Bind(candidate(xp, g, rg, b, j, tt, g1))
             hn = T.Bind((_F(1) - z) * cand + z * h[b, j])
             h[b, j] = hn
@@ -172,16 +182,16 @@ def gate_update(cell: CellSpec):
             return _F(1) - ig
     else:
         def forget(xp, g, peep, ig, cp, b, j, tt):
-            return f(clip(xp[tt, b, 2 * H + j] + g[b, 2 * H + j] + peep[2 * H + j] * cp))
+            return f(clip(xp[tt, b, o2 + j] + g[b, o2 + j] + peep[2 * H + j] * cp))
 
     @T.macro
     def step(xp, g, h, c, peep, y, b, j, tt, g1):
         cp = T.Bind(c[b, j])
-        ig = T.Bind(f(clip(xp[tt, b, j] + g[b, j] + peep[j] * cp)))
+        ig = T.Bind(f(clip(xp[tt, b, o0 + j] + g[b, o0 + j] + peep[j] * cp)))
         fg = T.Bind(forget(xp, g, peep, ig, cp, b, j, tt))
-        ct = T.Bind(gg(clip(xp[tt, b, 3 * H + j] + g[b, 3 * H + j])))
+        ct = T.Bind(gg(clip(xp[tt, b, o3 + j] + g[b, o3 + j])))
         cn = T.Bind(fg * cp + ig * ct)
-        og = T.Bind(f(clip(xp[tt, b, H + j] + g[b, H + j] + peep[H + j] * cn)))
+        og = T.Bind(f(clip(xp[tt, b, o1 + j] + g[b, o1 + j] + peep[H + j] * cn)))
         hn = T.Bind(og * hh(cn))
         c[b, j] = cn
         h[b, j] = hn

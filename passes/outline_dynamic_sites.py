@@ -30,8 +30,8 @@ Contract
   other normalisers -- and every graph on a target whose family has no
   ``dynamic_linear`` generator. A symbolic batch (both exporters' default) is outlined,
   the site's ``m`` naming it, when the family's kernel takes a symbolic m
-  (``Generator.symbolic_m``: the CPU one, dispatching per m bucket); else the graph is
-  left alone (CUDA: the driver asks for ``--input-shape`` first). Idempotent.
+  (``Generator.symbolic_m``: the CPU one, dispatching per m bucket; the CUDA one, whose
+  grid has m rows); else the graph is left alone. Idempotent.
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ Registered with ``relax.register_pipeline("bscompile")``, so it is one named
     CheckIndices(device)                data-dependent indices range-checked at run time
     Conv1dToMatmul                      a convolution by a constant kernel -> im2col + matmul
     OutlineDynamicSites(family)         input-dependent block selection -> dynamic sites
+    FuseDynamicRecurrences(family)      a loop whose body is a gated LSTM/GRU cell -> one
+                                        dynamic_recurrent site (the time loop in its kernel)
     OutlineLinearSites                  products by constant weights -> linear sites
                                         (recurrent sites come from the frontend)
     AnalyzeSparsity                     bscompile.sparsity on every constant-weight site
@@ -35,6 +37,7 @@ from bscompile.passes.analyze_sparsity import AnalyzeSparsity
 from bscompile.passes.check_indices import CheckIndices
 from bscompile.passes.choose_layout import ChooseLayout
 from bscompile.passes.conv1d_to_matmul import Conv1dToMatmul
+from bscompile.passes.fuse_dynamic_recurrences import FuseDynamicRecurrences
 from bscompile.passes.lower_weight_sites import LowerWeightSites
 from bscompile.passes.outline_dynamic_sites import OutlineDynamicSites
 from bscompile.passes.outline_linear_sites import OutlineLinearSites
@@ -51,6 +54,7 @@ def bscompile_passes(family: KernelFamily, *, sparse: bool = True, force_block: 
         CheckIndices(family.name),
         Conv1dToMatmul(),
         OutlineDynamicSites(family),
+        FuseDynamicRecurrences(family),
         OutlineLinearSites(),
         AnalyzeSparsity(),
         ChooseLayout(family, sparse=sparse, force_block=force_block, records=records),

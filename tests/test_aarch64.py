@@ -334,3 +334,43 @@ def test_aarch64_bundle_runs_a_symbolic_scan_loop(rng, tmp_path, emulator_env):
         for name, want in ort_run(model, feeds).items():
             np.testing.assert_allclose(np.load(tmp_path / f"out{t}" / f"{name}.npy"), want, rtol=RTOL, atol=ATOL,
                                        err_msg=f"{name} at {t} steps")
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_aarch64_bundle_runs_a_fused_gated_recurrence(rng, tmp_path, emulator_env, monkeypatch, parallel):
+    """A gated LSTM layer exported with its time loop as an ONNX Scan compiles to one
+    dynamic_recurrent kernel; the bundle runs it under qemu-aarch64 at 1 and 7 steps against
+    onnxruntime. ``parallel``: with the two-chunk threshold at 0, the whole loop is one launch
+    of two pool threads meeting at barriers, on a weakly ordered core."""
+    import onnx
+    import onnxruntime as ort
+    import test_dynamic_rnn as t
+
+    from bscompile.codegen import cpu_dynamic_recurrent
+    from bscompile.runtime.package import package_artifact
+
+    if parallel:
+        monkeypatch.setattr(cpu_dynamic_recurrent, "PERSISTENT_MIN_WORK", 0)
+    m = t._model(rng, "lstm", keep=0.5, time_loop="scan")
+    xs = [t.clear_margin_input(m, rng, n) for n in (1, 7)]
+    model_bytes = t._export(m, "dynamo", 2)
+    art = bscompile.compile(onnx.load_from_string(model_bytes), target="aarch64")
+    (rec,) = [w for w in art.manifest.weights if w["kind"] == "dynamic_recurrent"]
+    assert rec["decision"]["schedule"]["chunks"] == (2 if parallel else 1)
+    report = package_artifact(art.export(tmp_path / "lstm.bsc"), tmp_path / "lstm-aarch64.tar.gz")
+    _unpack(Path(report["bundle"]), tmp_path / "device")
+    sess = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+    for x in xs:
+        h0 = np.zeros((1, t.B, t.H), np.float32)
+        feeds = {"x": x, "h0": h0, "c0": h0}
+        args = []
+        for name, value in feeds.items():
+            np.save(tmp_path / f"{name}.npy", value)
+            args += ["--input", f"{name}={tmp_path / f'{name}.npy'}"]
+        out = tmp_path / f"out{len(x)}"
+        proc = _run(tmp_path / "device" / "lstm", [*args, "--output", str(out)],
+                    {**emulator_env, "TVM_NUM_THREADS": "2"})
+        assert proc.returncode == 0, proc.stderr
+        for o, want in zip(sess.get_outputs(), sess.run(None, feeds)):
+            np.testing.assert_allclose(np.load(out / f"{o.name}.npy"), want, rtol=RTOL, atol=ATOL,
+                                       err_msg=f"{o.name} at {len(x)} steps")

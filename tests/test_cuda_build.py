@@ -19,7 +19,7 @@ import pytest
 import tvm
 
 import bscompile
-from bscompile.codegen import cuda, cuda_persistent
+from bscompile.codegen import cuda, cuda_dynamic, cuda_persistent
 from bscompile.codegen.cuda_ptxas import KernelResources, compile_source, cuda_sources, markdown_report, nvcc_path
 from bscompile.codegen.layout import BlockShape, BSRMatrix
 from bscompile.codegen.recurrent_cells import CellSpec
@@ -69,6 +69,12 @@ def _kernel_module(arch_target: tvm.target.Target) -> tvm.IRModule:
     cell = CellSpec("gru", hid, linear_before_reset=True)
     f = cuda_persistent.recurrent_kernel(cell, [mat], 6, 4, [cuda.default_schedule(mat, 4)])
     funcs["gru_persistent_h256"] = f.with_attr("global_symbol", "gru_persistent_h256")
+    # dynamic block selection: the site at a symbolic m, the gated LSTM recurrence (symbolic length)
+    f = cuda_dynamic.dynamic_linear_kernel(1024, 4096, 128, 128, None, 256)
+    funcs["dynamic_1024x4096_b128"] = f.with_attr("global_symbol", "dynamic_1024x4096_b128")
+    cell = CellSpec("lstm", 1024, gate_order=(0, 3, 1, 2))
+    f = cuda_dynamic.dynamic_recurrent_kernel(cell, 128, 128, 256, 1, None)
+    funcs["dynamic_lstm_h1024_b128"] = f.with_attr("global_symbol", "dynamic_lstm_h1024_b128")
     return tvm.IRModule(funcs)
 
 

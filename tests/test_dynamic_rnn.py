@@ -8,7 +8,11 @@ every selection (every step, row and product) separates the k-th and (k+1)-th sc
 """
 
 import io
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -218,12 +222,13 @@ def test_symbolic_length_compiled_once(rng, kind, form):
     model_bytes = _export(m, form, 2)
     sess = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
     art = bscompile.compile(onnx.load_from_string(model_bytes))
-    # every gated product is a dynamic weight site: the recurrent one inside the loop function,
-    # and the scan form's input product, hoisted over all steps, with the symbolic length as m
-    sites = {(w["name"], w["kind"], str(w["m"])) for w in art.manifest.weights}
-    assert {kind for _, kind, _ in sites} == {"dynamic_linear"}, sites
-    if form == "dynamo":
-        assert any(not m.isdigit() for _, _, m in sites), sites
+    # the input product, hoisted over all steps, is a dynamic site with the symbolic length as m;
+    # the loop, its cell recognised, is one dynamic_recurrent site (the time loop in its kernel)
+    sites = {w["kind"]: w for w in art.manifest.weights}
+    assert sorted(sites) == ["dynamic_linear", "dynamic_recurrent"], sites
+    assert not str(sites["dynamic_linear"]["m"]).isdigit(), sites
+    rec = sites["dynamic_recurrent"]["attributes"]
+    assert rec["cell"]["kind"] == kind and not str(rec["seq"]).isdigit(), rec
     compiled = art.load()
     for x in xs:
         h0 = np.zeros((1, B, H), np.float32)
@@ -233,3 +238,61 @@ def test_symbolic_length_compiled_once(rng, kind, form):
         assert len(got) == len(want)
         for g, w in zip(got, want):
             np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=f"{x.shape[0]} steps")
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_fused_recurrence_with_any_pool_size(threads):
+    """A gated layer large enough for the two-chunk schedule (one pool launch per sequence,
+    barriers after the gate, the product and the cell update) matches onnxruntime with 1, 2
+    or 3 pool threads (a fresh process with ``TVM_NUM_THREADS``): LSTM 180 in 36x36 tiles
+    (the cell update's vectors leave a tail) and GRU 256 in 32x32, scan form, 1, 7 and 20 steps."""
+    seed = int(np.random.SeedSequence().entropy % 2**32)
+    script = f"""
+import sys, numpy as np, onnx, onnxruntime as ort
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import test_dynamic_rnn as t
+import bscompile
+rng = np.random.default_rng({seed})
+t.B = 1
+for kind, hidden, block in (("lstm", 180, 36), ("gru", 256, 32)):
+    t.IN, t.H, t.BS = 2 * block, hidden, block
+    m = t._model(rng, kind, keep=0.5, time_loop="scan")
+    xs = [t.clear_margin_input(m, rng, n) for n in (1, 7, 20)]
+    blob = t._export(m, "dynamo", 2)
+    art = bscompile.compile(onnx.load_from_string(blob))
+    (rec,) = [w for w in art.manifest.weights if w["kind"] == "dynamic_recurrent"]
+    assert rec["decision"]["schedule"]["chunks"] == 2, rec["decision"]
+    mod, sess = art.load(), ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
+    for x in xs:
+        h0 = np.zeros((1, 1, hidden), np.float32)
+        feeds = {{"x": x, "h0": h0, "c0": h0}} if kind == "lstm" else {{"x": x, "h0": h0}}
+        for g, w in zip(mod.run(feeds).values(), sess.run(None, feeds)):
+            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=f"{{kind}} {{x.shape[0]}} steps")
+"""
+    env = {**os.environ, "TVM_NUM_THREADS": str(threads)}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"seed {seed}: {proc.stderr[-3000:]}"
+
+
+@pytest.mark.parametrize("kind", sorted(CLASSES))
+def test_cuda_fused_recurrence_under_the_emulator(rng, tmp_path, kind):
+    """The CUDA family's fused gated recurrence (a host loop over the symbolic steps around
+    gate, selection, tile product and cell update launches) run by the CUDA emulator in a
+    subprocess at 5 steps, in a random thread/block order, against onnxruntime."""
+    m = _model(rng, kind, keep=0.5, time_loop="scan")
+    x = clear_margin_input(m, rng, 5)
+    model_bytes = _export(m, "dynamo", 2)
+    (tmp_path / "m.onnx").write_bytes(model_bytes)
+    art = bscompile.compile(onnx.load_from_string(model_bytes), target="cuda")
+    assert "dynamic_recurrent" in [w["kind"] for w in art.manifest.weights]
+    art.export(tmp_path / "m.bsc")
+    h0 = np.zeros((1, B, H), np.float32)
+    args = []
+    for name, value in ({"x": x, "h0": h0, "c0": h0} if kind == "lstm" else {"x": x, "h0": h0}).items():
+        np.save(tmp_path / f"{name}.npy", value)
+        args += ["--input", f"{name}={tmp_path / f'{name}.npy'}"]
+    proc = subprocess.run([sys.executable, "-m", "bscompile.cli", "run", str(tmp_path / "m.bsc"), "--emulate",
+                           "random", *args, "--check", str(tmp_path / "m.onnx")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "(ok, rtol 0.0001 atol 1e-05)" in proc.stdout, proc.stdout

@@ -134,19 +134,22 @@ def _edit(model_bytes: bytes, op: str, values: dict[int, object]) -> bytes:
     raise AssertionError(f"no {op} with constant inputs {list(values)}")
 
 
-@pytest.mark.parametrize("edit", ["normaliser", "kth", "no-generator", "symbolic-on-cuda"])
+@pytest.mark.parametrize("edit", ["normaliser", "kth", "no-generator", "symbolic-on-static-kernel"])
 def test_outline_dynamic_sites_leaves_other_graphs_alone(rng, edit):
     """A normaliser that is not the number of tiles, a slice that does not take the k-th
     value, a family without a dynamic generator, or a symbolic batch on a family whose
-    dynamic kernel takes static shapes only (CUDA): the generic path keeps the graph."""
+    dynamic kernel takes static shapes only: the generic path keeps the graph."""
     m = _model(rng, 0.5, False)
     model_bytes = _export(m, dynamo=False)
     family = CPU
-    if edit == "symbolic-on-cuda":
+    if edit == "symbolic-on-static-kernel":
         before = relax.transform.FoldConstant()(import_onnx(onnx.load_from_string(model_bytes), None).mod)
-        cuda = resolve_target("cuda").kernel_family()
-        assert cuda.supports("dynamic_linear")
-        tvm.ir.assert_structural_equal(OutlineDynamicSites(cuda)(before), before)
+        family = copy.copy(CPU)
+        static = copy.copy(CPU.generators["dynamic_linear"])
+        static.symbolic_m = False
+        family.generators = {**CPU.generators, "dynamic_linear": static}
+        tvm.ir.assert_structural_equal(OutlineDynamicSites(family)(before), before)
+        assert weight_entries(OutlineDynamicSites(CPU)(before))  # (what the CPU family outlines)
         return
     if edit == "normaliser":
         model_bytes = _edit(model_bytes, "Div", {1: 7.0})
@@ -192,18 +195,20 @@ def test_default_compile_runs_the_dynamic_kernel_at_any_batch(rng):
                                    err_msg=f"batch {batch}")
 
 
-@pytest.mark.parametrize("order", ["forward", "random"])
-def test_cuda_dynamic_site_under_the_emulator(rng, tmp_path, order):
+@pytest.mark.parametrize("order,symbolic", [("forward", False), ("random", True)])
+def test_cuda_dynamic_site_under_the_emulator(rng, tmp_path, order, symbolic):
     """The CUDA family's dynamic kernel (gate, selection, tile product: three launches) run
-    by the CUDA emulator in a subprocess, in two thread/block orders, against onnxruntime."""
+    by the CUDA emulator in a subprocess, in two thread/block orders, against onnxruntime;
+    compiled for batch 3, or with the exporter's symbolic batch (the grid's row dimension)."""
     import subprocess
     import sys
 
     m = _model(rng, 0.25, True)
     model_bytes = _export(m, dynamo=False)
     (tmp_path / "dyn.onnx").write_bytes(model_bytes)
-    art = bscompile.compile(onnx.load_from_string(model_bytes), target="cuda", input_shapes={"x": (3, IN)})
-    assert [w["kind"] for w in art.manifest.weights] == ["dynamic_linear"]
+    art = bscompile.compile(onnx.load_from_string(model_bytes), target="cuda",
+                            input_shapes=None if symbolic else {"x": (3, IN)})
+    assert [(w["kind"], isinstance(w["m"], str)) for w in art.manifest.weights] == [("dynamic_linear", symbolic)]
     art.export(tmp_path / "dyn.bsc")
     np.save(tmp_path / "x.npy", clear_margin_inputs(m, rng, 3))
     proc = subprocess.run([sys.executable, "-m", "bscompile.cli", "run", str(tmp_path / "dyn.bsc"), "--emulate", order,

@@ -277,3 +277,19 @@ def test_repeated_calls_keep_every_input_check(files):
     again = next(iter(mod.run({"x": 2 * x}).values()))
     np.testing.assert_allclose(next(iter(mod.run({"x": x}).values())), first, rtol=1e-6, atol=1e-6)
     assert not np.array_equal(again, first)  # a fresh result, not the first call's buffer rewritten
+
+
+def test_recurrent_state_shapes_that_contradict_the_batch_are_one_line(tmp_path, capsys, rng):
+    """A GRU whose ``sequence_lens`` (or ``initial_h``) disagrees with X's batch is refused while
+    importing with one line naming the node and the input (it reached TVM's lowering, an
+    internal error, found by bench/fuzz.py)."""
+    from onnx_models import gru_with_lens
+
+    model = gru_with_lens(rng, hidden=8, inp=4)
+    model.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 3
+    model.graph.input[1].type.tensor_type.shape.dim[0].dim_value = 2
+    onnx.save(model, tmp_path / "m.onnx")
+    assert main(["compile", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "m.bsc"), "-q"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.strip() == "bscompile: error: node 'gru': input sequence_lens has shape [2], expected [3]"
+    assert not (tmp_path / "m.bsc").exists()

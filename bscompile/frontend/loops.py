@@ -17,7 +17,9 @@ steps at a time, so that the VM's recursion stays shallow), the body converted o
 where ``scatter_nd`` would copy the whole buffer every step) into buffers preallocated for
 all steps, outer-scope values passed as invariant parameters; a carried sequence that is only
 appended to becomes a scan output that ``ConcatFromSequence`` reads stacked. The VM runs
-the recursion; bscompile's passes visit the loop function like ``main``.
+the recursion; bscompile's passes visit the loop function like ``main``. The outer function
+carries the ``bscompile.loop`` attribute (which scan outputs run backwards), so that
+``FuseDynamicRecurrences`` can find loops whose body is a recurrent cell.
 
 A ``Loop`` whose condition depends on the data runs all ``M`` steps (static ``M``) with the
 carried values frozen once the condition turns false (exact: later steps do not change
@@ -42,6 +44,9 @@ from bscompile.errors import UnsupportedModelError
 from bscompile.sites import definable
 
 LOOP_OPS = {"Loop", "Scan"}
+
+#: Attribute of a real loop's outer function (``loop_chunks``), which the loop's call names.
+LOOP = "bscompile.loop"
 
 #: Above this many steps an unrolled loop would make a Relax module too large to compile.
 MAX_UNROLL = 4096
@@ -379,6 +384,8 @@ def _relax_loop(importer: Any, body: onnx.GraphProto, node: str, length: tirx.Pr
     fields = [bb.emit(relax.TupleGetItem(res, j)) for j in range(n_state + len(o_p))]
     rec = bb.emit(relax.Call(gv, [stop, n_p, *fields[:n_state], *x_p, *i_p, *fields[n_state:]]))
     recurse(gv, params, cond, bb._end_block(), rec, s_p + o_p)
+    # what passes need to know that the structure does not say: which scan outputs run backwards
+    bb.update_func(gv, bb.get()[gv].with_attr(LOOP, {"reversed_outputs": [int(bool(r)) for r in out_dirs]}))
     res = bb.emit(relax.Call(gv, [relax.const(0, "int64"), n, *state, *xs, *inv, *bufs]))
     return [bb.emit(relax.TupleGetItem(res, i)) for i in range(n_state + len(bufs))]
 

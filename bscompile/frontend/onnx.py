@@ -9,6 +9,9 @@ converted; layout ops on a named weight (``Transpose``, ``Reshape``, ``Cast``, a
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import math
 import mmap
 import os
@@ -287,8 +290,9 @@ def import_onnx(model: str | os.PathLike | onnx.ModelProto,
         nodes_by_name={n.name: n for n in proto.graph.node}, weights=weights,
     )
     del weights
-    try:
-        mod = importer.from_onnx(proto.graph, opset)
+    try:  # (TVM's importer prints every failing node's inputs to stdout before re-raising)
+        with contextlib.redirect_stdout(io.StringIO()):
+            mod = importer.from_onnx(proto.graph, opset)
     except BscompileError:
         raise
     except Exception as err:

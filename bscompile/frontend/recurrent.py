@@ -69,8 +69,14 @@ def _dims(expr: relax.Expr, node: str, what: str, static_from: int) -> tuple:
     return out
 
 
-def _const_or_zeros(bb, expr, shape, dtype="float32"):
+def _const_or_zeros(bb, expr, shape, dtype="float32", node: str = "", what: str = ""):
+    """``expr``, checked against ``shape`` where both sizes are known; zeros when absent."""
     if expr is not None:
+        got = _dims(expr, node, what, static_from=len(shape))
+        if len(got) != len(shape) or any(isinstance(a, int) and isinstance(b, int) and a != b
+                                         for a, b in zip(got, shape)):
+            raise UnsupportedModelError(f"node '{node}': input {what} has shape {list(got)}, expected "
+                                        f"{[d if isinstance(d, int) else str(d) for d in shape]}")
         return expr
     if all(isinstance(d, int) for d in shape):
         return relax.const(np.zeros(shape, dtype))
@@ -160,10 +166,12 @@ def convert_recurrent(kind: str, bb: relax.BlockBuilder, inputs, attr: dict, onn
     if layout == 1:
         h0 = None if h0 is None else bb.emit(relax.op.permute_dims(h0, [1, 0, 2]))
         c0 = None if c0 is None else bb.emit(relax.op.permute_dims(c0, [1, 0, 2]))
-    b = _const_or_zeros(bb, b, (num_dir, 2 * gh))
-    h0 = _const_or_zeros(bb, h0, (num_dir, batch, hidden))
-    c0 = _const_or_zeros(bb, c0, (num_dir, batch, hidden))
-    peep = _const_or_zeros(bb, peep, (num_dir, 3 * hidden))
+    b = _const_or_zeros(bb, b, (num_dir, 2 * gh), node=node, what="B")
+    h0 = _const_or_zeros(bb, h0, (num_dir, batch, hidden), node=node, what="initial_h")
+    c0 = _const_or_zeros(bb, c0, (num_dir, batch, hidden), node=node, what="initial_c")
+    peep = _const_or_zeros(bb, peep, (num_dir, 3 * hidden), node=node, what="P")
+    if lens is not None:
+        _const_or_zeros(bb, lens, (batch,), node=node, what="sequence_lens")
     if lens is None and isinstance(batch, int) and isinstance(seq, int):
         lens = relax.const(np.full(batch, seq, np.int32))
     elif lens is None:

@@ -76,6 +76,8 @@ CUEMU_VEC2(int, int2)
 CUEMU_VEC4(int, int4)
 CUEMU_VEC2(unsigned int, uint2)
 CUEMU_VEC4(unsigned int, uint4)
+CUEMU_VEC2(long long, longlong2)  // (dlight's GEMM schedules index shared memory in pairs of int64)
+CUEMU_VEC4(long long, longlong4)
 struct float3 { float x, y, z; };
 inline float3 make_float3(float x, float y, float z) { float3 r; r.x = x; r.y = y; r.z = z; return r; }
 inline uint3 make_uint3(unsigned x, unsigned y, unsigned z) { uint3 r; r.x = x; r.y = y; r.z = z; return r; }

@@ -1,0 +1,170 @@
+"""The time loop of a recurrent layer with dynamic block selection, in one CPU kernel.
+
+Per step ``t`` of a gated cell (Hadifar et al. 2020's ``GatedLSTMCell``, and the GRU
+form): ``pre = dynamic_linear(h_{t-1})`` -- gate scores of ``h``, top-k selection per
+batch row, the selected tiles of ``W_hh`` (:mod:`codegen.cpu_dynamic`'s phases) plus
+``b_hh`` -- then the cell update from ``xp[t] + pre`` (``xp``: the input product of every
+step, computed before the loop by its own dynamic site). The state stays in the
+kernel's buffers across steps; the VM calls the kernel once per sequence instead of
+running a loop function with a site call, a cell kernel and allocations per step.
+
+With two chunks the whole loop is one thread-pool launch (as the persistent dense
+recurrences of :mod:`codegen.cpu`): per step the threads split the gate's groups, then
+each computes the selection and the tile lists itself (the same lists: O(N) scalar work)
+and multiplies its own range of output blocks, balanced by work, then they split the cell
+update; barriers between the three. A pool that must not spin wakes once per sequence,
+not once per step.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import tvm
+from tvm.script import tirx as T
+
+from bscompile.codegen.cpu_dynamic import DynamicGenerator, DynamicSchedule, default_schedule, phases
+from bscompile.codegen.dynamic_layout import GATE_ROWS, DynamicShape, tile_panel
+from bscompile.codegen.family import Bucket
+from bscompile.codegen.recurrent_cells import CellSpec, gate_update
+
+_GATE_LANES = 8
+
+#: Multiply-adds per step (gate + selected tiles) from which the loop runs on two threads in
+#: one launch. Per step at batch 1, keep 0.5, serial -> two threads (AMD EPYC, 2 cores, quiet):
+#: LSTM 512, 64x64 tiles (655k) 35.3 -> 26.7 us; LSTM 256, 32x32 (196k) 13.6 -> 10.1 us;
+#: GRU 128, 32x32 (30k) 2.4 -> 3.4 us (three barriers a step cost more than they split).
+PERSISTENT_MIN_WORK = 1 << 16
+
+
+def dynamic_recurrent_kernel(cell: CellSpec, block: int, k: int, n_alive: int, batch: int, seq: int | None,
+                             schedule: DynamicSchedule) -> tvm.tirx.PrimFunc:
+    """The PrimFunc of one direction (forward) of a gated layer, arguments (float32):
+
+    - ``xp[T, B, G*H]``: the input product of every step, its bias included;
+    - ``h0[B, H]``, ``c0[B, H]`` (a GRU ignores ``c0``);
+    - ``tiles``, ``gate_w``, ``gate_b``, ``bias``: ``W_hh`` ``[G*H, H]``, its gate and ``b_hh`` packed as
+      for :func:`codegen.cpu_dynamic.dynamic_linear_kernel` (panel = the schedule's ``rows_tile``);
+    - outputs ``y[T, B, H]``, ``h_T``, ``c_T`` (a GRU's ``c_T`` is ``c0``).
+
+    ``seq`` is the static number of steps or None (symbolic); the batch is static.
+    ``k``, ``n_alive``: as for the dynamic site. The gate order is ``cell.gate_order``.
+    """
+    return _kernel(cell, DynamicShape(cell.hidden, cell.num_gates * cell.hidden, block, k), n_alive, batch, seq,
+                   schedule)
+
+
+@functools.lru_cache(maxsize=32)
+def _kernel(cell: CellSpec, shape: DynamicShape, n_alive: int, batch: int, seq_static: int | None,
+            sched: DynamicSchedule) -> tvm.tirx.PrimFunc:
+    hid, gh, bs = cell.hidden, shape.out_features, shape.block
+    nbi, nbo = shape.nbi, shape.nbo
+    panel = tile_panel([sched])
+    npan = bs // panel
+    tile_shape = (nbo, nbi, bs, bs) if npan == 1 else (nbo, nbi, npan, bs, panel)
+    seq = seq_static if seq_static is not None else tvm.tirx.Var("seq", "int32")
+    ph = phases(shape, batch, sched, n_alive, panel)
+    ng, chunks = ph.ng, sched.chunks
+    step = gate_update(cell)
+    full, tail = hid // _GATE_LANES * _GATE_LANES, hid % _GATE_LANES
+    par = T.parallel if chunks > 1 else T.serial
+
+    @T.macro
+    def chunk_blocks(tiles, h, bias, pre, acc, lrow, lscale, utile, ugroups, ucnt, bounds, ch):
+        ph.product(tiles, h, bias, pre, acc, lrow, lscale, utile, ugroups, ucnt, bounds[ch], bounds[ch + 1])
+
+    chunk = ph.with_lists(chunk_blocks)
+
+    @T.macro
+    def product_phase(tiles, h, g, bias, pre):
+        """Selection, lists and this chunk's output blocks: ``pre = W_hh[selected] h + b_hh``."""
+        for ch in par(chunks):
+            chunk(g, tiles, h, bias, pre, ch)
+
+    @T.macro
+    def update_phase(xp, pre, h, c, peep, y, t):
+        for b in T.serial(batch):
+            for jo in par(full // _GATE_LANES):
+                for ji in T.vectorized(_GATE_LANES):
+                    step(xp, pre, h, c, peep, y, b, jo * _GATE_LANES + ji, t, 0)
+            for jt in par(tail):  # split too: the update reads the h and c it writes
+                step(xp, pre, h, c, peep, y, b, full + jt, t, 0)
+
+    @T.macro
+    def gate_phase(h, gate_w, gate_b, g):
+        for grp in par(ng):
+            ph.gate_group(h, gate_w, gate_b, g, grp)
+
+    @T.macro
+    def one_step(xp, tiles, gate_w, gate_b, bias, h, c, g, pre, peep, y, t):
+        if chunks > 1:  # the three phases, each ending at a barrier
+            with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
+                gate_phase(h, gate_w, gate_b, g)
+            with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
+                product_phase(tiles, h, g, bias, pre)
+            with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
+                update_phase(xp, pre, h, c, peep, y, t)
+        else:
+            gate_phase(h, gate_w, gate_b, g)
+            product_phase(tiles, h, g, bias, pre)
+            update_phase(xp, pre, h, c, peep, y, t)
+
+    @T.prim_func(s_tir=True)
+    def dynamic_recurrence(xp_h: T.handle, h0: T.Buffer((batch, hid), "float32"),
+                           c0: T.Buffer((batch, hid), "float32"), tiles_in: T.Buffer(tile_shape, "float32"),
+                           gate_w: T.Buffer((ng, hid, GATE_ROWS), "float32"),
+                           gate_b: T.Buffer((ng * GATE_ROWS,), "float32"), bias: T.Buffer((gh,), "float32"),
+                           y_h: T.handle, h: T.Buffer((batch, hid), "float32"),
+                           c: T.Buffer((batch, hid), "float32")):
+        T.func_attr({"tir.noalias": True})
+        xp = T.match_buffer(xp_h, (seq, batch, gh), "float32")
+        y = T.match_buffer(y_h, (seq, batch, hid), "float32")
+        tiles = T.decl_buffer((nbo, nbi, npan, bs, panel), "float32", data=tiles_in.data)
+        g = T.alloc_buffer((batch, ng * GATE_ROWS), "float32")
+        pre = T.alloc_buffer((batch, gh), "float32")
+        peep = T.alloc_buffer((3 * hid,), "float32")
+        for j in T.serial(3 * hid):
+            peep[j] = T.float32(0)
+        for b in T.serial(batch):
+            for j in T.serial(hid):
+                h[b, j] = h0[b, j]
+                c[b, j] = c0[b, j]
+        if chunks > 1:
+            with T.attr(0, "pragma_parallel_launch_point", 1):
+                for t in T.serial(seq):
+                    one_step(xp, tiles, gate_w, gate_b, bias, h, c, g, pre, peep, y, t)
+        else:
+            for t in T.serial(seq):
+                one_step(xp, tiles, gate_w, gate_b, bias, h, c, g, pre, peep, y, t)
+
+    return dynamic_recurrence.without_attr("global_symbol")
+
+
+class DynamicRecurrentGenerator(DynamicGenerator):
+    """The ``dynamic_recurrent`` kind on LLVM CPUs: :func:`dynamic_recurrent_kernel`.
+
+    The batch is static (one bucket), the sequence length may be symbolic. Schedules are the
+    dynamic site's at ``m`` = the batch; the cost is per step (the length is unknown)."""
+
+    symbolic_m = True  # (the sequence length; the batch, the site's m, is static)
+
+    def kernel(self, site: dict, mats: list, buckets: list[Bucket]) -> tvm.tirx.PrimFunc:
+        seq = site["seq"] if isinstance(site["seq"], int) else None
+        return dynamic_recurrent_kernel(CellSpec.from_json(site["cell"]), site["block"], site["k"], site["n_alive"],
+                                        site["m"], seq, buckets[0].schedules[0])
+
+    def default_schedule(self, site: dict, stats, m: int) -> DynamicSchedule:
+        """The dynamic site's register tiles at ``m``; two chunks from :data:`PERSISTENT_MIN_WORK`
+        multiply-adds a step (the pool wakes once per sequence, not per step)."""
+        shape = self._shape(site)
+        sched = default_schedule(shape, m, self.machine.lanes)
+        work = m * (shape.in_features * shape.num_tiles + shape.k * shape.block ** 2)
+        chunks = 2 if work >= PERSISTENT_MIN_WORK and shape.nbo > 1 else 1
+        return DynamicSchedule(sched.m_tile, sched.rows_tile, chunks, gate_parallel=False,
+                               dense_fraction=sched.dense_fraction)
+
+    def schedule_space(self, site: dict, mat, m: int) -> list[DynamicSchedule]:
+        """The default, and the other number of chunks (one launch on two threads, or serial)."""
+        base = self.default_schedule(site, None, m)
+        return [base, DynamicSchedule(base.m_tile, base.rows_tile, 3 - min(base.chunks, 2), gate_parallel=False,
+                                      dense_fraction=base.dense_fraction)]
