@@ -1,18 +1,20 @@
 """Gated (dynamic block-sparse) LSTM layer vs bscompile's dense LSTM kernel and onnxruntime.
 
-    python bench/dynamic_rnn.py        # writes bench/results/dynamic_rnn.{md,json}
+    python bench/dynamic_rnn.py        # ~4 min; writes bench/results/dynamic_rnn.{md,json}
 
 One layer, input 1024, hidden 1024, 50 steps, batch 1, tiles 128x128 (gate = in/bs^2 = 6%
 of a dense mat-vec), fp32. ``DynamicBlockLSTM`` (keep 0.5, 0.25) exported by tracing (the
 unrolled form: every step's hh product one dynamic site, the input product of all steps
 one m=50 dynamic site) and by dynamo with ``time_loop="scan"`` (ONNX ``Scan`` over a
-symbolic length: a Relax loop whose body's hh product is one dynamic site, the input
-product of all steps one dynamic site with the symbolic length as m); ``nn.LSTM`` with the same weights exported to ONNX ``LSTM``. Each
+symbolic length, which FuseDynamicRecurrences turns into one ``dynamic_recurrent`` kernel
+running the whole time loop, the input product of all steps one dynamic site with the
+symbolic length as m); ``nn.LSTM`` with the same weights exported to ONNX ``LSTM``. Each
 file compiled by bscompile (``Module.run``) and run by onnxruntime. Timing as
 bench/dynamic.py: every implementation warm for itself (two untimed calls, then its timed
 calls back to back, in rounds), process CPU time and wall time per call, one run.
 Gate scores are scaled 10x (selection and normalised gates unchanged) so that the
-numerics check sees a clear selection margin.
+numerics check sees a clear selection margin. Then the study's language model (dense, keep
+0.5 and 0.25; random weights: speed does not depend on training), end to end, the same way.
 """
 
 from __future__ import annotations
@@ -162,8 +164,8 @@ def main() -> None:
              f"{info['cpu']} ({info['cores']} cores, shared: load {meta['load_before']:.1f} -> {meta['load_after']:.1f}), "
              f"{info['threads']} threads, fp32. One layer, input {IN}, hidden {H}, {T} steps, batch {B}, tiles "
              f"{BS}x{BS} (gate {IN / BS**2:.0%} of a dense mat-vec). `dynK`: traced export (unrolled, fixed "
-             "length); `dynK-scan`: dynamo export with `time_loop=\"scan\"` (ONNX `Scan`, symbolic length: one "
-             "Relax loop, the input product hoisted over all steps). Speed-up = "
+             "length); `dynK-scan`: dynamo export with `time_loop=\"scan\"` (ONNX `Scan`, symbolic length: the "
+             "loop fused into one `dynamic_recurrent` kernel, the input product hoisted over all steps). Speed-up = "
              "bscompile dense LSTM (ONNX `LSTM`) / this, CPU time (wall p10 in brackets).", "",
              "| implementation | CPU ms | speed-up | wall ms median | wall p10 | speed-up (p10) | compile s | max rel err vs ort |",
              "|---|---|---|---|---|---|---|---|"]

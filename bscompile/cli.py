@@ -366,7 +366,7 @@ def cmd_demo(args) -> int:
     t_bsc = float(np.median(mod.benchmark(feeds, number=args.runs, repeat=3)))
     t_ort = time_ort(model, feeds, args.runs)
     print(f"time per run: bscompile {t_bsc * 1e3:.3f} ms, onnxruntime {t_ort * 1e3:.3f} ms "
-          f"({t_ort / t_bsc:.1f}x), threads: TVM_NUM_THREADS={os.environ.get('TVM_NUM_THREADS', 'all')}, "
+          f"({t_ort / t_bsc:.1f}x), threads: TVM_NUM_THREADS={os.environ.get('TVM_NUM_THREADS', 'default')}, "
           "onnxruntime default")
     return 0 if ok else 1
 

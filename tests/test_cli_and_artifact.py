@@ -214,3 +214,17 @@ def test_console_script_starts_without_torch():
             "loaded = 'torch' in sys.modules; import torch; print(rc, loaded, torch.ones(1).item())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split()[-3:] == ["0", "False", "1.0"], out
+
+
+def test_thread_pool_uses_every_physical_core_unless_told():
+    """TVM's x86 default is half the logical CPUs (it assumes two hardware threads per core):
+    one thread on a 2-core VM without SMT. Loading bscompile's runtime sizes the pool to the
+    physical cores the process may use, unless TVM_NUM_THREADS or OMP_NUM_THREADS is set."""
+    from bscompile.runtime.threads import physical_cores
+
+    probe = "import bscompile.runtime.module, tvm; print(tvm.get_global_func('runtime.NumThreads')())"
+    env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
+    for extra, want in (({}, physical_cores()), ({"TVM_NUM_THREADS": "1"}, 1), ({"OMP_NUM_THREADS": "1"}, 1)):
+        out = subprocess.run([sys.executable, "-c", probe], env={**env, **extra}, capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0 and int(out.stdout.strip()) == want, (extra, out.stdout, out.stderr[-500:])
