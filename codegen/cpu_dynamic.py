@@ -520,20 +520,39 @@ def _body(shape: DynamicShape, m, sched: DynamicSchedule, n_alive: int, panel: i
     # ``claim``: items (gate groups, then output blocks) from the front (t = 0) or the back
     # (t = 1), each taken by setting its plain int32 flag first, until one the other thread
     # took; two threads taking one item at once both do it and write the same values.
+    def claim(n: int, do):
+        """A macro ``(t, taken, args)`` running ``do(item, args)`` on the items ``n`` it claims."""
+
+        @T.macro
+        def run(t, taken, args):
+            stp = T.alloc_buffer((1,), "int32")
+            stp[0] = 0
+            for i in T.serial(n):
+                item = T.Bind(T.if_then_else(t == 0, i, n - 1 - i))
+                if stp[0] == 0:
+                    if taken[item] == 0:
+                        taken[item] = 1
+                        do(item, args)
+                    else:
+                        stp[0] = 1
+
+        return run
+
+    @T.macro
+    def gate_item(grp, args):
+        gate_group(args[0], args[1], args[2], args[3], grp)
+
+    @T.macro
+    def block_item(ob, args):
+        tiles, x, bias, y, acc, lrow, lscale, utile, ugroups, ucnt = args
+        product(tiles, x, bias, y, acc, lrow, lscale, utile, ugroups, ucnt, ob, ob + 1)
+
+    claim_gates, claim_block_items = claim(ng, gate_item), claim(nbo, block_item)
+
     @T.macro
     def claim_blocks(tiles, x, bias, y, acc, lrow, lscale, utile, ugroups, ucnt, bounds, extra):
         """Output blocks from the front (thread 0) or the back until one the other thread took."""
-        t, block_taken = extra
-        stp = T.alloc_buffer((1,), "int32")
-        stp[0] = 0
-        for i in T.serial(nbo):
-            ob = T.Bind(T.if_then_else(t == 0, i, nbo - 1 - i))
-            if stp[0] == 0:
-                if block_taken[ob] == 0:
-                    block_taken[ob] = 1
-                    product(tiles, x, bias, y, acc, lrow, lscale, utile, ugroups, ucnt, ob, ob + 1)
-                else:
-                    stp[0] = 1
+        claim_block_items(extra[0], extra[1], (tiles, x, bias, y, acc, lrow, lscale, utile, ugroups, ucnt))
 
     claimed = ph.with_lists(claim_blocks)
 
@@ -551,16 +570,7 @@ def _body(shape: DynamicShape, m, sched: DynamicSchedule, n_alive: int, panel: i
         with T.attr(0, "pragma_parallel_launch_point", 1):
             with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
                 for t in T.parallel(2):
-                    stp = T.alloc_buffer((1,), "int32")
-                    stp[0] = 0
-                    for i in T.serial(ng):
-                        grp = T.Bind(T.if_then_else(t == 0, i, ng - 1 - i))
-                        if stp[0] == 0:
-                            if gate_taken[grp] == 0:
-                                gate_taken[grp] = 1
-                                gate_group(x, gate_w, gate_b, g, grp)
-                            else:
-                                stp[0] = 1
+                    claim_gates(t, gate_taken, (x, gate_w, gate_b, g))
             for t in T.parallel(2):
                 claimed(g, tiles, x, bias, y, (t, block_taken))
 
