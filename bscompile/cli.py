@@ -475,5 +475,14 @@ def one_line(text: str) -> str:
     return re.sub(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]", lambda m: repr(m.group())[1:-1], text)
 
 
+def entry() -> int:
+    """The ``bscompile`` command: :func:`main` in a process that never imports torch. tvm_ffi
+    imports torch eagerly when it is installed (the ``train``/``test`` extras): about 1 s of
+    start-up, and every TVMScript kernel template parsed afterwards walks a deeper
+    ``inspect.stack()``. No command needs torch (``--check`` runs onnxruntime)."""
+    sys.modules.setdefault("torch", None)  # import torch -> ImportError, which tvm_ffi expects
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

@@ -228,3 +228,17 @@ def test_thread_pool_uses_every_physical_core_unless_told():
         out = subprocess.run([sys.executable, "-c", probe], env={**env, **extra}, capture_output=True, text=True,
                              timeout=120)
         assert out.returncode == 0 and int(out.stdout.strip()) == want, (extra, out.stdout, out.stderr[-500:])
+
+
+def test_the_command_never_imports_torch(rng, tmp_path):
+    """``bscompile`` (the console script, ``cli.entry``) keeps torch out of the process: tvm_ffi
+    imports it eagerly when installed, which cost ~2 s of every compile's start-up. A compile
+    and a run work without it."""
+    probe = ("import sys; from bscompile import cli; rc = cli.entry(); "
+             "assert sys.modules.get('torch') is None, 'torch was imported'; sys.exit(rc)")
+    model, _ = mlp([16, 8], 1, ["4x4"], rng)
+    onnx.save(model, tmp_path / "m.onnx")
+    bsc = tmp_path / "m.bsc"
+    for argv in (["compile", str(tmp_path / "m.onnx"), "-o", str(bsc), "-q"], ["run", str(bsc), "--random"]):
+        out = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
