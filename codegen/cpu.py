@@ -31,7 +31,7 @@ from bscompile.codegen.cpu_dynamic import DynamicGenerator
 from bscompile.codegen.cpu_dynamic_recurrent import DynamicRecurrentGenerator
 from bscompile.codegen.family import Bucket, Cases, Generator, KernelFamily, dispatch, pick, static_dim
 from bscompile.codegen.layout import BlockShape, BlockStats, BSRMatrix, padded
-from bscompile.codegen.recurrent_cells import CellSpec, gate_update
+from bscompile.codegen.recurrent_cells import GATE_LANES, CellSpec, gate_update
 
 
 @dataclass(frozen=True)
@@ -81,8 +81,6 @@ PERSISTENT_MIN_WORK = 1 << 16
 _PARALLEL_CHUNKS = 4
 #: Elements of x below which the batch variant transposes it on one thread.
 _PARALLEL_TRANSPOSE = 1 << 17
-#: Lanes of the vectorised gate update (8 fp32 = one AVX2 register, two NEON registers).
-_GATE_LANES = 8
 
 
 def default_schedule(mat: BSRMatrix, m: int, vector_lanes: int = 8, recurrent: bool = False) -> CpuSchedule:
@@ -582,11 +580,11 @@ def _recurrent_kernel(cell: CellSpec, keys: tuple[LayoutKey, ...], seq_static: i
                 n_b = T.Bind(T.min(seq_lens[b], seq))
                 tt = T.Bind(n_b * rev + t * (1 - 2 * rev) - rev)
                 if t < n_b:  # branch outside the lanes so the update vectorises
-                    for jo in gate_rows(hid // _GATE_LANES):
-                        for ji in T.vectorized(_GATE_LANES):
-                            step(xp, g, h, c_out, peep, y, b, jo * _GATE_LANES + ji, tt, g0)
-                    for jt in tail_rows(hid % _GATE_LANES):
-                        step(xp, g, h, c_out, peep, y, b, hid - hid % _GATE_LANES + jt, tt, g0)
+                    for jo in gate_rows(hid // GATE_LANES):
+                        for ji in T.vectorized(GATE_LANES):
+                            step(xp, g, h, c_out, peep, y, b, jo * GATE_LANES + ji, tt, g0)
+                    for jt in tail_rows(hid % GATE_LANES):
+                        step(xp, g, h, c_out, peep, y, b, hid - hid % GATE_LANES + jt, tt, g0)
                 else:
                     for j in T.serial(hid):
                         y[t, b, j] = T.float32(0)

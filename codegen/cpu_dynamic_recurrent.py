@@ -26,9 +26,7 @@ from tvm.script import tirx as T
 from bscompile.codegen.cpu_dynamic import DynamicGenerator, DynamicSchedule, default_schedule, phases
 from bscompile.codegen.dynamic_layout import GATE_ROWS, DynamicShape, tile_panel
 from bscompile.codegen.family import Bucket
-from bscompile.codegen.recurrent_cells import CellSpec, gate_update
-
-_GATE_LANES = 8
+from bscompile.codegen.recurrent_cells import GATE_LANES, CellSpec, gate_update
 
 #: Multiply-adds per step (gate + selected tiles) from which the loop runs on two threads in
 #: one launch. Per step at batch 1, keep 0.5, serial -> two threads (AMD EPYC, 2 cores, quiet):
@@ -66,7 +64,7 @@ def _kernel(cell: CellSpec, shape: DynamicShape, n_alive: int, batch: int, seq_s
     ph = phases(shape, batch, sched, n_alive, panel)
     ng, chunks = ph.ng, sched.chunks
     step = gate_update(cell)
-    full, tail = hid // _GATE_LANES * _GATE_LANES, hid % _GATE_LANES
+    full, tail = hid // GATE_LANES * GATE_LANES, hid % GATE_LANES
     par = T.parallel if chunks > 1 else T.serial
 
     @T.macro
@@ -84,9 +82,9 @@ def _kernel(cell: CellSpec, shape: DynamicShape, n_alive: int, batch: int, seq_s
     @T.macro
     def update_phase(xp, pre, h, c, peep, y, t):
         for b in T.serial(batch):
-            for jo in par(full // _GATE_LANES):
-                for ji in T.vectorized(_GATE_LANES):
-                    step(xp, pre, h, c, peep, y, b, jo * _GATE_LANES + ji, t, 0)
+            for jo in par(full // GATE_LANES):
+                for ji in T.vectorized(GATE_LANES):
+                    step(xp, pre, h, c, peep, y, b, jo * GATE_LANES + ji, t, 0)
             for jt in par(tail):  # split too: the update reads the h and c it writes
                 step(xp, pre, h, c, peep, y, b, full + jt, t, 0)
 

@@ -15,6 +15,10 @@ from tvm.script import tirx as T
 
 _F = T.float32
 
+#: Lanes of the recurrent kernels' vectorised gate update (8 fp32 = one AVX2 register, two
+#: NEON registers).
+GATE_LANES = 8
+
 
 def vexp(x):
     """``exp(x)`` for float32 in plain arithmetic, so the gate loop vectorises.

@@ -39,8 +39,8 @@ from tvm import relax
 from bscompile.codegen.family import KernelFamily
 from bscompile.codegen.recurrent_cells import CellSpec
 from bscompile.frontend.loops import LOOP
-from bscompile.passes.outline_dynamic_sites import DYNAMIC
-from bscompile.passes.rewrite import rebind, rewrite_relax_functions
+from bscompile.passes.outline_dynamic_sites import DYNAMIC, _ints
+from bscompile.passes.rewrite import rebind, rewrite_with_bindings
 from bscompile.sites import SITE, Matrix, SiteKind, attr, const_array, emit_site, register_site_kind
 
 
@@ -81,10 +81,6 @@ def _slice(lo: int, hi: int, v):
     return ("slice", lo, hi, v)
 
 
-def _ints(values) -> list[int]:
-    return [int(v) for v in (values.fields if hasattr(values, "fields") else values)]
-
-
 def _dims(expr) -> list | None:
     shape = getattr(expr.ty, "shape", None)
     return list(shape.values) if shape is not None and hasattr(shape, "values") else None
@@ -95,7 +91,7 @@ class _Step:
     ``("p", i)`` parameter i, ``("row", e)`` row t of e, ``("site", e)`` the dynamic site on e."""
 
     def __init__(self, mod: tvm.IRModule, func: relax.Function):
-        self.mod, self.func = mod, func
+        self.mod = mod
         self.val = relax.analysis.get_var2val(func)
         self.params = {p: i for i, p in enumerate(func.params)}
         self.t = func.params[0]
@@ -240,11 +236,11 @@ def _leaves(tree, tag: str):
             yield from _leaves(sub, tag)
 
 
-def _callee(mod: tvm.IRModule, func: relax.Function, exclude: tvm.ir.GlobalVar) -> relax.Function | None:
-    """The one Relax function ``func`` calls besides ``exclude`` (itself), or None."""
-    gvs = [gv for gv in relax.analysis.all_global_vars(func)
-           if not gv.same_as(exclude) and isinstance(mod[gv], relax.Function) and attr(mod[gv], SITE) is None]
-    return mod[gvs[0]] if len(gvs) == 1 else None
+def _callee(mod: tvm.IRModule, gv: tvm.ir.GlobalVar) -> tvm.ir.GlobalVar | None:
+    """The one Relax function (not a site) that function ``gv`` calls besides itself, or None."""
+    gvs = [g for g in relax.analysis.all_global_vars(mod[gv])
+           if not g.same_as(gv) and isinstance(mod[g], relax.Function) and attr(mod[g], SITE) is None]
+    return gvs[0] if len(gvs) == 1 else None
 
 
 @relax.expr_functor.mutator
@@ -253,14 +249,12 @@ class _Fuser(relax.PyExprMutator):
         super().__init__(mod)
         self.mod = mod
         self.var2val: dict = {}
-        self.fused = 0
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         new = self._fuse(binding.value)
         if new is None:
             super().visit_var_binding_(binding)
         else:
-            self.fused += 1
             rebind(self, binding, new)
 
     def _fuse(self, call) -> relax.Expr | None:
@@ -270,11 +264,11 @@ class _Fuser(relax.PyExprMutator):
         info = attr(chunks, LOOP) if isinstance(chunks, relax.Function) else None
         if info is None or any(info["reversed_outputs"]) or not _is_zero(call.args[0]):
             return None
-        loop = _callee(self.mod, chunks, call.op)
-        loop_gv = next(gv for gv in self.mod.functions if self.mod[gv].same_as(loop)) if loop is not None else None
-        step = _callee(self.mod, loop, loop_gv) if loop is not None else None
-        if step is None:
+        loop = _callee(self.mod, call.op)
+        step_gv = _callee(self.mod, loop) if loop is not None else None
+        if step_gv is None:
             return None
+        step = self.mod[step_gv]
         n_args = len(step.params) - 2  # carried, per-step inputs, invariants: chunks' args 2.. in order
         n_out = len(call.args) - 2 - n_args
         n_state = len(step.ret_ty.fields) - n_out
@@ -324,11 +318,4 @@ class FuseDynamicRecurrences:
     def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
         if not self.family.supports(DYNAMIC_RECURRENT.name):
             return mod
-        fuser = _Fuser(mod)
-
-        def index(func):
-            fuser.var2val = relax.analysis.get_var2val(func)
-
-        out = rewrite_relax_functions(fuser, mod, index)
-        # the replaced loops' functions are dead; a module without any is returned as it came
-        return relax.transform.DeadCodeElimination()(out) if fuser.fused else mod
+        return rewrite_with_bindings(_Fuser(mod), mod)  # (the replaced loops' functions die)

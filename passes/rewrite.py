@@ -31,13 +31,16 @@ def rebind(mutator: relax.PyExprMutator, binding: relax.VarBinding, value: relax
     output = not isinstance(binding.var, relax.DataflowVar) and bb.current_block_is_dataflow()
     emit = bb.emit_output if output else bb.emit
     mutator.set_var_remap(binding.var, emit(value, name_hint=binding.var.name))
+    mutator.rebound = getattr(mutator, "rebound", 0) + 1
 
 
 def rewrite_with_bindings(mutator: relax.PyExprMutator, mod: tvm.IRModule) -> tvm.IRModule:
     """:func:`rewrite_relax_functions` with ``mutator.var2val`` set to each function's bindings
-    (for relax.dpl matching through variables), then dead-code elimination of what it replaced."""
+    (for relax.dpl matching through variables), then dead-code elimination of what it replaced
+    (:func:`rebind` counts the replacements); a module with none comes back as it was."""
 
     def index(func):
         mutator.var2val = relax.analysis.get_var2val(func)
 
-    return relax.transform.DeadCodeElimination()(rewrite_relax_functions(mutator, mod, index))
+    out = rewrite_relax_functions(mutator, mod, index)
+    return relax.transform.DeadCodeElimination()(out) if getattr(mutator, "rebound", 0) else mod
