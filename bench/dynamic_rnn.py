@@ -61,15 +61,15 @@ class _WithState(torch.nn.Module):
 
 
 def _export(m, scan: bool = False) -> bytes:
-    z = torch.zeros(1, B, H)
+    z, z1 = torch.zeros(1, B, H), torch.ones(1, B, H)  # (distinct: dynamo folds aliased inputs into one)
     if scan:  # dynamo: ONNX Scan over a symbolic time axis (the model's time_loop="scan")
-        prog = torch.onnx.export(_WithState(m).eval(), (torch.zeros(T, B, IN), z, z), dynamo=True, verbose=False,
+        prog = torch.onnx.export(_WithState(m).eval(), (torch.zeros(T, B, IN), z, z1), dynamo=True, verbose=False,
                                  input_names=["x", "h0", "c0"], dynamic_shapes=({0: torch.export.Dim("T")}, None, None))
         return prog.model_proto.SerializeToString()
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(_WithState(m).eval(), (torch.zeros(T, B, IN), z, z), buf, dynamo=False, opset_version=17,
+        torch.onnx.export(_WithState(m).eval(), (torch.zeros(T, B, IN), z, z1), buf, dynamo=False, opset_version=17,
                           input_names=["x", "h0", "c0"])
     return buf.getvalue()
 

@@ -25,6 +25,7 @@ from bscompile.codegen.layout import BlockShape
 from bscompile.errors import BscompileError
 from bscompile.frontend.onnx import ImportedModel, import_onnx
 from bscompile.passes.pipeline import bscompile_passes
+from bscompile.passes.share_identical_kernels import ShareIdenticalKernels
 from bscompile.records import load_records
 from bscompile.runtime.artifact import Manifest, pack_imports_incbin, write_artifact
 from bscompile.runtime.module import CompiledModule, load
@@ -213,6 +214,9 @@ def compile(model: str | os.PathLike | onnx.ModelProto, target: str | dict | Tar
     relax_timer = PassTimes(depth=2)
     mod = _run(pipeline, im.mod, spec, dump_ir, progress, relax_timer)
     weights = weight_entries(mod)
+    mod = ShareIdenticalKernels()(mod)  # (drops the merged kernels' site attributes: after the manifest)
+    if dump_ir is not None:
+        (Path(dump_ir) / "999_ShareIdenticalKernels.py").write_text(mod.script())
     if progress:
         progress(f"building for {spec.name} ({len(weights)} weight sites)")
     t_relax = np.append(_clock(), _rss_mib())

@@ -1,1 +1,5 @@
-"""bscompile."""
+"""Kernel generators, schedules and machine models, one family per target."""
+
+from bscompile.codegen import tvmscript as _tvmscript
+
+_tvmscript.install()

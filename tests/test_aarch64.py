@@ -352,7 +352,7 @@ def test_aarch64_bundle_runs_a_fused_gated_recurrence(rng, tmp_path, emulator_en
     if parallel:
         monkeypatch.setattr(cpu_dynamic_recurrent, "PERSISTENT_MIN_WORK", 0)
     m = t._model(rng, "lstm", keep=0.5, time_loop="scan")
-    xs = [t.clear_margin_input(m, rng, n) for n in (1, 7)]
+    all_feeds = [t.clear_margin_feeds(m, rng, n) for n in (1, 7)]
     model_bytes = t._export(m, "dynamo", 2)
     art = bscompile.compile(onnx.load_from_string(model_bytes), target="aarch64")
     (rec,) = [w for w in art.manifest.weights if w["kind"] == "dynamic_recurrent"]
@@ -360,17 +360,15 @@ def test_aarch64_bundle_runs_a_fused_gated_recurrence(rng, tmp_path, emulator_en
     report = package_artifact(art.export(tmp_path / "lstm.bsc"), tmp_path / "lstm-aarch64.tar.gz")
     _unpack(Path(report["bundle"]), tmp_path / "device")
     sess = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
-    for x in xs:
-        h0 = np.zeros((1, t.B, t.H), np.float32)
-        feeds = {"x": x, "h0": h0, "c0": h0}
+    for feeds in all_feeds:
         args = []
         for name, value in feeds.items():
             np.save(tmp_path / f"{name}.npy", value)
             args += ["--input", f"{name}={tmp_path / f'{name}.npy'}"]
-        out = tmp_path / f"out{len(x)}"
+        out = tmp_path / f"out{len(feeds['x'])}"
         proc = _run(tmp_path / "device" / "lstm", [*args, "--output", str(out)],
                     {**emulator_env, "TVM_NUM_THREADS": "2"})
         assert proc.returncode == 0, proc.stderr
         for o, want in zip(sess.get_outputs(), sess.run(None, feeds)):
             np.testing.assert_allclose(np.load(out / f"{o.name}.npy"), want, rtol=RTOL, atol=ATOL,
-                                       err_msg=f"{o.name} at {len(x)} steps")
+                                       err_msg=f"{o.name} at {len(feeds['x'])} steps")

@@ -51,9 +51,10 @@ def _sigmoid(v):
     return 1 / (1 + np.exp(-v))
 
 
-def _reference(m, x: np.ndarray) -> tuple[np.ndarray, float]:
-    """NumPy forward of a one-layer model (zero initial state) with dynamic_layout's gated product;
-    also the smallest selection margin met on the way."""
+def _reference(m, feeds: dict) -> tuple[np.ndarray, float]:
+    """NumPy forward of a one-layer model from ``feeds`` (``x``, ``h0``, an LSTM's ``c0``) with
+    dynamic_layout's gated product; also the smallest selection margin met on the way."""
+    x = feeds["x"]
     layer = m.layers[0]
     gap = np.inf
 
@@ -67,8 +68,8 @@ def _reference(m, x: np.ndarray) -> tuple[np.ndarray, float]:
         return dl.dynamic_linear(v.astype(np.float32), *(lin.weight.detach().numpy(), lin.gate.weight.detach().numpy(),
                                  lin.gate.bias.detach().numpy(), lin.bias.detach().numpy()), BS, lin.k)[0]
 
-    h = np.zeros((x.shape[1], H))
-    c = np.zeros_like(h)
+    h = feeds["h0"][0].astype(np.float64)
+    c = feeds["c0"][0].astype(np.float64) if "c0" in feeds else None
     outs = []
     for t in range(x.shape[0]):
         gi, gh = product(layer.ih, x[t]), product(layer.hh, h)
@@ -84,18 +85,27 @@ def _reference(m, x: np.ndarray) -> tuple[np.ndarray, float]:
     return np.stack(outs), gap
 
 
-def clear_margin_input(m, rng, steps: int) -> np.ndarray:
-    """``x[steps, B, IN]`` whose every selection has a clear margin. The first step's recurrent
-    selection sees h = 0 (the gate bias alone): when that one is close, the gate biases are redrawn."""
+def clear_margin_feeds(m, rng, steps: int) -> dict[str, np.ndarray]:
+    """Inputs ``x[steps, B, IN]`` and a random initial state (``h0``, an LSTM's ``c0``, each
+    ``[1, B, H]``) whose every selection has a clear margin; when none turns up in 20 draws, the
+    gate biases are redrawn."""
     for attempt in range(100):
         if attempt % 20 == 19:
             with torch.no_grad():
                 for lin in _products(m):
                     lin.gate.bias.copy_(torch.from_numpy(rng.uniform(-2, 2, lin.gate.bias.shape).astype(np.float32)))
-        x = rng.standard_normal((steps, B, IN)).astype(np.float32)
-        if _reference(m, x)[1] > MARGIN:
-            return x
+        feeds = {name: rng.standard_normal(shape).astype(np.float32) * scale
+                 for name, shape, scale in (("x", (steps, B, IN), 1.0), ("h0", (1, B, H), 0.5), ("c0", (1, B, H), 0.5))
+                 if name != "c0" or isinstance(m, DynamicBlockLSTM)}
+        if _reference(m, feeds)[1] > MARGIN:
+            return feeds
     raise AssertionError("no input with a clear selection margin in 100 draws")
+
+
+def _state(m, feeds: dict):
+    """The initial state of ``feeds`` as the module takes it."""
+    h0 = torch.from_numpy(feeds["h0"])
+    return (h0, torch.from_numpy(feeds["c0"])) if isinstance(m, DynamicBlockLSTM) else h0
 
 
 @pytest.mark.parametrize("kind", sorted(CLASSES))
@@ -130,10 +140,10 @@ def test_all_gates_equal_is_the_torch_rnn(rng, kind):
 @pytest.mark.parametrize("kind", sorted(CLASSES))
 def test_gated_cell_matches_numpy_reference(rng, kind):
     m = _model(rng, kind, keep=0.5)
-    x = clear_margin_input(m, rng, 4)
-    want, _ = _reference(m, x)
+    feeds = clear_margin_feeds(m, rng, 4)
+    want, _ = _reference(m, feeds)
     with torch.no_grad():
-        out, state = m(torch.from_numpy(x))
+        out, state = m(torch.from_numpy(feeds["x"]), _state(m, feeds))
     np.testing.assert_allclose(out.numpy(), want, rtol=1e-4, atol=1e-5)
     h_n = state[0] if kind == "lstm" else state
     np.testing.assert_allclose(h_n[0].numpy(), want[-1], rtol=1e-4, atol=1e-5)
@@ -143,8 +153,8 @@ def test_gated_cell_matches_numpy_reference(rng, kind):
 def test_trainable(rng, kind):
     """Gradients reach the weights and the gates of both products, through the time loop."""
     m = _model(rng, kind, keep=0.5).train()
-    x = torch.from_numpy(clear_margin_input(m, rng, 3))
-    out, _ = m(x)
+    feeds = clear_margin_feeds(m, rng, 3)
+    out, _ = m(torch.from_numpy(feeds["x"]), _state(m, feeds))
     (out * torch.randn_like(out)).sum().backward()
     for name, p in m.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
@@ -168,8 +178,9 @@ class _GRUWithState(_LSTMWithState):
 
 
 def _export(m, form: str, steps: int) -> bytes:
-    x, h = torch.zeros(steps, B, IN), torch.zeros(1, B, H)
-    wrapped, args = (_LSTMWithState(m), (x, h, h)) if isinstance(m, DynamicBlockLSTM) else (_GRUWithState(m), (x, h))
+    # (distinct state tensors: the dynamo exporter folds aliased inputs into one graph input)
+    x, h, c = torch.zeros(steps, B, IN), torch.zeros(1, B, H), torch.ones(1, B, H)
+    wrapped, args = (_LSTMWithState(m), (x, h, c)) if isinstance(m, DynamicBlockLSTM) else (_GRUWithState(m), (x, h))
     names = ["x", "h0", "c0"][: len(args)]
     if form == "dynamo":  # the batch stays static: torch 2.13's scan lowering fails on a symbolic one
         pytest.importorskip("onnxscript", reason="the dynamo exporter needs onnxscript (in the 'test' extra)")
@@ -196,18 +207,16 @@ def test_export_forms_on_onnxruntime_and_bscompile(rng, kind, form):
     m = _model(rng, kind, keep=0.5, time_loop="scan" if form == "dynamo" else "python")
     steps = 2
     lengths = (steps, steps + 2) if LOOP_OP[form] else (steps,)
-    xs = [clear_margin_input(m, rng, n) for n in lengths]  # before exporting: it may redraw gate biases
+    all_feeds = [clear_margin_feeds(m, rng, n) for n in lengths]  # before exporting: it may redraw gate biases
     model_bytes = _export(m, form, steps)
     ops = {n.op_type for n in onnx.load_from_string(model_bytes).graph.node}
     assert ({"Loop", "Scan"} & ops) == ({LOOP_OP[form]} - {None}), ops
     sess = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
-    for x in xs[::-1]:  # the last one run is the one compiled below
-        h0 = np.zeros((1, B, H), np.float32)
-        feeds = {"x": x, "h0": h0, "c0": h0} if kind == "lstm" else {"x": x, "h0": h0}
-        want, _ = _reference(m, x)
+    for feeds in all_feeds[::-1]:  # the last one run is the one compiled below
+        want, _ = _reference(m, feeds)
         got = sess.run(None, feeds)
         np.testing.assert_allclose(got[0], want, rtol=1e-4, atol=1e-5)
-    compiled = bscompile.compile(onnx.load_from_string(model_bytes), input_shapes={"x": x.shape}).load()
+    compiled = bscompile.compile(onnx.load_from_string(model_bytes), input_shapes={"x": feeds["x"].shape}).load()
     for g, w in zip(compiled.run(feeds).values(), got):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
 
@@ -218,7 +227,7 @@ def test_symbolic_length_compiled_once(rng, kind, form):
     """The Scan / Loop with the time axis symbolic: compiled once (a Relax loop function, not
     unrolled), run at 1, 7 and 50 steps against onnxruntime (rtol 1e-4, atol 1e-5)."""
     m = _model(rng, kind, keep=0.5, time_loop="scan" if form == "dynamo" else "python")
-    xs = [clear_margin_input(m, rng, n) for n in (1, 7, 50)]
+    all_feeds = [clear_margin_feeds(m, rng, n) for n in (1, 7, 50)]
     model_bytes = _export(m, form, 2)
     sess = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
     art = bscompile.compile(onnx.load_from_string(model_bytes))
@@ -230,14 +239,12 @@ def test_symbolic_length_compiled_once(rng, kind, form):
     rec = sites["dynamic_recurrent"]["attributes"]
     assert rec["cell"]["kind"] == kind and not str(rec["seq"]).isdigit(), rec
     compiled = art.load()
-    for x in xs:
-        h0 = np.zeros((1, B, H), np.float32)
-        feeds = {"x": x, "h0": h0, "c0": h0} if kind == "lstm" else {"x": x, "h0": h0}
+    for feeds in all_feeds:
         want = sess.run(None, feeds)
         got = list(compiled.run(feeds).values())
         assert len(got) == len(want)
         for g, w in zip(got, want):
-            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=f"{x.shape[0]} steps")
+            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=f"{len(feeds['x'])} steps")
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
@@ -257,17 +264,15 @@ t.B = 1
 for kind, hidden, block in (("lstm", 180, 36), ("gru", 256, 32)):
     t.IN, t.H, t.BS = 2 * block, hidden, block
     m = t._model(rng, kind, keep=0.5, time_loop="scan")
-    xs = [t.clear_margin_input(m, rng, n) for n in (1, 7, 20)]
+    all_feeds = [t.clear_margin_feeds(m, rng, n) for n in (1, 7, 20)]
     blob = t._export(m, "dynamo", 2)
     art = bscompile.compile(onnx.load_from_string(blob))
     (rec,) = [w for w in art.manifest.weights if w["kind"] == "dynamic_recurrent"]
     assert rec["decision"]["schedule"]["chunks"] == 2, rec["decision"]
     mod, sess = art.load(), ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
-    for x in xs:
-        h0 = np.zeros((1, 1, hidden), np.float32)
-        feeds = {{"x": x, "h0": h0, "c0": h0}} if kind == "lstm" else {{"x": x, "h0": h0}}
+    for feeds in all_feeds:
         for g, w in zip(mod.run(feeds).values(), sess.run(None, feeds)):
-            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=f"{{kind}} {{x.shape[0]}} steps")
+            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=f"{{kind}} {{len(feeds['x'])}} steps")
 """
     env = {**os.environ, "TVM_NUM_THREADS": str(threads)}
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
@@ -280,15 +285,14 @@ def test_cuda_fused_recurrence_under_the_emulator(rng, tmp_path, kind):
     gate, selection, tile product and cell update launches) run by the CUDA emulator in a
     subprocess at 5 steps, in a random thread/block order, against onnxruntime."""
     m = _model(rng, kind, keep=0.5, time_loop="scan")
-    x = clear_margin_input(m, rng, 5)
+    feeds = clear_margin_feeds(m, rng, 5)
     model_bytes = _export(m, "dynamo", 2)
     (tmp_path / "m.onnx").write_bytes(model_bytes)
     art = bscompile.compile(onnx.load_from_string(model_bytes), target="cuda")
     assert "dynamic_recurrent" in [w["kind"] for w in art.manifest.weights]
     art.export(tmp_path / "m.bsc")
-    h0 = np.zeros((1, B, H), np.float32)
     args = []
-    for name, value in ({"x": x, "h0": h0, "c0": h0} if kind == "lstm" else {"x": x, "h0": h0}).items():
+    for name, value in feeds.items():
         np.save(tmp_path / f"{name}.npy", value)
         args += ["--input", f"{name}={tmp_path / f'{name}.npy'}"]
     proc = subprocess.run([sys.executable, "-m", "bscompile.cli", "run", str(tmp_path / "m.bsc"), "--emulate",

@@ -196,7 +196,7 @@ def convert_recurrent(kind: str, bb: relax.BlockBuilder, inputs, attr: dict, onn
         parts = [(0, 2 * hidden), (2 * hidden, gh)] if split else [(0, gh)]
         operands = [xp]
         for lo, hi in parts:
-            operands += [_slice(bb, r_d, 0, lo, hi, (hi - lo, hidden)), _slice(bb, rb, 0, lo, hi, (hi - lo,))]
+            operands += [_slice(bb, r_d, 0, lo, hi, (hi - lo, hidden), True), _slice(bb, rb, 0, lo, hi, (hi - lo,))]
         h0_d, c0_d = _slice(bb, h0, 0, d, d + 1, (batch, hidden)), _slice(bb, c0, 0, d, d + 1, (batch, hidden))
         operands += [h0_d, c0_d, lens, _slice(bb, peep, 0, d, d + 1, (3 * hidden,))]
         r_arr = _const(r_d)
