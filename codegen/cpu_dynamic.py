@@ -251,6 +251,7 @@ def phases(shape: DynamicShape, m, sched: DynamicSchedule, n_alive: int, panel: 
     frac_num = int(round(sched.dense_fraction * 1024))
 
     lines = bs // 16  # 64-byte cache lines per tile row
+    one_row = static and m == 1 and mt == 1 and sched.dense_fraction > 1  # (no masked dense at one row)
 
     @T.macro
     def prefetch_row(tiles, pf_ob, pf_ib, p, first):
@@ -341,15 +342,30 @@ def phases(shape: DynamicShape, m, sched: DynamicSchedule, n_alive: int, panel: 
                             a[st[0]] = v
                             st[0] = st[0] + T.Cast("int32", v < piv)
             fsum[0] = T.float32(0)
-            for n in T.serial(n_tiles):
-                if g[b, n] >= kth[b]:
-                    fsum[0] = fsum[0] + g[b, n]
+            for n in T.serial(n_tiles):  # (a select, not a branch: half the scores pass, at random)
+                fsum[0] = fsum[0] + T.if_then_else(g[b, n] >= kth[b], g[b, n], T.float32(0))
             scale[b] = fsum[0] / T.float32(n_alive)
 
     @T.macro
-    def tile_lists(g, kth, scale, lrow, lscale, utile, ugroups, ucnt, wpre, bounds, st):
-        """Per output block: union tiles, their rows (or every row: masked dense), the work
-        prefix sum, and ``bounds``: contiguous ranges of output blocks of equal work."""
+    def one_row_lists(g, kth, scale, lrow, lscale, utile, ugroups, ucnt, wpre):
+        """tile_lists for one row (m = 1, groups of one row): compaction without branches (every
+        tile is written at the next free place, which advances by whether it is selected), as
+        half the tiles are selected at random: two unpredictable branches per tile otherwise."""
+        wpre[0] = 0
+        for ob in T.serial(nbo):
+            ucnt[ob] = 0
+            for ib in T.serial(nbi):
+                v = T.Bind(g[0, ib * nbo + ob])
+                u = T.Bind(ucnt[ob])
+                lrow[ob, u, 0] = 0
+                lscale[ob, u, 0] = v / scale[0]
+                utile[ob, u] = ib
+                ugroups[ob, u] = 1
+                ucnt[ob] = u + T.Cast("int32", v >= kth[0])
+            wpre[ob + 1] = wpre[ob] + ucnt[ob] + 1
+
+    @T.macro
+    def many_row_lists(g, kth, scale, lrow, lscale, utile, ugroups, ucnt, wpre, st):
         wpre[0] = 0
         for ob in T.serial(nbo):
             st[3] = 0  # union tiles so far
@@ -388,6 +404,15 @@ def phases(shape: DynamicShape, m, sched: DynamicSchedule, n_alive: int, panel: 
                         ugroups[ob, u] = dense_groups
                 st[0] = st[3] * dense_groups
             wpre[ob + 1] = wpre[ob] + st[0] + 1
+
+    @T.macro
+    def tile_lists(g, kth, scale, lrow, lscale, utile, ugroups, ucnt, wpre, bounds, st):
+        """Per output block: union tiles, their rows (or every row: masked dense), the work
+        prefix sum, and ``bounds``: contiguous ranges of output blocks of equal work."""
+        if one_row:
+            one_row_lists(g, kth, scale, lrow, lscale, utile, ugroups, ucnt, wpre)
+        else:
+            many_row_lists(g, kth, scale, lrow, lscale, utile, ugroups, ucnt, wpre, st)
         bounds[0] = 0
         st[0] = 1
         for ob in T.serial(nbo):
