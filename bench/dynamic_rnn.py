@@ -13,8 +13,9 @@ file compiled by bscompile (``Module.run``) and run by onnxruntime. Timing as
 bench/dynamic.py: every implementation warm for itself (two untimed calls, then its timed
 calls back to back, in rounds), process CPU time and wall time per call, one run.
 Gate scores are scaled 10x (selection and normalised gates unchanged) so that the
-numerics check sees a clear selection margin. Then the study's language model (dense, keep
-0.5 and 0.25; random weights: speed does not depend on training), end to end, the same way.
+numerics check sees a clear selection margin. Then the studies' language models (LSTM and GRU:
+dense, keep 0.5 and 0.25; random weights: speed does not depend on training), end to end, the
+same way.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ N_INPUTS = 8
 #: the language model of the dynamic study (models/results/dynamic_rnn/lstm): vocabulary,
 #: embedding, hidden, tiles, characters per sequence
 LM_VOCAB, LM_EMB, LM_H, LM_BS, LM_SEQ = 172, 64, 512, 64, 64
+LM_CELLS = ("lstm", "gru")  # the two studies: models/results/dynamic_rnn/lstm and models/results/dynamic_rnn
 OUT_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -91,16 +93,18 @@ def _time(fns: dict, reps: int, rounds: int = 3) -> dict:
 
 
 def _lm(meta: dict, t0: float) -> dict:
-    """The study's character LSTM language model (random weights: the speed does not depend on
-    training) exported as the study exports it -- ``nn.LSTM`` to ONNX ``LSTM``, the gated ones in
-    their scan form -- compiled by bscompile and run by onnxruntime on the same file."""
+    """The studies' character language models, LSTM and GRU (random weights: the speed does not
+    depend on training), exported as the studies export them -- ``nn.LSTM``/``nn.GRU`` to ONNX
+    ``LSTM``/``GRU``, the gated ones in their scan form -- compiled by bscompile and run by
+    onnxruntime on the same file."""
     import tempfile
 
     rng = np.random.default_rng(1)
     tokens = [rng.integers(0, LM_VOCAB, (1, LM_SEQ)) for _ in range(N_INPUTS)]
     fns, tmp = {}, Path(tempfile.mkdtemp())
     meta.update(lm_compile_s={}, lm_max_abs_err_vs_ort={})
-    for name, cell, keep in [("lm_dense", "lstm", 1.0)] + [(f"lm_dyn{k}", "dynlstm", k) for k in KEEPS]:
+    runs = [r for c in LM_CELLS for r in [(f"lm_{c}_dense", c, 1.0)] + [(f"lm_{c}_dyn{k}", f"dyn{c}", k) for k in KEEPS]]
+    for name, cell, keep in runs:
         torch.manual_seed(0)
         model = CharLM(LM_VOCAB, emb=LM_EMB, hidden=LM_H, layers=1, cell=cell, block=LM_BS, keep=keep).eval()
         with warnings.catch_warnings():
@@ -178,14 +182,16 @@ def main() -> None:
     lines += ["", "Sites: " + "; ".join(f"{k}: {', '.join(v)}" for k, v in meta["sites"].items()), ""]
     lt = meta["lm_times"]
     lines += ["## The language model", "",
-              f"The dynamic study's character LM (`CharLM`: embedding {LM_EMB}, one LSTM layer of {LM_H}, "
+              f"The dynamic studies' character LMs (`CharLM`: embedding {LM_EMB}, one LSTM or GRU layer of {LM_H}, "
               f"{LM_BS}x{LM_BS} tiles, vocabulary {LM_VOCAB}; random weights), {LM_SEQ} characters, batch 1, "
-              "exported as the study exports it (dense: ONNX `LSTM`; gated: `Scan`). Speed-ups from wall p10.", "",
+              "exported as the studies export them (dense: ONNX `LSTM`/`GRU`; gated: `Scan`). Speed-ups from wall p10, "
+              "against the dense model of the same cell.", "",
               "| model | bscompile wall p10 ms | vs bscompile dense | onnxruntime wall p10 ms | vs onnxruntime "
               "(same file) | µs/char | compile s | max abs err vs ort |", "|---|---|---|---|---|---|---|---|"]
     for name in meta["lm_compile_s"]:
         b, o = lt[f"bsc_{name}"]["wall_p10_ms"], lt[f"ort_{name}"]["wall_p10_ms"]
-        lines.append(f"| {name[3:]} | {b:.3f} | {lt['bsc_lm_dense']['wall_p10_ms'] / b:.2f}x | {o:.3f} | "
+        dense = lt[f"bsc_{name.rsplit('_', 1)[0]}_dense"]["wall_p10_ms"]
+        lines.append(f"| {name[3:]} | {b:.3f} | {dense / b:.2f}x | {o:.3f} | "
                      f"{o / b:.2f}x | {b * 1e3 / LM_SEQ:.1f} | {meta['lm_compile_s'][name]:.1f} | "
                      f"{meta['lm_max_abs_err_vs_ort'][name]:.1e} |")
     lines.append("")

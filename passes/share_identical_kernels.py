@@ -66,7 +66,8 @@ class ShareIdenticalKernels:
                 to[gv] = twin
         if not to:
             return mod
-        out = tvm.IRModule({gv: f for gv, f in mod.functions.items() if gv not in to}, attrs=mod.attrs)
+        out = tvm.IRModule({gv: f for gv, f in mod.functions.items() if gv not in to}, attrs=mod.attrs,
+                           global_infos=mod.global_infos)
         redirect = _Redirect(out, to)
         for gv, func in list(out.functions.items()):
             if isinstance(func, relax.Function):
