@@ -470,6 +470,7 @@ def run_artifacts(seed: int) -> dict:
                     "max_abs_err": {k: float(np.max(np.abs(v - ref[k]))) for k, v in outs.items()},
                     "ref_scale": {k: float(np.max(np.abs(ref[k]))) for k in ref},
                     "launches": [ln.kernel for ln in launches], "structure": rec,
+                    "linear_sites": sum(w["kind"] == "linear" for w in mod.manifest.weights),
                     "compile_seconds": t1 - t0, "load_seconds": t2 - t1})
     return {"results": results}
 

@@ -123,7 +123,8 @@ def test_kernel_sweep_matches_numpy(rng):
 def test_whole_artifacts_match_onnxruntime(rng):
     """CUDA artifacts through ``bscompile.load`` on the emulated device: outputs within
     1e-4 (relative to the output's scale) of onnxruntime; one init and one step launch
-    per step and direction, each projection launched once."""
+    per step and direction, each projection (linear site) launched once (sites with the same
+    code share a kernel: counted by launches, not by names)."""
     seed = int(rng.integers(1 << 30))
     rep, _ = _worker("artifacts", seed)
     res = rep["results"]
@@ -142,7 +143,7 @@ def test_whole_artifacts_match_onnxruntime(rng):
             assert sum(bool(step.match(k)) for k in launches) == rec["layers_x_dirs"] * rec["seq"], ctx
             assert sum(bool(init.match(k)) for k in launches) == rec["layers_x_dirs"], ctx
         linear = [k for k in launches if k.startswith("linear_")]
-        assert len(linear) == len(set(linear)), f"{ctx}: a projection launched twice: {linear}"
+        assert len(linear) == r["linear_sites"], f"{ctx}: {r['linear_sites']} projections, launches {linear}"
         by_model.setdefault(r["model"], []).append(launches)
     for model, seqs in by_model.items():
         assert all(s == seqs[0] for s in seqs), f"{model}: launch sequence depends on the thread order"
