@@ -3,8 +3,9 @@
 Stacked and bidirectional layers of one size and sparsity get the same generated kernel
 (the generators are cached by their parameters), but each site's kernel carries its own
 attributes (the site, its layout decision, its sparsity), so each was compiled by LLVM
-on its own: about 0.3 s per kernel, 12 of the 14 kernels of the hidden-2560
-DeepSpeech-like model.
+on its own (LLVM's time grows with the number of functions: 0.3 s per copy of a
+dynamic-linear kernel, build and object code); the hidden-2560 DeepSpeech-like model
+had 14 site kernels, 7 of them copies.
 
 Contract
 - Input: a module after bscompile's pipeline whose manifest has been read
