@@ -18,6 +18,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import tvm
 
 from bscompile.errors import ArtifactError
@@ -100,7 +101,8 @@ def pack_imports_incbin(mod, is_system_lib: bool, symbol_prefix: str, workspace_
     if is_system_lib:
         raise ValueError("pack_imports_incbin does not pack system libraries")
     blob = Path(workspace_dir) / f"{symbol_prefix}devc.bin"
-    tvm.get_global_func("runtime.ModulePackImportsToTensor")(mod).numpy().tofile(blob)
+    packed = tvm.get_global_func("runtime.ModulePackImportsToTensor")(mod)
+    np.from_dlpack(packed).tofile(blob)  # (a view: .numpy() would copy the 100 MB blob first)
     symbol = symbol_prefix + tvm.get_global_func("runtime.ModuleImportsBlobName")()
     asm = Path(workspace_dir) / f"{symbol_prefix}devc.S"
     asm.write_text(f"""\t.section .rodata.{symbol},"a"
