@@ -6,7 +6,7 @@ Every ``T.macro`` call in TVM 0.27 finds the active parser with
 hundred macros each, and that formatting took LowerWeightSites from 1.20 to 1.48 s in the
 compile of the hidden-2560 DeepSpeech-like model. :func:`install` replaces
 ``ScriptMacro._find_parser_def`` with a walk over ``frame.f_back`` from its caller (the same
-frames, innermost first, but this module's own; the same result). TVM is pinned exactly
+frames, innermost first, except this function's own; the same result). TVM is pinned exactly
 (pyproject), so the replaced method is known.
 """
 
