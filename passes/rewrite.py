@@ -25,13 +25,14 @@ def rewrite_relax_functions(mutator: relax.PyExprMutator, mod: tvm.IRModule,
 
 
 def rebind(mutator: relax.PyExprMutator, binding: relax.VarBinding, value: relax.Expr) -> None:
-    """Emit ``value`` in place of ``binding``; an output of a dataflow block stays one."""
+    """Emit ``value`` in place of ``binding`` (in a mutator run by :func:`rewrite_with_bindings`,
+    which counts these in ``mutator.rebound``); an output of a dataflow block stays one."""
     bb = mutator.builder_
     # (outside dataflow blocks, e.g. in a loop function's If branch, every var is a plain Var)
     output = not isinstance(binding.var, relax.DataflowVar) and bb.current_block_is_dataflow()
     emit = bb.emit_output if output else bb.emit
     mutator.set_var_remap(binding.var, emit(value, name_hint=binding.var.name))
-    mutator.rebound = getattr(mutator, "rebound", 0) + 1
+    mutator.rebound += 1
 
 
 def rewrite_with_bindings(mutator: relax.PyExprMutator, mod: tvm.IRModule) -> tvm.IRModule:
@@ -42,5 +43,6 @@ def rewrite_with_bindings(mutator: relax.PyExprMutator, mod: tvm.IRModule) -> tv
     def index(func):
         mutator.var2val = relax.analysis.get_var2val(func)
 
+    mutator.rebound = 0
     out = rewrite_relax_functions(mutator, mod, index)
-    return relax.transform.DeadCodeElimination()(out) if getattr(mutator, "rebound", 0) else mod
+    return relax.transform.DeadCodeElimination()(out) if mutator.rebound else mod
