@@ -10,6 +10,7 @@ import os
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -63,7 +64,11 @@ class Artifact:
                 from tvm.support import cc
 
                 kwargs["fcompile"] = cc.cross_compiler(self.spec.cross_compiler)
-            self.executable.export_library(str(lib), fpack_imports=pack_imports_incbin, **kwargs)
+            # the weights are serialised in a second thread while LLVM writes the kernels' objects
+            # (both in C++, without the GIL); export_library takes the packed file once it asks for it
+            with ThreadPoolExecutor(1) as pool:
+                packed = pool.submit(pack_imports_incbin, self.executable.mod, False, "", tmp)
+                self.executable.export_library(str(lib), fpack_imports=lambda *_: packed.result(), **kwargs)
             write_artifact(path, self.manifest, lib)
         return Path(path)
 

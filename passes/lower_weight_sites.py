@@ -12,8 +12,9 @@ Contract
   layout attribute completed with the schedules used (``schedules``, or per bucket of
   a symbolic m in ``buckets``: the kernel dispatches on m at run time) and
   ``stored_bytes``. Site functions no longer called are removed. Numerics are
-  unchanged up to float reassociation. The constant weights are packed up front on all
-  cores (NumPy releases the GIL), then the kernels are made one by one.
+  unchanged up to float reassociation. The constant weights are packed on all cores
+  (NumPy releases the GIL) while the kernels are made one by one, each kernel waiting
+  for its own weights only.
 - Left alone: calls of undecided site functions; everything already lowered
   (the pass is idempotent).
 """
@@ -21,7 +22,7 @@ Contract
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import tvm
@@ -62,8 +63,9 @@ def _key(w_expr: relax.Expr, layout: dict) -> tuple:
     return w_expr.__chandle__(), layout["layout"], layout.get("block")
 
 
-def _pack_all(mod: tvm.IRModule) -> dict[tuple, BSRMatrix]:
-    """Every decided site's constant weight matrices packed, on all cores: ``_key`` -> matrix."""
+def _pack_all(mod: tvm.IRModule, pool: ThreadPoolExecutor) -> dict[tuple, Future]:
+    """Every decided site's constant weight matrices, packing on ``pool`` in the order the sites
+    are lowered: ``_key`` -> the future matrix."""
     jobs = {}
     for call in site_calls(mod):
         site, layout = attr(call.func, SITE), attr(call.func, LAYOUT)
@@ -72,16 +74,13 @@ def _pack_all(mod: tvm.IRModule) -> dict[tuple, BSRMatrix]:
             continue
         for mat in kind.matrices(site):
             w_expr = call.operands[mat.weight]
-            if const_array(w_expr) is not None:
-                jobs[_key(w_expr, layout)] = (const_array(w_expr), layout)
-    if not jobs:
-        return {}
-    with ThreadPoolExecutor(min(len(jobs), os.cpu_count() or 1)) as pool:
-        return dict(zip(jobs, pool.map(lambda job: _packed(*job), jobs.values())))
+            if const_array(w_expr) is not None and _key(w_expr, layout) not in jobs:
+                jobs[_key(w_expr, layout)] = pool.submit(_packed, const_array(w_expr), layout)
+    return jobs
 
 
 def _pack(bb: relax.BlockBuilder, w_expr: relax.Expr, layout: dict,
-          packed: dict[tuple, BSRMatrix]) -> tuple[BSRMatrix, list[relax.Expr]]:
+          packed: dict[tuple, Future]) -> tuple[BSRMatrix, list[relax.Expr]]:
     """The matrix in ``layout`` (a skeleton for a run-time weight) and its ``[data, indices, indptr]``."""
     w = const_array(w_expr)
     if w is None:  # computed at run time: dense rows, packed by the program itself
@@ -89,17 +88,18 @@ def _pack(bb: relax.BlockBuilder, w_expr: relax.Expr, layout: dict,
         mat = BSRMatrix.dense(np.zeros((rows, cols), np.float32), DENSE_ROWS)
         data = pack_dense_rows(bb, w_expr, rows, cols)
     else:
-        mat = packed.pop(_key(w_expr, layout), None) or _packed(w, layout)  # (popped: freed once a constant)
+        job = packed.pop(_key(w_expr, layout), None)  # (popped: freed once a constant)
+        mat = job.result() if job is not None else _packed(w, layout)
         data = relax.const(mat.data)
     return mat, [data, relax.const(mat.indices), relax.const(mat.indptr)]
 
 
 @relax.expr_functor.mutator
 class _Lowerer(relax.PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, family: KernelFamily):
+    def __init__(self, mod: tvm.IRModule, family: KernelFamily, pool: ThreadPoolExecutor):
         super().__init__(mod)
         self.mod, self.family = mod, family
-        self.packed = _pack_all(mod)
+        self.packed = _pack_all(mod, pool)
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         ret = call.ty  # in the caller's symbolic vars (the site function has its own)
@@ -161,5 +161,6 @@ class LowerWeightSites:
         self.family = family
 
     def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        lowered = rewrite_relax_functions(_Lowerer(mod, self.family), mod)
+        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+            lowered = rewrite_relax_functions(_Lowerer(mod, self.family, pool), mod)
         return relax.transform.DeadCodeElimination()(lowered)

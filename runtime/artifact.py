@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import mmap
 import os
 import tarfile
 import tempfile
@@ -117,19 +118,23 @@ def pack_imports_incbin(mod, is_system_lib: bool, symbol_prefix: str, workspace_
 
 
 def write_artifact(path: str | os.PathLike, manifest: Manifest, module_path: str | os.PathLike) -> None:
-    data = Path(module_path).read_bytes()
-    manifest.module_sha256 = hashlib.sha256(data).hexdigest()
-    blob = json.dumps(manifest.to_json(), indent=2).encode()
+    """The manifest and the module (a shared library) in an uncompressed tar, written atomically.
+    The module is hashed from a memory map and streamed from its file: its weights are not
+    copied into memory."""
+    with open(module_path, "rb") as module, mmap.mmap(module.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        manifest.module_sha256 = hashlib.sha256(data).hexdigest()
+        blob = json.dumps(manifest.to_json(), indent=2).encode()
 
-    def write(tmp: str) -> None:
-        with tarfile.open(tmp, "w") as tar:
-            for name, payload in ((MANIFEST, blob), (manifest.module_file, data)):
-                info = tarfile.TarInfo(name)
-                info.size = len(payload)
-                info.mode = 0o644
-                tar.addfile(info, io.BytesIO(payload))
+        def write(tmp: str) -> None:
+            with tarfile.open(tmp, "w") as tar:
+                for name, payload, size in ((MANIFEST, io.BytesIO(blob), len(blob)),
+                                            (manifest.module_file, module, len(data))):
+                    info = tarfile.TarInfo(name)
+                    info.size = size
+                    info.mode = 0o644
+                    tar.addfile(info, payload)
 
-    atomic_write(path, write)
+        atomic_write(path, write)
 
 
 def read_artifact(path: str | os.PathLike) -> tuple[Manifest, bytes]:

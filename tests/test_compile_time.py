@@ -142,3 +142,18 @@ def test_weights_read_from_the_mapped_file_equal_numpy_helper(rng, tmp_path):
     path.write_bytes(path.read_bytes()[:-40])
     with pytest.raises(BscompileError, match="is not an ONNX model"):
         read_model(path)
+
+
+@pytest.mark.parametrize("at", [(0, 0), (7, 3), (12, 4)])
+def test_weight_copies_are_checked_finite_in_every_chunk(rng, at):
+    """convert_initializers copies and checks a weight a chunk at a time: a non-finite value in
+    any chunk (here of 7 elements: first, middle, last) is refused with its position, and a
+    finite weight is copied bit for bit."""
+    from bscompile.errors import UnsupportedModelError
+    from bscompile.frontend.onnx import _checked_copy
+
+    w = rng.standard_normal((13, 5)).astype(np.float32)
+    assert _checked_copy("w", w, chunk=7).numpy().tobytes() == w.tobytes()
+    w[at] = -np.inf
+    with pytest.raises(UnsupportedModelError, match=rf"weight 'w' holds -inf at \[{at[0]}, {at[1]}\]"):
+        _checked_copy("w", w, chunk=7)

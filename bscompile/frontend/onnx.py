@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import io
-
 import math
 import mmap
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -172,26 +172,49 @@ def convert_initializers(model: onnx.ModelProto, raw: MappedWeights | None = Non
     """Every initializer of the graph as a named constant, each read once: from the memory map
     of the file where ``raw`` has its data (the map's pages are dropped once copied), else out of the proto.
 
-    Largest first: a weight read out of the proto goes through a transient copy (``raw_data``)
-    while the constants made so far are resident; in this order the last copies are the smallest."""
+    Two at a time, largest first (the copies are page faults and memory traffic, which NumPy
+    does without the GIL): a weight read out of the proto goes through a transient copy
+    (``raw_data``) while the constants made so far are resident; in this order the last
+    copies are the smallest."""
     inits = list(model.graph.initializer)
     spans = raw.spans if raw is not None else [None] * len(inits)
-    weights = {}
-    for i in sorted(range(len(inits)), key=lambda i: -math.prod(inits[i].dims)):
-        init = inits[i]
+    for init in inits:
         if not init.name.strip():
             raise UnsupportedModelError("ONNX import failed: an initializer has no name")
+
+    def convert(i: int) -> relax.Expr:
+        init = inits[i]
         try:
             arr = (numpy_helper.to_array(init) if spans[i] is None else _mapped_array(raw.mapped, spans[i], init)
                    ).reshape(tuple(init.dims))
         except Exception as err:  # noqa: BLE001 - malformed data (found by fuzzing)
             raise UnsupportedModelError(f"ONNX import failed: initializer '{init.name}': {_first_line(err)}") from None
-        check_finite(init.name, arr)
-        weights[init.name] = named_const(tvm.runtime.tensor(arr), init.name)
+        value = _checked_copy(init.name, arr)
         if spans[i] is not None:
             del arr
             _drop_pages(raw.mapped, *spans[i])
-    return weights
+        return named_const(value, init.name)
+
+    order = sorted(range(len(inits)), key=lambda i: -math.prod(inits[i].dims))
+    with ThreadPoolExecutor(2) as pool:
+        return {inits[i].name: const for i, const in zip(order, pool.map(convert, order))}
+
+
+def _checked_copy(name: str, arr: np.ndarray, chunk: int = 1 << 20) -> tvm.runtime.Tensor:
+    """``arr`` copied into a new TVM tensor and checked by :func:`check_finite`, a chunk at a
+    time, so each chunk is checked while it is in cache (one pass over the source). Types
+    NumPy cannot view in a TVM tensor (``bfloat16``, ``float8``) are copied by TVM."""
+    if arr.dtype.kind not in "fiub":
+        check_finite(name, arr)
+        return tvm.runtime.tensor(arr)
+    value = tvm.runtime.empty(arr.shape, str(arr.dtype))
+    dst, src = np.from_dlpack(value).reshape(-1), arr.reshape(-1)
+    check = arr.dtype.kind == "f" and arr.size > 1
+    for lo in range(0, src.size, chunk):
+        np.copyto(dst[lo : lo + chunk], src[lo : lo + chunk])
+        if check and not np.isfinite(dst[lo : lo + chunk]).all():
+            check_finite(name, arr)  # raises, naming the first such value
+    return value
 
 
 def _mapped_array(mapped: mmap.mmap, span: tuple[int, int], init: onnx.TensorProto) -> np.ndarray:
