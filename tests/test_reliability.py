@@ -293,3 +293,19 @@ def test_recurrent_state_shapes_that_contradict_the_batch_are_one_line(tmp_path,
     out, err = capsys.readouterr()
     assert out == "" and err.strip() == "bscompile: error: node 'gru': input sequence_lens has shape [2], expected [3]"
     assert not (tmp_path / "m.bsc").exists()
+
+
+def test_recurrent_weight_of_the_wrong_shape_is_one_line(tmp_path, capsys, rng):
+    """A GRU whose R does not match its hidden size and directions is refused with one line
+    naming the node, before any of its weights is read."""
+    from onnx_models import gru_with_lens
+
+    model = gru_with_lens(rng, hidden=8, inp=4)
+    r_name = next(n for n in model.graph.node if n.op_type == "GRU").input[2]
+    r = next(t for t in model.graph.initializer if t.name == r_name)
+    r.CopyFrom(onnx.numpy_helper.from_array(rng.standard_normal((1, 24, 7)).astype(np.float32), r_name))
+    onnx.save(model, tmp_path / "m.onnx")
+    assert main(["compile", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "m.bsc"), "-q"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.strip() == "bscompile: error: node 'gru': R has shape (1, 24, 7), expected (1, 24, 8)"
+    assert not (tmp_path / "m.bsc").exists()

@@ -22,6 +22,8 @@ own backend tests) work: their sites stay dense.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import tvm
 from tvm import relax
@@ -163,6 +165,9 @@ def convert_recurrent(kind: str, bb: relax.BlockBuilder, inputs, attr: dict, onn
     w_shape = _dims(w, node, "W", 0)
     if w_shape != (num_dir, gh, in_size):
         raise UnsupportedModelError(f"node '{node}': W has shape {w_shape}, expected {(num_dir, gh, in_size)}")
+    r_shape = _dims(r, node, "R", 0)
+    if r_shape != (num_dir, gh, hidden):
+        raise UnsupportedModelError(f"node '{node}': R has shape {r_shape}, expected {(num_dir, gh, hidden)}")
     if layout == 1:
         h0 = None if h0 is None else bb.emit(relax.op.permute_dims(h0, [1, 0, 2]))
         c0 = None if c0 is None else bb.emit(relax.op.permute_dims(c0, [1, 0, 2]))
@@ -180,6 +185,9 @@ def convert_recurrent(kind: str, bb: relax.BlockBuilder, inputs, attr: dict, onn
         lens = bb.emit(relax.op.astype(lens, "int32"))
     x2d = bb.emit(relax.op.reshape(x, [seq * batch, in_size]))
 
+    r_all = _const(r)  # the directions' fingerprints, two at a time (hashlib releases the GIL)
+    with ThreadPoolExecutor(2) as pool:
+        keys = list(pool.map(fingerprint, r_all)) if r_all is not None else [""] * len(cells)
     ys, hs, cs = [], [], []
     for d, cell in enumerate(cells):
         b_d = _slice(bb, b, 0, d, d + 1, (2 * gh,))
@@ -199,9 +207,7 @@ def convert_recurrent(kind: str, bb: relax.BlockBuilder, inputs, attr: dict, onn
             operands += [_slice(bb, r_d, 0, lo, hi, (hi - lo, hidden), True), _slice(bb, rb, 0, lo, hi, (hi - lo,))]
         h0_d, c0_d = _slice(bb, h0, 0, d, d + 1, (batch, hidden)), _slice(bb, c0, 0, d, d + 1, (batch, hidden))
         operands += [h0_d, c0_d, lens, _slice(bb, peep, 0, d, d + 1, (3 * hidden,))]
-        r_arr = _const(r_d)
-        site = {"kind": "recurrent", "name": f"{onnx_node.input[2]}[{d}]",
-                "fingerprint": fingerprint(r_arr) if r_arr is not None else "", "m": batch,
+        site = {"kind": "recurrent", "name": f"{onnx_node.input[2]}[{d}]", "fingerprint": keys[d], "m": batch,
                 "shape": [gh, hidden], "cell": cell.to_json(), "seq": seq, "batch": batch, "split": split,
                 "lens_operand": len(operands) - 2}
         state = relax.TensorType((batch, hidden), "float32")
