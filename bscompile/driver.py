@@ -59,15 +59,16 @@ class Artifact:
         """Write the ``.bsc`` file atomically; cross targets link with their compiler."""
         with tempfile.TemporaryDirectory(prefix="bscompile-export-") as tmp:
             lib = Path(tmp) / self.manifest.module_file
+            from tvm.support import cc
+
             kwargs = {}
             if self.spec.cross_compiler:
-                from tvm.support import cc
-
                 kwargs["fcompile"] = cc.cross_compiler(self.spec.cross_compiler)
-            # the weights are serialised in a second thread while LLVM writes the kernels' objects
-            # (both in C++, without the GIL); export_library takes the packed file once it asks for it
+            # the weights are serialised and assembled in a second thread while LLVM writes the
+            # kernels' objects (in C++, without the GIL); export_library takes the object once it asks
             with ThreadPoolExecutor(1) as pool:
-                packed = pool.submit(pack_imports_incbin, self.executable.mod, False, "", tmp)
+                packed = pool.submit(pack_imports_incbin, self.executable.mod, False, "", tmp,
+                                     self.spec.cross_compiler or cc.get_cc())
                 self.executable.export_library(str(lib), fpack_imports=lambda *_: packed.result(), **kwargs)
             write_artifact(path, self.manifest, lib)
         return Path(path)

@@ -14,6 +14,7 @@ import io
 import json
 import mmap
 import os
+import subprocess
 import tarfile
 import tempfile
 from dataclasses import dataclass, field
@@ -90,9 +91,11 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         raise
 
 
-def pack_imports_incbin(mod, is_system_lib: bool, symbol_prefix: str, workspace_dir: str) -> str:
+def pack_imports_incbin(mod, is_system_lib: bool, symbol_prefix: str, workspace_dir: str,
+                        cc: str | None = None) -> str:
     """``export_library``'s ``fpack_imports``: the serialized imports (the VM bytecode and
-    its constants, i.e. every packed weight) as an assembler ``.incbin`` of a raw file.
+    its constants, i.e. every packed weight) as an assembler ``.incbin`` of a raw file,
+    assembled by ``cc`` into an object when given (else the linking compiler assembles it).
 
     TVM's default turns the blob into one LLVM constant array and has LLVM emit it:
     ~2 s for the 2560 DeepSpeech-like model's 130 MB. The assembler copies the bytes.
@@ -114,7 +117,11 @@ def pack_imports_incbin(mod, is_system_lib: bool, symbol_prefix: str, workspace_
 \t.size {symbol}, . - {symbol}
 \t.section .note.GNU-stack,"",%progbits
 """)
-    return str(asm)
+    if cc is None:
+        return str(asm)
+    obj = asm.with_suffix(".o")
+    subprocess.run([cc, "-c", str(asm), "-o", str(obj)], check=True, capture_output=True)
+    return str(obj)
 
 
 def write_artifact(path: str | os.PathLike, manifest: Manifest, module_path: str | os.PathLike) -> None:
