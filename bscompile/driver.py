@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -63,6 +64,10 @@ class Artifact:
 
             kwargs = {}
             if self.spec.cross_compiler:
+                if shutil.which(self.spec.cross_compiler) is None:
+                    package = "g++-" + self.spec.cross_compiler.removesuffix("-g++")
+                    raise BscompileError(f"the {self.spec.name} target links with {self.spec.cross_compiler}, which is "
+                                         f"not on PATH (Debian and Ubuntu: apt install {package})")
                 kwargs["fcompile"] = cc.cross_compiler(self.spec.cross_compiler)
             # the weights are serialised and assembled in a second thread while LLVM writes the
             # kernels' objects (in C++, without the GIL); export_library takes the object once it asks

@@ -372,3 +372,15 @@ def test_aarch64_bundle_runs_a_fused_gated_recurrence(rng, tmp_path, emulator_en
         for o, want in zip(sess.get_outputs(), sess.run(None, feeds)):
             np.testing.assert_allclose(np.load(out / f"{o.name}.npy"), want, rtol=RTOL, atol=ATOL,
                                        err_msg=f"{o.name} at {len(feeds['x'])} steps")
+
+
+def test_a_missing_cross_compiler_is_one_line_and_writes_nothing(rng, tmp_path, monkeypatch):
+    """Exporting for aarch64 without its cross compiler on PATH says which compiler and how to
+    install it, before anything is written (it used to surface as the linker's file-not-found)."""
+    from bscompile.errors import BscompileError
+
+    art = bscompile.compile(mlp([64, 32], 1, ["4x4"], rng)[0], target="aarch64")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(BscompileError, match=r"^the aarch64 target links with aarch64-linux-gnu-g\+\+, which is not on PATH"):
+        art.export(tmp_path / "m.bsc")
+    assert not (tmp_path / "m.bsc").exists()
