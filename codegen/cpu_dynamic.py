@@ -27,7 +27,7 @@ thread-pool launch each and phases 2-3 run once between them on the caller
 (``gate_parallel``), or there is a single launch in which every thread runs phases 1-3
 itself and then phase 4 on its own range: the gate is computed twice, but a pool that
 must not spin (shared cores) wakes once and nobody waits for the slowest thread twice.
-Or (``claim``, two threads, the default for small batches) a single launch in which the
+Or (``claim``, the default on two threads) a single launch in which the
 two threads take gate groups and then output blocks from opposite ends, each marking an
 item as taken before doing it, with a barrier between: no gate is computed twice, and
 the caller's thread does the share of a worker that wakes late.
@@ -126,13 +126,15 @@ def default_schedule(shape: DynamicShape, m: int, vector_lanes: int = 8, threads
     gate = m * shape.in_features * shape.num_tiles
     work = gate + m * shape.k * shape.block * shape.block
     chunks = threads if work >= PARALLEL_MIN_WORK and shape.nbo > 1 else 1
-    # small batches: one launch, with two threads claiming gate groups and output blocks
-    # (measured 1.2x less CPU than every thread computing the whole gate at m = 1, 1.05x at
-    # m = 2-4; a little more at m = 16); a separate parallel gate launch beyond that
-    # (at m = 1 the masked dense product is the gathered one: the fallback is off)
-    gate_parallel = chunks > 1 and m > 4
+    # two threads: one launch, the threads claiming gate groups and output blocks (measured
+    # 1.2x less CPU than every thread computing the whole gate at m = 1, 1.05x at m = 2-4).
+    # A separate parallel gate launch wakes the pool twice: `bscompile tune` at m = 64 timed
+    # it at 108 vs 79 us (the char LM's input product, 64 -> 2048) and 1769 vs 1649 us (the
+    # 1024-wide layer's); at m = 16, 42 vs 35 and 496 vs 529 us. More threads: a separate gate
+    # launch beyond m = 4. (At m = 1 the masked dense product is the gathered one: no fallback.)
+    gate_parallel = chunks > 2 and m > 4
     return DynamicSchedule(mt, rt, chunks, gate_parallel=gate_parallel, dense_fraction=2.0 if m == 1 else 1.0,
-                           claim=chunks == 2 and not gate_parallel)
+                           claim=chunks == 2)
 
 
 def dynamic_linear_kernel(in_features: int, out_features: int, block: int, k: int, m: int | None,
