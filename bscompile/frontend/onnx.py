@@ -209,11 +209,10 @@ def _checked_copy(name: str, arr: np.ndarray, chunk: int = 1 << 20) -> tvm.runti
         return tvm.runtime.tensor(arr)
     value = tvm.runtime.empty(arr.shape, str(arr.dtype))
     dst, src = np.from_dlpack(value).reshape(-1), arr.reshape(-1)
-    check = arr.dtype.kind == "f" and arr.size > 1
     for lo in range(0, src.size, chunk):
         np.copyto(dst[lo : lo + chunk], src[lo : lo + chunk])
-        if check and not np.isfinite(dst[lo : lo + chunk]).all():
-            check_finite(name, arr)  # raises, naming the first such value
+        if not np.isfinite(dst[lo : lo + chunk]).all():
+            check_finite(name, arr)  # decides (a single value is a fill) and words the error
     return value
 
 

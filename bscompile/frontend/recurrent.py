@@ -150,7 +150,8 @@ def convert_recurrent(kind: str, bb: relax.BlockBuilder, inputs, attr: dict, onn
     get = lambda i: inputs[i] if len(inputs) > i else None  # noqa: E731
     b, lens, h0 = get(3), get(4), get(5)
     c0, peep = (get(6), get(7)) if kind == "lstm" else (None, None)
-    hidden = int(attr.get("hidden_size") or _dims(r, node, "R", 0)[-1])
+    r_shape = _dims(r, node, "R", 0)
+    hidden = int(attr.get("hidden_size") or r_shape[-1])
     layout = int(attr.get("layout", 0))
     cells = _parse_cells(kind, attr, hidden, node)
     num_dir = len(cells)
@@ -165,7 +166,6 @@ def convert_recurrent(kind: str, bb: relax.BlockBuilder, inputs, attr: dict, onn
     w_shape = _dims(w, node, "W", 0)
     if w_shape != (num_dir, gh, in_size):
         raise UnsupportedModelError(f"node '{node}': W has shape {w_shape}, expected {(num_dir, gh, in_size)}")
-    r_shape = _dims(r, node, "R", 0)
     if r_shape != (num_dir, gh, hidden):
         raise UnsupportedModelError(f"node '{node}': R has shape {r_shape}, expected {(num_dir, gh, hidden)}")
     if layout == 1:
@@ -185,9 +185,10 @@ def convert_recurrent(kind: str, bb: relax.BlockBuilder, inputs, attr: dict, onn
         lens = bb.emit(relax.op.astype(lens, "int32"))
     x2d = bb.emit(relax.op.reshape(x, [seq * batch, in_size]))
 
-    r_all = _const(r)  # the directions' fingerprints, two at a time (hashlib releases the GIL)
-    with ThreadPoolExecutor(2) as pool:
-        keys = list(pool.map(fingerprint, r_all)) if r_all is not None else [""] * len(cells)
+    r_all, keys = _const(r), [""] * num_dir
+    if r_all is not None:  # the directions' fingerprints, two at a time (hashlib releases the GIL)
+        with ThreadPoolExecutor(2) as pool:
+            keys = list(pool.map(fingerprint, r_all))
     ys, hs, cs = [], [], []
     for d, cell in enumerate(cells):
         b_d = _slice(bb, b, 0, d, d + 1, (2 * gh,))
