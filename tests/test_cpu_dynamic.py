@@ -56,6 +56,7 @@ CASES = [
     (256, 384, 64, 0.5, 2, {"prefetch": True, "m_tile": 1}, False, 0.0),  # software prefetch of the next tile
     (256, 384, 64, 0.25, 3, {}, False, 0.0),  # m_tile 3
     (256, 384, 64, 0.5, 8, {"m_tile": 8, "rows_tile": 16}, False, 0.0),  # 4 panels per tile
+    (256, 384, 64, 0.5, 7, {"m_tile": 3, "rows_tile": 64}, False, 0.0),  # 3 rows x 4 vectors, last group padded
     (256, 512, 64, 0.5, 4, {"chunks": 2, "gate_parallel": True}, False, 0.0),  # parallel, balanced chunks
     (256, 512, 64, 0.25, 4, {"chunks": 3, "gate_parallel": False}, False, 0.0),  # one launch, gate per thread
     (256, 384, 32, 0.5, 16, {}, False, 0.0),  # union ~ everything, rows gathered in groups of 4
