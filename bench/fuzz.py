@@ -237,7 +237,9 @@ def classify(o: Outcome, expect: str) -> str | None:
         return f"signal {o.signal}"
     if "Traceback" in o.stderr:
         # what --debug asks for, around a clean error; anything else escaped
-        if "--debug" in o.argv and lines and re.match(r"bscompile\.errors\.\w+: ", lines[-1]):
+        # a traceback breaks lines at "\n" only: an escaped name may hold U+2028 and the like
+        tail = [ln for ln in o.stderr.split("\n") if ln.strip()]
+        if "--debug" in o.argv and tail and re.match(r"bscompile\.errors\.\w+: ", tail[-1]):
             return "refused valid input" if expect == "ok" else None
         return "traceback"
     if o.rc == 3 or "internal error" in o.stderr:

@@ -18,7 +18,7 @@ from test_cli_and_artifact import run_cli
 import bscompile
 from bscompile import limits
 from bscompile.cli import main
-from bscompile.errors import ArtifactError, InputError, UnsupportedModelError
+from bscompile.errors import ArtifactError, BscompileError, InputError, UnsupportedModelError
 
 
 def one_error_line(stderr: str) -> str:
@@ -82,6 +82,41 @@ def test_control_characters_in_names_stay_on_one_line(tmp_path, capsys):
     onnx.save(model, tmp_path / "m.onnx")
     assert main(["compile", str(tmp_path / "m.onnx"), "-q"]) == 2
     assert "unsupported op 'FooBar' at node 'fc0\"\\ntransB'" in one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("text", [b"graph-name", b"node-name", b"doc-string"])
+def test_names_that_are_not_utf8_are_refused(text, tmp_path, capsys):
+    """Found by the fuzzer: ONNX's strings are not checked when parsed, and protobuf hands one
+    that is not UTF-8 out as bytes ('str + bytes' deep in the importer, an internal error)."""
+    model = _graph_model([helper.make_node("Relu", ["x"], ["y"], name="node-name", doc_string="doc-string")],
+                         [X], [Y])
+    model.graph.name = "graph-name"
+    blob = model.SerializeToString()
+    assert blob.count(text) == 1
+    blob = blob.replace(text, text[:3] + b"\xfa" + text[4:])  # (the same length: the framing holds)
+    (tmp_path / "m.onnx").write_bytes(blob)
+    assert main(["compile", str(tmp_path / "m.onnx"), "-q"]) == 2
+    assert "is not a valid ONNX model (a name or string is not UTF-8 text)" in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "m.bsc").exists()
+    with pytest.raises(BscompileError, match="not UTF-8"):
+        bscompile.compile(onnx.load_from_string(blob))
+
+
+def test_reshape_valid_only_for_some_symbolic_sizes_is_refused(tmp_path, capsys, rng):
+    """Found by the fuzzer: an input dim of unknown size reshaped to ``[-1, 4]`` compiled to
+    ``[batch * d // 4, 4]``, and a run with ``d = 1`` divided by zero (SIGFPE) in the reshape."""
+    shape = numpy_helper.from_array(np.array([-1, 4], np.int64), "shape")
+    model = _graph_model([helper.make_node("Reshape", ["x", "shape"], ["r"], name="flat"),
+                          helper.make_node("Relu", ["r"], ["y"], name="relu")],
+                         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", None])],
+                         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])], [shape])
+    onnx.save(model, tmp_path / "m.onnx")
+    assert main(["compile", str(tmp_path / "m.onnx"), "-q"]) == 2
+    assert ("node 'flat' (Reshape) turns [batch, x_d1] into [batch * x_d1 // 4, 4], which holds only for some "
+            "sizes of its symbolic dims") in one_error_line(capsys.readouterr().err)
+    x = rng.standard_normal((3, 8)).astype(np.float32)
+    np.testing.assert_allclose(bscompile.compile(model, input_shapes={"x": (3, 8)}).load().run({"x": x})["y"],
+                               ort_run(model, {"x": x})["y"], rtol=1e-6)
 
 
 @pytest.mark.parametrize("opset", [1, 6, 99, -1])

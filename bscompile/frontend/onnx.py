@@ -65,6 +65,7 @@ def read_model(model: str | os.PathLike | onnx.ModelProto,
                split: bool = True) -> tuple[onnx.ModelProto, MappedWeights | None]:
     """The model, and with ``split`` (for a file) its initializers' raw data apart, in a memory map."""
     if isinstance(model, onnx.ModelProto):
+        _check_text(model, "the model")
         return model, None
     path = os.fspath(model)
     if not os.path.exists(path):
@@ -73,6 +74,7 @@ def read_model(model: str | os.PathLike | onnx.ModelProto,
         proto, raw = _parse(path, split)
     except Exception as err:  # protobuf raises several types for garbage input
         raise BscompileError(f"{path} is not an ONNX model ({type(err).__name__})") from None
+    _check_text(proto, path)
     if not proto.graph.node:
         raise BscompileError(f"{path} is not an ONNX model (no graph nodes)")
     if any(uses_external_data(t) for t in proto.graph.initializer):
@@ -85,6 +87,29 @@ def read_model(model: str | os.PathLike | onnx.ModelProto,
         except Exception as err:  # (a location outside the model's folder, unreadable files)
             raise BscompileError(f"{path}: cannot read its external data ({_first_line(err)})") from None
     return proto, raw
+
+
+def _check_text(proto: onnx.ModelProto, what: str) -> None:
+    """Refuse a model with a string that is not UTF-8: ONNX's proto2 strings are not checked
+    when parsed, and protobuf hands such a string out as ``bytes`` (or raises), anywhere later."""
+
+    def texts_ok(msg) -> bool:
+        if isinstance(msg, onnx.TensorProto):  # (its raw data is not copied out)
+            return isinstance(msg.name, str) and all(texts_ok(e) for e in msg.external_data)
+        for fd, value in msg.ListFields():
+            values = value if fd.is_repeated else (value,)
+            if fd.type == fd.TYPE_STRING and not all(isinstance(v, str) for v in values):
+                return False
+            if fd.message_type is not None and not all(texts_ok(v) for v in values):
+                return False
+        return True
+
+    try:
+        ok = texts_ok(proto)
+    except UnicodeDecodeError:
+        ok = False
+    if not ok:
+        raise BscompileError(f"{what} is not a valid ONNX model (a name or string is not UTF-8 text)")
 
 
 def _parse(path: str, split: bool) -> tuple[onnx.ModelProto, MappedWeights | None]:
@@ -288,11 +313,27 @@ class _Importer(tvm_onnx.ONNXGraphImporter):
             return concat_stacked(self.bb, inputs[0], attrs.get("axis", 0), attrs.get("new_axis", 0),
                                   attrs["tvm_custom"]["name"])
         sym = super()._convert_operator(op_name, inputs, attrs, opset)
+        if op_name in ("Reshape", "Flatten"):
+            _check_element_count(self.bb, inputs[0], sym, op_name, attrs["tvm_custom"]["name"])
         if op_name in INDEX_OPS and isinstance(sym, relax.Call):  # passes.check_indices names the node
             # as an identifier: binding names become kernel parameter names in generated (CUDA) source
             name = re.sub(r"\W+", "_", attrs["tvm_custom"]["name"]).strip("_") or op_name
             sym = self.bb.emit(sym, name_hint=name)
         return sym
+
+
+def _check_element_count(bb: relax.BlockBuilder, data: relax.Expr, out: relax.Expr, op: str, node: str) -> None:
+    """Refuse a reshape that keeps the element count only for some sizes of a symbolic dim
+    (``[batch, d] -> [batch * d // 32, 32]``): a size that breaks it would give the generated
+    kernels a zero or wrong extent (a division by zero, a read out of bounds) at run time."""
+    shapes = [getattr(bb.normalize(e).ty, "shape", None) for e in (data, out)]
+    if any(getattr(sh, "values", None) is None for sh in shapes):
+        return
+    count_in, count_out = (math.prod(sh.values, start=tvm.tirx.IntImm("int64", 1)) for sh in shapes)
+    if not tvm.sym.Analyzer().can_prove_equal(count_in, count_out):
+        dims = lambda sh: re.sub(r"T\.int64\((\d+)\)", r"\1", "[" + ", ".join(map(str, sh.values)) + "]")  # noqa: E731
+        raise UnsupportedModelError(f"node '{node}' ({op}) turns {dims(shapes[0])} into {dims(shapes[1])}, which "
+                                    "holds only for some sizes of its symbolic dims: give them with --input-shape")
 
 
 def import_onnx(model: str | os.PathLike | onnx.ModelProto,
