@@ -31,7 +31,7 @@ from bscompile.codegen.cpu_dynamic import DynamicGenerator
 from bscompile.codegen.cpu_dynamic_recurrent import DynamicRecurrentGenerator
 from bscompile.codegen.family import Bucket, Cases, Generator, KernelFamily, dispatch, pick, static_dim
 from bscompile.codegen.layout import BlockShape, BlockStats, BSRMatrix, padded
-from bscompile.codegen.recurrent_cells import GATE_LANES, CellSpec, gate_update
+from bscompile.codegen.recurrent_cells import GATE_LANES, CellSpec, gate_update, update_lanes
 
 
 @dataclass(frozen=True)
@@ -508,7 +508,7 @@ def _linear_kernel(key: LayoutKey, m_static: int | None, cases: Cases) -> tvm.ti
 
 
 def recurrent_kernel(cell: CellSpec, mats: list[BSRMatrix], seq: int | None, batch: int | None,
-                     scheds) -> tvm.tirx.PrimFunc:
+                     scheds, lanes: int = GATE_LANES) -> tvm.tirx.PrimFunc:
     """One direction of a GRU/LSTM/RNN layer with the time loop inside the kernel.
 
     Arguments: ``xp[T, B, G*H]`` (input projection incl. its bias), per matrix its
@@ -518,18 +518,18 @@ def recurrent_kernel(cell: CellSpec, mats: list[BSRMatrix], seq: int | None, bat
     ``((lo, hi, schedules), ...)`` a symbolic ``B`` dispatches on. ``mats[0]`` are the rows
     multiplied by ``h``; a GRU with ``linear_before_reset=0`` has ``mats[1]``, the
     candidate rows, multiplied by ``r * h``. Each step runs the mat-vec over all gates,
-    then the gate arithmetic fused in one pass over ``[B, H]``.
+    then the gate arithmetic fused in one pass over ``[B, H]``, ``lanes`` units at a time.
     """
     cases = _cases(batch, tuple(scheds))
     if len(mats) == 2:  # no persistent form with a second mat-vec: those steps run on one thread
         cases = tuple((lo, hi, tuple(dataclasses.replace(sc, parallel=False, persistent=False) if sc.persistent
                                      else sc for sc in scs)) for lo, hi, scs in cases)
-    return _recurrent_kernel(cell, tuple(LayoutKey.of(m) for m in mats), seq, batch, cases)
+    return _recurrent_kernel(cell, tuple(LayoutKey.of(m) for m in mats), seq, batch, cases, lanes)
 
 
 @functools.lru_cache(maxsize=64)
 def _recurrent_kernel(cell: CellSpec, keys: tuple[LayoutKey, ...], seq_static: int | None,
-                      batch_static: int | None, cases: Cases) -> tvm.tirx.PrimFunc:
+                      batch_static: int | None, cases: Cases, lanes: int) -> tvm.tirx.PrimFunc:
     mats = [k.skeleton() for k in keys]
     hid, gates = cell.hidden, cell.num_gates
     gh = gates * hid
@@ -581,11 +581,11 @@ def _recurrent_kernel(cell: CellSpec, keys: tuple[LayoutKey, ...], seq_static: i
                 n_b = T.Bind(T.min(seq_lens[b], seq))
                 tt = T.Bind(n_b * rev + t * (1 - 2 * rev) - rev)
                 if t < n_b:  # branch outside the lanes so the update vectorises
-                    for jo in gate_rows(hid // GATE_LANES):
-                        for ji in T.vectorized(GATE_LANES):
-                            step(xp, g, h, c_out, peep, y, b, jo * GATE_LANES + ji, tt, g0)
-                    for jt in tail_rows(hid % GATE_LANES):
-                        step(xp, g, h, c_out, peep, y, b, hid - hid % GATE_LANES + jt, tt, g0)
+                    for jo in gate_rows(hid // lanes):
+                        for ji in T.vectorized(lanes):
+                            step(xp, g, h, c_out, peep, y, b, jo * lanes + ji, tt, g0)
+                    for jt in tail_rows(hid % lanes):
+                        step(xp, g, h, c_out, peep, y, b, hid - hid % lanes + jt, tt, g0)
                 else:
                     for j in T.serial(hid):
                         y[t, b, j] = T.float32(0)
@@ -704,7 +704,7 @@ class BlockRowGenerator(Generator):
         if self.recurrent:
             cases = tuple((b.lo, b.hi, tuple(b.schedules)) for b in buckets)
             return recurrent_kernel(CellSpec.from_json(site["cell"]), mats, static_dim(site["seq"]),
-                                    static_dim(site["batch"]), cases)
+                                    static_dim(site["batch"]), cases, update_lanes(self.machine.lanes))
         return linear_kernel(mats[0], static_dim(site["m"]), tuple((b.lo, b.hi, b.schedules[0]) for b in buckets))
 
     def default_schedule(self, site: dict, stats: BlockStats, m: int) -> CpuSchedule:

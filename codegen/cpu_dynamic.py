@@ -317,14 +317,13 @@ def phases(shape: DynamicShape, m, sched: DynamicSchedule, n_alive: int, panel: 
         gate_tail(x, gate_w, gate_b, g, grp, m // gmt * gmt, m % gmt)
 
     @T.macro
-    def selection(g, kth, scale, st):
+    def selection(g, a, kth, scale, st):
         """kth[b]: the k-th largest score of row b by quickselect on a copy of the row
         (median-of-three pivot; each round counts the scores above and equal to the pivot,
         then keeps the side holding the k-th, compacted to the front without branches):
         about 3N comparisons, where a radix select's four 256-bucket passes cost several times
         that for N of a few hundred; scale[b] = sum(kept scores) / n_alive. Every round shrinks
-        the candidates (the pivot is one of them), also with NaN scores."""
-        a = T.alloc_buffer((n_tiles,), "float32")
+        the candidates (the pivot is one of them), also with NaN scores. ``a``: ``n_tiles`` floats."""
         cnt = T.alloc_buffer((2,), "int32")  # above the pivot, equal to it
         fsum = T.alloc_buffer((1,), "float32")
         for b in T.serial(m):
@@ -472,36 +471,66 @@ def phases(shape: DynamicShape, m, sched: DynamicSchedule, n_alive: int, panel: 
                 for q in T.vectorized(bs):
                     y[b, ob * bs + q] = acc_y[b, q] + bias[ob * bs + q]
 
-    def with_lists(then):
+    # the per-thread lists: (name, dtype, shape); of a few hundred tiles, each is 1 KiB or
+    # more, which TVM takes from the workspace pool (kMaxStackAlloca): once per step of a
+    # time loop and thread unless the loop's caller hands in memory of its own (``scratch``)
+    lists_layout = (("a", "float32", (n_tiles,)), ("lscale", "float32", (nbo, nbi, m_pad)),
+                    ("lrow", "int32", (nbo, nbi, m_pad)), ("utile", "int32", (nbo, nbi)),
+                    ("ugroups", "int32", (nbo, nbi)))
+    offsets, scratch = {}, {"float32": 0, "int32": 0}
+    for name, dtype, shp in lists_layout:
+        offsets[name] = scratch[dtype]
+        scratch[dtype] += math.prod(shp)
+
+    def with_lists(then, hoisted: bool = False):
         """A macro ``(g, tiles, x, bias, y, extra)`` for the body of a parallel loop: the register
         tile first (its own memory: see :func:`_body`), the selection and tile lists of ``g`` into
         buffers of the thread's own, then ``then(tiles, x, bias, y, acc, lrow, lscale, utile,
-        ugroups, ucnt, bounds, extra)`` (the macro that multiplies the thread's output blocks)."""
+        ugroups, ucnt, bounds, extra)`` (the macro that multiplies the thread's output blocks).
+        ``hoisted``: the macro takes ``(..., extra, sf, si, ch)`` and keeps the lists in row ``ch``
+        of ``sf[chunks, scratch["float32"]]`` and ``si[chunks, scratch["int32"]]``, allocated
+        by the caller once (outside its time loop)."""
 
         @T.macro
-        def run(g, tiles, x, bias, y, extra):
+        def lists(g, tiles, x, bias, y, extra, a, lrow, lscale, utile, ugroups):
             acc = T.alloc_buffer((mt, rt), "float32")
             for j in T.unroll(mt):
                 for q in T.vectorized(rt):
                     acc[j, q] = T.float32(0)
             kth = T.alloc_buffer((m,), "float32")
             scale = T.alloc_buffer((m,), "float32")
-            lrow = T.alloc_buffer((nbo, nbi, m_pad), "int32")
-            lscale = T.alloc_buffer((nbo, nbi, m_pad), "float32")
-            utile = T.alloc_buffer((nbo, nbi), "int32")
-            ugroups = T.alloc_buffer((nbo, nbi), "int32")
             ucnt = T.alloc_buffer((nbo,), "int32")
             wpre = T.alloc_buffer((nbo + 1,), "int32")
             bounds = T.alloc_buffer((chunks + 1,), "int32")
             st = T.alloc_buffer((4,), "int32")
-            selection(g, kth, scale, st)
+            selection(g, a, kth, scale, st)
             tile_lists(g, kth, scale, lrow, lscale, utile, ugroups, ucnt, wpre, bounds, st)
             then(tiles, x, bias, y, acc, lrow, lscale, utile, ugroups, ucnt, bounds, extra)
 
-        return run
+        @T.macro
+        def own(g, tiles, x, bias, y, extra):
+            a = T.alloc_buffer((n_tiles,), "float32")
+            lrow = T.alloc_buffer((nbo, nbi, m_pad), "int32")
+            lscale = T.alloc_buffer((nbo, nbi, m_pad), "float32")
+            utile = T.alloc_buffer((nbo, nbi), "int32")
+            ugroups = T.alloc_buffer((nbo, nbi), "int32")
+            lists(g, tiles, x, bias, y, extra, a, lrow, lscale, utile, ugroups)
+
+        @T.macro
+        def views(g, tiles, x, bias, y, extra, sf, si, ch):
+            fo = T.Bind(ch * scratch["float32"])
+            io = T.Bind(ch * scratch["int32"])
+            a = T.decl_buffer((n_tiles,), "float32", data=sf.data, elem_offset=fo + offsets["a"])
+            lscale = T.decl_buffer((nbo, nbi, m_pad), "float32", data=sf.data, elem_offset=fo + offsets["lscale"])
+            lrow = T.decl_buffer((nbo, nbi, m_pad), "int32", data=si.data, elem_offset=io + offsets["lrow"])
+            utile = T.decl_buffer((nbo, nbi), "int32", data=si.data, elem_offset=io + offsets["utile"])
+            ugroups = T.decl_buffer((nbo, nbi), "int32", data=si.data, elem_offset=io + offsets["ugroups"])
+            lists(g, tiles, x, bias, y, extra, a, lrow, lscale, utile, ugroups)
+
+        return views if hoisted else own
 
     return SimpleNamespace(gate_group=gate_group, selection=selection, tile_lists=tile_lists, product=product,
-                           with_lists=with_lists,
+                           with_lists=with_lists, scratch=scratch,
                            ng=ng, m_pad=m_pad, mt=mt, rt=rt)
 
 
@@ -511,6 +540,7 @@ def _body(shape: DynamicShape, m, sched: DynamicSchedule, n_alive: int, panel: i
     ph = phases(shape, m, sched, n_alive, panel)
     gate_group, selection, tile_lists, product = ph.gate_group, ph.selection, ph.tile_lists, ph.product
     nbi, nbo, ng, m_pad, mt, rt, chunks = shape.nbi, shape.nbo, ph.ng, ph.m_pad, ph.mt, ph.rt, sched.chunks
+    n_tiles = shape.num_tiles
     chunk_loop = T.parallel if chunks > 1 else T.serial
 
     # Either one launch in which every thread computes the gate, the selection and the
@@ -557,7 +587,8 @@ def _body(shape: DynamicShape, m, sched: DynamicSchedule, n_alive: int, panel: i
             st = T.alloc_buffer((4,), "int32")  # scalar state of the selection and the lists
             for grp in gate_loop(ng):
                 gate_group(x, gate_w, gate_b, g, grp)
-            selection(g, kth, scale, st)
+            a = T.alloc_buffer((n_tiles,), "float32")
+            selection(g, a, kth, scale, st)
             tile_lists(g, kth, scale, lrow, lscale, utile, ugroups, ucnt, wpre, bounds, st)
             for c2 in inner_loop(inner):
                 run_product(tiles, x, bias, y, acc, lrow, lscale, utile, ugroups, ucnt, bounds[ch + c2],

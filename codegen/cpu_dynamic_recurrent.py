@@ -26,7 +26,7 @@ from tvm.script import tirx as T
 from bscompile.codegen.cpu_dynamic import DynamicGenerator, DynamicSchedule, default_schedule, phases
 from bscompile.codegen.dynamic_layout import GATE_ROWS, DynamicShape, tile_panel
 from bscompile.codegen.family import Bucket
-from bscompile.codegen.recurrent_cells import GATE_LANES, CellSpec, gate_update
+from bscompile.codegen.recurrent_cells import GATE_LANES, CellSpec, gate_update, update_lanes
 
 #: Multiply-adds per step (gate + selected tiles) from which the loop runs on two threads in
 #: one launch. Per step at batch 1, keep 0.5, serial -> two threads (AMD EPYC, 2 cores, quiet):
@@ -36,7 +36,7 @@ PERSISTENT_MIN_WORK = 1 << 16
 
 
 def dynamic_recurrent_kernel(cell: CellSpec, block: int, k: int, n_alive: int, batch: int, seq: int | None,
-                             schedule: DynamicSchedule) -> tvm.tirx.PrimFunc:
+                             schedule: DynamicSchedule, lanes: int = GATE_LANES) -> tvm.tirx.PrimFunc:
     """The PrimFunc of one direction (forward) of a gated layer, arguments (float32):
 
     - ``xp[T, B, G*H]``: the input product of every step, its bias included;
@@ -46,15 +46,16 @@ def dynamic_recurrent_kernel(cell: CellSpec, block: int, k: int, n_alive: int, b
     - outputs ``y[T, B, H]``, ``h_T``, ``c_T`` (a GRU's ``c_T`` is ``c0``).
 
     ``seq`` is the static number of steps or None (symbolic); the batch is static.
-    ``k``, ``n_alive``: as for the dynamic site. The gate order is ``cell.gate_order``.
+    ``k``, ``n_alive``: as for the dynamic site. The gate order is ``cell.gate_order``; the cell
+    update takes ``lanes`` units at a time.
     """
     return _kernel(cell, DynamicShape(cell.hidden, cell.num_gates * cell.hidden, block, k), n_alive, batch, seq,
-                   schedule)
+                   schedule, lanes)
 
 
 @functools.lru_cache(maxsize=32)
 def _kernel(cell: CellSpec, shape: DynamicShape, n_alive: int, batch: int, seq_static: int | None,
-            sched: DynamicSchedule) -> tvm.tirx.PrimFunc:
+            sched: DynamicSchedule, lanes: int) -> tvm.tirx.PrimFunc:
     hid, gh, bs = cell.hidden, shape.out_features, shape.block
     nbi, nbo = shape.nbi, shape.nbo
     panel = tile_panel([sched])
@@ -64,27 +65,27 @@ def _kernel(cell: CellSpec, shape: DynamicShape, n_alive: int, batch: int, seq_s
     ph = phases(shape, batch, sched, n_alive, panel)
     ng, chunks = ph.ng, sched.chunks
     step = gate_update(cell)
-    full, tail = hid // GATE_LANES * GATE_LANES, hid % GATE_LANES
+    full, tail = hid // lanes * lanes, hid % lanes
     par = T.parallel if chunks > 1 else T.serial
 
     @T.macro
     def chunk_blocks(tiles, h, bias, pre, acc, lrow, lscale, utile, ugroups, ucnt, bounds, ch):
         ph.product(tiles, h, bias, pre, acc, lrow, lscale, utile, ugroups, ucnt, bounds[ch], bounds[ch + 1])
 
-    chunk = ph.with_lists(chunk_blocks)
+    chunk = ph.with_lists(chunk_blocks, hoisted=True)
 
     @T.macro
-    def product_phase(tiles, h, g, bias, pre):
+    def product_phase(tiles, h, g, bias, pre, sf, si):
         """Selection, lists and this chunk's output blocks: ``pre = W_hh[selected] h + b_hh``."""
         for ch in par(chunks):
-            chunk(g, tiles, h, bias, pre, ch)
+            chunk(g, tiles, h, bias, pre, ch, sf, si, ch)
 
     @T.macro
     def update_phase(xp, pre, h, c, peep, y, t):
         for b in T.serial(batch):
-            for jo in par(full // GATE_LANES):
-                for ji in T.vectorized(GATE_LANES):
-                    step(xp, pre, h, c, peep, y, b, jo * GATE_LANES + ji, t, 0)
+            for jo in par(full // lanes):
+                for ji in T.vectorized(lanes):
+                    step(xp, pre, h, c, peep, y, b, jo * lanes + ji, t, 0)
             for jt in par(tail):  # split too: the update reads the h and c it writes
                 step(xp, pre, h, c, peep, y, b, full + jt, t, 0)
 
@@ -94,17 +95,17 @@ def _kernel(cell: CellSpec, shape: DynamicShape, n_alive: int, batch: int, seq_s
             ph.gate_group(h, gate_w, gate_b, g, grp)
 
     @T.macro
-    def one_step(xp, tiles, gate_w, gate_b, bias, h, c, g, pre, peep, y, t):
+    def one_step(xp, tiles, gate_w, gate_b, bias, h, c, g, pre, peep, sf, si, y, t):
         if chunks > 1:  # the three phases, each ending at a barrier
             with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
                 gate_phase(h, gate_w, gate_b, g)
             with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
-                product_phase(tiles, h, g, bias, pre)
+                product_phase(tiles, h, g, bias, pre, sf, si)
             with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
                 update_phase(xp, pre, h, c, peep, y, t)
         else:
             gate_phase(h, gate_w, gate_b, g)
-            product_phase(tiles, h, g, bias, pre)
+            product_phase(tiles, h, g, bias, pre, sf, si)
             update_phase(xp, pre, h, c, peep, y, t)
 
     @T.prim_func(s_tir=True)
@@ -121,6 +122,8 @@ def _kernel(cell: CellSpec, shape: DynamicShape, n_alive: int, batch: int, seq_s
         g = T.alloc_buffer((batch, ng * GATE_ROWS), "float32")
         pre = T.alloc_buffer((batch, gh), "float32")
         peep = T.alloc_buffer((3 * hid,), "float32")
+        sf = T.alloc_buffer((chunks, ph.scratch["float32"]), "float32")  # the threads' lists
+        si = T.alloc_buffer((chunks, ph.scratch["int32"]), "int32")
         for j in T.serial(3 * hid):
             peep[j] = T.float32(0)
         for b in T.serial(batch):
@@ -130,10 +133,10 @@ def _kernel(cell: CellSpec, shape: DynamicShape, n_alive: int, batch: int, seq_s
         if chunks > 1:
             with T.attr(0, "pragma_parallel_launch_point", 1):
                 for t in T.serial(seq):
-                    one_step(xp, tiles, gate_w, gate_b, bias, h, c, g, pre, peep, y, t)
+                    one_step(xp, tiles, gate_w, gate_b, bias, h, c, g, pre, peep, sf, si, y, t)
         else:
             for t in T.serial(seq):
-                one_step(xp, tiles, gate_w, gate_b, bias, h, c, g, pre, peep, y, t)
+                one_step(xp, tiles, gate_w, gate_b, bias, h, c, g, pre, peep, sf, si, y, t)
 
     return dynamic_recurrence.without_attr("global_symbol")
 
@@ -149,7 +152,7 @@ class DynamicRecurrentGenerator(DynamicGenerator):
     def kernel(self, site: dict, mats: list, buckets: list[Bucket]) -> tvm.tirx.PrimFunc:
         seq = site["seq"] if isinstance(site["seq"], int) else None
         return dynamic_recurrent_kernel(CellSpec.from_json(site["cell"]), site["block"], site["k"], site["n_alive"],
-                                        site["m"], seq, buckets[0].schedules[0])
+                                        site["m"], seq, buckets[0].schedules[0], update_lanes(self.machine.lanes))
 
     def default_schedule(self, site: dict, stats, m: int) -> DynamicSchedule:
         """The dynamic site's register tiles at ``m``; two chunks from :data:`PERSISTENT_MIN_WORK`

@@ -16,8 +16,15 @@ from tvm.script import tirx as T
 _F = T.float32
 
 #: Lanes of the recurrent kernels' vectorised gate update (8 fp32 = one AVX2 register, two
-#: NEON registers).
+#: NEON registers) unless a register holds more (:func:`update_lanes`).
 GATE_LANES = 8
+
+
+def update_lanes(vector_lanes: int) -> int:
+    """The gate update's vector width on a machine of ``vector_lanes`` fp32 lanes: one register
+    where that holds at least :data:`GATE_LANES`. AVX-512 (16): LSTM 1024's update 4.0 -> 2.9 us
+    a step, 512's 1.7 -> 1.2 us (2 threads, AMD EPYC), bit for bit the same."""
+    return max(GATE_LANES, vector_lanes)
 
 
 def vexp(x):
