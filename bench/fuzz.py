@@ -605,7 +605,10 @@ def artifact_mutation(env: Env, d: Path) -> Case:
         args = [*env.valid_inputs(name, d), "--check", "model.onnx"]
     else:
         args = ["--random"]
-    steps = [(["run", "m.bsc", *args], expect), (["inspect", "m.bsc"], "error")]
+    # inspect shows a readable manifest whatever it says (another version or target, a lie about
+    # the module: run catches those); an unreadable one is an error
+    inspect = "error" if kind in ("format_version", "empty", "directory") else "any"
+    steps = [(["run", "m.bsc", *args], expect), (["inspect", "m.bsc"], inspect)]
     if kind in ("byte_flip", "truncate", "format_version", "empty"):
         steps.append((["package", "m.bsc", "-o", "b.tar.gz"], "error"))
     return Case("artifact", f"{name}:{kind}", steps, ["b.tar.gz"])

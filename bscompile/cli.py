@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run a CUDA artifact on this CPU with the CUDA emulator, which reports what a GPU would "
                         "reject or mis-execute; ORDER of threads and blocks: forward (default), reverse, random")
 
-    i = sub.add_parser("inspect", help="per-weight sparsity report and layout choice, without compiling")
+    i = sub.add_parser("inspect", help="per-weight sparsity report and layout choice, without compiling "
+                                       "(of an ONNX model), or what a .bsc artifact holds")
     i.add_argument("model")
     i.add_argument("--json", action="store_true", help="print JSON")
     model_opts(i)
@@ -190,10 +191,28 @@ def time_table(art) -> str:
 
 
 def cmd_inspect(args) -> int:
+    import tarfile
+
     from bscompile.driver import analyze_model
     from bscompile.report import dynamic_table, input_table, reasons, weight_table
     from bscompile.sites import weight_entries
 
+    if tarfile.is_tarfile(args.model):  # an artifact: what its manifest says (it is verified too)
+        from bscompile.runtime.artifact import read_artifact
+
+        manifest, _ = read_artifact(args.model)
+        if args.json:
+            print(json.dumps(manifest.to_json(), indent=2))
+            return 0
+        print(f"{args.model}: bscompile {manifest.bscompile_version} artifact (TVM {manifest.tvm_version}) for "
+              f"{manifest.target_name} ({manifest.arch}), compiled from {manifest.source} "
+              f"in {manifest.compile_seconds:.1f} s\n")
+        print(input_table(manifest.inputs))
+        print("\n".join(f"output {o.name}[{', '.join(map(str, o.shape))}] {o.dtype}" for o in manifest.outputs) + "\n")
+        print(weight_table(manifest.weights))
+        if dynamic_table(manifest.weights):
+            print("\n" + dynamic_table(manifest.weights))
+        return 0
     kw = _compile_kwargs(args)
     from bscompile.target import resolve_target
 

@@ -147,6 +147,11 @@ def test_manifest_and_inspect_show_symbolic_dims(rng, tmp_path, capsys):
     raw = json.loads(json.dumps(manifest.to_json()))
     assert raw["format_version"] == 2 and raw["inputs"][0]["shape"] == ["time", "batch", 12]
     assert raw["outputs"][0]["shape"] == ["time", "batch", 24]
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "gru.bsc")]) == 0  # an artifact: its manifest
+    out = capsys.readouterr().out
+    assert "artifact" in out and "input x[time, batch, 12] float32  symbolic: time, batch" in out
+    assert f"output {raw['outputs'][0]['name']}[time, batch, 24] float32" in out
 
 
 def test_cuda_persistent_rnn_asks_for_static_shapes(rng):
