@@ -198,8 +198,14 @@ def cmd_inspect(args) -> int:
     from bscompile.sites import weight_entries
 
     if tarfile.is_tarfile(args.model):  # an artifact: what its manifest says (it is verified too)
+        from bscompile.errors import BscompileError
         from bscompile.runtime.artifact import read_artifact
 
+        given = [flag for flag, on in (("--input-shape", args.input_shape), ("--cpu", args.cpu), ("--arch", args.arch),
+                                       ("--persistent-rnn", args.persistent_rnn), ("--dense", args.dense),
+                                       ("--block", args.block)) if on]
+        if given:
+            raise BscompileError(f"{', '.join(given)}: options of compiling; {args.model} is compiled already")
         manifest, _ = read_artifact(args.model)
         if args.json:
             print(json.dumps(manifest.to_json(), indent=2))

@@ -152,6 +152,8 @@ def test_manifest_and_inspect_show_symbolic_dims(rng, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "artifact" in out and "input x[time, batch, 12] float32  symbolic: time, batch" in out
     assert f"output {raw['outputs'][0]['name']}[time, batch, 24] float32" in out
+    assert main(["inspect", str(tmp_path / "gru.bsc"), "--input-shape", "x=3,2,12"]) == 2
+    assert "--input-shape: options of compiling" in capsys.readouterr().err
 
 
 def test_cuda_persistent_rnn_asks_for_static_shapes(rng):
