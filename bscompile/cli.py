@@ -197,7 +197,8 @@ def cmd_inspect(args) -> int:
     from bscompile.report import dynamic_table, input_table, reasons, weight_table
     from bscompile.sites import weight_entries
 
-    if tarfile.is_tarfile(args.model):  # an artifact: what its manifest says (it is verified too)
+    artifact = tarfile.is_tarfile(args.model)
+    if artifact:  # what its manifest says (it is verified too)
         from bscompile.errors import BscompileError
         from bscompile.runtime.artifact import read_artifact
 
@@ -215,23 +216,23 @@ def cmd_inspect(args) -> int:
               f"in {manifest.compile_seconds:.1f} s\n")
         print(input_table(manifest.inputs))
         print("\n".join(f"output {o.name}[{', '.join(map(str, o.shape))}] {o.dtype}" for o in manifest.outputs) + "\n")
-        print(weight_table(manifest.weights))
-        if dynamic_table(manifest.weights):
-            print("\n" + dynamic_table(manifest.weights))
-        return 0
-    kw = _compile_kwargs(args)
-    from bscompile.target import resolve_target
-
-    spec = resolve_target(kw["target"], kw["cpu"])
-    im, mod, _ = analyze_model(args.model, kw["input_shapes"], spec, sparse=kw["sparse"], block=kw["block"])
-    weights = weight_entries(mod)
-    if args.json:
-        print(json.dumps(weights, indent=2))
+        weights = manifest.weights
     else:
+        kw = _compile_kwargs(args)
+        from bscompile.target import resolve_target
+
+        spec = resolve_target(kw["target"], kw["cpu"])
+        im, mod, _ = analyze_model(args.model, kw["input_shapes"], spec, sparse=kw["sparse"], block=kw["block"])
+        weights = weight_entries(mod)
+        if args.json:
+            print(json.dumps(weights, indent=2))
+            return 0
         print(input_table(im.inputs) + "\n")
-        print(weight_table(weights))
-        if dynamic_table(weights):
-            print("\n" + dynamic_table(weights))
+    print(weight_table(weights))
+    dynamic = dynamic_table(weights)
+    if dynamic:
+        print("\n" + dynamic)
+    if not artifact:
         print("\nlayout choices:")
         print(reasons(weights))
     return 0

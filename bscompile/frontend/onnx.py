@@ -331,7 +331,7 @@ def _check_element_count(bb: relax.BlockBuilder, data: relax.Expr, out: relax.Ex
         return
     count_in, count_out = (math.prod(sh.values, start=tvm.tirx.IntImm("int64", 1)) for sh in shapes)
     if not tvm.sym.Analyzer().can_prove_equal(count_in, count_out):
-        dims = lambda sh: re.sub(r"T\.int64\((\d+)\)", r"\1", "[" + ", ".join(map(str, sh.values)) + "]")  # noqa: E731
+        dims = lambda sh: "[" + ", ".join(str(dim_of(v)) for v in sh.values) + "]"  # noqa: E731
         raise UnsupportedModelError(f"node '{node}' ({op}) turns {dims(shapes[0])} into {dims(shapes[1])}, which "
                                     "holds only for some sizes of its symbolic dims: give them with --input-shape")
 
