@@ -253,6 +253,9 @@ def classify(o: Outcome, expect: str) -> str | None:
     if o.rc == 2:
         if len(lines) != 1 or not lines[0].startswith("bscompile: error: "):
             return "error not one line"
+        if "--check: onnxruntime cannot run" in lines[0] and "Non-zero status code returned while running" in lines[0]:
+            # onnxruntime loaded the model and its kernel refused the inputs bscompile had just run on
+            return "ran inputs onnxruntime refuses"
         return "refused valid input" if expect == "ok" else None
     return f"exit {o.rc}"
 

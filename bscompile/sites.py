@@ -78,6 +78,11 @@ def dim_of(value: tvm.ir.Expr | int) -> int | str:
     return re.sub(r"T\.int(?:32|64)\((-?\d+)\)", r"\1", str(value))  # "(time - 1) // 2 + 1"
 
 
+def shape_text(values) -> str:
+    """A Relax shape as an error message shows it: ``[batch, x_d1 * 4, 32]``."""
+    return "[" + ", ".join(str(dim_of(v)) for v in values) + "]"
+
+
 def fingerprint(w: np.ndarray) -> str:
     """Content key of a weight matrix: names sites and keys tuning records.
 

@@ -119,6 +119,57 @@ def test_reshape_valid_only_for_some_symbolic_sizes_is_refused(tmp_path, capsys,
                                ort_run(model, {"x": x})["y"], rtol=1e-6)
 
 
+@pytest.mark.parametrize("lens_dim, batch_dim", [("n", 2), (2, "b"), ("n", "b")])
+def test_recurrent_operand_matching_the_batch_for_some_sizes_only_is_refused(tmp_path, capsys, rng, lens_dim,
+                                                                              batch_dim):
+    """Found by the fuzzer: a GRU whose ``sequence_lens`` has a symbolic size and ``X`` a static
+    batch (or the other way round) compiled, and a run with another size was a shape error inside
+    the kernel (an internal error). Same symbol on both sides compiles and matches onnxruntime."""
+    h, inp = 4, 3
+    weights = [numpy_helper.from_array(rng.standard_normal((1, 3 * h, n)).astype(np.float32), name)
+               for name, n in (("W", inp), ("R", h))]
+
+    def gru(batch, lens):
+        return _graph_model([helper.make_node("GRU", ["x", "W", "R", "", "lens"], ["y"], hidden_size=h, name="gru")],
+                            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, batch, inp]),
+                             helper.make_tensor_value_info("lens", TensorProto.INT32, [lens])],
+                            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], weights)
+
+    onnx.save(gru(batch_dim, lens_dim), tmp_path / "m.onnx")
+    assert main(["compile", str(tmp_path / "m.onnx"), "-q"]) == 2
+    assert (f"node 'gru': input sequence_lens has shape [{lens_dim}], expected [{batch_dim}]: they match only for "
+            "some sizes of the symbolic dims") in one_error_line(capsys.readouterr().err)
+    model = gru("b", "b")
+    feeds = {"x": rng.standard_normal((5, 3, inp)).astype(np.float32),
+             "lens": rng.integers(0, 6, 3).astype(np.int32)}
+    np.testing.assert_allclose(bscompile.compile(model).load().run(feeds)["y"], ort_run(model, feeds)["y"],
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("op", ["MatMul", "Gemm", "Conv"])
+def test_contraction_over_a_symbolic_dim_against_another_size_is_refused(op, capsys, tmp_path, rng):
+    """A matmul's reduction dim (a convolution's input channels) symbolic on one side and static
+    on the other compiled: Relax shape inference rejects only provably unequal dims, and the
+    kernel read out of bounds for every other size (measured: k = 100 gave inf in the output)."""
+    if op == "Conv":
+        w = rng.standard_normal((4, 8, 1)).astype(np.float32)
+        x_shape, fixed = [1, "k", 5], (1, 8, 5)
+    else:
+        w = rng.standard_normal((8, 4)).astype(np.float32)
+        x_shape, fixed = [3, "k"], (3, 8)
+    model = _graph_model([helper.make_node(op, ["x", "w"], ["y"], name="layer")],
+                         [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                         [numpy_helper.from_array(w, "w")])
+    onnx.save(model, tmp_path / "m.onnx")
+    assert main(["compile", str(tmp_path / "m.onnx"), "-q"]) == 2
+    assert (f"node 'layer' ({op}) contracts {x_shape} with {list(w.shape)} over dims k and 8, which match only for "
+            "some sizes of the symbolic dims").replace("'k'", "k") in one_error_line(capsys.readouterr().err)
+    x = rng.standard_normal(fixed).astype(np.float32)
+    np.testing.assert_allclose(bscompile.compile(model, input_shapes={"x": fixed}).load().run({"x": x})["y"],
+                               ort_run(model, {"x": x})["y"], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("opset", [1, 6, 99, -1])
 def test_unknown_opsets_are_refused(opset):
     model = _graph_model([helper.make_node("Relu", ["x"], ["y"], name="r")], [X], [Y], opset=opset)

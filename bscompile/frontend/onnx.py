@@ -31,7 +31,7 @@ from bscompile.frontend.loops import LOOP_OPS, STACKED, concat_stacked, convert_
 from bscompile.frontend.recurrent import convert_recurrent
 from bscompile.frontend.wire import split_raw_data
 from bscompile.limits import check_external_data, check_finite, check_resources
-from bscompile.sites import TensorSpec, const_array, const_name, dim_of, named_const
+from bscompile.sites import TensorSpec, const_array, const_name, dim_of, named_const, shape_text
 
 RECURRENT_OPS = {"GRU": "gru", "LSTM": "lstm", "RNN": "rnn"}
 INDEX_OPS = {"Gather", "GatherElements", "GatherND", "Scatter", "ScatterElements", "ScatterND"}
@@ -315,6 +315,7 @@ class _Importer(tvm_onnx.ONNXGraphImporter):
         sym = super()._convert_operator(op_name, inputs, attrs, opset)
         if op_name in ("Reshape", "Flatten"):
             _check_element_count(self.bb, inputs[0], sym, op_name, attrs["tvm_custom"]["name"])
+        _check_contracted_dims(self.bb, inputs, sym, op_name, attrs["tvm_custom"]["name"])
         if op_name in INDEX_OPS and isinstance(sym, relax.Call):  # passes.check_indices names the node
             # as an identifier: binding names become kernel parameter names in generated (CUDA) source
             name = re.sub(r"\W+", "_", attrs["tvm_custom"]["name"]).strip("_") or op_name
@@ -331,9 +332,53 @@ def _check_element_count(bb: relax.BlockBuilder, data: relax.Expr, out: relax.Ex
         return
     count_in, count_out = (math.prod(sh.values, start=tvm.tirx.IntImm("int64", 1)) for sh in shapes)
     if not tvm.sym.Analyzer().can_prove_equal(count_in, count_out):
-        dims = lambda sh: "[" + ", ".join(str(dim_of(v)) for v in sh.values) + "]"  # noqa: E731
-        raise UnsupportedModelError(f"node '{node}' ({op}) turns {dims(shapes[0])} into {dims(shapes[1])}, which "
+        raise UnsupportedModelError(f"node '{node}' ({op}) turns {shape_text(shapes[0].values)} into "
+                                    f"{shape_text(shapes[1].values)}, which "
                                     "holds only for some sizes of its symbolic dims: give them with --input-shape")
+
+
+def _contracted_dims(call: relax.Call, shapes: list) -> list[tuple[tvm.ir.PrimExpr, tvm.ir.PrimExpr]]:
+    """The dims of ``call``'s operands that its kernel takes to be equal: a matmul's reduction
+    dims, a convolution's input channels (NC... layouts)."""
+    name = call.op.name
+    if name == "relax.matmul" and len(shapes[0]) >= 1 and len(shapes[1]) >= 1:
+        return [(shapes[0][-1], shapes[1][0 if len(shapes[1]) == 1 else -2])]
+    if name.startswith("relax.nn.conv") and "transpose" not in name and call.attrs.data_layout.startswith("NC") \
+            and call.attrs.kernel_layout.startswith("OI"):
+        return [(shapes[0][1], shapes[1][1] * call.attrs.groups)]
+    return []
+
+
+def _check_contracted_dims(bb: relax.BlockBuilder, inputs: list, out: relax.Expr, op: str, node: str) -> None:
+    """Refuse a node whose matmul or convolution contracts a symbolic dim with another size
+    (``[3, k] @ [8, 4]``): Relax shape inference rejects only dims that are provably unequal, and
+    the kernel would read out of bounds for every other size of ``k``.
+
+    Walks the Relax expressions the node became, back to its inputs (``bb.lookup_binding``)."""
+    stop = [e for e in inputs if isinstance(e, relax.Expr)]
+    todo, seen = [out], set()
+    while todo:
+        e = todo.pop()
+        if not isinstance(e, relax.Expr) or e in seen or any(e.same_as(s) for s in stop):
+            continue
+        seen.add(e)
+        if isinstance(e, relax.Var):
+            todo.append(bb.lookup_binding(e))
+        elif isinstance(e, relax.Tuple):
+            todo.extend(e.fields)
+        elif isinstance(e, relax.TupleGetItem):
+            todo.append(e.tuple_value)
+        elif isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op):
+            todo.extend(e.args)
+            shapes = [getattr(getattr(bb.normalize(a).ty, "shape", None), "values", None) for a in e.args[:2]]
+            if len(shapes) < 2 or any(sh is None for sh in shapes):
+                continue
+            for a, b in _contracted_dims(e, shapes):
+                if not tvm.sym.Analyzer().can_prove_equal(a, b):
+                    raise UnsupportedModelError(
+                        f"node '{node}' ({op}) contracts {shape_text(shapes[0])} with {shape_text(shapes[1])} over dims "
+                        f"{dim_of(a)} and {dim_of(b)}, which match only for some sizes of the symbolic dims: give "
+                        "them with --input-shape")
 
 
 def import_onnx(model: str | os.PathLike | onnx.ModelProto,

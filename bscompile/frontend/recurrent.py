@@ -33,7 +33,7 @@ from bscompile.codegen.recurrent_cells import ACTIVATIONS, Activation, CellSpec
 from bscompile.errors import UnsupportedModelError
 from bscompile.passes.outline_linear_sites import emit_linear_site
 from bscompile.sites import (Matrix, SiteKind, const_array as _const, const_name, emit_site, fingerprint, named_const,
-                             register_site_kind)
+                             register_site_kind, shape_text)
 
 
 def _recurrent_matrices(site: dict) -> list[Matrix]:
@@ -72,13 +72,17 @@ def _dims(expr: relax.Expr, node: str, what: str, static_from: int) -> tuple:
 
 
 def _const_or_zeros(bb, expr, shape, dtype="float32", node: str = "", what: str = ""):
-    """``expr``, checked against ``shape`` where both sizes are known; zeros when absent."""
+    """``expr``, checked against ``shape``; zeros when absent.
+
+    The sizes must be equal for every size of the symbolic dims (a symbolic batch against a static
+    one would be a shape error inside the kernel at run time), else the model is refused."""
     if expr is not None:
         got = _dims(expr, node, what, static_from=len(shape))
-        if len(got) != len(shape) or any(isinstance(a, int) and isinstance(b, int) and a != b
-                                         for a, b in zip(got, shape)):
-            raise UnsupportedModelError(f"node '{node}': input {what} has shape {list(got)}, expected "
-                                        f"{[d if isinstance(d, int) else str(d) for d in shape]}")
+        if len(got) != len(shape) or not all(tvm.sym.Analyzer().can_prove_equal(a, b) for a, b in zip(got, shape)):
+            hint = "" if all(isinstance(d, int) for d in (*got, *shape)) else \
+                ": they match only for some sizes of the symbolic dims; give them with --input-shape"
+            raise UnsupportedModelError(f"node '{node}': input {what} has shape {shape_text(got)}, expected "
+                                        f"{shape_text(shape)}{hint}")
         return expr
     if all(isinstance(d, int) for d in shape):
         return relax.const(np.zeros(shape, dtype))
