@@ -400,8 +400,10 @@ def onnx_mutation(env: Env, d: Path) -> Case:
             t = TensorProto(name=init.name, data_type=init.data_type, dims=[v] + list(init.dims[1:]))
             init.CopyFrom(t)
         else:
-            dim = model.graph.input[0].type.tensor_type.shape.dim
-            dim[int(rng.integers(len(dim)))].dim_value = v
+            vi = model.graph.input[int(rng.integers(len(model.graph.input)))]  # (0: a symbolic dim)
+            dim = vi.type.tensor_type.shape.dim
+            if dim:
+                dim[int(rng.integers(len(dim)))].dim_value = v
     elif kind == "special_values":
         init = _rand_init(model, rng)
         a = numpy_helper.to_array(init).copy()

@@ -298,7 +298,13 @@ class _Importer(tvm_onnx.ONNXGraphImporter):
             w = inputs[1]
             inputs[1] = named_const(const_array(w).T, const_name(w))
             attrs = {**attrs, "transB": 0}
-        sym = self._convert_operator_(op_name, inputs, attrs, opset)
+        try:
+            sym = self._convert_operator_(op_name, inputs, attrs, opset)
+        except BscompileError:
+            raise
+        except Exception as err:  # noqa: BLE001 - TVM's converters raise anything on shapes they do not handle
+            raise UnsupportedModelError(f"node '{attrs['tvm_custom']['name']}' ({op_name}) cannot be imported: "
+                                        f"{_first_line(err)}") from err
         if name and isinstance(sym, tvm.ir.expr.Constant) and const_name(sym) is None:
             sym = named_const(sym.value, name)
         return sym
@@ -315,7 +321,7 @@ class _Importer(tvm_onnx.ONNXGraphImporter):
         sym = super()._convert_operator(op_name, inputs, attrs, opset)
         if op_name in ("Reshape", "Flatten"):
             _check_element_count(self.bb, inputs[0], sym, op_name, attrs["tvm_custom"]["name"])
-        _check_contracted_dims(self.bb, inputs, sym, op_name, attrs["tvm_custom"]["name"])
+        _check_symbolic_shapes(self.bb, inputs, sym, op_name, attrs["tvm_custom"]["name"])
         if op_name in INDEX_OPS and isinstance(sym, relax.Call):  # passes.check_indices names the node
             # as an identifier: binding names become kernel parameter names in generated (CUDA) source
             name = re.sub(r"\W+", "_", attrs["tvm_custom"]["name"]).strip("_") or op_name
@@ -349,10 +355,11 @@ def _contracted_dims(call: relax.Call, shapes: list) -> list[tuple[tvm.ir.PrimEx
     return []
 
 
-def _check_contracted_dims(bb: relax.BlockBuilder, inputs: list, out: relax.Expr, op: str, node: str) -> None:
-    """Refuse a node whose matmul or convolution contracts a symbolic dim with another size
-    (``[3, k] @ [8, 4]``): Relax shape inference rejects only dims that are provably unequal, and
-    the kernel would read out of bounds for every other size of ``k``.
+def _check_symbolic_shapes(bb: relax.BlockBuilder, inputs: list, out: relax.Expr, op: str, node: str) -> None:
+    """Refuse a node whose shapes agree only for some sizes of the symbolic dims. Relax shape
+    inference rejects only dims that are provably unequal: ``[n, 8] + [2, 8]`` gets an unknown
+    shape (an internal error when lowered), and a matmul or convolution contracting ``k`` with
+    ``8`` (``[3, k] @ [8, 4]``) compiles to a kernel that reads out of bounds for every ``k != 8``.
 
     Walks the Relax expressions the node became, back to its inputs (``bb.lookup_binding``)."""
     stop = [e for e in inputs if isinstance(e, relax.Expr)]
@@ -370,8 +377,16 @@ def _check_contracted_dims(bb: relax.BlockBuilder, inputs: list, out: relax.Expr
             todo.append(e.tuple_value)
         elif isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op):
             todo.extend(e.args)
-            shapes = [getattr(getattr(bb.normalize(a).ty, "shape", None), "values", None) for a in e.args[:2]]
-            if len(shapes) < 2 or any(sh is None for sh in shapes):
+            tys = [bb.normalize(a).ty for a in e.args]
+            shapes = [getattr(getattr(t, "shape", None), "values", None)  # (a concat's operands are a tuple)
+                      for ty in tys for t in (ty.fields if isinstance(ty, relax.TupleType) else [ty])]
+            ty = bb.normalize(e).ty
+            known = [shape_text(sh) for sh in shapes if sh is not None]
+            if isinstance(ty, relax.TensorType) and ty.shape is None and known:
+                raise UnsupportedModelError(
+                    f"node '{node}' ({op}): the shapes of its operands {', '.join(known)} match only for some sizes "
+                    "of the symbolic dims: give them with --input-shape")
+            if len(shapes) < 2 or shapes[0] is None or shapes[1] is None:
                 continue
             for a, b in _contracted_dims(e, shapes):
                 if not tvm.sym.Analyzer().can_prove_equal(a, b):
