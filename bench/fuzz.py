@@ -225,12 +225,24 @@ def run_cli(argv: list[str], cwd: Path, timeout: float) -> Outcome:
     return Outcome(list(argv), rc, sig, timed_out, read(out), read(err), time.perf_counter() - t0)
 
 
+#: A log line of TVM's (``[23:02:13] /project/include/tvm/topi/transform.h:1261: Warning: ...``).
+_TVM_LOG = re.compile(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ")
+
+
+def _message_lines(o: Outcome) -> list[str]:
+    """The lines of stderr that are bscompile's messages: without its progress lines, and with
+    ``--verbose`` (which asks for them) without TVM's own log lines."""
+    verbose = "--verbose" in o.argv
+    return [ln for ln in o.stderr.splitlines() if ln.strip() and not ln.startswith("[bscompile] ")
+            and not (verbose and _TVM_LOG.match(ln))]
+
+
 def classify(o: Outcome, expect: str) -> str | None:
     """None when the outcome is acceptable, else a failure category.
 
     ``expect``: "ok" (valid model and input: must succeed and match onnxruntime),
     "error" (must be refused), "any" (a result or a clean error)."""
-    lines = [ln for ln in o.stderr.splitlines() if ln.strip() and not ln.startswith("[bscompile] ")]
+    lines = _message_lines(o)
     if o.timed_out:
         return "hang"
     if o.signal:
@@ -262,7 +274,7 @@ def classify(o: Outcome, expect: str) -> str | None:
 
 def signature(category: str, o: Outcome) -> str:
     """What makes two failures the same bug: the category and the message's shape."""
-    lines = [ln for ln in o.stderr.splitlines() if ln.strip() and not ln.startswith("[bscompile] ")]
+    lines = _message_lines(o)
     msg = lines[-1] if lines else ""
     if category == "traceback":
         msg = next((ln for ln in reversed(lines) if re.match(r"^\w+(Error|Exception)\b", ln)), msg)
