@@ -193,6 +193,17 @@ def test_operands_agreeing_only_for_some_symbolic_sizes_are_refused(op, capsys, 
                                rtol=1e-5, atol=1e-5)
 
 
+def test_output_of_data_dependent_shape_names_its_node(capsys, tmp_path):
+    """NonZero's output size depends on the data: refused, naming the node that makes it."""
+    model = _graph_model([helper.make_node("NonZero", ["x"], ["y"], name="nz")],
+                         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
+                         [helper.make_tensor_value_info("y", TensorProto.INT64, None)])
+    onnx.save(model, tmp_path / "m.onnx")
+    assert main(["compile", str(tmp_path / "m.onnx"), "-q"]) == 2
+    assert ("output 'y' (of node 'nz', NonZero) has no known shape after import: a shape that depends on the "
+            "data") in one_error_line(capsys.readouterr().err)
+
+
 @pytest.mark.parametrize("opset", [1, 6, 99, -1])
 def test_unknown_opsets_are_refused(opset):
     model = _graph_model([helper.make_node("Relu", ["x"], ["y"], name="r")], [X], [Y], opset=opset)

@@ -424,8 +424,10 @@ def import_onnx(model: str | os.PathLike | onnx.ModelProto,
     fields = ret.fields if isinstance(ret, relax.TupleType) else [ret]
     for o, f in zip(proto.graph.output, fields):
         if getattr(f, "shape", None) is None:  # e.g. a MatMul whose operands' ranks do not match the model
-            raise UnsupportedModelError(f"output '{o.name}' has no known shape after import "
-                                        "(inconsistent shapes in the model?)")
+            node = next((n for n in proto.graph.node if o.name in n.output), None)
+            of = f" (of node '{node.name}', {node.op_type})" if node is not None else ""
+            raise UnsupportedModelError(f"output '{o.name}'{of} has no known shape after import: a shape that "
+                                        "depends on the data, or inconsistent shapes in the model")
     outputs = [
         TensorSpec(o.name, tuple(dim_of(v) for v in f.shape.values),
                    str(f.dtype.dtype) if hasattr(f.dtype, "dtype") else str(f.dtype))
