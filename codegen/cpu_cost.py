@@ -5,7 +5,9 @@ batch row, ceil(r / lanes) vectors) and keeps a block row in cache across M tile
 "block" does ceil(r*c / lanes) FMAs per (block, batch row) plus filling a replicated
 ``x``; "batch" does r FMAs per (block column, batch tile) but streams the weights once
 per batch tile. A layout's time is the larger of its memory time and its compute time,
-plus a per-block overhead (index load, loop control); the compute time counts loads
+plus a per-block overhead (index load, loop control); activations that fit the cache are read
+from it (pricing them at memory bandwidth chose 16x4 "rows" kernels over the measured-faster
+4x4 "batch" ones for the char GRU's m = 50 products: 7% of the model); the compute time counts loads
 (broadcasts of ``x``, weight vectors) against the same issue rate as FMAs. The machine
 constants are per machine (:data:`MACHINES`: this x86 host class and the aarch64 boards);
 ``bscompile tune`` replaces the choice by measurement.
@@ -96,7 +98,11 @@ def estimate_time(ks: KernelShape, machine: MachineModel = MachineModel()) -> fl
     # (one broadcast of x per FMA) are load-bound, taller blocks reuse each broadcast.
     t_fma = max(fmas, loads) / machine.vector_fma_rate
     cached = ks.resident and machine.cache_bandwidth > 0 and weight_bytes <= machine.cache_bytes
-    t_mem = weight_bytes / (machine.cache_bandwidth if cached else machine.bandwidth) + act_bytes / machine.bandwidth
+    # activations that fit the cache are there: written by the op before (or staged by run()) and
+    # read back by the next one
+    act_cached = machine.cache_bandwidth > 0 and act_bytes <= machine.cache_bytes
+    t_mem = (weight_bytes / (machine.cache_bandwidth if cached else machine.bandwidth)
+             + act_bytes / (machine.cache_bandwidth if act_cached else machine.bandwidth))
     t_blocks = ks.nnz_blocks * m_tiles * machine.block_overhead_s
     # a step of a recurrent kernel launches nothing unless it runs on the thread pool
     launch = machine.call_overhead_s if ks.parallel or not ks.resident else 0.0
