@@ -319,28 +319,12 @@ class _Importer(tvm_onnx.ONNXGraphImporter):
             return concat_stacked(self.bb, inputs[0], attrs.get("axis", 0), attrs.get("new_axis", 0),
                                   attrs["tvm_custom"]["name"])
         sym = super()._convert_operator(op_name, inputs, attrs, opset)
-        if op_name in ("Reshape", "Flatten"):
-            _check_element_count(self.bb, inputs[0], sym, op_name, attrs["tvm_custom"]["name"])
         _check_symbolic_shapes(self.bb, inputs, sym, op_name, attrs["tvm_custom"]["name"])
         if op_name in INDEX_OPS and isinstance(sym, relax.Call):  # passes.check_indices names the node
             # as an identifier: binding names become kernel parameter names in generated (CUDA) source
             name = re.sub(r"\W+", "_", attrs["tvm_custom"]["name"]).strip("_") or op_name
             sym = self.bb.emit(sym, name_hint=name)
         return sym
-
-
-def _check_element_count(bb: relax.BlockBuilder, data: relax.Expr, out: relax.Expr, op: str, node: str) -> None:
-    """Refuse a reshape that keeps the element count only for some sizes of a symbolic dim
-    (``[batch, d] -> [batch * d // 32, 32]``): a size that breaks it would give the generated
-    kernels a zero or wrong extent (a division by zero, a read out of bounds) at run time."""
-    shapes = [getattr(bb.normalize(e).ty, "shape", None) for e in (data, out)]
-    if any(getattr(sh, "values", None) is None for sh in shapes):
-        return
-    count_in, count_out = (math.prod(sh.values, start=tvm.tirx.IntImm("int64", 1)) for sh in shapes)
-    if not tvm.sym.Analyzer().can_prove_equal(count_in, count_out):
-        raise UnsupportedModelError(f"node '{node}' ({op}) turns {shape_text(shapes[0].values)} into "
-                                    f"{shape_text(shapes[1].values)}, which "
-                                    "holds only for some sizes of its symbolic dims: give them with --input-shape")
 
 
 def _contracted_dims(call: relax.Call, shapes: list) -> list[tuple[tvm.ir.PrimExpr, tvm.ir.PrimExpr]]:
@@ -358,11 +342,14 @@ def _contracted_dims(call: relax.Call, shapes: list) -> list[tuple[tvm.ir.PrimEx
 def _check_symbolic_shapes(bb: relax.BlockBuilder, inputs: list, out: relax.Expr, op: str, node: str) -> None:
     """Refuse a node whose shapes agree only for some sizes of the symbolic dims. Relax shape
     inference rejects only dims that are provably unequal: ``[n, 8] + [2, 8]`` gets an unknown
-    shape (an internal error when lowered), and a matmul or convolution contracting ``k`` with
-    ``8`` (``[3, k] @ [8, 4]``) compiles to a kernel that reads out of bounds for every ``k != 8``.
+    shape (an internal error when lowered), a matmul or convolution contracting ``k`` with ``8``
+    (``[3, k] @ [8, 4]``) compiles to a kernel that reads out of bounds for every ``k != 8``, and
+    a reshape ``[batch, d] -> [batch * d // 32, 32]`` gives the kernels a zero or wrong extent (a
+    division by zero, a read out of bounds) for a ``d`` that breaks its element count.
 
     Walks the Relax expressions the node became, back to its inputs (``bb.lookup_binding``)."""
     stop = [e for e in inputs if isinstance(e, relax.Expr)]
+    analyzer = tvm.sym.Analyzer()
     todo, seen = [out], set()
     while todo:
         e = todo.pop()
@@ -386,10 +373,17 @@ def _check_symbolic_shapes(bb: relax.BlockBuilder, inputs: list, out: relax.Expr
                 raise UnsupportedModelError(
                     f"node '{node}' ({op}): the shapes of its operands {', '.join(known)} match only for some sizes "
                     "of the symbolic dims: give them with --input-shape")
+            if e.op.name == "relax.reshape" and shapes[0] is not None and ty.shape is not None:
+                count_in, count_out = (math.prod(sh, start=tvm.tirx.IntImm("int64", 1))
+                                       for sh in (shapes[0], ty.shape.values))
+                if not analyzer.can_prove_equal(count_in, count_out):
+                    raise UnsupportedModelError(
+                        f"node '{node}' ({op}) turns {shape_text(shapes[0])} into {shape_text(ty.shape.values)}, "
+                        "which holds only for some sizes of its symbolic dims: give them with --input-shape")
             if len(shapes) < 2 or shapes[0] is None or shapes[1] is None:
                 continue
             for a, b in _contracted_dims(e, shapes):
-                if not tvm.sym.Analyzer().can_prove_equal(a, b):
+                if not analyzer.can_prove_equal(a, b):
                     raise UnsupportedModelError(
                         f"node '{node}' ({op}) contracts {shape_text(shapes[0])} with {shape_text(shapes[1])} over dims "
                         f"{dim_of(a)} and {dim_of(b)}, which match only for some sizes of the symbolic dims: give "
