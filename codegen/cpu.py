@@ -256,11 +256,10 @@ def _block_vector_macro(mat: BSRMatrix, m, sched: CpuSchedule, k_limit: int | No
     def tile(mt: int):
         q = block_chains(mat.block, dataclasses.replace(sched, m_tile=mt))
 
-        def total(acc, bias, row, mm, rr):
+        def total(acc, bias, row, mm, rr):  # (after the chains are summed into chain 0)
             e = bias[row + rr]
-            for j in range(q):
-                for kk in range(c):
-                    e = e + acc[j, mm, kk * r + rr]
+            for kk in range(c):
+                e = e + acc[0, mm, kk * r + rr]
             return e
 
         store = _store_macro(r, mt, n_limit, total)
@@ -284,8 +283,13 @@ def _block_vector_macro(mat: BSRMatrix, m, sched: CpuSchedule, k_limit: int | No
             for pp in range(cnt // q):
                 for j in T.unroll(q):
                     blocks(acc, j, dflat, indices, xrep, p0 + pp * q + j, m0)
-            for pr in range(cnt % q):
-                blocks(acc, 0, dflat, indices, xrep, p0 + cnt - cnt % q + pr, m0)
+            for j in T.unroll(q - 1):  # the last blocks on chains of their own too
+                if j < cnt % q:
+                    blocks(acc, j, dflat, indices, xrep, p0 + cnt - cnt % q + j, m0)
+            for j in T.unroll(q - 1):  # whole vectors first: one lane sum per row below
+                for mm in T.unroll(mt):
+                    for i in T.vectorized(rc):
+                        acc[0, mm, i] = acc[0, mm, i] + acc[j + 1, mm, i]
             store(y, acc, bias, m0, y_col0, ib * r)
 
         return run
