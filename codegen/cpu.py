@@ -3,9 +3,11 @@
 All matrix work goes through one block-row micro-kernel: for block row ``ib`` it
 keeps an ``m_tile x r`` accumulator tile in registers, walks the row's non-zero
 blocks, and for each column ``kk`` of a block does ``acc[m, :] += blk[kk, :] * x[m, col+kk]``
-vectorised over the ``r`` rows of the block. The same code is the dense kernel (one
-full-width block per block row, see :meth:`BSRMatrix.dense`), the block-sparse kernel,
-and the recurrent mat-vec inside the time loop of GRU/LSTM/RNN layers.
+vectorised over the ``r`` rows of the block (variants: over whole blocks, over the batch,
+and for small batch-1 recurrences straight-line code for the weight's own pattern). The
+same code is the dense kernel (one full-width block per block row, see
+:meth:`BSRMatrix.dense`), the block-sparse kernel, and the recurrent mat-vec inside the
+time loop of GRU/LSTM/RNN layers.
 
 Two facts about TVM's LLVM backend shape the code:
 - accumulators are small ``global`` allocations and scalars are ``T.Bind`` lets; a
@@ -43,7 +45,8 @@ class CpuSchedule:
     unroll_c: bool  # fully unroll the columns of a block (small blocks)
     #: "rows": vectorise over a block's rows (blocks at least a vector high);
     #: "block": over a whole r x c block against a replicated x (short blocks, small batch);
-    #: "batch": over batch rows (short blocks, batch >= a vector)
+    #: "batch": over batch rows (short blocks, batch >= a vector);
+    #: "unrolled": "block" generated for the weight's own sparsity pattern (batch-1 recurrences)
     variant: str = "rows"
     m_vec: int = 8  # batch rows per vector tile (batch variant)
     #: recurrent kernels at batch 1: one thread-pool launch for the whole sequence, the
@@ -77,6 +80,17 @@ PARALLEL_MIN_WEIGHTS = 1 << 20
 #: 0.16 -> 0.16 (noisy); 20k (128->256) 0.09 -> 0.21; 5k 0.04 -> 0.16: two barriers a step
 #: cost ~2-3 µs, worth it from ~50k multiply-adds.
 PERSISTENT_MIN_WORK = 1 << 16
+#: Stored blocks up to which a batch-1 recurrent mat-vec runs "unrolled": straight-line code for
+#: its weight's own pattern, every offset a constant (no index loads, no loop per block row).
+#: GRU recurrences at 90% 4x4, 50 steps, "block" -> "unrolled" (2026-12-07): hidden 128 (~300
+#: blocks) 31 -> 22 us, the char GRU's 256 (1229) 82 -> 56 us, 448 (3760) 307 -> 196 us. Code
+#: grows ~17 bytes a block; above this the mat-vec is big enough to run persistent on the pool.
+UNROLL_MAX_BLOCKS = 4096
+#: Block rows per straight-line chunk of an "unrolled" mat-vec; the chunks are the cases of a
+#: run-time loop. As one straight line, LLVM hoisted the weight loads out of the time loop and
+#: kept every replicated-x vector live across the step, spilling both: in the model's build the
+#: char GRU recurrence took 80.6 us, in chunks of 8 / 16 / 32 / 64 rows 56 / 59 / 61 / 63 us.
+UNROLL_CHUNK_ROWS = 8
 #: Chunks of block rows a batch-variant kernel splits into (a multiple of any thread count here).
 _PARALLEL_CHUNKS = 4
 #: Elements of x below which the batch variant transposes it on one thread.
@@ -121,6 +135,8 @@ def schedule_for(block: BlockShape, nnz_blocks: int, num_block_rows: int, m: int
     persistent = recurrent and m == 1 and work >= PERSISTENT_MIN_WORK and num_block_rows > 1
     parallel = parallel or persistent
     if block_vector_ok(block, vector_lanes):
+        if recurrent and m == 1 and not parallel and nnz_blocks <= UNROLL_MAX_BLOCKS:
+            return CpuSchedule(1, False, True, "unrolled")
         return CpuSchedule(_tile(m, -(-block.r * block.c // vector_lanes)), parallel, True, "block",
                            persistent=persistent)
     return CpuSchedule(m_tile=_tile(m, -(-block.r // vector_lanes)), parallel=parallel, unroll_c=unroll,
@@ -235,7 +251,7 @@ def workspace_size(mat: BSRMatrix, m, sched: CpuSchedule):
     """Floats of scratch a matmul macro needs: ``x`` replicated to the block layout ("block"),
     ``x`` transposed into batch tiles ("batch")."""
     k_pad = mat.padded_shape[1]
-    if sched.variant == "block":
+    if sched.variant in ("block", "unrolled"):
         return m * (k_pad // mat.block.c) * mat.block.r * mat.block.c
     if sched.variant == "batch":
         return (m + sched.m_vec - 1) // sched.m_vec * sched.m_vec * k_pad
@@ -251,7 +267,6 @@ def _block_vector_macro(mat: BSRMatrix, m, sched: CpuSchedule, k_limit: int | No
     r, c, mt = mat.block.r, mat.block.c, sched.m_tile
     rc, nkb, nbr = r * c, mat.padded_shape[1] // mat.block.c, mat.num_block_rows
     rows = T.parallel if sched.parallel else T.serial
-    clamp = (lambda i: i) if k_limit is None else (lambda i: T.min(i, k_limit - 1))
 
     def tile(mt: int):
         q = block_chains(mat.block, dataclasses.replace(sched, m_tile=mt))
@@ -297,22 +312,94 @@ def _block_vector_macro(mat: BSRMatrix, m, sched: CpuSchedule, k_limit: int | No
     full = tile(mt)
     tail = tile(1) if mt > 1 else full
     tail_rows = _has_tail(m, mt)
+    replicate = _replicate_macro(mat, m, k_limit)
 
     @T.macro
     def matmul(x, work, data, indices, indptr, bias, y, y_col0):
         dflat = T.decl_buffer((data.shape[0] * rc,), "float32", data=data.data)
         xrep = work  # [m, nkb, rc], indexed flat (a view of a run-time-sized buffer would alias it)
-        for mm in T.serial(m):
-            for kb in T.serial(nkb):
-                for kk in T.unroll(c):
-                    for rr in T.vectorized(r):
-                        xrep[(mm * nkb + kb) * rc + kk * r + rr] = x[mm, clamp(kb * c + kk)]
+        replicate(x, xrep)
         for ib in rows(nbr):
             for mo in T.serial(m // mt):
                 full(xrep, dflat, indices, indptr, bias, y, y_col0, ib, mo * mt)
             if tail_rows:
                 for mr in T.serial(m % mt):
                     tail(xrep, dflat, indices, indptr, bias, y, y_col0, ib, m - m % mt + mr)
+
+    return matmul
+
+
+def _replicate_macro(mat: BSRMatrix, m, k_limit: int | None):
+    """``xrep[m, kb, kk*r + rr] = x[m, kb*c + kk]``: ``x`` in the lane order of the ``[c, r]`` blocks."""
+    r, c = mat.block.r, mat.block.c
+    rc, nkb = r * c, mat.padded_shape[1] // c
+    clamp = (lambda i: i) if k_limit is None else (lambda i: T.min(i, k_limit - 1))
+
+    @T.macro
+    def replicate(x, xrep):
+        for mm in T.serial(m):
+            for kb in T.serial(nkb):
+                for kk in T.unroll(c):
+                    for rr in T.vectorized(r):
+                        xrep[(mm * nkb + kb) * rc + kk * r + rr] = x[mm, clamp(kb * c + kk)]
+
+    return replicate
+
+
+def _lanes(buf, start: int, n: int):
+    """``buf[start : start + n]`` as one vector load (a scalar one for ``n == 1``)."""
+    return tvm.tirx.BufferLoad(buf, [T.Ramp(start, 1, n) if n > 1 else start])
+
+
+def _unrolled_macro(mat: BSRMatrix, sched: CpuSchedule, k_limit: int | None):
+    """The "unrolled" variant, batch 1: the "block" variant's arithmetic as straight-line code for
+    this weight's own pattern (``mat`` carries its real ``indices``/``indptr``). Each block is one
+    vector multiply-add at constant offsets into the data and the replicated ``x``; a block row's
+    ``q`` chains are one expression, summed and reduced per row as in "block". No index is read at
+    run time, so the kernel's data buffer has the pattern's static block count. The block rows are
+    emitted in chunks, the cases of a run-time loop (see :data:`UNROLL_CHUNK_ROWS`)."""
+    r, c = mat.block.r, mat.block.c
+    rc = r * c
+    q_max = block_chains(mat.block, sched)
+    indptr, indices = mat.indptr.tolist(), mat.indices.tolist()
+    replicate = _replicate_macro(mat, 1, k_limit)
+
+    def emit(dflat, xrep, bias, y, y_col0, rows):
+        """The stores of block rows ``rows``, emitted into the enclosing TVMScript body (IRBuilder calls)."""
+        for ib in rows:
+            chains: list = []
+            for n, p in enumerate(range(indptr[ib], indptr[ib + 1])):
+                term = _lanes(dflat, p * rc, rc) * _lanes(xrep, indices[p] * rc, rc)
+                if n < q_max:
+                    chains.append(term)
+                else:
+                    chains[n % q_max] = chains[n % q_max] + term
+            out = _lanes(bias, ib * r, r)
+            if chains:
+                total = functools.reduce(lambda a, b: a + b, chains)
+                v = tvm.tirx.Var("blk", f"float32x{rc}")
+                body = out
+                for kk in range(c):
+                    body = body + (tvm.tirx.Shuffle([v], [kk * r + i for i in range(r)]) if r > 1
+                                   else tvm.tirx.Shuffle([v], [kk]))
+                out = tvm.tirx.Let(v, total, body)
+            T.buffer_store(y, out, [0, T.Ramp(y_col0 + ib * r, 1, r) if r > 1 else y_col0 + ib * r])
+
+    nbr = mat.num_block_rows
+    chunks = [range(i, min(i + UNROLL_CHUNK_ROWS, nbr)) for i in range(0, nbr, UNROLL_CHUNK_ROWS)]
+
+    def emit_chunks(dflat, xrep, bias, y, y_col0, ch):
+        for i, rows in enumerate(chunks):
+            with T.If(ch == i):
+                with T.Then():
+                    emit(dflat, xrep, bias, y, y_col0, rows)
+
+    @T.macro
+    def matmul(x, work, data, indices, indptr, bias, y, y_col0):
+        dflat = T.decl_buffer((data.shape[0] * rc,), "float32", data=data.data)
+        replicate(x, work)
+        for ch in T.serial(len(chunks)):
+            emit_chunks(dflat, work, bias, y, y_col0, ch)
 
     return matmul
 
@@ -415,6 +502,10 @@ def _matmul_macro(mat: BSRMatrix, m, sched: CpuSchedule, k_limit: int | None = N
     ``work`` is flat scratch of :func:`workspace_size` floats."""
     if sched.variant == "block":
         return _block_vector_macro(mat, m, sched, k_limit, n_limit)
+    if sched.variant == "unrolled":
+        if m != 1 or n_limit is not None:
+            raise ValueError("the unrolled variant needs batch 1 and whole block rows")
+        return _unrolled_macro(mat, sched, k_limit)
     if sched.variant == "batch":
         return _batch_macro(mat, m, sched, mat.shape[0] if n_limit is None else n_limit)
     if sched.variant != "rows":
@@ -465,26 +556,45 @@ def linear_kernel(mat: BSRMatrix, m: int | None, sched) -> tvm.tirx.PrimFunc:
     stored blocks is a symbolic dimension too, so weights of one shape and block layout
     share a kernel (and its parse and LLVM compile).
     """
-    return _linear_kernel(LayoutKey.of(mat), m, _cases(m, sched))
+    cases = _cases(m, sched)
+    return _linear_kernel(LayoutKey.of(mat, _unrolled(cases)), m, cases)
 
 
 @dataclass(frozen=True)
 class LayoutKey:
-    """What a kernel depends on: everything of a layout but its block count and values."""
+    """What a kernel depends on: everything of a layout but its block count and values, and for
+    an "unrolled" kernel its sparsity pattern (``indptr``, ``indices`` bytes) too."""
 
     shape: tuple[int, int]
     block: BlockShape
+    pattern: tuple[bytes, bytes] | None = None
 
     @classmethod
-    def of(cls, mat: BSRMatrix) -> "LayoutKey":
-        return cls(tuple(mat.shape), mat.block)
+    def of(cls, mat: BSRMatrix, with_pattern: bool = False) -> "LayoutKey":
+        pattern = (mat.indptr.astype(np.int32).tobytes(), mat.indices.astype(np.int32).tobytes()) \
+            if with_pattern else None
+        return cls(tuple(mat.shape), mat.block, pattern)
+
+    @property
+    def nnz_blocks(self):
+        """The static block count of a pattern's kernels, else a symbolic one."""
+        return len(self.pattern[1]) // 4 if self.pattern else tvm.tirx.Var("nnzb", "int32")
 
     def skeleton(self) -> BSRMatrix:
-        """A stand-in matrix with this layout (block counts are symbolic in the kernels)."""
+        """A stand-in matrix with this layout (block counts are symbolic in the kernels) or pattern."""
         n_pad, _ = (padded(self.shape[0], self.block.r), padded(self.shape[1], self.block.c))
         nbr = n_pad // self.block.r
+        if self.pattern:
+            indptr, indices = (np.frombuffer(b, np.int32) for b in self.pattern)
+            return BSRMatrix(self.shape, self.block, np.zeros((len(indices), self.block.c, self.block.r), np.float32),
+                             indices, indptr)
         return BSRMatrix(self.shape, self.block, np.zeros((1, self.block.c, self.block.r), np.float32),
                          np.zeros(1, np.int32), np.zeros(nbr + 1, np.int32))
+
+
+def _unrolled(cases: Cases, which: int | None = None) -> bool:
+    """Whether any case runs matrix ``which`` (all schedules when None) with the "unrolled" variant."""
+    return any((sc if which is None else sc[which]).variant == "unrolled" for _, _, sc in cases)
 
 
 @functools.lru_cache(maxsize=256)
@@ -495,6 +605,7 @@ def _linear_kernel(key: LayoutKey, m_static: int | None, cases: Cases) -> tvm.ti
     nbr, r, c = mat.num_block_rows, mat.block.r, mat.block.c
     m = _dim(m_static, "m")
     matmul, work_size = _bucketed(mat, m, cases, None, k if k_pad != k else None, n if n_pad != n else None)
+    nnzb = key.nnz_blocks
 
     @T.prim_func(s_tir=True)
     def bsr_linear(x_h: T.handle, data_h: T.handle, indices_h: T.handle,
@@ -502,7 +613,6 @@ def _linear_kernel(key: LayoutKey, m_static: int | None, cases: Cases) -> tvm.ti
         T.func_attr({"tir.noalias": True})
         x = T.match_buffer(x_h, (m, k), "float32")
         y = T.match_buffer(y_h, (m, n), "float32")
-        nnzb = T.int32()
         data = T.match_buffer(data_h, (nnzb, c, r), "float32")
         indices = T.match_buffer(indices_h, (nnzb,), "int32")
         work = T.alloc_buffer((work_size,), "float32")
@@ -528,7 +638,8 @@ def recurrent_kernel(cell: CellSpec, mats: list[BSRMatrix], seq: int | None, bat
     if len(mats) == 2:  # no persistent form with a second mat-vec: those steps run on one thread
         cases = tuple((lo, hi, tuple(dataclasses.replace(sc, parallel=False, persistent=False) if sc.persistent
                                      else sc for sc in scs)) for lo, hi, scs in cases)
-    return _recurrent_kernel(cell, tuple(LayoutKey.of(m) for m in mats), seq, batch, cases, lanes)
+    keys = tuple(LayoutKey.of(m, _unrolled(cases, i)) for i, m in enumerate(mats))
+    return _recurrent_kernel(cell, keys, seq, batch, cases, lanes)
 
 
 @functools.lru_cache(maxsize=64)
@@ -554,6 +665,8 @@ def _recurrent_kernel(cell: CellSpec, keys: tuple[LayoutKey, ...], seq_static: i
     rev = 1 if cell.reverse else 0
     step = gate_update(cell)
     persistent = cases[0][:2] == (1, 1) and cases[0][2][0].persistent
+    n0 = keys[0].nnz_blocks
+    n1 = keys[1].nnz_blocks if two else tvm.tirx.Var("n1", "int32")
 
     if two:  # GRU without linear-before-reset: R_h multiplies r * h, a second mat-vec
 
@@ -667,8 +780,6 @@ def _recurrent_kernel(cell: CellSpec, keys: tuple[LayoutKey, ...], seq_static: i
         y = T.match_buffer(y_h, (seq, batch, hid), "float32")
         h_out = T.match_buffer(h_out_h, (batch, hid), "float32")
         c_out = T.match_buffer(c_out_h, (batch, hid), "float32")
-        n0 = T.int32()
-        n1 = T.int32()
         data0 = T.match_buffer(data0_h, (n0, c0_, r0), "float32")
         indices0 = T.match_buffer(indices0_h, (n0,), "int32")
         data1 = T.match_buffer(data1_h, (n1, c1_, r1), "float32")
@@ -720,9 +831,15 @@ class BlockRowGenerator(Generator):
         batch variant (their mat-vec has no transposed ``x``)."""
         lanes = self.machine.lanes
         base = default_schedule(mat, m, lanes, self.recurrent)
+        unrolled = self.recurrent and m == 1 and block_vector_ok(mat.block, lanes) \
+            and mat.nnz_blocks <= UNROLL_MAX_BLOCKS
+        if base.variant == "unrolled":  # the rest of the space is the "block" variant's
+            base = CpuSchedule(1, False, True, "block")
         out = [base, dataclasses.replace(base, parallel=not base.parallel, persistent=False)]
         if self.recurrent and m == 1:  # with the above: one launch per sequence, one per step, none
             out.append(dataclasses.replace(base, parallel=True, persistent=not base.persistent))
+        if unrolled:
+            out.insert(0, CpuSchedule(1, False, True, "unrolled"))
         if not self.recurrent and base.variant == "rows" and m >= lanes and mat.block.c <= 64:
             out.append(CpuSchedule(1, base.parallel, base.unroll_c, "batch", lanes))
         if base.variant != "block" and block_vector_ok(mat.block, lanes):

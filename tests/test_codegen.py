@@ -72,6 +72,10 @@ KERNEL_CASES = [
     (130, 70, (4, 4), 40, {"parallel": True}),  # "batch", chunked block rows (33 rows, 4 chunks)
     (64, 700, (2, 8), 200, {"parallel": True}),  # "batch", parallel transpose
     (100, 70, (4, 4), 8, {"variant": "block", "m_tile": 4}),
+    # straight-line code for the weight's pattern (batch 1, N a multiple of the block height)
+    (96, 70, (4, 4), 1, {"variant": "unrolled"}),
+    (64, 48, (2, 8), 1, {"variant": "unrolled"}),
+    (40, 64, (1, 8), 1, {"variant": "unrolled"}),
 ]
 
 

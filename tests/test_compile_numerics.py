@@ -66,6 +66,27 @@ def test_recurrent_two_layers(rng, op, kind, bidir, batch, seq, hidden):
         assert "bsr" in layouts.values(), layouts
 
 
+@pytest.mark.parametrize("op,lbr", [("GRU", 1), ("GRU", 0), ("LSTM", 0), ("RNN", 0)])
+def test_unrolled_recurrence_matches_onnxruntime(rng, op, lbr):
+    """A small 4x4-pruned recurrence with a symbolic batch: its batch-1 bucket runs the mat-vec as
+    straight-line code for the weight's pattern ("unrolled"; a GRU without linear-before-reset has
+    two such mat-vecs a step), the others the "block" loop. Both against onnxruntime, one artifact."""
+    model = recurrent(op, 24, 64, "seq", "batch", 1, True, "4x4", rng)
+    for a in model.graph.node[0].attribute:
+        if a.name == "linear_before_reset":
+            a.i = lbr
+    art = bscompile.compile(model)
+    variants = {w["name"]: [b["schedules"][0]["variant"] for b in w["decision"]["buckets"]]
+                for w in art.manifest.weights if w["name"].startswith("l0.R")}
+    assert variants and all(v[0] == "unrolled" and "unrolled" not in v[1:] for v in variants.values()), variants
+    mod = art.load()
+    for batch, seq in ((1, 20), (3, 7), (1, 1)):
+        x = rng.standard_normal((seq, batch, 24)).astype(np.float32)
+        got, want = mod.run({"x": x}), ort_run(model, {"x": x})
+        for name in want:
+            np.testing.assert_allclose(got[name], want[name], rtol=RTOL, atol=ATOL, err_msg=f"{name} batch {batch}")
+
+
 @pytest.mark.parametrize("op", ["GRU", "LSTM", "RNN"])
 def test_recurrent_batch_first_layout(op):
     """layout=1 ([batch, seq, ...]); onnxruntime supports only layout 0, so the reference
