@@ -107,6 +107,15 @@ def _tile(m: int, regs_per_row: int, limit: int = 8) -> int:
     return max(d for d in range(1, cap + 1) if m % d == 0)
 
 
+#: Block heights up to which the default vectorises over whole blocks ("block") rather than
+#: over the block's rows: beyond, a block row fills half a vector or more and "rows" wins.
+#: 1760x1760 90%, AVX-512 (16 lanes), one thread, us, "block" vs "rows" (2026-12-07): 8x8
+#: batch 1 24.5 vs 17.2, batch 4 72 vs 34; 8x4 24 vs 17 / 59 vs 36; 8x16 23 vs 16 / 79 vs 32;
+#: 8x2 25 vs 18 / 60 vs 38; but 4x8 21 vs 24 / 52 vs 61, 4x4 23 vs 24 / 53 vs 65, 2x8 21 vs 47 /
+#: 45 vs 115. AVX2 (8 lanes), 4x4: 24 vs 24 / 58 vs 89; 4x8 21 vs 25 / 54 vs 63.
+BLOCK_VARIANT_MAX_ROWS = 4
+
+
 def block_vector_ok(block: BlockShape, vector_lanes: int) -> bool:
     """Whether the "block" variant applies: a short block of half a vector to 8 vectors."""
     rc = block.r * block.c
@@ -117,11 +126,12 @@ def schedule_for(block: BlockShape, nnz_blocks: int, num_block_rows: int, m: int
                  vector_lanes: int = 8, recurrent: bool = False) -> CpuSchedule:
     """The default schedule, from block statistics alone (the cost model uses it too).
 
-    Blocks at least a vector high are vectorised over their rows with an M tile that
-    keeps accumulators in registers. Shorter blocks would leave lanes idle that way:
+    Blocks of half a vector's height or more are vectorised over their rows with an M tile
+    that keeps accumulators in registers. Shorter blocks would leave lanes idle that way:
     once the batch fills a vector they are vectorised over the batch (linear layers),
-    otherwise over the whole block against a copy of ``x`` replicated to the block's
-    layout (also inside recurrent kernels, whose mat-vec has no transposed ``x``).
+    otherwise (up to :data:`BLOCK_VARIANT_MAX_ROWS` high) over the whole block against a
+    copy of ``x`` replicated to the block's layout (also inside recurrent kernels, whose
+    mat-vec has no transposed ``x``; small batch-1 ones "unrolled").
     """
     weights = nnz_blocks * block.r * block.c
     work = weights * m
@@ -134,7 +144,7 @@ def schedule_for(block: BlockShape, nnz_blocks: int, num_block_rows: int, m: int
         return CpuSchedule(1, parallel, unroll, "batch", m_vec)
     persistent = recurrent and m == 1 and work >= PERSISTENT_MIN_WORK and num_block_rows > 1
     parallel = parallel or persistent
-    if block_vector_ok(block, vector_lanes):
+    if block_vector_ok(block, vector_lanes) and block.r <= BLOCK_VARIANT_MAX_ROWS:
         if recurrent and m == 1 and not parallel and nnz_blocks <= UNROLL_MAX_BLOCKS:
             return CpuSchedule(1, False, True, "unrolled")
         return CpuSchedule(_tile(m, -(-block.r * block.c // vector_lanes)), parallel, True, "block",
@@ -832,7 +842,7 @@ class BlockRowGenerator(Generator):
         lanes = self.machine.lanes
         base = default_schedule(mat, m, lanes, self.recurrent)
         unrolled = self.recurrent and m == 1 and block_vector_ok(mat.block, lanes) \
-            and mat.nnz_blocks <= UNROLL_MAX_BLOCKS
+            and mat.block.r <= BLOCK_VARIANT_MAX_ROWS and mat.nnz_blocks <= UNROLL_MAX_BLOCKS
         if base.variant == "unrolled":  # the rest of the space is the "block" variant's
             base = CpuSchedule(1, False, True, "block")
         out = [base, dataclasses.replace(base, parallel=not base.parallel, persistent=False)]
