@@ -84,6 +84,9 @@ CASES = {
     # its gate update with a tail past the last full vector
     "gru_persistent": lambda rng: recurrent("GRU", 16, 500, 5, 1, 1, False, "4x4", rng),
     "mlp": lambda rng: mlp([64, 128, 32], 4, ["4x4", "8x8"], rng)[0],
+    # batch 1, 2x8 blocks (shorter than a NEON vector): the mat-vec as straight-line code for
+    # the weight's pattern ("unrolled"), its 16-lane vectors split into NEON registers
+    "lstm_unrolled": lambda rng: recurrent("LSTM", 16, 48, 7, 1, 1, True, "2x8", rng),
 }
 
 
