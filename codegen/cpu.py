@@ -91,11 +91,6 @@ UNROLL_MAX_BLOCKS = 4096
 #: kept every replicated-x vector live across the step, spilling both: in the model's build the
 #: char GRU recurrence took 80.6 us, in chunks of 8 / 16 / 32 / 64 rows 56 / 59 / 61 / 63 us.
 UNROLL_CHUNK_ROWS = 8
-#: Batch rows a "batch" tile holds at most: two vectors of AVX2 (or NEON), one of AVX-512. 4x4
-#: blocks, m = 50, one thread, one AVX-512 vector vs two (2026-12-07): the char GRU's products
-#: 768x64 13.0 vs 16.1 us, 768x256 35.4 vs 39.3, 103x256 12.1 vs 12.5; 2 threads, m = 64:
-#: 1760x1760 319 vs 336, 4096x1024 425-467 vs 418-509, 7680x2560 1385-1410 vs 1445-1548 us.
-BATCH_TILE_MAX_ROWS = 16
 #: Chunks of block rows a batch-variant kernel splits into (a multiple of any thread count here).
 _PARALLEL_CHUNKS = 4
 #: Elements of x below which the batch variant transposes it on one thread.
@@ -145,8 +140,7 @@ def schedule_for(block: BlockShape, nnz_blocks: int, num_block_rows: int, m: int
     parallel = (work >= PARALLEL_MIN_WORK or weights >= PARALLEL_MIN_WEIGHTS) and num_block_rows > 1
     unroll = block.c <= 32
     if not recurrent and m >= vector_lanes and block.r < vector_lanes and block.c <= 64:
-        two = block.r <= 4 and m >= 2 * vector_lanes and 2 * vector_lanes <= BATCH_TILE_MAX_ROWS
-        m_vec = 2 * vector_lanes if two else vector_lanes
+        m_vec = 2 * vector_lanes if block.r <= 4 and m >= 2 * vector_lanes else vector_lanes
         return CpuSchedule(1, parallel, unroll, "batch", m_vec)
     persistent = recurrent and m == 1 and work >= PERSISTENT_MIN_WORK and num_block_rows > 1
     parallel = parallel or persistent
