@@ -140,6 +140,9 @@ def schedule_for(block: BlockShape, nnz_blocks: int, num_block_rows: int, m: int
     parallel = (work >= PARALLEL_MIN_WORK or weights >= PARALLEL_MIN_WEIGHTS) and num_block_rows > 1
     unroll = block.c <= 32
     if not recurrent and m >= vector_lanes and block.r < vector_lanes and block.c <= 64:
+        # Two vectors of batch rows per tile, also on AVX-512: one (16 rows) made the char GRU's
+        # small one-thread products 5-20% faster, but the kernel grid's m = 64 cells 1.3-1.7x
+        # slower (the weights stream once per tile; 2026-12-07). `bscompile tune` measures both.
         m_vec = 2 * vector_lanes if block.r <= 4 and m >= 2 * vector_lanes else vector_lanes
         return CpuSchedule(1, parallel, unroll, "batch", m_vec)
     persistent = recurrent and m == 1 and work >= PERSISTENT_MIN_WORK and num_block_rows > 1
