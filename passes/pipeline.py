@@ -37,6 +37,7 @@ from bscompile.passes.analyze_sparsity import AnalyzeSparsity
 from bscompile.passes.check_indices import CheckIndices
 from bscompile.passes.choose_layout import ChooseLayout
 from bscompile.passes.conv1d_to_matmul import Conv1dToMatmul
+from bscompile.passes.fold_embedding_products import FoldEmbeddingProducts
 from bscompile.passes.fuse_dynamic_recurrences import FuseDynamicRecurrences
 from bscompile.passes.lower_weight_sites import LowerWeightSites
 from bscompile.passes.outline_dynamic_sites import OutlineDynamicSites
@@ -56,6 +57,7 @@ def bscompile_passes(family: KernelFamily, *, sparse: bool = True, force_block: 
         OutlineDynamicSites(family),
         FuseDynamicRecurrences(family),
         OutlineLinearSites(),
+        FoldEmbeddingProducts(),
         AnalyzeSparsity(),
         ChooseLayout(family, sparse=sparse, force_block=force_block, records=records),
         LowerWeightSites(family),

@@ -87,6 +87,35 @@ def test_unrolled_recurrence_matches_onnxruntime(rng, op, lbr):
             np.testing.assert_allclose(got[name], want[name], rtol=RTOL, atol=ATOL, err_msg=f"{name} batch {batch}")
 
 
+@pytest.mark.parametrize("symbolic", [False, True], ids=["static", "symbolic"])
+def test_folded_embedding_matches_onnxruntime(rng, symbolic):
+    """The bundled char GRU: its first GRU's input product by the embedding table becomes a
+    gather from the folded 103x768 table (FoldEmbeddingProducts). Against onnxruntime on random
+    tokens, negative ids (ONNX wraps them) included, also with a symbolic batch and length; an
+    id outside [-103, 103) is still refused."""
+    import onnx
+
+    from bscompile.errors import InputError
+
+    model = onnx.load(Path(bscompile.__file__).parent / "data" / "char_gru_bp4x4.onnx")
+    if symbolic:
+        for value in (model.graph.input[0], model.graph.output[0]):
+            for dim, name in zip(value.type.tensor_type.shape.dim, ("batch", "seq")):
+                dim.dim_param = name
+    art = bscompile.compile(model)
+    names = [w["name"] for w in art.manifest.weights]
+    assert len(names) == 4 and "onnx::GRU_193[0]" not in names, names  # the folded input product
+    mod = art.load()
+    for shape in [(1, 50)] + ([(3, 17), (2, 1)] if symbolic else []):
+        tokens = rng.integers(-103, 103, shape).astype(np.int64)
+        got, want = mod.run({"tokens": tokens}), ort_run(model, {"tokens": tokens})
+        np.testing.assert_allclose(got["logits"], want["logits"], rtol=RTOL, atol=ATOL, err_msg=str(shape))
+    tokens = np.zeros((1, 50), np.int64)
+    tokens[0, 7] = 103
+    with pytest.raises(InputError, match="index 103 outside"):
+        mod.run({"tokens": tokens})
+
+
 @pytest.mark.parametrize("op", ["GRU", "LSTM", "RNN"])
 def test_recurrent_batch_first_layout(op):
     """layout=1 ([batch, seq, ...]); onnxruntime supports only layout 0, so the reference

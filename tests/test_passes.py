@@ -16,6 +16,7 @@ from bscompile.codegen.layout import CANDIDATE_EDGES, DENSE_ROWS, BSRMatrix
 from bscompile.passes.analyze_sparsity import AnalyzeSparsity
 from bscompile.passes.choose_layout import ChooseLayout
 from bscompile.passes.conv1d_to_matmul import Conv1dToMatmul
+from bscompile.passes.fold_embedding_products import FoldEmbeddingProducts
 from bscompile.passes.lower_weight_sites import LowerWeightSites
 from bscompile.passes.outline_linear_sites import OutlineLinearSites
 from bscompile.records import TuningRecord, record_key
@@ -211,6 +212,66 @@ def test_outline_linear_sites_leaves_other_products_alone():
             return (a, b, e)
 
     tvm.ir.assert_structural_equal(OutlineLinearSites()(Before), Before)
+
+
+# --- FoldEmbeddingProducts -----------------------------------------------------------------
+
+# A 4-row table of small integers: its product by W (integers) plus B (halves) is exact in float32.
+E = (np.arange(12, dtype=np.float32).reshape(4, 3) % 5) - 2
+
+
+def _embedding_then_product(table, axes=(1, 0, 2), take_axis=0):
+    """tokens[2, 3] -> rows of ``table`` -> permute_dims ``axes`` -> [6, 3] -> x @ W.T + B."""
+
+    @I.ir_module
+    class Module:
+        @R.function
+        def main(tok: R.Tensor((2, 3), "int64"), e: R.Tensor((4, 3), "float32")) -> R.Tensor((6, 5), "float32"):
+            with R.dataflow():
+                rows = R.take(table if table is not None else e, tok, axis=take_axis)
+                t = R.permute_dims(rows, axes)
+                x = R.reshape(t, R.shape([6, 3]))
+                y = R.matmul(x, R.const(np.ascontiguousarray(W.T)))
+                z = R.add(y, R.const(B))
+                R.output(z)
+            return z
+
+    return OutlineLinearSites()(_named_weights(Module, "fc.weight"))
+
+
+def test_fold_embedding_products():
+    """The product of every row of the table, gathered by the tokens under the same permutation:
+    the linear site is gone."""
+
+    @I.ir_module
+    class Expected:
+        @R.function
+        def main(tok: R.Tensor((2, 3), "int64"), e: R.Tensor((4, 3), "float32")) -> R.Tensor((6, 5), "float32"):
+            with R.dataflow():
+                i = R.permute_dims(tok, [1, 0])
+                i2 = R.reshape(i, R.shape([6]))
+                z = R.take(R.const(E @ W.T + B), i2, axis=0)
+                R.output(z)
+            return z
+
+    after = _twice_is_once(FoldEmbeddingProducts(), _embedding_then_product(R.const(E)))
+    tvm.ir.assert_structural_equal(after, Expected)
+
+
+@pytest.mark.parametrize("case", ["runtime table", "last axis moved", "other take axis", "table too big"])
+def test_fold_embedding_products_leaves_alone(case, monkeypatch):
+    from bscompile.passes import fold_embedding_products
+
+    if case == "runtime table":
+        before = _embedding_then_product(None)
+    elif case == "last axis moved":  # rows [2, 3, 3] -> [3, 3, 2]: a feature axis moves
+        before = _embedding_then_product(R.const(E[:3].copy()), axes=(2, 1, 0))
+    elif case == "other take axis":  # columns of a [3, 4] table
+        before = _embedding_then_product(R.const(np.ascontiguousarray(E[:3, :].T.copy()[:, :4])), take_axis=1)
+    else:
+        monkeypatch.setattr(fold_embedding_products, "FOLD_MAX_BYTES", 4 * 5 * 4 - 1)  # 4 rows x 5 - 1 byte
+        before = _embedding_then_product(R.const(E))
+    tvm.ir.assert_structural_equal(FoldEmbeddingProducts()(before), before)
 
 
 # --- Conv1dToMatmul -----------------------------------------------------------------------
