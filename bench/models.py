@@ -9,8 +9,8 @@ hidden-2560 model (1.2 GB of fp32 weights in ONNX) fits a 24 GB machine.
 Models are pruned to 90% with 4x4 blocks (BP, one-shot on random weights for the
 DeepSpeech-like model, trained for the bundled LM). For each model and batch (1, 8;
 sequence 50) onnxruntime runs the dense file (the same architecture with every weight
-non-zero) and the pruned file, and bscompile compiles the pruned file; the three run
-interleaved in one process. Compile time is reported. Writes bench/results/models.{md,json}.
+non-zero) and the pruned file, and bscompile compiles the pruned file; the three run in one
+process, each warm for itself (its own back-to-back calls, in turns: ``common.interleaved``). Compile time is reported. Writes bench/results/models.{md,json}.
 """
 
 from __future__ import annotations
@@ -144,7 +144,8 @@ def write_report(rows, info, args, wall) -> None:
              f"- versions: bscompile {info['bscompile']}, TVM {info['tvm']}, onnxruntime {info['onnxruntime']}", "",
              "Pruned to 90% with 4x4 blocks; sequence 50 (the DeepSpeech-like model: 100 input frames, "
              "stride-2 convolution). *ort dense*: onnxruntime on the same architecture with all weights non-zero; "
-             "*ort pruned*: onnxruntime on the pruned file bscompile compiled. Medians of interleaved runs.", "",
+             "*ort pruned*: onnxruntime on the pruned file bscompile compiled. Medians per call, each library warm "
+             "for itself (its own back-to-back calls, the three taking turns in rounds).", "",
              "| model | batch | bscompile ms | ort dense ms | ort pruned ms | vs ort dense | vs ort pruned | "
              "weights MB dense → stored | layouts | compile s | max abs err |", "|" + "---|" * 11]
     for r in rows:
