@@ -40,6 +40,10 @@ _RESHAPE = tvm.ir.Op.get("relax.reshape")
 _PERMUTE = tvm.ir.Op.get("relax.permute_dims")
 
 
+def _is_int(dim, value: int) -> bool:
+    return isinstance(dim, tvm.tirx.IntImm) and int(dim) == value
+
+
 def _ndim(expr: relax.Expr) -> int | None:
     values = getattr(getattr(expr.ty, "shape", None), "values", None)
     return None if values is None else len(values)
@@ -66,8 +70,8 @@ class _Folder(relax.PyExprMutator):
                 axes = value.attrs.axes
                 if axes is None or n is None or int(axes[-1]) != n - 1:
                     return None
-            elif not isinstance(value.args[1], relax.ShapeExpr) or value.args[1].values[-1] != k:
-                return None
+            elif not isinstance(value.args[1], relax.ShapeExpr) or not _is_int(value.args[1].values[-1], k):
+                return None  # (each op keeps the last dim at k: so does the reshaped input)
             ops.append(value)
             value = self._value(src)
         if not (isinstance(value, relax.Call) and value.op.same_as(_TAKE) and int(value.attrs.axis) == 0):
