@@ -392,9 +392,8 @@ def _unrolled_macro(mat: BSRMatrix, sched: CpuSchedule, k_limit: int | None):
                 total = functools.reduce(lambda a, b: a + b, chains)
                 v = tvm.tirx.Var("blk", f"float32x{rc}")
                 body = out
-                for kk in range(c):
-                    body = body + (tvm.tirx.Shuffle([v], [kk * r + i for i in range(r)]) if r > 1
-                                   else tvm.tirx.Shuffle([v], [kk]))
+                for kk in range(c):  # lanes kk*r .. kk*r + r - 1: column kk of the r rows
+                    body = body + tvm.tirx.Shuffle([v], [kk * r + i for i in range(r)])
                 out = tvm.tirx.Let(v, total, body)
             T.buffer_store(y, out, [0, T.Ramp(y_col0 + ib * r, 1, r) if r > 1 else y_col0 + ib * r])
 
