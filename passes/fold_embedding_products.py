@@ -14,9 +14,8 @@ Contract
   seen through ``reshape`` and ``permute_dims`` that keep the last axis last, becomes
   ``take(E @ W.T + b, idx', axis=0)``, ``idx'`` the index under the same chain without the last
   axis (same values, same mode, same number of rows: an index check of ``CheckIndices`` before it
-  still holds). The table is computed in float64 and
-  rounded once to float32 (the kernel's sums in another order). Site functions left without
-  callers are removed.
+  still holds). The table is computed in float64 and rounded once to float32 (the kernel's sums
+  in another order). Site functions left without callers are removed.
 - Left alone: tables of more than :data:`FOLD_MAX_BYTES`, tables computed at run time, gathers
   along another axis, chains that move the last axis, other site kinds. Running it twice changes
   nothing.
@@ -29,7 +28,7 @@ import tvm
 from tvm import relax
 
 from bscompile.passes.rewrite import rebind, rewrite_with_bindings
-from bscompile.sites import SITE, const_array, const_name, named_const
+from bscompile.sites import SITE, attr, const_array, const_name, named_const
 
 #: Largest folded table (``V x N`` float32): a vocabulary of 50k tokens times 4 gates of 1024
 #: would be 800 MB of weights where the product needs 16 MB.
@@ -82,8 +81,7 @@ class _Folder(relax.PyExprMutator):
         """The gather replacing a linear site call, or None."""
         if not isinstance(call.op, tvm.ir.GlobalVar) or call.op not in self.mod.functions:
             return None
-        func = self.mod[call.op]
-        site = func.attrs[SITE] if func.attrs is not None and SITE in func.attrs else None
+        site = attr(self.mod[call.op], SITE)
         if site is None or site["kind"] != "linear":
             return None
         x, w_expr, b_expr = call.args
