@@ -122,6 +122,13 @@ def block_vector_ok(block: BlockShape, vector_lanes: int) -> bool:
     return block.r < vector_lanes and vector_lanes // 2 <= rc <= 8 * vector_lanes and rc % (vector_lanes // 2) == 0
 
 
+def unrolled_ok(block: BlockShape, nnz_blocks: int, vector_lanes: int) -> bool:
+    """Whether a batch-1 recurrent mat-vec of this layout may run "unrolled" (serial, on one thread):
+    blocks the default runs as "block", few enough for straight-line code."""
+    return block_vector_ok(block, vector_lanes) and block.r <= BLOCK_VARIANT_MAX_ROWS \
+        and nnz_blocks <= UNROLL_MAX_BLOCKS
+
+
 def schedule_for(block: BlockShape, nnz_blocks: int, num_block_rows: int, m: int,
                  vector_lanes: int = 8, recurrent: bool = False) -> CpuSchedule:
     """The default schedule, from block statistics alone (the cost model uses it too).
@@ -147,9 +154,9 @@ def schedule_for(block: BlockShape, nnz_blocks: int, num_block_rows: int, m: int
         return CpuSchedule(1, parallel, unroll, "batch", m_vec)
     persistent = recurrent and m == 1 and work >= PERSISTENT_MIN_WORK and num_block_rows > 1
     parallel = parallel or persistent
+    if recurrent and m == 1 and not parallel and unrolled_ok(block, nnz_blocks, vector_lanes):
+        return CpuSchedule(1, False, True, "unrolled")
     if block_vector_ok(block, vector_lanes) and block.r <= BLOCK_VARIANT_MAX_ROWS:
-        if recurrent and m == 1 and not parallel and nnz_blocks <= UNROLL_MAX_BLOCKS:
-            return CpuSchedule(1, False, True, "unrolled")
         return CpuSchedule(_tile(m, -(-block.r * block.c // vector_lanes)), parallel, True, "block",
                            persistent=persistent)
     return CpuSchedule(m_tile=_tile(m, -(-block.r // vector_lanes)), parallel=parallel, unroll_c=unroll,
@@ -588,9 +595,9 @@ class LayoutKey:
         return cls(tuple(mat.shape), mat.block, pattern)
 
     @property
-    def nnz_blocks(self):
-        """The static block count of a pattern's kernels, else a symbolic one."""
-        return len(self.pattern[1]) // 4 if self.pattern else tvm.tirx.Var("nnzb", "int32")
+    def static_nnz(self) -> int | None:
+        """The block count of a pattern's kernels, static; None: symbolic (any weight of the layout)."""
+        return len(self.pattern[1]) // 4 if self.pattern else None
 
     def skeleton(self) -> BSRMatrix:
         """A stand-in matrix with this layout (block counts are symbolic in the kernels) or pattern."""
@@ -617,7 +624,7 @@ def _linear_kernel(key: LayoutKey, m_static: int | None, cases: Cases) -> tvm.ti
     nbr, r, c = mat.num_block_rows, mat.block.r, mat.block.c
     m = _dim(m_static, "m")
     matmul, work_size = _bucketed(mat, m, cases, None, k if k_pad != k else None, n if n_pad != n else None)
-    nnzb = key.nnz_blocks
+    nnzb = _dim(key.static_nnz, "nnzb")
 
     @T.prim_func(s_tir=True)
     def bsr_linear(x_h: T.handle, data_h: T.handle, indices_h: T.handle,
@@ -677,8 +684,8 @@ def _recurrent_kernel(cell: CellSpec, keys: tuple[LayoutKey, ...], seq_static: i
     rev = 1 if cell.reverse else 0
     step = gate_update(cell)
     persistent = cases[0][:2] == (1, 1) and cases[0][2][0].persistent
-    n0 = keys[0].nnz_blocks
-    n1 = keys[1].nnz_blocks if two else tvm.tirx.Var("n1", "int32")
+    n0 = _dim(keys[0].static_nnz, "n0")
+    n1 = _dim(keys[1].static_nnz if two else None, "n1")
 
     if two:  # GRU without linear-before-reset: R_h multiplies r * h, a second mat-vec
 
@@ -843,8 +850,7 @@ class BlockRowGenerator(Generator):
         batch variant (their mat-vec has no transposed ``x``)."""
         lanes = self.machine.lanes
         base = default_schedule(mat, m, lanes, self.recurrent)
-        unrolled = self.recurrent and m == 1 and block_vector_ok(mat.block, lanes) \
-            and mat.block.r <= BLOCK_VARIANT_MAX_ROWS and mat.nnz_blocks <= UNROLL_MAX_BLOCKS
+        unrolled = self.recurrent and m == 1 and unrolled_ok(mat.block, mat.nnz_blocks, lanes)
         if base.variant == "unrolled":  # the rest of the space is the "block" variant's
             base = CpuSchedule(1, False, True, "block")
         out = [base, dataclasses.replace(base, parallel=not base.parallel, persistent=False)]
