@@ -10,7 +10,8 @@ Models are pruned to 90% with 4x4 blocks (BP, one-shot on random weights for the
 DeepSpeech-like model, trained for the bundled LM). For each model and batch (1, 8;
 sequence 50) onnxruntime runs the dense file (the same architecture with every weight
 non-zero) and the pruned file, and bscompile compiles the pruned file; the three run in one
-process, each warm for itself (its own back-to-back calls, in turns: ``common.interleaved``). Compile time is reported. Writes bench/results/models.{md,json}.
+process, each warm for itself (its own back-to-back calls, in turns: ``common.interleaved``).
+Compile time is reported. Writes bench/results/models.{md,json}.
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@ Per variant (see :mod:`codegen.cpu`): "rows" does one vector FMA per (block colu
 batch row, ceil(r / lanes) vectors) and keeps a block row in cache across M tiles;
 "block" does ceil(r*c / lanes) FMAs per (block, batch row) plus filling a replicated
 ``x`` ("unrolled" the same without the per-block overhead); "batch" does r FMAs per (block
-column, batch tile) but streams the weights once per batch tile. A layout's time is the larger of its memory time and its compute time,
-plus a per-block overhead (index load, loop control); activations that fit the cache are read
-from it (pricing them at memory bandwidth chose 16x4 "rows" kernels over the measured-faster
+column, batch tile) but streams the weights once per batch tile. A layout's time is the larger
+of its memory time and its compute time, plus a per-block overhead (index load, loop control);
+activations that fit the cache are read from it (pricing them at memory bandwidth chose 16x4 "rows" kernels over the measured-faster
 4x4 "batch" ones for the char GRU's m = 50 products: 7% of the model); the compute time counts loads
 (broadcasts of ``x``, weight vectors) against the same issue rate as FMAs. The machine
 constants are per machine (:data:`MACHINES`: this x86 host class and the aarch64 boards);
