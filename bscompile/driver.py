@@ -160,7 +160,8 @@ class PassTimes:
 
 def _run(passes: tvm.transform.Pass, mod: tvm.IRModule, spec: TargetSpec, dump_ir, progress,
          timer: PassTimes | None = None) -> tvm.IRModule:
-    instruments = list(tvm.transform.PassContext.current().instruments)  # e.g. the tests' well-formedness check
+    outer = tvm.transform.PassContext.current()  # the caller's options: disabled passes, config, instruments
+    instruments = list(outer.instruments)  # e.g. the tests' well-formedness check
     if timer is not None:
         instruments.append(timer)
     if dump_ir is not None:
@@ -171,7 +172,10 @@ def _run(passes: tvm.transform.Pass, mod: tvm.IRModule, spec: TargetSpec, dump_i
         instruments.append(dump)
     if progress is not None:
         instruments.append(_Progress(progress, {p.info.name for p in bscompile_passes(spec.kernel_family())}))
-    with spec.tvm_target(), tvm.transform.PassContext(instruments=instruments):
+    ctx = tvm.transform.PassContext(opt_level=outer.opt_level, required_pass=list(outer.required_pass),
+                                    disabled_pass=list(outer.disabled_pass), instruments=instruments,
+                                    config=dict(outer.config))
+    with spec.tvm_target(), ctx:
         return passes(mod)
 
 

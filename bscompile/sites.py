@@ -293,6 +293,18 @@ class SiteCall:
         return attr(self.func, SITE)
 
 
+#: Attribute of a kernel that runs site kernels inlined in it (``FuseLoopKernels``): their
+#: attributes, in the order it runs them, so the manifest still lists their weights.
+INLINED_SITES = "bscompile.inlined_sites"
+
+
+@dataclass(frozen=True)
+class InlinedSite:
+    """A site kernel inlined into another kernel: its attributes, all :func:`attr` reads."""
+
+    attrs: Any
+
+
 def _callee(mod: tvm.IRModule, call: relax.Call) -> tuple[tvm.ir.GlobalVar, list[relax.Expr]] | None:
     if isinstance(call.op, tvm.ir.GlobalVar):
         return call.op, list(call.args)
@@ -312,6 +324,8 @@ def site_calls(mod: tvm.IRModule) -> Iterator[SiteCall]:
                 func = mod[hit[0]]
                 if func.attrs is not None and SITE in func.attrs:
                     found.append(SiteCall(hit[0], func, hit[1]))
+                elif func.attrs is not None and INLINED_SITES in func.attrs:
+                    found.extend(SiteCall(hit[0], InlinedSite(a), hit[1]) for a in func.attrs[INLINED_SITES])
 
     for gv, func in mod.functions.items():
         if isinstance(func, relax.Function) and (func.attrs is None or SITE not in func.attrs):

@@ -16,8 +16,10 @@ Registered with ``relax.register_pipeline("bscompile")``, so it is one named
     LowerWeightSites(family)            sites -> the family's kernels, packed constants
     FoldConstant, DeadCodeElimination   what lowering left foldable
     OwnOutputs                          no returned array aliases an input, a constant or another output
-    TVM's lowering for the target       (CPU: relax "default"; CUDA: the CUDA pipeline
-                                        with dlight for the remaining ops)
+    TVM's lowering for the target       (CPU: relax "default" with FuseLoopKernels after
+                                        FuseTIR -- a real loop whose step is PrimFuncs -> one
+                                        kernel; CUDA: the CUDA pipeline with dlight for the
+                                        remaining ops)
 
 Every pass reads and writes the IR only. IR dumps are a pass instrument
 (``tvm.ir.instrument.DumpIR`` in a ``PassContext``), so they show the IR after every
@@ -39,6 +41,7 @@ from bscompile.passes.choose_layout import ChooseLayout
 from bscompile.passes.conv1d_to_matmul import Conv1dToMatmul
 from bscompile.passes.fold_embedding_products import FoldEmbeddingProducts
 from bscompile.passes.fuse_dynamic_recurrences import FuseDynamicRecurrences
+from bscompile.passes.fuse_loop_kernels import FuseLoopKernels
 from bscompile.passes.lower_weight_sites import LowerWeightSites
 from bscompile.passes.outline_dynamic_sites import OutlineDynamicSites
 from bscompile.passes.outline_linear_sites import OutlineLinearSites
@@ -70,8 +73,20 @@ def bscompile_passes(family: KernelFamily, *, sparse: bool = True, force_block: 
 def tvm_lowering(target: tvm.target.Target) -> tvm.transform.Pass:
     """TVM's Relax lowering for ``target``: its default pipeline for the target kind, which
     fuses the generic ops (FuseOps/FuseTIR: a cell's elementwise tail is one kernel, not one
-    kernel and one allocation per op); site kernels are opaque to fusion."""
-    return relax.get_default_pipeline(target)
+    kernel and one allocation per op); site kernels are opaque to fusion. On LLVM CPUs,
+    :class:`FuseLoopKernels` runs after FuseTIR (it needs every op to be a PrimFunc)."""
+    if target.kind.name != "llvm":
+        return relax.get_default_pipeline(target)
+    cpu = relax.backend.cpu_generic.pipeline
+
+    @tvm.transform.module_pass(opt_level=0, name="cpu_lowering")
+    def lower(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        with target:
+            return tvm.transform.Sequential(
+                cpu.library_dispatch_passes(target) + cpu.legalize_passes(target) + [FuseLoopKernels()]
+                + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))(mod)
+
+    return lower
 
 
 @relax.register_pipeline("bscompile")

@@ -1,0 +1,224 @@
+"""FuseLoopKernels: a real loop whose step is PrimFuncs runs as one kernel (Before/Expected, cases
+it must leave alone, and end to end against the unfused loop and onnxruntime)."""
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tvm
+from tvm.script import ir as I
+from tvm.script import relax as R
+from tvm.script import tirx as T
+
+import bscompile
+from bscompile.passes.fuse_loop_kernels import FuseLoopKernels
+from test_loops import CELLS, IN, B, _cell_scan, _states
+
+# The frontend's loop structure (bscompile.frontend.loops) as TVM's FuseTIR leaves it, for a
+# running sum: s' = s + x[t], every step's s' written to row t of o.
+
+
+@I.ir_module(check_well_formed=False)
+class Before:
+    @T.prim_func(private=True, s_tir=True)
+    def less(a: T.Buffer((), "int64"), b: T.Buffer((), "int64"), c: T.Buffer((), "bool")):
+        c[()] = a[()] < b[()]
+
+    @T.prim_func(private=True, s_tir=True)
+    def inc(a: T.Buffer((), "int64"), c: T.Buffer((), "int64")):
+        c[()] = a[()] + T.int64(1)
+
+    @T.prim_func(private=True, s_tir=True)
+    def stop_at(a: T.Buffer((), "int64"), n: T.Buffer((), "int64"), c: T.Buffer((), "int64")):
+        c[()] = T.min(a[()] + T.int64(256), n[()])
+
+    @T.prim_func(private=True, s_tir=True)
+    def add_row(s: T.Buffer((T.int64(2),), "float32"), x_h: T.handle, t: T.Buffer((), "int64"),
+                y: T.Buffer((T.int64(2),), "float32")):
+        n = T.int64()
+        x = T.match_buffer(x_h, (n, T.int64(2)), "float32")
+        for i in range(T.int64(2)):
+            y[i] = s[i] + x[t[()], i]
+
+    @T.prim_func(private=True, s_tir=True)
+    def write_row(o_h: T.handle, t: T.Buffer((), "int64"), y: T.Buffer((T.int64(2),), "float32")):
+        n = T.int64()
+        o = T.match_buffer(o_h, (n, T.int64(2)), "float32")
+        for i in range(T.int64(2)):
+            o[t[()], i] = y[i]
+
+    @R.function(private=True)
+    def loop_step(t: R.Tensor((), "int64"), s: R.Tensor((2,), "float32"), x: R.Tensor(("k", 2), "float32")) -> R.Tuple(R.Tensor((2,), "float32"), R.Tensor((2,), "float32")):
+        cls = Before
+        with R.dataflow():
+            y = R.call_tir(cls.add_row, (s, x, t), out_ty=R.Tensor((2,), "float32"))
+            gv = (y, y)
+            R.output(gv)
+        return gv
+
+    @R.function(private=True)
+    def loop(t: R.Tensor((), "int64"), stop: R.Tensor((), "int64"), n: R.Tensor((), "int64"),
+             s: R.Tensor((2,), "float32"), x: R.Tensor(("k", 2), "float32"), o: R.Tensor(("k", 2), "float32")) -> R.Tuple(R.Tensor((2,), "float32"), R.Tensor(("k", 2), "float32")):
+        cls = Before
+        c = R.call_tir(cls.less, (t, stop), out_ty=R.Tensor((), "bool"))
+        if c:
+            with R.dataflow():
+                st = cls.loop_step(t, s, x)
+                s1 = st[0]
+                y = st[1]
+                o1 = R.call_tir_inplace(cls.write_row, (o, t, y), out_ty=R.Tensor((k, 2), "float32"), inplace_indices=[0])
+                t1 = R.call_tir(cls.inc, (t,), out_ty=R.Tensor((), "int64"))
+                r = cls.loop(t1, stop, n, s1, x, o1)
+                R.output(r)
+            res = r
+        else:
+            res = (s, o)
+        return res
+
+    @R.function(private=True)
+    def loop_chunks(t: R.Tensor((), "int64"), n: R.Tensor((), "int64"), s: R.Tensor((2,), "float32"),
+                    x: R.Tensor(("k", 2), "float32"), o: R.Tensor(("k", 2), "float32")) -> R.Tuple(R.Tensor((2,), "float32"), R.Tensor(("k", 2), "float32")):
+        R.func_attr({"bscompile.loop": {"reversed_outputs": [0]}})
+        cls = Before
+        c = R.call_tir(cls.less, (t, n), out_ty=R.Tensor((), "bool"))
+        if c:
+            stop = R.call_tir(cls.stop_at, (t, n), out_ty=R.Tensor((), "int64"))
+            r = cls.loop(t, stop, n, s, x, o)
+            r1 = cls.loop_chunks(stop, n, r[0], x, r[1])
+            res = r1
+        else:
+            res = (s, o)
+        return res
+
+    @R.function
+    def main(x: R.Tensor(("time", 2), "float32"), s0: R.Tensor((2,), "float32"), n: R.Tensor((), "int64"),
+             o: R.Tensor(("time", 2), "float32")) -> R.Tuple(R.Tensor((2,), "float32"), R.Tensor(("time", 2), "float32")):
+        cls = Before
+        r = cls.loop_chunks(R.const(0, "int64"), n, s0, x, o)
+        return r
+
+
+
+@I.ir_module(check_well_formed=False)
+class Expected:
+    @T.prim_func(private=True, s_tir=True)
+    def loop_kernel(t0: T.Buffer((), "int64"), n: T.Buffer((), "int64"), r0: T.Buffer((T.int64(2),), "float32"),
+                    r1_h: T.handle, r2_h: T.handle, state3: T.Buffer((T.int64(2),), "float32")):
+        T.func_attr({"tir.noalias": True, "s_tir": True})
+        k = T.int64()
+        r1 = T.match_buffer(r1_h, (k, T.int64(2)), "float32")
+        r2 = T.match_buffer(r2_h, (k, T.int64(2)), "float32")
+        t = T.sblock_alloc_buffer((), "int64")
+        add_row_out = T.sblock_alloc_buffer((T.int64(2),))
+        inc_out = T.sblock_alloc_buffer((), "int64")
+        for i0 in range(T.int64(2)):
+            state3[i0] = r0[i0]
+        for it in range(t0[()], t0[()] + T.max(n[()] - t0[()], T.int64(0))):
+            t[()] = it
+            for i in range(T.int64(2)):
+                add_row_out[i] = state3[i] + r1[t[()], i]
+            for i in range(T.int64(2)):
+                r2[t[()], i] = add_row_out[i]
+            inc_out[()] = t[()] + T.int64(1)
+            for i0 in range(T.int64(2)):
+                state3[i0] = add_row_out[i0]
+
+    @R.function
+    def main(x: R.Tensor(("time", 2), "float32"), s0: R.Tensor((2,), "float32"), n: R.Tensor((), "int64"),
+             o: R.Tensor(("time", 2), "float32")) -> R.Tuple(R.Tensor((2,), "float32"), R.Tensor(("time", 2), "float32")):
+        time = T.int64()
+        cls = Expected
+        r = R.call_tir_inplace(cls.loop_kernel, (R.const(0, "int64"), n, s0, x, o),
+                               out_ty=[R.Tensor((2,), "float32"), R.Tensor((time, 2), "float32")], inplace_indices=[-1, 4])
+        return r
+
+
+
+def test_fuse_loop_kernels():
+    tvm.ir.assert_structural_equal(FuseLoopKernels()(Before), Expected)
+
+
+@I.ir_module(check_well_formed=False)
+class PackedInStep:
+    """A step that calls a packed function: no PrimFunc to inline."""
+
+    @R.function(private=True)
+    def loop_step(t: R.Tensor((), "int64"), s: R.Tensor((2,), "float32")) -> R.Tuple(R.Tensor((2,), "float32")):
+        y = R.call_pure_packed("test.double", s, ty_args=R.Tensor((2,), "float32"))
+        return (y,)
+
+    @T.prim_func(private=True, s_tir=True)
+    def less(a: T.Buffer((), "int64"), b: T.Buffer((), "int64"), c: T.Buffer((), "bool")):
+        c[()] = a[()] < b[()]
+
+    @T.prim_func(private=True, s_tir=True)
+    def inc(a: T.Buffer((), "int64"), c: T.Buffer((), "int64")):
+        c[()] = a[()] + T.int64(1)
+
+    @R.function(private=True)
+    def loop(t: R.Tensor((), "int64"), stop: R.Tensor((), "int64"), n: R.Tensor((), "int64"),
+             s: R.Tensor((2,), "float32")) -> R.Tuple(R.Tensor((2,), "float32")):
+        cls = PackedInStep
+        c = R.call_tir(cls.less, (t, stop), out_ty=R.Tensor((), "bool"))
+        if c:
+            st = cls.loop_step(t, s)
+            s1 = st[0]
+            t1 = R.call_tir(cls.inc, (t,), out_ty=R.Tensor((), "int64"))
+            r = cls.loop(t1, stop, n, s1)
+            res = r
+        else:
+            res = (s,)
+        return res
+
+    @R.function(private=True)
+    def loop_chunks(t: R.Tensor((), "int64"), n: R.Tensor((), "int64"),
+                    s: R.Tensor((2,), "float32")) -> R.Tuple(R.Tensor((2,), "float32")):
+        R.func_attr({"bscompile.loop": {"reversed_outputs": []}})
+        cls = PackedInStep
+        c = R.call_tir(cls.less, (t, n), out_ty=R.Tensor((), "bool"))
+        if c:
+            r = cls.loop(t, n, n, s)
+            res = r
+        else:
+            res = (s,)
+        return res
+
+    @R.function
+    def main(s0: R.Tensor((2,), "float32"), n: R.Tensor((), "int64")) -> R.Tuple(R.Tensor((2,), "float32")):
+        cls = PackedInStep
+        r = cls.loop_chunks(R.const(0, "int64"), n, s0)
+        return r
+
+
+def test_leaves_a_step_with_a_packed_call_alone():
+    tvm.ir.assert_structural_equal(FuseLoopKernels()(PackedInStep), PackedInStep)
+
+
+def test_leaves_modules_without_loops_alone():
+    tvm.ir.assert_structural_equal(FuseLoopKernels()(Expected), Expected)
+
+
+def _symbolic_scan(rng, cell: str):
+    model = _cell_scan(rng, 0, 0, cell)
+    model.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "time"
+    model.graph.output[-1].type.tensor_type.shape.dim[0].dim_param = "time"
+    return model
+
+
+@pytest.mark.parametrize("cell", sorted(CELLS))
+def test_fused_loop_is_the_loop(rng, tmp_path, cell):
+    """A custom cell over a symbolic length: one kernel (the IR after the pass has no step
+    function), whose results are the unfused loop's (rtol 1e-5, atol 1e-6: LLVM may contract the
+    inlined code differently) and onnxruntime's (rtol 1e-4, atol 1e-5) at 1, 7 and 50 steps."""
+    model = _symbolic_scan(rng, cell)
+    fused = bscompile.compile(model, dump_ir=tmp_path).load()
+    after = next(tmp_path.glob("*_FuseLoopKernels.py")).read_text()
+    assert "loop_kernel" in after and "def loop_step" not in after
+    with tvm.transform.PassContext(disabled_pass=["FuseLoopKernels"]):
+        looped = bscompile.compile(model).load()
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for steps in (1, 7, 50):
+        feeds = {"x": rng.standard_normal((B, steps, IN)).astype(np.float32), **_states(rng, cell)}
+        got, ref, want = fused.run(feeds), looped.run(feeds), sess.run(None, feeds)
+        for (name, g), r, w in zip(got.items(), ref.values(), want):
+            np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6, err_msg=f"{name}, {steps} steps")
+            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=f"{name}, {steps} steps")
