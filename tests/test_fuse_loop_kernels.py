@@ -10,8 +10,9 @@ from tvm.script import relax as R
 from tvm.script import tirx as T
 
 import bscompile
+from bscompile.models.onnx_cells import CELLS
 from bscompile.passes.fuse_loop_kernels import FuseLoopKernels
-from test_loops import CELLS, IN, B, _cell_scan, _states
+from test_loops import IN, B, _cell_scan, _states
 
 # The frontend's loop structure (bscompile.frontend.loops) as TVM's FuseTIR leaves it, for a
 # running sum: s' = s + x[t], every step's s' written to row t of o.

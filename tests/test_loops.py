@@ -4,11 +4,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper
+from onnx import helper
 from onnx.backend.test.case.node import collect_testcases
 
 import bscompile
 from bscompile.errors import UnsupportedModelError
+from bscompile.models.onnx_cells import CELLS, initial_states, loop_model, scan_model
 
 CASES = {c.name: c for c in collect_testcases() if c.model is not None
          and {n.op_type for n in c.model.graph.node} & {"Scan", "Loop"}}
@@ -38,88 +39,13 @@ def test_backend_case_refused_with_one_line(name):
     assert "\n" not in str(err.value)
 
 
-# A minimal gated unit (Zhou et al. 2016), not an ONNX op: f = s(x Wf + h Uf + bf),
-# n = tanh(x Wn + (f * h) Un + bn), h' = (1 - f) * h + f * n.
 IN, H, T, B = 8, 16, 5, 2
-
-
-def _mgu_nodes(x: str, h: str, out: str) -> list:
-    mm = lambda a, b, o: helper.make_node("MatMul", [a, b], [o])  # noqa: E731
-    add = lambda a, b, o: helper.make_node("Add", [a, b], [o])  # noqa: E731
-    return [mm(x, "Wf", "xf"), mm(h, "Uf", "hf"), add("xf", "hf", "s0"), add("s0", "bf", "s1"),
-            helper.make_node("Sigmoid", ["s1"], ["f"]), helper.make_node("Mul", ["f", h], ["fh"]),
-            mm(x, "Wn", "xn"), mm("fh", "Un", "hn"), add("xn", "hn", "n0"), add("n0", "bn", "n1"),
-            helper.make_node("Tanh", ["n1"], ["n"]), helper.make_node("Sub", ["n", h], ["d"]),
-            helper.make_node("Mul", ["f", "d"], ["fd"]), add(h, "fd", out)]
-
-
-def _mgu_cell(x: str, st: list[str], out: list[str]) -> list:
-    return _mgu_nodes(x, st[0], out[0])
-
-
-def _peephole_lstm_cell(x: str, st: list[str], out: list[str]) -> list:
-    """An LSTM with peepholes (Gers & Schmidhuber 2000) from primitive ops: i and f see c_{t-1},
-    o sees c_t; gates ``x W + h U + b`` split in the order i, f, g, o."""
-    h, c = st
-    nodes = [helper.make_node("MatMul", [x, "W4"], ["xw"]), helper.make_node("MatMul", [h, "U4"], ["hu"]),
-             helper.make_node("Add", ["xw", "hu"], ["z0"]), helper.make_node("Add", ["z0", "b4"], ["z"]),
-             helper.make_node("Split", ["z", "split4"], ["zi", "zf", "zg", "zo"], axis=1)]
-    for gate, peep, cell_state in (("i", "pi", c), ("f", "pf", c)):
-        nodes += [helper.make_node("Mul", [peep, cell_state], [f"p{gate}c"]),
-                  helper.make_node("Add", [f"z{gate}", f"p{gate}c"], [f"a{gate}"]),
-                  helper.make_node("Sigmoid", [f"a{gate}"], [gate])]
-    nodes += [helper.make_node("Tanh", ["zg"], ["g"]), helper.make_node("Mul", ["f", c], ["fc"]),
-              helper.make_node("Mul", ["i", "g"], ["ig"]), helper.make_node("Add", ["fc", "ig"], [out[1]]),
-              helper.make_node("Mul", ["po", out[1]], ["poc"]), helper.make_node("Add", ["zo", "poc"], ["ao"]),
-              helper.make_node("Sigmoid", ["ao"], ["o"]), helper.make_node("Tanh", [out[1]], ["tc"]),
-              helper.make_node("Mul", ["o", "tc"], [out[0]])]
-    return nodes
-
-
-def _layer_norm_cell(x: str, st: list[str], out: list[str]) -> list:
-    """A layer-normalised tanh RNN (Ba et al. 2016): ``h' = tanh(LN(x W + h U) * gamma + beta)``."""
-    return [helper.make_node("MatMul", [x, "Wn"], ["xw"]), helper.make_node("MatMul", [st[0], "Un"], ["hu"]),
-            helper.make_node("Add", ["xw", "hu"], ["z"]),
-            helper.make_node("LayerNormalization", ["z", "gamma", "beta"], ["zn"], axis=-1, epsilon=1e-5),
-            helper.make_node("Tanh", ["zn"], [out[0]])]
-
-
-#: cell name -> (nodes of one step, number of states, weight shapes)
-CELLS = {
-    "mgu": (_mgu_cell, 1, {"Wf": (IN, H), "Uf": (H, H), "bf": (H,), "Wn": (IN, H), "Un": (H, H), "bn": (H,)}),
-    "peephole_lstm": (_peephole_lstm_cell, 2, {"W4": (IN, 4 * H), "U4": (H, 4 * H), "b4": (4 * H,), "pi": (H,),
-                                              "pf": (H,), "po": (H,)}),
-    "layer_norm_rnn": (_layer_norm_cell, 1, {"Wn": (IN, H), "Un": (H, H), "gamma": (H,), "beta": (H,)}),
-}
-
-
-def _weights(rng, cell: str = "mgu") -> list:
-    inits = [onnx.numpy_helper.from_array((0.4 * rng.standard_normal(s)).astype(np.float32), n)
-             for n, s in CELLS[cell][2].items()]
-    if cell == "peephole_lstm":
-        inits.append(onnx.numpy_helper.from_array(np.full(4, H, np.int64), "split4"))
-    return inits
-
-
-def _f(name, *shape):
-    return helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape))
+#: weight scale of the tests' cells (matrices 0.4 * N(0, 1) at fan-in 16 and below: not chaotic)
+SCALE = 1.6
 
 
 def _cell_scan(rng, reverse: int, out_axis: int, cell: str = "mgu") -> onnx.ModelProto:
-    """``cell`` over x[B, T, IN] as one Scan: states ``s0..`` (their finals ``sT..``), outputs ``ys``
-    (the first state of every step)."""
-    nodes_fn, n_states, _ = CELLS[cell]
-    st, st1 = [f"state{i}" for i in range(n_states)], [f"state{i}_next" for i in range(n_states)]
-    body = helper.make_graph(nodes_fn("xt", st, st1) + [helper.make_node("Identity", [st1[0]], ["y"])], "cell",
-                             [_f(s, B, H) for s in st] + [_f("xt", B, IN)], [_f(s, B, H) for s in st1] + [_f("y", B, H)])
-    scan = helper.make_node("Scan", [f"h{i}" for i in range(n_states)] + ["x"],
-                            [f"hT{i}" for i in range(n_states)] + ["ys"], name=cell, body=body, num_scan_inputs=1,
-                            scan_input_axes=[1], scan_input_directions=[reverse], scan_output_axes=[out_axis])
-    ys = [T, B, H] if out_axis == 0 else [B, T, H]
-    g = helper.make_graph([scan], "g", [_f("x", B, T, IN)] + [_f(f"h{i}", B, H) for i in range(n_states)],
-                          [_f(f"hT{i}", B, H) for i in range(n_states)] + [_f("ys", *ys)],
-                          initializer=_weights(rng, cell))
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    return scan_model(cell, rng, IN, H, B, T, reverse, out_axis, SCALE)
 
 
 def _mgu_scan(rng, reverse: int, out_axis: int) -> onnx.ModelProto:
@@ -127,35 +53,11 @@ def _mgu_scan(rng, reverse: int, out_axis: int) -> onnx.ModelProto:
 
 
 def _cell_loop(rng, stop_above: float | None, cell: str = "mgu") -> onnx.ModelProto:
-    """``cell`` as a Loop body indexing x[t] by the iteration number; with ``stop_above`` (one
-    state) the condition turns false once mean(h) exceeds it (a data-dependent early exit)."""
-    nodes_fn, n_states, _ = CELLS[cell]
-    st, st1 = [f"state{i}" for i in range(n_states)], [f"state{i}_next" for i in range(n_states)]
-    nodes = [helper.make_node("Gather", ["x", "t"], ["xt"], axis=0)] + nodes_fn("xt", st, st1)
-    outs = [helper.make_tensor_value_info("c1", TensorProto.BOOL, [])] + [_f(s, B, H) for s in st1]
-    if stop_above is None:
-        nodes += [helper.make_node("Identity", ["c"], ["c1"]), helper.make_node("Identity", [st1[0]], ["y"])]
-        outs.append(_f("y", B, H))
-    else:
-        nodes += [helper.make_node("ReduceMean", [st1[0]], ["m"], keepdims=0),
-                  helper.make_node("Less", ["m", "lim"], ["c1"])]
-    body = helper.make_graph(nodes, "cell", [helper.make_tensor_value_info("t", TensorProto.INT64, []),
-                                             helper.make_tensor_value_info("c", TensorProto.BOOL, [])]
-                             + [_f(s, B, H) for s in st], outs)
-    inits = _weights(rng, cell) + [onnx.numpy_helper.from_array(np.array(T, np.int64), "M"),
-                                   onnx.numpy_helper.from_array(np.array(True), "cond0"),
-                                   onnx.numpy_helper.from_array(np.array(stop_above or 0, np.float32), "lim")]
-    loop_out = [f"hT{i}" for i in range(n_states)] + (["ys"] if stop_above is None else [])
-    loop = helper.make_node("Loop", ["M", "cond0"] + [f"h{i}" for i in range(n_states)], loop_out,
-                            name=f"{cell}_loop", body=body)
-    g_outs = [_f(f"hT{i}", B, H) for i in range(n_states)] + ([_f("ys", T, B, H)] if stop_above is None else [])
-    g = helper.make_graph([loop], "g", [_f("x", T, B, IN)] + [_f(f"h{i}", B, H) for i in range(n_states)], g_outs,
-                          initializer=inits)
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    return loop_model(cell, rng, IN, H, B, T, stop_above, SCALE)
 
 
 def _states(rng, cell: str) -> dict:
-    return {f"h{i}": rng.standard_normal((B, H)).astype(np.float32) for i in range(CELLS[cell][1])}
+    return initial_states(cell, rng, B, H)
 
 
 def _check_against_ort(model: onnx.ModelProto, feeds: dict) -> None:
@@ -226,7 +128,7 @@ def test_symbolic_length_is_a_relax_loop(rng, cell):
     model = _cell_scan(rng, 1, 1, cell)
     model.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "time"
     art = bscompile.compile(model)
-    assert sorted(w["name"] for w in art.manifest.weights) == sorted(n for n, s in CELLS[cell][2].items() if len(s) == 2)
+    assert sorted(w["name"] for w in art.manifest.weights) == sorted(n for n, s in CELLS[cell].weights(IN, H).items() if len(s) == 2)
     compiled = art.load()
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     for steps in (1, 7, 50, 5000):
