@@ -158,3 +158,16 @@ def test_symbolic_trip_count_loop(rng):
                  "h0": rng.standard_normal((B, H)).astype(np.float32)}
         for g_, w in zip(compiled.run(feeds).values(), sess.run(None, feeds)):
             np.testing.assert_allclose(g_, w, rtol=1e-4, atol=1e-5, err_msg=f"{steps} steps")
+
+
+@pytest.mark.parametrize("length", [T, "time"], ids=["static", "symbolic"])
+def test_input_products_run_once_over_all_steps(rng, length):
+    """The body's products of the scanned input by constant weights (MGU: x Wf, x Wn) are one
+    product over every step's rows, before the loop; the recurrent ones (h Uf, (f h) Un) stay
+    per step (static: once per unrolled step, m = the batch)."""
+    art = bscompile.compile(scan_model("mgu", rng, IN, H, B, length, scale=SCALE))
+    sites = [(w["name"], str(w["m"])) for w in art.manifest.weights]
+    steps = T if length == T else 1
+    assert sorted(n for n, _ in sites if n in ("Wf", "Wn")) == ["Wf", "Wn"]
+    assert all(m != str(B) for n, m in sites if n in ("Wf", "Wn"))
+    assert sorted(s for s in sites if s[0] in ("Uf", "Un")) == sorted([("Uf", str(B)), ("Un", str(B))] * steps)

@@ -35,6 +35,7 @@ import math
 from typing import Any
 
 import onnx
+import tvm
 import tvm_ffi
 from tvm import relax, tirx
 from tvm.script import tirx as T
@@ -193,6 +194,7 @@ def _unroll_scan(importer: Any, inputs: list, attrs: dict, body: onnx.GraphProto
     in_dirs = list(attrs.get("scan_input_directions", [0] * n_in))
     out_axes = list(attrs.get("scan_output_axes", [0] * n_out))
     out_dirs = list(attrs.get("scan_output_directions", [0] * n_out))
+    body = _hoist_input_products(importer, body, n_state, xs, in_axes, in_dirs)
     lengths, dims = set(), []
     for i, x in enumerate(xs):
         rank = len(x.ty.shape)
@@ -221,6 +223,34 @@ def _unroll_scan(importer: Any, inputs: list, attrs: dict, body: onnx.GraphProto
         rank = len(acc[0].ty.shape) + 1 if acc else 1
         results.append(_stack(bb, acc[::-1] if rev else acc, ax % rank, "Scan", node))
     return state + results
+
+
+def _hoist_input_products(importer: Any, body: onnx.GraphProto, n_state: int, xs: list, in_axes: list,
+                          in_dirs: list) -> onnx.GraphProto:
+    """A ``MatMul`` of the body whose first operand is a scan input's slice and whose second a
+    constant matrix of the enclosing graph is computed for every step at once, before the
+    loop (``x[..., T, ..., in] @ W``: the same dot products), and scanned as one more input
+    (appended to ``xs``, ``in_axes``, ``in_dirs``); the body reads its slice. One product
+    over all steps' rows instead of a mat-vec per step, the weight read once. Returns the
+    body (a copy when it changed); a scan along the feature axis is left alone."""
+    body_in = {vi.name: i - n_state for i, vi in enumerate(body.input) if i >= n_state}
+    out = None
+    for k, nd in enumerate(body.node):
+        if nd.op_type != "MatMul" or nd.domain not in ("", "ai.onnx") or nd.input[0] not in body_in:
+            continue
+        i, w = body_in[nd.input[0]], importer._nodes.get(nd.input[1])
+        if not (isinstance(w, tvm.ir.expr.Constant) and len(w.ty.shape) == 2) \
+                or any(init.name == nd.input[1] for init in body.initializer) \
+                or in_axes[i] % len(xs[i].ty.shape) == len(xs[i].ty.shape) - 1:
+            continue
+        out = out or onnx.GraphProto.FromString(body.SerializeToString())
+        name = f"{nd.output[0]}__all_steps"
+        xs.append(importer.bb.emit(relax.op.matmul(xs[i], w)))
+        in_axes.append(in_axes[i])
+        in_dirs.append(in_dirs[i])
+        out.input.append(onnx.ValueInfoProto(name=name))
+        out.node[k].CopyFrom(onnx.helper.make_node("Identity", [name], list(nd.output), name=nd.name))
+    return out or body
 
 
 def _scan_loop(importer: Any, body: onnx.GraphProto, state: list, xs: list, in_axes: list, in_dirs: list,
