@@ -17,7 +17,7 @@ Case families (``FAMILIES``): mutated ONNX files (byte flips, truncation, wrong
 dtypes and ranks, missing initializers, cycles, huge and negative dims, NaN / Inf /
 denormal, all-zero and fully dense weights, shapes blocks do not divide, unknown ops,
 domains and opsets, bad attributes, external-data files missing or short, dynamic
-dims); mutated inputs (wrong dtype / rank / shape, NaN, Inf, out-of-range and
+dims), custom Scan cells among the seeds; mutated inputs (wrong dtype / rank / shape, NaN, Inf, out-of-range and
 negative token ids, empty and 0-d arrays, pickles, non-.npy files, Fortran order,
 big-endian); mutated artifacts (flipped bytes, truncation, another target, format
 and version changes, a manifest from another model, with and without a matching
@@ -154,8 +154,21 @@ def dynamic_select(rng, inp: int = 32, out: int = 48, block: int = 16) -> onnx.M
     return onnx.load_from_string(buf.getvalue())
 
 
+def custom_scan(rng) -> onnx.ModelProto | None:
+    """A custom recurrent cell (:mod:`bscompile.models.onnx_cells`, drawn at random: a minimal
+    gated unit, an LSTM with peepholes, a layer-normalised RNN) as one Scan over a symbolic time
+    axis, forward or reversed: the frontend's loop path and FuseLoopKernels. None without torch
+    (``bscompile.models`` imports it)."""
+    try:
+        from bscompile.models.onnx_cells import CELLS, scan_model
+    except ImportError:
+        return None
+    name = str(rng.choice(sorted(CELLS)))
+    return scan_model(name, rng, 6, 8, 2, "time", reverse=int(rng.integers(2)), out_axis=int(rng.integers(2)))
+
+
 SEEDS = {"mlp": mlp, "embed_gru": embed_gru, "index_ops": index_ops, "gru_lens": gru_lens,
-         "embed_dynamic": embed_dynamic, "dynamic_select": dynamic_select}
+         "embed_dynamic": embed_dynamic, "dynamic_select": dynamic_select, "custom_scan": custom_scan}
 #: Sizes a valid input gives each symbolic dim of the seeds (per case, drawn from this range).
 SYMBOLIC_SIZES = (1, 5)
 #: Valid [lo, hi) of each integer input of the seed models.
@@ -367,8 +380,8 @@ def _set_array(init: TensorProto, arr: np.ndarray) -> None:
 
 def onnx_mutation(env: Env, d: Path) -> Case:
     rng = env.rng
-    name = str(rng.choice([k for k in ("mlp", "embed_gru", "gru_lens", "embed_dynamic", "dynamic_select")
-                           if k in env.models]))  # the seeds with weights
+    name = str(rng.choice([k for k in ("mlp", "embed_gru", "gru_lens", "embed_dynamic", "dynamic_select",
+                                       "custom_scan") if k in env.models]))  # the seeds with weights
     model = copy.deepcopy(env.models[name])
     kinds = ["byte_flip", "truncate", "wrong_dtype", "wrong_rank", "missing_init", "cycle", "huge_dim",
              "special_values", "zero_or_dense", "non_dividing", "unknown_op", "opset", "bad_attr",

@@ -312,9 +312,9 @@ def test_aarch64_bundle_runs_symbolic_shapes(rng, tmp_path, emulator_env):
 
 
 def test_aarch64_bundle_runs_a_symbolic_scan_loop(rng, tmp_path, emulator_env):
-    """A custom cell (MGU) as an ONNX Scan over a symbolic time axis: the Relax loop runs in
-    the Python-free runner under qemu-aarch64 at 1, 7 and 600 steps (more than one chunk of
-    the loop) against onnxruntime."""
+    """A custom cell (MGU) as an ONNX Scan over a symbolic time axis: the loop, one kernel
+    (FuseLoopKernels), runs in the Python-free runner under qemu-aarch64 at 1, 7 and 600 steps
+    against onnxruntime."""
     from test_loops import B, H, IN, _mgu_scan
 
     from bscompile.runtime.package import package_artifact
