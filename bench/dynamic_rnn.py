@@ -164,7 +164,7 @@ def main() -> None:
     (OUT_DIR / "dynamic_rnn.json").write_text(json.dumps({"machine": info, "command": cmd, **meta}, indent=1))
     t = meta["times"]
     lines = ["# Gated LSTM layer (dynamic block selection) vs dense LSTM", "",
-             f"`TVM_THREAD_POOL_SPIN_COUNT=0 OMP_WAIT_POLICY=PASSIVE /tmp/h/quiet.sh {cmd}` — {info['date']}, "
+             f"`TVM_THREAD_POOL_SPIN_COUNT=0 OMP_WAIT_POLICY=PASSIVE {cmd}` — {info['date']}, "
              f"{info['cpu']} ({info['cores']} cores, shared: load {meta['load_before']:.1f} -> {meta['load_after']:.1f}), "
              f"{info['threads']} threads, fp32. One layer, input {IN}, hidden {H}, {T} steps, batch {B}, tiles "
              f"{BS}x{BS} (gate {IN / BS**2:.0%} of a dense mat-vec). `dynK`: traced export (unrolled, fixed "
