@@ -48,6 +48,12 @@ def _i64(v: int) -> tirx.IntImm:
     return tirx.IntImm(_I64, v)
 
 
+def _as(e, like):
+    """``e`` in the dtype of ``like`` (a callee's shape vars and scalars may be int32)."""
+    dtype = like.ty.dtype
+    return e if e.ty.dtype == dtype else tirx.Cast(dtype, e)
+
+
 def _is_buffer(v) -> bool:
     """A TIR buffer (a variable of buffer type)."""
     return isinstance(v, tvm.ir.expr.Var) and hasattr(v.ty, "shape")
@@ -183,10 +189,10 @@ class _Kernel:
                     raise _NotFusible(f"an argument of {gv.name_hint}")
                 for d, e in zip(p.ty.shape, v.ty.shape):
                     if isinstance(d, tirx.Var):
-                        remap[d] = e
+                        remap[d] = _as(e, d)
                 remap[p] = v
             else:
-                remap[p] = v
+                remap[p] = _as(v, p)
         self.stmts.append(tvm_ffi.structural_map(func.body, (tirx.Var, lambda v: remap.get(v, v))))
 
     # --- the kernel ----------------------------------------------------------------------

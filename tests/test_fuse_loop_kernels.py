@@ -5,12 +5,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import tvm
+from onnx import TensorProto, helper
 from tvm.script import ir as I
 from tvm.script import relax as R
 from tvm.script import tirx as T
 
 import bscompile
-from bscompile.models.onnx_cells import CELLS
+from bscompile.models.onnx_cells import CELLS, scan_model
 from bscompile.passes.fuse_loop_kernels import FuseLoopKernels
 from test_loops import IN, B, _cell_scan, _states
 
@@ -181,3 +182,36 @@ def test_fused_loop_is_the_loop(rng, tmp_path, cell):
         for (name, g), r, w in zip(got.items(), ref.values(), want):
             np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6, err_msg=f"{name}, {steps} steps")
             np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=f"{name}, {steps} steps")
+
+
+def _fused_against_ort(model, feeds_list, tmp_path) -> None:
+    """``model`` compiles to one loop kernel and matches onnxruntime (rtol 1e-4, atol 1e-5)."""
+    compiled = bscompile.compile(model, dump_ir=tmp_path).load()
+    assert "loop_kernel" in next(tmp_path.glob("*_FuseLoopKernels.py")).read_text()
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for feeds in feeds_list:
+        for (name, g), w in zip(compiled.run(feeds).items(), sess.run(None, feeds)):
+            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=f"{name}, x {feeds['x'].shape}")
+
+
+def test_symbolic_batch_and_length(rng, tmp_path):
+    """Symbolic batch too: the states' shapes are symbolic in the kernel (the site kernels' int32
+    sizes take the kernel's int64 ones)."""
+    model = scan_model("layer_norm_rnn", rng, IN, 8, "batch", "time", scale=1.6)
+    _fused_against_ort(model, [{"x": rng.standard_normal((b, t, IN)).astype(np.float32),
+                                "h0": rng.standard_normal((b, 8)).astype(np.float32)} for b, t in ((1, 3), (4, 9))],
+                       tmp_path)
+
+
+def test_two_scan_outputs_one_reversed(rng, tmp_path):
+    model = scan_model("mgu", rng, IN, 8, 2, "time", scale=1.6)
+    scan = model.graph.node[0]
+    body = next(a for a in scan.attribute if a.name == "body").g
+    body.node.append(helper.make_node("Add", ["state0_next", "state0_next"], ["y2"]))
+    body.output.append(helper.make_tensor_value_info("y2", TensorProto.FLOAT, [2, 8]))
+    scan.output.append("ys2")
+    next(a for a in scan.attribute if a.name == "scan_output_axes").ints.append(0)
+    scan.attribute.append(helper.make_attribute("scan_output_directions", [0, 1]))
+    model.graph.output.append(helper.make_tensor_value_info("ys2", TensorProto.FLOAT, ["time", 2, 8]))
+    _fused_against_ort(model, [{"x": rng.standard_normal((2, 7, IN)).astype(np.float32),
+                                "h0": rng.standard_normal((2, 8)).astype(np.float32)}], tmp_path)
