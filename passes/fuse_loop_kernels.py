@@ -21,8 +21,11 @@ Contract
   vectorise the inlined code differently (measured: an ulp or two apart from the looped form).
 - Left alone (the loop runs as before, correctly): any other binding in the step (an ``If``,
   a packed call, a nested real loop not fused itself, a carried tuple), a carried value that
-  becomes another carried or invariant parameter, and every module on a target other than
-  LLVM CPUs (the pipeline runs it only there). Idempotent: a fused loop is no longer called.
+  becomes another carried or invariant parameter, a carried value passed through unchanged,
+  a write in place into an input or a constant, and every module on a target other than LLVM
+  CPUs (the pipeline runs it only there). The inlined site kernels' attributes ride on the
+  kernel (``bscompile.inlined_sites``), so the manifest still lists their weights.
+  Idempotent: a fused loop is no longer called.
 """
 
 from __future__ import annotations
