@@ -154,6 +154,7 @@ def _unroll_loop(importer: Any, inputs: list, attrs: dict, body: onnx.GraphProto
     n_scan = len(body.output) - 1 - n_state
     if trip is None:
         raise UnsupportedModelError(f"Loop '{node}': no trip count (a while loop); bscompile needs one")
+    body = _hoist_gathered_products(importer, body)
     if _static_int(trip) is None and _is_true(cond) and _cond_stays_true(importer, body):
         return _loop_loop(importer, trip, state, body, node)
     steps = _steps(_static_int(trip), "Loop", node, "the trip count")
@@ -250,6 +251,33 @@ def _hoist_input_products(importer: Any, body: onnx.GraphProto, n_state: int, xs
         in_dirs.append(in_dirs[i])
         out.input.append(onnx.ValueInfoProto(name=name))
         out.node[k].CopyFrom(onnx.helper.make_node("Identity", [name], list(nd.output), name=nd.name))
+    return out or body
+
+
+def _hoist_gathered_products(importer: Any, body: onnx.GraphProto) -> onnx.GraphProto:
+    """The ``Loop`` form of :func:`_hoist_input_products`: a ``MatMul`` of the body whose first
+    operand is ``Gather(x, i)`` (``x`` a tensor of the enclosing graph of rank 2 or more, ``i`` the
+    iteration number, axis 0) and whose second a constant matrix becomes ``Gather(x @ W, i)``,
+    ``x @ W`` computed once before the loop (TorchScript's ``x[i]`` in a scripted time loop)."""
+    it = body.input[0].name
+    gathered = {nd.output[0]: nd.input[0] for nd in body.node
+                if nd.op_type == "Gather" and nd.domain in ("", "ai.onnx") and nd.input[1] == it
+                and all(a.name != "axis" or a.i == 0 for a in nd.attribute)}
+    local = {o for nd in body.node for o in nd.output} | {i.name for i in body.initializer} | {i.name for i in body.input}
+    out = None
+    for k, nd in enumerate(body.node):
+        if nd.op_type != "MatMul" or nd.domain not in ("", "ai.onnx") or nd.input[0] not in gathered:
+            continue
+        src = gathered[nd.input[0]]
+        x, w = importer._nodes.get(src), importer._nodes.get(nd.input[1])
+        if src in local or nd.input[1] in local or not isinstance(w, tvm.ir.expr.Constant) or len(w.ty.shape) != 2 \
+                or not isinstance(getattr(x, "ty", None), relax.TensorType) or x.ty.shape is None \
+                or len(x.ty.shape) < 2:
+            continue
+        out = out or onnx.GraphProto.FromString(body.SerializeToString())
+        name = f"{nd.output[0]}__all_steps"
+        importer._nodes[name] = importer.bb.emit(relax.op.matmul(x, w))
+        out.node[k].CopyFrom(onnx.helper.make_node("Gather", [name, it], list(nd.output), name=nd.name, axis=0))
     return out or body
 
 
