@@ -1,4 +1,7 @@
-"""ONNX Scan and Loop through bscompile's generic (unrolling) path vs onnxruntime and ONNX's own cases."""
+"""ONNX Scan and Loop vs onnxruntime and ONNX's own cases: unrolled, real loops (one kernel on CPUs), CUDA under the emulator."""
+
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -183,3 +186,22 @@ def test_input_products_run_once_over_all_steps(rng, length, form):
     assert sorted(n for n, _ in sites if n in ("Wf", "Wn")) == ["Wf", "Wn"]
     assert all(m != str(B) for n, m in sites if n in ("Wf", "Wn"))
     assert sorted(s for s in sites if s[0] in ("Uf", "Un")) == sorted([("Uf", str(B)), ("Un", str(B))] * steps)
+
+
+def test_cuda_symbolic_scan_under_the_emulator(rng, tmp_path):
+    """A custom cell over a symbolic length for CUDA (the VM's loop around the step's kernels;
+    its in-place row write is schedulable TIR, which dlight binds to threads: it was not, and the
+    build failed) run by the CUDA emulator at 5 steps, in a random thread/block order, against
+    onnxruntime."""
+    model = scan_model("mgu", rng, IN, H, B, "time", scale=SCALE)
+    onnx.save(model, tmp_path / "m.onnx")
+    bscompile.compile(model, target="cuda").export(tmp_path / "m.bsc")
+    args = []
+    for name, value in {"x": rng.standard_normal((B, 5, IN)).astype(np.float32), **_states(rng, "mgu")}.items():
+        np.save(tmp_path / f"{name}.npy", value)
+        args += ["--input", f"{name}={tmp_path / f'{name}.npy'}"]
+    proc = subprocess.run([sys.executable, "-m", "bscompile.cli", "run", str(tmp_path / "m.bsc"), "--emulate",
+                           "random", *args, "--check", str(tmp_path / "m.onnx")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("(ok, rtol 0.0001 atol 1e-05)") == 2, proc.stdout

@@ -463,17 +463,21 @@ def _write_step(rank: int, dtype: str) -> tirx.PrimFunc:
     dims = [tirx.Var(f"d{i}", "int64") for i in range(rank)]
     size = math.prod(dims) if dims else tirx.const(1, "int64")
 
-    @T.prim_func(private=True)
+    # schedulable TIR (a root block, a spatial block per element): CUDA's dlight binds it to threads
+    @T.prim_func(private=True, s_tir=True)
     def write_step(buf_h: T.handle, t_h: T.handle, y_h: T.handle):
         T.func_attr({"tir.noalias": True})
         buf = T.match_buffer(buf_h, [n, *dims], dtype)
         t = T.match_buffer(t_h, (), "int64")
         y = T.match_buffer(y_h, dims, dtype)
-        flat = T.decl_buffer((n * size,), dtype, data=buf.data)
-        row = T.decl_buffer((size,), dtype, data=y.data)
-        if 0 <= t[()] and t[()] < n:
+        with T.sblock("root"):
+            flat = T.decl_buffer((n * size,), dtype, data=buf.data)
+            row = T.decl_buffer((size,), dtype, data=y.data)
             for i in range(size):
-                flat[t[()] * size + i] = row[i]
+                with T.sblock("write"):
+                    vi = T.axis.spatial(size, i)
+                    if 0 <= t[()] and t[()] < n:
+                        flat[t[()] * size + vi] = row[vi]
 
     return write_step
 
