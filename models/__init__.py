@@ -5,7 +5,8 @@ threshold schedule of Narang et al. (:class:`NarangSL`, a ``torch.ao`` scheduler
 (:func:`group_lasso_penalty`), block-wise dynamic sparseness
 (:class:`DynamicBlockLinear`, :mod:`.dynamic`; recurrent :class:`DynamicBlockLSTM` /
 :class:`DynamicBlockGRU`, :mod:`.dynamic_rnn`), a char-level LM on CPython's own docs
-(:mod:`.charlm`), a DeepSpeech-like benchmark shape (:mod:`.deepspeech`), ONNX
+(:mod:`.charlm`), a DeepSpeech-like benchmark shape (:mod:`.deepspeech`), custom recurrent
+cells as ONNX Scan/Loop graphs (:mod:`.onnx_cells`, onnx only), ONNX
 export checked against onnxruntime (:mod:`.export`) and the papers' tables
 (``python -m bscompile.models.reproduce``). Needs torch; the compiler does not.
 """

@@ -96,6 +96,8 @@ class _Kernel:
         """A kernel parameter whose symbolic dims, the first time they appear, define kernel vars."""
         if isinstance(ty, relax.TensorType) and ty.shape is not None and hasattr(ty.shape, "values"):
             for d in ty.shape.values:
+                if not isinstance(d, (tirx.Var, tirx.IntImm)):
+                    raise _NotFusible("an argument whose size is an expression")  # (nothing would define it)
                 if isinstance(d, tirx.Var) and d not in self.svars:
                     self.svars[d] = tirx.Var(d.name, _I64)
         return self._new_buffer(ty, name, param=True)
@@ -119,6 +121,7 @@ class _Kernel:
 
     # --- interpretation ----------------------------------------------------------------
     def value(self, env: dict, e: relax.Expr):
+        """The kernel's value of ``e``: a buffer, a list (a tuple) or a PrimExpr; emits what computes it."""
         if isinstance(e, relax.Var) and e in env:
             return env[e]
         if isinstance(e, (tvm.ir.expr.Var, tirx.IntImm)) and isinstance(e.ty, tvm.ir.PrimType):
@@ -143,6 +146,7 @@ class _Kernel:
         raise _NotFusible(f"a {type(e).__name__}")
 
     def call(self, env: dict, call: relax.Call):
+        """A ``call_tir`` / ``call_tir_inplace`` inlined, or a Relax function's body interpreted."""
         if call.op in (_CALL_TIR, _CALL_TIR_INPLACE):
             gv, args = call.args[0], self.value(env, call.args[1])
             out_ty = call.ty_args[0]

@@ -191,3 +191,20 @@ def symbolic_model(name: str, rng: np.random.Generator):
     if name == "deepspeech":
         return deepspeech_like(rng), lambda b, t, rng: {"x": f32(rng.standard_normal((b, 13, t)))}
     raise ValueError(name)
+
+
+def emulate_and_check(bsc, onnx_path, feeds: dict, tmp_path) -> str:
+    """``bscompile run BSC --emulate random --check ONNX`` on ``feeds`` (saved as .npy): a CUDA
+    artifact executed by the CUDA emulator in a random thread/block order and compared with
+    onnxruntime; asserts it succeeded and returns its stdout."""
+    import subprocess
+    import sys
+
+    args = []
+    for name, value in feeds.items():
+        np.save(tmp_path / f"{name}.npy", value)
+        args += ["--input", f"{name}={tmp_path / f'{name}.npy'}"]
+    proc = subprocess.run([sys.executable, "-m", "bscompile.cli", "run", str(bsc), "--emulate", "random", *args,
+                           "--check", str(onnx_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout

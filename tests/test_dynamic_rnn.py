@@ -25,6 +25,7 @@ from torch import nn  # noqa: E402
 import bscompile  # noqa: E402
 from bscompile.codegen import dynamic_layout as dl  # noqa: E402
 from bscompile.models import DynamicBlockGRU, DynamicBlockLSTM  # noqa: E402
+from onnx_models import emulate_and_check  # noqa: E402
 
 IN, H, BS, B = 16, 32, 8, 2
 MARGIN = 1e-3
@@ -291,12 +292,5 @@ def test_cuda_fused_recurrence_under_the_emulator(rng, tmp_path, kind):
     art = bscompile.compile(onnx.load_from_string(model_bytes), target="cuda")
     assert "dynamic_recurrent" in [w["kind"] for w in art.manifest.weights]
     art.export(tmp_path / "m.bsc")
-    args = []
-    for name, value in feeds.items():
-        np.save(tmp_path / f"{name}.npy", value)
-        args += ["--input", f"{name}={tmp_path / f'{name}.npy'}"]
-    proc = subprocess.run([sys.executable, "-m", "bscompile.cli", "run", str(tmp_path / "m.bsc"), "--emulate",
-                           "random", *args, "--check", str(tmp_path / "m.onnx")],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "(ok, rtol 0.0001 atol 1e-05)" in proc.stdout, proc.stdout
+    out = emulate_and_check(tmp_path / "m.bsc", tmp_path / "m.onnx", feeds, tmp_path)
+    assert "(ok, rtol 0.0001 atol 1e-05)" in out, out
