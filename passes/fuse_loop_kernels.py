@@ -22,7 +22,8 @@ Contract
 - Left alone (the loop runs as before, correctly): any other binding in the step (an ``If``,
   a packed call, a nested real loop not fused itself, a carried tuple), a carried value that
   becomes another carried or invariant parameter, a carried value passed through unchanged,
-  a write in place into an input or a constant, and every module on a target other than LLVM
+  a write in place into an input, a constant or a parameter of the calling function (the
+  frontend's scan buffers are the caller's fresh ``zeros``), and every module on a target other than LLVM
   CPUs (the pipeline runs it only there). The inlined site kernels' attributes ride on the
   kernel (``bscompile.inlined_sites``), so the manifest still lists their weights.
   Idempotent: a fused loop is no longer called.
@@ -350,6 +351,8 @@ class _Replace(relax.PyExprMutator):
             func, out_index, out_tys = kernel.build([a.ty for a in call.args])
         except _NotFusible:
             return call
+        if any(i >= 0 and self.lookup_binding(call.args[i]) is None for i in out_index):
+            return call  # it would write in place into a value the function did not compute (a parameter)
         gv = self.builder_.add_func(func, "loop_kernel")
         # the constants the step reads are arguments after the call's own
         new = relax.call_tir_inplace(gv, [*call.args, *kernel.consts], out_index,

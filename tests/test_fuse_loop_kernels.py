@@ -6,6 +6,7 @@ import onnxruntime as ort
 import pytest
 import tvm
 from onnx import TensorProto, helper
+from tvm import relax
 from tvm.script import ir as I
 from tvm.script import relax as R
 from tvm.script import tirx as T
@@ -92,9 +93,11 @@ class Before:
         return res
 
     @R.function
-    def main(x: R.Tensor(("time", 2), "float32"), s0: R.Tensor((2,), "float32"), n: R.Tensor((), "int64"),
-             o: R.Tensor(("time", 2), "float32")) -> R.Tuple(R.Tensor((2,), "float32"), R.Tensor(("time", 2), "float32")):
+    def main(x: R.Tensor(("time", 2), "float32"), s0: R.Tensor((2,), "float32"),
+             n: R.Tensor((), "int64")) -> R.Tuple(R.Tensor((2,), "float32"), R.Tensor(("time", 2), "float32")):
+        time = T.int64()
         cls = Before
+        o = R.zeros(R.shape([time, 2]), "float32")  # the scan buffer: the caller's own, fresh
         r = cls.loop_chunks(R.const(0, "int64"), n, s0, x, o)
         return r
 
@@ -125,10 +128,11 @@ class Expected:
                 state3[i0] = add_row_out[i0]
 
     @R.function
-    def main(x: R.Tensor(("time", 2), "float32"), s0: R.Tensor((2,), "float32"), n: R.Tensor((), "int64"),
-             o: R.Tensor(("time", 2), "float32")) -> R.Tuple(R.Tensor((2,), "float32"), R.Tensor(("time", 2), "float32")):
+    def main(x: R.Tensor(("time", 2), "float32"), s0: R.Tensor((2,), "float32"),
+             n: R.Tensor((), "int64")) -> R.Tuple(R.Tensor((2,), "float32"), R.Tensor(("time", 2), "float32")):
         time = T.int64()
         cls = Expected
+        o = R.zeros(R.shape([time, 2]), "float32")
         r = R.call_tir_inplace(cls.loop_kernel, (R.const(0, "int64"), n, s0, x, o),
                                out_ty=[R.Tensor((2,), "float32"), R.Tensor((time, 2), "float32")], inplace_indices=[-1, 4])
         return r
@@ -150,6 +154,20 @@ def packed_step(t: R.Tensor((), "int64"), s: R.Tensor((2,), "float32"),
 def test_leaves_a_step_with_a_packed_call_alone():
     mod = tvm.IRModule(dict(Before.functions))
     mod.update_func(mod.get_global_var("loop_step"), packed_step)
+    tvm.ir.assert_structural_equal(FuseLoopKernels()(mod), mod)
+
+
+def test_leaves_an_in_place_write_into_a_parameter_alone():
+    """Before with the scan buffer a parameter of main: the kernel would write the caller's array."""
+    time = tvm.tirx.Var("time", "int64")
+    params = [relax.Var("x", relax.TensorType([time, 2], "float32")), relax.Var("s0", relax.TensorType([2], "float32")),
+              relax.Var("n", relax.TensorType([], "int64")), relax.Var("o", relax.TensorType([time, 2], "float32"))]
+    x, s0, n, o = params
+    bb = relax.BlockBuilder(tvm.IRModule({gv: f for gv, f in Before.functions.items() if gv.name_hint != "main"}))
+    with bb.function("main", params):
+        r = bb.emit(relax.Call(bb.get().get_global_var("loop_chunks"), [relax.const(0, "int64"), n, s0, x, o]))
+        bb.emit_func_output(r)
+    mod = bb.get()
     tvm.ir.assert_structural_equal(FuseLoopKernels()(mod), mod)
 
 
