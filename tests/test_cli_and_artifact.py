@@ -101,6 +101,17 @@ def test_error_unsupported_rnn_attribute(tmp_path):
     _one_line_error(*run_cli(tmp_path / "g.onnx")[::2], "gru0", "Gelu")
 
 
+def test_error_flag_attribute_out_of_range(tmp_path):
+    """A flag the specification defines as 0 or 1 (Gemm's transB, TopK's largest) with another value:
+    TVM would read -7 as true, onnxruntime TopK's as false (found by bench/fuzz.py). One line."""
+    m, _ = mlp([8, 4], 1, ["dense"], np.random.default_rng(0))
+    gemm = next(n for n in m.graph.node if n.op_type == "Gemm")
+    next(a for a in gemm.attribute if a.name == "transB").i = -7
+    onnx.save(m, tmp_path / "f.onnx")
+    _one_line_error(*run_cli(tmp_path / "f.onnx", "-o", tmp_path / "f.bsc")[::2], gemm.name, "'transB' must be 0 or 1, got -7")
+    assert not list(tmp_path.glob("*.bsc*"))
+
+
 def test_error_unknown_target(model_dir):
     _one_line_error(*run_cli(model_dir / "mlp.onnx", "--target", "tpu9000")[::2], "unknown target 'tpu9000'")
 

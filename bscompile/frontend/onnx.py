@@ -138,6 +138,19 @@ def _parse(path: str, split: bool) -> tuple[onnx.ModelProto, MappedWeights | Non
     return proto, None
 
 
+#: Integer attributes the ONNX specification defines as flags (0 or 1). Other values are refused:
+#: TVM's converters read them as ``bool`` (nonzero), onnxruntime some as ``== 1`` (TopK's
+#: ``largest = -7`` picks the smallest there, the largest in TVM).
+FLAG_ATTRS: dict[str, tuple[str, ...]] = {
+    "TopK": ("largest", "sorted"), "Gemm": ("transA", "transB"), "ArgMax": ("keepdims", "select_last_index"),
+    "ArgMin": ("keepdims", "select_last_index"), "CumSum": ("exclusive", "reverse"), "LSTM": ("input_forget",),
+    "GRU": ("linear_before_reset",), "Unique": ("sorted",),
+    **{op: ("keepdims", "noop_with_empty_axes") for op in ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin",
+                                                         "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSum",
+                                                         "ReduceLogSumExp", "ReduceSumSquare")},
+}
+
+
 def supported_ops() -> set[str]:
     return set(tvm_onnx._get_convert_map()) | set(RECURRENT_OPS) | LOOP_OPS | {"If", "Constant"}
 
@@ -293,6 +306,10 @@ class _Importer(tvm_onnx.ONNXGraphImporter):
         pass
 
     def _convert_operator(self, op_name, inputs, attrs, opset):
+        for flag in FLAG_ATTRS.get(op_name, ()):
+            if flag in attrs and attrs[flag] not in (0, 1):
+                raise UnsupportedModelError(f"node '{attrs['tvm_custom']['name']}' ({op_name}): attribute '{flag}' "
+                                            f"must be 0 or 1, got {attrs[flag]}")
         name = const_name(inputs[0]) if inputs and op_name in LAYOUT_OPS else None
         if op_name == "Gemm" and attrs.get("transB") and const_name(inputs[1]):  # the weight's name survives
             w = inputs[1]
