@@ -197,3 +197,13 @@ def test_cuda_symbolic_scan_under_the_emulator(rng, tmp_path):
     feeds = {"x": rng.standard_normal((B, 5, IN)).astype(np.float32), **_states(rng, "mgu")}
     out = emulate_and_check(tmp_path / "m.bsc", tmp_path / "m.onnx", feeds, tmp_path)
     assert out.count("(ok, rtol 0.0001 atol 1e-05)") == 2, out
+
+
+def test_body_declaring_another_size_is_refused_in_one_line(rng):
+    """The graph's batch symbolic, the Scan body's inputs declared with batch 2 (found by bench/fuzz.py:
+    onnxruntime fails such a model at other batches, bscompile ran it)."""
+    model = scan_model("mgu", rng, IN, H, B, "time", scale=SCALE)
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    with pytest.raises(UnsupportedModelError, match=r"Scan 'mgu': its body declares 'xt' as \[2, 8\]") as err:
+        bscompile.compile(model)
+    assert "\n" not in str(err.value)

@@ -154,6 +154,7 @@ def _unroll_loop(importer: Any, inputs: list, attrs: dict, body: onnx.GraphProto
     n_scan = len(body.output) - 1 - n_state
     if trip is None:
         raise UnsupportedModelError(f"Loop '{node}': no trip count (a while loop); bscompile needs one")
+    _check_declared(body.input[2:], [_dims(v) for v in state], f"Loop '{node}'")
     body = _hoist_gathered_products(importer, body)
     if _static_int(trip) is None and _is_true(cond) and _cond_stays_true(importer, body):
         return _loop_loop(importer, trip, state, body, node)
@@ -195,6 +196,9 @@ def _unroll_scan(importer: Any, inputs: list, attrs: dict, body: onnx.GraphProto
     in_dirs = list(attrs.get("scan_input_directions", [0] * n_in))
     out_axes = list(attrs.get("scan_output_axes", [0] * n_out))
     out_dirs = list(attrs.get("scan_output_directions", [0] * n_out))
+    slices = [[d for j, d in enumerate(x.ty.shape.values) if j != ax % len(x.ty.shape.values)]
+              if isinstance(x.ty, relax.TensorType) and x.ty.shape is not None else None for x, ax in zip(xs, in_axes)]
+    _check_declared(body.input, [_dims(v) for v in state] + slices, f"Scan '{node}'")
     body = _hoist_input_products(importer, body, n_state, xs, in_axes, in_dirs)
     lengths, dims = set(), []
     for i, x in enumerate(xs):
@@ -224,6 +228,27 @@ def _unroll_scan(importer: Any, inputs: list, attrs: dict, body: onnx.GraphProto
         rank = len(acc[0].ty.shape) + 1 if acc else 1
         results.append(_stack(bb, acc[::-1] if rev else acc, ax % rank, "Scan", node))
     return state + results
+
+
+def _dims(v: relax.Expr) -> list | None:
+    ty = getattr(v, "ty", None)
+    return list(ty.shape.values) if isinstance(ty, relax.TensorType) and ty.shape is not None else None
+
+
+def _check_declared(body_inputs, dims: list, what: str) -> None:
+    """A body input the body declares with a static size the loop's value does not have (a
+    symbolic or another static size) is refused in one line: onnxruntime refuses such a model
+    when the sizes differ at run time, and bscompile would run it."""
+    for vi, got in zip(body_inputs, dims):
+        tt = vi.type.tensor_type if vi.type.HasField("tensor_type") else None
+        if got is None or tt is None or not tt.HasField("shape") or len(tt.shape.dim) != len(got):
+            continue
+        for k, (want, have) in enumerate(zip(tt.shape.dim, got)):
+            if want.HasField("dim_value") and not (isinstance(have, tirx.IntImm) and int(have) == want.dim_value):
+                shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]
+                raise UnsupportedModelError(
+                    f"{what}: its body declares '{vi.name}' as {shape}, the loop gives dim {k} = {have}; "
+                    "make the sizes agree (a symbolic one static with --input-shape)")
 
 
 def _hoist_input_products(importer: Any, body: onnx.GraphProto, n_state: int, xs: list, in_axes: list,
