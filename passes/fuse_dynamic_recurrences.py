@@ -38,7 +38,7 @@ from tvm import relax
 
 from bscompile.codegen.family import KernelFamily
 from bscompile.codegen.recurrent_cells import CellSpec
-from bscompile.frontend.loops import LOOP
+from bscompile.frontend.loops import LOOP, tensor_dims
 from bscompile.passes.outline_dynamic_sites import DYNAMIC, _ints
 from bscompile.passes.rewrite import rebind, rewrite_with_bindings
 from bscompile.sites import SITE, Matrix, SiteKind, attr, const_array, emit_site, register_site_kind
@@ -79,11 +79,6 @@ def _slice(lo: int, hi: int, v):
     if v[0] == "add":
         return _add(*(_slice(lo, hi, a) for a in v[1:]))
     return ("slice", lo, hi, v)
-
-
-def _dims(expr) -> list | None:
-    shape = getattr(expr.ty, "shape", None)
-    return list(shape.values) if shape is not None and hasattr(shape, "values") else None
 
 
 class _Step:
@@ -147,7 +142,7 @@ class _Step:
 
     def _slice(self, e: relax.Call) -> Any:
         src = self.canon(e.args[0])
-        dims = _dims(e.args[0])
+        dims = tensor_dims(e.args[0])
         strides = _ints(e.args[4]) if len(e.args) > 4 else []  # (none given: all 1)
         if src is None or dims is None or any(s != 1 for s in strides):
             return None
@@ -165,7 +160,7 @@ def _is_zero(e) -> bool:
 
 
 def _same_shape(a, b) -> bool:
-    da, db = _dims(a), _dims(b)
+    da, db = tensor_dims(a), tensor_dims(b)
     return da is not None and db is not None and tvm_ffi.structural_equal(da, db)
 
 
@@ -204,7 +199,7 @@ def match_cell(mod: tvm.IRModule, step: relax.Function, n_state: int) -> dict | 
     if len(rows) != 1 or next(iter(rows))[1][0] != "p":
         return None
     xp = next(iter(rows))[1]
-    dims = _dims(outs[0])
+    dims = tensor_dims(outs[0])
     hid = int(dims[-1]) if dims and isinstance(dims[-1], tvm.tirx.IntImm) else 0
     gates = 4 if n_state == 2 else 3
     if hid == 0 or list(site["shape"]) != [gates * hid, hid]:
@@ -278,7 +273,7 @@ class _Fuser(relax.PyExprMutator):
         args = call.args[2:]
         xp, h0 = args[found["xp"] - 2], args[found["h"] - 2]
         c0 = args[found["c"] - 2] if found["c"] is not None else h0
-        xd, hd = _dims(xp), _dims(h0)
+        xd, hd = tensor_dims(xp), tensor_dims(h0)
         length = self._length(call.args[1])
         if (xd is None or hd is None or len(xd) != 3 or length is None or not isinstance(hd[0], tvm.tirx.IntImm)
                 or not tvm_ffi.structural_equal(xd[0], length)):

@@ -154,7 +154,7 @@ def _unroll_loop(importer: Any, inputs: list, attrs: dict, body: onnx.GraphProto
     n_scan = len(body.output) - 1 - n_state
     if trip is None:
         raise UnsupportedModelError(f"Loop '{node}': no trip count (a while loop); bscompile needs one")
-    _check_declared(body.input[2:], [_dims(v) for v in state], f"Loop '{node}'")
+    _check_declared(body.input[2:], [tensor_dims(v) for v in state], f"Loop '{node}'")
     body = _hoist_gathered_products(importer, body)
     if _static_int(trip) is None and _is_true(cond) and _cond_stays_true(importer, body):
         return _loop_loop(importer, trip, state, body, node)
@@ -196,9 +196,9 @@ def _unroll_scan(importer: Any, inputs: list, attrs: dict, body: onnx.GraphProto
     in_dirs = list(attrs.get("scan_input_directions", [0] * n_in))
     out_axes = list(attrs.get("scan_output_axes", [0] * n_out))
     out_dirs = list(attrs.get("scan_output_directions", [0] * n_out))
-    slices = [[d for j, d in enumerate(x.ty.shape.values) if j != ax % len(x.ty.shape.values)]
-              if isinstance(x.ty, relax.TensorType) and x.ty.shape is not None else None for x, ax in zip(xs, in_axes)]
-    _check_declared(body.input, [_dims(v) for v in state] + slices, f"Scan '{node}'")
+    slices = [None if d is None else d[:ax % len(d)] + d[ax % len(d) + 1:]  # a scan input without its scan axis
+              for d, ax in zip(map(tensor_dims, xs), in_axes)]
+    _check_declared(body.input, [tensor_dims(v) for v in state] + slices, f"Scan '{node}'")
     body = _hoist_input_products(importer, body, n_state, xs, in_axes, in_dirs)
     lengths, dims = set(), []
     for i, x in enumerate(xs):
@@ -230,9 +230,11 @@ def _unroll_scan(importer: Any, inputs: list, attrs: dict, body: onnx.GraphProto
     return state + results
 
 
-def _dims(v: relax.Expr) -> list | None:
+def tensor_dims(v: relax.Expr) -> list | None:
+    """The dims of a tensor value (PrimExprs), or None (not a tensor, or of unknown shape)."""
     ty = getattr(v, "ty", None)
-    return list(ty.shape.values) if isinstance(ty, relax.TensorType) and ty.shape is not None else None
+    shape = getattr(ty, "shape", None) if isinstance(ty, relax.TensorType) else None
+    return list(shape.values) if shape is not None and hasattr(shape, "values") else None
 
 
 def _check_declared(body_inputs, dims: list, what: str) -> None:
