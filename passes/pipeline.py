@@ -11,6 +11,8 @@ Registered with ``relax.register_pipeline("bscompile")``, so it is one named
                                         dynamic_recurrent site (the time loop in its kernel)
     OutlineLinearSites                  products by constant weights -> linear sites
                                         (recurrent sites come from the frontend)
+    FoldEmbeddingProducts               a linear or dynamic site fed by rows of a constant table
+                                        -> a gather from the table's product
     AnalyzeSparsity                     bscompile.sparsity on every constant-weight site
     ChooseLayout(family, ...)           bscompile.layout on every site
     LowerWeightSites(family)            sites -> the family's kernels, packed constants

@@ -294,3 +294,37 @@ def test_cuda_fused_recurrence_under_the_emulator(rng, tmp_path, kind):
     art.export(tmp_path / "m.bsc")
     out = emulate_and_check(tmp_path / "m.bsc", tmp_path / "m.onnx", feeds, tmp_path)
     assert "(ok, rtol 0.0001 atol 1e-05)" in out, out
+
+
+@pytest.mark.parametrize("kind", sorted(CLASSES))
+def test_gated_char_lm_gathers_its_input_product(rng, tmp_path, kind):
+    """A character LM (embedding -> gated layer in its scan form -> linear): the gated product of
+    the embedding rows is a gather from a folded table (FoldEmbeddingProducts), the recurrence one
+    fused kernel; logits equal onnxruntime's (rtol 1e-4, atol 1e-5) at 1, 9 and 40 characters
+    whose every recurrent selection has a clear margin. The weights are fixed (whether the table
+    folds depends on them only), the characters random."""
+    from bscompile.models.charlm import CharLM
+    from bscompile.models.reproduce import _LogitsOnly, export_run
+
+    vocab = 30
+    torch.manual_seed(0)
+    lm = CharLM(vocab, emb=IN, hidden=H, layers=1, cell=f"dyn{kind}", block=BS, keep=0.5).eval()
+    with torch.no_grad():
+        for lin in _products(lm.rnn):
+            lin.gate.weight.mul_(10)
+            lin.gate.bias.mul_(10)
+    path = export_run(_LogitsOnly(lm), torch.zeros(1, 4, dtype=torch.int64), tmp_path / "lm.onnx")
+    art = bscompile.compile(str(path))
+    assert sorted(w["kind"] for w in art.manifest.weights) == ["dynamic_recurrent", "linear"], art.manifest.weights
+    compiled, sess = art.load(), ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    table = lm.embed.weight.detach().numpy()
+    zeros = np.zeros((1, 1, H), np.float32)
+    for steps in (1, 9, 40):
+        for _ in range(100):  # characters whose recurrent selections all have a clear margin
+            tokens = rng.integers(0, vocab, (1, steps))
+            if _reference(lm.rnn, {"x": table[tokens[0]][:, None], "h0": zeros, "c0": zeros})[1] > MARGIN:
+                break
+        else:
+            raise AssertionError(f"no {steps} characters with a clear selection margin in 100 draws")
+        np.testing.assert_allclose(compiled.run({"tokens": tokens})["logits"], sess.run(None, {"tokens": tokens})[0],
+                                   rtol=1e-4, atol=1e-5, err_msg=f"{steps} characters")

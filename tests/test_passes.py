@@ -274,6 +274,94 @@ def test_fold_embedding_products_leaves_alone(case, monkeypatch):
     tvm.ir.assert_structural_equal(FoldEmbeddingProducts()(before), before)
 
 
+# A gated product (OutlineDynamicSites' site) fed by a 3-row table: in 4 = out 4, 2x2 tiles (N = 4,
+# gate index ib * 2 + ob), k = 2. Integers chosen so that every row's kept scores sum to a power of
+# two times n_alive = 4: the gate scales and so the whole product are exact in float32.
+GE = np.array([[1, 0, -1, 1], [-2, 2, -2, 2], [0, 1, -1, -1]], np.float32)
+GWG = np.array([[2, 0, -1, 2], [0, -2, 2, -2], [0, 0, 0, -1], [-1, -2, 2, 0]], np.float32)
+GBG = np.array([2, -1, 2, 2], np.float32)  # scores per row: [7 -5 1 -1], [4 -13 0 -4], [1 -3 3 -2]
+GW = (np.arange(16, dtype=np.float32).reshape(4, 4) % 5) - 2
+GB = np.array([0.5, -0.5, 1, 0], np.float32)
+
+
+def _gated_rows(table, w, b, gate_w, gate_b, k, bs):
+    """The gated product of each row, written out tile by tile (the method's definition)."""
+    out = []
+    nbi, nbo = w.shape[1] // bs, w.shape[0] // bs
+    for x in table.astype(np.float64):
+        g = gate_w @ x + gate_b
+        kept = np.where(g >= np.sort(g)[-k], g, 0)
+        r = kept / (kept.sum() / len(g))
+        y = b.astype(np.float64)
+        for ib in range(nbi):
+            for ob in range(nbo):
+                y[ob * bs:(ob + 1) * bs] += r[ib * nbo + ob] * (w[ob * bs:(ob + 1) * bs, ib * bs:(ib + 1) * bs] @
+                                                               x[ib * bs:(ib + 1) * bs])
+        out.append(y)
+    return np.array(out, np.float32)
+
+
+def _embedding_then_gated_product(table, gate_w=GWG, gate_b=GBG):
+    """tokens[2, 3] -> rows of ``table`` -> [6, 4] -> the dynamic site."""
+    site = {"kind": "dynamic_linear", "name": "ih.weight", "m": 6, "shape": [4, 4], "block": 2, "tile": "2x2", "k": 2,
+            "n_alive": 4, "keep": 0.5}
+
+    @I.ir_module
+    class Module:
+        @R.function(private=True)
+        def dynamic_site(a0: R.Tensor((6, 4), "float32"), a1: R.Tensor((4, 4), "float32"),
+                         a2: R.Tensor((4,), "float32"), a3: R.Tensor((4, 4), "float32"), a4: R.Tensor((4,), "float32"),
+                         a5: R.Tensor((4,), "bool")) -> R.Tensor((6, 4), "float32"):
+            R.func_attr({"bscompile.site": site})
+            return R.call_pure_packed("bscompile.site.dynamic_linear", a0, a1, a2, a3, a4, a5,
+                                      ty_args=R.Tensor((6, 4), "float32"))
+
+        @R.function
+        def main(tok: R.Tensor((2, 3), "int64")) -> R.Tensor((6, 4), "float32"):
+            cls = Module
+            with R.dataflow():
+                rows = R.take(R.const(table), tok, axis=0)
+                x = R.reshape(rows, R.shape([6, 4]))
+                y = cls.dynamic_site(x, R.const(GW), R.const(GB), R.const(gate_w), R.const(gate_b),
+                                     R.const(np.ones(4, bool)))
+                R.output(y)
+            return y
+
+    return Module
+
+
+def test_fold_embedding_products_gated():
+    """A dynamic site fed by table rows: the table's gated product is the constant gathered."""
+
+    @I.ir_module
+    class Expected:
+        @R.function
+        def main(tok: R.Tensor((2, 3), "int64")) -> R.Tensor((6, 4), "float32"):
+            with R.dataflow():
+                i = R.reshape(tok, R.shape([6]))
+                y = R.take(R.const(_gated_rows(GE, GW, GB, GWG, GBG, 2, 2)), i, axis=0)
+                R.output(y)
+            return y
+
+    after = _twice_is_once(FoldEmbeddingProducts(), _embedding_then_gated_product(GE))
+    tvm.ir.assert_structural_equal(after, Expected)
+
+
+def test_fold_embedding_products_leaves_a_near_tie_alone():
+    """A row whose k-th score and the next are one float32 ulp apart, or tie (less than a float32
+    gate summed in another order could make up): onnxruntime might select other tiles than a
+    constant would hold, so the site stays. Far from a tie, the same gate folds."""
+    gate = (np.eye(4, dtype=np.float32), np.zeros(4, np.float32))  # the scores are the table's rows
+    table = np.array([[4, 1, 2, 0], [0, 2, 1, 3], [0, 0, 0, 0]], np.float32)
+    for row in ([5, np.nextafter(np.float32(3), np.float32(4)), 3, 0], [5, 3, 3, 0]):  # k-th 3.0000002 / 3
+        table[2] = row
+        before = _embedding_then_gated_product(table, *gate)
+        tvm.ir.assert_structural_equal(FoldEmbeddingProducts()(before), before)
+    table[2] = [5, 3.001, 3, 0]
+    assert "dynamic_site" not in [gv.name_hint for gv in FoldEmbeddingProducts()(
+        _embedding_then_gated_product(table, *gate)).functions]
+
+
 # --- Conv1dToMatmul -----------------------------------------------------------------------
 
 
