@@ -38,13 +38,27 @@ class MachineModel:
 CACHE_X86 = 16 << 20
 CACHE_BW_X86 = 100e9
 
-#: Machine models by target machine name (``TargetSpec.machine``). x86: a 2-core AVX2
-#: server slice (the defaults, measured here). aarch64 boards: NEON (4 fp32 lanes), one
+#: This x86 host class, 2 threads, fitted to measured kernels (``python bench/cost_model.py``,
+#: 2026-12-07: 1760x1760 and 4096x1024 weights, unstructured and 4x4/16x16-block pruned at
+#: 25-95%, m = 1-64, dense and 13 block shapes each, warm): the memory term at what the
+#: kernels stream (between the cold DRAM floor, ~30 GB/s, and L3, ~110 GB/s) and 128
+#: GFLOP/s of FMAs in either vector width. The former 12 GB/s / 8e9 AVX-512 FMAs priced every
+#: kernel as memory-bound, so per-block costs never counted: at m <= 4 it chose 2x1-4x1
+#: blocks for unstructured 80-90% weights that ran 1.4-3.6x slower than the dense kernel
+#: (15 of 80 cases slower than dense; picks 1.28x slower than the best candidate in geomean;
+#: now none slower than dense, 1.16x).
+BANDWIDTH_X86 = 50e9
+FLOPS_X86 = 128e9
+
+#: Machine models by target machine name (``TargetSpec.machine``). x86: a 2-core server
+#: slice (AVX2 or AVX-512, measured here). aarch64 boards: NEON (4 fp32 lanes), one
 #: 128-bit FMA pipe per core on the A72 and two on the A76 / Neoverse-N1, at their
 #: clocks, with the sustained DRAM bandwidth of the board's memory.
 MACHINES: dict[str, MachineModel] = {
-    "x86_64": MachineModel(cache_bytes=CACHE_X86, cache_bandwidth=CACHE_BW_X86),
-    "x86_64-avx512": MachineModel(lanes=16, vector_fma_rate=8e9, cache_bytes=CACHE_X86, cache_bandwidth=CACHE_BW_X86),
+    "x86_64": MachineModel(bandwidth=BANDWIDTH_X86, vector_fma_rate=FLOPS_X86 / 16, cache_bytes=CACHE_X86,
+                           cache_bandwidth=CACHE_BW_X86),
+    "x86_64-avx512": MachineModel(bandwidth=BANDWIDTH_X86, vector_fma_rate=FLOPS_X86 / 32, lanes=16,
+                                  cache_bytes=CACHE_X86, cache_bandwidth=CACHE_BW_X86),
     "aarch64": MachineModel(bandwidth=8e9, vector_fma_rate=8e9, lanes=4, block_overhead_s=2e-9),
     "cortex-a72": MachineModel(bandwidth=4e9, vector_fma_rate=4 * 1.5e9, lanes=4, block_overhead_s=3e-9,
                                call_overhead_s=4e-6),  # Raspberry Pi 4: 4 cores, LPDDR4

@@ -515,13 +515,14 @@ def test_choose_layout_options_and_records(rng):
     assert (tuned["layout"], tuned["block"], tuned["schedules"]) == ("bsr", "2x4", [rec.schedule])
 
 
-# 8x8 blocks, 1 in 7 kept (fixed): BSR 8x8 at m = 2; and a weight without a zero: dense.
-W_BSR = (np.kron(np.arange(64).reshape(8, 8) % 7 == 0, np.ones((8, 8))) * np.linspace(0.5, 1.5, 64)).astype(np.float32)
-W_DENSE = (np.linspace(-1, 1, 48 * 64).reshape(48, 64) + 2).astype(np.float32)
+# 8x8 blocks, 1 in 7 kept (fixed): BSR 8x8 at m = 2 (large enough that skipping blocks pays more
+# than a call costs); and a weight without a zero: dense.
+W_BSR = (np.kron(np.arange(256).reshape(32, 8) % 7 == 0, np.ones((8, 8))) * np.linspace(0.5, 1.5, 64)).astype(np.float32)
+W_DENSE = (np.linspace(-1, 1, 48 * 256).reshape(48, 256) + 2).astype(np.float32)
 
 
 def _two_sites() -> tvm.IRModule:
-    """``main(x[2, 64]) = dense_site(bsr_site(x, W_BSR, 0), W_DENSE, 0)``, analysed."""
+    """``main(x[2, 64]) = dense_site(bsr_site(x, W_BSR, 0), W_DENSE, 0)`` ([256, 64] then [48, 256]), analysed."""
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((2, 64), "float32"))
     with bb.function("main", [x]):
@@ -555,15 +556,15 @@ def test_choose_layout_writes_the_layout_attribute():
     def est(gv, st):
         return FAMILY.estimate_time(attr(before[gv], SITE), st, 2)
 
-    t_bsr, t_dense0 = us(est("bsr_site", stats(W_BSR, "8x8"))), us(est("bsr_site", dense_stats(64, 64)))
-    t_best, t_dense1 = us(est("dense_site", stats(W_DENSE, "16x32"))), us(est("dense_site", dense_stats(48, 64)))
+    t_bsr, t_dense0 = us(est("bsr_site", stats(W_BSR, "8x8"))), us(est("bsr_site", dense_stats(256, 64)))
+    t_best, t_dense1 = us(est("dense_site", stats(W_DENSE, "16x32"))), us(est("dense_site", dense_stats(48, 256)))
     expected = before.clone()
     expected["bsr_site"] = before["bsr_site"].with_attr(LAYOUT, {
         "layout": "bsr", "block": "8x8", "schedules": [], "est_time_us": t_bsr, "dense_est_time_us": t_dense0,
-        "reason": f"bsr 8x8 keeps 15.6% of blocks; est {t_bsr:.1f} us vs dense {t_dense0:.1f} us "
+        "reason": f"bsr 8x8 keeps 14.5% of blocks; est {t_bsr:.1f} us vs dense {t_dense0:.1f} us "
                   f"({t_dense0 / t_bsr:.1f}x)"})
     expected["dense_site"] = before["dense_site"].with_attr(LAYOUT, {
-        "layout": "dense", "block": f"{DENSE_ROWS}x64", "schedules": [], "est_time_us": t_dense1,
+        "layout": "dense", "block": f"{DENSE_ROWS}x256", "schedules": [], "est_time_us": t_dense1,
         "dense_est_time_us": t_dense1,
         "reason": f"dense: best sparse (16x32, 100% blocks) est {t_best:.1f} us is not {1 / MARGIN:.2f}x under "
                   f"dense {t_dense1:.1f} us"})
