@@ -32,6 +32,7 @@ import tvm  # noqa: E402
 
 from bscompile.codegen import cpu  # noqa: E402
 from bscompile.codegen.layout import DENSE_ROWS, BlockShape, BSRMatrix  # noqa: E402
+import bscompile.passes.outline_linear_sites  # noqa: E402,F401 - registers the "linear" site kind
 from bscompile.passes.analyze_sparsity import analyze  # noqa: E402
 from bscompile.passes.choose_layout import decide  # noqa: E402
 from bscompile.target import resolve_target  # noqa: E402
