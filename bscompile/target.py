@@ -53,12 +53,16 @@ class TargetSpec:
         return CpuFamily(MACHINES[self.machine])
 
 
+def _x86_lanes(tgt: dict) -> int:
+    """fp32 lanes of an x86 LLVM target's widest vectors: 16 where its CPU has AVX-512."""
+    return 16 if codegen.llvm_cpu_has_features("avx512f", tvm.target.Target(tgt)) else 8
+
+
 def _host_cpu() -> TargetSpec:
     cpu = codegen.llvm_get_system_cpu()
     # The wheel's default triple (x86_64-conda-linux-gnu) rejects -mcpu; name the real one.
     tgt = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": cpu}
-    lanes = 16 if codegen.llvm_cpu_has_features("avx512f", tvm.target.Target(tgt)) else 8
-    return TargetSpec("llvm", tgt, vector_lanes=lanes, description=f"this machine's CPU ({cpu})")
+    return TargetSpec("llvm", tgt, vector_lanes=_x86_lanes(tgt), description=f"this machine's CPU ({cpu})")
 
 
 def _aarch64(name: str, cpu: str | None, description: str) -> TargetSpec:
@@ -143,7 +147,8 @@ def resolve_target(target: str | dict | TargetSpec, cpu: str | None = None) -> T
         tgt = dict(spec.target, mcpu=cpu)
         if not codegen.llvm_is_valid_cpu(cpu, str(tgt.get("mtriple") or "x86_64-linux-gnu")):  # (cpu, triple)
             raise BscompileError(f"LLVM does not know CPU '{cpu}' for {spec.arch}")
-        spec = TargetSpec(spec.name, tgt, spec.device, spec.vector_lanes, spec.cross_compiler, f"{spec.arch} {cpu}")
+        lanes = _x86_lanes(tgt) if spec.arch == "x86_64" else spec.vector_lanes
+        spec = TargetSpec(spec.name, tgt, spec.device, lanes, spec.cross_compiler, f"{spec.arch} {cpu}")
     return spec
 
 
@@ -167,4 +172,4 @@ def _from_json(target: str | dict) -> TargetSpec:
         raise BscompileError(f"target kind '{kind}' is not supported (yet); supported: llvm, cuda")
     if "aarch64" in str(tgt.get("mtriple", "")):
         return TargetSpec("aarch64", tgt, vector_lanes=4, cross_compiler="aarch64-linux-gnu-g++")
-    return TargetSpec("llvm", tgt)
+    return TargetSpec("llvm", tgt, vector_lanes=_x86_lanes(tgt))
