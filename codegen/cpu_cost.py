@@ -24,6 +24,9 @@ class MachineModel:
     vector_fma_rate: float = 8e9  # vector FMAs/s (2 cores x 2 FMA/cycle x ~2 GHz)
     lanes: int = 8  # fp32 lanes per vector register
     block_overhead_s: float = 1.2e-9  # per stored block and M tile
+    #: The "batch" variant's FMAs relative to the others': each weight broadcast feeds only
+    #: ``m_vec / lanes`` FMAs and the tile keeps fewer independent accumulators.
+    batch_fma_cost: float = 1.0
     call_overhead_s: float = 2e-6  # kernel launch / thread-pool wake-up
     #: A recurrent kernel reads its weights once per step: weights up to ``cache_bytes``
     #: stay in cache between steps and stream at ``cache_bandwidth`` (0: not measured for
@@ -49,6 +52,13 @@ CACHE_BW_X86 = 100e9
 #: now none slower than dense, 1.16x).
 BANDWIDTH_X86 = 50e9
 FLOPS_X86 = 128e9
+#: The same runs, every candidate's measured time against its estimate (geomean): "batch"
+#: kernels 0.64x (m = 16) and 0.74x (m = 64), "rows" 0.64x and 0.67x. Priced alike, the
+#: batch variant's 4x16 and 8x16 blocks won over 16x16 "rows" on 16x16-pruned weights at
+#: m >= 16 and ran 1.1-2.1x slower. With the batch FMAs at 1.25x, in one run (11:31 UTC):
+#: geomean regret 1.20x -> 1.16x (m = 16 1.25x -> 1.18x, m = 64 1.20x -> 1.14x), picks
+#: slower than dense 1 -> 0 of 80 (AVX-512 only: AVX2 was not measured).
+BATCH_FMA_COST_AVX512 = 1.25
 
 #: Machine models by target machine name (``TargetSpec.machine``). x86: a 2-core server
 #: slice (AVX2 or AVX-512, measured here). aarch64 boards: NEON (4 fp32 lanes), one
@@ -58,7 +68,8 @@ MACHINES: dict[str, MachineModel] = {
     "x86_64": MachineModel(bandwidth=BANDWIDTH_X86, vector_fma_rate=FLOPS_X86 / 16, cache_bytes=CACHE_X86,
                            cache_bandwidth=CACHE_BW_X86),
     "x86_64-avx512": MachineModel(bandwidth=BANDWIDTH_X86, vector_fma_rate=FLOPS_X86 / 32, lanes=16,
-                                  cache_bytes=CACHE_X86, cache_bandwidth=CACHE_BW_X86),
+                                  cache_bytes=CACHE_X86, cache_bandwidth=CACHE_BW_X86,
+                                  batch_fma_cost=BATCH_FMA_COST_AVX512),
     "aarch64": MachineModel(bandwidth=8e9, vector_fma_rate=8e9, lanes=4, block_overhead_s=2e-9),
     "cortex-a72": MachineModel(bandwidth=4e9, vector_fma_rate=4 * 1.5e9, lanes=4, block_overhead_s=3e-9,
                                call_overhead_s=4e-6),  # Raspberry Pi 4: 4 cores, LPDDR4
@@ -110,7 +121,7 @@ def estimate_time(ks: KernelShape, machine: MachineModel = MachineModel()) -> fl
         loads = ks.nnz_blocks * ks.c * (ks.m + m_tiles * vecs)  # x broadcasts per row + weights per tile
     # A load issues in an FMA's slot as far as throughput goes: short blocks at large batch
     # (one broadcast of x per FMA) are load-bound, taller blocks reuse each broadcast.
-    t_fma = max(fmas, loads) / machine.vector_fma_rate
+    t_fma = max(fmas, loads) / machine.vector_fma_rate * (machine.batch_fma_cost if ks.variant == "batch" else 1.0)
     cached = ks.resident and machine.cache_bandwidth > 0 and weight_bytes <= machine.cache_bytes
     # activations that fit the cache are there: written by the op before (or staged by run()) and
     # read back by the next one

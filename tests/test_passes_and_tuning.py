@@ -53,11 +53,37 @@ def test_cost_model_keeps_dense_weights_dense_and_sparse_sparse(rng):
     assert sparse_site["decision"]["block"] in ("8x8", "8x16", "8x32", "16x8", "4x8")  # the pruning block or a neighbour
 
 
+@pytest.mark.parametrize("m", [16, 64])
+def test_avx512_model_keeps_whole_16x16_blocks_at_large_batch(m):
+    """bench/cost_model.py (2026-12-07): on a 16x16-pruned 1760x1760 weight at 90% and m >= 16,
+    16x16 "rows" ran 1.2-1.9x faster than the 8x16 / 4x16 "batch" kernels the model chose
+    while it priced both variants' FMAs alike."""
+    from bscompile.passes.analyze_sparsity import analyze
+    from bscompile.passes.choose_layout import decide
+
+    w = np.kron(np.random.default_rng(5).random((110, 110)) >= 0.9, np.ones((16, 16), np.float32))
+    site = {"kind": "linear", "shape": [1760, 1760], "m": m, "name": "w", "fingerprint": "-"}
+    family = resolve_target("x86_64", cpu="znver4").kernel_family()
+    assert decide(site, analyze(w), family)["block"] == "16x16"
+
+
 def test_board_machine_models_differ_from_the_host():
     """A board's model is its own: an aarch64 target ranks with NEON lanes and the board's bandwidth."""
     assert resolve_target("rpi4").kernel_family().machine.lanes == 4
     assert resolve_target("x86_64").kernel_family().machine.lanes == 8
     assert resolve_target("cuda").kernel_family().gpu.name == "A100"
+
+
+@pytest.mark.parametrize("target,cpu,lanes", [("x86_64", None, 8), ("x86_64", "skylake-avx512", 16),
+                                              ("x86_64", "haswell", 8),
+                                              ('{"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver4"}',
+                                               None, 16),
+                                              ('{"kind": "llvm", "mtriple": "x86_64-linux-gnu"}', None, 8)])
+def test_x86_lanes_follow_the_target_cpu(target, cpu, lanes):
+    """An AVX-512 CPU named by --cpu or in a target JSON gets 16-lane kernels and the AVX-512
+    model (they kept the AVX2 preset's 8 lanes, whatever LLVM was told to emit for)."""
+    spec = resolve_target(target, cpu)
+    assert (spec.vector_lanes, spec.kernel_family().machine.lanes) == (lanes, lanes)
 
 
 def test_tuning_records_roundtrip_and_apply(rng, tmp_path):
