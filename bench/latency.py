@@ -116,7 +116,7 @@ def run_threads(quick: bool) -> dict:
 
     from onnx import numpy_helper
 
-    from bscompile.codegen.cpu import schedule_for
+    from bscompile.codegen.cpu import PARALLEL_MIN_WORK, schedule_for
     from bscompile.codegen.layout import BlockShape, block_stats
     from bscompile.records import TuningRecord, record_key
     from bscompile.sites import fingerprint
@@ -136,6 +136,7 @@ def run_threads(quick: bool) -> dict:
     warm = [common.interleaved(fns, 1000) for _ in range(ROUNDS)]
     cold = [common.interleaved(fns, 100, cold=True, twins=twins) for _ in range(ROUNDS)]
     row = {"title": f"{title}, batch 1, specialised", "load": os.getloadavg()[0],
+           "multiply_adds": st.nnz_blocks * 16, "parallel_min_work": PARALLEL_MIN_WORK,
            **{f"warm_{k}_us": float(np.median([t[k] for t in warm])) * 1e6 for k in fns},
            **{f"cold_{k}_us": float(np.median([t[k] for t in cold])) * 1e6 for k in fns},
            "ratio_warm": sorted(t["2 threads"] / t["1 threads"] for t in warm),
@@ -190,8 +191,9 @@ def write(res: dict, cmd: str, stem: str) -> None:
         for r in fl))
     t = res["threads"]
     lines += ["", "## Two threads for a small kernel (`PARALLEL_MIN_WORK`)", "",
-              f"{t['title']}: the default schedule runs on one thread (310k multiply-adds < "
-              "`codegen/cpu.py` `PARALLEL_MIN_WORK` = 2^20); the same kernel forced onto the 2-thread pool by a "
+              f"{t['title']}: the default schedule runs on one thread ({t['multiply_adds'] / 1e3:.0f}k multiply-adds < "
+              f"`codegen/cpu.py` `PARALLEL_MIN_WORK` = 2^{t['parallel_min_work'].bit_length() - 1}); the same kernel "
+              "forced onto the 2-thread pool by a "
               f"tuning record: warm {t['warm_1 threads_us']:.1f} us (1 thread) vs {t['warm_2 threads_us']:.1f} us "
               f"(2 threads), cold {t['cold_1 threads_us']:.1f} vs {t['cold_2 threads_us']:.1f} us; 2 threads / 1 "
               f"thread per round: warm {', '.join(f'{r:.2f}' for r in t['ratio_warm'])}, cold "
