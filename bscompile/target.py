@@ -53,6 +53,13 @@ class TargetSpec:
         return CpuFamily(MACHINES[self.machine])
 
 
+def _check_cpu(tgt: dict) -> None:
+    """Refuse an ``mcpu`` LLVM does not know for the triple (LLVM would log and fall back to generic)."""
+    cpu, triple = tgt.get("mcpu"), str(tgt.get("mtriple") or "x86_64-linux-gnu")
+    if isinstance(cpu, str) and cpu and not codegen.llvm_is_valid_cpu(cpu, triple):
+        raise BscompileError(f"LLVM does not know CPU '{cpu}' for {triple.split('-')[0]}")
+
+
 def _x86_lanes(tgt: dict) -> int:
     """fp32 lanes of an x86 LLVM target's widest vectors: 16 where its CPU has AVX-512."""
     return 16 if codegen.llvm_cpu_has_features("avx512f", tvm.target.Target(tgt)) else 8
@@ -145,8 +152,7 @@ def resolve_target(target: str | dict | TargetSpec, cpu: str | None = None) -> T
         if spec.target.get("kind") != "llvm":
             raise BscompileError(f"--cpu applies to CPU targets, not '{spec.name}'")
         tgt = dict(spec.target, mcpu=cpu)
-        if not codegen.llvm_is_valid_cpu(cpu, str(tgt.get("mtriple") or "x86_64-linux-gnu")):  # (cpu, triple)
-            raise BscompileError(f"LLVM does not know CPU '{cpu}' for {spec.arch}")
+        _check_cpu(tgt)
         lanes = _x86_lanes(tgt) if spec.arch == "x86_64" else spec.vector_lanes
         spec = TargetSpec(spec.name, tgt, spec.device, lanes, spec.cross_compiler, f"{spec.arch} {cpu}")
     return spec
@@ -158,7 +164,11 @@ def _from_json(target: str | dict) -> TargetSpec:
         if tgt.get("kind") == "cuda":  # without an arch TVM probes for a local GPU
             tgt.setdefault("arch", DEFAULT_CUDA_ARCH)
             tgt.setdefault("host", {"kind": "llvm", "mtriple": "x86_64-linux-gnu"})
+        if tgt.get("kind") == "llvm":  # before TVM, which logs an unknown CPU and falls back to generic
+            _check_cpu(tgt)
         tvm.target.Target(tgt)
+    except BscompileError:
+        raise
     except Exception as err:  # noqa: BLE001 - TVM raises several types
         raise BscompileError(f"invalid target JSON: {str(err).strip().splitlines()[-1]}") from None
     kind = tgt.get("kind")

@@ -116,6 +116,19 @@ def test_error_unknown_target(model_dir):
     _one_line_error(*run_cli(model_dir / "mlp.onnx", "--target", "tpu9000")[::2], "unknown target 'tpu9000'")
 
 
+@pytest.mark.parametrize("args,needle", [
+    (["--target", "x86_64", "--cpu", "bogus"], "LLVM does not know CPU 'bogus' for x86_64"),
+    (["--target", '{"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "bogus"}'],
+     "LLVM does not know CPU 'bogus' for x86_64"),
+    (["--target", '{"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "znver4"}'],
+     "LLVM does not know CPU 'znver4' for aarch64")])
+def test_error_unknown_cpu(model_dir, tmp_path, args, needle):
+    """Also in a target JSON: TVM would log an error line and compile for a generic CPU."""
+    rc, _, err = run_cli(model_dir / "mlp.onnx", *args, "-o", tmp_path / "m.bsc")
+    _one_line_error(rc, err, needle)
+    assert not (tmp_path / "m.bsc").exists()
+
+
 def test_dynamic_dims_stay_symbolic_unless_given(tmp_path):
     """Symbolic by default; --input-shape specialises; a static-only target (CUDA) asks for it."""
     m, _ = mlp([8, 4], 1, ["dense"], np.random.default_rng(0))
