@@ -13,12 +13,13 @@ Contract
 - Input: Relax after ``OutlineLinearSites`` (the recurrent converters' input products are
   linear sites from import).
 - Output: a call of a site function of kind "linear" ``site(x2d, W, b)`` (constants ``W[N, K]``
-  and ``b[N]``), or of kind "dynamic_linear" ``site(x2d, W, b, Wg, bg, alive)`` (all constants), whose ``x2d`` is ``take(E, idx, axis=0)`` of a constant float32 table ``E[V, K]``,
-  seen through ``reshape`` and ``permute_dims`` that keep the last axis last, becomes
+  and ``b[N]``), or of kind "dynamic_linear" ``site(x2d, W, b, Wg, bg, alive)`` (all constants),
+  whose ``x2d`` is ``take(E, idx, axis=0)`` of a constant float32 table ``E[V, K]``, seen through
+  ``reshape`` and ``permute_dims`` that keep the last axis last, becomes
   ``take(E @ W.T + b, idx', axis=0)`` (a dynamic site: ``take(D, idx', axis=0)``, ``D`` its
-  forward pass on every row of ``E``, :func:`codegen.dynamic_layout.dynamic_linear`), ``idx'`` the index under the same chain without the last
-  axis (same values, same mode, same number of rows: an index check of ``CheckIndices`` before it
-  still holds). The products are summed in float64 and rounded once to float32 (the kernel's
+  forward pass on every row of ``E``, :func:`codegen.dynamic_layout.dynamic_linear`), ``idx'``
+  the index under the same chain without the last axis (same values, same mode, same number of
+  rows: an index check of ``CheckIndices`` before it still holds). The products are summed in float64 and rounded once to float32 (the kernel's
   sums in another order; a dynamic site's gate scores and selection in float32, as the exported
   graph computes them). Site functions left without callers are removed.
 - Left alone: tables of more than :data:`FOLD_MAX_BYTES`, tables computed at run time, gathers
