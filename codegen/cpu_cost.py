@@ -55,10 +55,11 @@ FLOPS_X86 = 128e9
 #: The same runs, every candidate's measured time against its estimate (geomean): "batch"
 #: kernels 0.64x (m = 16) and 0.74x (m = 64), "rows" 0.64x and 0.67x. Priced alike, the
 #: batch variant's 4x16 and 8x16 blocks won over 16x16 "rows" on 16x16-pruned weights at
-#: m >= 16 and ran 1.1-2.1x slower. With the batch FMAs at 1.25x, in one run (11:31 UTC):
-#: geomean regret 1.20x -> 1.16x (m = 16 1.25x -> 1.18x, m = 64 1.20x -> 1.14x), picks
-#: slower than dense 1 -> 0 of 80 (AVX-512 only: AVX2 was not measured).
-BATCH_FMA_COST_AVX512 = 1.25
+#: m >= 16 and ran 1.1-2.1x slower. With the batch FMAs at 1.25x, AVX-512, in one run (11:31
+#: UTC): geomean regret 1.20x -> 1.16x (m = 16 1.25x -> 1.18x, m = 64 1.20x -> 1.14x), picks
+#: slower than dense 1 -> 0 of 80. AVX2 (``--target x86_64``, 13:02 run): 1.15x -> 1.14x
+#: (m = 16 1.21x -> 1.17x, m = 64 1.17x -> 1.15x).
+BATCH_FMA_COST_X86 = 1.25
 
 #: Machine models by target machine name (``TargetSpec.machine``). x86: a 2-core server
 #: slice (AVX2 or AVX-512, measured here). aarch64 boards: NEON (4 fp32 lanes), one
@@ -66,10 +67,10 @@ BATCH_FMA_COST_AVX512 = 1.25
 #: clocks, with the sustained DRAM bandwidth of the board's memory.
 MACHINES: dict[str, MachineModel] = {
     "x86_64": MachineModel(bandwidth=BANDWIDTH_X86, vector_fma_rate=FLOPS_X86 / 16, cache_bytes=CACHE_X86,
-                           cache_bandwidth=CACHE_BW_X86),
+                           cache_bandwidth=CACHE_BW_X86, batch_fma_cost=BATCH_FMA_COST_X86),
     "x86_64-avx512": MachineModel(bandwidth=BANDWIDTH_X86, vector_fma_rate=FLOPS_X86 / 32, lanes=16,
                                   cache_bytes=CACHE_X86, cache_bandwidth=CACHE_BW_X86,
-                                  batch_fma_cost=BATCH_FMA_COST_AVX512),
+                                  batch_fma_cost=BATCH_FMA_COST_X86),
     "aarch64": MachineModel(bandwidth=8e9, vector_fma_rate=8e9, lanes=4, block_overhead_s=2e-9),
     "cortex-a72": MachineModel(bandwidth=4e9, vector_fma_rate=4 * 1.5e9, lanes=4, block_overhead_s=3e-9,
                                call_overhead_s=4e-6),  # Raspberry Pi 4: 4 cores, LPDDR4
