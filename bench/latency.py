@@ -136,7 +136,7 @@ def run_threads(quick: bool) -> dict:
     warm = [common.interleaved(fns, 1000) for _ in range(ROUNDS)]
     cold = [common.interleaved(fns, 100, cold=True, twins=twins) for _ in range(ROUNDS)]
     row = {"title": f"{title}, batch 1, specialised", "load": os.getloadavg()[0],
-           "multiply_adds": st.nnz_blocks * 16, "parallel_min_work": PARALLEL_MIN_WORK,
+           "multiply_adds": st.nnz_blocks * st.block.r * st.block.c, "parallel_min_work": PARALLEL_MIN_WORK,
            **{f"warm_{k}_us": float(np.median([t[k] for t in warm])) * 1e6 for k in fns},
            **{f"cold_{k}_us": float(np.median([t[k] for t in cold])) * 1e6 for k in fns},
            "ratio_warm": sorted(t["2 threads"] / t["1 threads"] for t in warm),

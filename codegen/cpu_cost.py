@@ -105,8 +105,9 @@ def estimate_time(ks: KernelShape, machine: MachineModel = MachineModel()) -> fl
     if ks.variant == "batch":  # vectors along the batch: r FMAs per block column and batch tile
         m_tiles = -(-ks.m // ks.m_vec)
         vecs = -(-ks.m_vec // machine.lanes)
-        fmas = ks.nnz_blocks * ks.c * ks.r * m_tiles * vecs
-        loads = ks.nnz_blocks * ks.c * m_tiles * (vecs + ks.r)  # x vectors + weight broadcasts
+        cost = machine.batch_fma_cost  # each weight broadcast feeds only vecs FMAs
+        fmas = ks.nnz_blocks * ks.c * ks.r * m_tiles * vecs * cost
+        loads = ks.nnz_blocks * ks.c * m_tiles * (vecs + ks.r) * cost  # x vectors + weight broadcasts
         act_bytes *= 2  # the transposed copy of x
         weight_bytes *= m_tiles  # batch tiles are the outer loop: the weights stream once per tile
     elif ks.variant in ("block", "unrolled"):  # vectors over whole blocks, against x replicated r times
@@ -122,7 +123,7 @@ def estimate_time(ks: KernelShape, machine: MachineModel = MachineModel()) -> fl
         loads = ks.nnz_blocks * ks.c * (ks.m + m_tiles * vecs)  # x broadcasts per row + weights per tile
     # A load issues in an FMA's slot as far as throughput goes: short blocks at large batch
     # (one broadcast of x per FMA) are load-bound, taller blocks reuse each broadcast.
-    t_fma = max(fmas, loads) / machine.vector_fma_rate * (machine.batch_fma_cost if ks.variant == "batch" else 1.0)
+    t_fma = max(fmas, loads) / machine.vector_fma_rate
     cached = ks.resident and machine.cache_bandwidth > 0 and weight_bytes <= machine.cache_bytes
     # activations that fit the cache are there: written by the op before (or staged by run()) and
     # read back by the next one

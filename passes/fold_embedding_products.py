@@ -19,9 +19,10 @@ Contract
   ``take(E @ W.T + b, idx', axis=0)`` (a dynamic site: ``take(D, idx', axis=0)``, ``D`` its
   forward pass on every row of ``E``, :func:`codegen.dynamic_layout.dynamic_linear`), ``idx'``
   the index under the same chain without the last axis (same values, same mode, same number of
-  rows: an index check of ``CheckIndices`` before it still holds). The products are summed in float64 and rounded once to float32 (the kernel's
-  sums in another order; a dynamic site's gate scores and selection in float32, as the exported
-  graph computes them). Site functions left without callers are removed.
+  rows: an index check of ``CheckIndices`` before it still holds). The products are summed in
+  float64 and rounded once to float32 (the kernel's sums in another order; a dynamic site's gate
+  scores and selection in float32, as the exported graph computes them). Site functions left
+  without callers are removed.
 - Left alone: tables of more than :data:`FOLD_MAX_BYTES`, tables computed at run time, gathers
   along another axis, chains that move the last axis, other site kinds, and a dynamic site whose
   selection float32 rounding could change for some row of the table: another score (a tie too)

@@ -9,6 +9,8 @@ from onnx_models import mlp, ort_run, recurrent, sparsify
 import bscompile
 from bscompile.codegen.layout import CANDIDATE_EDGES, BlockShape, BSRMatrix, all_block_stats, block_stats
 from bscompile.driver import analyze_model
+from bscompile.passes.analyze_sparsity import analyze
+from bscompile.passes.choose_layout import decide
 from bscompile.records import record_key, save_records
 from bscompile.sites import weight_entries
 from bscompile.target import resolve_target
@@ -58,9 +60,6 @@ def test_avx512_model_keeps_whole_16x16_blocks_at_large_batch(m):
     """bench/cost_model.py (2026-12-07): on a 16x16-pruned 1760x1760 weight at 90% and m >= 16,
     16x16 "rows" ran 1.2-1.9x faster than the 8x16 / 4x16 "batch" kernels the model chose
     while it priced both variants' FMAs alike."""
-    from bscompile.passes.analyze_sparsity import analyze
-    from bscompile.passes.choose_layout import decide
-
     w = np.kron(np.random.default_rng(5).random((110, 110)) >= 0.9, np.ones((16, 16), np.float32))
     site = {"kind": "linear", "shape": [1760, 1760], "m": m, "name": "w", "fingerprint": "-"}
     family = resolve_target("x86_64", cpu="znver4").kernel_family()
