@@ -44,7 +44,7 @@ class CpuSchedule:
     parallel: bool  # parallelise over block rows
     unroll_c: bool  # fully unroll the columns of a block (small blocks)
     #: "rows": vectorise over a block's rows (blocks at least a vector high);
-    #: "block": over a whole r x c block against a replicated x (short blocks, small batch);
+    #: "block": over a whole r x c block against x's columns repeated r times (short blocks, small batch);
     #: "batch": over batch rows (short blocks, batch >= a vector);
     #: "unrolled": "block" generated for the weight's own sparsity pattern (batch-1 recurrences)
     variant: str = "rows"
@@ -136,8 +136,8 @@ def schedule_for(block: BlockShape, nnz_blocks: int, num_block_rows: int, m: int
     Blocks of half a vector's height or more are vectorised over their rows with an M tile
     that keeps accumulators in registers. Shorter blocks would leave lanes idle that way:
     once the batch fills a vector they are vectorised over the batch (linear layers),
-    otherwise (up to :data:`BLOCK_VARIANT_MAX_ROWS` high) over the whole block against a
-    copy of ``x`` replicated to the block's layout (also inside recurrent kernels, whose
+    otherwise (up to :data:`BLOCK_VARIANT_MAX_ROWS` high) over the whole block against
+    ``x``'s columns repeated to the block's layout (also inside recurrent kernels, whose
     mat-vec has no transposed ``x``; small batch-1 ones "unrolled").
     """
     weights = nnz_blocks * block.r * block.c
@@ -268,10 +268,10 @@ def _has_tail(m, mt: int) -> bool:
 
 
 def workspace_size(mat: BSRMatrix, m, sched: CpuSchedule):
-    """Floats of scratch a matmul macro needs: ``x`` replicated to the block layout ("block"),
-    ``x`` transposed into batch tiles ("batch")."""
+    """Floats of scratch a matmul macro needs: ``x`` replicated to the block layout ("block",
+    "unrolled") where the block does not divide K, ``x`` transposed into batch tiles ("batch")."""
     k_pad = mat.padded_shape[1]
-    if sched.variant in ("block", "unrolled"):
+    if sched.variant in ("block", "unrolled") and not _direct_x(mat):
         return m * (k_pad // mat.block.c) * mat.block.r * mat.block.c
     if sched.variant == "batch":
         return (m + sched.m_vec - 1) // sched.m_vec * sched.m_vec * k_pad
@@ -280,13 +280,22 @@ def workspace_size(mat: BSRMatrix, m, sched: CpuSchedule):
 
 def _block_vector_macro(mat: BSRMatrix, m, sched: CpuSchedule, k_limit: int | None, n_limit: int | None):
     """The "block" variant: each stored block is ``r*c`` contiguous lanes (``[c, r]`` order),
-    multiplied lane by lane with ``xrep[m, kb, kk*r + rr] = x[m, kb*c + kk]`` and summed
-    per row once per block row. A 4x4 block is two full vectors and two FMAs per batch
-    row, where the "rows" variant would spend four half-empty FMAs and four broadcasts.
-    ``q`` blocks are in flight at a time so the FMA chains stay independent."""
+    multiplied lane by lane with ``x[m, kb*c : kb*c + c]``, each element repeated ``r`` times
+    (one vector load and a shuffle, :func:`_x_lanes`), and summed per row once per block row.
+    A 4x4 block is one AVX-512 vector (two AVX2 ones) and one FMA per batch row, where the
+    "rows" variant would spend four quarter-empty FMAs and four broadcasts. ``q`` blocks are
+    in flight at a time so the FMA chains stay independent.
+
+    The lanes came from a copy of ``x`` replicated to that order (``xrep``, ``r`` times the
+    size of ``x``), which is what remains where the block does not divide K (the last block
+    column is clamped there). Read with a shuffle instead, 1760x1760 90%-pruned, AVX-512, one
+    thread, best of 9 (2026-12-07): 4x4 batch 4 55 -> 38 us and batch 1 22 -> 19; 4x8 batch 4
+    54 -> 36, batch 1 21 -> 15; 2x8 and 1x16 within the noise (the 4-row copy of x, 112 KiB at
+    K = 1760, left L1 for every block and batch row)."""
     r, c, mt = mat.block.r, mat.block.c, sched.m_tile
     rc, nkb, nbr = r * c, mat.padded_shape[1] // mat.block.c, mat.num_block_rows
     rows = T.parallel if sched.parallel else T.serial
+    direct = _direct_x(mat)
 
     def tile(mt: int):
         q = block_chains(mat.block, dataclasses.replace(sched, m_tile=mt))
@@ -299,12 +308,20 @@ def _block_vector_macro(mat: BSRMatrix, m, sched: CpuSchedule, k_limit: int | No
 
         store = _store_macro(r, mt, n_limit, total)
 
-        @T.macro
-        def blocks(acc, slot, dflat, indices, xrep, p, m0):
-            kb = T.Bind(indices[p])
-            for mm in T.unroll(mt):
-                for i in T.vectorized(rc):
-                    acc[slot, mm, i] = acc[slot, mm, i] + dflat[p * rc + i] * xrep[((m0 + mm) * nkb + kb) * rc + i]
+        if direct:
+            def blocks(acc, slot, dflat, indices, x, p, m0):
+                kb = T.Bind(indices[p])
+                for mm in range(mt):
+                    cur = tvm.tirx.BufferLoad(acc, [slot, mm, T.Ramp(0, 1, rc)])
+                    T.buffer_store(acc, cur + _lanes(dflat, p * rc, rc) * _x_lanes(x, m0 + mm, kb * c, r, c),
+                                   [slot, mm, T.Ramp(0, 1, rc)])
+        else:
+            @T.macro
+            def blocks(acc, slot, dflat, indices, xrep, p, m0):
+                kb = T.Bind(indices[p])
+                for mm in T.unroll(mt):
+                    for i in T.vectorized(rc):
+                        acc[slot, mm, i] = acc[slot, mm, i] + dflat[p * rc + i] * xrep[((m0 + mm) * nkb + kb) * rc + i]
 
         @T.macro
         def run(xrep, dflat, indices, indptr, bias, y, y_col0, ib, m0):
@@ -337,8 +354,9 @@ def _block_vector_macro(mat: BSRMatrix, m, sched: CpuSchedule, k_limit: int | No
     @T.macro
     def matmul(x, work, data, indices, indptr, bias, y, y_col0):
         dflat = T.decl_buffer((data.shape[0] * rc,), "float32", data=data.data)
-        xrep = work  # [m, nkb, rc], indexed flat (a view of a run-time-sized buffer would alias it)
-        replicate(x, xrep)
+        xrep = x if direct else work  # [m, nkb, rc], indexed flat (a view of a run-time-sized buffer would alias it)
+        if not direct:
+            replicate(x, xrep)
         for ib in rows(nbr):
             for mo in T.serial(m // mt):
                 full(xrep, dflat, indices, indptr, bias, y, y_col0, ib, mo * mt)
@@ -366,6 +384,23 @@ def _replicate_macro(mat: BSRMatrix, m, k_limit: int | None):
     return replicate
 
 
+def _direct_x(mat: BSRMatrix) -> bool:
+    """Whether the "block" variant reads ``x`` itself (every block column whole) instead of a copy
+    replicated to the block's lane order."""
+    return mat.padded_shape[1] == mat.shape[1]
+
+
+def _x_lanes(x, row, col, r: int, c: int):
+    """``x[row, col : col + c]``, each element repeated ``r`` times (the lane order of a ``[c, r]``
+    block): one vector load and a shuffle."""
+    v = tvm.tirx.BufferLoad(x, [row, T.Ramp(col, 1, c)]) if c > 1 else x[row, col]
+    if r == 1:
+        return v
+    if c == 1:
+        return tvm.tirx.Broadcast(v, r)
+    return tvm.tirx.Shuffle([v] * r, [i // r for i in range(r * c)])  # (no more lanes out than in)
+
+
 def _lanes(buf, start: int, n: int):
     """``buf[start : start + n]`` as one vector load (a scalar one for ``n == 1``)."""
     return tvm.tirx.BufferLoad(buf, [T.Ramp(start, 1, n) if n > 1 else start])
@@ -374,7 +409,7 @@ def _lanes(buf, start: int, n: int):
 def _unrolled_macro(mat: BSRMatrix, sched: CpuSchedule, k_limit: int | None):
     """The "unrolled" variant, batch 1: the "block" variant's arithmetic as straight-line code for
     this weight's own pattern (``mat`` carries its real ``indices``/``indptr``). Each block is one
-    vector multiply-add at constant offsets into the data and the replicated ``x``; a block row's
+    vector multiply-add at constant offsets into the data and ``x`` (as :func:`_x_lanes`); a block row's
     ``q`` chains are one expression, summed and reduced per row as in "block". No index is read at
     run time, so the kernel's data buffer has the pattern's static block count. The block rows are
     emitted in chunks, the cases of a run-time loop (see :data:`UNROLL_CHUNK_ROWS`)."""
@@ -383,13 +418,15 @@ def _unrolled_macro(mat: BSRMatrix, sched: CpuSchedule, k_limit: int | None):
     q_max = block_chains(mat.block, sched)
     indptr, indices = mat.indptr.tolist(), mat.indices.tolist()
     replicate = _replicate_macro(mat, 1, k_limit)
+    direct = _direct_x(mat)
 
-    def emit(dflat, xrep, bias, y, y_col0, rows):
+    def emit(dflat, x, xrep, bias, y, y_col0, rows):
         """The stores of block rows ``rows``, emitted into the enclosing TVMScript body (IRBuilder calls)."""
         for ib in rows:
             chains: list = []
             for n, p in enumerate(range(indptr[ib], indptr[ib + 1])):
-                term = _lanes(dflat, p * rc, rc) * _lanes(xrep, indices[p] * rc, rc)
+                xv = _x_lanes(x, 0, indices[p] * c, r, c) if direct else _lanes(xrep, indices[p] * rc, rc)
+                term = _lanes(dflat, p * rc, rc) * xv
                 if n < q_max:
                     chains.append(term)
                 else:
@@ -407,18 +444,19 @@ def _unrolled_macro(mat: BSRMatrix, sched: CpuSchedule, k_limit: int | None):
     nbr = mat.num_block_rows
     chunks = [range(i, min(i + UNROLL_CHUNK_ROWS, nbr)) for i in range(0, nbr, UNROLL_CHUNK_ROWS)]
 
-    def emit_chunks(dflat, xrep, bias, y, y_col0, ch):
+    def emit_chunks(dflat, x, xrep, bias, y, y_col0, ch):
         for i, rows in enumerate(chunks):
             with T.If(ch == i):
                 with T.Then():
-                    emit(dflat, xrep, bias, y, y_col0, rows)
+                    emit(dflat, x, xrep, bias, y, y_col0, rows)
 
     @T.macro
     def matmul(x, work, data, indices, indptr, bias, y, y_col0):
         dflat = T.decl_buffer((data.shape[0] * rc,), "float32", data=data.data)
-        replicate(x, work)
+        if not direct:
+            replicate(x, work)
         for ch in T.serial(len(chunks)):
-            emit_chunks(dflat, work, bias, y, y_col0, ch)
+            emit_chunks(dflat, x, work, bias, y, y_col0, ch)
 
     return matmul
 
@@ -865,7 +903,7 @@ class BlockRowGenerator(Generator):
             # 16.1 / 39.3 / 12.5; the 2-thread 1760x1760 4x4 at m = 64: 319 vs 336 us)
             out.append(dataclasses.replace(base, m_vec=lanes if base.m_vec == 2 * lanes else 2 * lanes))
         if base.variant != "block" and block_vector_ok(mat.block, lanes):
-            out.append(CpuSchedule(1, base.parallel, True, "block"))
+            out.append(CpuSchedule(_tile(m, -(-mat.block.r * mat.block.c // lanes)), base.parallel, True, "block"))
         if base.variant in ("batch", "block"):  # short blocks: the plain rows variant as the fallback
             out.append(CpuSchedule(max(d for d in range(1, 9) if m % d == 0), base.parallel, base.unroll_c))
         return out

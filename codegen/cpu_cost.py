@@ -2,8 +2,9 @@
 
 Per variant (see :mod:`codegen.cpu`): "rows" does one vector FMA per (block column,
 batch row, ceil(r / lanes) vectors) and keeps a block row in cache across M tiles;
-"block" does ceil(r*c / lanes) FMAs per (block, batch row) plus filling a replicated
-``x`` ("unrolled" the same without the per-block overhead); "batch" does r FMAs per (block
+"block" does ceil(r*c / lanes) FMAs per (block, batch row), each against a load and shuffle
+of ``x`` (plus filling a replicated copy of ``x`` where the block does not divide K;
+"unrolled" the same without the per-block overhead); "batch" does r FMAs per (block
 column, batch tile) but streams the weights once per batch tile. A layout's time is the larger
 of its memory time and its compute time, plus a per-block overhead (index load, loop control);
 activations that fit the cache are read from it (pricing them at memory bandwidth chose 16x4 "rows" kernels over the measured-faster
@@ -110,11 +111,12 @@ def estimate_time(ks: KernelShape, machine: MachineModel = MachineModel()) -> fl
         loads = ks.nnz_blocks * ks.c * m_tiles * (vecs + ks.r) * cost  # x vectors + weight broadcasts
         act_bytes *= 2  # the transposed copy of x
         weight_bytes *= m_tiles  # batch tiles are the outer loop: the weights stream once per tile
-    elif ks.variant in ("block", "unrolled"):  # vectors over whole blocks, against x replicated r times
+    elif ks.variant in ("block", "unrolled"):  # vectors over whole blocks, against x's columns repeated r times
         m_tiles = -(-ks.m // ks.m_tile)
         vecs = -(-(ks.r * ks.c) // machine.lanes)
         fmas = ks.nnz_blocks * ks.m * vecs
-        fmas += ks.m * ks.k * ks.r // machine.lanes  # filling the replicated x (cache-resident stores)
+        if ks.k % ks.c:  # a partial last block column: x is first copied to the block's lane order
+            fmas += ks.m * ks.k * ks.r // machine.lanes
         loads = ks.nnz_blocks * vecs * (ks.m + m_tiles)  # replicated x per row + weights per tile
     else:  # vectors along the block's rows
         m_tiles = -(-ks.m // ks.m_tile)

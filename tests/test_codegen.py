@@ -72,10 +72,16 @@ KERNEL_CASES = [
     (130, 70, (4, 4), 40, {"parallel": True}),  # "batch", chunked block rows (33 rows, 4 chunks)
     (64, 700, (2, 8), 200, {"parallel": True}),  # "batch", parallel transpose
     (100, 70, (4, 4), 8, {"variant": "block", "m_tile": 4}),
+    # blocks dividing K: "block" reads x's columns with a shuffle instead of a replicated copy
+    (100, 72, (4, 4), 3, {}),
+    (64, 96, (2, 8), 5, {"variant": "block"}),
+    (48, 64, (4, 2), 7, {"variant": "block", "m_tile": 4}),
+    (40, 96, (1, 16), 2, {"variant": "block"}),
     # straight-line code for the weight's pattern (batch 1, N a multiple of the block height)
     (96, 70, (4, 4), 1, {"variant": "unrolled"}),
     (64, 48, (2, 8), 1, {"variant": "unrolled"}),
     (40, 64, (1, 8), 1, {"variant": "unrolled"}),
+    (96, 72, (4, 4), 1, {"variant": "unrolled"}),
 ]
 
 
