@@ -9,11 +9,13 @@ kernel's buffers across steps; the VM calls the kernel once per sequence instead
 running a loop function with a site call, a cell kernel and allocations per step.
 
 With two chunks the whole loop is one thread-pool launch (as the persistent dense
-recurrences of :mod:`codegen.cpu`): per step the threads split the gate's groups, then
-each computes the selection and the tile lists itself (the same lists: O(N) scalar work)
-and multiplies its own range of output blocks, balanced by work, then they split the cell
-update; barriers between the three. A pool that must not spin wakes once per sequence,
-not once per step.
+recurrences of :mod:`codegen.cpu`), two phases a step, each ending at a barrier: every
+thread sums the partial gate scores, computes the selection and the tile lists itself (the
+same lists: O(N) scalar work) and multiplies its own range of output blocks, balanced by
+work; then each thread updates its own hidden units and multiplies them into its partial
+gate scores for the next step. A pool that must not spin wakes once per sequence, not
+once per step. (The gate as a phase of its own, split by gate groups, took a third barrier
+a step.)
 """
 
 from __future__ import annotations
@@ -65,48 +67,90 @@ def _kernel(cell: CellSpec, shape: DynamicShape, n_alive: int, batch: int, seq_s
     ph = phases(shape, batch, sched, n_alive, panel)
     ng, chunks = ph.ng, sched.chunks
     step = gate_update(cell)
-    full, tail = hid // lanes * lanes, hid % lanes
-    par = T.parallel if chunks > 1 else T.serial
 
     @T.macro
     def chunk_blocks(tiles, h, bias, pre, acc, lrow, lscale, utile, ugroups, ucnt, bounds, ch):
         ph.product(tiles, h, bias, pre, acc, lrow, lscale, utile, ugroups, ucnt, bounds[ch], bounds[ch + 1])
 
+    # selection, lists and chunk ch's output blocks: ``pre = W_hh[selected] h + b_hh``
     chunk = ph.with_lists(chunk_blocks, hoisted=True)
 
-    @T.macro
-    def product_phase(tiles, h, g, bias, pre, sf, si):
-        """Selection, lists and this chunk's output blocks: ``pre = W_hh[selected] h + b_hh``."""
-        for ch in par(chunks):
-            chunk(g, tiles, h, bias, pre, ch, sf, si, ch)
+    # Two or more chunks: thread ``ch`` owns the hidden units [u0, u1) (whole vectors of the
+    # update). After updating them it multiplies them into its partial gate scores
+    # ``gp[ch] = Wg[:, u0:u1] h[u0:u1]`` (its half of the gate weights, with h still in L1); the
+    # next step starts from ``gp[0] + gp[1] + bg``, summed by each thread into its own scores.
+    per = -(-hid // lanes // chunks) * lanes
+    gq = 8  # independent accumulator chains of the partial gate
 
     @T.macro
-    def update_phase(xp, pre, h, c, peep, y, t):
+    def gate_part(h, gate_w, gp, ch):
+        u0 = T.Bind(T.min(ch * per, hid))
+        n = T.Bind(T.min(u0 + per, hid) - u0)
         for b in T.serial(batch):
-            for jo in par(full // lanes):
-                for ji in T.vectorized(lanes):
-                    step(xp, pre, h, c, peep, y, b, jo * lanes + ji, t, 0)
-            for jt in par(tail):  # split too: the update reads the h and c it writes
-                step(xp, pre, h, c, peep, y, b, full + jt, t, 0)
+            for grp in T.serial(ng):
+                gacc = T.alloc_buffer((gq, GATE_ROWS), "float32")
+                for cc in T.unroll(gq):
+                    for v in T.vectorized(GATE_ROWS):
+                        gacc[cc, v] = T.float32(0)
+                for io in T.serial(n // gq):
+                    for cc in T.unroll(gq):
+                        hv = T.Bind(h[b, u0 + io * gq + cc])
+                        for v in T.vectorized(GATE_ROWS):
+                            gacc[cc, v] = gacc[cc, v] + gate_w[grp, u0 + io * gq + cc, v] * hv
+                for io in T.serial(n % gq):
+                    hv = T.Bind(h[b, u0 + n - n % gq + io])
+                    for v in T.vectorized(GATE_ROWS):
+                        gacc[0, v] = gacc[0, v] + gate_w[grp, u0 + n - n % gq + io, v] * hv
+                for cc in T.unroll(gq - 1):
+                    for v in T.vectorized(GATE_ROWS):
+                        gacc[0, v] = gacc[0, v] + gacc[cc + 1, v]
+                for v in T.vectorized(GATE_ROWS):
+                    gp[ch, b, grp * GATE_ROWS + v] = gacc[0, v]
 
     @T.macro
-    def gate_phase(h, gate_w, gate_b, g):
-        for grp in par(ng):
-            ph.gate_group(h, gate_w, gate_b, g, grp)
+    def update_part(xp, pre, h, c, peep, y, t, ch):
+        u0 = T.Bind(T.min(ch * per, hid))
+        n = T.Bind(T.min(u0 + per, hid) - u0)
+        for b in T.serial(batch):
+            for jo in T.serial(n // lanes):
+                for ji in T.vectorized(lanes):
+                    step(xp, pre, h, c, peep, y, b, u0 + jo * lanes + ji, t, 0)
+            for jt in T.serial(n % lanes):
+                step(xp, pre, h, c, peep, y, b, u0 + n - n % lanes + jt, t, 0)
+
+    @T.macro
+    def scores(gp, gate_b, g_own):
+        """g_own = sum of the chunks' partial scores + bg."""
+        for b in T.serial(batch):
+            for n in T.serial(ng):
+                for v in T.vectorized(GATE_ROWS):
+                    g_own[b, n * GATE_ROWS + v] = gate_b[n * GATE_ROWS + v] + gp[0, b, n * GATE_ROWS + v]
+                for cc in T.serial(chunks - 1):
+                    for v in T.vectorized(GATE_ROWS):
+                        g_own[b, n * GATE_ROWS + v] = g_own[b, n * GATE_ROWS + v] + gp[cc + 1, b, n * GATE_ROWS + v]
 
     @T.macro
     def one_step(xp, tiles, gate_w, gate_b, bias, h, c, g, pre, peep, sf, si, y, t):
-        if chunks > 1:  # the three phases, each ending at a barrier
-            with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
-                gate_phase(h, gate_w, gate_b, g)
-            with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
-                product_phase(tiles, h, g, bias, pre, sf, si)
-            with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
-                update_phase(xp, pre, h, c, peep, y, t)
-        else:
-            gate_phase(h, gate_w, gate_b, g)
-            product_phase(tiles, h, g, bias, pre, sf, si)
-            update_phase(xp, pre, h, c, peep, y, t)
+        """One thread: the gate, selection, lists and product, the update."""
+        for grp in T.serial(ng):
+            ph.gate_group(h, gate_w, gate_b, g, grp)
+        chunk(g, tiles, h, bias, pre, 0, sf, si, 0)
+        update_part(xp, pre, h, c, peep, y, t, 0)
+
+    @T.macro
+    def parallel_step(xp, tiles, gate_w, gate_b, bias, h, c, gp, gs, pre, peep, sf, si, y, t):
+        """Two phases, each ending at a barrier: scores, selection, lists and the chunk's output
+        blocks; then the chunk's units of the update and their partial gate scores for the next step."""
+        with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
+            for ch in T.parallel(chunks):
+                g_own = T.decl_buffer((batch, ng * GATE_ROWS), "float32", data=gs.data,
+                                      elem_offset=ch * batch * ng * GATE_ROWS)
+                scores(gp, gate_b, g_own)
+                chunk(g_own, tiles, h, bias, pre, ch, sf, si, ch)
+        with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
+            for ch in T.parallel(chunks):
+                update_part(xp, pre, h, c, peep, y, t, ch)
+                gate_part(h, gate_w, gp, ch)
 
     @T.prim_func(s_tir=True)
     def dynamic_recurrence(xp_h: T.handle, h0: T.Buffer((batch, hid), "float32"),
@@ -131,9 +175,14 @@ def _kernel(cell: CellSpec, shape: DynamicShape, n_alive: int, batch: int, seq_s
                 h[b, j] = h0[b, j]
                 c[b, j] = c0[b, j]
         if chunks > 1:
+            gp = T.alloc_buffer((chunks, batch, ng * GATE_ROWS), "float32")  # partial gate scores
+            gs = T.alloc_buffer((chunks * batch * ng * GATE_ROWS,), "float32")  # each chunk's summed scores
             with T.attr(0, "pragma_parallel_launch_point", 1):
+                with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
+                    for ch in T.parallel(chunks):
+                        gate_part(h, gate_w, gp, ch)
                 for t in T.serial(seq):
-                    one_step(xp, tiles, gate_w, gate_b, bias, h, c, g, pre, peep, sf, si, y, t)
+                    parallel_step(xp, tiles, gate_w, gate_b, bias, h, c, gp, gs, pre, peep, sf, si, y, t)
         else:
             for t in T.serial(seq):
                 one_step(xp, tiles, gate_w, gate_b, bias, h, c, g, pre, peep, sf, si, y, t)
