@@ -317,14 +317,14 @@ def _block_vector_macro(mat: BSRMatrix, m, sched: CpuSchedule, k_limit: int | No
                                    [slot, mm, T.Ramp(0, 1, rc)])
         else:
             @T.macro
-            def blocks(acc, slot, dflat, indices, xrep, p, m0):
+            def blocks(acc, slot, dflat, indices, xs, p, m0):
                 kb = T.Bind(indices[p])
                 for mm in T.unroll(mt):
                     for i in T.vectorized(rc):
-                        acc[slot, mm, i] = acc[slot, mm, i] + dflat[p * rc + i] * xrep[((m0 + mm) * nkb + kb) * rc + i]
+                        acc[slot, mm, i] = acc[slot, mm, i] + dflat[p * rc + i] * xs[((m0 + mm) * nkb + kb) * rc + i]
 
         @T.macro
-        def run(xrep, dflat, indices, indptr, bias, y, y_col0, ib, m0):
+        def run(xs, dflat, indices, indptr, bias, y, y_col0, ib, m0):
             acc = T.alloc_buffer((q, mt, rc), "float32")
             for j in T.unroll(q):
                 for mm in T.unroll(mt):
@@ -334,10 +334,10 @@ def _block_vector_macro(mat: BSRMatrix, m, sched: CpuSchedule, k_limit: int | No
             cnt = T.Bind(indptr[ib + 1] - p0)
             for pp in range(cnt // q):
                 for j in T.unroll(q):
-                    blocks(acc, j, dflat, indices, xrep, p0 + pp * q + j, m0)
+                    blocks(acc, j, dflat, indices, xs, p0 + pp * q + j, m0)
             for j in T.unroll(q - 1):  # the last blocks on chains of their own too
                 if j < cnt % q:
-                    blocks(acc, j, dflat, indices, xrep, p0 + cnt - cnt % q + j, m0)
+                    blocks(acc, j, dflat, indices, xs, p0 + cnt - cnt % q + j, m0)
             for j in T.unroll(q - 1):  # whole vectors first: one lane sum per row below
                 for mm in T.unroll(mt):
                     for i in T.vectorized(rc):
@@ -354,15 +354,17 @@ def _block_vector_macro(mat: BSRMatrix, m, sched: CpuSchedule, k_limit: int | No
     @T.macro
     def matmul(x, work, data, indices, indptr, bias, y, y_col0):
         dflat = T.decl_buffer((data.shape[0] * rc,), "float32", data=data.data)
-        xrep = x if direct else work  # [m, nkb, rc], indexed flat (a view of a run-time-sized buffer would alias it)
+        # the lanes' source: x itself, or its copy [m, nkb, rc] indexed flat (a view of a
+        # run-time-sized buffer would alias it)
+        xs = x if direct else work
         if not direct:
-            replicate(x, xrep)
+            replicate(x, xs)
         for ib in rows(nbr):
             for mo in T.serial(m // mt):
-                full(xrep, dflat, indices, indptr, bias, y, y_col0, ib, mo * mt)
+                full(xs, dflat, indices, indptr, bias, y, y_col0, ib, mo * mt)
             if tail_rows:
                 for mr in T.serial(m % mt):
-                    tail(xrep, dflat, indices, indptr, bias, y, y_col0, ib, m - m % mt + mr)
+                    tail(xs, dflat, indices, indptr, bias, y, y_col0, ib, m - m % mt + mr)
 
     return matmul
 
