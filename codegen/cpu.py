@@ -308,7 +308,7 @@ def _block_vector_macro(mat: BSRMatrix, m, sched: CpuSchedule, k_limit: int | No
 
         store = _store_macro(r, mt, n_limit, total)
 
-        if direct:
+        if direct:  # (statements built directly: a whole-lanes vector expression, as in "unrolled")
             def blocks(acc, slot, dflat, indices, x, p, m0):
                 kb = T.Bind(indices[p])
                 for mm in range(mt):
@@ -387,8 +387,8 @@ def _replicate_macro(mat: BSRMatrix, m, k_limit: int | None):
 
 
 def _direct_x(mat: BSRMatrix) -> bool:
-    """Whether the "block" variant reads ``x`` itself (every block column whole) instead of a copy
-    replicated to the block's lane order."""
+    """Whether the "block" and "unrolled" variants read ``x`` itself (every block column whole)
+    instead of a copy replicated to the block's lane order."""
     return mat.padded_shape[1] == mat.shape[1]
 
 
