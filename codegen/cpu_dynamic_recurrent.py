@@ -33,7 +33,9 @@ from bscompile.codegen.recurrent_cells import GATE_LANES, CellSpec, gate_update,
 #: Multiply-adds per step (gate + selected tiles) from which the loop runs on two threads in
 #: one launch. Per step at batch 1, keep 0.5, serial -> two threads (AMD EPYC, 2 cores, quiet):
 #: LSTM 512, 64x64 tiles (655k) 35.3 -> 26.7 us; LSTM 256, 32x32 (196k) 13.6 -> 10.1 us;
-#: GRU 128, 32x32 (30k) 2.4 -> 3.4 us (three barriers a step cost more than they split).
+#: GRU 128, 32x32 (30k) 2.4 -> 3.4 us (three barriers a step cost more than they split). With two
+#: barriers a step (2026-12-07, one process, AVX-512): LSTM 128, 32x32 (41k) 4.0 -> 3.9 us; LSTM 192,
+#: 32x32 (101k) 6.8 -> 6.9; LSTM 256, 32x32 (197k) 16.3 -> 10.1: the crossover is near 100k.
 PERSISTENT_MIN_WORK = 1 << 16
 
 
