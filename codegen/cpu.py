@@ -788,7 +788,7 @@ def _recurrent_kernel(cell: CellSpec, keys: tuple[LayoutKey, ...], seq_static: i
         gates_p = gate_phase(T.parallel, T.parallel, 1)
 
         # Every pool thread runs the time loop; its serial statements (x replicated for the
-        # block variant, the step's bounds) write identical values. The parallel loops split
+        # block variant where the block does not divide K, the step's bounds) write identical values. The parallel loops split
         # the step's block rows and hidden units; the barriers order mat-vec (reads h, writes g)
         # -> gate update (reads g, writes h) -> the next step.
         # In this branch the batch is 1: the state, gates and sequence buffers are viewed with

@@ -177,7 +177,7 @@ def test_persistent_recurrence_with_any_pool_size(threads, tmp_path):
     ``TVM_NUM_THREADS``), the symbolic-batch artifact matches onnxruntime at batch 1 (the
     persistent bucket, bidirectional) and batch 3 (per-step bucket), GRU and LSTM, with a
     hidden size that fills the gate update's vectors and ones that leave a tail (150 dense,
-    1020 in 4x4 blocks at 10%: the block variant's replicated ``h``)."""
+    1020 in 4x4 blocks at 10%: the block variant, reading ``h`` with shuffles)."""
     seed = int(np.random.SeedSequence().entropy % 2**32)
     script = f"""
 import sys, numpy as np
