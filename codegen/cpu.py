@@ -788,9 +788,9 @@ def _recurrent_kernel(cell: CellSpec, keys: tuple[LayoutKey, ...], seq_static: i
         gates_p = gate_phase(T.parallel, T.parallel, 1)
 
         # Every pool thread runs the time loop; its serial statements (x replicated for the
-        # block variant where the block does not divide K, the step's bounds) write identical values. The parallel loops split
-        # the step's block rows and hidden units; the barriers order mat-vec (reads h, writes g)
-        # -> gate update (reads g, writes h) -> the next step.
+        # block variant where the block does not divide K, the step's bounds) write identical
+        # values. The parallel loops split the step's block rows and hidden units; the barriers
+        # order mat-vec (reads h, writes g) -> gate update (reads g, writes h) -> the next step.
         # In this branch the batch is 1: the state, gates and sequence buffers are viewed with
         # a batch of 1 (with a symbolic batch the update's indexing kept its symbolic strides:
         # 6% of a GRU 1024 step)
