@@ -117,7 +117,7 @@ def estimate_time(ks: KernelShape, machine: MachineModel = MachineModel()) -> fl
         fmas = ks.nnz_blocks * ks.m * vecs
         if ks.k % ks.c:  # a partial last block column: x is first copied to the block's lane order
             fmas += ks.m * ks.k * ks.r // machine.lanes
-        loads = ks.nnz_blocks * vecs * (ks.m + m_tiles)  # replicated x per row + weights per tile
+        loads = ks.nnz_blocks * vecs * (ks.m + m_tiles)  # x lanes per row + weights per tile
     else:  # vectors along the block's rows
         m_tiles = -(-ks.m // ks.m_tile)
         vecs = -(-ks.r // machine.lanes)

@@ -220,31 +220,41 @@ def _kernel(shape: DynamicShape, m_static: int | None, cases: Cases, n_alive: in
     return dynamic_linear.without_attr("global_symbol")
 
 
-def _gate_macro(fin: int, gm: int):
-    """g[r0 + rows, group grp] = x @ Wg[group].T + bg for ``ngroups`` groups of ``gm`` rows from
-    ``r0``; ``gq`` chains over the inputs so FMAs overlap their latency."""
-    gq = max(d for d in range(1, max(1, 8 // gm) + 1) if fin % d == 0)
+def gate_macro(fin: int | None, gm: int, bias: bool = True):
+    """g[r0 + rows, group grp] = x[:, i0 : i0 + n] @ Wg[group, i0 : i0 + n].T (+ bg) for ``ngroups``
+    groups of ``gm`` rows from ``r0``; ``gq`` chains over the inputs so FMAs overlap their latency.
+    ``fin``: the static number of inputs ``n`` (the chains divide it), or None where ``n`` is known at
+    run time only (then single inputs follow the whole chains); ``bias=False``: a partial score."""
+    most = max(1, 8 // gm)
+    gq = most if fin is None else max(d for d in range(1, most + 1) if fin % d == 0)
 
     @T.macro
-    def gate_rows(x, gate_w, gate_b, g, grp, r0, ngroups):
+    def gate_rows(x, gate_w, gate_b, g, grp, r0, ngroups, i0, n):
         for mo in T.serial(ngroups):
             gacc = T.alloc_buffer((gq, gm, GATE_ROWS), "float32")
             for c in T.unroll(gq):
                 for j in T.unroll(gm):
                     for v in T.vectorized(GATE_ROWS):
                         gacc[c, j, v] = T.float32(0)
-            for io in T.serial(fin // gq):
+            for io in T.serial(n // gq):
                 for c in T.unroll(gq):
                     for j in T.unroll(gm):
-                        xv = T.Bind(x[r0 + mo * gm + j, io * gq + c])
+                        xv = T.Bind(x[r0 + mo * gm + j, i0 + io * gq + c])
                         for v in T.vectorized(GATE_ROWS):
-                            gacc[c, j, v] = gacc[c, j, v] + gate_w[grp, io * gq + c, v] * xv
+                            gacc[c, j, v] = gacc[c, j, v] + gate_w[grp, i0 + io * gq + c, v] * xv
+            if fin is None:
+                for io in T.serial(n % gq):
+                    for j in T.unroll(gm):
+                        xv = T.Bind(x[r0 + mo * gm + j, i0 + n - n % gq + io])
+                        for v in T.vectorized(GATE_ROWS):
+                            gacc[0, j, v] = gacc[0, j, v] + gate_w[grp, i0 + n - n % gq + io, v] * xv
             # summed in registers and stored once: under ``claim`` two threads may write the
             # same group (the same values), so ``g`` never holds a partial sum
             for j in T.unroll(gm):
                 row = T.Bind(r0 + mo * gm + j)
-                for v in T.vectorized(GATE_ROWS):
-                    gacc[0, j, v] = gate_b[grp * GATE_ROWS + v] + gacc[0, j, v]
+                if bias:
+                    for v in T.vectorized(GATE_ROWS):
+                        gacc[0, j, v] = gate_b[grp * GATE_ROWS + v] + gacc[0, j, v]
                 for c in T.unroll(gq - 1):
                     for v in T.vectorized(GATE_ROWS):
                         gacc[0, j, v] = gacc[0, j, v] + gacc[c + 1, j, v]
@@ -268,7 +278,7 @@ def phases(shape: DynamicShape, m, sched: DynamicSchedule, n_alive: int, panel: 
     nrt, rp = bs // rt, rt // panel  # register tiles per tile row, panels per register tile
     # gate: row groups of up to 4 (dividing a static m), then single rows
     gmt = max(d for d in range(1, 5) if m % d == 0) if static else 4
-    gate_main, gate_tail = _gate_macro(fin, gmt), _gate_macro(fin, 1)
+    gate_main, gate_tail = gate_macro(fin, gmt), gate_macro(fin, 1)
     chunk_loop = T.parallel if chunks > 1 else T.serial
     dense_groups = (m + mt - 1) // mt  # groups of a masked dense tile (the last one padded)
     # masked dense when gathered groups * 1 >= dense_fraction * union * dense_groups (integer test)
@@ -313,8 +323,8 @@ def phases(shape: DynamicShape, m, sched: DynamicSchedule, n_alive: int, panel: 
 
     @T.macro
     def gate_group(x, gate_w, gate_b, g, grp):
-        gate_main(x, gate_w, gate_b, g, grp, 0, m // gmt)
-        gate_tail(x, gate_w, gate_b, g, grp, m // gmt * gmt, m % gmt)
+        gate_main(x, gate_w, gate_b, g, grp, 0, m // gmt, 0, fin)
+        gate_tail(x, gate_w, gate_b, g, grp, m // gmt * gmt, m % gmt, 0, fin)
 
     @T.macro
     def selection(g, a, kth, scale, st):

@@ -25,7 +25,7 @@ import functools
 import tvm
 from tvm.script import tirx as T
 
-from bscompile.codegen.cpu_dynamic import DynamicGenerator, DynamicSchedule, default_schedule, phases
+from bscompile.codegen.cpu_dynamic import DynamicGenerator, DynamicSchedule, gate_macro, default_schedule, phases
 from bscompile.codegen.dynamic_layout import GATE_ROWS, DynamicShape, tile_panel
 from bscompile.codegen.family import Bucket
 from bscompile.codegen.recurrent_cells import GATE_LANES, CellSpec, gate_update, update_lanes
@@ -82,32 +82,15 @@ def _kernel(cell: CellSpec, shape: DynamicShape, n_alive: int, batch: int, seq_s
     # ``gp[ch] = Wg[:, u0:u1] h[u0:u1]`` (its half of the gate weights, with h still in L1); the
     # next step starts from ``gp[0] + gp[1] + bg``, summed by each thread into its own scores.
     per = -(-hid // lanes // chunks) * lanes
-    gq = 8  # independent accumulator chains of the partial gate
+    gate_range = gate_macro(None, 1, bias=False)  # the dynamic site's gate over a run-time range of inputs
 
     @T.macro
-    def gate_part(h, gate_w, gp, ch):
+    def gate_part(h, gate_w, gate_b, gp, ch):
         u0 = T.Bind(T.min(ch * per, hid))
-        n = T.Bind(T.min(u0 + per, hid) - u0)
-        for b in T.serial(batch):
-            for grp in T.serial(ng):
-                gacc = T.alloc_buffer((gq, GATE_ROWS), "float32")
-                for cc in T.unroll(gq):
-                    for v in T.vectorized(GATE_ROWS):
-                        gacc[cc, v] = T.float32(0)
-                for io in T.serial(n // gq):
-                    for cc in T.unroll(gq):
-                        hv = T.Bind(h[b, u0 + io * gq + cc])
-                        for v in T.vectorized(GATE_ROWS):
-                            gacc[cc, v] = gacc[cc, v] + gate_w[grp, u0 + io * gq + cc, v] * hv
-                for io in T.serial(n % gq):
-                    hv = T.Bind(h[b, u0 + n - n % gq + io])
-                    for v in T.vectorized(GATE_ROWS):
-                        gacc[0, v] = gacc[0, v] + gate_w[grp, u0 + n - n % gq + io, v] * hv
-                for cc in T.unroll(gq - 1):
-                    for v in T.vectorized(GATE_ROWS):
-                        gacc[0, v] = gacc[0, v] + gacc[cc + 1, v]
-                for v in T.vectorized(GATE_ROWS):
-                    gp[ch, b, grp * GATE_ROWS + v] = gacc[0, v]
+        gp_own = T.decl_buffer((batch, ng * GATE_ROWS), "float32", data=gp.data,
+                               elem_offset=ch * batch * ng * GATE_ROWS)
+        for grp in T.serial(ng):
+            gate_range(h, gate_w, gate_b, gp_own, grp, 0, batch, u0, T.min(u0 + per, hid) - u0)
 
     @T.macro
     def update_part(xp, pre, h, c, peep, y, t, ch):
@@ -152,7 +135,7 @@ def _kernel(cell: CellSpec, shape: DynamicShape, n_alive: int, batch: int, seq_s
         with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
             for ch in T.parallel(chunks):
                 update_part(xp, pre, h, c, peep, y, t, ch)
-                gate_part(h, gate_w, gp, ch)
+                gate_part(h, gate_w, gate_b, gp, ch)
 
     @T.prim_func(s_tir=True)
     def dynamic_recurrence(xp_h: T.handle, h0: T.Buffer((batch, hid), "float32"),
@@ -165,7 +148,6 @@ def _kernel(cell: CellSpec, shape: DynamicShape, n_alive: int, batch: int, seq_s
         xp = T.match_buffer(xp_h, (seq, batch, gh), "float32")
         y = T.match_buffer(y_h, (seq, batch, hid), "float32")
         tiles = T.decl_buffer((nbo, nbi, npan, bs, panel), "float32", data=tiles_in.data)
-        g = T.alloc_buffer((batch, ng * GATE_ROWS), "float32")
         pre = T.alloc_buffer((batch, gh), "float32")
         peep = T.alloc_buffer((3 * hid,), "float32")
         sf = T.alloc_buffer((chunks, ph.scratch["float32"]), "float32")  # the threads' lists
@@ -182,10 +164,11 @@ def _kernel(cell: CellSpec, shape: DynamicShape, n_alive: int, batch: int, seq_s
             with T.attr(0, "pragma_parallel_launch_point", 1):
                 with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
                     for ch in T.parallel(chunks):
-                        gate_part(h, gate_w, gp, ch)
+                        gate_part(h, gate_w, gate_b, gp, ch)
                 for t in T.serial(seq):
                     parallel_step(xp, tiles, gate_w, gate_b, bias, h, c, gp, gs, pre, peep, sf, si, y, t)
         else:
+            g = T.alloc_buffer((batch, ng * GATE_ROWS), "float32")
             for t in T.serial(seq):
                 one_step(xp, tiles, gate_w, gate_b, bias, h, c, g, pre, peep, sf, si, y, t)
 
