@@ -65,8 +65,10 @@ def reasons(weights: list[dict]) -> str:
 def dynamic_table(weights: list[dict]) -> str:
     """The dynamic sites (input-dependent block selection) as fields: tile, tiles kept per row
     (``k`` of the tiles a static mask leaves), keep, and the compute fraction (selected
-    tiles plus the gate, relative to the dense product); empty without dynamic sites."""
+    tiles plus the gate, relative to the dense product), and ``m``: the rows, or for a gated
+    time loop its batch, steps and cell; empty without dynamic sites."""
     head = ["dynamic site", "block", "k", "tiles", "keep", "compute fraction", "m"]
-    rows = [[w["name"], a["tile"], a["k"], a["n_alive"], f"{a['keep']:g}", f"{a['compute_fraction']:.3f}", w["m"]]
-            for w in weights if w["kind"] == "dynamic_linear" for a in [w["attributes"]]]
+    rows = [[w["name"], a["tile"], a["k"], a["n_alive"], f"{a['keep']:g}", f"{a['compute_fraction']:.3f}",
+             w["m"] if w["kind"] == "dynamic_linear" else f"{w['m']} x {a['seq']} steps ({a['cell']['kind']})"]
+            for w in weights if w["kind"] in ("dynamic_linear", "dynamic_recurrent") for a in [w["attributes"]]]
     return _table(head, rows) if rows else ""

@@ -11,8 +11,9 @@ running a loop function with a site call, a cell kernel and allocations per step
 With two chunks the whole loop is one thread-pool launch (as the persistent dense
 recurrences of :mod:`codegen.cpu`), two phases a step, each ending at a barrier: every
 thread sums the partial gate scores, computes the selection and the tile lists itself (the
-same lists: O(N) scalar work) and multiplies its own range of output blocks, balanced by
-work; then each thread updates its own hidden units and multiplies them into its partial
+same lists: O(N) scalar work) and multiplies the output blocks it claims (``claim``: from
+opposite ends, so the faster thread does more; or its range, balanced by predicted work);
+then each thread updates its own hidden units and multiplies them into its partial
 gate scores for the next step. A pool that must not spin wakes once per sequence, not
 once per step. (The gate as a phase of its own, split by gate groups, took a third barrier
 a step.)
@@ -20,6 +21,7 @@ a step.)
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import tvm
@@ -46,7 +48,7 @@ def dynamic_recurrent_kernel(cell: CellSpec, block: int, k: int, n_alive: int, b
     - ``xp[T, B, G*H]``: the input product of every step, its bias included;
     - ``h0[B, H]``, ``c0[B, H]`` (a GRU ignores ``c0``);
     - ``tiles``, ``gate_w``, ``gate_b``, ``bias``: ``W_hh`` ``[G*H, H]``, its gate and ``b_hh`` packed as
-      for :func:`codegen.cpu_dynamic.dynamic_linear_kernel` (panel = the schedule's ``rows_tile``);
+      for :func:`codegen.cpu_dynamic.dynamic_linear_kernel` (panel = ``tile_panel([schedule])``);
     - outputs ``y[T, B, H]``, ``h_T``, ``c_T`` (a GRU's ``c_T`` is ``c0``).
 
     ``seq`` is the static number of steps or None (symbolic); the batch is static.
@@ -71,11 +73,13 @@ def _kernel(cell: CellSpec, shape: DynamicShape, n_alive: int, batch: int, seq_s
     step = gate_update(cell)
 
     @T.macro
-    def chunk_blocks(tiles, h, bias, pre, acc, lrow, lscale, utile, ugroups, ucnt, bounds, ch):
-        ph.product(tiles, h, bias, pre, acc, lrow, lscale, utile, ugroups, ucnt, bounds[ch], bounds[ch + 1])
+    def chunk_blocks(tiles, h, bias, pre, acc, lrow, lscale, utile, ugroups, ucnt, bounds, extra):
+        ph.product(tiles, h, bias, pre, acc, lrow, lscale, utile, ugroups, ucnt, bounds[extra[0]], bounds[extra[0] + 1])
 
-    # selection, lists and chunk ch's output blocks: ``pre = W_hh[selected] h + b_hh``
-    chunk = ph.with_lists(chunk_blocks, hoisted=True)
+    # selection, lists and chunk ch's output blocks: ``pre = W_hh[selected] h + b_hh``;
+    # (``extra = (ch, taken, step + 1)``); ``claim``: the output blocks the thread claims
+    claim = sched.claim and chunks == 2
+    chunk = ph.with_lists(ph.claim_blocks if claim else chunk_blocks, hoisted=True)
 
     # Two or more chunks: thread ``ch`` owns the hidden units [u0, u1) (whole vectors of the
     # update). After updating them it multiplies them into its partial gate scores
@@ -119,19 +123,20 @@ def _kernel(cell: CellSpec, shape: DynamicShape, n_alive: int, batch: int, seq_s
         """One thread: the gate, selection, lists and product, the update."""
         for grp in T.serial(ng):
             ph.gate_group(h, gate_w, gate_b, g, grp)
-        chunk(g, tiles, h, bias, pre, 0, sf, si, 0)
+        chunk(g, tiles, h, bias, pre, (0,), sf, si, 0)
         update_part(xp, pre, h, c, peep, y, t, 0)
 
     @T.macro
-    def parallel_step(xp, tiles, gate_w, gate_b, bias, h, c, gp, gs, pre, peep, sf, si, y, t):
+    def parallel_step(xp, tiles, gate_w, gate_b, bias, h, c, gp, gs, taken, pre, peep, sf, si, y, t):
         """Two phases, each ending at a barrier: scores, selection, lists and the chunk's output
-        blocks; then the chunk's units of the update and their partial gate scores for the next step."""
+        blocks (or the blocks it claims); then the chunk's units of the update and their partial
+        gate scores for the next step."""
         with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
             for ch in T.parallel(chunks):
                 g_own = T.decl_buffer((batch, ng * GATE_ROWS), "float32", data=gs.data,
                                       elem_offset=ch * batch * ng * GATE_ROWS)
                 scores(gp, gate_b, g_own)
-                chunk(g_own, tiles, h, bias, pre, ch, sf, si, ch)
+                chunk(g_own, tiles, h, bias, pre, (ch, taken, t + 1), sf, si, ch)
         with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
             for ch in T.parallel(chunks):
                 update_part(xp, pre, h, c, peep, y, t, ch)
@@ -161,12 +166,15 @@ def _kernel(cell: CellSpec, shape: DynamicShape, n_alive: int, batch: int, seq_s
         if chunks > 1:
             gp = T.alloc_buffer((chunks, batch, ng * GATE_ROWS), "float32")  # partial gate scores
             gs = T.alloc_buffer((chunks * batch * ng * GATE_ROWS,), "float32")  # each chunk's summed scores
+            taken = T.alloc_buffer((nbo,), "int32")  # claimed output blocks: the step + 1
+            for i in T.serial(nbo):
+                taken[i] = 0
             with T.attr(0, "pragma_parallel_launch_point", 1):
                 with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
                     for ch in T.parallel(chunks):
                         gate_part(h, gate_w, gate_b, gp, ch)
                 for t in T.serial(seq):
-                    parallel_step(xp, tiles, gate_w, gate_b, bias, h, c, gp, gs, pre, peep, sf, si, y, t)
+                    parallel_step(xp, tiles, gate_w, gate_b, bias, h, c, gp, gs, taken, pre, peep, sf, si, y, t)
         else:
             g = T.alloc_buffer((batch, ng * GATE_ROWS), "float32")
             for t in T.serial(seq):
@@ -190,16 +198,23 @@ class DynamicRecurrentGenerator(DynamicGenerator):
 
     def default_schedule(self, site: dict, stats, m: int) -> DynamicSchedule:
         """The dynamic site's register tiles at ``m``; two chunks from :data:`PERSISTENT_MIN_WORK`
-        multiply-adds a step (the pool wakes once per sequence, not per step)."""
+        multiply-adds a step (the pool wakes once per sequence, not per step), which claim their
+        output blocks; at batch 1 each tile read as two streams (``DynamicSchedule.streams``)."""
         shape = self._shape(site)
         sched = default_schedule(shape, m, self.machine.lanes)
         work = m * (shape.in_features * shape.num_tiles + shape.k * shape.block ** 2)
         chunks = 2 if work >= PERSISTENT_MIN_WORK and shape.nbo > 1 else 1
+        streams = 2 if m == 1 and sched.rows_tile % (2 * self.machine.lanes) == 0 else 1
         return DynamicSchedule(sched.m_tile, sched.rows_tile, chunks, gate_parallel=False,
-                               dense_fraction=sched.dense_fraction)
+                               dense_fraction=sched.dense_fraction, claim=chunks == 2, streams=streams)
 
     def schedule_space(self, site: dict, mat, m: int) -> list[DynamicSchedule]:
-        """The default, and the other number of chunks (one launch on two threads, or serial)."""
+        """The default, the other number of chunks (one launch on two threads, or serial), the
+        blocks split by predicted work instead of claimed, and one stream a tile."""
         base = self.default_schedule(site, None, m)
-        return [base, DynamicSchedule(base.m_tile, base.rows_tile, 3 - min(base.chunks, 2), gate_parallel=False,
-                                      dense_fraction=base.dense_fraction)]
+        out = [base, dataclasses.replace(base, chunks=3 - min(base.chunks, 2), claim=base.chunks == 1)]
+        if base.claim:
+            out.append(dataclasses.replace(base, claim=False))
+        if base.streams > 1:
+            out.append(dataclasses.replace(base, streams=1))
+        return out

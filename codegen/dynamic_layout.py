@@ -175,7 +175,8 @@ def pad_gate_bias(gate_b: np.ndarray, alive: np.ndarray | None = None) -> np.nda
 
 def tile_panel(schedules) -> int | None:
     """The panel width the tiles are packed in for kernels running ``schedules`` (one per m
-    bucket): the narrowest register tile (``rows_tile``), so every schedule's register tile
-    is a whole number of adjacent panels; None (whole tiles) for schedules without one."""
-    widths = [s.rows_tile for s in schedules if getattr(s, "rows_tile", None)]
+    bucket): the narrowest register tile (``rows_tile``, divided by the schedule's
+    ``streams``), so every schedule's register tile is a whole number of adjacent panels;
+    None (whole tiles) for schedules without one."""
+    widths = [s.rows_tile // getattr(s, "streams", 1) for s in schedules if getattr(s, "rows_tile", None)]
     return min(widths) if widths else None

@@ -68,6 +68,8 @@ CASES = [
     (256, 512, 64, 0.5, 1, {"chunks": 2, "claim": True}, False, 0.0),  # threads claim gate groups and blocks
     (256, 512, 64, 0.25, 3, {"chunks": 2, "claim": True}, True, 0.0),  # claimed, row groups, static mask
     (256, 512, 64, 0.5, 1, {"chunks": 2, "claim": True, "prefetch": True}, False, 0.0),
+    (256, 512, 64, 0.5, 1, {"chunks": 2, "claim": True, "streams": 2}, False, 0.0),  # a tile read as two streams
+    (256, 384, 64, 0.25, 1, {"streams": 4}, True, 0.0),  # four streams, static mask
 ]
 
 
@@ -89,7 +91,7 @@ def test_dynamic_kernel_matches_numpy(rng, fin, fout, bs, keep, m, over, static,
     gb = (rng.standard_normal(n) + shift).astype(np.float32)
     bias = rng.standard_normal(fout).astype(np.float32)
     x = _margin_rows(rng, m, fin, gw, gb, k, alive)
-    y = _run(fn, x, w, gw, gb, bias, bs, sched.rows_tile, alive)
+    y = _run(fn, x, w, gw, gb, bias, bs, dl.tile_panel([sched]), alive)
     ref, r = dl.dynamic_linear(x, w, gw, gb, bias, bs, k, alive)
     assert ((r != 0).sum(1) == k).all()
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=2e-5 * np.abs(ref).max(), err_msg=str(sched))

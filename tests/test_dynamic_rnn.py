@@ -280,6 +280,44 @@ for kind, hidden, block in (("lstm", 180, 36), ("gru", 256, 32)):
     assert proc.returncode == 0, f"seed {seed}: {proc.stderr[-3000:]}"
 
 
+@pytest.mark.parametrize("variant", range(4))
+def test_fused_recurrence_schedule_space(rng, monkeypatch, variant):
+    """Every schedule ``bscompile tune`` may pick for the fused recurrence -- two threads claiming
+    output blocks with each tile read as two streams (the default), serial, two threads on ranges
+    split by predicted work, one stream a tile -- matches onnxruntime (rtol 1e-4, atol 1e-5):
+    LSTM 64 in 32x32 tiles, batch 1, at 1, 7 and 20 steps."""
+    from bscompile.codegen import cpu_dynamic_recurrent
+    from bscompile.codegen.cpu_dynamic_recurrent import DynamicRecurrentGenerator
+
+    here = sys.modules[__name__]
+    for name, value in (("IN", 64), ("H", 64), ("BS", 32), ("B", 1)):
+        monkeypatch.setattr(here, name, value)
+    monkeypatch.setattr(cpu_dynamic_recurrent, "PERSISTENT_MIN_WORK", 0)
+    default, inside, picked = DynamicRecurrentGenerator.default_schedule, [], []
+
+    def pick(self, site, stats, m):
+        if inside:  # (schedule_space starts from the default)
+            return default(self, site, stats, m)
+        inside.append(1)
+        space = self.schedule_space(site, None, m)
+        inside.pop()
+        assert len(space) == 4, space
+        picked.append(space[variant])
+        return space[variant]
+
+    monkeypatch.setattr(DynamicRecurrentGenerator, "default_schedule", pick)
+    m = _model(rng, "lstm", keep=0.5, time_loop="scan")
+    all_feeds = [clear_margin_feeds(m, rng, n) for n in (1, 7, 20)]
+    blob = _export(m, "dynamo", 2)
+    art = bscompile.compile(onnx.load_from_string(blob))
+    (rec,) = [w for w in art.manifest.weights if w["kind"] == "dynamic_recurrent"]
+    assert rec["decision"]["schedule"] == picked[-1].to_json()
+    mod, sess = art.load(), ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
+    for feeds in all_feeds:
+        for g, w in zip(mod.run(feeds).values(), sess.run(None, feeds)):
+            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=f"{picked[-1]}, {len(feeds['x'])} steps")
+
+
 @pytest.mark.parametrize("kind", sorted(CLASSES))
 def test_cuda_fused_recurrence_under_the_emulator(rng, tmp_path, kind):
     """The CUDA family's fused gated recurrence (a host loop over the symbolic steps around
