@@ -185,8 +185,10 @@ def _symbolic_scan(rng, cell: str):
 @pytest.mark.parametrize("cell", sorted(CELLS))
 def test_fused_loop_is_the_loop(rng, tmp_path, cell):
     """A custom cell over a symbolic length: one kernel (the IR after the pass has no step
-    function), whose results are the unfused loop's (rtol 1e-5, atol 1e-6: LLVM may contract the
-    inlined code differently) and onnxruntime's (rtol 1e-4, atol 1e-5) at 1, 7 and 50 steps."""
+    function), whose results are the unfused loop's (rtol 1e-5, atol 5e-6: LLVM may contract the
+    inlined code differently, and 50 steps of a recurrence grow the difference: a peephole LSTM
+    (seed 736721174) differed by 1.7e-6 on a value of 0.067 at step 20) and onnxruntime's (rtol
+    1e-4, atol 1e-5) at 1, 7 and 50 steps."""
     model = _symbolic_scan(rng, cell)
     fused = bscompile.compile(model, dump_ir=tmp_path).load()
     after = next(tmp_path.glob("*_FuseLoopKernels.py")).read_text()
@@ -198,7 +200,7 @@ def test_fused_loop_is_the_loop(rng, tmp_path, cell):
         feeds = {"x": rng.standard_normal((B, steps, IN)).astype(np.float32), **_states(rng, cell)}
         got, ref, want = fused.run(feeds), looped.run(feeds), sess.run(None, feeds)
         for (name, g), r, w in zip(got.items(), ref.values(), want):
-            np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6, err_msg=f"{name}, {steps} steps")
+            np.testing.assert_allclose(g, r, rtol=1e-5, atol=5e-6, err_msg=f"{name}, {steps} steps")
             np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=f"{name}, {steps} steps")
 
 
