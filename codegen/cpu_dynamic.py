@@ -710,8 +710,9 @@ class DynamicGenerator(Generator):
 
     def schedule_space(self, site: dict, mat, m: int) -> list[DynamicSchedule]:
         """The default, the masked dense fallback off (``dense_fraction`` 2) and taken earlier
-        (0.5) at m > 1, the other panel width, software prefetch and two streams a tile at m = 1, the other ways of
-        running the gate in parallel (its own launch, every thread, claimed), and serial."""
+        (0.5) at m > 1, the other panel width, software prefetch and two streams a tile at m = 1,
+        the other ways of running the gate in parallel (its own launch, every thread, claimed),
+        and serial."""
         base = self.default_schedule(site, None, m)
         out = [base]
         if m > 1:  # (at m = 1 both products are the same)

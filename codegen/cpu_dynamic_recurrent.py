@@ -76,8 +76,8 @@ def _kernel(cell: CellSpec, shape: DynamicShape, n_alive: int, batch: int, seq_s
     def chunk_blocks(tiles, h, bias, pre, acc, lrow, lscale, utile, ugroups, ucnt, bounds, extra):
         ph.product(tiles, h, bias, pre, acc, lrow, lscale, utile, ugroups, ucnt, bounds[extra[0]], bounds[extra[0] + 1])
 
-    # selection, lists and chunk ch's output blocks: ``pre = W_hh[selected] h + b_hh``;
-    # (``extra = (ch, taken, step + 1)``); ``claim``: the output blocks the thread claims
+    # selection, lists and the output blocks of chunk ch (``extra = (ch, taken, step + 1)``), or
+    # under ``claim`` those thread ch claims: ``pre = W_hh[selected] h + b_hh``
     claim = sched.claim and chunks == 2
     chunk = ph.with_lists(ph.claim_blocks if claim else chunk_blocks, hoisted=True)
 
