@@ -117,8 +117,8 @@ class DynamicSchedule:
     #: in panels ``rows_tile / streams`` wide. A list's tiles are scattered, and each new one
     #: starts a stream the hardware prefetcher has not seen; two streams a tile keep more of
     #: them in flight. (1024 -> 4096 recurrence, 128x128 tiles, batch 1, two threads, 25
-    #: interleaved rounds: with ``claim`` 4% faster at keep 0.25, 7-13% at keep 0.5; 512 ->
-    #: 2048, 64x64: 4-7%.)
+    #: interleaved rounds, AVX-512: with ``claim`` 4% faster at keep 0.25, 7-13% at keep 0.5;
+    #: 512 -> 2048, 64x64: 4-7%. AVX2 code, 64-wide register tiles: 1.0-1.1x slower.)
     streams: int = 1
 
     def to_json(self) -> dict:

@@ -199,12 +199,15 @@ class DynamicRecurrentGenerator(DynamicGenerator):
     def default_schedule(self, site: dict, stats, m: int) -> DynamicSchedule:
         """The dynamic site's register tiles at ``m``; two chunks from :data:`PERSISTENT_MIN_WORK`
         multiply-adds a step (the pool wakes once per sequence, not per step), which claim their
-        output blocks; at batch 1 each tile read as two streams (``DynamicSchedule.streams``)."""
+        output blocks; at batch 1 with AVX-512 each tile read as two streams (``DynamicSchedule.streams``)."""
         shape = self._shape(site)
         sched = default_schedule(shape, m, self.machine.lanes)
         work = m * (shape.in_features * shape.num_tiles + shape.k * shape.block ** 2)
         chunks = 2 if work >= PERSISTENT_MIN_WORK and shape.nbo > 1 else 1
-        streams = 2 if m == 1 and sched.rows_tile % (2 * self.machine.lanes) == 0 else 1
+        # two streams a tile: measured faster with AVX-512 (16 lanes); with AVX2 code (8 lanes, 8
+        # ymm = 256-byte tile rows) on the same machine 1.0-1.1x slower; NEON not measured
+        lanes = self.machine.lanes
+        streams = 2 if m == 1 and lanes >= 16 and sched.rows_tile % (2 * lanes) == 0 else 1
         return DynamicSchedule(sched.m_tile, sched.rows_tile, chunks, gate_parallel=False,
                                dense_fraction=sched.dense_fraction, claim=chunks == 2, streams=streams)
 

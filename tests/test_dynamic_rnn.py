@@ -64,8 +64,13 @@ def _reference(m, feeds: dict) -> tuple[np.ndarray, float]:
         p = {k: t.detach().double().numpy() for k, t in lin.named_parameters()}
         g = v.astype(np.float64) @ p["gate.weight"].T + p["gate.bias"]
         srt = -np.sort(-g, axis=1)
-        gap = min(gap, float((srt[:, lin.k - 1] - srt[:, lin.k]).min()) if lin.k < srt.shape[1] else gap,
-                  float(srt[:, : lin.k].sum(1).min()))  # the normalising sum must stay away from zero too
+        kept = srt[:, : lin.k]
+        # the normalising sum must stay away from zero too: r = g / (sum / n_alive) magnifies float32
+        # rounding by sum(|kept|) / |sum| (a sum of 0.0025 over scores of a few units put onnxruntime
+        # 6e-5 and bscompile 1e-4 away from float64 after 20 steps); it must be positive and over 2%
+        # of the kept scores' magnitudes (> MARGIN after the division by 20)
+        cond = float((kept.sum(1) / np.abs(kept).sum(1)).min()) / 20
+        gap = min(gap, float((srt[:, lin.k - 1] - srt[:, lin.k]).min()) if lin.k < srt.shape[1] else gap, cond)
         return dl.dynamic_linear(v.astype(np.float32), *(lin.weight.detach().numpy(), lin.gate.weight.detach().numpy(),
                                  lin.gate.bias.detach().numpy(), lin.bias.detach().numpy()), BS, lin.k)[0]
 
@@ -283,11 +288,12 @@ for kind, hidden, block in (("lstm", 180, 36), ("gru", 256, 32)):
 @pytest.mark.parametrize("variant,batch", [(0, 1), (1, 1), (2, 1), (3, 1), (0, 3), (2, 3)])
 def test_fused_recurrence_schedule_space(rng, monkeypatch, variant, batch):
     """Every schedule ``bscompile tune`` may pick for the fused recurrence -- two threads claiming
-    output blocks with each tile read as two streams (the default at batch 1), serial, two threads
-    on ranges split by predicted work, one stream a tile -- matches onnxruntime (rtol 1e-4, atol
+    output blocks (each tile read as two streams at batch 1 with AVX-512), serial, two threads on
+    ranges split by predicted work, one stream a tile -- matches onnxruntime (rtol 1e-4, atol
     1e-5): LSTM 64 in 32x32 tiles, batch 1 and 3 (row groups), at 1, 7 and 20 steps."""
     from bscompile.codegen import cpu_dynamic_recurrent
     from bscompile.codegen.cpu_dynamic_recurrent import DynamicRecurrentGenerator
+    from bscompile.target import resolve_target
 
     here = sys.modules[__name__]
     for name, value in (("IN", 64), ("H", 64), ("BS", 32), ("B", batch)):
@@ -301,11 +307,14 @@ def test_fused_recurrence_schedule_space(rng, monkeypatch, variant, batch):
         inside.append(1)
         space = self.schedule_space(site, None, m)
         inside.pop()
-        assert len(space) == (4 if m == 1 else 3), space
+        assert len(space) == 3 + (space[0].streams > 1), space  # (two streams: batch 1 with AVX-512)
         picked.append(space[variant])
         return space[variant]
 
     monkeypatch.setattr(DynamicRecurrentGenerator, "default_schedule", pick)
+    lanes = resolve_target("llvm").kernel_family().generators["dynamic_recurrent"].machine.lanes
+    if variant == 3 and lanes < 16:
+        pytest.skip("the fourth schedule (one stream a tile) exists where two are the default: AVX-512 hosts")
     m = _model(rng, "lstm", keep=0.5, time_loop="scan")
     all_feeds = [clear_margin_feeds(m, rng, n) for n in (1, 7, 20)]
     blob = _export(m, "dynamo", 2)
