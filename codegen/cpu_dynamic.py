@@ -118,7 +118,9 @@ class DynamicSchedule:
     #: starts a stream the hardware prefetcher has not seen; two streams a tile keep more of
     #: them in flight. (1024 -> 4096 recurrence, 128x128 tiles, batch 1, two threads, 25
     #: interleaved rounds, AVX-512: with ``claim`` 4% faster at keep 0.25, 7-13% at keep 0.5;
-    #: 512 -> 2048, 64x64: 4-7%. AVX2 code, 64-wide register tiles: 1.0-1.1x slower.)
+    #: 512 -> 2048, 64x64: 4-7%. AVX2 code, 64-wide register tiles, on the same machine:
+    #: 1.0-1.1x slower, so :func:`default_schedule` takes two with AVX-512 only; NEON not
+    #: measured.)
     streams: int = 1
 
     def to_json(self) -> dict:
@@ -140,7 +142,9 @@ def default_schedule(shape: DynamicShape, m: int, vector_lanes: int = 8, threads
     512 -> 2048 at m = 64; with AVX2 code on the same machine, four vectors by 2 rows against
     two by 4: 1.18x / 1.11x at m = 50, 1.00-1.10x elsewhere. Then the masked dense fallback where gathering saves no row
     group (none at batch 1, where the two are the same product). Parallel when the
-    expected work (gate + selected tiles) is well above a thread-pool wake-up.
+    expected work (gate + selected tiles) is well above a thread-pool wake-up. At batch 1 with
+    AVX-512 each tile is read as two streams (1024 -> 4096 at keep 0.25 / 0.5, interleaved,
+    best of 25: 50 -> 45 and 82 -> 79 us; 512 -> 2048 in 64x64 tiles: 22 -> 21 and 34 -> 33 us).
     """
     regs = _acc_registers(vector_lanes)
     if m == 1:
@@ -162,8 +166,10 @@ def default_schedule(shape: DynamicShape, m: int, vector_lanes: int = 8, threads
     # 1024-wide layer's); at m = 16, 42 vs 35 and 496 vs 529 us. More threads: a separate gate
     # launch beyond m = 4. (At m = 1 the masked dense product is the gathered one: no fallback.)
     gate_parallel = chunks > 2 and m > 4
+    # batch 1 with AVX-512: each tile read as two streams (``DynamicSchedule.streams``)
+    streams = 2 if m == 1 and vector_lanes >= 16 and rt % (2 * vector_lanes) == 0 else 1
     return DynamicSchedule(mt, rt, chunks, gate_parallel=gate_parallel, dense_fraction=2.0 if m == 1 else 1.0,
-                           claim=chunks == 2)
+                           claim=chunks == 2, streams=streams)
 
 
 def dynamic_linear_kernel(in_features: int, out_features: int, block: int, k: int, m: int | None,
@@ -710,7 +716,7 @@ class DynamicGenerator(Generator):
 
     def schedule_space(self, site: dict, mat, m: int) -> list[DynamicSchedule]:
         """The default, the masked dense fallback off (``dense_fraction`` 2) and taken earlier
-        (0.5) at m > 1, the other panel width, software prefetch and two streams a tile at m = 1,
+        (0.5) at m > 1, the other panel width, software prefetch and one or two streams a tile at m = 1,
         the other ways of running the gate in parallel (its own launch, every thread, claimed),
         and serial."""
         base = self.default_schedule(site, None, m)
@@ -724,8 +730,8 @@ class DynamicGenerator(Generator):
                 out.append(dataclasses.replace(base, rows_tile=rt, m_tile=max(1, min(mt, _max_group_rows(rt, lanes)))))
         if m == 1:
             out.append(dataclasses.replace(base, prefetch=True))
-            if base.rows_tile % (2 * lanes) == 0:  # a tile read as two streams
-                out.append(dataclasses.replace(base, streams=2))
+            if base.rows_tile % (2 * lanes) == 0:  # the other number of streams a tile
+                out.append(dataclasses.replace(base, streams=3 - base.streams))
         if base.chunks > 1:  # the gate as its own launch, computed by every thread, or claimed; serial
             one = dataclasses.replace(base, claim=False)
             out.append(dataclasses.replace(one, gate_parallel=not base.gate_parallel))

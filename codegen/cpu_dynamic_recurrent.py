@@ -204,12 +204,8 @@ class DynamicRecurrentGenerator(DynamicGenerator):
         sched = default_schedule(shape, m, self.machine.lanes)
         work = m * (shape.in_features * shape.num_tiles + shape.k * shape.block ** 2)
         chunks = 2 if work >= PERSISTENT_MIN_WORK and shape.nbo > 1 else 1
-        # two streams a tile: measured faster with AVX-512 (16 lanes); with AVX2 code (8 lanes, 8
-        # ymm = 256-byte tile rows) on the same machine 1.0-1.1x slower; NEON not measured
-        lanes = self.machine.lanes
-        streams = 2 if m == 1 and lanes >= 16 and sched.rows_tile % (2 * lanes) == 0 else 1
         return DynamicSchedule(sched.m_tile, sched.rows_tile, chunks, gate_parallel=False,
-                               dense_fraction=sched.dense_fraction, claim=chunks == 2, streams=streams)
+                               dense_fraction=sched.dense_fraction, claim=chunks == 2, streams=sched.streams)
 
     def schedule_space(self, site: dict, mat, m: int) -> list[DynamicSchedule]:
         """The default, the other number of chunks (one launch on two threads, or serial), the
