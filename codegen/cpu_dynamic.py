@@ -277,14 +277,21 @@ def gate_macro(fin: int | None, gm: int, bias: bool = True):
     return gate_rows
 
 
+#: int32 slots between two claim flags: a cache line each, so that claiming an item does not
+#: take the line holding the other thread's next flags away from it.
+CLAIM_STRIDE = 16
+
+
 def claim_macro(n: int, do):
     """A macro ``(t, taken, mark, args)`` running ``do(item, args)`` on the items ``range(n)`` that
     thread ``t`` of two claims: from the front (t = 0) or the back (t = 1), each taken by writing
-    ``mark`` to its plain int32 flag in ``taken`` first, until one the other thread took (its
-    flag already ``mark``). Two threads taking one item at once both do it and write the same
-    values. The first thread awake, or the faster one, does more: the split follows the threads'
-    actual speed, not a prediction of the work. ``mark`` differs from every value ``taken`` held
-    before (1 after zeroing; the step number + 1 in a time loop, with no reset per step)."""
+    ``mark`` to its plain int32 flag ``taken[item * CLAIM_STRIDE]`` first, until one the other
+    thread took (its flag already ``mark``). Two threads taking one item at once both do it and
+    write the same values. The first thread awake, or the faster one, does more: the split follows
+    the threads' actual speed, not a prediction of the work. ``mark`` differs from every value
+    ``taken`` held before (1 after zeroing; the step number + 1 in a time loop, with no reset per
+    step). ``taken`` holds ``n * CLAIM_STRIDE`` int32."""
+    stride = CLAIM_STRIDE
 
     @T.macro
     def run(t, taken, mark, args):
@@ -293,8 +300,8 @@ def claim_macro(n: int, do):
         for i in T.serial(n):
             item = T.Bind(T.if_then_else(t == 0, i, n - 1 - i))
             if stp[0] == 0:
-                if taken[item] != mark:
-                    taken[item] = mark
+                if taken[item * stride] != mark:
+                    taken[item * stride] = mark
                     do(item, args)
                 else:
                     stp[0] = 1
@@ -668,11 +675,11 @@ def _body(shape: DynamicShape, m, sched: DynamicSchedule, n_alive: int, panel: i
     @T.macro
     def body_claim(x, tiles, gate_w, gate_b, bias, y):
         g = T.alloc_buffer((m, ng * GATE_ROWS), "float32")  # shared by the threads
-        gate_taken = T.alloc_buffer((ng,), "int32")
-        block_taken = T.alloc_buffer((nbo,), "int32")
-        for i in T.serial(ng):
+        gate_taken = T.alloc_buffer((ng * CLAIM_STRIDE,), "int32")
+        block_taken = T.alloc_buffer((nbo * CLAIM_STRIDE,), "int32")
+        for i in T.serial(ng * CLAIM_STRIDE):
             gate_taken[i] = 0
-        for i in T.serial(nbo):
+        for i in T.serial(nbo * CLAIM_STRIDE):
             block_taken[i] = 0
         # one thread-pool launch: every pool thread runs this body; each parallel loop
         # hands its iterations to the threads (t = thread id with 2 threads)

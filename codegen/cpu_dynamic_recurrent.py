@@ -27,7 +27,8 @@ import functools
 import tvm
 from tvm.script import tirx as T
 
-from bscompile.codegen.cpu_dynamic import DynamicGenerator, DynamicSchedule, gate_macro, default_schedule, phases
+from bscompile.codegen.cpu_dynamic import (CLAIM_STRIDE, DynamicGenerator, DynamicSchedule, default_schedule, gate_macro,
+                                           phases)
 from bscompile.codegen.dynamic_layout import GATE_ROWS, DynamicShape, tile_panel
 from bscompile.codegen.family import Bucket
 from bscompile.codegen.recurrent_cells import GATE_LANES, CellSpec, gate_update, update_lanes
@@ -166,8 +167,8 @@ def _kernel(cell: CellSpec, shape: DynamicShape, n_alive: int, batch: int, seq_s
         if chunks > 1:
             gp = T.alloc_buffer((chunks, batch, ng * GATE_ROWS), "float32")  # partial gate scores
             gs = T.alloc_buffer((chunks * batch * ng * GATE_ROWS,), "float32")  # each chunk's summed scores
-            taken = T.alloc_buffer((nbo,), "int32")  # claimed output blocks: the step + 1
-            for i in T.serial(nbo):
+            taken = T.alloc_buffer((nbo * CLAIM_STRIDE,), "int32")  # claimed output blocks: the step + 1
+            for i in T.serial(nbo * CLAIM_STRIDE):
                 taken[i] = 0
             with T.attr(0, "pragma_parallel_launch_point", 1):
                 with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
