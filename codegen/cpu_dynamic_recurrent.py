@@ -27,8 +27,8 @@ import functools
 import tvm
 from tvm.script import tirx as T
 
-from bscompile.codegen.cpu_dynamic import (CLAIM_STRIDE, DynamicGenerator, DynamicSchedule, default_schedule, gate_macro,
-                                           phases)
+from bscompile.codegen.cpu_dynamic import (CLAIM_STRIDE, DynamicGenerator, DynamicSchedule, default_schedule,
+                                           gate_macro, phases)
 from bscompile.codegen.dynamic_layout import GATE_ROWS, DynamicShape, tile_panel
 from bscompile.codegen.family import Bucket
 from bscompile.codegen.recurrent_cells import GATE_LANES, CellSpec, gate_update, update_lanes
