@@ -52,7 +52,8 @@ from bscompile.sites import (Matrix, SiteKind, const_array, const_name, emit_sit
 
 def _pack(site: dict, operands, layout: dict, schedules) -> tuple[list[relax.Expr], int]:
     """``[x, tiles, gate_w, gate_b, bias]``: the arguments of the dynamic kernels; the tiles are
-    whole, or in panels of the narrowest ``rows_tile`` of the ``schedules`` (one per m bucket)."""
+    whole, or in panels of the narrowest ``rows_tile / streams`` of the ``schedules`` (one per m
+    bucket): :func:`~bscompile.codegen.dynamic_layout.tile_panel`."""
     x, w, bias, gw, gb, alive = operands
     arrays = [pack_tiles(const_array(w), site["block"], tile_panel(schedules)),
               pack_gate(const_array(gw)),
