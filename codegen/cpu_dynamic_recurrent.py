@@ -205,8 +205,7 @@ class DynamicRecurrentGenerator(DynamicGenerator):
         sched = default_schedule(shape, m, self.machine.lanes)
         work = m * (shape.in_features * shape.num_tiles + shape.k * shape.block ** 2)
         chunks = 2 if work >= PERSISTENT_MIN_WORK and shape.nbo > 1 else 1
-        return DynamicSchedule(sched.m_tile, sched.rows_tile, chunks, gate_parallel=False,
-                               dense_fraction=sched.dense_fraction, claim=chunks == 2, streams=sched.streams)
+        return dataclasses.replace(sched, chunks=chunks, gate_parallel=False, claim=chunks == 2)
 
     def schedule_space(self, site: dict, mat, m: int) -> list[DynamicSchedule]:
         """The default, the other number of chunks (one launch on two threads, or serial), the
