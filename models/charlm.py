@@ -31,6 +31,7 @@ from torch import nn
 from torch.ao.pruning import CubicSL, LambdaSL
 
 from .group_lasso import group_lasso_penalty
+from .keep_schedule import DynamicKeepSparsifier
 from .schedule import NarangSL
 from .sparsifier import BlockPruner, make_config
 
@@ -134,14 +135,16 @@ class TrainConfig:
 
 @dataclass
 class PruneConfig:
-    """How a run prunes: ``method`` in dense, wp, bp, gl, glp.
+    """How a run prunes: ``method`` in dense, wp, bp, gl, glp, keep.
 
     The schedule is placed by fractions of ``TrainConfig.iters`` (pruning from
     ``start`` to ``end``, slope change at ``ramp``, masks updated ``updates``
     times); the remaining iterations fine-tune the pruned model. BP/WP/GLP use
     :class:`NarangSL` in target mode (in paper mode with ``percentile``); GL trains with λ_g all along and prunes once,
     at ``end``, to ``target`` by block RMS (∝ L2 norm), driven by ``torch.ao``'s own
-    ``LambdaSL``; GLP is BP plus a small λ_g.
+    ``LambdaSL``; GLP is BP plus a small λ_g. ``keep`` (gated cells): no weight is pruned; the
+    selection keeps every tile at first and its keep falls to the model's along ``CubicSL`` from
+    ``start`` to ``end`` (:class:`~.keep_schedule.DynamicKeepSparsifier`).
     """
 
     method: str = "dense"
@@ -177,8 +180,12 @@ def make_pruner(model: nn.Module, prune: PruneConfig, iters: int) -> tuple[Block
     """The sparsifier and ``torch.ao``-style scheduler of a run (``None, None`` when dense)."""
     if prune.method == "dense":
         return None, None
-    config = make_config(model, linear=prune.prune_linear, exclude=() if prune.prune_linear else ("proj",))
     s, r, e, f = prune.itrs(iters)
+    if prune.method == "keep":  # the gated layers' selection, from every tile kept to their keep
+        ks = DynamicKeepSparsifier()
+        ks.prepare(model, None)
+        return ks, CubicSL(ks, init_sl=0.0, init_t=s, delta_t=1, total_t=e - s, initially_zero=True)
+    config = make_config(model, linear=prune.prune_linear, exclude=() if prune.prune_linear else ("proj",))
     if prune.method == "gl":
         sp = BlockPruner(prune.target, prune.block, "rms")
         sp.prepare(model, config)

@@ -223,6 +223,26 @@ def run_queue(s: Setup, state: Path, out: Path, threads: int, max_runs: int | No
             print(f"report failed ({err!r}); rerun with --report-only", file=sys.stderr, flush=True)
 
 
+def seed_state(results: Path, state: Path) -> None:
+    """Finished runs of a committed ``results.json`` written into ``state`` as if trained there
+    (their bench records too); runs the state directory already holds are left as they are."""
+    if not results.exists():
+        raise SystemExit(f"bscompile: error: --from-results: no {results}")
+    state.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for r in json.loads(results.read_text())["runs"]:
+        dest = state / f"{r['key']}.json"
+        if dest.exists():
+            continue
+        r = dict(r)
+        b = r.pop("bench", None)
+        dest.write_text(json.dumps(r))
+        if b is not None:
+            dest.with_suffix(".bench.json").write_text(json.dumps(b))
+        n += 1
+    print(f"{n} finished run(s) copied from {results} into {state}", file=sys.stderr, flush=True)
+
+
 def export_run(wrapped: _LogitsOnly, tokens: torch.Tensor, path: Path) -> Path:
     """ONNX of a trained CharLM: ``tokens [1, T] -> logits``.
 
@@ -754,6 +774,9 @@ def main(argv: list[str] | None = None, full: Setup | None = None, quick: Setup 
     ap.add_argument("--report-only", action="store_true", help="re-render results from the state directory")
     ap.add_argument("--iters", type=int, help="another training budget: its own state and results subfolder")
     ap.add_argument("--main-only", action="store_true", help="only the methods table (no sweeps)")
+    ap.add_argument("--from-results", action="store_true",
+                    help="first copy the finished runs of the committed results.json into the state directory "
+                         "(another machine: their checkpoints and ONNX files are gone, their records are not)")
     ap.add_argument("--only", type=lambda v: [x.strip() for x in v.split(",")],
                     help="comma-separated run names (e.g. 'dense large,BP 4x4'), trained in this order")
     args = ap.parse_args(argv)
@@ -765,6 +788,8 @@ def main(argv: list[str] | None = None, full: Setup | None = None, quick: Setup 
         setup = replace(setup, sweeps=False)
     state = args.state or STATE / setup.name
     out = args.out or (state / "report" if args.quick else results if args.iters is None else results / setup.name)
+    if args.from_results:
+        seed_state(out / "results.json", state)
     if args.bench:
         bench(setup, state)
     elif not args.report_only:

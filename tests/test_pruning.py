@@ -415,3 +415,72 @@ def test_state_dict_round_trip():
         assert torch.equal(sp.state[k]["mask"], sp2.state[k]["mask"]), k
         assert sp.state[k]["history"] == sp2.state[k]["history"]
     assert sp2.sparsity() == pytest.approx(sp.sparsity(), abs=1e-9)
+
+
+# --- gradual dynamic sparseness (the gated layers' keep) ------------------------
+
+
+def test_keep_schedule_starts_dense_and_reaches_the_model_keep():
+    """DynamicKeepSparsifier under CubicSL: every tile kept (scores shifted positive) before the window,
+    keep falling along the cubic inside it (vs the formula written out), the model's keep after it."""
+    from torch.nn.utils import parametrize
+
+    from bscompile.models.dynamic import DynamicBlockLinear
+    from bscompile.models.dynamic_rnn import DynamicBlockLSTM
+    from bscompile.models.keep_schedule import DynamicKeepSparsifier
+
+    torch.manual_seed(0)
+    model = DynamicBlockLSTM(16, 32, block=8, keep=0.25)
+    gated = [m for m in model.modules() if isinstance(m, DynamicBlockLinear)]
+    bias0 = [m.gate.bias.detach().clone() for m in gated]
+    sp = DynamicKeepSparsifier()
+    sp.prepare(model, None)
+    sched = CubicSL(sp, init_sl=0.0, init_t=4, delta_t=1, total_t=10, initially_zero=True)
+    assert len(sp.groups) == len(gated) == 2
+    for m, b in zip(gated, bias0):
+        assert torch.equal(m.gate.bias, b + 1.0) and not parametrize.is_parametrized(m)
+        assert m.keep == 1.0 and m.k == m.num_tiles
+    keeps = []
+    for _ in range(20):
+        sp.step()
+        sched.step()
+        keeps.append(gated[1].keep)
+    for t, keep in enumerate(keeps):  # step t applied the level the scheduler set at epoch t
+        want = 1.0 if t < 4 else max(0.25, 1.0 - 0.75 * (1 - (1 - (t - 4) / 10) ** 3))
+        assert keep == pytest.approx(want, abs=1e-12), (t, keeps)
+    assert keeps[-1] == 0.25 and gated[0].k == gated[0].num_tiles // 4
+    assert 0.25 < keeps[6] < 1.0
+    sp.squash_mask()
+    assert all(m.keep == 0.25 for m in gated)
+
+
+def test_keep_schedule_state_round_trip_and_refusal():
+    from bscompile.models.dynamic import DynamicBlockLinear
+    from bscompile.models.dynamic_rnn import DynamicBlockGRU
+    from bscompile.models.keep_schedule import DynamicKeepSparsifier
+
+    def keeps(model):
+        return [m.keep for m in model.modules() if isinstance(m, DynamicBlockLinear)]
+
+    def prepared():
+        torch.manual_seed(0)
+        model = DynamicBlockGRU(8, 16, block=8, keep=0.5)
+        sp = DynamicKeepSparsifier()
+        sp.prepare(model, None)
+        return model, sp, CubicSL(sp, init_sl=0.0, init_t=2, delta_t=1, total_t=8, initially_zero=True)
+
+    m1, sp1, s1 = prepared()
+    for _ in range(5):
+        sp1.step()
+        s1.step()
+    m2, sp2, s2 = prepared()
+    sp2.load_state_dict(sp1.state_dict())
+    s2.load_state_dict(s1.state_dict())
+    assert keeps(m2) == keeps(m1) and 0.5 < keeps(m2)[0] < 1.0
+    for _ in range(6):
+        for sp, s in ((sp1, s1), (sp2, s2)):
+            sp.step()
+            s.step()
+    assert sp1.state == sp2.state and keeps(m2) == [0.5, 0.5]
+    with pytest.raises(ValueError, match="no DynamicBlockLinear"):
+        DynamicKeepSparsifier().prepare(nn.Linear(4, 4), None)
