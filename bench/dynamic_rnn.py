@@ -28,11 +28,8 @@ import time
 import warnings
 from pathlib import Path
 
-_BENCH = str(Path(__file__).resolve().parent)
-sys.path.insert(0, _BENCH)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (sets thread env vars first)
-
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(_BENCH)]
 
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402

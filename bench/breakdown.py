@@ -1,6 +1,6 @@
 """Where the time goes: kernel-only time against the time through Python, and the cold call.
 
-    python bench/profile.py      # ~3 min on 2 cores; writes bench/results/profile.md
+    python bench/breakdown.py      # ~3 min on 2 cores; writes bench/results/breakdown.md
 
 For the target cells of ``bench/kernels.py`` (90% sparsity, 4x4-16x16 blocks) it
 times the kernel bscompile chose on its own (TVM's ``time_evaluator``, back to back)
@@ -27,7 +27,7 @@ from bscompile.codegen import cpu  # noqa: E402
 from bscompile.codegen.layout import DENSE_ROWS, BlockShape, BSRMatrix  # noqa: E402
 from bscompile.target import TargetSpec, resolve_target  # noqa: E402
 
-OUT = Path(__file__).resolve().parent / "results" / "profile.md"
+OUT = Path(__file__).resolve().parent / "results" / "breakdown.md"
 CELLS = [((1760, 1760), m, b) for m in (1, 4, 16, 64) for b in (4, 8, 16)] + \
         [((4096, 1024), m, b) for m in (1, 64) for b in (4, 16)]
 
@@ -125,7 +125,8 @@ def model_rows(batch: int, runs: int = 20) -> list[str]:
     mod._vm.set_instrument(None)
     total = sum(spent.values())
     lines = [f"Batch {batch}: `run()` takes {plain * 1e6:.0f} us uninstrumented; the instrumented calls sum to "
-             f"{total / runs * 1e6:.0f} us per run (each includes ~1-2 us of hook overhead).", "",
+             f"{total / runs * 1e6:.0f} us per run (each includes 1-5 us of hook overhead, more with more arguments: "
+             "the VM's builtins themselves cost ~0.1 us each unhooked, `bench/results/allocations.md`).", "",
              "| VM call | calls per run | us per run | share |", "|---|---|---|---|"]
     for name, t in sorted(spent.items(), key=lambda kv: -kv[1])[:12]:
         lines.append(f"| `{name}` | {calls[name] // runs} | {t / runs * 1e6:.1f} | {t / total * 100:.0f}% |")
@@ -142,7 +143,7 @@ def main():
     mr = model_rows(1) + [""] + model_rows(8)
     text = "\n".join([
         "# Profile: kernel time, call overhead, cold calls", "",
-        "- command: `python bench/profile.py`", f"- machine: {info['cpu']}, {info['cores']} cores; "
+        "- command: `python bench/breakdown.py`", f"- machine: {info['cpu']}, {info['cores']} cores; "
         f"{info['threads']} threads", f"- date: {info['date']}; wall time {(time.perf_counter() - t0) / 60:.1f} min",
         f"- roofline: {roof['bandwidth_GBps']:.1f} GB/s, {roof['peak_GFLOPs']:.0f} GFLOP/s (best of 20)", "",
         "## The chosen kernels alone and through Python (90% sparsity, warm)", "",
