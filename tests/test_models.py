@@ -252,3 +252,10 @@ def test_dynamic_study_quick(tmp_path, cell):
     before = (state / "dense-s0.json").read_text()
     main(argv)  # nothing pending: no run trains again
     assert (state / "dense-s0.json").read_text() == before
+    assert f"| gated keep 0.5 gradual | dyn{cell} |" in text and "keep 1 → 0.5 (CubicSL)" in text
+    # another machine: the committed results.json seeds an empty state directory (--from-results)
+    fresh = tmp_path / "fresh"
+    main(["--cell", cell, "--quick", "--state", str(fresh), "--out", str(out), "--from-results", "--report-only"])
+    again = json.loads((out / "results.json").read_text())
+    assert [(r["key"], r["val_bpc"]) for r in again["runs"]] == [(r["key"], r["val_bpc"]) for r in res["runs"]]
+    assert {f.name for f in fresh.glob("*.json")} == {f.name for f in state.glob("*.json")} - {"setup.json"}
