@@ -85,45 +85,29 @@ def build_shim(dirname: str) -> str:
     return str(lib)
 
 
-def builtin_cost_us() -> float:
-    """Unhooked cost of one VM allocation builtin: 4 ``alloc_storage`` + 8 ``alloc_tensor`` against none."""
+def builtin_cost_us(pairs: int = 4) -> float:
+    """Unhooked cost of one VM allocation builtin: ``pairs`` x (``alloc_storage`` + 2 ``alloc_tensor``) against none."""
     import tvm
     from tvm import relax
-    from tvm.script import ir as I
-    from tvm.script import relax as R
+    from tvm.relax.op import memory
 
-    @I.ir_module
-    class Mod:
-        @R.function
-        def many(x: R.Tensor((64,), "float32")):
-            R.func_attr({"relax.force_pure": True})
-            s0 = R.memory.alloc_storage(R.shape([1048576]), 0, "global", "float32")
-            _a0 = R.memory.alloc_tensor(s0, 0, R.shape([64]), "float32")
-            _b0 = R.memory.alloc_tensor(s0, 256, R.shape([64]), "float32")
-            s1 = R.memory.alloc_storage(R.shape([1048576]), 0, "global", "float32")
-            _a1 = R.memory.alloc_tensor(s1, 0, R.shape([64]), "float32")
-            _b1 = R.memory.alloc_tensor(s1, 256, R.shape([64]), "float32")
-            s2 = R.memory.alloc_storage(R.shape([4096]), 0, "global", "float32")
-            _a2 = R.memory.alloc_tensor(s2, 0, R.shape([64]), "float32")
-            _b2 = R.memory.alloc_tensor(s2, 256, R.shape([64]), "float32")
-            s3 = R.memory.alloc_storage(R.shape([4096]), 0, "global", "float32")
-            _a3 = R.memory.alloc_tensor(s3, 0, R.shape([64]), "float32")
-            _b3 = R.memory.alloc_tensor(s3, 256, R.shape([64]), "float32")
-            return x
-
-        @R.function
-        def none(x: R.Tensor((64,), "float32")):
-            R.func_attr({"relax.force_pure": True})
-            return x
-
-    vm = relax.VirtualMachine(tvm.compile(Mod, target="llvm"), tvm.cpu())
+    bb = relax.BlockBuilder()
+    for name, n in (("many", pairs), ("none", 0)):
+        x = relax.Var("x", relax.TensorType((64,), "float32"))
+        with bb.function(name, [x], {"relax.force_pure": True}):
+            for _ in range(n):
+                st = bb.emit(memory.alloc_storage(relax.ShapeExpr([1 << 20]), 0, "global", "float32"))
+                for offset in (0, 256):
+                    bb.emit(memory.alloc_tensor(st, offset, relax.ShapeExpr([64]), "float32"))
+            bb.emit_func_output(x)
+    vm = relax.VirtualMachine(tvm.compile(bb.get(), target="llvm"), tvm.cpu())
     x = tvm.runtime.tensor(np.zeros(64, "float32"))
-    best = {}
+    best: dict[str, float] = {}
     for name in ("many", "none") * 3:
         f = vm[name]
         t = min(timeit.repeat(lambda f=f: f(x), number=2000, repeat=5)) / 2000
         best[name] = min(best.get(name, t), t)
-    return (best["many"] - best["none"]) / 12 * 1e6
+    return (best["many"] - best["none"]) / (3 * pairs) * 1e6
 
 
 def cases(tmp: Path, quick: bool) -> list[tuple[str, object, list[dict[str, np.ndarray]]]]:

@@ -23,7 +23,6 @@ Usage (``torch.ao`` order: optimizer, sparsifier, scheduler)::
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -31,6 +30,7 @@ from torch import nn
 from torch.ao.pruning import BaseSparsifier
 
 from .dynamic import DynamicBlockLinear
+from .sparsifier import restore_groups
 
 
 class DynamicKeepSparsifier(BaseSparsifier):
@@ -95,12 +95,7 @@ class DynamicKeepSparsifier(BaseSparsifier):
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> None:
         """Restore into a sparsifier already ``prepare``-d on the same model and re-apply the levels
         (``keep`` is a module attribute, not a tensor of the model's state)."""
-        saved = {g["tensor_fqn"]: g for g in state_dict["groups"]}
-        if strict and saved.keys() != {g["tensor_fqn"] for g in self.groups}:
-            raise RuntimeError("sparsifier groups differ from the saved ones")
-        for g in self.groups:
-            g.update(copy.deepcopy(saved.get(g["tensor_fqn"], {})))
-        self.state.update(copy.deepcopy(state_dict["state"]))
+        restore_groups(self, state_dict, strict)
         self.itr = state_dict["itr"]
         for g in self.groups:
             hist = self.state[g["tensor_fqn"]]["history"]

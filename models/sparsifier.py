@@ -120,6 +120,19 @@ def make_config(
     return config
 
 
+def restore_groups(sp: BaseSparsifier, state_dict: dict[str, Any], strict: bool = True) -> None:
+    """Group keys and state of ``state_dict`` into ``sp``, already ``prepare``-d on the same model.
+
+    ``BaseSparsifier.load_state_dict`` would register ``torch.ao``'s parametrizations, which the
+    sparsifiers here do not use (see the module docstring)."""
+    saved = {g["tensor_fqn"]: g for g in state_dict["groups"]}
+    if strict and saved.keys() != {g["tensor_fqn"] for g in sp.groups}:
+        raise RuntimeError("sparsifier groups differ from the saved ones")
+    for g in sp.groups:
+        g.update(copy.deepcopy(saved.get(g["tensor_fqn"], {})))
+    sp.state.update(copy.deepcopy(state_dict["state"]))
+
+
 class BlockPruner(BaseSparsifier):
     """Monotone magnitude pruning of r×c blocks (WP when ``sparse_block_shape=(1, 1)``).
 
@@ -238,12 +251,7 @@ class BlockPruner(BaseSparsifier):
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> None:
         """Restore into a sparsifier already ``prepare``-d on the same model (no parametrizations)."""
-        saved = {g["tensor_fqn"]: g for g in state_dict["groups"]}
-        if strict and saved.keys() != {g["tensor_fqn"] for g in self.groups}:
-            raise RuntimeError("sparsifier groups differ from the saved ones")
-        for g in self.groups:
-            g.update(copy.deepcopy(saved.get(g["tensor_fqn"], {})))
-        self.state.update(copy.deepcopy(state_dict["state"]))
+        restore_groups(self, state_dict, strict)
         self.itr = state_dict["itr"]
         self.squashed = state_dict.get("squashed", False)
         self.enable_mask_update = state_dict.get("enable_mask_update", True)
