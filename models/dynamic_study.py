@@ -171,6 +171,8 @@ def targets(g: dict[str, list[dict[str, Any]]], keeps: tuple[float, ...]) -> lis
             rel = (bpc(g[a]) - bpc(g["dense"])) / bpc(g["dense"]) * 100
             out.append(f"{'target' if keep == 0.5 else '(not a target)'}: {a} within 2% of dense — "
                        f"{rel:+.2f}% ({'met' if rel <= 2 else 'missed'}).")
+        if "dense" in g and a.endswith("gradual"):
+            out.append(_before_window(g[a][0], g["dense"][0]))
         for b in (f"BP 4x4 @ keep {keep}", f"WP @ keep {keep}", f"dense @ keep {keep}"):
             if b in g:
                 d = bpc(g[a]) - bpc(g[b])
@@ -180,6 +182,18 @@ def targets(g: dict[str, list[dict[str, Any]]], keeps: tuple[float, ...]) -> lis
                 out.append(f"{a} {bpc(g[a]):.4f} is {word} {b} {bpc(g[b]):.4f} (Δ {d:+.4f} bpc"
                            + (", one seed: no spread" if not noise else f", spreads ±{noise:.4f}") + ").")
     return out
+
+
+def _before_window(r: dict[str, Any], dense: dict[str, Any]) -> str:
+    """How the gradual run trained while it kept every tile, against dense at the same iteration."""
+    start = int(r["prune_config"]["start"] * r["train_config"]["iters"])
+    at = {run["key"]: {itr: b for itr, b, _, _ in run["train_curve"]} for run in (r, dense)}
+    mine, ref = at[r["key"]].get(start), at[dense["key"]].get(start)
+    if mine is None or ref is None:
+        return f"{r['name']}: no training bpc logged at iteration {start}, where keep starts to fall."
+    return (f"{r['name']}: with every tile kept (iterations 1-{start}, gate scores near 1 after the +1 shift) it "
+            f"trained {'slower than' if mine > ref else 'as fast as or faster than'} dense: training bpc {mine:.3f} "
+            f"against {ref:.3f} at iteration {start}.")
 
 
 def plot(s: DynSetup, res: dict[str, Any], out: Path) -> None:
