@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (sets thread env vars first)
 
 import numpy as np  # noqa: E402
+from allocations import builtin_cost_us  # noqa: E402
 from kernels import block_pruned, matmul_model  # noqa: E402
 
 import bscompile  # noqa: E402
@@ -119,6 +120,7 @@ def model_rows(batch: int, runs: int = 20) -> list[str]:
             calls[name] += 1
         return 0
 
+    per_builtin = builtin_cost_us()
     mod._vm.set_instrument(tvm_ffi.convert(instrument))
     for _ in range(runs):
         mod.run(feeds)
@@ -127,9 +129,13 @@ def model_rows(batch: int, runs: int = 20) -> list[str]:
     lines = [f"Batch {batch}: `run()` takes {plain * 1e6:.0f} us uninstrumented; the instrumented calls sum to "
              f"{total / runs * 1e6:.0f} us per run (each includes 1-5 us of hook overhead, more with more arguments: "
              "the VM's builtins themselves cost ~0.1 us each unhooked, `bench/results/allocations.md`).", "",
-             "| VM call | calls per run | us per run | share |", "|---|---|---|---|"]
+             "| VM call | calls per run | us per run, hooked | share of hooked | unhooked, estimated |",
+             "|---|---|---|---|---|"]
     for name, t in sorted(spent.items(), key=lambda kv: -kv[1])[:12]:
-        lines.append(f"| `{name}` | {calls[name] // runs} | {t / runs * 1e6:.1f} | {t / total * 100:.0f}% |")
+        n = calls[name] // runs
+        est = f"{n * per_builtin:.1f} us ({n * per_builtin / plain * 1e-4:.1f}% of run())" \
+            if name.startswith("vm.builtin") else "kernel"
+        lines.append(f"| `{name}` | {n} | {t / runs * 1e6:.1f} | {t / total * 100:.0f}% | {est} |")
     return lines
 
 
