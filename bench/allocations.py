@@ -209,8 +209,9 @@ def measure(quick: bool, out: Path) -> None:
         "|---|---|---|---|---|---|",
         *rows,
         "",
-        f"At most {worst:.2f} allocations of 4 KiB or more per call: no tensor buffer is allocated per call "
-        "(sporadic ones are not per call: in the gated LM, 7 in 500 calls, of 4-64 KiB each). Every tensor buffer -- intermediates, outputs (handed to the caller "
+        ("No allocation of 4 KiB or more in any timed call" if worst == 0 else
+         f"At most {worst:.2f} allocations of 4 KiB or more per call (sporadic: not one per call)")
+        + ": no tensor buffer is allocated per call. Every tensor buffer -- intermediates, outputs (handed to the caller "
         "without a copy), the kernels' workspaces, the staged inputs -- comes from a pool that the first calls "
         "filled (the VM's pooled allocator, TVM's workspace pool, `CompiledModule`'s staging buffers per shape), "
         "also when the symbolic shapes change from call to call. What remains per call is bookkeeping: small "
