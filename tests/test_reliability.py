@@ -429,3 +429,25 @@ def test_recurrent_weight_of_the_wrong_shape_is_one_line(tmp_path, capsys, rng):
     out, err = capsys.readouterr()
     assert out == "" and err.strip() == "bscompile: error: node 'gru': R has shape (1, 24, 7), expected (1, 24, 8)"
     assert not (tmp_path / "m.bsc").exists()
+
+
+def test_large_inputs_are_checked_in_every_chunk():
+    """Inputs over 16K elements are checked for NaN/inf in 16K-element chunks (no temporary array):
+    a bad value in the last, partial chunk is found on the full check and on run()'s fast path; finite
+    values whose squares overflow are accepted."""
+    node = helper.make_node("Relu", ["x"], ["y"], name="relu")
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 64])])
+    mod = bscompile.compile(helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)])).load()
+    x = np.random.default_rng(0).standard_normal((300, 64)).astype(np.float32)  # 19200 elements: 2 chunks
+    np.testing.assert_array_equal(mod.run({"x": x})["y"], np.maximum(x, 0))
+    for at in ((0, 3), (299, 63), (256, 0)):  # first chunk, the last element, the second chunk's start
+        for bad in (np.nan, np.inf):
+            xb = x.copy()
+            xb[at] = bad
+            with pytest.raises(InputError, match=rf"holds {bad} at \[{at[0]}, {at[1]}\]"):
+                mod.run({"x": xb})  # same shape as the last good call: the fast path
+            with pytest.raises(InputError, match=rf"holds {bad} at \[{at[0]}, {at[1]}\]"):
+                mod.run({"x": np.vstack([xb, x[:1]])})  # another shape: the full check
+    huge = np.full((300, 64), 3e38, np.float32)
+    np.testing.assert_array_equal(mod.run({"x": huge})["y"], huge)
