@@ -40,10 +40,10 @@ import common  # noqa: E402  (sets thread env vars first)
 import numpy as np  # noqa: E402
 
 import bscompile  # noqa: E402
+from models import BUNDLED  # noqa: E402
 from symbolic import gru_model, linear_model  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "allocations.md"
-BUNDLED = Path(bscompile.__file__).parent / "data" / "char_gru_bp4x4.onnx"
 CALLS = 2000
 BIG = 4096
 
@@ -132,12 +132,14 @@ def cases(tmp: Path, quick: bool) -> list[tuple[str, object, list[dict[str, np.n
     except ImportError:
         print("torch not installed: the gated LSTM LM is left out", file=sys.stderr)
         return out
+    from dynamic_rnn import LM_BS, LM_EMB, LM_H, LM_SEQ, LM_VOCAB  # (the benchmark of the same LM)
+
     from bscompile.models.charlm import CharLM
     from bscompile.models.reproduce import _LogitsOnly, export_run
 
     torch.manual_seed(0)
-    model = CharLM(172, emb=64, hidden=512, layers=1, cell="dynlstm", block=64, keep=0.5).eval()
-    tokens = rng.integers(0, 172, (1, 64))
+    model = CharLM(LM_VOCAB, emb=LM_EMB, hidden=LM_H, layers=1, cell="dynlstm", block=LM_BS, keep=0.5).eval()
+    tokens = rng.integers(0, LM_VOCAB, (1, LM_SEQ))
     path = export_run(_LogitsOnly(model), torch.from_numpy(tokens), tmp / "lm.onnx")
     lm = bscompile.compile(str(path)).load()
     out.append(("gated LSTM LM (dynamic study, keep 0.5), batch 1 x 64", lm, [{"tokens": tokens}]))

@@ -68,8 +68,7 @@ class DynamicKeepSparsifier(BaseSparsifier):
             self._set(g, 0.0)
 
     def _set(self, g: dict[str, Any], level: float) -> None:
-        m, final = g["module"], g["final_keep"]
-        keep = final if 1.0 - level <= final else 1.0 - level
+        m, keep = g["module"], max(g["final_keep"], 1.0 - level)
         hist, k = self.state[g["tensor_fqn"]]["history"], m.k
         m.keep = keep
         if not hist or m.k != k:  # (a change of the kept count, not of every float step)
