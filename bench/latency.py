@@ -38,10 +38,10 @@ import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 
 import bscompile  # noqa: E402
+from models import BUNDLED  # noqa: E402
 from symbolic import gru_model, linear_model  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results"
-BUNDLED = Path(bscompile.__file__).parent / "data" / "char_gru_bp4x4.onnx"
 ROUNDS = 3
 #: A rerun keeps what follows this heading in latency.md (written from `bscompile compile --time-passes`).
 KEEP = "## Compile time"
