@@ -34,6 +34,8 @@ Contract
   a symbolic extent is checked at run time.
 - ``device="cuda"``: device code cannot raise, so the index is wrapped and clamped
   with Relax ops instead (memory-safe, no error); ``lens`` is clamped by the kernels.
+- Idempotent: an index that is already a check kernel's result (attribute ``CHECK_ATTR``)
+  or ``minimum(maximum(x, 0), n - 1)`` with constants (the CUDA clamp) is in range.
 - Left alone: ``take`` in mode "wrap"/"clip" (in range by construction), index tensors
   of unknown shape, unsigned dtypes' wrap (nothing to wrap), on CUDA an index into a
   symbolic extent (no constant to clamp to).
@@ -59,7 +61,10 @@ tvm_ffi.register_error(UnsupportedModelError)  # keeps its class when raised thr
 
 _OP = {name: tvm.ir.Op.get(f"relax.{name}") for name in
        ("take", "gather_elements", "gather_nd", "scatter_elements", "scatter_nd", "where", "less", "add",
-        "reshape", "permute_dims", "squeeze", "expand_dims", "flatten", "astype", "full")}
+        "reshape", "permute_dims", "squeeze", "expand_dims", "flatten", "astype", "full", "minimum", "maximum",
+        "call_tir")}
+#: PrimFunc attribute marking this pass's check kernels (an index they return is not checked again).
+CHECK_ATTR = "bscompile.check_index"
 #: Ops that keep every index value (so an error can name the input it came from).
 _VALUE_KEEPING = ("reshape", "permute_dims", "squeeze", "expand_dims", "flatten", "astype")
 _ANONYMOUS = re.compile(r"(lv|gv)\d*$")
@@ -111,7 +116,7 @@ def check_kernel(shape: tuple[Dim, ...], dtype: str, bounds: tuple[Dim, ...] = (
 
     @T.prim_func(s_tir=True, private=True, check_well_formed=False)  # (free bound vars: params below)
     def check_index(x: T.Buffer(shape, dtype), y: T.Buffer(shape, dtype)):
-        T.func_attr({"tir.noalias": True, "op_pattern": 8})
+        T.func_attr({"tir.noalias": True, "op_pattern": 8, CHECK_ATTR: True})
         with T.sblock("root"):
             xf = T.decl_buffer((n,), dtype, data=x.data)
             yf = T.decl_buffer((n,), dtype, data=y.data)
@@ -157,6 +162,21 @@ class _Guard(relax.PyExprMutator):
                 return "the index tensor"
             var = value.args[0]
         return f"input '{var.name}'" if isinstance(var, relax.Var) else "the index tensor"
+
+    def _guarded(self, idx, bounds: tuple[Dim, ...]) -> bool:
+        """Whether ``idx`` is in range by construction: a check kernel's result, or
+        ``minimum(maximum(x, 0), bounds - 1)`` (what this pass emits on CUDA). Makes the pass idempotent."""
+        value = self._bound(idx)
+        if self._is(value, "call_tir"):
+            func = self.mod.functions.get(value.args[0]) if isinstance(value.args[0], tvm.ir.GlobalVar) else None
+            return func is not None and func.attrs is not None and CHECK_ATTR in func.attrs
+        if not (self._is(value, "minimum") and all(isinstance(b, int) for b in bounds)):
+            return False
+        low = self._bound(value.args[0])
+        hi, zero = value.args[1], low.args[1] if self._is(low, "maximum") else None
+        return (isinstance(hi, tvm.ir.expr.Constant) and isinstance(zero, tvm.ir.expr.Constant)
+                and not zero.value.numpy().any()
+                and np.array_equal(np.resize(hi.value.numpy(), len(bounds)), np.array(bounds) - 1))
 
     def _unwrapped(self, idx, bounds: tuple[int, ...]):
         """``x`` if ``idx = where(less(x, 0), add(x, n), x)`` with ``n`` = bounds, else None."""
@@ -221,7 +241,8 @@ class _Guard(relax.PyExprMutator):
             seq = self._caller_dim(call, seq)
         filled = self._is(self._bound(lens), "full")  # the frontend's "whole sequence" lengths
         if (isinstance(lens, tvm.ir.expr.Constant) or filled or shape is None or 0 in shape or seq is None
-                or self.device == "cuda"):  # (CUDA: the kernel clamps lens to [0, T])
+                or self.device == "cuda"  # (CUDA: the kernel clamps lens to [0, T])
+                or self._guarded(lens, (seq + 1,))):
             return False
         checked = self._checked(lens, shape, str(lens.ty.dtype), (seq + 1,), False,
                                 f"{self._source(lens)} holds sequence length ", "")
@@ -247,6 +268,8 @@ class _Guard(relax.PyExprMutator):
             return super().visit_var_binding_(binding)
         pos, bounds, native_wrap = rule
         idx = call.args[pos]
+        if self._guarded(idx, bounds):
+            return super().visit_var_binding_(binding)
         node = binding.var.name
         suffix = "" if _ANONYMOUS.match(node) else f" at node {node}"
         dtype = str(idx.ty.dtype)

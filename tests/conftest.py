@@ -11,6 +11,9 @@ import pytest  # noqa: E402
 import tvm  # noqa: E402
 from tvm import relax  # noqa: E402
 
+from bscompile.passes.pipeline import bscompile_passes  # noqa: E402
+from bscompile.target import resolve_target  # noqa: E402
+
 
 @pytest.fixture
 def rng(request):
@@ -34,8 +37,8 @@ class _WellFormedAfterBscompilePasses:
     """relax.analysis.well_formed after every bscompile pass (TVM's own passes check themselves).
     (In this TVM ``well_formed`` raises on the first violation and returns None.)"""
 
-    NAMES = {"CheckIndices", "Conv1dToMatmul", "OutlineDynamicSites", "OutlineLinearSites", "AnalyzeSparsity",
-             "ChooseLayout", "LowerWeightSites", "OwnOutputs"}
+    NAMES = {p.info.name for p in bscompile_passes(resolve_target("llvm").kernel_family())
+             if p.info.name not in ("FoldConstant", "DeadCodeElimination")} | {"ShareIdenticalKernels"}
 
     def run_after_pass(self, mod, info):
         if info.name in self.NAMES:

@@ -11,15 +11,24 @@ import pytest
 import tvm
 from onnx import TensorProto, helper
 from onnx_models import OPSET, gru_with_lens, ort_run
+from tvm import relax
 from tvm.script import ir as I
 from tvm.script import relax as R
 from tvm.script import tirx as T
 
 import bscompile
 from bscompile.errors import InputError, UnsupportedModelError
-from bscompile.passes.check_indices import CheckIndices
+from bscompile.frontend.onnx import import_onnx
+from bscompile.passes.check_indices import CHECK_ATTR, CheckIndices
 
 W = np.arange(10, dtype=np.float32).reshape(5, 2)
+
+
+def assert_checked(before: tvm.IRModule, expected: tvm.IRModule, device: str = "cpu") -> None:
+    """The pass turns ``before`` into ``expected``, and leaves its own output alone (idempotent)."""
+    after = CheckIndices(device)(before)
+    tvm.ir.assert_structural_equal(after, expected)
+    tvm.ir.assert_structural_equal(CheckIndices(device)(after), after)
 
 
 def test_gather_index_is_checked_and_wrapped():
@@ -39,7 +48,7 @@ def test_gather_index_is_checked_and_wrapped():
     class Expected:
         @T.prim_func(s_tir=True, private=True)
         def check_index(x: T.Buffer((1, 4), "int64"), y: T.Buffer((1, 4), "int64")):
-            T.func_attr({"tir.noalias": True, "op_pattern": 8})
+            T.func_attr({"tir.noalias": True, "op_pattern": 8, CHECK_ATTR: True})
             with T.sblock("root"):
                 xf = T.decl_buffer((4,), "int64", data=x.data)
                 yf = T.decl_buffer((4,), "int64", data=y.data)
@@ -62,7 +71,7 @@ def test_gather_index_is_checked_and_wrapped():
                 R.output(Gather_3)
             return Gather_3
 
-    tvm.ir.assert_structural_equal(CheckIndices()(Before), Expected)
+    assert_checked(Before, Expected)
 
 
 def test_unnormalised_index_is_checked_from_zero():
@@ -81,7 +90,7 @@ def test_unnormalised_index_is_checked_from_zero():
     class Expected:
         @T.prim_func(s_tir=True, private=True)
         def check_index(x: T.Buffer((3, 2), "int32"), y: T.Buffer((3, 2), "int32")):
-            T.func_attr({"tir.noalias": True, "op_pattern": 8})
+            T.func_attr({"tir.noalias": True, "op_pattern": 8, CHECK_ATTR: True})
             with T.sblock("root"):
                 xf = T.decl_buffer((6,), "int32", data=x.data)
                 yf = T.decl_buffer((6,), "int32", data=y.data)
@@ -100,7 +109,7 @@ def test_unnormalised_index_is_checked_from_zero():
                 R.output(lv)
             return lv
 
-    tvm.ir.assert_structural_equal(CheckIndices()(Before), Expected)
+    assert_checked(Before, Expected)
 
 
 def test_safe_indexing_is_left_alone():
@@ -140,7 +149,7 @@ def test_symbolic_index_shape_is_checked():
     class Expected:
         @T.prim_func(s_tir=True, private=True)
         def check_index(var_x: T.handle, var_y: T.handle):
-            T.func_attr({"tir.noalias": True, "op_pattern": 8})
+            T.func_attr({"tir.noalias": True, "op_pattern": 8, CHECK_ATTR: True})
             n0, n1 = T.int64(), T.int64()
             x = T.match_buffer(var_x, (n0, n1), "int64")
             y = T.match_buffer(var_y, (n0, n1), "int64")
@@ -167,7 +176,7 @@ def test_symbolic_index_shape_is_checked():
                 R.output(Gather_3)
             return Gather_3
 
-    tvm.ir.assert_structural_equal(CheckIndices()(Before), Expected)
+    assert_checked(Before, Expected)
 
 
 def test_symbolic_extent_is_a_kernel_argument():
@@ -187,7 +196,7 @@ def test_symbolic_extent_is_a_kernel_argument():
     class Expected:
         @T.prim_func(s_tir=True, private=True)
         def check_index(x: T.Buffer((3,), "int32"), b0: T.int64, y: T.Buffer((3,), "int32")):
-            T.func_attr({"tir.noalias": True, "op_pattern": 8})
+            T.func_attr({"tir.noalias": True, "op_pattern": 8, CHECK_ATTR: True})
             with T.sblock("root"):
                 xf = T.decl_buffer((3,), "int32", data=x.data)
                 yf = T.decl_buffer((3,), "int32", data=y.data)
@@ -208,7 +217,7 @@ def test_symbolic_extent_is_a_kernel_argument():
                 R.output(Gather_4)
             return Gather_4
 
-    tvm.ir.assert_structural_equal(CheckIndices()(Before), Expected)
+    assert_checked(Before, Expected)
 
 
 def test_constant_index_out_of_range_is_a_compile_error():
@@ -255,7 +264,7 @@ def test_cuda_wraps_and_clamps_instead_of_raising():
                 R.output(lv)
             return lv
 
-    tvm.ir.assert_structural_equal(CheckIndices("cuda")(Before), Expected)
+    assert_checked(Before, Expected, "cuda")
 
 
 # --- compiled ONNX models: valid indices match onnxruntime, invalid ones are one clear error -------
@@ -348,6 +357,15 @@ def test_sequence_lengths_with_a_symbolic_sequence_are_checked(rng):
     for bad in (seq + 1, -1, 10**9):
         with pytest.raises(InputError, match=rf"^input 'lens' holds sequence length {bad} outside \[0, {seq + 1}\)$"):
             mod.run({"x": x, "lens": np.array([1, bad, 2], np.int32)})
+
+
+def test_checked_sequence_lengths_are_not_checked_again(rng):
+    """The recurrent site's ``lens`` operand is checked once: a second run of the pass (e.g. a
+    user's pipeline repeating it) leaves the module alone."""
+    mod = relax.transform.FoldConstant()(import_onnx(gru_with_lens(rng, hidden=8, inp=4), None).mod)
+    once = CheckIndices()(mod)
+    assert sum(isinstance(f, tvm.tirx.PrimFunc) and CHECK_ATTR in (f.attrs or {}) for f in once.functions.values()) == 1
+    tvm.ir.assert_structural_equal(CheckIndices()(once), once)
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="the CUDA emulator compiles kernels with g++")

@@ -2,6 +2,8 @@
 ``tvm.ir.assert_structural_equal``, plus the programs each pass must leave alone and
 a second run that must change nothing (every pass is idempotent)."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import tvm
@@ -663,3 +665,33 @@ def test_lower_weight_sites_bsr_site_matches_numpy(rng):
 def test_lower_weight_sites_leaves_undecided_sites_alone():
     before = _site_module(W)
     tvm.ir.assert_structural_equal(LowerWeightSites(FAMILY)(before), before)
+
+
+# --- the whole pipeline -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["gru_lens", "lstm_bidir", "deepspeech", "linear", "bundled char GRU"])
+@pytest.mark.parametrize("target", ["x86_64", "cuda"])
+def test_every_pass_is_idempotent_on_whole_models(name, target, rng):
+    """Each of bscompile's passes, run again on its own output in the pipeline's order, changes
+    nothing: symbolic batch and length, sequence lengths, convolutions, bidirectional layers,
+    an embedding (checked token ids, the folded embedding product)."""
+    import onnx
+    import onnx_models
+
+    import bscompile
+    from bscompile.frontend.onnx import import_onnx
+    from bscompile.passes.pipeline import bscompile_passes
+
+    if name == "bundled char GRU":
+        model = onnx.load(Path(bscompile.__file__).parent / "data" / "char_gru_bp4x4.onnx")
+    else:
+        model, _ = onnx_models.symbolic_model(name, rng)
+    mod = import_onnx(model, None).mod
+    for pass_ in bscompile_passes(resolve_target(target).kernel_family()):
+        once = pass_(mod)
+        try:
+            tvm.ir.assert_structural_equal(pass_(once), once)
+        except ValueError as err:
+            raise AssertionError(f"{pass_.info.name} changed its own output: {str(err)[:2000]}") from None
+        mod = once
