@@ -114,9 +114,11 @@ def check_kernel(shape: tuple[Dim, ...], dtype: str, bounds: tuple[Dim, ...] = (
     def wrapped(v, i):
         return tirx.Select(v < tirx.const(0, dtype), v + bound(i), v) if wrap else v
 
+    func_attrs = {"tir.noalias": True, "op_pattern": 8} | ({CHECK_ATTR: True} if checked else {})
+
     @T.prim_func(s_tir=True, private=True, check_well_formed=False)  # (free bound vars: params below)
     def check_index(x: T.Buffer(shape, dtype), y: T.Buffer(shape, dtype)):
-        T.func_attr({"tir.noalias": True, "op_pattern": 8, CHECK_ATTR: True})
+        T.func_attr(func_attrs)
         with T.sblock("root"):
             xf = T.decl_buffer((n,), dtype, data=x.data)
             yf = T.decl_buffer((n,), dtype, data=y.data)

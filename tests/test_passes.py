@@ -196,24 +196,62 @@ def test_outline_linear_sites_unnamed_weight_without_bias():
 
 
 def test_outline_linear_sites_leaves_other_products_alone():
-    """Run-time weights, a batched (3-D) constant, a bias added on the left (the kernel would
-    round it differently) and a non-float32 product stay as they are (a symbolic batch
-    becomes a site: tests/test_symbolic.py)."""
+    """Run-time weights, a batched (3-D) constant, a symbolic K and a non-float32 product stay
+    as they are (a symbolic batch becomes a site: tests/test_symbolic.py; a bias added on the
+    left: the test above)."""
     w3 = np.ones((2, 3, 5), np.float32)
 
     @I.ir_module
     class Before:
         @R.function
         def main(x: R.Tensor((4, 3), "float32"), w: R.Tensor((3, 5), "float32"),
-                 xb: R.Tensor((2, 4, 3), "float32"), xh: R.Tensor((4, 3), "float16")):
+                 xb: R.Tensor((2, 4, 3), "float32"), xh: R.Tensor((4, 3), "float16"),
+                 xk: R.Tensor((4, "k"), "float32")):
             with R.dataflow():
                 a = R.matmul(x, w)
                 b = R.matmul(xb, R.const(w3))
                 e = R.matmul(xh, R.const(np.ascontiguousarray(W.T).astype(np.float16)))
-                R.output(a, b, e)
-            return (a, b, e)
+                f = R.matmul(xk, R.const(np.ascontiguousarray(W.T)))
+                R.output(a, b, e, f)
+            return (a, b, e, f)
 
     tvm.ir.assert_structural_equal(OutlineLinearSites()(Before), Before)
+
+
+def test_outline_linear_sites_bias_on_the_left_stays_an_add():
+    """``add(B, matmul(x, C))``: the product becomes a site with a zero bias and the add stays
+    (the kernel adds its bias first, which only keeps the rounding of ``add(matmul, B)``)."""
+
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor((4, 3), "float32")) -> R.Tensor((4, 5), "float32"):
+            with R.dataflow():
+                y = R.matmul(x, R.const(np.ascontiguousarray(W.T)))
+                z = R.add(R.const(B), y)
+                R.output(z)
+            return z
+
+    @I.ir_module
+    class Expected:
+        @R.function(private=True)
+        def linear_site(a0: R.Tensor((4, 3), "float32"), a1: R.Tensor((5, 3), "float32"),
+                        a2: R.Tensor((5,), "float32")) -> R.Tensor((4, 5), "float32"):
+            R.func_attr({"bscompile.site": {"kind": "linear", "name": "fc.weight", "fingerprint": FP, "m": 4,
+                                            "shape": [5, 3]}})
+            return R.call_pure_packed("bscompile.site.linear", a0, a1, a2, ty_args=R.Tensor((4, 5), "float32"))
+
+        @R.function
+        def main(x: R.Tensor((4, 3), "float32")) -> R.Tensor((4, 5), "float32"):
+            cls = Expected
+            with R.dataflow():
+                y = cls.linear_site(x, R.const(W), R.const(np.zeros(5, np.float32)))
+                z = R.add(R.const(B), y)
+                R.output(z)
+            return z
+
+    after = _twice_is_once(OutlineLinearSites(), _named_weights(Before, "fc.weight"))
+    tvm.ir.assert_structural_equal(after, Expected)
 
 
 # --- FoldEmbeddingProducts -----------------------------------------------------------------
