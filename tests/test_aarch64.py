@@ -355,7 +355,7 @@ def test_aarch64_bundle_runs_a_fused_gated_recurrence(rng, tmp_path, emulator_en
     if parallel:
         monkeypatch.setattr(cpu_dynamic_recurrent, "PERSISTENT_MIN_WORK", 0)
     m = t._model(rng, "lstm", keep=0.5, time_loop="scan")
-    all_feeds = [t.clear_margin_feeds(m, rng, n) for n in (1, 7)]
+    all_feeds = t.clear_margin_feed_set(m, rng, (1, 7))
     model_bytes = t._export(m, "dynamo", 2)
     art = bscompile.compile(onnx.load_from_string(model_bytes), target="aarch64")
     (rec,) = [w for w in art.manifest.weights if w["kind"] == "dynamic_recurrent"]

@@ -199,7 +199,7 @@ def test_fused_loop_is_the_loop(rng, tmp_path, cell):
     for steps in (1, 7, 50):
         feeds = {"x": rng.standard_normal((B, steps, IN)).astype(np.float32), **_states(rng, cell)}
         got, ref, want = fused.run(feeds), looped.run(feeds), sess.run(None, feeds)
-        for (name, g), r, w in zip(got.items(), ref.values(), want):
+        for (name, g), r, w in zip(got.items(), ref.values(), want, strict=True):
             np.testing.assert_allclose(g, r, rtol=1e-5, atol=5e-6, err_msg=f"{name}, {steps} steps")
             np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=f"{name}, {steps} steps")
 
@@ -210,7 +210,7 @@ def _fused_against_ort(model, feeds_list, tmp_path) -> None:
     assert "loop_kernel" in next(tmp_path.glob("*_FuseLoopKernels.py")).read_text()
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     for feeds in feeds_list:
-        for (name, g), w in zip(compiled.run(feeds).items(), sess.run(None, feeds)):
+        for (name, g), w in zip(compiled.run(feeds).items(), sess.run(None, feeds), strict=True):
             np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=f"{name}, x {feeds['x'].shape}")
 
 

@@ -136,11 +136,11 @@ def test_symbolic_length_is_a_relax_loop(rng, cell):
     for steps in (1, 7, 50) if cell == "peephole_lstm" else (1, 7, 50, 5000):
         feeds = {"x": rng.standard_normal((B, steps, IN)).astype(np.float32), **_states(rng, cell)}
         want = sess.run(None, feeds)
-        for g, w in zip(compiled.run(feeds).values(), want):
+        for g, w in zip(compiled.run(feeds).values(), want, strict=True):
             np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=f"{steps} steps")
     feeds["x"] = feeds["x"][:, :3]
     got = list(bscompile.compile(model, input_shapes={"x": (B, 3, IN)}).load().run(feeds).values())
-    for g, w in zip(got, sess.run(None, feeds)):
+    for g, w in zip(got, sess.run(None, feeds), strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
 
 
@@ -163,7 +163,7 @@ def test_symbolic_trip_count_loop(rng):
     for steps in (1, 7, 50):
         feeds = {"x": rng.standard_normal((steps, B, IN)).astype(np.float32),
                  "h0": rng.standard_normal((B, H)).astype(np.float32)}
-        for g_, w in zip(compiled.run(feeds).values(), sess.run(None, feeds)):
+        for g_, w in zip(compiled.run(feeds).values(), sess.run(None, feeds), strict=True):
             np.testing.assert_allclose(g_, w, rtol=1e-4, atol=1e-5, err_msg=f"{steps} steps")
 
 
