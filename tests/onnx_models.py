@@ -14,6 +14,16 @@ def f32(a):
     return np.asarray(a, np.float32)
 
 
+def assert_product_close(y: np.ndarray, x: np.ndarray, w: np.ndarray, bias: np.ndarray, err_msg: str = "") -> None:
+    """``y == x @ w.T + bias`` to float32 accumulation error: within 2e-6 of ``|x| @ |w|.T + |bias|``
+    per element, against a float64 reference (summation order differs; an indexing bug is O(1))."""
+    x64, w64, b64 = (np.asarray(a, np.float64) for a in (x, w, bias))
+    err = np.abs(y - (x64 @ w64.T + b64))
+    tol = 2e-6 * (np.abs(x64) @ np.abs(w64).T + np.abs(b64)) + 1e-7
+    assert (err <= tol).all(), (f"{err_msg}: {(err > tol).sum()} of {err.size} elements off, "
+                                f"worst error {err.max():.3g} ({(err / tol).max():.2f}x the tolerance)")
+
+
 def sparsify(w: np.ndarray, rng: np.random.Generator, kind: str, density: float = 0.1) -> np.ndarray:
     """``kind``: 'dense', 'zero', 'unstructured', or 'RxC' block sparsity (blocks along the last two axes)."""
     if kind == "dense":
