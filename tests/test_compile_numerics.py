@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from onnx_models import mlp, ort_run, recurrent
+from onnx_models import mlp, ort_run, recurrent, weights_as_inputs
 
 import bscompile
 from bscompile.codegen.layout import BlockShape
@@ -64,6 +64,20 @@ def test_recurrent_two_layers(rng, op, kind, bidir, batch, seq, hidden):
         assert all(layouts[n] == "dense" for n in layouts if n.startswith("R")), layouts
     elif kind != "dense":
         assert "bsr" in layouts.values(), layouts
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_recurrent_weights_given_at_run_time(rng, batch):
+    """A GRU whose W and R are graph inputs (computed or fed at run time): LowerWeightSites packs
+    them into the dense layout in the graph each call (``pack_dense_rows``), not at compile time."""
+    model = weights_as_inputs(recurrent("GRU", 8, 16, 3, batch, 1, False, "dense", rng), {"l0.W", "l0.R"})
+    feeds = {"x": rng.standard_normal((3, batch, 8)).astype(np.float32),
+             "l0.W": rng.standard_normal((1, 48, 8)).astype(np.float32) * 0.3,
+             "l0.R": rng.standard_normal((1, 48, 16)).astype(np.float32) * 0.3}
+    art = _check(model, feeds)
+    # the recurrence is a site of its run-time R (dense: nothing to measure); W's product is TVM's
+    assert [(w["name"], w["kind"], w["decision"]["layout"]) for w in art.manifest.weights] == \
+        [("l0.R[0]", "recurrent", "dense")]
 
 
 @pytest.mark.parametrize("op,lbr", [("GRU", 1), ("GRU", 0), ("LSTM", 0), ("RNN", 0)])
