@@ -87,7 +87,6 @@ def build_linear(w: np.ndarray, b: int, m: int, spec):
 
 def gru_onnx(hidden: int, sparsity: float, rng, block: int = GRU_BLOCK):
     """A one-layer ONNX GRU (PyTorch's convention: linear_before_reset=1, gates zrh) and its weights."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     h, t, bsz = hidden, GRU_STEPS, GRU_BATCH

@@ -186,7 +186,7 @@ def write(res: dict, cmd: str, stem: str) -> None:
                 else f"{r['title']}: >= {goal:g}x over onnxruntime (warm)")
         lines.append(f"- {what}: {r['speedup_warm']:.2f}x -- **{'met' if met else 'unmet'}**")
     fl = [r for r in res["rows"] if r["case"] != "overhead"]
-    lines.append(f"- >= 50% of the cold roofline floor: " + ", ".join(
+    lines.append("- >= 50% of the cold roofline floor: " + ", ".join(
         f"{r['title']} {r['floor_fraction_cold']:.0%} ({'met' if r['floor_fraction_cold'] >= 0.5 else 'unmet'})"
         for r in fl))
     t = res["threads"]

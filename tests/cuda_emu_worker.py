@@ -251,7 +251,7 @@ def recurrent_reference(case: RecurrentCase, xp, rs, rbs, h0, c0, lens, peep):
 
 def recurrent_func_and_args(case: RecurrentCase, rng, persistent: bool = False):
     from bscompile.codegen import cuda, cuda_persistent
-    from bscompile.codegen.layout import BlockShape, BSRMatrix
+    from bscompile.codegen.layout import BSRMatrix
     from bscompile.codegen.recurrent_cells import CellSpec
 
     H, G = case.hidden, {"gru": 3, "lstm": 4, "rnn": 1}[case.kind]

@@ -10,7 +10,6 @@ import pytest
 from onnx_models import mlp, ort_run, recurrent, weights_as_inputs
 
 import bscompile
-from bscompile.codegen.layout import BlockShape
 from bscompile.driver import analyze_model
 from bscompile.sites import weight_entries
 

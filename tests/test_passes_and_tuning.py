@@ -1,7 +1,6 @@
 """Layouts, block statistics, the conv1d rewrite, the cost model's choices and autotuning."""
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx_models import mlp, ort_run, recurrent, sparsify
