@@ -250,18 +250,8 @@ def _load_inputs(mod, args) -> dict[str, np.ndarray]:
         except Exception as err:  # noqa: BLE001
             raise InputError(f"input '{name}': {path} is not a .npy file ({type(err).__name__})") from None
     if args.random:
-        feeds.update({s.name: random_input(s) for s in mod.inputs if s.name not in feeds})
+        feeds.update({s.name: s.random() for s in mod.inputs if s.name not in feeds})
     return feeds
-
-
-def random_input(spec, rng=None) -> np.ndarray:
-    """A random array for an input spec: normal floats, small non-negative integers (token ids);
-    symbolic dims get size 1."""
-    rng = rng or np.random.default_rng()
-    shape = tuple(d if isinstance(d, int) else 1 for d in spec.shape)
-    if np.dtype(spec.dtype).kind in "iu":
-        return rng.integers(0, 8, size=shape).astype(spec.dtype)
-    return rng.standard_normal(shape).astype(spec.dtype)
 
 
 def _write_outputs(outs: dict[str, np.ndarray], path: str) -> None:
@@ -386,7 +376,7 @@ def cmd_demo(args) -> int:
         art = bscompile.compile(model, progress=_progress(False))
         print(weight_table(art.manifest.weights))
         mod = bscompile.load(art.export(Path(tmp) / "model.bsc"))
-    feeds = {s.name: random_input(s) for s in mod.inputs}
+    feeds = {s.name: s.random() for s in mod.inputs}
     outs = mod.run(feeds)
     ok = check_against_ort(model, feeds, outs)
     t_bsc = float(np.median(mod.benchmark(feeds, number=args.runs, repeat=3)))

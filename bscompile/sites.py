@@ -52,6 +52,15 @@ class TensorSpec:
     def symbolic(self) -> bool:
         return any(isinstance(d, str) for d in self.shape)
 
+    def random(self, rng: np.random.Generator | None = None) -> np.ndarray:
+        """A random array that fits: normal floats, small non-negative integers (token ids);
+        symbolic dims get size 1."""
+        rng = rng or np.random.default_rng()
+        shape = tuple(d if isinstance(d, int) else 1 for d in self.shape)
+        if np.dtype(self.dtype).kind in "iu":
+            return rng.integers(0, 8, size=shape).astype(self.dtype)
+        return rng.standard_normal(shape).astype(self.dtype)
+
     def to_json(self) -> dict:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
 

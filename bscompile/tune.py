@@ -258,8 +258,7 @@ def check_on_device(tuned_bsc: str, model, compile_kwargs: dict, remote: str, pr
 
     manifest, _ = read_artifact(tuned_bsc)
     rng = np.random.default_rng(0)
-    feeds = [rng.integers(0, 8, s.shape).astype(s.dtype) if np.dtype(s.dtype).kind in "iu"
-             else rng.standard_normal(s.shape).astype(s.dtype) for s in manifest.inputs]
+    feeds = [s.random(rng) for s in manifest.inputs]  # (symbolic dims: size 1)
     with tempfile.TemporaryDirectory(prefix="bscompile-untuned-") as tmp:
         if progress:
             progress("compiling the untuned model for the whole-model check")

@@ -308,3 +308,15 @@ def test_tune_on_the_emulated_board(rng, tmp_path, emulator_env, caplog):  # noq
                 emulator_env)
     assert proc.returncode == 0, proc.stderr
     np.testing.assert_allclose(np.load(tmp_path / "out" / "y.npy"), want, rtol=1e-4, atol=1e-5)
+
+
+def test_whole_model_check_on_the_device_with_symbolic_dims(rng, tmp_path, emulator_env):  # noqa: F811
+    """`bscompile tune --remote`'s last step on a model exported with dynamic axes: the random
+    inputs take size 1 for the symbolic batch and length (it raised a TypeError on the
+    dims' names after tuning had finished)."""
+    from bscompile.tune import check_on_device
+
+    model = recurrent("GRU", 8, 16, "seq", "batch", 1, False, "4x4", rng)
+    bsc = bscompile.compile(model, target="rpi4").export(tmp_path / "g.bsc")
+    line = check_on_device(str(bsc), model, {"target": "rpi4", "sparse": True}, "emulator")
+    assert "same outputs" in line, line
