@@ -9,6 +9,7 @@ a compile or a kernel indexing with a wrapped-around int32.
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -54,9 +55,7 @@ def _elements(name: str, what: str, dims) -> int:
     dims = [int(d) for d in dims]
     if any(d < 0 for d in dims):
         raise UnsupportedModelError(f"{what} '{name}' has a negative dimension {dims}")
-    n = 1
-    for d in dims:
-        n *= d
+    n = math.prod(dims)
     if n > INT32_ELEMENTS or any(d > INT32_ELEMENTS for d in dims):
         raise UnsupportedModelError(f"{what} '{name}' has shape {dims}: {n} elements overflow the int32 indexing "
                                     f"of bscompile's kernels (at most {INT32_ELEMENTS})")

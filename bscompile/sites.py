@@ -69,15 +69,6 @@ class TensorSpec:
         return cls(d["name"], tuple(d["shape"]), d["dtype"])
 
 
-def symbolic_dims(shape) -> dict[str, int]:
-    """Positions of symbolic dims in a :class:`TensorSpec` shape: ``{name: index}`` (first occurrence)."""
-    out: dict[str, int] = {}
-    for i, d in enumerate(shape):
-        if isinstance(d, str):
-            out.setdefault(d, i)
-    return out
-
-
 def dim_of(value: tvm.ir.Expr | int) -> int | str:
     """A Relax shape dimension as a :class:`TensorSpec` dim: an int, or the text of a symbolic one."""
     if isinstance(value, int):

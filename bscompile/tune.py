@@ -30,7 +30,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from bscompile.codegen.family import M_BUCKETS, KernelFamily
+from bscompile.codegen.family import KernelFamily, site_buckets
 from bscompile.codegen.layout import DENSE_ROWS, BlockShape, BSRMatrix
 from bscompile.driver import analyze_model
 from bscompile.errors import BscompileError
@@ -144,11 +144,6 @@ def _measure(call: SiteCall, family: KernelFamily, measurer: Measurer, top_k: in
 def _best(tried: list[dict], layout: tuple[str, str] | None = None) -> dict:
     ok = [c for c in tried if c["time_us"] is not None and (layout is None or (c["layout"], c["block"]) == layout)]
     return min(ok, key=lambda c: c["time_us"])
-
-
-def site_buckets(site: dict) -> list[tuple[int, int | None, int]]:
-    """``(lo, hi, m measured at)`` per record of a site: its static m, or :data:`M_BUCKETS`."""
-    return [(site["m"], site["m"], site["m"])] if isinstance(site["m"], int) else list(M_BUCKETS)
 
 
 def tune_site(call: SiteCall, family: KernelFamily, spec: TargetSpec, measurer: Measurer, top_k: int = 3,

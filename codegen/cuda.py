@@ -285,11 +285,6 @@ def recurrent_kernel(
     return _recurrent_kernel(cell, tuple(LayoutKey.of(m) for m in mats), seq, batch, tuple(cases))
 
 
-def fused_steps(cell: CellSpec, mats: list[BSRMatrix]) -> bool:
-    """Whether each step is gate-fused (hidden size a multiple of every block height)."""
-    return all(cell.hidden % m.block.r == 0 for m in mats)
-
-
 @functools.lru_cache(maxsize=64)
 def _recurrent_kernel(cell: CellSpec, keys: tuple[LayoutKey, ...], seq_static: int | None,
                       batch_static: int | None, cases: tuple) -> tvm.tirx.PrimFunc:

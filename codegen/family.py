@@ -33,6 +33,12 @@ from bscompile.errors import UnsupportedModelError
 M_BUCKETS: tuple[tuple[int, int | None, int], ...] = ((1, 1, 1), (2, 7, 4), (8, 31, 16), (32, None, 64))
 
 
+def site_buckets(site: dict) -> list[tuple[int, int | None, int]]:
+    """``(lo, hi, m measured at)`` per bucket of a site: its static m alone, or :data:`M_BUCKETS`."""
+    m = site["m"]
+    return [(m, m, m)] if isinstance(m, int) else list(M_BUCKETS)
+
+
 @dataclass(frozen=True)
 class Bucket:
     """The schedules (one per matrix) a kernel runs for ``lo <= m <= hi`` (``hi`` None: no bound)."""

@@ -12,7 +12,6 @@ code with every block present.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,11 +54,6 @@ class BlockStats:
     @property
     def block_density(self) -> float:
         return self.nnz_blocks / max(self.total_blocks, 1)
-
-    @property
-    def stored_values(self) -> int:
-        """Values a BSR layout of this shape stores, zero fill included."""
-        return self.nnz_blocks * self.block.r * self.block.c
 
 
 def padded(n: int, b: int) -> int:
@@ -184,15 +178,9 @@ class BSRMatrix:
         return BlockStats(self.block, self.nnz_blocks, nbr * nbc, self.padded_shape)
 
     def to_dense(self) -> np.ndarray:
-        r, c = self.block.r, self.block.c
-        n_pad, k_pad = self.padded_shape
-        out = np.zeros((n_pad, k_pad), np.float32)
-        for ib in range(self.num_block_rows):
-            for p in range(self.indptr[ib], self.indptr[ib + 1]):
-                col = int(self.indices[p]) * c
-                out[ib * r : (ib + 1) * r, col : col + c] += self.data[p].T
-        return out[: self.shape[0], : self.shape[1]]
+        """The matrix ``[N, K]`` (blocks are stored ``[c, r]``: transposed for SciPy's BSR)."""
+        import scipy.sparse  # (only tests and tools call this: no SciPy import for every compile)
 
-    def summary(self) -> dict:
-        d = dataclasses.asdict(self.block)
-        return {"block": d, "nnz_blocks": self.nnz_blocks, "bytes": self.nbytes}
+        bsr = scipy.sparse.bsr_array((self.data.transpose(0, 2, 1), self.indices, self.indptr), shape=self.padded_shape)
+        return bsr.toarray()[: self.shape[0], : self.shape[1]]
+

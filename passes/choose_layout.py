@@ -32,7 +32,7 @@ from typing import Mapping
 
 import tvm
 
-from bscompile.codegen.family import M_BUCKETS, KernelFamily
+from bscompile.codegen.family import KernelFamily, site_buckets
 from bscompile.errors import UnsupportedModelError
 from bscompile.codegen.layout import DENSE_ROWS, BlockShape, BlockStats, padded
 from bscompile.passes.analyze_sparsity import block_stats_of
@@ -49,12 +49,6 @@ def dense_stats(n: int, k: int) -> BlockStats:
 
 def _us(t: float) -> float:
     return round(t * 1e6, 3)
-
-
-def buckets_of(site: dict, family: KernelFamily) -> list[tuple[int, int | None, int]]:
-    """The m buckets of a site: its static m alone, or the family's buckets of a symbolic m."""
-    m = site["m"]
-    return [(m, m, m)] if isinstance(m, int) else list(M_BUCKETS)
 
 
 def _records_for(site: dict, buckets, records) -> list[TuningRecord] | None:
@@ -76,7 +70,7 @@ def decide(site: dict, sparsity: dict | None, family: KernelFamily, *, sparse: b
     are at the first bucket's m."""
     n, k = site["shape"]
     kind = site_kind(site["kind"])
-    buckets = buckets_of(site, family)
+    buckets = site_buckets(site)
     symbolic = not isinstance(site["m"], int)
     if kind.fixed_layout is not None and symbolic and not family.generator(site["kind"]).symbolic_m:
         raise UnsupportedModelError(f"{site['kind']} site '{site.get('name')}' needs static shapes on {family.name} "

@@ -19,8 +19,7 @@ Contract
 
 from __future__ import annotations
 
-import functools
-import operator
+import math
 
 import numpy as np
 import tvm
@@ -98,7 +97,7 @@ def emit_linear_site(bb: relax.BlockBuilder, x: relax.Expr, w: relax.Expr, bias:
     their input products, whose weights come in this orientation."""
     shape = _shape(x)
     n, k = (int(d) for d in w.ty.shape.values)
-    m = functools.reduce(operator.mul, shape[:-1]) if len(shape) > 1 else 1
+    m = math.prod(shape[:-1])  # (PrimExprs for symbolic dims)
     key = fingerprint(const_array(w))
     site = {"kind": "linear", "name": const_name(w) or f"weight_{key[:8]}", "fingerprint": key,
             "m": m, "shape": [n, k]}

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import tvm
-import tvm_ffi
 from tvm import relax
 
 from bscompile.errors import ArtifactError, InputError
@@ -29,14 +28,6 @@ def _index_error(prefix: str, value: int, lo: int, hi: int, suffix: str) -> None
 def host_arch() -> str:
     m = platform.machine().lower()
     return "aarch64" if m in ("aarch64", "arm64") else "x86_64"
-
-
-def _aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
-    """A C-contiguous array whose data is ``align``-byte aligned, as TVM requires for zero-copy."""
-    nbytes = max(int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize, 1)
-    buf = np.empty(nbytes + align, np.uint8)
-    off = (-buf.ctypes.data) % align
-    return buf[off:off + nbytes].view(dtype)[: int(np.prod(shape, dtype=np.int64))].reshape(shape)
 
 
 class CompiledModule:
@@ -115,8 +106,8 @@ class CompiledModule:
         if hit is None:
             if len(cache) >= self.STAGED_SHAPES:
                 cache.pop(next(iter(cache)))
-            arr = _aligned_empty(shape, dtype)
-            hit = (arr, tvm_ffi.from_dlpack(arr))
+            view = tvm.runtime.empty(shape, str(dtype))  # (64-byte aligned, as TVM reads without a copy)
+            hit = (np.from_dlpack(view), view)
         cache[shape] = hit
         return hit
 

@@ -44,7 +44,6 @@ class ImportedModel:
     mod: tvm.IRModule
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
-    opset: int = 0
 
 
 @dataclass
@@ -444,7 +443,7 @@ def import_onnx(model: str | os.PathLike | onnx.ModelProto,
                    str(f.dtype.dtype) if hasattr(f.dtype, "dtype") else str(f.dtype))
         for o, f in zip(proto.graph.output, fields)
     ]
-    return ImportedModel(mod, inputs, outputs, opset)
+    return ImportedModel(mod, inputs, outputs)
 
 
 def _with_node_names(model: onnx.ModelProto) -> onnx.ModelProto:
