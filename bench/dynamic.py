@@ -28,7 +28,7 @@ implementation in turn makes two untimed calls and then its timed calls back to 
 so the caches hold what its own previous call left, never what another
 implementation just read for the same input (an earlier version interleaved call by
 call with the same input: a kernel found the tiles the previous one had just selected
-in the 8 MiB last-level cache). Reported per implementation: CPU time of the process
+in the 32 MiB last-level cache). Reported per implementation: CPU time of the process
 per call (all threads; the host is shared, and CPU time does not count a preempted
 thread, nor the wait for it), and wall time median, 10th percentile and minimum. The
 load average is recorded before and after each batch. Writes bench/results/dynamic.{md,json}.
@@ -245,8 +245,8 @@ def write_results(rows: list[dict], info: dict, cmd: str) -> None:
               f"by the bytes read: selected tiles plus the gate weights, `keep + in/bs^2` = keep + {gate:.3f}, "
               f"i.e. {1 / (0.5 + gate):.2f}x at keep 0.5 and {1 / (0.25 + gate):.2f}x at keep 0.25; the gate, "
               "the selection and the lists are the rest (the gate weights, read by every call, stay in cache more "
-              "often than the tiles, so a measurement can exceed the bound). Batches 1-4 run in one thread-pool "
-              "launch in which the two threads claim gate groups, then output blocks, from opposite ends "
+              "often than the tiles, so a measurement can exceed the bound). On two threads every batch runs in "
+              "one thread-pool launch in which the threads claim gate groups, then output blocks, from opposite ends "
               "(`claim`): the gate is read once, and the caller's thread takes the share of a worker that wakes "
               "late; the earlier schedule had every thread compute the whole gate and fixed halves of the "
               "product. The artifact's batch-1 path is the symbolic kernel's m = 1 bucket, whose tiles are "

@@ -49,8 +49,8 @@ CACHE_BW_X86 = 100e9
 #: GFLOP/s of FMAs in either vector width. The former 12 GB/s / 8e9 AVX-512 FMAs priced every
 #: kernel as memory-bound, so per-block costs never counted: at m <= 4 it chose 2x1-4x1
 #: blocks for unstructured 80-90% weights that ran 1.4-3.6x slower than the dense kernel
-#: (15 of 80 cases slower than dense; picks 1.28x slower than the best candidate in geomean;
-#: now none slower than dense, 1.16x).
+#: (``bench/results/cost_model.md``, 14:43 run: 11 of 80 picks more than 1.1x slower than dense,
+#: geomean regret 1.21x; this model none, 1.11x).
 BANDWIDTH_X86 = 50e9
 FLOPS_X86 = 128e9
 #: The same runs, every candidate's measured time against its estimate (geomean): "batch"

@@ -22,7 +22,7 @@ carried ``h``, then a cell-update launch, in a host loop over its symbolic lengt
 
 The selection is quadratic in the tiles per row (a few hundred: the gate costs
 ``in/bs^2`` of the dense product only for large blocks), and all of it runs per call;
-it trades the CPU kernel's radix select for no inter-thread scans. Tuning and a GPU
+it trades the CPU kernel's serial quickselect (about 3N comparisons a row) for no inter-thread scans. Tuning and a GPU
 machine model for it are left to a GPU session (``bench/gpu.py``).
 """
 
