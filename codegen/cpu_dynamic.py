@@ -49,7 +49,7 @@ from types import SimpleNamespace
 import tvm
 from tvm.script import tirx as T
 
-from bscompile.codegen.cpu_cost import KernelShape, MachineModel, estimate_time
+from bscompile.codegen.cpu_cost import MachineModel
 from bscompile.codegen.dynamic_layout import GATE_ROWS, DynamicShape, tile_panel
 from bscompile.codegen.family import Bucket, Cases, Generator, dispatch, static_dim
 
@@ -324,7 +324,6 @@ def phases(shape: DynamicShape, m, sched: DynamicSchedule, n_alive: int, panel: 
     # gate: row groups of up to 4 (dividing a static m), then single rows
     gmt = max(d for d in range(1, 5) if m % d == 0) if static else 4
     gate_main, gate_tail = gate_macro(fin, gmt), gate_macro(fin, 1)
-    chunk_loop = T.parallel if chunks > 1 else T.serial
     dense_groups = (m + mt - 1) // mt  # groups of a masked dense tile (the last one padded)
     # masked dense when gathered groups * 1 >= dense_fraction * union * dense_groups (integer test)
     frac_num = int(round(sched.dense_fraction * 1024))
