@@ -1,6 +1,6 @@
 """``bscompile.compile``: ONNX -> Relax -> the ``bscompile`` pipeline -> TVM build -> :class:`Artifact`.
 
-The artifact's manifest is read from the final IR (:func:`bscompile.sites.weight_entries`).
+The artifact's manifest is read from the final IR (the `bscompile.weights` attribute that `RecordWeights` writes).
 """
 
 from __future__ import annotations
@@ -27,11 +27,10 @@ from bscompile.codegen.layout import BlockShape
 from bscompile.errors import BscompileError
 from bscompile.frontend.onnx import ImportedModel, import_onnx
 from bscompile.passes.pipeline import bscompile_passes
-from bscompile.passes.share_identical_kernels import ShareIdenticalKernels
 from bscompile.records import load_records
 from bscompile.runtime.artifact import Manifest, pack_imports_incbin, write_artifact
 from bscompile.runtime.module import CompiledModule, load
-from bscompile.sites import weight_entries
+from bscompile.sites import recorded_weights
 from bscompile.target import TargetSpec, resolve_target
 
 Progress = Callable[[str], None]
@@ -193,7 +192,7 @@ def analyze_model(model, input_shapes=None, target="llvm", *, sparse: bool = Tru
                   block: BlockShape | str | None = None, records=None, dump_ir=None,
                   progress: Progress | None = None) -> tuple[ImportedModel, tvm.IRModule, TargetSpec]:
     """Import and run bscompile's passes through ``ChooseLayout`` (no kernels, no build):
-    what ``inspect`` reports. ``weight_entries(mod)`` lists the sites with their decisions."""
+    what ``inspect`` reports. ``bscompile.sites.weight_entries(mod)`` lists the sites with their decisions."""
     spec = resolve_target(target)
     opts = _options(spec, sparse, block, records)
     if progress:
@@ -228,10 +227,7 @@ def compile(model: str | os.PathLike | onnx.ModelProto, target: str | dict | Tar
     pipeline = relax.get_pipeline("bscompile", family=spec.kernel_family(), target=spec.tvm_target(), **opts)
     relax_timer = PassTimes(depth=2)
     mod = _run(pipeline, im.mod, spec, dump_ir, progress, relax_timer)
-    weights = weight_entries(mod)
-    mod = ShareIdenticalKernels()(mod)  # (drops the merged kernels' site attributes: after the manifest)
-    if dump_ir is not None:
-        (Path(dump_ir) / "999_ShareIdenticalKernels.py").write_text(mod.script())
+    weights = recorded_weights(mod)
     if progress:
         progress(f"building for {spec.name} ({len(weights)} weight sites)")
     t_relax = np.append(_clock(), _rss_mib())

@@ -333,6 +333,18 @@ def site_calls(mod: tvm.IRModule) -> Iterator[SiteCall]:
     return iter(found)
 
 
+#: Module attribute: the manifest's weight entries (JSON text of :func:`weight_entries`), recorded by
+#: ``RecordWeights`` before kernels are merged.
+WEIGHTS = "bscompile.weights"
+
+
+def recorded_weights(mod: tvm.IRModule) -> list[dict]:
+    """The weight entries ``RecordWeights`` recorded in ``mod``."""
+    import json
+
+    return json.loads(str(mod.attrs[WEIGHTS]))
+
+
 def weight_entries(mod: tvm.IRModule) -> list[dict]:
     """One manifest entry per site call, in program order: what it is, what was found and chosen.
 

@@ -22,6 +22,9 @@ Registered with ``relax.register_pipeline("bscompile")``, so it is one named
                                         FuseTIR -- a real loop whose step is PrimFuncs -> one
                                         kernel; CUDA: the CUDA pipeline with dlight for the
                                         remaining ops)
+    RecordWeights                       bscompile.weights: the manifest's weight entries, in
+                                        program order (a fused loop's sites included)
+    ShareIdenticalKernels               sites' kernels with the same code merged (built once)
 
 Every pass reads and writes the IR only. IR dumps are a pass instrument
 (``tvm.ir.instrument.DumpIR`` in a ``PassContext``), so they show the IR after every
@@ -48,6 +51,8 @@ from bscompile.passes.lower_weight_sites import LowerWeightSites
 from bscompile.passes.outline_dynamic_sites import OutlineDynamicSites
 from bscompile.passes.outline_linear_sites import OutlineLinearSites
 from bscompile.passes.own_outputs import OwnOutputs
+from bscompile.passes.record_weights import RecordWeights
+from bscompile.passes.share_identical_kernels import ShareIdenticalKernels
 from bscompile.records import TuningRecord
 
 
@@ -98,4 +103,5 @@ def bscompile_pipeline(family: KernelFamily, target: tvm.target.Target, **option
     ``options``: ``sparse``, ``force_block``, ``records`` (see :class:`ChooseLayout`).
     Run it inside ``with target:`` (TVM's lowering reads the current target).
     """
-    return tvm.transform.Sequential([*bscompile_passes(family, **options), tvm_lowering(target)], name="bscompile")
+    return tvm.transform.Sequential([*bscompile_passes(family, **options), tvm_lowering(target), RecordWeights(),
+                                     ShareIdenticalKernels()], name="bscompile")

@@ -8,9 +8,9 @@ dynamic-linear kernel, build and object code); the hidden-2560 DeepSpeech-like m
 had 14 site kernels, 7 of them copies.
 
 Contract
-- Input: a module after bscompile's pipeline whose manifest has been read
-  (:func:`bscompile.sites.weight_entries`): the pass drops the site attributes of the
-  kernels it merges, so it runs last, before the build.
+- Input: a module after bscompile's pipeline whose weight entries are recorded
+  (``RecordWeights``): the pass drops the site attributes of the kernels it merges, so it
+  runs last, after TVM's lowering (the last pass of the ``bscompile`` pipeline).
 - TIR PrimFuncs carrying ``bscompile.site`` that are structurally equal once the
   site's attributes (``bscompile.site``, ``bscompile.layout``, ``bscompile.sparsity``)
   and ``global_symbol`` are set aside are merged into the first of them (in the module's
@@ -51,6 +51,8 @@ class _Redirect(relax.PyExprMutator):
 
 @tvm.transform.module_pass(opt_level=0, name="ShareIdenticalKernels")
 class ShareIdenticalKernels:
+    """Merge site kernels whose code is the same (contract: module docstring)."""
+
     def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
         kept: dict[int, list[tuple[tvm.ir.GlobalVar, tvm.tirx.PrimFunc]]] = {}
         to: dict[tvm.ir.GlobalVar, tvm.ir.GlobalVar] = {}

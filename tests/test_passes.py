@@ -704,6 +704,29 @@ def test_lower_weight_sites_leaves_undecided_sites_alone():
     tvm.ir.assert_structural_equal(LowerWeightSites(FAMILY)(before), before)
 
 
+# --- RecordWeights -------------------------------------------------------------------------
+
+
+def test_record_weights_writes_the_manifest_entries_and_keeps_a_record():
+    """A lowered dense site: the module gains ``bscompile.weights`` (the entry's name, kind,
+    shape, layout and stored bytes) and nothing else; a record already there is kept."""
+    import json
+
+    from bscompile.passes.record_weights import RecordWeights
+    from bscompile.sites import WEIGHTS, recorded_weights
+
+    layout = {"layout": "dense", "block": "16x3", "schedules": [], "est_time_us": 1.0, "dense_est_time_us": 1.0,
+              "reason": "r"}
+    lowered = LowerWeightSites(FAMILY)(_site_module(W, layout=layout))
+    after = _twice_is_once(RecordWeights(), lowered)
+    (entry,) = recorded_weights(after)
+    assert (entry["name"], entry["kind"], entry["shape"], entry["m"]) == ("fc", "linear", [5, 3], 2)
+    assert entry["decision"]["layout"] == "dense" and entry["stored_bytes"] == 3 * DENSE_ROWS * 4 + 4 + 8
+    tvm.ir.assert_structural_equal(after, lowered.with_attr(WEIGHTS, json.dumps([entry])))
+    kept = lowered.with_attr(WEIGHTS, "[]")  # e.g. recorded before kernels were merged
+    tvm.ir.assert_structural_equal(RecordWeights()(kept), kept)
+
+
 # --- the whole pipeline -------------------------------------------------------------------
 
 
