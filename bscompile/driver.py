@@ -27,7 +27,7 @@ from bscompile.codegen.layout import BlockShape
 from bscompile.errors import BscompileError
 from bscompile.frontend.onnx import ImportedModel, import_onnx
 from bscompile.passes.pipeline import bscompile_passes
-from bscompile.records import load_records
+from bscompile.records import TuningRecord, check_schedules, load_records
 from bscompile.runtime.artifact import Manifest, pack_imports_incbin, write_artifact
 from bscompile.runtime.module import CompiledModule, load
 from bscompile.sites import recorded_weights
@@ -91,6 +91,8 @@ def _options(spec: TargetSpec, sparse: bool, block: BlockShape | str | None, rec
             raise BscompileError(f"invalid block shape '{block}'; expected RxC, e.g. 4x4") from None
     if isinstance(records, (str, os.PathLike)):
         records = load_records(records)
+    if not all(isinstance(r, TuningRecord) for r in (records or {}).values()):
+        raise BscompileError("records: a tuning records file, or a dict of TuningRecord (bscompile.records.load_records)")
     other = sorted({r.target for r in (records or {}).values()} - {spec.name})
     if other:  # a layout measured on one device is no evidence for another
         raise BscompileError(f"the tuning records were measured for target {', '.join(other)}; "
@@ -98,6 +100,7 @@ def _options(spec: TargetSpec, sparse: bool, block: BlockShape | str | None, rec
     if any((r.device or {}).get("emulated") for r in (records or {}).values()):  # plumbing, not evidence
         _log.warning("bscompile: warning: the tuning records were measured on an emulated device: their "
                      "choices mean nothing for a real board (tune on it: bscompile tune --remote ssh://...)")
+    check_schedules(records or {}, spec.kernel_family())
     return {"sparse": sparse, "force_block": block, "records": records or {}}
 
 

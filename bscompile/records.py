@@ -52,11 +52,44 @@ def load_records(path: str | os.PathLike) -> dict[str, TuningRecord]:
             raise BscompileError(f"{path}: tuning records format {data.get('format')} is not supported "
                                  f"(this bscompile reads format {FORMAT}); tune again")
         recs = [TuningRecord(**r) for r in data["records"]]
+        for r in recs:
+            _check_fields(r)
     except FileNotFoundError:
         raise BscompileError(f"no such tuning records file: {path}") from None
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-        raise BscompileError(f"{path} is not a bscompile tuning records file ({type(err).__name__})") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as err:  # (JSON and UTF-8 errors are ValueErrors)
+        raise BscompileError(f"{path} is not a bscompile tuning records file ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0][:120] if str(err) else ''})") from None
     return {record_key(r.key, r.m): r for r in recs}
+
+
+#: The largest integer a schedule field may hold (tiles, lanes, chunks are a few to a few hundred):
+#: a hand-edited m_tile of 10^9 made the code generator unroll for ever.
+SCHEDULE_INT_MAX = 256
+
+
+def _check_fields(r: TuningRecord) -> None:
+    """Types and ranges of a record's fields (what a schedule means is its target family's to check)."""
+    if r.layout not in ("dense", "bsr"):
+        raise ValueError(f"record '{r.name}': layout {r.layout!r} is neither dense nor bsr")
+    if r.layout == "bsr":
+        from bscompile.codegen.layout import BlockShape  # (records are read by tools without the code generators)
+
+        BlockShape.parse(r.block)
+    if not isinstance(r.m, int) or r.m < 1 or not isinstance(r.schedule, dict) or not isinstance(r.device, dict):
+        raise TypeError(f"record '{r.name}': m must be an int >= 1, schedule and device objects")
+    for key, v in r.schedule.items():
+        if not isinstance(v, (bool, int, float, str)) or (isinstance(v, int) and not 0 <= v <= SCHEDULE_INT_MAX):
+            raise ValueError(f"record '{r.name}': schedule {key}={v!r} is out of range")
+
+
+def check_schedules(records: dict[str, TuningRecord], family) -> None:
+    """Every record's schedule is one ``family`` can build (``schedule_from_json``), else a BscompileError."""
+    for r in records.values():
+        try:
+            family.schedule_from_json({"kind": r.kind}, r.schedule)
+        except (TypeError, ValueError, KeyError) as err:
+            raise BscompileError(f"tuning record '{r.name}' (m={r.m}) holds a schedule the {family.name} kernels "
+                                 f"do not take ({type(err).__name__}: {str(err).splitlines()[0][:120]})") from None
 
 
 def save_records(path: str | os.PathLike, records: list[TuningRecord]) -> None:

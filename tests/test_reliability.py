@@ -451,3 +451,29 @@ def test_large_inputs_are_checked_in_every_chunk():
                 mod.run({"x": np.vstack([xb, x[:1]])})  # another shape: the full check
     huge = np.full((300, 64), 3e38, np.float32)
     np.testing.assert_array_equal(mod.run({"x": huge})["y"], huge)
+
+
+_RECORD = {"key": "0" * 40, "name": "W1", "kind": "linear", "m": 2, "target": "llvm", "layout": "bsr", "block": "4x4",
+           "schedule": {"m_tile": 1, "parallel": False, "unroll_c": True, "variant": "rows", "m_vec": 8},
+           "time_us": 1.0, "dense_time_us": 2.0}
+
+
+@pytest.mark.parametrize("edit,message", [
+    ({"schedule": {**_RECORD["schedule"], "m_tile": 10**9}}, r"schedule m_tile=1000000000 is out of range"),
+    ({"layout": "banana"}, r"layout 'banana' is neither dense nor bsr"),
+    ({"block": "0x0"}, r"block shape '0x0'"),
+    ({"m": "two"}, r"m must be an int >= 1"),
+    ({"schedule": {}}, r"^tuning record 'W1' \(m=2\) holds a schedule the cpu kernels do not take"),
+    (None, r"is not a bscompile tuning records file \(UnicodeDecodeError"),
+])
+def test_hand_edited_tuning_records_are_one_line_errors(files, tmp_path, edit, message):
+    """Records are input too: a schedule of 10^9 rows a tile made the code generator unroll for
+    ever, an unknown schedule or layout was a TypeError from inside the compiler, a binary file a
+    UnicodeDecodeError."""
+    path = tmp_path / "r.json"
+    if edit is None:
+        path.write_bytes(bytes(range(256)))
+    else:
+        path.write_text(json.dumps({"format": 3, "records": [{**_RECORD, **edit}]}))
+    with pytest.raises(BscompileError, match=message):
+        bscompile.compile(str(files / "mlp.onnx"), records=str(path))
