@@ -53,6 +53,18 @@ class TargetSpec:
         return CpuFamily(MACHINES[self.machine])
 
 
+#: Architectures of the LLVM triples bscompile builds and links for (Linux ELF).
+TRIPLE_ARCHS = ("x86_64", "aarch64")
+
+
+def _check_triple(tgt: dict) -> None:
+    """Refuse a triple bscompile cannot build for (an unknown one crashed LLVM; others failed to link)."""
+    triple = str(tgt.get("mtriple") or "x86_64-linux-gnu")
+    if triple.split("-")[0] not in TRIPLE_ARCHS or "linux" not in triple:
+        raise BscompileError(f"target triple '{triple}' is not supported: bscompile builds for "
+                             + " and ".join(f"{a}-linux-gnu" for a in TRIPLE_ARCHS))
+
+
 def _check_cpu(tgt: dict) -> None:
     """Refuse an ``mcpu`` LLVM does not know for the triple (LLVM would log and fall back to generic)."""
     cpu, triple = tgt.get("mcpu"), str(tgt.get("mtriple") or "x86_64-linux-gnu")
@@ -88,10 +100,14 @@ _CUDA_GPUS = {"sm_80": "A100", "sm_86": "RTX 30xx / A10", "sm_87": "Jetson Orin"
               "sm_90": "H100 / H200"}
 
 
-def _cuda(arch: str = DEFAULT_CUDA_ARCH) -> TargetSpec:
-    """NVIDIA GPU; the host code (VM, kernel launches) is x86-64 (aarch64 for Jetson Orin)."""
+def _check_cuda_arch(arch: str) -> None:
     if arch not in CUDA_ARCHS:
         raise BscompileError(f"unknown CUDA architecture '{arch}'; known: {', '.join(CUDA_ARCHS)}")
+
+
+def _cuda(arch: str = DEFAULT_CUDA_ARCH) -> TargetSpec:
+    """NVIDIA GPU; the host code (VM, kernel launches) is x86-64 (aarch64 for Jetson Orin)."""
+    _check_cuda_arch(arch)
     triple = "aarch64-linux-gnu" if arch == "sm_87" else "x86_64-linux-gnu"
     tgt = {"kind": "cuda", "arch": arch, "host": {"kind": "llvm", "mtriple": triple}}
     cross = "aarch64-linux-gnu-g++" if arch == "sm_87" else None
@@ -110,9 +126,7 @@ def with_arch(target: str | dict | TargetSpec, arch: str) -> TargetSpec:
     if spec.name == "cuda" and spec.target.get("host", {}).get("mtriple") in (None, "x86_64-linux-gnu",
                                                                             "aarch64-linux-gnu"):
         return _cuda(arch)
-    if arch not in CUDA_ARCHS:
-        raise BscompileError(f"unknown CUDA architecture '{arch}'; known: {', '.join(CUDA_ARCHS)}")
-    return _from_json(dict(spec.target, arch=arch))
+    return _from_json(dict(spec.target, arch=arch))  # (checks the arch)
 
 
 def with_persistent_rnn(target: str | dict | TargetSpec) -> TargetSpec:
@@ -165,7 +179,12 @@ def _from_json(target: str | dict) -> TargetSpec:
             tgt.setdefault("arch", DEFAULT_CUDA_ARCH)
             tgt.setdefault("host", {"kind": "llvm", "mtriple": "x86_64-linux-gnu"})
         if tgt.get("kind") == "llvm":  # before TVM, which logs an unknown CPU and falls back to generic
+            _check_triple(tgt)
             _check_cpu(tgt)
+        if tgt.get("kind") == "cuda":
+            host = json.loads(tgt["host"]) if isinstance(tgt["host"], str) else tgt["host"]
+            _check_triple(host)
+            _check_cuda_arch(tgt["arch"])
         tvm.target.Target(tgt)
     except BscompileError:
         raise

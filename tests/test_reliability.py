@@ -477,3 +477,17 @@ def test_hand_edited_tuning_records_are_one_line_errors(files, tmp_path, edit, m
         path.write_text(json.dumps({"format": 3, "records": [{**_RECORD, **edit}]}))
     with pytest.raises(BscompileError, match=message):
         bscompile.compile(str(files / "mlp.onnx"), records=str(path))
+
+
+@pytest.mark.parametrize("target,message", [
+    ('{"kind":"llvm","mtriple":"banana"}', "target triple 'banana' is not supported"),
+    ('{"kind":"llvm","mtriple":"riscv64-linux-gnu"}', "target triple 'riscv64-linux-gnu' is not supported"),
+    ('{"kind":"cuda","arch":"sm_1"}', "unknown CUDA architecture 'sm_1'"),
+])
+def test_target_json_outside_what_bscompile_builds_is_one_line(files, tmp_path, target, message):
+    """An unknown triple crashed LLVM (SIGSEGV); another architecture's compiled, then failed to link
+    with the host's g++ (an internal error); an unknown CUDA arch in JSON was a KeyError. In a
+    subprocess: a crash must fail this test, not the test run."""
+    rc, _, err = run_cli(files / "mlp.onnx", "--target", target, "-o", tmp_path / "x.bsc")
+    assert rc == 2 and not (tmp_path / "x.bsc").exists(), (rc, err)
+    assert message in one_error_line(err)
