@@ -162,8 +162,10 @@ def _compile_kwargs(args) -> dict:
 def cmd_compile(args) -> int:
     import bscompile
     from bscompile.report import weight_table
+    from bscompile.runtime.artifact import check_output_path
 
     out = args.output or str(Path(args.model).with_suffix(".bsc"))
+    check_output_path(out, (args.model,))  # (before the compile, not after it)
     art = bscompile.compile(args.model, dump_ir=args.dump_ir, records=args.records, progress=_progress(args.quiet),
                             **_compile_kwargs(args))
     art.export(out)
@@ -262,7 +264,15 @@ def _write_outputs(outs: dict[str, np.ndarray], path: str) -> None:
         return
     os.makedirs(path, exist_ok=True)
     for name, a in outs.items():
-        atomic_write(os.path.join(path, f"{name}.npy"), lambda tmp, a=a: np.save(open(tmp, "wb"), a))
+        atomic_write(os.path.join(path, f"{safe_file_name(name)}.npy"), lambda tmp, a=a: np.save(open(tmp, "wb"), a))
+
+
+def safe_file_name(name: str) -> str:
+    """An ONNX output name as a file name inside the output folder, as the deploy runner writes it
+    (``SafeFileName`` in runtime/deploy/runner.cc): only ``[A-Za-z0-9._-]``, the rest ``_``, never
+    starting with a dot (a name like ``../x`` or ``/tmp/x`` escaped the folder)."""
+    out = re.sub(r"[^A-Za-z0-9._-]", "_", name)
+    return "_" + out if not out or out.startswith(".") else out
 
 
 def cmd_run(args) -> int:
@@ -389,8 +399,10 @@ def cmd_demo(args) -> int:
 
 def cmd_package(args) -> int:
     from bscompile.errors import BscompileError
+    from bscompile.runtime.artifact import check_output_path
     from bscompile.runtime.package import TUNING_SERVER_NAME, format_report, package_artifact, package_tuning_server
 
+    check_output_path(args.output, (args.artifact,) if args.artifact else ())
     if args.artifact:
         report = package_artifact(args.artifact, args.output, name=args.name, with_tuning_server=args.tuning_server,
                                   progress=_progress(False))

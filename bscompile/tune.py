@@ -37,6 +37,7 @@ from bscompile.errors import BscompileError
 from bscompile.passes.analyze_sparsity import block_stats_of, site_weight
 from bscompile.passes.lower_weight_sites import LowerWeightSites
 from bscompile.records import TuningRecord, load_records, record_key, save_records
+from bscompile.runtime.artifact import check_output_path
 from bscompile.runtime.remote import Job, LocalMeasurer, Measurer, RemoteMeasurer, TimingConfig
 from bscompile.sites import LAYOUT, SPARSITY, SiteCall, attr, site_calls, site_kind
 from bscompile.target import TargetSpec, resolve_target
@@ -229,6 +230,11 @@ def tune_command(args, compile_kwargs: dict, progress) -> int:
     from bscompile.report import weight_table
 
     records_path = args.records or str(Path(args.model).with_suffix(".tune.json"))
+    out = args.output or str(Path(args.model).with_suffix(".bsc"))
+    for path in (records_path, out):  # (before the tuning, not after it)
+        check_output_path(path, (args.model,))
+    if Path(records_path).absolute() == Path(out).absolute():
+        raise BscompileError(f"the records and the artifact would both be written to '{out}'")
     remote = getattr(args, "remote", None)
     records = tune_model(args.model, compile_kwargs, progress, remote=remote, log=records_path)
     out = args.output or str(Path(args.model).with_suffix(".bsc"))

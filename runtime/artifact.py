@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import tvm
 
-from bscompile.errors import ArtifactError
+from bscompile.errors import ArtifactError, BscompileError
 from bscompile.sites import TensorSpec
 
 #: 2: a ``TensorSpec`` dim may be a string, the name of a symbolic dim (any size >= 1).
@@ -76,9 +76,26 @@ class Manifest:
                 "bytes_saved": dense - stored}
 
 
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``; on failure nothing is left."""
+def check_output_path(path: str | os.PathLike, inputs: tuple = ()) -> None:
+    """Refuse to write ``path`` where the write would replace something else than a file of ours: an
+    existing directory, device or FIFO (renamed over, ``-o /dev/null`` as root replaced the device),
+    one of ``inputs`` (the model or artifact the command reads), or below a path that is a file."""
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise BscompileError(f"'{path}' exists and is not a regular file; give a file path")
+    for src in inputs:
+        if path.exists() and Path(src).exists() and os.path.samefile(path, src):
+            raise BscompileError(f"the output '{path}' is the input '{src}'; give another output path")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise BscompileError(f"cannot write '{path}': '{parent}' is not a directory")
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call ``write(tmp_path)`` then rename onto ``path``; on failure nothing is left. (Commands
+    check their outputs against their inputs first: :func:`check_output_path`.)"""
+    path = Path(path)
+    check_output_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -144,6 +161,19 @@ def write_artifact(path: str | os.PathLike, manifest: Manifest, module_path: str
         atomic_write(path, write)
 
 
+def _check_manifest(manifest: Manifest) -> None:
+    """What the loaders trust: a module file name without folders (it is joined to a temporary
+    folder: ``../x`` or ``/x`` wrote outside it), inputs and outputs of known dtypes with dims >= 0
+    or symbolic. (The module itself is covered by its checksum; the manifest is not.)"""
+    name = manifest.module_file
+    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+        raise ValueError(f"module_file {name!r} is not a file name")
+    for spec in (*manifest.inputs, *manifest.outputs):
+        np.dtype(spec.dtype)  # (TypeError for an unknown one)
+        if not spec.name or any(not (isinstance(d, str) or (isinstance(d, int) and 0 <= d < 2**31)) for d in spec.shape):
+            raise ValueError(f"tensor {spec.name!r} has shape {list(spec.shape)}")
+
+
 def read_artifact(path: str | os.PathLike) -> tuple[Manifest, bytes]:
     """Read and verify an artifact; raise :class:`ArtifactError` saying what is wrong."""
     path = Path(path)
@@ -155,6 +185,7 @@ def read_artifact(path: str | os.PathLike) -> tuple[Manifest, bytes]:
             if MANIFEST not in members:
                 raise ArtifactError(f"{path} is not a bscompile artifact (no {MANIFEST})")
             manifest = Manifest.from_json(json.loads(tar.extractfile(members[MANIFEST]).read()))
+            _check_manifest(manifest)
             if manifest.module_file not in members:
                 raise ArtifactError(f"{path} is truncated: {manifest.module_file} is missing")
             data = tar.extractfile(members[manifest.module_file]).read()

@@ -155,12 +155,14 @@ class CompiledModule:
         except IndexError as err:  # raised by _index_error: input data, not the module, is wrong
             raise InputError(str(err).strip().splitlines()[0]) from None
         except Exception as err:  # noqa: BLE001 - TVM raises several types
-            if "ErrorContext(fn=main, loc=param" not in str(err):
+            if "ErrorContext(fn=main, loc=param" not in str(err) and "Invoking function main expects" not in str(err):
                 raise
             # The VM's own argument check: inputs match the manifest, so the manifest lies.
             raise ArtifactError("the module does not take the inputs its manifest lists "
                                 f"({str(err).strip().splitlines()[0][:200]})") from None
         outs = [out] if isinstance(out, tvm.runtime.Tensor) else list(out)
+        if len(outs) != len(self._out_names):
+            raise ArtifactError(f"the module returns {len(outs)} outputs; its manifest lists {len(self._out_names)}")
         if self._cpu:
             return dict(zip(self._out_names, map(np.from_dlpack, outs)))
         return {spec.name: o.numpy() for spec, o in zip(self.manifest.outputs, outs)}

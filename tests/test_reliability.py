@@ -3,6 +3,7 @@ bad input, model, artifact or argument ends in one line ``bscompile: error: ...`
 exit 2, never an internal error, a signal, a traceback or a wrong answer."""
 
 import hashlib
+from pathlib import Path
 import io
 import json
 import re
@@ -287,6 +288,54 @@ def test_manifest_that_lies_about_inputs_is_an_artifact_error(files, tmp_path):
     mod = bscompile.load(tmp_path / "m.bsc")
     with pytest.raises(ArtifactError, match="the module does not take the inputs its manifest lists"):
         mod.run({"x": np.zeros((3, 16), np.float32)})
+
+
+@pytest.mark.parametrize("edit,message", [
+    ({"module_file": "../../escaped.so"}, "invalid manifest .module_file '../../escaped.so' is not a file name"),
+    ({"module_file": "/tmp/escaped.so"}, "invalid manifest .module_file '/tmp/escaped.so' is not a file name"),
+    ({"inputs": []}, "the module does not take the inputs its manifest lists"),
+    ({"outputs": []}, "the module returns 1 outputs; its manifest lists 0"),
+    ({"inputs": [{"name": "x", "shape": [2, -16], "dtype": "float32"}]}, r"invalid manifest .tensor 'x' has shape"),
+])
+def test_manifest_edited_with_a_valid_checksum_is_an_artifact_error(files, tmp_path, edit, message):
+    """The checksum covers the module, not the manifest: a module file name with folders was joined
+    to the loader's temporary folder (a file written anywhere), a count of inputs or outputs that
+    the module does not have was an internal error or dropped outputs silently."""
+    members = _members(files / "mlp.bsc")
+    manifest = json.loads(members["manifest.json"])
+    module = members.pop(manifest["module_file"])
+    manifest.update(edit)
+    members[manifest["module_file"]] = module
+    _write(tmp_path / "m.bsc", dict(members, **{"manifest.json": json.dumps(manifest).encode()}))
+    with pytest.raises(ArtifactError, match=message):
+        mod = bscompile.load(tmp_path / "m.bsc")
+        mod.run({s.name: s.random() for s in mod.inputs})
+    assert not (tmp_path.parent / "escaped.so").exists() and not Path("/tmp/escaped.so").exists()
+
+
+def test_outputs_are_written_only_where_asked(files, tmp_path, capsys):
+    """``-o`` onto the model, a folder, a FIFO (as ``/dev/null`` is a device: the artifact was renamed
+    over it), or below a file, are one-line errors that leave the path as it was; an output named
+    ``../y`` is written inside ``--output DIR``."""
+    import os
+
+    model = tmp_path / "m.onnx"
+    model.write_bytes((files / "mlp.onnx").read_bytes())
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "folder").mkdir()
+    for out, message in ((model, "is the input"), (tmp_path / "fifo", "is not a regular file"),
+                         (tmp_path / "folder", "is not a regular file"), (model / "x.bsc", "is not a directory")):
+        assert main(["compile", "-q", str(model), "-o", str(out)]) == 2
+        assert message in one_error_line(capsys.readouterr().err)
+    onnx.checker.check_model(onnx.load(model))
+    assert (tmp_path / "fifo").is_fifo() and sorted(os.listdir(tmp_path / "folder")) == []
+    graph = onnx.load(model)
+    graph.graph.output[0].name = graph.graph.node[-1].output[0] = "../y"
+    onnx.save(graph, tmp_path / "esc.onnx")
+    assert main(["compile", "-q", str(tmp_path / "esc.onnx"), "-o", str(tmp_path / "esc.bsc")]) == 0
+    (tmp_path / "out").mkdir()
+    assert main(["run", str(tmp_path / "esc.bsc"), "--random", "--output", str(tmp_path / "out")]) == 0
+    assert os.listdir(tmp_path / "out") == ["_.._y.npy"] and not (tmp_path / "y.npy").exists()
 
 
 def test_tvm_and_onnxruntime_noise_is_hidden_errors_are_one_line(files, tmp_path):
