@@ -124,8 +124,9 @@ def check_resources(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, .
 
 def check_external_data(model: onnx.ModelProto, base_dir: str) -> None:
     """Every initializer stored outside the model (``save_as_external_data``) names a file in
-    ``base_dir`` long enough for its bytes: a missing or truncated file is one clear error
-    before anything is read (onnx would raise, or read a short tensor)."""
+    ``base_dir`` long enough for its bytes: a missing or truncated file, or one outside the model's
+    folder (``../../etc/passwd``), is one clear error before anything is read (onnx would raise, or
+    read a short tensor)."""
     for init in model.graph.initializer:
         if not uses_external_data(init):
             continue
@@ -136,6 +137,10 @@ def check_external_data(model: onnx.ModelProto, base_dir: str) -> None:
         need = (info.offset or 0) + (info.length if info.length is not None
                                      else _elements(init.name, "weight", init.dims) * _itemsize(init.data_type))
         path = os.path.join(base_dir, info.location)
+        base = os.path.realpath(base_dir or ".")
+        if os.path.isabs(info.location) or os.path.commonpath([base, os.path.realpath(path)]) != base:
+            raise UnsupportedModelError(f"weight '{init.name}': external data file '{info.location}' is outside the "
+                                        "model's folder (ONNX allows only relative paths within it)")
         if not info.location or not os.path.isfile(path):
             raise UnsupportedModelError(f"weight '{init.name}': external data file '{info.location}' is missing "
                                         f"(looked in {base_dir or '.'})")

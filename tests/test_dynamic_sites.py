@@ -224,14 +224,12 @@ def test_tuning_a_dynamic_site_records_per_bucket(rng, monkeypatch):
     record per bucket, the default schedule as the baseline; the tuned artifact equals
     onnxruntime at batch 1 and 5. (Two buckets, m = 1 and m >= 2, keep the test short:
     every candidate is a compile.)"""
-    from bscompile import tune
-    from bscompile.passes import choose_layout
+    from bscompile.codegen import family
     from bscompile.records import record_key
     from bscompile.tune import tune_model
 
     M_BUCKETS = ((1, 1, 1), (2, None, 4))
-    monkeypatch.setattr(tune, "M_BUCKETS", M_BUCKETS)
-    monkeypatch.setattr(choose_layout, "M_BUCKETS", M_BUCKETS)
+    monkeypatch.setattr(family, "M_BUCKETS", M_BUCKETS)  # (site_buckets: tuning and ChooseLayout)
 
     m = _model(rng, 0.5, False)
     model = onnx.load_from_string(_export(m, dynamo=False))

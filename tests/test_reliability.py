@@ -313,6 +313,32 @@ def test_manifest_edited_with_a_valid_checksum_is_an_artifact_error(files, tmp_p
     assert not (tmp_path.parent / "escaped.so").exists() and not Path("/tmp/escaped.so").exists()
 
 
+@pytest.mark.parametrize("case,message", [
+    ("undefined", r"^node 'add' \(Add\) reads 'ghost', which no graph input, initializer or earlier node defines"),
+    ("order", r"^node 'add' \(Add\) reads 'h', which no graph input"),
+    ("output", r"^graph output 'zzz' is produced by no node$"),
+    ("string", r"^initializer 's' holds string values"),
+])
+def test_malformed_graphs_name_the_node_and_the_name(case, message):
+    """TVM's importer answered these with a bare KeyError ('ghost') or a TVM dtype error."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])
+    nodes = [helper.make_node("Add", ["x", "ghost" if case == "undefined" else "h"], ["y"], name="add"),
+             helper.make_node("Relu", ["x"], ["h"], name="relu")]
+    if case != "order":
+        nodes.reverse()
+    outs, inits = [y], []
+    if case == "output":
+        outs = [y, helper.make_tensor_value_info("zzz", TensorProto.FLOAT, [2])]
+    if case == "string":
+        inits = [helper.make_tensor("s", TensorProto.STRING, [1], [b"a"])]
+        nodes.append(helper.make_node("Identity", ["s"], ["t"], name="id"))
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], outs, inits),
+                              opset_imports=[helper.make_opsetid("", OPSET)])
+    with pytest.raises(UnsupportedModelError, match=message):
+        bscompile.compile(model)
+
+
 def test_outputs_are_written_only_where_asked(files, tmp_path, capsys):
     """``-o`` onto the model, a folder, a FIFO (as ``/dev/null`` is a device: the artifact was renamed
     over it), or below a file, are one-line errors that leave the path as it was; an output named
@@ -419,6 +445,18 @@ def test_external_data_is_checked_before_it_is_read(files, tmp_path, monkeypatch
     assert main(["compile", str(tmp_path / "m.onnx")]) == 2
     assert "external data file 'w.bin' is missing" in one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "m.bsc").exists()
+    (tmp_path / "sub").mkdir()  # the weights file outside the model's folder (../w.bin), though long enough
+    (tmp_path / "w.bin").write_bytes(data)
+    onnx.save(onnx.load(files / "mlp.onnx"), tmp_path / "sub" / "m.onnx", save_as_external_data=True,
+              all_tensors_to_one_file=True, location="w.bin", size_threshold=0)
+    outside = onnx.load(tmp_path / "sub" / "m.onnx", load_external_data=False)
+    for init in outside.graph.initializer:
+        for entry in init.external_data:
+            if entry.key == "location":
+                entry.value = "../w.bin"
+    onnx.save(outside, tmp_path / "sub" / "m.onnx")
+    assert main(["compile", str(tmp_path / "sub" / "m.onnx")]) == 2
+    assert "external data file '../w.bin' is outside the model's folder" in one_error_line(capsys.readouterr().err)
     (tmp_path / "w.bin").write_bytes(data)
     monkeypatch.setattr(limits, "available_memory", lambda: 1024)
     monkeypatch.setattr(onnx.external_data_helper, "_read_external_data_bytes",

@@ -161,6 +161,26 @@ def check_supported(model: onnx.ModelProto) -> None:
             name = node.name or f"#{i}"
             dom = f"{node.domain}." if node.domain not in ("", "ai.onnx") else ""
             raise UnsupportedModelError(f"unsupported op '{dom}{node.op_type}' at node '{name}'")
+    _check_dataflow(model.graph)
+
+
+def _check_dataflow(graph: onnx.GraphProto) -> None:
+    """Every node reads names defined before it (graph inputs, initializers, earlier nodes' outputs)
+    and every graph output is produced: TVM's importer answers either with a bare KeyError."""
+    if len(graph.sparse_initializer):
+        raise UnsupportedModelError(f"sparse initializer '{graph.sparse_initializer[0].values.name}' is not "
+                                    "supported; store the weight dense")
+    defined = {vi.name for vi in graph.input} | {t.name for t in graph.initializer}
+    for i, node in enumerate(graph.node):
+        for name in node.input:
+            if name and name not in defined:
+                raise UnsupportedModelError(
+                    f"node '{node.name or f'#{i}'}' ({node.op_type}) reads '{name}', which no graph input, "
+                    "initializer or earlier node defines (nodes must be in topological order)")
+        defined.update(o for o in node.output if o)
+    for out in graph.output:
+        if out.name not in defined:
+            raise UnsupportedModelError(f"graph output '{out.name}' is produced by no node")
 
 
 def _elem_dtype(elem_type: int) -> str:
@@ -226,6 +246,10 @@ def convert_initializers(model: onnx.ModelProto, raw: MappedWeights | None = Non
                    ).reshape(tuple(init.dims))
         except Exception as err:  # noqa: BLE001 - malformed data (found by fuzzing)
             raise UnsupportedModelError(f"ONNX import failed: initializer '{init.name}': {_first_line(err)}") from None
+        if arr.dtype.kind not in "biuf":  # (strings: TVM has no tensor of them)
+            kind = "string" if arr.dtype.kind in "OUS" else arr.dtype.name
+            raise UnsupportedModelError(f"initializer '{init.name}' holds {kind} values; bscompile compiles "
+                                        "numeric tensors only")
         value = _checked_copy(init.name, arr)
         if spans[i] is not None:
             del arr
