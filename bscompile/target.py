@@ -6,15 +6,16 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import tvm
 from tvm.target import codegen
 
-from bscompile.codegen.cpu import CpuFamily
 from bscompile.codegen.cpu_cost import MACHINES
-from bscompile.codegen.cuda_family import CudaFamily
-from bscompile.codegen.family import KernelFamily
 from bscompile.errors import BscompileError
+
+if TYPE_CHECKING:
+    from bscompile.codegen.family import KernelFamily
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,11 @@ class TargetSpec:
         return "x86_64-avx512" if self.vector_lanes == 16 else "x86_64"
 
     def kernel_family(self) -> KernelFamily:
-        """The kernels, schedule space and machine model this target compiles with."""
+        """The kernels, schedule space and machine model this target compiles with. (Imported here:
+        what only names or runs a target, such as the remote tuner's client, loads no generator.)"""
+        from bscompile.codegen.cpu import CpuFamily
+        from bscompile.codegen.cuda_family import CudaFamily
+
         if self.device == "cuda":
             return CudaFamily.for_arch(self.machine, self.persistent_rnn)
         return CpuFamily(MACHINES[self.machine])

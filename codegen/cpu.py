@@ -23,7 +23,6 @@ import dataclasses
 import functools
 from dataclasses import dataclass
 
-import numpy as np
 
 import tvm
 from tvm.script import tirx as T
@@ -32,7 +31,7 @@ from bscompile.codegen.cpu_cost import KernelShape, MachineModel, estimate_time
 from bscompile.codegen.cpu_dynamic import DynamicGenerator
 from bscompile.codegen.cpu_dynamic_recurrent import DynamicRecurrentGenerator
 from bscompile.codegen.family import Bucket, Cases, Generator, KernelFamily, dispatch, pick, static_dim
-from bscompile.codegen.layout import BlockShape, BlockStats, BSRMatrix, padded
+from bscompile.codegen.layout import BlockShape, BlockStats, BSRMatrix, LayoutKey
 from bscompile.codegen.recurrent_cells import GATE_LANES, CellSpec, gate_update, update_lanes
 
 
@@ -617,38 +616,6 @@ def linear_kernel(mat: BSRMatrix, m: int | None, sched) -> tvm.tirx.PrimFunc:
     """
     cases = _cases(m, sched)
     return _linear_kernel(LayoutKey.of(mat, _unrolled(cases)), m, cases)
-
-
-@dataclass(frozen=True)
-class LayoutKey:
-    """What a kernel depends on: everything of a layout but its block count and values, and for
-    an "unrolled" kernel its sparsity pattern (``indptr``, ``indices`` bytes) too."""
-
-    shape: tuple[int, int]
-    block: BlockShape
-    pattern: tuple[bytes, bytes] | None = None
-
-    @classmethod
-    def of(cls, mat: BSRMatrix, with_pattern: bool = False) -> "LayoutKey":
-        pattern = (mat.indptr.astype(np.int32).tobytes(), mat.indices.astype(np.int32).tobytes()) \
-            if with_pattern else None
-        return cls(tuple(mat.shape), mat.block, pattern)
-
-    @property
-    def static_nnz(self) -> int | None:
-        """The block count of a pattern's kernels, static; None: symbolic (any weight of the layout)."""
-        return len(self.pattern[1]) // 4 if self.pattern else None
-
-    def skeleton(self) -> BSRMatrix:
-        """A stand-in matrix with this layout (block counts are symbolic in the kernels) or pattern."""
-        n_pad, _ = (padded(self.shape[0], self.block.r), padded(self.shape[1], self.block.c))
-        nbr = n_pad // self.block.r
-        if self.pattern:
-            indptr, indices = (np.frombuffer(b, np.int32) for b in self.pattern)
-            return BSRMatrix(self.shape, self.block, np.zeros((len(indices), self.block.c, self.block.r), np.float32),
-                             indices, indptr)
-        return BSRMatrix(self.shape, self.block, np.zeros((1, self.block.c, self.block.r), np.float32),
-                         np.zeros(1, np.int32), np.zeros(nbr + 1, np.int32))
 
 
 def _unrolled(cases: Cases, which: int | None = None) -> bool:

@@ -55,10 +55,9 @@ from dataclasses import asdict, dataclass
 import tvm
 from tvm.script import tirx as T
 
-from bscompile.codegen.cpu import LayoutKey
 from bscompile.codegen.cuda_cost import GpuModel, estimate_time
 from bscompile.codegen.family import Generator, dispatch, pick, static_dim
-from bscompile.codegen.layout import BlockShape, BlockStats, BSRMatrix
+from bscompile.codegen.layout import BlockShape, BlockStats, BSRMatrix, LayoutKey
 from bscompile.codegen.recurrent_cells import CellSpec, gate_update
 
 WARP = 32

@@ -184,3 +184,34 @@ class BSRMatrix:
         bsr = scipy.sparse.bsr_array((self.data.transpose(0, 2, 1), self.indices, self.indptr), shape=self.padded_shape)
         return bsr.toarray()[: self.shape[0], : self.shape[1]]
 
+
+@dataclass(frozen=True)
+class LayoutKey:
+    """What a kernel depends on: everything of a layout but its block count and values, and for
+    an "unrolled" kernel its sparsity pattern (``indptr``, ``indices`` bytes) too."""
+
+    shape: tuple[int, int]
+    block: BlockShape
+    pattern: tuple[bytes, bytes] | None = None
+
+    @classmethod
+    def of(cls, mat: BSRMatrix, with_pattern: bool = False) -> "LayoutKey":
+        pattern = (mat.indptr.astype(np.int32).tobytes(), mat.indices.astype(np.int32).tobytes()) \
+            if with_pattern else None
+        return cls(tuple(mat.shape), mat.block, pattern)
+
+    @property
+    def static_nnz(self) -> int | None:
+        """The block count of a pattern's kernels, static; None: symbolic (any weight of the layout)."""
+        return len(self.pattern[1]) // 4 if self.pattern else None
+
+    def skeleton(self) -> BSRMatrix:
+        """A stand-in matrix with this layout (block counts are symbolic in the kernels) or pattern."""
+        n_pad, _ = (padded(self.shape[0], self.block.r), padded(self.shape[1], self.block.c))
+        nbr = n_pad // self.block.r
+        if self.pattern:
+            indptr, indices = (np.frombuffer(b, np.int32) for b in self.pattern)
+            return BSRMatrix(self.shape, self.block, np.zeros((len(indices), self.block.c, self.block.r), np.float32),
+                             indices, indptr)
+        return BSRMatrix(self.shape, self.block, np.zeros((1, self.block.c, self.block.r), np.float32),
+                         np.zeros(1, np.int32), np.zeros(nbr + 1, np.int32))

@@ -74,3 +74,14 @@ def test_runtime_loads_neither_onnx_nor_code_generators():
             "'bscompile.frontend', 'bscompile.passes', 'tvm.relax.frontend.onnx'))]; print(bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_the_remote_client_loads_no_kernel_generator():
+    """The tuner's device client (and the server bundle's Python side) names targets and runs
+    modules: of the compiler it loads the machine models only, not the generators or passes."""
+    code = ("import sys, bscompile.runtime.remote; "
+            "bad = [m for m in sys.modules if m == 'onnx' or m.startswith(('onnx.', 'bscompile.frontend', "
+            "'bscompile.passes', 'bscompile.codegen.')) and m not in ('bscompile.codegen.cpu_cost', "
+            "'bscompile.codegen.tvmscript')]; print(bad); sys.exit(1 if bad else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
