@@ -81,6 +81,9 @@ def site_weight(site: dict, operands) -> np.ndarray | None:
 
 @tvm.transform.module_pass(opt_level=0, name="AnalyzeSparsity")
 class AnalyzeSparsity:
+    """Measure each constant-weight site's density and block structure (``bscompile.sparsity``; contract:
+    module docstring)."""
+
     def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
         mod = mod.clone()
         todo = {}  # site function -> its weight (at its first call)

@@ -162,6 +162,9 @@ def _bucket_schedules(family: KernelFamily, site: dict, buckets, stats: BlockSta
 
 @tvm.transform.module_pass(opt_level=0, name="ChooseLayout")
 class ChooseLayout:
+    """Decide each site's layout and schedules (``bscompile.layout``) from the family's machine model or
+    tuning records (contract: module docstring)."""
+
     def __init__(self, family: KernelFamily, *, sparse: bool = True, force_block: BlockShape | None = None,
                  records: Mapping[str, TuningRecord] | None = None):
         self.family, self.sparse, self.force_block, self.records = family, sparse, force_block, records or {}

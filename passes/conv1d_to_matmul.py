@@ -58,5 +58,8 @@ class _Rewriter(relax.PyExprMutator):
 
 @tvm.transform.module_pass(opt_level=0, name="Conv1dToMatmul")
 class Conv1dToMatmul:
+    """Turn a 1-D convolution by a constant kernel into im2col + matmul, a product a site can take (contract:
+    module docstring)."""
+
     def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
         return rewrite_relax_functions(_Rewriter(mod), mod)

@@ -162,5 +162,8 @@ class _Folder(relax.PyExprMutator):
 
 @tvm.transform.module_pass(opt_level=0, name="FoldEmbeddingProducts")
 class FoldEmbeddingProducts:
+    """Replace a product of rows of a constant table by rows of the table's product (contract: module
+    docstring)."""
+
     def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
         return rewrite_with_bindings(_Folder(mod), mod)

@@ -25,6 +25,12 @@ Contract
 - Left alone (the loop runs as it was, correctly): any other body (peepholes, layer norm,
   other activations, a cell on a static product, reversed scans), a symbolic batch, and
   every loop on a target whose family has no ``dynamic_recurrent`` generator. Idempotent.
+
+Matching: by a canonical form of the step's expression tree, not ``relax.dpl`` patterns. The
+cell is one of ``4!`` (LSTM) or ``3!`` (GRU) gate orders over column slices whose offsets must
+agree with each other, with operands in any order under ``add``/``multiply`` and a negation
+taken as a subtraction: as dpl patterns that is one pattern per order plus offset checks in
+predicates; the canonical tree compares the orders directly (``match_cell``).
 """
 
 from __future__ import annotations
@@ -307,6 +313,9 @@ class _Fuser(relax.PyExprMutator):
 
 @tvm.transform.module_pass(opt_level=0, name="FuseDynamicRecurrences")
 class FuseDynamicRecurrences:
+    """Make a loop whose body is a gated LSTM/GRU cell one ``dynamic_recurrent`` site (contract: module
+    docstring)."""
+
     def __init__(self, family: KernelFamily):
         self.family = family
 

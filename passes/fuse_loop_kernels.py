@@ -315,7 +315,7 @@ def _copy(src: tirx.Buffer, dst: tirx.Buffer) -> tirx.Stmt:
 
 @tvm.transform.module_pass(opt_level=0, name="FuseLoopKernels")
 class FuseLoopKernels:
-    """See the module docstring."""
+    """Make a real loop whose step is PrimFuncs one kernel running the time loop (contract: module docstring)."""
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         loops = {gv: f for gv, f in mod.functions.items()

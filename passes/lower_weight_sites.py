@@ -157,6 +157,8 @@ class _Lowerer(relax.PyExprMutator):
 
 @tvm.transform.module_pass(opt_level=0, name="LowerWeightSites")
 class LowerWeightSites:
+    """Replace each decided site by its family's kernel and packed constants (contract: module docstring)."""
+
     def __init__(self, family: KernelFamily):
         self.family = family
 

@@ -215,6 +215,9 @@ class _Outliner(relax.PyExprMutator):
 
 @tvm.transform.module_pass(opt_level=0, name="OutlineDynamicSites")
 class OutlineDynamicSites:
+    """Make each input-dependent block selection (gate, top-k, gated product) one dynamic site (contract:
+    module docstring)."""
+
     def __init__(self, family: KernelFamily):
         self.family = family
 

@@ -111,5 +111,7 @@ def emit_linear_site(bb: relax.BlockBuilder, x: relax.Expr, w: relax.Expr, bias:
 
 @tvm.transform.module_pass(opt_level=0, name="OutlineLinearSites")
 class OutlineLinearSites:
+    """Make each product by a constant weight (and its bias) a ``linear`` site (contract: module docstring)."""
+
     def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
         return rewrite_with_bindings(_Outliner(mod), mod)

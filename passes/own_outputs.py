@@ -32,6 +32,9 @@ _VIEWS = tuple(tvm.ir.Op.get(f"relax.{name}") for name in ("reshape", "squeeze",
 
 @tvm.transform.module_pass(opt_level=0, name="OwnOutputs")
 class OwnOutputs:
+    """Copy returned arrays that would alias an input, a constant or another output (contract: module
+    docstring)."""
+
     def __init__(self, device: str = "cpu"):
         self.device = device
 
