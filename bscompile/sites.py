@@ -23,6 +23,7 @@ This module is a leaf: it imports NumPy and TVM only, so that the runtime can us
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
@@ -35,6 +36,8 @@ from tvm import relax
 SITE = "bscompile.site"
 SPARSITY = "bscompile.sparsity"
 LAYOUT = "bscompile.layout"
+#: Attribute of a real loop's outer function (``loop_chunks``; :mod:`bscompile.frontend.loops`).
+LOOP = "bscompile.loop"
 
 _CALL_TIR = tvm.ir.Op.get("relax.call_tir")
 
@@ -242,6 +245,51 @@ def emit_site(bb: relax.BlockBuilder, site: dict, operands: Sequence[relax.Expr]
                                                            ty_args=out_ty)))
     gv = bb.add_func(fb.get()[name_hint], name_hint)
     return relax.Call(gv, list(operands))
+
+
+# --- the linear site kind (made by OutlineLinearSites and the recurrent frontend) -----------
+
+
+def _linear_kernel_args(operands, packed):
+    (data, indices, indptr, bias), = packed
+    return [operands[0], data, indices, indptr, bias]
+
+
+#: Operands ``[x2d, W, bias]``; kernel ``(x2d, data, indices, indptr, bias) -> y[M, N]``.
+LINEAR = register_site_kind(SiteKind("linear", lambda site: [Matrix(1, 2)], _linear_kernel_args))
+
+def expr_dims(v: relax.Expr) -> list | None:
+    """The dims of a tensor value (PrimExprs), or None (not a tensor, or of unknown shape)."""
+    ty = getattr(v, "ty", None)
+    shape = getattr(ty, "shape", None) if isinstance(ty, relax.TensorType) else None
+    return list(shape.values) if shape is not None and hasattr(shape, "values") else None
+
+
+def static_k_dims(expr: relax.Expr) -> tuple | None:
+    """Dims of ``expr`` (ints, or PrimExprs for symbolic ones) with a static last dim, else None."""
+    values = getattr(getattr(expr.ty, "shape", None), "values", None)
+    if not values:
+        return None
+    out = tuple(int(v) if isinstance(v, tvm.tirx.IntImm) else v for v in values)
+    return out if isinstance(out[-1], int) else None
+
+
+def emit_linear_site(bb: relax.BlockBuilder, x: relax.Expr, w: relax.Expr, bias: np.ndarray | None) -> relax.Expr:
+    """The linear site ``x @ w.T + bias`` (``w`` a constant ``W[N, K]``; ``x[..., K]`` float32
+    with a static ``K``), as ``OutlineLinearSites`` makes it; also the recurrent converters'
+    input products, whose weights come in this orientation."""
+    shape = static_k_dims(x)
+    n, k = (int(d) for d in w.ty.shape.values)
+    m = math.prod(shape[:-1])  # (PrimExprs for symbolic dims)
+    key = fingerprint(const_array(w))
+    site = {"kind": "linear", "name": const_name(w) or f"weight_{key[:8]}", "fingerprint": key,
+            "m": m, "shape": [n, k]}
+    b = np.zeros(n, np.float32) if bias is None else bias
+    if len(shape) == 2:
+        return emit_site(bb, site, [x, w, relax.const(b)], relax.TensorType((m, n), "float32"), "linear_site")
+    x2d = bb.emit(relax.op.reshape(x, [m, k]))
+    y = bb.emit(emit_site(bb, site, [x2d, w, relax.const(b)], relax.TensorType((m, n), "float32"), "linear_site"))
+    return relax.op.reshape(y, [*shape[:-1], n])
 
 
 def definable(tys: list[relax.Type], n_params: int) -> tuple[list[relax.Type], Callable]:

@@ -44,10 +44,9 @@ from tvm import relax
 
 from bscompile.codegen.family import KernelFamily
 from bscompile.codegen.recurrent_cells import CellSpec
-from bscompile.frontend.loops import LOOP, tensor_dims
-from bscompile.passes.outline_dynamic_sites import DYNAMIC, _ints
+from bscompile.passes.outline_dynamic_sites import DYNAMIC, int_values
 from bscompile.passes.rewrite import rebind, rewrite_with_bindings
-from bscompile.sites import SITE, Matrix, SiteKind, attr, const_array, emit_site, register_site_kind
+from bscompile.sites import LOOP, SITE, Matrix, SiteKind, attr, const_array, emit_site, expr_dims, register_site_kind
 
 
 def _pack(site: dict, operands, layout: dict, schedules) -> tuple[list[relax.Expr], int]:
@@ -148,13 +147,13 @@ class _Step:
 
     def _slice(self, e: relax.Call) -> Any:
         src = self.canon(e.args[0])
-        dims = tensor_dims(e.args[0])
-        strides = _ints(e.args[4]) if len(e.args) > 4 else []  # (none given: all 1)
+        dims = expr_dims(e.args[0])
+        strides = int_values(e.args[4]) if len(e.args) > 4 else []  # (none given: all 1)
         if src is None or dims is None or any(s != 1 for s in strides):
             return None
         if _same_shape(e.args[0], e):
             return src  # the whole range
-        axes, begin, end = _ints(e.args[1]), _ints(e.args[2]), _ints(e.args[3])
+        axes, begin, end = int_values(e.args[1]), int_values(e.args[2]), int_values(e.args[3])
         if len(axes) != 1 or axes[0] % len(dims) != len(dims) - 1 or not isinstance(dims[-1], tvm.tirx.IntImm):
             return None
         return _slice(begin[0], min(end[0], int(dims[-1])), src)
@@ -166,7 +165,7 @@ def _is_zero(e) -> bool:
 
 
 def _same_shape(a, b) -> bool:
-    da, db = tensor_dims(a), tensor_dims(b)
+    da, db = expr_dims(a), expr_dims(b)
     return da is not None and db is not None and tvm_ffi.structural_equal(da, db)
 
 
@@ -205,7 +204,7 @@ def match_cell(mod: tvm.IRModule, step: relax.Function, n_state: int) -> dict | 
     if len(rows) != 1 or next(iter(rows))[1][0] != "p":
         return None
     xp = next(iter(rows))[1]
-    dims = tensor_dims(outs[0])
+    dims = expr_dims(outs[0])
     hid = int(dims[-1]) if dims and isinstance(dims[-1], tvm.tirx.IntImm) else 0
     gates = 4 if n_state == 2 else 3
     if hid == 0 or list(site["shape"]) != [gates * hid, hid]:
@@ -279,7 +278,7 @@ class _Fuser(relax.PyExprMutator):
         args = call.args[2:]
         xp, h0 = args[found["xp"] - 2], args[found["h"] - 2]
         c0 = args[found["c"] - 2] if found["c"] is not None else h0
-        xd, hd = tensor_dims(xp), tensor_dims(h0)
+        xd, hd = expr_dims(xp), expr_dims(h0)
         length = self._length(call.args[1])
         if (xd is None or hd is None or len(xd) != 3 or length is None or not isinstance(hd[0], tvm.tirx.IntImm)
                 or not tvm_ffi.structural_equal(xd[0], length)):

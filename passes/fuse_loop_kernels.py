@@ -36,8 +36,7 @@ import tvm.s_tir
 import tvm_ffi
 from tvm import relax, tirx
 
-from bscompile.frontend.loops import LOOP
-from bscompile.sites import INLINED_SITES, SITE
+from bscompile.sites import INLINED_SITES, LOOP, SITE
 
 _CALL_TIR = tvm.ir.Op.get("relax.call_tir")
 _CALL_TIR_INPLACE = tvm.ir.Op.get("relax.call_tir_inplace")

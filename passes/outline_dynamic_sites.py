@@ -95,7 +95,7 @@ def _shape(expr) -> tuple[int | str, ...] | None:
     return tuple(int(v) if isinstance(v, tvm.tirx.IntImm) else str(v) for v in values)
 
 
-def _ints(values) -> list[int]:
+def int_values(values) -> list[int]:
     """A tuple of integer immediates (strided_slice's axes/begin/end) or an attribute array as ints."""
     values = values.fields if hasattr(values, "fields") else values
     return [int(v.value) if hasattr(v, "value") else int(v) for v in values]
@@ -133,21 +133,21 @@ def _prove(m: dict) -> dict | None:
     k = int(topk.attrs.k)
     kth = m[_KTH]
     if (int(topk.attrs.axis) not in (-1, 1) or not bool(topk.attrs.largest) or not 1 <= k <= n_alive
-            or _ints(kth.args[1]) != [1] or _ints(kth.args[2]) != [k - 1] or _ints(kth.args[3])[0] < k):
+            or int_values(kth.args[1]) != [1] or int_values(kth.args[2]) != [k - 1] or int_values(kth.args[3])[0] < k):
         return None
     s = m[_SUM_R0]
     norm = const_array(m[_N])
-    if (_ints(s.attrs.axis) not in ([-1], [1]) or not bool(s.attrs.keepdims) or norm.size != 1
+    if (int_values(s.attrs.axis) not in ([-1], [1]) or not bool(s.attrs.keepdims) or norm.size != 1
             or float(norm.item()) != float(n_alive)):
         return None
     batched = _XT in m
     if batched:  # [nbi, M, ...]: both operands of the tile product transposed alike
-        ok = (_shape(m[_XB]) == (rows, nbi, bs) and _ints(m[_XT].attrs.axes) == [1, 0, 2]
-              and _RT in m and _ints(m[_RT].attrs.axes) == [1, 0, 2, 3]
-              and _shape(m[_PART]) == (nbi, rows, nbo, bs) and _ints(m[_TILESUM].attrs.axis) == [0])
+        ok = (_shape(m[_XB]) == (rows, nbi, bs) and int_values(m[_XT].attrs.axes) == [1, 0, 2]
+              and _RT in m and int_values(m[_RT].attrs.axes) == [1, 0, 2, 3]
+              and _shape(m[_PART]) == (nbi, rows, nbo, bs) and int_values(m[_TILESUM].attrs.axis) == [0])
     else:
         ok = (_shape(m[_XR]) == (rows, nbi, 1, bs) and _RT not in m and _shape(m[_PART]) == (rows, nbi, nbo, bs)
-              and _ints(m[_TILESUM].attrs.axis) == [1])
+              and int_values(m[_TILESUM].attrs.axis) == [1])
     ys = _shape(m[_Y])
     if (not ok or _shape(m[_RR]) != (rows, nbi, nbo, 1) or bool(m[_TILESUM].attrs.keepdims)
             or not _rows_then(m[_Y], x, fout)):

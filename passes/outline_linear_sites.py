@@ -19,7 +19,6 @@ Contract
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import tvm
@@ -27,29 +26,11 @@ from tvm import relax
 from tvm.relax.dpl import is_const, is_op, wildcard
 
 from bscompile.passes.rewrite import rebind, rewrite_with_bindings
-from bscompile.sites import (Matrix, SiteKind, const_array, const_name, emit_site, fingerprint, named_const,
-                             register_site_kind)
+from bscompile.sites import const_array, const_name, emit_linear_site, named_const, static_k_dims
 
-
-def _linear_kernel_args(operands, packed):
-    (data, indices, indptr, bias), = packed
-    return [operands[0], data, indices, indptr, bias]
-
-
-#: Operands ``[x2d, W, bias]``; kernel ``(x2d, data, indices, indptr, bias) -> y[M, N]``.
-LINEAR = register_site_kind(SiteKind("linear", lambda site: [Matrix(1, 2)], _linear_kernel_args))
 
 _MATMUL = is_op("relax.matmul")(wildcard(), is_const())
 _BIASED = is_op("relax.add")(_MATMUL, is_const())
-
-
-def _shape(expr: relax.Expr) -> tuple | None:
-    """Dims of ``expr`` (ints, or PrimExprs for symbolic ones) with a static last dim, else None."""
-    values = getattr(getattr(expr.ty, "shape", None), "values", None)
-    if not values:
-        return None
-    out = tuple(int(v) if isinstance(v, tvm.tirx.IntImm) else v for v in values)
-    return out if isinstance(out[-1], int) else None
 
 
 @relax.expr_functor.mutator
@@ -66,7 +47,7 @@ class _Outliner(relax.PyExprMutator):
                 continue
             mm = m[_MATMUL]
             x, c = mm.args
-            w, xs = const_array(c), _shape(x)
+            w, xs = const_array(c), static_k_dims(x)
             if w is None or w.ndim != 2 or w.dtype != np.float32 or xs is None or not xs:
                 continue
             if x.ty.dtype != "float32" or xs[-1] != w.shape[0] or mm.attrs.out_dtype not in (None, "float32"):
@@ -89,24 +70,6 @@ class _Outliner(relax.PyExprMutator):
         x, w, bias = found
         new = emit_linear_site(self.builder_, self.visit_expr(x), w, bias)
         rebind(self, binding, new)
-
-
-def emit_linear_site(bb: relax.BlockBuilder, x: relax.Expr, w: relax.Expr, bias: np.ndarray | None) -> relax.Expr:
-    """The linear site ``x @ w.T + bias`` (``w`` a constant ``W[N, K]``; ``x[..., K]`` float32
-    with a static ``K``), as this pass makes it; also called by the recurrent converters for
-    their input products, whose weights come in this orientation."""
-    shape = _shape(x)
-    n, k = (int(d) for d in w.ty.shape.values)
-    m = math.prod(shape[:-1])  # (PrimExprs for symbolic dims)
-    key = fingerprint(const_array(w))
-    site = {"kind": "linear", "name": const_name(w) or f"weight_{key[:8]}", "fingerprint": key,
-            "m": m, "shape": [n, k]}
-    b = np.zeros(n, np.float32) if bias is None else bias
-    if len(shape) == 2:
-        return emit_site(bb, site, [x, w, relax.const(b)], relax.TensorType((m, n), "float32"), "linear_site")
-    x2d = bb.emit(relax.op.reshape(x, [m, k]))
-    y = bb.emit(emit_site(bb, site, [x2d, w, relax.const(b)], relax.TensorType((m, n), "float32"), "linear_site"))
-    return relax.op.reshape(y, [*shape[:-1], n])
 
 
 @tvm.transform.module_pass(opt_level=0, name="OutlineLinearSites")

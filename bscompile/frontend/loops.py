@@ -42,12 +42,9 @@ from tvm.script import tirx as T
 from tvm.ir import GenericConst
 
 from bscompile.errors import UnsupportedModelError
-from bscompile.sites import definable
+from bscompile.sites import LOOP, definable, expr_dims
 
 LOOP_OPS = {"Loop", "Scan"}
-
-#: Attribute of a real loop's outer function (``loop_chunks``), which the loop's call names.
-LOOP = "bscompile.loop"
 
 #: Above this many steps an unrolled loop would make a Relax module too large to compile.
 MAX_UNROLL = 4096
@@ -154,7 +151,7 @@ def _unroll_loop(importer: Any, inputs: list, attrs: dict, body: onnx.GraphProto
     n_scan = len(body.output) - 1 - n_state
     if trip is None:
         raise UnsupportedModelError(f"Loop '{node}': no trip count (a while loop); bscompile needs one")
-    _check_declared(body.input[2:], [tensor_dims(v) for v in state], f"Loop '{node}'")
+    _check_declared(body.input[2:], [expr_dims(v) for v in state], f"Loop '{node}'")
     body = _hoist_gathered_products(importer, body)
     if _static_int(trip) is None and _is_true(cond) and _cond_stays_true(importer, body):
         return _loop_loop(importer, trip, state, body, node)
@@ -197,8 +194,8 @@ def _unroll_scan(importer: Any, inputs: list, attrs: dict, body: onnx.GraphProto
     out_axes = list(attrs.get("scan_output_axes", [0] * n_out))
     out_dirs = list(attrs.get("scan_output_directions", [0] * n_out))
     slices = [None if d is None else d[:ax % len(d)] + d[ax % len(d) + 1:]  # a scan input without its scan axis
-              for d, ax in zip(map(tensor_dims, xs), in_axes)]
-    _check_declared(body.input, [tensor_dims(v) for v in state] + slices, f"Scan '{node}'")
+              for d, ax in zip(map(expr_dims, xs), in_axes)]
+    _check_declared(body.input, [expr_dims(v) for v in state] + slices, f"Scan '{node}'")
     body = _hoist_input_products(importer, body, n_state, xs, in_axes, in_dirs)
     lengths, dims = set(), []
     for i, x in enumerate(xs):
@@ -228,13 +225,6 @@ def _unroll_scan(importer: Any, inputs: list, attrs: dict, body: onnx.GraphProto
         rank = len(acc[0].ty.shape) + 1 if acc else 1
         results.append(_stack(bb, acc[::-1] if rev else acc, ax % rank, "Scan", node))
     return state + results
-
-
-def tensor_dims(v: relax.Expr) -> list | None:
-    """The dims of a tensor value (PrimExprs), or None (not a tensor, or of unknown shape)."""
-    ty = getattr(v, "ty", None)
-    shape = getattr(ty, "shape", None) if isinstance(ty, relax.TensorType) else None
-    return list(shape.values) if shape is not None and hasattr(shape, "values") else None
 
 
 def _check_declared(body_inputs, dims: list, what: str) -> None:

@@ -31,9 +31,8 @@ from tvm import relax
 from bscompile.codegen.layout import BSRMatrix
 from bscompile.codegen.recurrent_cells import ACTIVATIONS, Activation, CellSpec
 from bscompile.errors import UnsupportedModelError
-from bscompile.passes.outline_linear_sites import emit_linear_site
-from bscompile.sites import (Matrix, SiteKind, const_array as _const, const_name, emit_site, fingerprint, named_const,
-                             register_site_kind, shape_text)
+from bscompile.sites import (Matrix, SiteKind, const_array as _const, const_name, emit_linear_site, emit_site,
+                             fingerprint, named_const, register_site_kind, shape_text)
 
 
 def _recurrent_matrices(site: dict) -> list[Matrix]:
