@@ -505,11 +505,6 @@ def _own_vars(tys: list) -> list:
     return definable(tys, len(tys))[0]
 
 
-#: Loop outputs that are an appended-to ONNX sequence, held as a tensor stacked on axis 0
-#: (``ConcatFromSequence`` reads them through :func:`concat_stacked`).
-STACKED = "bscompile_stacked_sequence"
-
-
 def _cond_stays_true(importer: Any, body: onnx.GraphProto) -> bool:
     """The body's condition output is its condition input or a constant true (a for loop)."""
     out, cond = body.output[0].name, body.input[1].name
@@ -555,8 +550,7 @@ def _loop_loop(importer: Any, trip: relax.Expr, state: list, body: onnx.GraphPro
                          len(kept), [0] * n_scans, prefix)
     states, scans = fields[: len(kept)], fields[len(kept):]
     stacked = scans[: len(appended)]
-    for v in stacked:
-        importer.__dict__.setdefault(STACKED, set()).add(v)
+    importer.stacked.update(stacked)  # (appended-to sequences, stacked on axis 0: ConcatFromSequence reads them)
     it = iter(states)
     merged = [stacked[[j for j, _ in appended].index(j)] if j in dict(appended) else next(it) for j in range(n_state)]
     return merged + scans[len(appended):]

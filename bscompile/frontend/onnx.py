@@ -27,7 +27,7 @@ from tvm import relax
 from tvm.relax.frontend.onnx import onnx_frontend as tvm_onnx
 
 from bscompile.errors import BscompileError, UnsupportedModelError
-from bscompile.frontend.loops import LOOP_OPS, STACKED, concat_stacked, convert_loop
+from bscompile.frontend.loops import LOOP_OPS, concat_stacked, convert_loop
 from bscompile.frontend.recurrent import convert_recurrent
 from bscompile.frontend.wire import split_raw_data
 from bscompile.limits import check_external_data, check_finite, check_resources
@@ -319,6 +319,8 @@ class _Importer(tvm_onnx.ONNXGraphImporter):
         super().__init__(*args, **kwargs)
         self._onnx_nodes = nodes_by_name
         self._weights = weights
+        #: Loop outputs that are appended-to ONNX sequences, as stacked tensors (:func:`concat_stacked`)
+        self.stacked: set[relax.Expr] = set()
 
     def _parse_graph_initializers(self, graph):  # converted once, by convert_initializers
         self._nodes.update(self._weights)
@@ -354,7 +356,7 @@ class _Importer(tvm_onnx.ONNXGraphImporter):
             return convert_recurrent(RECURRENT_OPS[op_name], self.bb, inputs, attrs, node)
         if op_name in LOOP_OPS:
             return convert_loop(self, op_name, inputs, attrs, supported_ops())
-        if op_name == "ConcatFromSequence" and inputs[0] in getattr(self, STACKED, ()):
+        if op_name == "ConcatFromSequence" and inputs[0] in self.stacked:
             return concat_stacked(self.bb, inputs[0], attrs.get("axis", 0), attrs.get("new_axis", 0),
                                   attrs["tvm_custom"]["name"])
         sym = super()._convert_operator(op_name, inputs, attrs, opset)
