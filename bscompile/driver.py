@@ -89,6 +89,8 @@ def _options(spec: TargetSpec, sparse: bool, block: BlockShape | str | None, rec
             block = BlockShape.parse(block)
         except ValueError:
             raise BscompileError(f"invalid block shape '{block}'; expected RxC, e.g. 4x4") from None
+    if block is not None and not isinstance(block, BlockShape):
+        raise BscompileError(f"block: 'RxC' (e.g. '4x4') or a BlockShape, not {block!r}")
     if isinstance(records, (str, os.PathLike)):
         records = load_records(records)
     if not all(isinstance(r, TuningRecord) for r in (records or {}).values()):

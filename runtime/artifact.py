@@ -176,6 +176,8 @@ def _check_manifest(manifest: Manifest) -> None:
 
 def read_artifact(path: str | os.PathLike) -> tuple[Manifest, bytes]:
     """Read and verify an artifact; raise :class:`ArtifactError` saying what is wrong."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ArtifactError(f"artifact: a path, not {type(path).__name__}")
     path = Path(path)
     if not path.exists():
         raise ArtifactError(f"no such artifact: {path}")

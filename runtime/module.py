@@ -67,6 +67,8 @@ class CompiledModule:
         return self.manifest.outputs
 
     def check_inputs(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if not isinstance(feeds, dict):
+            raise InputError(f"inputs: a dict {{input name: array}}, not {type(feeds).__name__}")
         expected = {s.name: s for s in self.manifest.inputs}
         unknown = sorted(set(feeds) - set(expected))
         missing = [n for n in expected if n not in feeds]
@@ -118,7 +120,7 @@ class CompiledModule:
         any mismatch or non-finite value falls back to ``check_inputs``, which words the error.
         """
         last = self._last
-        if last is None or len(feeds) != len(last):
+        if last is None or type(feeds) is not dict or len(feeds) != len(last):
             return None
         for name, shape, dtype, _ in last:
             a = feeds.get(name)
@@ -169,6 +171,8 @@ class CompiledModule:
 
     def benchmark(self, feeds: dict[str, np.ndarray], number: int = 10, repeat: int = 5) -> list[float]:
         """Seconds per call for each of ``repeat`` runs of ``number`` calls (TVM's timer)."""
+        if not (isinstance(number, int) and isinstance(repeat, int) and number >= 1 and repeat >= 1):
+            raise InputError(f"benchmark: number and repeat must be ints >= 1, not {number!r}, {repeat!r}")
         args = [tvm.runtime.tensor(a, self.device) for a in self.check_inputs(feeds)]  # own copies
         self._vm.save_function("main", "bsc_bench", *args)
         timer = self._vm.time_evaluator("bsc_bench", self.device, number=number, repeat=repeat)

@@ -580,3 +580,27 @@ def test_target_json_outside_what_bscompile_builds_is_one_line(files, tmp_path, 
     rc, _, err = run_cli(files / "mlp.onnx", "--target", target, "-o", tmp_path / "x.bsc")
     assert rc == 2 and not (tmp_path / "x.bsc").exists(), (rc, err)
     assert message in one_error_line(err)
+
+
+def test_api_misuse_is_one_line_bscompile_errors(files):
+    """What a Python user gets wrong raises the project's errors in one line: it raised TypeError
+    (unhashable ndarray, NoneType), ValueError, AttributeError, or read an int as a path, compiled an
+    empty ModelProto into an artifact with no outputs, truncated a 2.7 dim, timed 0 calls as NaN."""
+    model = str(files / "mlp.onnx")
+    mod = bscompile.load(files / "mlp.bsc")
+    x = np.load(files / "x.npy")
+    cases = [(lambda: mod.run(x), InputError, "inputs: a dict"), (lambda: mod.run(None), InputError, "inputs: a dict"),
+             (lambda: bscompile.compile(None), BscompileError, "model: a path or an onnx.ModelProto, not NoneType"),
+             (lambda: bscompile.compile(onnx.load(model).SerializeToString()), BscompileError, "not bytes"),
+             (lambda: bscompile.compile(onnx.ModelProto()), BscompileError, "no graph nodes or no outputs"),
+             (lambda: bscompile.load(None), ArtifactError, "artifact: a path"),
+             (lambda: bscompile.compile(model, input_shapes={"x": (2.7, 16)}), BscompileError, "not a sequence of ints"),
+             (lambda: bscompile.compile(model, input_shapes={"x": "2,16"}), BscompileError, "not a sequence of ints"),
+             (lambda: bscompile.compile(model, block=4), BscompileError, "block: 'RxC'"),
+             (lambda: bscompile.compile(model, records={"a": 1}), BscompileError, "dict of TuningRecord"),
+             (lambda: mod.benchmark({"x": x}, number=0), InputError, "must be ints >= 1")]
+    for call, error, message in cases:
+        with pytest.raises(error, match=re.escape(message)) as err:
+            call()
+        assert "\n" not in str(err.value)
+    assert mod.run({"x": x})["y"].shape == (2, 8)  # (and the module still runs)

@@ -65,7 +65,11 @@ def read_model(model: str | os.PathLike | onnx.ModelProto,
     """The model, and with ``split`` (for a file) its initializers' raw data apart, in a memory map."""
     if isinstance(model, onnx.ModelProto):
         _check_text(model, "the model")
+        if not model.graph.node or not model.graph.output:
+            raise BscompileError("the model has no graph nodes or no outputs")
         return model, None
+    if not isinstance(model, (str, os.PathLike)):
+        raise BscompileError(f"model: a path or an onnx.ModelProto, not {type(model).__name__}")
     path = os.fspath(model)
     if not os.path.exists(path):
         raise BscompileError(f"no such file: {path}")
@@ -204,7 +208,11 @@ def graph_inputs(model: onnx.ModelProto, overrides: dict[str, tuple[int, ...]] |
         dims: list[int | str | None] = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0
                                         else d.dim_param or None for d in tt.shape.dim]
         if vi.name in overrides:
-            shape = tuple(int(v) for v in overrides.pop(vi.name))
+            given = overrides.pop(vi.name)
+            if isinstance(given, (str, bytes)) or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+                                                          for v in np.atleast_1d(np.asarray(given, object))):
+                raise BscompileError(f"input '{vi.name}': shape {given!r} is not a sequence of ints")
+            shape = tuple(int(v) for v in np.atleast_1d(np.asarray(given, object)))
             if len(shape) != len(dims) or any(isinstance(d, int) and d != s for d, s in zip(dims, shape)) \
                     or any(s < 1 for s in shape):
                 raise BscompileError(f"input '{vi.name}': shape {shape} does not fit the model's "
