@@ -199,7 +199,7 @@ def cmd_inspect(args) -> int:
     from bscompile.report import dynamic_table, input_table, reasons, weight_table
     from bscompile.sites import weight_entries
 
-    artifact = tarfile.is_tarfile(args.model)
+    artifact = tarfile.is_tarfile(args.model) or Path(args.model).suffix == ".bsc"  # (a broken one: say so)
     if artifact:  # what its manifest says (it is verified too)
         from bscompile.errors import BscompileError
         from bscompile.runtime.artifact import read_artifact
@@ -249,6 +249,10 @@ def _load_inputs(mod, args) -> dict[str, np.ndarray]:
             raise InputError(f"input '{name}': no such file {path}")
         try:
             feeds[name] = np.load(path, allow_pickle=False)
+            if not isinstance(feeds[name], np.ndarray):  # (an .npz archive)
+                raise InputError(f"input '{name}': {path} is an .npz archive; give one array as a .npy file")
+        except InputError:
+            raise
         except Exception as err:  # noqa: BLE001
             raise InputError(f"input '{name}': {path} is not a .npy file ({type(err).__name__})") from None
     if args.random:
@@ -475,6 +479,9 @@ def _dispatch(args) -> int:
             raise BscompileError(f"{'no such file' if not os.path.exists(model) else 'not a file'}: {model}")
         return {"compile": cmd_compile, "run": cmd_run, "inspect": cmd_inspect, "package": cmd_package,
                 "demo": cmd_demo, "targets": cmd_targets, "tune": cmd_tune}[args.command](args)
+    except BrokenPipeError:  # the reader left (`bscompile inspect m.onnx | head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except BscompileError as err:
         if args.debug:
             raise

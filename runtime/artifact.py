@@ -194,6 +194,9 @@ def read_artifact(path: str | os.PathLike) -> tuple[Manifest, bytes]:
     except IsADirectoryError:
         raise ArtifactError(f"{path} is a folder, not an artifact") from None
     except (tarfile.TarError, EOFError, OSError, UnicodeDecodeError) as err:
+        if path.suffix == ".onnx":
+            raise ArtifactError(f"{path} is an ONNX model, not a compiled artifact: compile it first "
+                                "(bscompile compile)") from None
         raise ArtifactError(f"{path} is corrupted or truncated ({str(err).strip().splitlines()[0]})") from None
     except (ValueError, KeyError, TypeError, AttributeError) as err:  # (JSONDecodeError is a ValueError)
         raise ArtifactError(f"{path} has an invalid manifest ({err})") from None

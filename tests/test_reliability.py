@@ -518,6 +518,10 @@ def test_recurrent_weight_of_the_wrong_shape_is_one_line(tmp_path, capsys, rng):
     out, err = capsys.readouterr()
     assert out == "" and err.strip() == "bscompile: error: node 'gru': R has shape (1, 24, 7), expected (1, 24, 8)"
     assert not (tmp_path / "m.bsc").exists()
+    gru = next(n for n in model.graph.node if n.op_type == "GRU")
+    gru.input[2] = ""  # R left out: was "'NoneType' object has no attribute 'ty'"
+    with pytest.raises(UnsupportedModelError, match=r"^node 'gru' \(GRU\): inputs X, W and R are required$"):
+        bscompile.compile(model)
 
 
 def test_large_inputs_are_checked_in_every_chunk():

@@ -153,8 +153,13 @@ def convert_recurrent(kind: str, bb: relax.BlockBuilder, inputs, attr: dict, onn
     get = lambda i: inputs[i] if len(inputs) > i else None  # noqa: E731
     b, lens, h0 = get(3), get(4), get(5)
     c0, peep = (get(6), get(7)) if kind == "lstm" else (None, None)
+    if x is None or w is None or r is None:
+        raise UnsupportedModelError(f"node '{node}' ({kind.upper()}): inputs X, W and R are required")
     r_shape = _dims(r, node, "R", 0)
     hidden = int(attr.get("hidden_size") or r_shape[-1])
+    if hidden < 1 or len(r_shape) != 3:
+        raise UnsupportedModelError(f"node '{node}' ({kind.upper()}): hidden_size {hidden} with R of shape "
+                                    f"{list(r_shape)}")
     layout = int(attr.get("layout", 0))
     cells = _parse_cells(kind, attr, hidden, node)
     num_dir = len(cells)
