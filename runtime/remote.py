@@ -663,6 +663,9 @@ def _endpoint(url: str, spec: TargetSpec, session_timeout: float,
     if url == "emulator":
         argv = [*server_command(spec.arch), *server_opts]
         return _Endpoint(url, "emulator", lambda _t: _pipe_session(argv)), 1, None
+    port = re.search(r":(\d+)$", url.split("://", 1)[-1].split("/", 1)[0])  # (host[:port] of the URL)
+    if port and not 1 <= int(port.group(1)) <= 65535:  # (TVM's socket code took 99999 modulo 2^16)
+        raise RemoteError(f"--remote '{url}': port {port.group(1)} is outside 1-65535")
     m = re.fullmatch(r"ssh://(?:([^@/]+)@)?([^:/]+)(?::(\d+))?(/.*)?", url)
     if m:
         user, host, port, path = m.groups()

@@ -258,7 +258,8 @@ def test_local_measurer_and_bad_remotes(rng, tmp_path):
         LocalMeasurer("rpi4")
     for url, msg in [("bogus://x", "is not ssh://"), ("tcp://127.0.0.1", "is not ssh://"),
                      ("tracker://127.0.0.1:1/k", "tracker 127.0.0.1:1"),
-                     ("tcp://127.0.0.1:1", "cannot open a session with tcp://127.0.0.1:1")]:
+                     ("tcp://127.0.0.1:1", "cannot open a session with tcp://127.0.0.1:1"),
+                     ("tcp://127.0.0.1:99999", "port 99999 is outside 1-65535")]:  # (was taken modulo 2^16)
         with pytest.raises(RemoteError, match=re.escape(msg)):
             RemoteMeasurer.connect(url, "rpi4")
 
