@@ -318,6 +318,7 @@ def test_manifest_edited_with_a_valid_checksum_is_an_artifact_error(files, tmp_p
     ("order", r"^node 'add' \(Add\) reads 'h', which no graph input"),
     ("output", r"^graph output 'zzz' is produced by no node$"),
     ("string", r"^initializer 's' holds strings"),
+    ("slice", r"^node 'sl' \(Slice\) cannot be imported: its result would have shape \[2, -3\]"),
 ])
 def test_malformed_graphs_name_the_node_and_the_name(case, message):
     """TVM's importer answered these with a bare KeyError ('ghost') or a TVM dtype error."""
@@ -333,6 +334,10 @@ def test_malformed_graphs_name_the_node_and_the_name(case, message):
     if case == "string":
         inits = [helper.make_tensor("s", TensorProto.STRING, [1], [b"a"])]
         nodes.append(helper.make_node("Identity", ["s"], ["t"], name="id"))
+    if case == "slice":  # start 20 (8) > end 5: TVM inferred a negative extent, then failed inside its passes
+        inits = [numpy_helper.from_array(np.array([v], np.int64), n) for v, n in ((20, "st"), (5, "en"), (1, "ax"))]
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])
+        nodes = [helper.make_node("Slice", ["x", "st", "en", "ax"], ["y"], name="sl")]
     model = helper.make_model(helper.make_graph(nodes, "g", [x], outs, inits),
                               opset_imports=[helper.make_opsetid("", OPSET)])
     with pytest.raises(UnsupportedModelError, match=message):

@@ -368,6 +368,11 @@ class _Importer(tvm_onnx.ONNXGraphImporter):
             return concat_stacked(self.bb, inputs[0], attrs.get("axis", 0), attrs.get("new_axis", 0),
                                   attrs["tvm_custom"]["name"])
         sym = super()._convert_operator(op_name, inputs, attrs, opset)
+        dims = getattr(getattr(getattr(sym, "ty", None), "shape", None), "values", None) or ()
+        if any(isinstance(d, tvm.tirx.IntImm) and d.value < 0 for d in dims):  # (e.g. a Slice whose start > end)
+            shape = [dim_of(d) for d in dims]
+            raise UnsupportedModelError(f"node '{attrs['tvm_custom']['name']}' ({op_name}) cannot be imported: its "
+                                        f"result would have shape {shape} (an empty or reversed range)")
         _check_symbolic_shapes(self.bb, inputs, sym, op_name, attrs["tvm_custom"]["name"])
         if op_name in INDEX_OPS and isinstance(sym, relax.Call):  # passes.check_indices names the node
             # as an identifier: binding names become kernel parameter names in generated (CUDA) source
