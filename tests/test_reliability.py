@@ -319,6 +319,7 @@ def test_manifest_edited_with_a_valid_checksum_is_an_artifact_error(files, tmp_p
     ("output", r"^graph output 'zzz' is produced by no node$"),
     ("string", r"^initializer 's' holds strings"),
     ("slice", r"^node 'sl' \(Slice\) cannot be imported: its result would have shape \[2, -3\]"),
+    ("concat", r"^node 'cc' \(Concat\) cannot be imported: relax\.concat: the input axis 9 is out of range\."),
 ])
 def test_malformed_graphs_name_the_node_and_the_name(case, message):
     """TVM's importer answered these with a bare KeyError ('ghost') or a TVM dtype error."""
@@ -334,6 +335,8 @@ def test_malformed_graphs_name_the_node_and_the_name(case, message):
     if case == "string":
         inits = [helper.make_tensor("s", TensorProto.STRING, [1], [b"a"])]
         nodes.append(helper.make_node("Identity", ["s"], ["t"], name="id"))
+    if case == "concat":  # TVM's message began with a dump of the op's definition ("In ir.Op(span=None, ...")
+        nodes = [helper.make_node("Concat", ["x", "x"], ["y"], name="cc", axis=9)]
     if case == "slice":  # start 20 (8) > end 5: TVM inferred a negative extent, then failed inside its passes
         inits = [numpy_helper.from_array(np.array([v], np.int64), n) for v, n in ((20, "st"), (5, "en"), (1, "ax"))]
         x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])

@@ -498,5 +498,9 @@ def _with_node_names(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _first_line(err: Exception) -> str:
-    lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+    """The line of ``err`` that says what is wrong (TVM's messages end with it), without the IR
+    printer's boilerplate or the dump of the op's definition."""
+    text = re.sub(r"\s*# Metadata omitted\. Use show_meta=True in script\(\) method to show it\.\s*", " ", str(err))
+    text = re.sub(r'In ir\.Op\(.*?name="([\w.]+)".*?support_level=\d+\), ', r"\1: ", text, flags=re.S)
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     return lines[-1] if lines else type(err).__name__
