@@ -50,8 +50,9 @@ def _module(share_c: bool):
     return Module
 
 
-def test_identical_site_kernels_become_one():
-    Before = _module(share_c=False)
+def _merged(share_c: bool):
+    """``_module(share_c)`` with ``b`` merged into ``a`` (``c`` left as it is)."""
+    n = 4 if share_c else 8
 
     @I.ir_module
     class Expected:
@@ -62,47 +63,28 @@ def test_identical_site_kernels_become_one():
                 y[i] = x[i] * T.float32(2)
 
         @T.prim_func(private=True)
-        def c(x: T.Buffer((8,), "float32"), y: T.Buffer((8,), "float32")):
-            for i in range(8):
+        def c(x: T.Buffer((n,), "float32"), y: T.Buffer((n,), "float32")):
+            for i in range(n):
                 y[i] = x[i] * T.float32(2)
 
         @R.function
-        def main(x: R.Tensor((4,), "float32"), z: R.Tensor((8,), "float32")):
+        def main(x: R.Tensor((4,), "float32"), z: R.Tensor((n,), "float32")):
             cls = Expected
             y1 = R.call_tir(cls.a, (x,), out_ty=R.Tensor((4,), "float32"))
             y2 = R.call_tir(cls.a, (y1,), out_ty=R.Tensor((4,), "float32"))
-            y3 = R.call_tir(cls.c, (z,), out_ty=R.Tensor((8,), "float32"))
+            y3 = R.call_tir(cls.c, (z,), out_ty=R.Tensor((n,), "float32"))
             return (y2, y3)
 
-    tvm.ir.assert_structural_equal(ShareIdenticalKernels()(Before), Expected)
+    return Expected
+
+
+def test_identical_site_kernels_become_one():
+    tvm.ir.assert_structural_equal(ShareIdenticalKernels()(_module(share_c=False)), _merged(share_c=False))
 
 
 def test_kernels_without_a_site_are_left_alone():
     """``c`` has ``a``'s code but no site (a fused operator of TVM's): neither merged nor a target."""
-    Before = _module(share_c=True)
-
-    @I.ir_module
-    class Expected:
-        @T.prim_func(private=True)
-        def a(x: T.Buffer((4,), "float32"), y: T.Buffer((4,), "float32")):
-            T.func_attr({"bscompile.site": {"name": "W0"}, "bscompile.layout": {"layout": "bsr"}})
-            for i in range(4):
-                y[i] = x[i] * T.float32(2)
-
-        @T.prim_func(private=True)
-        def c(x: T.Buffer((4,), "float32"), y: T.Buffer((4,), "float32")):
-            for i in range(4):
-                y[i] = x[i] * T.float32(2)
-
-        @R.function
-        def main(x: R.Tensor((4,), "float32"), z: R.Tensor((4,), "float32")):
-            cls = Expected
-            y1 = R.call_tir(cls.a, (x,), out_ty=R.Tensor((4,), "float32"))
-            y2 = R.call_tir(cls.a, (y1,), out_ty=R.Tensor((4,), "float32"))
-            y3 = R.call_tir(cls.c, (z,), out_ty=R.Tensor((4,), "float32"))
-            return (y2, y3)
-
-    tvm.ir.assert_structural_equal(ShareIdenticalKernels()(Before), Expected)
+    tvm.ir.assert_structural_equal(ShareIdenticalKernels()(_module(share_c=True)), _merged(share_c=True))
 
 
 def test_nothing_to_share_is_the_same_module():
