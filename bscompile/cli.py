@@ -261,11 +261,16 @@ def _load_inputs(mod, args) -> dict[str, np.ndarray]:
 
 
 def _write_outputs(outs: dict[str, np.ndarray], path: str) -> None:
+    from bscompile.errors import BscompileError
     from bscompile.runtime.artifact import atomic_write
 
     if path.endswith(".npz"):
         atomic_write(path, lambda tmp: np.savez(open(tmp, "wb"), **outs))
         return
+    files = [safe_file_name(name) for name in outs]
+    if len(set(files)) < len(files):
+        raise BscompileError(f"outputs {', '.join(repr(n) for n in outs)} share file names in a folder; "
+                             "write them to an .npz file (--output FILE.npz)")
     os.makedirs(path, exist_ok=True)
     for name, a in outs.items():
         atomic_write(os.path.join(path, f"{safe_file_name(name)}.npy"), lambda tmp, a=a: np.save(open(tmp, "wb"), a))

@@ -62,15 +62,18 @@ def load_records(path: str | os.PathLike) -> dict[str, TuningRecord]:
     return {record_key(r.key, r.m): r for r in recs}
 
 
-#: The largest integer a schedule field may hold (tiles, lanes, chunks are a few to a few hundred):
-#: a hand-edited m_tile of 10^9 made the code generator unroll for ever.
-SCHEDULE_INT_MAX = 256
+#: The largest integer a schedule field may hold: row tiles reach a whole block (up to a few
+#: hundred rows), batch tiles a few dozen; a hand-edited m_tile of 10^9 made the code generator
+#: unroll for ever.
+SCHEDULE_INT_MAX = 4096
+#: Layouts a record may name: the searched ones, and "tiles", the dynamic sites' own.
+LAYOUTS = ("dense", "bsr", "tiles")
 
 
 def _check_fields(r: TuningRecord) -> None:
     """Types and ranges of a record's fields (what a schedule means is its target family's to check)."""
-    if r.layout not in ("dense", "bsr"):
-        raise ValueError(f"record '{r.name}': layout {r.layout!r} is neither dense nor bsr")
+    if r.layout not in LAYOUTS:
+        raise ValueError(f"record '{r.name}': layout {r.layout!r} is not one of {', '.join(LAYOUTS)}")
     if r.layout == "bsr":
         from bscompile.codegen.layout import BlockShape  # (records are read by tools without the code generators)
 
@@ -87,7 +90,7 @@ def check_schedules(records: dict[str, TuningRecord], family) -> None:
     for r in records.values():
         try:
             family.schedule_from_json({"kind": r.kind}, r.schedule)
-        except (TypeError, ValueError, KeyError) as err:
+        except (TypeError, ValueError, KeyError, NotImplementedError) as err:  # (an unknown site kind: the last)
             raise BscompileError(f"tuning record '{r.name}' (m={r.m}) holds a schedule the {family.name} kernels "
                                  f"do not take ({type(err).__name__}: {str(err).splitlines()[0][:120]})") from None
 

@@ -237,7 +237,6 @@ def tune_command(args, compile_kwargs: dict, progress) -> int:
         raise BscompileError(f"the records and the artifact would both be written to '{out}'")
     remote = getattr(args, "remote", None)
     records = tune_model(args.model, compile_kwargs, progress, remote=remote, log=records_path)
-    out = args.output or str(Path(args.model).with_suffix(".bsc"))
     art = bscompile.compile(args.model, records={record_key(r.key, r.m): r for r in records}, progress=progress,
                             **compile_kwargs)
     art.export(out)

@@ -176,9 +176,12 @@ class _Guard(relax.PyExprMutator):
             return False
         low = self._bound(value.args[0])
         hi, zero = value.args[1], low.args[1] if self._is(low, "maximum") else None
-        return (isinstance(hi, tvm.ir.expr.Constant) and isinstance(zero, tvm.ir.expr.Constant)
-                and not zero.value.numpy().any()
-                and np.array_equal(np.resize(hi.value.numpy(), len(bounds)), np.array(bounds) - 1))
+        if not (isinstance(hi, tvm.ir.expr.Constant) and isinstance(zero, tvm.ir.expr.Constant)
+                and not zero.value.numpy().any()):
+            return False
+        h = hi.value.numpy()  # one bound, or one per coordinate (gather_nd): exactly the extents - 1
+        return h.size in (1, len(bounds)) and h.ndim <= 1 and np.array_equal(
+            np.broadcast_to(h.reshape(-1), (len(bounds),)), np.array(bounds) - 1)
 
     def _unwrapped(self, idx, bounds: tuple[int, ...]):
         """``x`` if ``idx = where(less(x, 0), add(x, n), x)`` with ``n`` = bounds, else None."""

@@ -384,3 +384,29 @@ def test_cuda_clamps_sequence_lengths(rng, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     want = ort_run(model, {"x": x, "lens": np.array([seq, 3], np.int32)})["y"]
     np.testing.assert_allclose(np.load(tmp_path / "y.npz")["y"], want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_clamp_to_other_bounds_is_still_checked():
+    """``minimum(maximum(x, 0), C)`` is in range only when C is exactly the extent - 1: a C whose
+    first value fits and whose others do not (or a C of another shape) still gets a check kernel."""
+
+    def clamped(hi):
+        @I.ir_module
+        class Before:
+            @R.function
+            def main(data: R.Tensor((10, 4), "float32"), x: R.Tensor((10, 4), "int64")):
+                with R.dataflow():
+                    low = R.maximum(x, R.const(0, "int64"))
+                    c = R.minimum(low, R.const(hi, "int64"))
+                    lv = R.gather_elements(data, c, axis=0)
+                    R.output(lv)
+                return lv
+
+        return Before
+
+    def checks(mod):
+        return sum(isinstance(f, tvm.tirx.PrimFunc) and CHECK_ATTR in (f.attrs or {}) for f in mod.functions.values())
+
+    assert checks(CheckIndices()(clamped(np.array(9, np.int64)))) == 0  # exactly in range: left alone
+    for hi in (np.array([9, 1000, 1000, 1000], np.int64), np.array([[9, 9, 9, 9]], np.int64), np.array(10, np.int64)):
+        assert checks(CheckIndices()(clamped(hi))) == 1, hi
