@@ -14,6 +14,8 @@ class CudaFamily(KernelFamily):
     recurrent sites run the opt-in persistent kernel of Zhu et al. (:mod:`codegen.cuda_persistent`)."""
 
     name = "cuda"
+    raises = False  # (device code: indices clamped, lengths clamped by the recurrent kernels)
+    copies_outputs = True  # (results come back to the host)
 
     def __init__(self, gpu: GpuModel, persistent_rnn: bool = False):
         self.gpu = gpu

@@ -129,6 +129,12 @@ class KernelFamily(ABC):
 
     name: str
     generators: dict[str, Generator]
+    #: Whether kernels can raise to the host (a packed call): indices are then checked and an
+    #: out-of-range one is an error; else (device code) the passes clamp them instead.
+    raises: bool = True
+    #: Whether the runtime copies every output to the host anyway, so no output can alias a
+    #: caller's array or a weight (else ``OwnOutputs`` copies those that would).
+    copies_outputs: bool = False
 
     def supports(self, kind: str) -> bool:
         return kind in self.generators

@@ -32,13 +32,14 @@ Contract
 - Symbolic dims: the kernel's buffers take fresh variables (bound at run time); a
   symbolic indexed extent is an ``int64`` argument of the kernel. A constant index into
   a symbolic extent is checked at run time.
-- ``device="cuda"``: device code cannot raise, so the index is wrapped and clamped
-  with Relax ops instead (memory-safe, no error); ``lens`` is clamped by the kernels.
+- ``raises=False`` (a family whose kernels cannot raise, CUDA's: ``KernelFamily.raises``): the
+  index is wrapped and clamped with Relax ops instead (memory-safe, no error); ``lens`` is clamped
+  by that family's recurrent kernels.
 - Idempotent: an index that is already a check kernel's result (attribute ``CHECK_ATTR``)
-  or ``minimum(maximum(x, 0), n - 1)`` with constants (the CUDA clamp) is in range.
+  or ``minimum(maximum(x, 0), n - 1)`` with constants (the clamp without ``raises``) is in range.
 - Left alone: ``take`` in mode "wrap"/"clip" (in range by construction), index tensors
-  of unknown shape, unsigned dtypes' wrap (nothing to wrap), on CUDA an index into a
-  symbolic extent (no constant to clamp to).
+  of unknown shape, unsigned dtypes' wrap (nothing to wrap), without ``raises`` an index into
+  a symbolic extent (no constant to clamp to).
 """
 
 from __future__ import annotations
@@ -138,10 +139,10 @@ def check_kernel(shape: tuple[Dim, ...], dtype: str, bounds: tuple[Dim, ...] = (
 
 @relax.expr_functor.mutator
 class _Guard(relax.PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, device: str):
+    def __init__(self, mod: tvm.IRModule, raises: bool):
         super().__init__(mod)
         self.mod = mod
-        self.device = device
+        self.raises = raises
         self.params: set = set()
 
     def visit_function_(self, func: relax.Function) -> relax.Expr:
@@ -167,7 +168,7 @@ class _Guard(relax.PyExprMutator):
 
     def _guarded(self, idx, bounds: tuple[Dim, ...]) -> bool:
         """Whether ``idx`` is in range by construction: a check kernel's result, or
-        ``minimum(maximum(x, 0), bounds - 1)`` (what this pass emits on CUDA). Makes the pass idempotent."""
+        ``minimum(maximum(x, 0), bounds - 1)`` (what this pass emits without ``raises``). Makes the pass idempotent."""
         value = self._bound(idx)
         if self._is(value, "call_tir"):
             func = self.mod.functions.get(value.args[0]) if isinstance(value.args[0], tvm.ir.GlobalVar) else None
@@ -246,7 +247,7 @@ class _Guard(relax.PyExprMutator):
             seq = self._caller_dim(call, seq)
         filled = self._is(self._bound(lens), "full")  # the frontend's "whole sequence" lengths
         if (isinstance(lens, tvm.ir.expr.Constant) or filled or shape is None or 0 in shape or seq is None
-                or self.device == "cuda"  # (CUDA: the kernel clamps lens to [0, T])
+                or not self.raises  # (such a family's kernels clamp lens to [0, T])
                 or self._guarded(lens, (seq + 1,))):
             return False
         checked = self._checked(lens, shape, str(lens.ty.dtype), (seq + 1,), False,
@@ -290,8 +291,8 @@ class _Guard(relax.PyExprMutator):
         shape = tensor_dims(x.ty.shape)
         if shape is None or not bounds or 0 in shape:  # (no element: nothing to check)
             return super().visit_var_binding_(binding)
-        if self.device == "cuda":
-            if not static:  # (device code cannot raise; a symbolic bound has no Relax constant to clamp to)
+        if not self.raises:
+            if not static:  # (a symbolic bound has no Relax constant to clamp to)
                 return super().visit_var_binding_(binding)
             checked = self._clamped(x, bounds, wrap, dtype)
         else:
@@ -322,10 +323,11 @@ class _Guard(relax.PyExprMutator):
 
 @tvm.transform.module_pass(opt_level=0, name="CheckIndices")
 class CheckIndices:
-    """Guard data-dependent indices (see the module docstring); ``device`` is "cpu" or "cuda"."""
+    """Guard data-dependent indices (see the module docstring); ``raises``: the target family's
+    kernels can raise (``KernelFamily.raises``), else indices are clamped."""
 
-    def __init__(self, device: str = "cpu"):
-        self.device = device
+    def __init__(self, raises: bool = True):
+        self.raises = raises
 
     def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        return rewrite_relax_functions(_Guard(mod, self.device), mod)
+        return rewrite_relax_functions(_Guard(mod, self.raises), mod)

@@ -16,8 +16,8 @@ Contract
 - Symbolic shapes too (the copy kernel takes them as its own variables).
 - Left alone: outputs computed by a kernel of their own (the usual case: still
   zero-copy), non-tensor outputs, functions other than ``main``, and every output
-  for ``device="cuda"`` (results are copied to the host anyway, and the flat copy
-  kernel is not a GPU schedule).
+  with ``copied`` (a family whose runtime copies results to the host anyway,
+  ``KernelFamily.copies_outputs``: CUDA's, where the flat copy kernel is no GPU schedule).
 """
 
 from __future__ import annotations
@@ -35,11 +35,11 @@ class OwnOutputs:
     """Copy returned arrays that would alias an input, a constant or another output (contract: module
     docstring)."""
 
-    def __init__(self, device: str = "cpu"):
-        self.device = device
+    def __init__(self, copied: bool = False):
+        self.copied = copied
 
     def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        if self.device == "cuda":
+        if self.copied:
             return mod
         gv = mod.get_global_var("main") if any(g.name_hint == "main" for g in mod.functions) else None
         func = mod[gv] if gv is not None else None

@@ -4,7 +4,8 @@ Registered with ``relax.register_pipeline("bscompile")``, so it is one named
 ``tvm.transform.Pass`` like TVM's own pipelines::
 
     FoldConstant, DeadCodeElimination   weights become plain constants
-    CheckIndices(device)                data-dependent indices range-checked at run time
+    CheckIndices(raises)                data-dependent indices range-checked at run time (clamped
+                                        where the family's kernels cannot raise)
     Conv1dToMatmul                      a convolution by a constant kernel -> im2col + matmul
     OutlineDynamicSites(family)         input-dependent block selection -> dynamic sites
     FuseDynamicRecurrences(family)      a loop whose body is a gated LSTM/GRU cell -> one
@@ -62,7 +63,7 @@ def bscompile_passes(family: KernelFamily, *, sparse: bool = True, force_block: 
     return [
         relax.transform.FoldConstant(),
         relax.transform.DeadCodeElimination(),
-        CheckIndices(family.name),
+        CheckIndices(raises=family.raises),
         Conv1dToMatmul(),
         OutlineDynamicSites(family),
         FuseDynamicRecurrences(family),
@@ -73,7 +74,7 @@ def bscompile_passes(family: KernelFamily, *, sparse: bool = True, force_block: 
         LowerWeightSites(family),
         relax.transform.FoldConstant(),
         relax.transform.DeadCodeElimination(),
-        OwnOutputs(family.name),
+        OwnOutputs(copied=family.copies_outputs),
     ]
 
 
