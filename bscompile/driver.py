@@ -1,6 +1,7 @@
 """``bscompile.compile``: ONNX -> Relax -> the ``bscompile`` pipeline -> TVM build -> :class:`Artifact`.
 
-The artifact's manifest is read from the final IR (the `bscompile.weights` attribute that `RecordWeights` writes).
+The artifact's manifest is read from the final IR: its signature (``bscompile.signature``, from the
+frontend) and weights (``bscompile.weights``, from ``RecordWeights``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from bscompile.passes.pipeline import bscompile_passes
 from bscompile.records import TuningRecord, check_schedules, load_records
 from bscompile.runtime.artifact import Manifest, pack_imports_incbin, write_artifact
 from bscompile.runtime.module import CompiledModule, load
-from bscompile.sites import recorded_weights
+from bscompile.sites import recorded_signature, recorded_weights
 from bscompile.target import TargetSpec, resolve_target
 
 Progress = Callable[[str], None]
@@ -233,6 +234,7 @@ def compile(model: str | os.PathLike | onnx.ModelProto, target: str | dict | Tar
     relax_timer = PassTimes(depth=2)
     mod = _run(pipeline, im.mod, spec, dump_ir, progress, relax_timer)
     weights = recorded_weights(mod)
+    inputs, outputs = recorded_signature(mod)
     if progress:
         progress(f"building for {spec.name} ({len(weights)} weight sites)")
     t_relax = np.append(_clock(), _rss_mib())
@@ -252,7 +254,7 @@ def compile(model: str | os.PathLike | onnx.ModelProto, target: str | dict | Tar
     timings = [(n, round(float(t[0]), 4), round(float(t[1]), 4), round(float(t[2]), 1)) for n, t in rows]
     manifest = Manifest(
         bscompile_version=__version__, tvm_version=tvm.__version__, target_name=spec.name,
-        target=spec.target, device=spec.device, arch=spec.arch, inputs=im.inputs, outputs=im.outputs,
+        target=spec.target, device=spec.device, arch=spec.arch, inputs=inputs, outputs=outputs,
         weights=weights, compile_seconds=round(time.perf_counter() - t0[0], 3),
         source=str(model) if not isinstance(model, onnx.ModelProto) else "<ModelProto>",
     )

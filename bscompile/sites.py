@@ -386,6 +386,26 @@ def site_calls(mod: tvm.IRModule) -> Iterator[SiteCall]:
 WEIGHTS = "bscompile.weights"
 
 
+#: Module attribute: the ONNX graph's inputs and outputs (JSON of :class:`TensorSpec` lists), set by
+#: the frontend; the manifest's signature is read from the final IR.
+SIGNATURE = "bscompile.signature"
+
+
+def with_signature(mod: tvm.IRModule, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> tvm.IRModule:
+    import json
+
+    return mod.with_attr(SIGNATURE, json.dumps({"inputs": [s.to_json() for s in inputs],
+                                                "outputs": [s.to_json() for s in outputs]}))
+
+
+def recorded_signature(mod: tvm.IRModule) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """The inputs and outputs :func:`with_signature` recorded in ``mod``."""
+    import json
+
+    d = json.loads(str(mod.attrs[SIGNATURE]))
+    return [TensorSpec.from_json(t) for t in d["inputs"]], [TensorSpec.from_json(t) for t in d["outputs"]]
+
+
 def recorded_weights(mod: tvm.IRModule) -> list[dict]:
     """The weight entries ``RecordWeights`` recorded in ``mod``."""
     import json

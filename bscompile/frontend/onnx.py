@@ -31,7 +31,7 @@ from bscompile.frontend.loops import LOOP_OPS, concat_stacked, convert_loop
 from bscompile.frontend.recurrent import convert_recurrent
 from bscompile.frontend.wire import split_raw_data
 from bscompile.limits import check_external_data, check_finite, check_resources
-from bscompile.sites import TensorSpec, const_array, const_name, dim_of, named_const, shape_text
+from bscompile.sites import TensorSpec, const_array, const_name, dim_of, named_const, shape_text, with_signature
 
 RECURRENT_OPS = {"GRU": "gru", "LSTM": "lstm", "RNN": "rnn"}
 INDEX_OPS = {"Gather", "GatherElements", "GatherND", "Scatter", "ScatterElements", "ScatterND"}
@@ -481,7 +481,7 @@ def import_onnx(model: str | os.PathLike | onnx.ModelProto,
                    str(f.dtype.dtype) if hasattr(f.dtype, "dtype") else str(f.dtype))
         for o, f in zip(proto.graph.output, fields)
     ]
-    return ImportedModel(mod, inputs, outputs)
+    return ImportedModel(with_signature(mod, inputs, outputs), inputs, outputs)
 
 
 def _with_node_names(model: onnx.ModelProto) -> onnx.ModelProto:
