@@ -11,9 +11,13 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bscompile.errors import BscompileError
 from bscompile.runtime.artifact import atomic_write
+
+if TYPE_CHECKING:
+    from bscompile.codegen.family import KernelFamily
 
 #: 3: records of a symbolic m, one per bucket (``bucket``); format 2 files read as well.
 FORMAT = 3
@@ -85,7 +89,7 @@ def _check_fields(r: TuningRecord) -> None:
             raise ValueError(f"record '{r.name}': schedule {key}={v!r} is out of range")
 
 
-def check_schedules(records: dict[str, TuningRecord], family) -> None:
+def check_schedules(records: dict[str, TuningRecord], family: KernelFamily) -> None:
     """Every record's schedule is one ``family`` can build (``schedule_from_json``), else a BscompileError."""
     for r in records.values():
         try:

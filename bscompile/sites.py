@@ -23,6 +23,7 @@ This module is a leaf: it imports NumPy and TVM only, so that the runtime can us
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -392,24 +393,18 @@ SIGNATURE = "bscompile.signature"
 
 
 def with_signature(mod: tvm.IRModule, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> tvm.IRModule:
-    import json
-
     return mod.with_attr(SIGNATURE, json.dumps({"inputs": [s.to_json() for s in inputs],
                                                 "outputs": [s.to_json() for s in outputs]}))
 
 
 def recorded_signature(mod: tvm.IRModule) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """The inputs and outputs :func:`with_signature` recorded in ``mod``."""
-    import json
-
     d = json.loads(str(mod.attrs[SIGNATURE]))
     return [TensorSpec.from_json(t) for t in d["inputs"]], [TensorSpec.from_json(t) for t in d["outputs"]]
 
 
 def recorded_weights(mod: tvm.IRModule) -> list[dict]:
     """The weight entries ``RecordWeights`` recorded in ``mod``."""
-    import json
-
     return json.loads(str(mod.attrs[WEIGHTS]))
 
 
