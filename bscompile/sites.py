@@ -259,6 +259,7 @@ def _linear_kernel_args(operands, packed):
 #: Operands ``[x2d, W, bias]``; kernel ``(x2d, data, indices, indptr, bias) -> y[M, N]``.
 LINEAR = register_site_kind(SiteKind("linear", lambda site: [Matrix(1, 2)], _linear_kernel_args))
 
+
 def expr_dims(v: relax.Expr) -> list | None:
     """The dims of a tensor value (PrimExprs), or None (not a tensor, or of unknown shape)."""
     ty = getattr(v, "ty", None)
@@ -266,13 +267,18 @@ def expr_dims(v: relax.Expr) -> list | None:
     return list(shape.values) if shape is not None and hasattr(shape, "values") else None
 
 
+def tensor_dims(shape) -> tuple[int | tvm.ir.PrimExpr, ...] | None:
+    """A tensor's dims, each an ``int`` when static (else its PrimExpr); None if its shape is unknown."""
+    values = getattr(shape, "values", None)
+    if values is None:
+        return None
+    return tuple(int(d) if isinstance(d, tvm.tirx.IntImm) else d for d in values)
+
+
 def static_k_dims(expr: relax.Expr) -> tuple | None:
     """Dims of ``expr`` (ints, or PrimExprs for symbolic ones) with a static last dim, else None."""
-    values = getattr(getattr(expr.ty, "shape", None), "values", None)
-    if not values:
-        return None
-    out = tuple(int(v) if isinstance(v, tvm.tirx.IntImm) else v for v in values)
-    return out if isinstance(out[-1], int) else None
+    dims = tensor_dims(getattr(expr.ty, "shape", None))
+    return dims if dims and isinstance(dims[-1], int) else None
 
 
 def emit_linear_site(bb: relax.BlockBuilder, x: relax.Expr, w: relax.Expr, bias: np.ndarray | None) -> relax.Expr:

@@ -186,8 +186,9 @@ def _from_json(target: str | dict) -> TargetSpec:
         if tgt.get("kind") == "llvm":  # before TVM, which logs an unknown CPU and falls back to generic
             _check_triple(tgt)
             _check_cpu(tgt)
+        host = tgt.get("host")
         if tgt.get("kind") == "cuda":
-            host = json.loads(tgt["host"]) if isinstance(tgt["host"], str) else tgt["host"]
+            host = json.loads(host) if isinstance(host, str) else host
             _check_triple(host)
             _check_cuda_arch(tgt["arch"])
         tvm.target.Target(tgt)
@@ -197,8 +198,6 @@ def _from_json(target: str | dict) -> TargetSpec:
         raise BscompileError(f"invalid target JSON: {str(err).strip().splitlines()[-1]}") from None
     kind = tgt.get("kind")
     if kind == "cuda":
-        host = tgt["host"]
-        host = json.loads(host) if isinstance(host, str) else host
         cross = "aarch64-linux-gnu-g++" if "aarch64" in str(host.get("mtriple", "")) else None
         arch = tgt["arch"]
         return TargetSpec("cuda", tgt, device="cuda", cross_compiler=cross, description=f"NVIDIA GPU, {arch}")

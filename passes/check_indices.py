@@ -55,7 +55,7 @@ from tvm.script import tirx as T
 
 from bscompile.errors import UnsupportedModelError
 from bscompile.passes.rewrite import rewrite_relax_functions
-from bscompile.sites import SITE, attr
+from bscompile.sites import SITE, attr, tensor_dims
 
 ERROR_FUNC = "bscompile.index_error"
 tvm_ffi.register_error(UnsupportedModelError)  # keeps its class when raised through the pass infrastructure
@@ -72,14 +72,6 @@ _ANONYMOUS = re.compile(r"(lv|gv)\d*$")
 
 
 Dim = int | tvm.ir.Expr
-
-
-def tensor_dims(shape) -> tuple[Dim, ...] | None:
-    """A tensor's dims, each an ``int`` when static (else its PrimExpr); None if its shape is unknown."""
-    values = getattr(shape, "values", None)
-    if values is None:
-        return None
-    return tuple(int(d) if isinstance(d, tirx.IntImm) else d for d in values)
 
 
 def check_kernel(shape: tuple[Dim, ...], dtype: str, bounds: tuple[Dim, ...] = (), wrap: bool = False,

@@ -25,7 +25,8 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from bscompile.passes.check_indices import check_kernel, tensor_dims
+from bscompile.passes.check_indices import check_kernel
+from bscompile.sites import tensor_dims
 
 _VIEWS = tuple(tvm.ir.Op.get(f"relax.{name}") for name in ("reshape", "squeeze", "expand_dims", "flatten"))
 

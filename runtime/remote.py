@@ -663,12 +663,15 @@ def _endpoint(url: str, spec: TargetSpec, session_timeout: float,
     if url == "emulator":
         argv = [*server_command(spec.arch), *server_opts]
         return _Endpoint(url, "emulator", lambda _t: _pipe_session(argv)), 1, None
-    port = re.search(r":(\d+)$", url.split("://", 1)[-1].split("/", 1)[0])  # (host[:port] of the URL)
-    if port and not 1 <= int(port.group(1)) <= 65535:  # (TVM's socket code took 99999 modulo 2^16)
-        raise RemoteError(f"--remote '{url}': port {port.group(1)} is outside 1-65535")
+    def checked_port(port: str | None) -> str | None:  # (TVM's socket code took 99999 modulo 2^16)
+        if port is not None and not 1 <= int(port) <= 65535:
+            raise RemoteError(f"--remote '{url}': port {port} is outside 1-65535")
+        return port
+
     m = re.fullmatch(r"ssh://(?:([^@/]+)@)?([^:/]+)(?::(\d+))?(/.*)?", url)
     if m:
         user, host, port, path = m.groups()
+        checked_port(port)
         ssh = shlex.split(os.environ.get("BSCOMPILE_SSH", "ssh"))
         # ssh runs the command in the login folder: "/~/x" is "x" there (a quoted "~" would not expand)
         remote_cmd = (path[3:] if path and path.startswith("/~/") else path) or DEFAULT_SSH_SERVER
@@ -677,11 +680,11 @@ def _endpoint(url: str, spec: TargetSpec, session_timeout: float,
         return _Endpoint(url, "ssh", lambda _t: _pipe_session(argv)), 1, None
     m = re.fullmatch(r"tcp://([^:/]+|\[[^\]]+\]):(\d+)/?", url)
     if m:
-        host, port = m.group(1).strip("[]"), int(m.group(2))
+        host, port = m.group(1).strip("[]"), int(checked_port(m.group(2)))
         return _Endpoint(url, "tcp", lambda t: rpc.connect(host, port, session_timeout=t)), 1, None
     m = re.fullmatch(r"tracker://([^:/]+):(\d+)/([^/\s]+)/?", url)
     if m:
-        host, port, key = m.group(1), int(m.group(2)), m.group(3)
+        host, port, key = m.group(1), int(checked_port(m.group(2))), m.group(3)
         from tvm.rpc.base import TrackerCode
 
         summary = _tracker_call(host, port, [TrackerCode.SUMMARY], 30)

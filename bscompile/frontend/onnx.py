@@ -209,10 +209,10 @@ def graph_inputs(model: onnx.ModelProto, overrides: dict[str, tuple[int, ...]] |
                                         else d.dim_param or None for d in tt.shape.dim]
         if vi.name in overrides:
             given = overrides.pop(vi.name)
-            if isinstance(given, (str, bytes)) or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-                                                          for v in np.atleast_1d(np.asarray(given, object))):
+            values = () if isinstance(given, (str, bytes)) else np.atleast_1d(np.asarray(given, object))
+            if not len(values) or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
                 raise BscompileError(f"input '{vi.name}': shape {given!r} is not a sequence of ints")
-            shape = tuple(int(v) for v in np.atleast_1d(np.asarray(given, object)))
+            shape = tuple(int(v) for v in values)
             if len(shape) != len(dims) or any(isinstance(d, int) and d != s for d, s in zip(dims, shape)) \
                     or any(s < 1 for s in shape):
                 raise BscompileError(f"input '{vi.name}': shape {shape} does not fit the model's "
