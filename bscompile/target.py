@@ -13,6 +13,7 @@ from tvm.target import codegen
 
 from bscompile.codegen.cpu_cost import MACHINES
 from bscompile.errors import BscompileError
+from bscompile.runtime.threads import physical_cores
 
 if TYPE_CHECKING:
     from bscompile.codegen.family import KernelFamily
@@ -55,7 +56,10 @@ class TargetSpec:
 
         if self.device == "cuda":
             return CudaFamily.for_arch(self.machine, self.persistent_rnn)
-        return CpuFamily(MACHINES[self.machine])
+        machine = MACHINES[self.machine]
+        if self.name == "llvm":  # this machine: its kernels run on its cores
+            machine = dataclasses.replace(machine, cores=physical_cores())
+        return CpuFamily(machine)
 
 
 #: Architectures of the LLVM triples bscompile builds and links for (Linux ELF).

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import tvm
 from tvm.script import tirx as T
 
+from bscompile.codegen.claim import CLAIM_STRIDE, claim_macro
 from bscompile.codegen.cpu_cost import KernelShape, MachineModel, estimate_time
 from bscompile.codegen.cpu_dynamic import DynamicGenerator
 from bscompile.codegen.cpu_dynamic_recurrent import DynamicRecurrentGenerator
@@ -52,11 +53,15 @@ class CpuSchedule:
     #: threads meeting at a barrier after each step's mat-vec and after its gate update
     #: (a launch per step costs more than the step below ~1M multiply-adds)
     persistent: bool = False
+    #: with ``parallel``: two threads claim chunks of block rows from opposite ends
+    #: (:mod:`codegen.claim`) instead of splitting them statically: the caller starts at once
+    #: and a worker that wakes late takes only what is left
+    claim: bool = False
 
     def to_json(self) -> dict:
         d = {"m_tile": self.m_tile, "parallel": self.parallel, "unroll_c": self.unroll_c,
              "variant": self.variant, "m_vec": self.m_vec}
-        return d | {"persistent": True} if self.persistent else d
+        return d | {k: True for k in ("persistent", "claim") if getattr(self, k)}
 
 
 #: Vector registers worth of accumulators a tile may use (x86 has 16 ymm, NEON 32 q).
@@ -277,6 +282,47 @@ def workspace_size(mat: BSRMatrix, m, sched: CpuSchedule):
     return 1
 
 
+#: Chunks of block rows two claiming threads take one at a time (``CpuSchedule.claim``).
+CLAIM_ITEMS = 16
+
+
+def _over_block_rows(nbr: int, sched: CpuSchedule, static_chunks: int, body):
+    """A macro ``(args)`` running ``body(lo, hi, args)`` on ranges of block rows covering all ``nbr``:
+    one range (serial), ``static_chunks`` ranges split among the pool's threads (``parallel``),
+    or :data:`CLAIM_ITEMS` ranges two threads claim (``claim``). ``body`` stores whole outputs,
+    so a range done twice by two claiming threads writes the same values twice. (``body`` loops
+    ``for i in T.serial(hi - lo)``: with ``T.serial(lo, hi)`` inside the parallel loop, the
+    kernels built by TVM 0.27 here gave wrong outputs.)"""
+    claimed = sched.parallel and sched.claim
+    items = min(nbr, CLAIM_ITEMS) if claimed else static_chunks if sched.parallel else 1
+    per = -(-nbr // items)
+
+    @T.macro
+    def item(i, args):
+        body(i * per, T.min(i * per + per, nbr), args)
+
+    if claimed:
+        claim = claim_macro(items, item)
+
+        @T.macro
+        def run_claimed(args):
+            taken = T.alloc_buffer((items * CLAIM_STRIDE,), "int32")
+            for i in T.serial(items * CLAIM_STRIDE):
+                taken[i] = 0
+            for t in T.parallel(2):
+                claim(t, taken, 1, args)
+
+        return run_claimed
+    loop = T.parallel if sched.parallel else T.serial
+
+    @T.macro
+    def split(args):
+        for i in loop(items):
+            item(i, args)
+
+    return split
+
+
 def _block_vector_macro(mat: BSRMatrix, m, sched: CpuSchedule, k_limit: int | None, n_limit: int | None):
     """The "block" variant: each stored block is ``r*c`` contiguous lanes (``[c, r]`` order),
     multiplied lane by lane with ``x[m, kb*c : kb*c + c]``, each element repeated ``r`` times
@@ -293,7 +339,6 @@ def _block_vector_macro(mat: BSRMatrix, m, sched: CpuSchedule, k_limit: int | No
     K = 1760, left L1 for every block and batch row)."""
     r, c, mt = mat.block.r, mat.block.c, sched.m_tile
     rc, nkb, nbr = r * c, mat.padded_shape[1] // mat.block.c, mat.num_block_rows
-    rows = T.parallel if sched.parallel else T.serial
     direct = _direct_x(mat)
 
     def tile(mt: int):
@@ -351,6 +396,19 @@ def _block_vector_macro(mat: BSRMatrix, m, sched: CpuSchedule, k_limit: int | No
     replicate = _replicate_macro(mat, m, k_limit)
 
     @T.macro
+    def row_range(lo, hi, a):
+        xs, dflat, indices, indptr, bias, y, y_col0 = a[0], a[1], a[2], a[3], a[4], a[5], a[6]
+        for ii in T.serial(hi - lo):
+            ib = T.Bind(lo + ii)
+            for mo in T.serial(m // mt):
+                full(xs, dflat, indices, indptr, bias, y, y_col0, ib, mo * mt)
+            if tail_rows:
+                for mr in T.serial(m % mt):
+                    tail(xs, dflat, indices, indptr, bias, y, y_col0, ib, m - m % mt + mr)
+
+    all_rows = _over_block_rows(nbr, sched, nbr, row_range)
+
+    @T.macro
     def matmul(x, work, data, indices, indptr, bias, y, y_col0):
         dflat = T.decl_buffer((data.shape[0] * rc,), "float32", data=data.data)
         # the lanes' source: x itself, or its copy [m, nkb, rc] indexed flat (a view of a
@@ -358,12 +416,7 @@ def _block_vector_macro(mat: BSRMatrix, m, sched: CpuSchedule, k_limit: int | No
         xs = x if direct else work
         if not direct:
             replicate(x, xs)
-        for ib in rows(nbr):
-            for mo in T.serial(m // mt):
-                full(xs, dflat, indices, indptr, bias, y, y_col0, ib, mo * mt)
-            if tail_rows:
-                for mr in T.serial(m % mt):
-                    tail(xs, dflat, indices, indptr, bias, y, y_col0, ib, m - m % mt + mr)
+        all_rows((xs, dflat, indices, indptr, bias, y, y_col0))
 
     return matmul
 
@@ -475,9 +528,6 @@ def _batch_macro(mat: BSRMatrix, m, sched: CpuSchedule, n_limit: int):
     k_pad = mat.padded_shape[1]
     nbr, r, c, mv = mat.num_block_rows, mat.block.r, mat.block.c, sched.m_vec
     m_pad = (m + mv - 1) // mv * mv
-    chunks = min(nbr, _PARALLEL_CHUNKS) if sched.parallel else 1
-    per_chunk = -(-nbr // chunks)
-    rows = T.parallel if sched.parallel else T.serial
     cloop = T.unroll if sched.unroll_c else T.serial
     full_rows = nbr * r == n_limit  # every block row stores r whole outputs
 
@@ -515,39 +565,44 @@ def _batch_macro(mat: BSRMatrix, m, sched: CpuSchedule, n_limit: int):
                     serial_t(x, xt)
 
     @T.macro
+    def row_range(lo, hi, a):  # each range walks the batch tiles (one xt slice hot)
+        xt, data, indices, indptr, bias, y, y_col0 = a[0], a[1], a[2], a[3], a[4], a[5], a[6]
+        for mo in T.serial(m_pad // mv):
+            for ii in T.serial(hi - lo):
+                ib = T.Bind(lo + ii)
+                acc = T.alloc_buffer((r, mv), "float32")
+                for rr in T.unroll(r):
+                    for mi in T.vectorized(mv):
+                        acc[rr, mi] = T.float32(0)
+                for p in range(indptr[ib], indptr[ib + 1]):
+                    col = T.Bind(indices[p] * c)
+                    for kk in cloop(c):
+                        for rr in T.unroll(r):
+                            for mi in T.vectorized(mv):
+                                acc[rr, mi] = acc[rr, mi] + data[p, kk, rr] * xt[(mo * k_pad + col + kk) * mv + mi]
+                if mo * mv + mv <= m:  # a full batch tile: no per-row guard (m tails only)
+                    if full_rows:  # a vector of r outputs per row
+                        for mi in T.unroll(mv):
+                            for rr in T.vectorized(r):
+                                y[mo * mv + mi, y_col0 + ib * r + rr] = acc[rr, mi] + bias[ib * r + rr]
+                    else:
+                        for rr in T.unroll(r):
+                            for mi in T.unroll(mv):
+                                if ib * r + rr < n_limit:
+                                    y[mo * mv + mi, y_col0 + ib * r + rr] = acc[rr, mi] + bias[ib * r + rr]
+                else:
+                    for rr in T.unroll(r):
+                        for mi in T.unroll(mv):
+                            if mo * mv + mi < m and ib * r + rr < n_limit:
+                                y[mo * mv + mi, y_col0 + ib * r + rr] = acc[rr, mi] + bias[ib * r + rr]
+
+    all_rows = _over_block_rows(nbr, sched, min(nbr, _PARALLEL_CHUNKS), row_range)
+
+    @T.macro
     def matmul(x, work, data, indices, indptr, bias, y, y_col0):
         xt = work  # [m_pad / mv, k_pad, mv], indexed flat: one slice per batch tile
         transpose(x, xt)
-        for ch in rows(chunks):
-            for mo in T.serial(m_pad // mv):
-                for ii in T.serial(per_chunk):
-                    if ch * per_chunk + ii < nbr:
-                        ib = T.Bind(ch * per_chunk + ii)
-                        acc = T.alloc_buffer((r, mv), "float32")
-                        for rr in T.unroll(r):
-                            for mi in T.vectorized(mv):
-                                acc[rr, mi] = T.float32(0)
-                        for p in range(indptr[ib], indptr[ib + 1]):
-                            col = T.Bind(indices[p] * c)
-                            for kk in cloop(c):
-                                for rr in T.unroll(r):
-                                    for mi in T.vectorized(mv):
-                                        acc[rr, mi] = acc[rr, mi] + data[p, kk, rr] * xt[(mo * k_pad + col + kk) * mv + mi]
-                        if mo * mv + mv <= m:  # a full batch tile: no per-row guard (m tails only)
-                            if full_rows:  # a vector of r outputs per row
-                                for mi in T.unroll(mv):
-                                    for rr in T.vectorized(r):
-                                        y[mo * mv + mi, y_col0 + ib * r + rr] = acc[rr, mi] + bias[ib * r + rr]
-                            else:
-                                for rr in T.unroll(r):
-                                    for mi in T.unroll(mv):
-                                        if ib * r + rr < n_limit:
-                                            y[mo * mv + mi, y_col0 + ib * r + rr] = acc[rr, mi] + bias[ib * r + rr]
-                        else:
-                            for rr in T.unroll(r):
-                                for mi in T.unroll(mv):
-                                    if mo * mv + mi < m and ib * r + rr < n_limit:
-                                        y[mo * mv + mi, y_col0 + ib * r + rr] = acc[rr, mi] + bias[ib * r + rr]
+        all_rows((xt, data, indices, indptr, bias, y, y_col0))
 
     return matmul
 
@@ -572,17 +627,24 @@ def _matmul_macro(mat: BSRMatrix, m, sched: CpuSchedule, k_limit: int | None = N
     block_row = _block_row_loops(mat, sched, k_limit, n_limit)
     tail_row = _block_row_loops(mat, dataclasses.replace(sched, m_tile=1), k_limit, n_limit) if mt > 1 else block_row
     nbr = mat.num_block_rows
-    rows = T.parallel if sched.parallel else T.serial
     tail_rows = _has_tail(m, mt)
 
     @T.macro
-    def matmul(x, work, data, indices, indptr, bias, y, y_col0):
-        for ib in rows(nbr):
+    def row_range(lo, hi, a):
+        x, data, indices, indptr, bias, y, y_col0 = a[0], a[1], a[2], a[3], a[4], a[5], a[6]
+        for ii in T.serial(hi - lo):
+            ib = T.Bind(lo + ii)
             for mo in T.serial(m // mt):
                 block_row(x, data, indices, indptr, bias, y, ib, mo * mt, y_col0)
             if tail_rows:
                 for mr in T.serial(m % mt):
                     tail_row(x, data, indices, indptr, bias, y, ib, m - m % mt + mr, y_col0)
+
+    all_rows = _over_block_rows(nbr, sched, nbr, row_range)
+
+    @T.macro
+    def matmul(x, work, data, indices, indptr, bias, y, y_col0):
+        all_rows((x, data, indices, indptr, bias, y, y_col0))
 
     return matmul
 
@@ -849,18 +911,26 @@ class BlockRowGenerator(Generator):
         return linear_kernel(mats[0], static_dim(site["m"]), tuple((b.lo, b.hi, b.schedules[0]) for b in buckets))
 
     def default_schedule(self, site: dict, stats: BlockStats, m: int) -> CpuSchedule:
-        return schedule_for(stats.block, stats.nnz_blocks, stats.padded_shape[0] // stats.block.r, m,
-                            self.machine.lanes, self.recurrent)
+        return self._claimed(schedule_for(stats.block, stats.nnz_blocks, stats.padded_shape[0] // stats.block.r, m,
+                                          self.machine.lanes, self.recurrent))
+
+    def _claimed(self, sched: CpuSchedule) -> CpuSchedule:
+        """On two cores a parallel linear kernel's threads claim its block rows (a recurrent
+        kernel's steps keep their static split: a persistent one meets at barriers)."""
+        claim = sched.parallel and not self.recurrent and self.machine.cores == 2
+        return dataclasses.replace(sched, claim=claim)
 
     def schedule_space(self, site: dict, mat: BSRMatrix, m: int) -> list[CpuSchedule]:
         """The default schedule plus the variants worth trying; recurrent kernels have no
         batch variant (their mat-vec has no transposed ``x``)."""
         lanes = self.machine.lanes
-        base = default_schedule(mat, m, lanes, self.recurrent)
+        base = self._claimed(default_schedule(mat, m, lanes, self.recurrent))
         unrolled = self.recurrent and m == 1 and unrolled_ok(mat.block, mat.nnz_blocks, lanes)
         if base.variant == "unrolled":  # the rest of the space is the "block" variant's
             base = CpuSchedule(1, False, True, "block")
-        out = [base, dataclasses.replace(base, parallel=not base.parallel, persistent=False)]
+        out = [base, self._claimed(dataclasses.replace(base, parallel=not base.parallel, persistent=False))]
+        if base.claim:  # the static split
+            out.append(dataclasses.replace(base, claim=False))
         if self.recurrent and m == 1:  # with the above: one launch per sequence, one per step, none
             out.append(dataclasses.replace(base, parallel=True, persistent=not base.persistent))
         if unrolled:

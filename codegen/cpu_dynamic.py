@@ -49,6 +49,7 @@ from types import SimpleNamespace
 import tvm
 from tvm.script import tirx as T
 
+from bscompile.codegen.claim import CLAIM_STRIDE, claim_macro
 from bscompile.codegen.cpu_cost import MachineModel
 from bscompile.codegen.dynamic_layout import GATE_ROWS, DynamicShape, tile_panel
 from bscompile.codegen.family import Bucket, Cases, Generator, dispatch, static_dim
@@ -275,38 +276,6 @@ def gate_macro(fin: int | None, gm: int, bias: bool = True):
                     g[row, grp * GATE_ROWS + v] = gacc[0, j, v]
 
     return gate_rows
-
-
-#: int32 slots between two claim flags: a cache line each, so that claiming an item does not
-#: take the line holding the other thread's next flags away from it.
-CLAIM_STRIDE = 16
-
-
-def claim_macro(n: int, do):
-    """A macro ``(t, taken, mark, args)`` running ``do(item, args)`` on the items ``range(n)`` that
-    thread ``t`` of two claims: from the front (t = 0) or the back (t = 1), each taken by writing
-    ``mark`` to its plain int32 flag ``taken[item * CLAIM_STRIDE]`` first, until one the other
-    thread took (its flag already ``mark``). Two threads taking one item at once both do it and
-    write the same values. The first thread awake, or the faster one, does more: the split follows
-    the threads' actual speed, not a prediction of the work. ``mark`` differs from every value
-    ``taken`` held before (1 after zeroing; the step number + 1 in a time loop, with no reset per
-    step). ``taken`` holds ``n * CLAIM_STRIDE`` int32."""
-    stride = CLAIM_STRIDE
-
-    @T.macro
-    def run(t, taken, mark, args):
-        stp = T.alloc_buffer((1,), "int32")
-        stp[0] = 0
-        for i in T.serial(n):
-            item = T.Bind(T.if_then_else(t == 0, i, n - 1 - i))
-            if stp[0] == 0:
-                if taken[item * stride] != mark:
-                    taken[item * stride] = mark
-                    do(item, args)
-                else:
-                    stp[0] = 1
-
-    return run
 
 
 def phases(shape: DynamicShape, m, sched: DynamicSchedule, n_alive: int, panel: int) -> SimpleNamespace:

@@ -27,7 +27,8 @@ import functools
 import tvm
 from tvm.script import tirx as T
 
-from bscompile.codegen.cpu_dynamic import (CLAIM_STRIDE, DynamicGenerator, DynamicSchedule, default_schedule,
+from bscompile.codegen.claim import CLAIM_STRIDE
+from bscompile.codegen.cpu_dynamic import (DynamicGenerator, DynamicSchedule, default_schedule,
                                            gate_macro, phases)
 from bscompile.codegen.dynamic_layout import GATE_ROWS, DynamicShape, tile_panel
 from bscompile.codegen.family import Bucket

@@ -14,9 +14,9 @@ from tvm import relax
 
 from bscompile.errors import ArtifactError, InputError
 from bscompile.runtime.artifact import Manifest, read_artifact
-from bscompile.runtime.threads import size_thread_pool
+from bscompile.runtime.threads import configure_thread_pool
 
-size_thread_pool()  # before TVM creates its pool (runtime/threads.py)
+configure_thread_pool()  # before TVM creates its pool (runtime/threads.py)
 
 
 @tvm.register_global_func("bscompile.index_error", override=True)

@@ -254,6 +254,42 @@ def test_thread_pool_uses_every_physical_core_unless_told():
         assert out.returncode == 0 and int(out.stdout.strip()) == want, (extra, out.stdout, out.stderr[-500:])
 
 
+_POOL_PROBE = """
+import glob, json, os
+import numpy as np, tvm, bscompile.runtime.module
+from tvm.script import tirx as T
+
+@T.prim_func
+def par(a: T.Buffer((64,), "float32")):
+    for i in T.parallel(64):
+        a[i] = a[i] + T.float32(1)
+
+lib = tvm.compile(tvm.IRModule({"par": par}), target="llvm")
+lib["par"](tvm.runtime.tensor(np.zeros(64, "float32")))  # creates TVM's pool
+tasks = glob.glob(f"/proc/{os.getpid()}/task/*/status")
+print(json.dumps([len(tasks), sorted({ln.split(":")[1].strip() for t in tasks for ln in open(t)
+                                      if ln.startswith("Cpus_allowed_list")})]))
+"""
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to see a thread pinned to one")
+def test_thread_pool_is_left_unpinned_unless_told(tmp_path):
+    """TVM pins its pool's workers to single cores but not the calling thread, which the OS may
+    then run on a worker's core (a parallel kernel's halves one after the other): loading
+    bscompile's runtime leaves every thread free to run on any allowed CPU, unless
+    TVM_BIND_THREADS says otherwise."""
+    env = {k: v for k, v in os.environ.items() if k != "TVM_BIND_THREADS"}
+    env["TVM_NUM_THREADS"] = "2"
+    probe = tmp_path / "probe.py"  # (TVMScript reads its source)
+    probe.write_text(_POOL_PROBE)
+    for extra, pinned in (({}, False), ({"TVM_BIND_THREADS": "1"}, True)):
+        out = subprocess.run([sys.executable, str(probe)], env={**env, **extra}, capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0, out.stderr[-1000:]
+        n_threads, allowed = json.loads(out.stdout)  # allowed: the threads' distinct Cpus_allowed_list values
+        assert n_threads >= 2 and (len(allowed) > 1) == pinned, (extra, out.stdout)
+
+
 def test_the_command_never_imports_torch(rng, tmp_path):
     """``bscompile`` (the console script, ``cli.entry``) keeps torch out of the process: tvm_ffi
     imports it eagerly when installed, which cost ~2 s of every compile's start-up. A compile

@@ -83,6 +83,11 @@ KERNEL_CASES = [
     (64, 48, (2, 8), 1, {"variant": "unrolled"}),
     (40, 64, (1, 8), 1, {"variant": "unrolled"}),
     (96, 72, (4, 4), 1, {"variant": "unrolled"}),
+    # two threads claiming chunks of block rows (CLAIM_ITEMS = 16): 37 / 9 / 70 block rows, one
+    # row a chunk or three (the last chunk short), every variant that runs on the pool
+    (296, 90, (8, 8), 3, {"parallel": True, "claim": True}),  # "rows", m tail
+    (36, 72, (4, 4), 4, {"variant": "block", "m_tile": 4, "parallel": True, "claim": True}),
+    (280, 70, (4, 4), 40, {"parallel": True, "claim": True}),  # "batch", K and m padded
 ]
 
 
@@ -110,3 +115,21 @@ def test_linear_kernel_variants_match_numpy(rng, n, k, blk, m, over):
     y = tvm.runtime.empty((m, n), "float32")
     lib["k"](*[tvm.runtime.tensor(a) for a in (x, mat.data, mat.indices, mat.indptr, bias)], y)
     assert_product_close(y.numpy(), x, w, bias[:n])
+
+
+def test_two_core_targets_claim_block_rows_others_split_them(rng):
+    """A parallel linear kernel's threads claim chunks of block rows on two cores (this host
+    class, Graviton2's 2 vCPUs) and split them statically on the 4-core boards (claiming uses
+    two threads); recurrent kernels keep their split; the tuner tries the other split."""
+    from bscompile.codegen.layout import BlockShape, BSRMatrix
+    from bscompile.target import resolve_target
+
+    w = rng.standard_normal((1024, 1024)).astype(np.float32)
+    mat = BSRMatrix.from_dense(w, BlockShape(4, 4))  # dense: 1M weights, parallel at any m
+    for name, cores in (("x86_64", 2), ("graviton2", 2), ("rpi4", 4), ("cortex-a76", 4)):
+        gens = resolve_target(name).kernel_family().generators
+        assert gens["linear"].machine.cores == cores, name
+        lin = gens["linear"].schedule_space({}, mat, 64)
+        assert lin[0].parallel and lin[0].claim == (cores == 2), (name, lin[0])
+        assert any(s.parallel and not s.claim for s in lin), (name, lin)  # (on two cores: for the tuner)
+        assert not any(s.claim for s in gens["recurrent"].schedule_space({}, mat, 1)), name

@@ -3,6 +3,7 @@
 #ifndef BSCOMPILE_DEPLOY_CLI_H_
 #define BSCOMPILE_DEPLOY_CLI_H_
 
+#include <cstdlib>
 #include <exception>
 #include <iostream>
 #include <sstream>
@@ -27,6 +28,11 @@ inline std::string OneLine(const std::string& msg) {
   }
   return msg;
 }
+
+// Leaves TVM's pool threads unpinned unless the user chose (TVM_BIND_THREADS): TVM pins its
+// workers to cores 1.. but not the caller, which the OS may run on a worker's core; a parallel
+// kernel then runs its halves one after the other (see runtime/threads.py).
+inline void UnpinThreadPool() { setenv("TVM_BIND_THREADS", "0", /*overwrite=*/0); }
 
 // Runs body() and reports what it throws; `help` names the help command for usage errors.
 template <typename Body>

@@ -812,5 +812,6 @@ int Run(const Options& o) {
 }  // namespace bscompile
 
 int main(int argc, char** argv) {
+  bscompile::UnpinThreadPool();  // before TVM creates its pool
   return bscompile::GuardedMain([&] { return bscompile::Run(bscompile::ParseArgs(argc, argv)); }, "--help");
 }
