@@ -287,10 +287,14 @@ CLAIM_ITEMS = 16
 
 
 def _over_block_rows(nbr: int, sched: CpuSchedule, static_chunks: int, body):
-    """A macro ``(args)`` running ``body(lo, hi, args)`` on ranges of block rows covering all ``nbr``:
+    """A macro ``(args)`` running ``body(lo, hi, *args)`` on ranges of block rows covering all ``nbr``:
     one range (serial), ``static_chunks`` ranges split among the pool's threads (``parallel``),
     or :data:`CLAIM_ITEMS` ranges two threads claim (``claim``). ``body`` stores whole outputs,
-    so a range done twice by two claiming threads writes the same values twice. (``body`` loops
+    so a range done twice by two claiming threads writes the same values twice. ``args`` holds
+    the matmul macro's seven operands (its buffers and the output's column offset), handed to
+    ``body`` as arguments: unpacked by assignment inside a macro, the offset became a TIR
+    variable allocated per iteration (a GRU 512->1024's persistent recurrence took 1.6x as
+    long) and the buffers were renamed after the macro's names. (``body`` loops
     ``for i in T.serial(hi - lo)``: with ``T.serial(lo, hi)`` inside the parallel loop, the
     kernels built by TVM 0.27 here gave wrong outputs.)"""
     claimed = sched.parallel and sched.claim
@@ -298,8 +302,9 @@ def _over_block_rows(nbr: int, sched: CpuSchedule, static_chunks: int, body):
     per = -(-nbr // items)
 
     @T.macro
-    def item(i, args):
-        body(i * per, T.min(i * per + per, nbr), args)
+    def item(i, a):
+        body(i * per, i * per + per if items * per == nbr else T.min(i * per + per, nbr),
+             a[0], a[1], a[2], a[3], a[4], a[5], a[6])
 
     if claimed:
         claim = claim_macro(items, item)
@@ -396,8 +401,7 @@ def _block_vector_macro(mat: BSRMatrix, m, sched: CpuSchedule, k_limit: int | No
     replicate = _replicate_macro(mat, m, k_limit)
 
     @T.macro
-    def row_range(lo, hi, a):
-        xs, dflat, indices, indptr, bias, y, y_col0 = a[0], a[1], a[2], a[3], a[4], a[5], a[6]
+    def row_range(lo, hi, xs, dflat, indices, indptr, bias, y, y_col0):
         for ii in T.serial(hi - lo):
             ib = T.Bind(lo + ii)
             for mo in T.serial(m // mt):
@@ -565,8 +569,7 @@ def _batch_macro(mat: BSRMatrix, m, sched: CpuSchedule, n_limit: int):
                     serial_t(x, xt)
 
     @T.macro
-    def row_range(lo, hi, a):  # each range walks the batch tiles (one xt slice hot)
-        xt, data, indices, indptr, bias, y, y_col0 = a[0], a[1], a[2], a[3], a[4], a[5], a[6]
+    def row_range(lo, hi, xt, data, indices, indptr, bias, y, y_col0):  # each range walks the batch tiles
         for mo in T.serial(m_pad // mv):
             for ii in T.serial(hi - lo):
                 ib = T.Bind(lo + ii)
@@ -630,8 +633,7 @@ def _matmul_macro(mat: BSRMatrix, m, sched: CpuSchedule, k_limit: int | None = N
     tail_rows = _has_tail(m, mt)
 
     @T.macro
-    def row_range(lo, hi, a):
-        x, data, indices, indptr, bias, y, y_col0 = a[0], a[1], a[2], a[3], a[4], a[5], a[6]
+    def row_range(lo, hi, x, data, indices, indptr, bias, y, y_col0):
         for ii in T.serial(hi - lo):
             ib = T.Bind(lo + ii)
             for mo in T.serial(m // mt):

@@ -1,5 +1,7 @@
 """Kernel building blocks checked against NumPy."""
 
+import re
+
 import numpy as np
 import pytest
 import tvm
@@ -108,6 +110,8 @@ def test_linear_kernel_variants_match_numpy(rng, n, k, blk, m, over):
     if not over:  # the default schedule is the variant the case was written for
         assert sched.variant == ("batch" if m >= 8 else "rows" if r >= 8 else "block"), sched
     func = cpu.linear_kernel(mat, m, sched).with_attr("global_symbol", "k")
+    # no mutable scalar (``v: T.int32 = ...``): each costs a workspace allocation per iteration
+    assert re.search(r": T\.(int|float)32 = ", func.script()) is None
     lib = tvm.compile(tvm.IRModule({"k": func}), target=resolve_target("llvm").tvm_target())
     x = rng.standard_normal((m, k)).astype(np.float32)
     bias = np.zeros(mat.padded_shape[0], np.float32)
