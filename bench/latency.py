@@ -116,9 +116,10 @@ def run_threads(quick: bool) -> dict:
 
     from onnx import numpy_helper
 
-    from bscompile.codegen.cpu import PARALLEL_MIN_WORK, schedule_for
+    from bscompile.codegen.cpu import PARALLEL_MIN_WORK, claimed, schedule_for
     from bscompile.codegen.layout import BlockShape, block_stats
     from bscompile.records import TuningRecord, record_key
+    from bscompile.runtime.threads import physical_cores
     from bscompile.sites import fingerprint
 
     title, model, feeds, _ = build("linear", quick)
@@ -126,7 +127,8 @@ def run_threads(quick: bool) -> dict:
     fp, st, n = fingerprint(w), block_stats(w, BlockShape(4, 4)), w.shape[0]
     mods = {}
     for par in (False, True):
-        sched = dataclasses.replace(schedule_for(st.block, st.nnz_blocks, st.padded_shape[0] // 4, 1), parallel=par)
+        sched = claimed(dataclasses.replace(schedule_for(st.block, st.nnz_blocks, st.padded_shape[0] // 4, 1),
+                                            parallel=par), False, physical_cores())  # as compiled on this machine
         rec = TuningRecord(fp, "w", "linear", 1, "llvm", "bsr", "4x4", sched.to_json(), 0.0, 0.0)
         art = bscompile.compile(model, input_shapes={"x": (1, n)}, records={record_key(fp, 1): rec})
         assert art.manifest.weights[0]["decision"]["schedule"]["parallel"] == par

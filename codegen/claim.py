@@ -43,3 +43,26 @@ def claim_macro(n: int, do):
                     stp[0] = 1
 
     return run
+
+
+def flag_slots(n: int) -> int:
+    """int32 slots holding the flags of ``n`` items: ``(n - 1) * CLAIM_STRIDE + 1`` (16 items: 241
+    slots, 964 bytes; TVM keeps a buffer on the stack only below 1 KiB, a larger one is a
+    workspace allocated per call)."""
+    return (n - 1) * CLAIM_STRIDE + 1
+
+
+def claimed_launch(n: int, do):
+    """A macro ``(args)``: one thread-pool launch in which two threads claim the items
+    ``range(n)`` (:func:`claim_macro`, flags zeroed first)."""
+    claim = claim_macro(n, do)
+
+    @T.macro
+    def run(args):
+        taken = T.alloc_buffer((flag_slots(n),), "int32")
+        for i in T.serial(n):
+            taken[i * CLAIM_STRIDE] = 0
+        for t in T.parallel(2):
+            claim(t, taken, 1, args)
+
+    return run

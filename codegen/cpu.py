@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import tvm
 from tvm.script import tirx as T
 
-from bscompile.codegen.claim import CLAIM_STRIDE, claim_macro
+from bscompile.codegen.claim import claimed_launch
 from bscompile.codegen.cpu_cost import KernelShape, MachineModel, estimate_time
 from bscompile.codegen.cpu_dynamic import DynamicGenerator
 from bscompile.codegen.cpu_dynamic_recurrent import DynamicRecurrentGenerator
@@ -101,8 +101,9 @@ _PARALLEL_CHUNKS = 4
 _PARALLEL_TRANSPOSE = 1 << 17
 
 
-def default_schedule(mat: BSRMatrix, m: int, vector_lanes: int = 8, recurrent: bool = False) -> CpuSchedule:
-    return schedule_for(mat.block, mat.nnz_blocks, mat.num_block_rows, m, vector_lanes, recurrent)
+def default_schedule(mat: BSRMatrix, m: int, vector_lanes: int = 8, recurrent: bool = False,
+                     cores: int = 0) -> CpuSchedule:
+    return schedule_for(mat.block, mat.nnz_blocks, mat.num_block_rows, m, vector_lanes, recurrent, cores)
 
 
 def _tile(m: int, regs_per_row: int, limit: int = 8) -> int:
@@ -134,7 +135,7 @@ def unrolled_ok(block: BlockShape, nnz_blocks: int, vector_lanes: int) -> bool:
 
 
 def schedule_for(block: BlockShape, nnz_blocks: int, num_block_rows: int, m: int,
-                 vector_lanes: int = 8, recurrent: bool = False) -> CpuSchedule:
+                 vector_lanes: int = 8, recurrent: bool = False, cores: int = 0) -> CpuSchedule:
     """The default schedule, from block statistics alone (the cost model uses it too).
 
     Blocks of half a vector's height or more are vectorised over their rows with an M tile
@@ -142,8 +143,21 @@ def schedule_for(block: BlockShape, nnz_blocks: int, num_block_rows: int, m: int
     once the batch fills a vector they are vectorised over the batch (linear layers),
     otherwise (up to :data:`BLOCK_VARIANT_MAX_ROWS` high) over the whole block against
     ``x``'s columns repeated to the block's layout (also inside recurrent kernels, whose
-    mat-vec has no transposed ``x``; small batch-1 ones "unrolled").
+    mat-vec has no transposed ``x``; small batch-1 ones "unrolled"). On ``cores`` = 2 (0: not
+    known) a parallel linear kernel's two threads claim its block rows (:func:`claimed`).
     """
+    return claimed(_schedule_for(block, nnz_blocks, num_block_rows, m, vector_lanes, recurrent), recurrent, cores)
+
+
+def claimed(sched: CpuSchedule, recurrent: bool, cores: int) -> CpuSchedule:
+    """``sched`` with ``claim`` where it pays: a parallel linear kernel on two cores (claiming
+    uses two threads; a recurrent kernel's steps keep their split: a persistent one meets at
+    barriers, and its flags would be per thread)."""
+    return dataclasses.replace(sched, claim=sched.parallel and not recurrent and cores == 2)
+
+
+def _schedule_for(block: BlockShape, nnz_blocks: int, num_block_rows: int, m: int, vector_lanes: int,
+                  recurrent: bool) -> CpuSchedule:
     weights = nnz_blocks * block.r * block.c
     work = weights * m
     # Waking a sleeping thread pool costs tens of microseconds (pools must not spin on
@@ -289,7 +303,7 @@ CLAIM_ITEMS = 16
 def _over_block_rows(nbr: int, sched: CpuSchedule, static_chunks: int, body):
     """A macro ``(args)`` running ``body(lo, hi, *args)`` on ranges of block rows covering all ``nbr``:
     one range (serial), ``static_chunks`` ranges split among the pool's threads (``parallel``),
-    or :data:`CLAIM_ITEMS` ranges two threads claim (``claim``). ``body`` stores whole outputs,
+    or at most :data:`CLAIM_ITEMS` ranges two threads claim (``claim``), none of them empty. ``body`` stores whole outputs,
     so a range done twice by two claiming threads writes the same values twice. ``args`` holds
     the matmul macro's seven operands (its buffers and the output's column offset), handed to
     ``body`` as arguments: unpacked by assignment inside a macro, the offset became a TIR
@@ -300,6 +314,8 @@ def _over_block_rows(nbr: int, sched: CpuSchedule, static_chunks: int, body):
     claimed = sched.parallel and sched.claim
     items = min(nbr, CLAIM_ITEMS) if claimed else static_chunks if sched.parallel else 1
     per = -(-nbr // items)
+    if claimed:
+        items = -(-nbr // per)  # (37 rows in 16 ranges of 3: 13 ranges)
 
     @T.macro
     def item(i, a):
@@ -307,17 +323,7 @@ def _over_block_rows(nbr: int, sched: CpuSchedule, static_chunks: int, body):
              a[0], a[1], a[2], a[3], a[4], a[5], a[6])
 
     if claimed:
-        claim = claim_macro(items, item)
-
-        @T.macro
-        def run_claimed(args):
-            taken = T.alloc_buffer((items * CLAIM_STRIDE,), "int32")
-            for i in T.serial(items * CLAIM_STRIDE):
-                taken[i] = 0
-            for t in T.parallel(2):
-                claim(t, taken, 1, args)
-
-        return run_claimed
+        return claimed_launch(items, item)
     loop = T.parallel if sched.parallel else T.serial
 
     @T.macro
@@ -913,26 +919,18 @@ class BlockRowGenerator(Generator):
         return linear_kernel(mats[0], static_dim(site["m"]), tuple((b.lo, b.hi, b.schedules[0]) for b in buckets))
 
     def default_schedule(self, site: dict, stats: BlockStats, m: int) -> CpuSchedule:
-        return self._claimed(schedule_for(stats.block, stats.nnz_blocks, stats.padded_shape[0] // stats.block.r, m,
-                                          self.machine.lanes, self.recurrent))
-
-    def _claimed(self, sched: CpuSchedule) -> CpuSchedule:
-        """On two cores a parallel linear kernel's threads claim its block rows (a recurrent
-        kernel's steps keep their static split: a persistent one meets at barriers)."""
-        claim = sched.parallel and not self.recurrent and self.machine.cores == 2
-        return dataclasses.replace(sched, claim=claim)
+        return schedule_for(stats.block, stats.nnz_blocks, stats.padded_shape[0] // stats.block.r, m,
+                            self.machine.lanes, self.recurrent, self.machine.cores)
 
     def schedule_space(self, site: dict, mat: BSRMatrix, m: int) -> list[CpuSchedule]:
         """The default schedule plus the variants worth trying; recurrent kernels have no
         batch variant (their mat-vec has no transposed ``x``)."""
         lanes = self.machine.lanes
-        base = self._claimed(default_schedule(mat, m, lanes, self.recurrent))
+        base = default_schedule(mat, m, lanes, self.recurrent)
         unrolled = self.recurrent and m == 1 and unrolled_ok(mat.block, mat.nnz_blocks, lanes)
         if base.variant == "unrolled":  # the rest of the space is the "block" variant's
             base = CpuSchedule(1, False, True, "block")
-        out = [base, self._claimed(dataclasses.replace(base, parallel=not base.parallel, persistent=False))]
-        if base.claim:  # the static split
-            out.append(dataclasses.replace(base, claim=False))
+        out = [base, dataclasses.replace(base, parallel=not base.parallel, persistent=False)]
         if self.recurrent and m == 1:  # with the above: one launch per sequence, one per step, none
             out.append(dataclasses.replace(base, parallel=True, persistent=not base.persistent))
         if unrolled:
@@ -947,10 +945,16 @@ class BlockRowGenerator(Generator):
             out.append(CpuSchedule(_tile(m, -(-mat.block.r * mat.block.c // lanes)), base.parallel, True, "block"))
         if base.variant in ("batch", "block"):  # short blocks: the plain rows variant as the fallback
             out.append(CpuSchedule(max(d for d in range(1, 9) if m % d == 0), base.parallel, base.unroll_c))
-        return out
+        # every parallel variant as the machine's default runs it, and where that claims, split statically too
+        out = [claimed(s, self.recurrent, self.machine.cores) for s in out]
+        out += [dataclasses.replace(s, claim=False) for s in out if s.claim]
+        return list(dict.fromkeys(out))
 
     def schedule_from_json(self, d: dict) -> CpuSchedule:
-        return CpuSchedule(**d)
+        sched = CpuSchedule(**d)
+        if sched.claim and self.recurrent:
+            raise ValueError("a recurrent kernel's block rows cannot be claimed (its steps split them statically)")
+        return sched
 
     def estimate_time(self, site: dict, stats: BlockStats, m: int) -> float:
         sched = self.default_schedule(site, stats, m)

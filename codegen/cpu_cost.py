@@ -34,9 +34,10 @@ class MachineModel:
     #: this machine, every step priced at the memory bandwidth).
     cache_bytes: int = 0
     cache_bandwidth: float = 0.0
-    #: cores the kernels run on: with 2, a parallel linear kernel's two threads claim its block
-    #: rows (:mod:`codegen.claim`) instead of splitting them statically
-    cores: int = 2
+    #: cores the kernels run on (0: not known, as for a preset that names a CPU family): with 2, a
+    #: parallel linear kernel's two threads claim its block rows (:mod:`codegen.claim`) instead of
+    #: splitting them statically among however many threads the pool has
+    cores: int = 0
 
 
 #: This x86 host class: half its 32 MiB L3 (shared with the other core and the activations)
@@ -75,13 +76,13 @@ MACHINES: dict[str, MachineModel] = {
     "x86_64-avx512": MachineModel(bandwidth=BANDWIDTH_X86, vector_fma_rate=FLOPS_X86 / 32, lanes=16,
                                   cache_bytes=CACHE_X86, cache_bandwidth=CACHE_BW_X86,
                                   batch_fma_cost=BATCH_FMA_COST_X86),
-    "aarch64": MachineModel(bandwidth=8e9, vector_fma_rate=8e9, lanes=4, block_overhead_s=2e-9, cores=4),
+    "aarch64": MachineModel(bandwidth=8e9, vector_fma_rate=8e9, lanes=4, block_overhead_s=2e-9),
     "cortex-a72": MachineModel(bandwidth=4e9, vector_fma_rate=4 * 1.5e9, lanes=4, block_overhead_s=3e-9,
                                call_overhead_s=4e-6, cores=4),  # Raspberry Pi 4: 4 cores, LPDDR4
     "cortex-a76": MachineModel(bandwidth=10e9, vector_fma_rate=4 * 2 * 2.4e9, lanes=4, block_overhead_s=1.5e-9,
                                call_overhead_s=3e-6, cores=4),  # Raspberry Pi 5: 4 cores, LPDDR4X
     "neoverse-n1": MachineModel(bandwidth=20e9, vector_fma_rate=2 * 2 * 2.5e9, lanes=4,
-                                block_overhead_s=1.2e-9),  # 2 vCPUs of a Graviton2
+                                block_overhead_s=1.2e-9, cores=2),  # 2 vCPUs of a Graviton2
 }
 
 

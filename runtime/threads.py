@@ -11,7 +11,8 @@ OS may run the caller on a worker's core: a parallel kernel then runs its halves
 the other. Measured on this 2-core VM (a 4096x1024 90% 4x4 layer at batch 16, 200 calls a
 round): the caller sat on the worker's core for the first round, where the parallel kernel
 took 148 us against 155 serial, and 117-149 us once the OS had moved it. Unless the user
-chose (``TVM_BIND_THREADS``), bscompile leaves the pool unpinned; the deploy runner does the same.
+chose (``TVM_BIND_THREADS``), bscompile leaves the pool unpinned; the deploy runner and the RPC
+server do the same.
 """
 
 from __future__ import annotations

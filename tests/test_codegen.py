@@ -85,9 +85,9 @@ KERNEL_CASES = [
     (64, 48, (2, 8), 1, {"variant": "unrolled"}),
     (40, 64, (1, 8), 1, {"variant": "unrolled"}),
     (96, 72, (4, 4), 1, {"variant": "unrolled"}),
-    # two threads claiming chunks of block rows (CLAIM_ITEMS = 16): 37 / 9 / 70 block rows, one
-    # row a chunk or three (the last chunk short), every variant that runs on the pool
-    (296, 90, (8, 8), 3, {"parallel": True, "claim": True}),  # "rows", m tail
+    # two threads claiming chunks of block rows (at most CLAIM_ITEMS = 16): 63 / 9 / 70 block rows
+    # in 16 chunks of 4 (the last one short) / 9 of 1 / 14 of 5, every variant that runs on the pool
+    (504, 90, (8, 8), 3, {"parallel": True, "claim": True}),  # "rows", m tail
     (36, 72, (4, 4), 4, {"variant": "block", "m_tile": 4, "parallel": True, "claim": True}),
     (280, 70, (4, 4), 40, {"parallel": True, "claim": True}),  # "batch", K and m padded
 ]
@@ -113,6 +113,8 @@ def test_linear_kernel_variants_match_numpy(rng, n, k, blk, m, over):
     # no mutable scalar (``v: T.int32 = ...``): each costs a workspace allocation per iteration
     assert re.search(r": T\.(int|float)32 = ", func.script()) is None
     lib = tvm.compile(tvm.IRModule({"k": func}), target=resolve_target("llvm").tvm_target())
+    if sched.claim and sched.variant == "rows":  # the claim flags stay on the stack (no workspace per call)
+        assert "AllocWorkspace" not in lib.mod.inspect_source("ll")
     x = rng.standard_normal((m, k)).astype(np.float32)
     bias = np.zeros(mat.padded_shape[0], np.float32)
     bias[:n] = rng.standard_normal(n)
@@ -121,19 +123,30 @@ def test_linear_kernel_variants_match_numpy(rng, n, k, blk, m, over):
     assert_product_close(y.numpy(), x, w, bias[:n])
 
 
-def test_two_core_targets_claim_block_rows_others_split_them(rng):
-    """A parallel linear kernel's threads claim chunks of block rows on two cores (this host
-    class, Graviton2's 2 vCPUs) and split them statically on the 4-core boards (claiming uses
-    two threads); recurrent kernels keep their split; the tuner tries the other split."""
+def test_two_core_targets_claim_block_rows_others_split_them(rng, monkeypatch):
+    """A parallel linear kernel's threads claim chunks of block rows where the target's machine
+    has two cores -- this machine's CPU (``--target llvm``) on a 2-core host, Graviton2's 2
+    vCPUs -- and split them statically elsewhere: the 4-core boards, a preset naming only a CPU
+    family (cores not known), a many-core host (claiming uses two threads). Recurrent kernels
+    keep their split and refuse a record that claims; the tuner tries the static split too."""
+    import dataclasses
+
     from bscompile.codegen.layout import BlockShape, BSRMatrix
-    from bscompile.target import resolve_target
+    from bscompile.runtime import threads
 
     w = rng.standard_normal((1024, 1024)).astype(np.float32)
     mat = BSRMatrix.from_dense(w, BlockShape(4, 4))  # dense: 1M weights, parallel at any m
-    for name, cores in (("x86_64", 2), ("graviton2", 2), ("rpi4", 4), ("cortex-a76", 4)):
+    for name, host_cores, claims in (("llvm", 2, True), ("llvm", 16, False), ("graviton2", 16, True),
+                                     ("x86_64", 2, False), ("rpi4", 2, False), ("cortex-a76", 2, False)):
+        monkeypatch.setattr(threads, "physical_cores", lambda n=host_cores: n)
+        monkeypatch.setattr("bscompile.target.physical_cores", lambda n=host_cores: n)
         gens = resolve_target(name).kernel_family().generators
-        assert gens["linear"].machine.cores == cores, name
         lin = gens["linear"].schedule_space({}, mat, 64)
-        assert lin[0].parallel and lin[0].claim == (cores == 2), (name, lin[0])
-        assert any(s.parallel and not s.claim for s in lin), (name, lin)  # (on two cores: for the tuner)
+        assert lin[0].parallel and lin[0].claim == claims, (name, host_cores, lin[0])
+        if claims:  # every parallel variant claims, each with its static twin
+            assert all(dataclasses.replace(s, claim=False) in lin for s in lin if s.parallel), (name, lin)
+        else:
+            assert not any(s.claim for s in lin), (name, lin)
         assert not any(s.claim for s in gens["recurrent"].schedule_space({}, mat, 1)), name
+        with pytest.raises(ValueError, match="recurrent"):
+            gens["recurrent"].schedule_from_json(dataclasses.replace(lin[0], claim=True).to_json())

@@ -31,7 +31,8 @@ inline std::string OneLine(const std::string& msg) {
 
 // Leaves TVM's pool threads unpinned unless the user chose (TVM_BIND_THREADS): TVM pins its
 // workers to cores 1.. but not the caller, which the OS may run on a worker's core; a parallel
-// kernel then runs its halves one after the other (see runtime/threads.py).
+// kernel then runs its halves one after the other (see runtime/threads.py). The runner and the
+// RPC server call it first.
 inline void UnpinThreadPool() { setenv("TVM_BIND_THREADS", "0", /*overwrite=*/0); }
 
 // Runs body() and reports what it throws; `help` names the help command for usage errors.

@@ -181,7 +181,8 @@ const char* kUsage =
     "       run --info | --help\n"
     "Runs the bundled model on .npy inputs and writes DIR/<output name>.npy for each output\n"
     "(characters other than letters, digits, '.', '_' and '-' in a name become '_').\n"
-    "A model with one input also takes --input FILE.npy. Set TVM_NUM_THREADS to limit threads.\n";
+    "A model with one input also takes --input FILE.npy. Set TVM_NUM_THREADS to limit threads\n"
+    "(TVM_BIND_THREADS=1 pins them to cores; unpinned by default).\n";
 
 Options ParseArgs(int argc, char** argv) {
   Options opt;
