@@ -28,6 +28,9 @@ class TargetSpec:
     cross_compiler: str | None = None  # C++ compiler that links the module, when not the host's
     description: str = ""
     persistent_rnn: bool = False  # cuda: recurrent layers on the opt-in persistent kernel
+    #: cores of the machine the kernels will run on, where the target names one (this machine, a board,
+    #: a cloud instance); 0 where it names only a CPU (a preset, --cpu, a JSON dict)
+    cores: int = 0
 
     @property
     def arch(self) -> str:
@@ -56,10 +59,7 @@ class TargetSpec:
 
         if self.device == "cuda":
             return CudaFamily.for_arch(self.machine, self.persistent_rnn)
-        machine = MACHINES[self.machine]
-        if self.name == "llvm":  # this machine: its kernels run on its cores
-            machine = dataclasses.replace(machine, cores=physical_cores())
-        return CpuFamily(machine)
+        return CpuFamily(dataclasses.replace(MACHINES[self.machine], cores=self.cores))
 
 
 #: Architectures of the LLVM triples bscompile builds and links for (Linux ELF).
@@ -90,14 +90,16 @@ def _host_cpu() -> TargetSpec:
     cpu = codegen.llvm_get_system_cpu()
     # The wheel's default triple (x86_64-conda-linux-gnu) rejects -mcpu; name the real one.
     tgt = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": cpu}
-    return TargetSpec("llvm", tgt, vector_lanes=_x86_lanes(tgt), description=f"this machine's CPU ({cpu})")
+    return TargetSpec("llvm", tgt, vector_lanes=_x86_lanes(tgt), description=f"this machine's CPU ({cpu})",
+                      cores=physical_cores())
 
 
-def _aarch64(name: str, cpu: str | None, description: str) -> TargetSpec:
+def _aarch64(name: str, cpu: str | None, description: str, cores: int = 0) -> TargetSpec:
     tgt = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
     if cpu:
         tgt["mcpu"] = cpu
-    return TargetSpec(name, tgt, vector_lanes=4, cross_compiler="aarch64-linux-gnu-g++", description=description)
+    return TargetSpec(name, tgt, vector_lanes=4, cross_compiler="aarch64-linux-gnu-g++", description=description,
+                      cores=cores)
 
 
 #: GPU architectures ``--arch`` accepts (Ampere A100, Jetson Orin, Ada, Hopper H100).
@@ -152,10 +154,10 @@ TARGETS: dict[str, callable] = {
     "x86_64": lambda: TargetSpec("x86_64", {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell"},
                                  description="any x86-64 CPU with AVX2 + FMA"),
     "aarch64": lambda: _aarch64("aarch64", None, "generic ARMv8-A with NEON"),
-    "rpi4": lambda: _aarch64("rpi4", "cortex-a72", "Raspberry Pi 4 (Cortex-A72)"),
+    "rpi4": lambda: _aarch64("rpi4", "cortex-a72", "Raspberry Pi 4 (Cortex-A72)", cores=4),
     "cortex-a72": lambda: _aarch64("cortex-a72", "cortex-a72", "Cortex-A72"),
     "cortex-a76": lambda: _aarch64("cortex-a76", "cortex-a76", "Cortex-A76 (e.g. Raspberry Pi 5)"),
-    "graviton2": lambda: _aarch64("graviton2", "neoverse-n1", "AWS Graviton2 (Neoverse-N1)"),
+    "graviton2": lambda: _aarch64("graviton2", "neoverse-n1", "AWS Graviton2 (Neoverse-N1)", cores=2),
     "neoverse-n1": lambda: _aarch64("neoverse-n1", "neoverse-n1", "Neoverse-N1"),
     "cuda": _cuda,
 }

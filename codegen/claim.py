@@ -26,7 +26,7 @@ def claim_macro(n: int, do):
     write the same values. The first thread awake, or the faster one, does more: the split follows
     the threads' actual speed, not a prediction of the work. ``mark`` differs from every value
     ``taken`` held before (1 after zeroing; the step number + 1 in a time loop, with no reset per
-    step). ``taken`` holds ``n * CLAIM_STRIDE`` int32."""
+    step). ``taken`` holds at least :func:`flag_slots` ``(n)`` int32, item ``i``'s flag at ``i * CLAIM_STRIDE``."""
     stride = CLAIM_STRIDE
 
     @T.macro

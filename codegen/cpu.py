@@ -301,28 +301,27 @@ CLAIM_ITEMS = 16
 
 
 def _over_block_rows(nbr: int, sched: CpuSchedule, static_chunks: int, body):
-    """A macro ``(args)`` running ``body(lo, hi, *args)`` on ranges of block rows covering all ``nbr``:
-    one range (serial), ``static_chunks`` ranges split among the pool's threads (``parallel``),
-    or at most :data:`CLAIM_ITEMS` ranges two threads claim (``claim``), none of them empty. ``body`` stores whole outputs,
-    so a range done twice by two claiming threads writes the same values twice. ``args`` holds
-    the matmul macro's seven operands (its buffers and the output's column offset), handed to
-    ``body`` as arguments: unpacked by assignment inside a macro, the offset became a TIR
-    variable allocated per iteration (a GRU 512->1024's persistent recurrence took 1.6x as
-    long) and the buffers were renamed after the macro's names. (``body`` loops
+    """A macro ``(args)`` running ``body(lo, hi, *args)`` on ranges of block rows covering all ``nbr``,
+    none empty: one range (serial), at most ``static_chunks`` split among the pool's threads
+    (``parallel``), or at most :data:`CLAIM_ITEMS` that two threads claim (``claim``). ``body``
+    stores whole outputs, so a range done twice by two claiming threads writes the same values
+    twice. ``args`` holds the matmul macro's seven operands (its buffers and the output's column
+    offset), handed to ``body`` as arguments: unpacked by assignment inside a macro, the offset
+    became a TIR variable allocated per iteration (a GRU 512->1024's persistent recurrence took
+    1.6x as long) and the buffers were renamed after the macro's names. (``body`` loops
     ``for i in T.serial(hi - lo)``: with ``T.serial(lo, hi)`` inside the parallel loop, the
     kernels built by TVM 0.27 here gave wrong outputs.)"""
-    claimed = sched.parallel and sched.claim
-    items = min(nbr, CLAIM_ITEMS) if claimed else static_chunks if sched.parallel else 1
+    claiming = sched.parallel and sched.claim
+    items = min(nbr, CLAIM_ITEMS) if claiming else static_chunks if sched.parallel else 1
     per = -(-nbr // items)
-    if claimed:
-        items = -(-nbr // per)  # (37 rows in 16 ranges of 3: 13 ranges)
+    items = -(-nbr // per)  # no empty range (37 rows in 16 ranges of 3: 13 ranges)
 
     @T.macro
     def item(i, a):
         body(i * per, i * per + per if items * per == nbr else T.min(i * per + per, nbr),
              a[0], a[1], a[2], a[3], a[4], a[5], a[6])
 
-    if claimed:
+    if claiming:
         return claimed_launch(items, item)
     loop = T.parallel if sched.parallel else T.serial
 

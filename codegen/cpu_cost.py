@@ -34,7 +34,7 @@ class MachineModel:
     #: this machine, every step priced at the memory bandwidth).
     cache_bytes: int = 0
     cache_bandwidth: float = 0.0
-    #: cores the kernels run on (0: not known, as for a preset that names a CPU family): with 2, a
+    #: cores the kernels run on (0: not known; set from the target, ``TargetSpec.cores``): with 2, a
     #: parallel linear kernel's two threads claim its block rows (:mod:`codegen.claim`) instead of
     #: splitting them statically among however many threads the pool has
     cores: int = 0
@@ -78,11 +78,11 @@ MACHINES: dict[str, MachineModel] = {
                                   batch_fma_cost=BATCH_FMA_COST_X86),
     "aarch64": MachineModel(bandwidth=8e9, vector_fma_rate=8e9, lanes=4, block_overhead_s=2e-9),
     "cortex-a72": MachineModel(bandwidth=4e9, vector_fma_rate=4 * 1.5e9, lanes=4, block_overhead_s=3e-9,
-                               call_overhead_s=4e-6, cores=4),  # Raspberry Pi 4: 4 cores, LPDDR4
+                               call_overhead_s=4e-6),  # Raspberry Pi 4: 4 cores, LPDDR4
     "cortex-a76": MachineModel(bandwidth=10e9, vector_fma_rate=4 * 2 * 2.4e9, lanes=4, block_overhead_s=1.5e-9,
-                               call_overhead_s=3e-6, cores=4),  # Raspberry Pi 5: 4 cores, LPDDR4X
+                               call_overhead_s=3e-6),  # Raspberry Pi 5: 4 cores, LPDDR4X
     "neoverse-n1": MachineModel(bandwidth=20e9, vector_fma_rate=2 * 2 * 2.5e9, lanes=4,
-                                block_overhead_s=1.2e-9, cores=2),  # 2 vCPUs of a Graviton2
+                                block_overhead_s=1.2e-9),  # 2 vCPUs of a Graviton2
 }
 
 

@@ -124,25 +124,27 @@ def test_linear_kernel_variants_match_numpy(rng, n, k, blk, m, over):
 
 
 def test_two_core_targets_claim_block_rows_others_split_them(rng, monkeypatch):
-    """A parallel linear kernel's threads claim chunks of block rows where the target's machine
-    has two cores -- this machine's CPU (``--target llvm``) on a 2-core host, Graviton2's 2
-    vCPUs -- and split them statically elsewhere: the 4-core boards, a preset naming only a CPU
-    family (cores not known), a many-core host (claiming uses two threads). Recurrent kernels
-    keep their split and refuse a record that claims; the tuner tries the static split too."""
+    """A parallel linear kernel's threads claim chunks of block rows where the target names a
+    2-core machine -- this machine (``--target llvm``) on a 2-core host, a Graviton2 instance's 2
+    vCPUs -- and split them statically elsewhere: a 4-core board, a many-core host (claiming uses
+    two threads), a target that names only a CPU (a preset, a JSON dict: cores not known).
+    Recurrent kernels keep their split and refuse a record that claims; serial schedules never
+    claim; the tuner tries the static split too."""
     import dataclasses
 
     from bscompile.codegen.layout import BlockShape, BSRMatrix
-    from bscompile.runtime import threads
 
     w = rng.standard_normal((1024, 1024)).astype(np.float32)
     mat = BSRMatrix.from_dense(w, BlockShape(4, 4))  # dense: 1M weights, parallel at any m
+    host_json = '{"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "skylake-avx512"}'
     for name, host_cores, claims in (("llvm", 2, True), ("llvm", 16, False), ("graviton2", 16, True),
-                                     ("x86_64", 2, False), ("rpi4", 2, False), ("cortex-a76", 2, False)):
-        monkeypatch.setattr(threads, "physical_cores", lambda n=host_cores: n)
+                                     ("neoverse-n1", 2, False), ("x86_64", 2, False), (host_json, 2, False),
+                                     ("rpi4", 2, False), ("cortex-a76", 2, False)):
         monkeypatch.setattr("bscompile.target.physical_cores", lambda n=host_cores: n)
         gens = resolve_target(name).kernel_family().generators
         lin = gens["linear"].schedule_space({}, mat, 64)
         assert lin[0].parallel and lin[0].claim == claims, (name, host_cores, lin[0])
+        assert not any(s.claim and not s.parallel for s in lin), (name, lin)
         if claims:  # every parallel variant claims, each with its static twin
             assert all(dataclasses.replace(s, claim=False) in lin for s in lin if s.parallel), (name, lin)
         else:
