@@ -12,7 +12,8 @@ time loop of GRU/LSTM/RNN layers.
 Two facts about TVM's LLVM backend shape the code:
 - accumulators are small ``global`` allocations and scalars are ``T.Bind`` lets; a
   ``local``-scope tile or a ``x: T.int32 = buf[i]`` binding becomes a workspace
-  allocation per tile, 2-5x slower;
+  allocation per tile, 2-5x slower (so does a scalar unpacked by assignment inside a
+  macro, ``a, b = args[0], args[1]``: pass operands as macro arguments);
 - ``T.parallel`` inside a serial loop is one thread-pool launch per iteration, which
   is how the recurrent kernels parallelise each time step.
 """
@@ -531,7 +532,8 @@ def _batch_macro(mat: BSRMatrix, m, sched: CpuSchedule, n_limit: int):
 
     Each thread-pool launch costs tens of microseconds on a pool that does not spin, so
     the kernel launches once: the parallel loop runs over contiguous chunks of block
-    rows and each chunk walks the batch tiles (keeping one ``xt`` slice hot) itself.
+    rows (split statically, or claimed: :func:`_over_block_rows`) and each chunk walks the
+    batch tiles (keeping one ``xt`` slice hot) itself.
     The transpose is parallel only when it is big enough to pay for its own launch."""
     k = mat.shape[1]
     k_pad = mat.padded_shape[1]
