@@ -51,7 +51,7 @@ CANDIDATES = [(1, 1), (2, 1), (4, 1), (8, 1), (16, 1), (1, 4), (2, 2), (4, 4), (
 def time_layout(mat: BSRMatrix, m: int, x: np.ndarray, spec, lanes: int) -> float:
     """Median seconds of the default-schedule kernel of ``mat`` at ``m`` rows, back to back."""
     dev = tvm.cpu(0)
-    func = cpu.linear_kernel(mat, m, cpu.default_schedule(mat, m, lanes, cores=spec.kernel_family().machine.cores))
+    func = cpu.linear_kernel(mat, m, cpu.default_schedule(mat, m, lanes, cores=spec.cores))
     lib = tvm.compile(tvm.IRModule({"k": func.with_attr("global_symbol", "k")}), target=spec.tvm_target())
     n = mat.shape[0]
     args = [tvm.runtime.tensor(a, dev) for a in (x, mat.data, mat.indices, mat.indptr,

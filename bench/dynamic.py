@@ -128,7 +128,7 @@ def run_batch(m: int, layers: dict[float, DynamicBlockLinear], files: dict[str, 
         fns[name] = lambda i, sess=sess: sess.run(None, {"x": xs[i]})
 
     mat = BSRMatrix.dense(w, DENSE_ROWS)
-    dsched = cpu.default_schedule(mat, m, spec.vector_lanes, cores=spec.kernel_family().machine.cores)
+    dsched = cpu.default_schedule(mat, m, spec.vector_lanes, cores=spec.cores)
     dense = _compile(cpu.linear_kernel(mat, m, dsched), spec)
     dargs = [tvm.runtime.tensor(a) for a in (mat.data, mat.indices, mat.indptr, np.pad(bias, (0, mat.padded_shape[0] - OUT)))]
     fns["bsc_dense"] = lambda i: dense(txs[i], *dargs, y)

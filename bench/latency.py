@@ -119,8 +119,8 @@ def run_threads(quick: bool) -> dict:
     from bscompile.codegen.cpu import PARALLEL_MIN_WORK, claimed, schedule_for
     from bscompile.codegen.layout import BlockShape, block_stats
     from bscompile.records import TuningRecord, record_key
-    from bscompile.runtime.threads import physical_cores
     from bscompile.sites import fingerprint
+    from bscompile.target import resolve_target
 
     title, model, feeds, _ = build("linear", quick)
     w = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "w"))
@@ -128,7 +128,7 @@ def run_threads(quick: bool) -> dict:
     mods = {}
     for par in (False, True):
         sched = claimed(dataclasses.replace(schedule_for(st.block, st.nnz_blocks, st.padded_shape[0] // 4, 1),
-                                            parallel=par), False, physical_cores())  # as compiled on this machine
+                                            parallel=par), False, resolve_target("llvm").cores)  # as compiled here
         rec = TuningRecord(fp, "w", "linear", 1, "llvm", "bsr", "4x4", sched.to_json(), 0.0, 0.0)
         art = bscompile.compile(model, input_shapes={"x": (1, n)}, records={record_key(fp, 1): rec})
         assert art.manifest.weights[0]["decision"]["schedule"]["parallel"] == par

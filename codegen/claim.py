@@ -52,16 +52,26 @@ def flag_slots(n: int) -> int:
     return (n - 1) * CLAIM_STRIDE + 1
 
 
+def clear_flags(n: int):
+    """A macro ``(taken)`` zeroing the flags of ``n`` items (``taken``: :func:`flag_slots` int32)."""
+
+    @T.macro
+    def clear(taken):
+        for i in T.serial(n):
+            taken[i * CLAIM_STRIDE] = 0
+
+    return clear
+
+
 def claimed_launch(n: int, do):
     """A macro ``(args)``: one thread-pool launch in which two threads claim the items
     ``range(n)`` (:func:`claim_macro`, flags zeroed first)."""
-    claim = claim_macro(n, do)
+    claim, clear = claim_macro(n, do), clear_flags(n)
 
     @T.macro
     def run(args):
         taken = T.alloc_buffer((flag_slots(n),), "int32")
-        for i in T.serial(n):
-            taken[i * CLAIM_STRIDE] = 0
+        clear(taken)
         for t in T.parallel(2):
             claim(t, taken, 1, args)
 

@@ -24,7 +24,6 @@ import dataclasses
 import functools
 from dataclasses import dataclass
 
-
 import tvm
 from tvm.script import tirx as T
 

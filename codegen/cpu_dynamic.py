@@ -49,7 +49,7 @@ from types import SimpleNamespace
 import tvm
 from tvm.script import tirx as T
 
-from bscompile.codegen.claim import CLAIM_STRIDE, claim_macro
+from bscompile.codegen.claim import claim_macro, clear_flags, flag_slots
 from bscompile.codegen.cpu_cost import MachineModel
 from bscompile.codegen.dynamic_layout import GATE_ROWS, DynamicShape, tile_panel
 from bscompile.codegen.family import Bucket, Cases, Generator, dispatch, static_dim
@@ -639,16 +639,15 @@ def _body(shape: DynamicShape, m, sched: DynamicSchedule, n_alive: int, panel: i
 
     claim_gates = claim_macro(ng, gate_item)
     claimed = ph.with_lists(ph.claim_blocks)
+    clear_gates, clear_blocks = clear_flags(ng), clear_flags(nbo)
 
     @T.macro
     def body_claim(x, tiles, gate_w, gate_b, bias, y):
         g = T.alloc_buffer((m, ng * GATE_ROWS), "float32")  # shared by the threads
-        gate_taken = T.alloc_buffer((ng * CLAIM_STRIDE,), "int32")
-        block_taken = T.alloc_buffer((nbo * CLAIM_STRIDE,), "int32")
-        for i in T.serial(ng * CLAIM_STRIDE):
-            gate_taken[i] = 0
-        for i in T.serial(nbo * CLAIM_STRIDE):
-            block_taken[i] = 0
+        gate_taken = T.alloc_buffer((flag_slots(ng),), "int32")
+        block_taken = T.alloc_buffer((flag_slots(nbo),), "int32")
+        clear_gates(gate_taken)
+        clear_blocks(block_taken)
         # one thread-pool launch: every pool thread runs this body; each parallel loop
         # hands its iterations to the threads (t = thread id with 2 threads)
         with T.attr(0, "pragma_parallel_launch_point", 1):

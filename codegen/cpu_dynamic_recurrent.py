@@ -27,7 +27,7 @@ import functools
 import tvm
 from tvm.script import tirx as T
 
-from bscompile.codegen.claim import CLAIM_STRIDE
+from bscompile.codegen.claim import clear_flags, flag_slots
 from bscompile.codegen.cpu_dynamic import (DynamicGenerator, DynamicSchedule, default_schedule,
                                            gate_macro, phases)
 from bscompile.codegen.dynamic_layout import GATE_ROWS, DynamicShape, tile_panel
@@ -73,6 +73,7 @@ def _kernel(cell: CellSpec, shape: DynamicShape, n_alive: int, batch: int, seq_s
     ph = phases(shape, batch, sched, n_alive, panel)
     ng, chunks = ph.ng, sched.chunks
     step = gate_update(cell)
+    clear_taken = clear_flags(nbo)
 
     @T.macro
     def chunk_blocks(tiles, h, bias, pre, acc, lrow, lscale, utile, ugroups, ucnt, bounds, extra):
@@ -168,9 +169,8 @@ def _kernel(cell: CellSpec, shape: DynamicShape, n_alive: int, batch: int, seq_s
         if chunks > 1:
             gp = T.alloc_buffer((chunks, batch, ng * GATE_ROWS), "float32")  # partial gate scores
             gs = T.alloc_buffer((chunks * batch * ng * GATE_ROWS,), "float32")  # each chunk's summed scores
-            taken = T.alloc_buffer((nbo * CLAIM_STRIDE,), "int32")  # claimed output blocks: the step + 1
-            for i in T.serial(nbo * CLAIM_STRIDE):
-                taken[i] = 0
+            taken = T.alloc_buffer((flag_slots(nbo),), "int32")  # claimed output blocks: the step + 1
+            clear_taken(taken)
             with T.attr(0, "pragma_parallel_launch_point", 1):
                 with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
                     for ch in T.parallel(chunks):
