@@ -6,7 +6,8 @@ Contract
 
       g    = matmul(x, WgT) + bg                       gate: one score per bs x bs tile
       gs   = g | where(dead, -inf, g)                  optional static block mask
-      kth  = strided_slice(topk(gs, k)[0], k-1:)       the k-th largest score
+      kth  = strided_slice(topk(gs, k)[0], k-1:)       the k-th largest score (at k = 1 the
+             | topk(gs, 1)[0]                          import drops the whole-tensor slice)
       r0   = g * astype(greater_equal(gs, kth))        ties keep more than k
       r    = r0 / (sum(r0, -1, keepdims) / n_alive)
       y    = reshape(sum(reshape(matmul(reshape(x, [M, nbi, 1, bs]), W3), [M, nbi, nbo, bs])
@@ -70,7 +71,9 @@ _DEAD, _INF1, _ALIVE, _INF2 = is_const(), is_const(), is_const(), is_const()
 _GATE = is_op("relax.add")(is_op("relax.matmul")(_X, _WG), _BG)
 _SCORES = is_op("relax.where")(_DEAD, _INF1, _GATE) | is_op("relax.where")(_ALIVE, _GATE, _INF2) | _GATE
 _TOPK = is_op("relax.topk")(_SCORES)
-_KTH = is_op("relax.strided_slice")(is_tuple_get_item(_TOPK, 0), wildcard(), wildcard(), wildcard(), wildcard())
+_TOPV = is_tuple_get_item(_TOPK, 0)
+# at k = 1 the slice ``[k-1:]`` takes the whole values tensor, and import drops it
+_KTH = is_op("relax.strided_slice")(_TOPV, wildcard(), wildcard(), wildcard(), wildcard()) | _TOPV
 _R0 = is_op("relax.multiply")(_GATE, is_op("relax.astype")(is_op("relax.greater_equal")(_SCORES, _KTH)))
 _SUM_R0 = is_op("relax.sum")(_R0)
 _R = is_op("relax.divide")(_R0, is_op("relax.divide")(_SUM_R0, _N))
@@ -132,8 +135,10 @@ def _prove(m: dict) -> dict | None:
     topk = m[_TOPK]
     k = int(topk.attrs.k)
     kth = m[_KTH]
+    sliced = isinstance(kth, relax.Call)  # else the values themselves: the k-th only at k = 1
     if (int(topk.attrs.axis) not in (-1, 1) or not bool(topk.attrs.largest) or not 1 <= k <= n_alive
-            or int_values(kth.args[1]) != [1] or int_values(kth.args[2]) != [k - 1] or int_values(kth.args[3])[0] < k):
+            or (not sliced and k != 1) or (sliced and (int_values(kth.args[1]) != [1] or int_values(kth.args[2])
+                                                       != [k - 1] or int_values(kth.args[3])[0] < k))):
         return None
     s = m[_SUM_R0]
     norm = const_array(m[_N])

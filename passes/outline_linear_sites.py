@@ -4,7 +4,8 @@ Contract
 - Input: Relax after constant folding (exporters' transposes and reshapes of
   constant weights folded away, as they insert them for ``Gemm`` and ``MatMul``).
 - Output: each ``matmul(x, C)`` (relax.dpl pattern ``matmul(*, const)``) with float32
-  ``x[..., K]`` (static ``K``; the other dims may be symbolic) and a 2-D float32 constant ``C[K, N]``, and an ``add``
+  ``x[..., K]`` (static ``K``; the other dims may be symbolic) and a 2-D float32 constant ``C[K, N]``
+  (or a batch of one, ``C[1, .., 1, K, N]``, which some exporters give), and an ``add``
   of a constant bias of shape ``[N]`` that follows it, becomes
   ``reshape(site(x2d, W, b), [..., N])``: a call of a site function
   (:func:`bscompile.sites.emit_site`) on ``x2d[M, K]``, the weight in the canonical
@@ -13,8 +14,10 @@ Contract
   :func:`bscompile.sites.const_name`: its ONNX initializer; else ``weight_<fingerprint>``),
   ``fingerprint``, ``m = M`` (an int, or the name of the site function's symbolic
   variable for it), ``shape = [N, K]``.
-- Left alone: products by run-time values, non-float32 or non-2-D weights, unknown
-  ranks or a symbolic ``K``, batched weights; existing sites. Running it twice changes nothing.
+  An ``x`` of lower rank than such a batch of one gets the product's own shape back
+  (``[1, M, N]`` for ``x[M, K]``).
+- Left alone: products by run-time values, non-float32 weights, batches of several matrices,
+  unknown ranks or a symbolic ``K``; existing sites. Running it twice changes nothing.
 """
 
 from __future__ import annotations
@@ -48,8 +51,9 @@ class _Outliner(relax.PyExprMutator):
             mm = m[_MATMUL]
             x, c = mm.args
             w, xs = const_array(c), static_k_dims(x)
-            if w is None or w.ndim != 2 or w.dtype != np.float32 or xs is None or not xs:
+            if w is None or w.ndim < 2 or any(d != 1 for d in w.shape[:-2]) or w.dtype != np.float32 or not xs:
                 continue
+            w = w.reshape(w.shape[-2:])  # (a batch of one matrix: the same product)
             if x.ty.dtype != "float32" or xs[-1] != w.shape[0] or mm.attrs.out_dtype not in (None, "float32"):
                 continue
             bias = None
@@ -69,6 +73,9 @@ class _Outliner(relax.PyExprMutator):
             return
         x, w, bias = found
         new = emit_linear_site(self.builder_, self.visit_expr(x), w, bias)
+        out = binding.value.ty.shape
+        if len(out.values) != len(static_k_dims(x)):  # x of lower rank than a [1, K, N] weight
+            new = relax.op.reshape(self.builder_.emit(new), out)
         rebind(self, binding, new)
 
 
