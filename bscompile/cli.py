@@ -219,6 +219,9 @@ def cmd_inspect(args) -> int:
         print(input_table(manifest.inputs))
         print("\n".join(f"output {o.name}[{', '.join(map(str, o.shape))}] {o.dtype}" for o in manifest.outputs) + "\n")
         weights = manifest.weights
+        for g in manifest.extra.get("generic_products", []):  # (compile warned of them)
+            print(f"not a weight site: {g['op']} of {' and '.join(map(str, g['shapes']))} in {g['function']} "
+                  "(TVM's generic kernel)")
     else:
         kw = _compile_kwargs(args)
         from bscompile.target import resolve_target

@@ -6,6 +6,7 @@ frontend) and weights (``bscompile.weights``, from ``RecordWeights``).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -28,6 +29,7 @@ from bscompile.codegen.layout import BlockShape
 from bscompile.errors import BscompileError
 from bscompile.frontend.onnx import ImportedModel, import_onnx
 from bscompile.passes.pipeline import bscompile_passes
+from bscompile.passes.report_generic_products import GENERIC_PRODUCTS
 from bscompile.records import TuningRecord, check_schedules, load_records
 from bscompile.runtime.artifact import Manifest, pack_imports_incbin, write_artifact
 from bscompile.runtime.module import CompiledModule, load
@@ -235,6 +237,11 @@ def compile(model: str | os.PathLike | onnx.ModelProto, target: str | dict | Tar
     mod = _run(pipeline, im.mod, spec, dump_ir, progress, relax_timer)
     weights = recorded_weights(mod)
     inputs, outputs = recorded_signature(mod)
+    generic = json.loads(str(mod.attrs[GENERIC_PRODUCTS]))
+    for g in generic:  # (correct, but TVM's unscheduled kernels: passes/report_generic_products.py)
+        operands = " and ".join("[" + ", ".join(map(str, d)) + "]" if d is not None else "[?]" for d in g["shapes"])
+        _log.warning(f"bscompile: warning: a {g['op']} of {operands} (a constant operand, in {g['function']}) is no "
+                     "weight site: TVM's generic kernel computes it, often 10-100x slower than a site")
     if progress:
         progress(f"building for {spec.name} ({len(weights)} weight sites)")
     t_relax = np.append(_clock(), _rss_mib())
@@ -257,6 +264,7 @@ def compile(model: str | os.PathLike | onnx.ModelProto, target: str | dict | Tar
         target=spec.target, device=spec.device, arch=spec.arch, inputs=inputs, outputs=outputs,
         weights=weights, compile_seconds=round(time.perf_counter() - t0[0], 3),
         source=str(model) if not isinstance(model, onnx.ModelProto) else "<ModelProto>",
+        extra={"generic_products": generic} if generic else {},
     )
     if progress:
         progress(f"compiled in {manifest.compile_seconds:.1f} s")

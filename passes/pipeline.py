@@ -19,6 +19,8 @@ Registered with ``relax.register_pipeline("bscompile")``, so it is one named
     LowerWeightSites(family)            sites -> the family's kernels, packed constants
     FoldConstant, DeadCodeElimination   what lowering left foldable
     OwnOutputs                          no returned array aliases an input, a constant or another output
+    ReportGenericProducts               products by constants no site took (TVM's slow generic
+                                        kernels compute them), recorded for the driver's warning
     TVM's lowering for the target       (CPU: relax "default" with FuseLoopKernels after
                                         FuseTIR -- a real loop whose step is PrimFuncs -> one
                                         kernel; CUDA: the CUDA pipeline with dlight for the
@@ -53,6 +55,7 @@ from bscompile.passes.outline_dynamic_sites import OutlineDynamicSites
 from bscompile.passes.outline_linear_sites import OutlineLinearSites
 from bscompile.passes.own_outputs import OwnOutputs
 from bscompile.passes.record_weights import RecordWeights
+from bscompile.passes.report_generic_products import ReportGenericProducts
 from bscompile.passes.share_identical_kernels import ShareIdenticalKernels
 from bscompile.records import TuningRecord
 
@@ -75,6 +78,7 @@ def bscompile_passes(family: KernelFamily, *, sparse: bool = True, force_block: 
         relax.transform.FoldConstant(),
         relax.transform.DeadCodeElimination(),
         OwnOutputs(copied=family.copies_outputs),
+        ReportGenericProducts(),
     ]
 
 

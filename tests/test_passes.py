@@ -2,6 +2,7 @@
 ``tvm.ir.assert_structural_equal``, plus the programs each pass must leave alone and
 a second run that must change nothing (every pass is idempotent)."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from bscompile.passes.conv1d_to_matmul import Conv1dToMatmul
 from bscompile.passes.fold_embedding_products import FoldEmbeddingProducts
 from bscompile.passes.lower_weight_sites import LowerWeightSites
 from bscompile.passes.outline_linear_sites import OutlineLinearSites
+from bscompile.passes.report_generic_products import GENERIC_PRODUCTS, ReportGenericProducts
 from bscompile.records import TuningRecord, record_key
 from bscompile.sites import LAYOUT, SITE, SPARSITY, attr, const_array, fingerprint, named_const, weight_entries
 from bscompile.target import resolve_target
@@ -252,6 +254,40 @@ def test_outline_linear_sites_leaves_other_products_alone():
             return (a, b, e, f)
 
     tvm.ir.assert_structural_equal(OutlineLinearSites()(Before), Before)
+
+
+def test_report_generic_products():
+    """A product by a batch of two constant matrices (no site takes it) is recorded with its operands'
+    shapes, a symbolic dim by its name; a product of two run-time values and a site are not; nothing
+    else changes."""
+    w3 = np.ones((2, 3, 5), np.float32)
+
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(xb: R.Tensor((2, "n", 3), "float32"), w: R.Tensor((3, 5), "float32")):
+            with R.dataflow():
+                a = R.matmul(xb, R.const(w3))
+                b = R.matmul(xb, w)
+                R.output(a, b)
+            return (a, b)
+
+    expected = Before.with_attr(GENERIC_PRODUCTS, json.dumps(
+        [{"op": "matmul", "function": "main", "shapes": [[2, "n", 3], [2, 3, 5]]}]))
+    tvm.ir.assert_structural_equal(_twice_is_once(ReportGenericProducts(), Before), expected)
+
+    @I.ir_module
+    class Sited:
+        @R.function
+        def main(x: R.Tensor((4, 3), "float32")) -> R.Tensor((4, 5), "float32"):
+            with R.dataflow():
+                y = R.matmul(x, R.const(np.ascontiguousarray(W.T)))
+                R.output(y)
+            return y
+
+    sited = OutlineLinearSites()(Sited)  # the product is a site now: nothing to report
+    assert json.loads(str(ReportGenericProducts()(sited).attrs[GENERIC_PRODUCTS])) == []
+    assert json.loads(str(ReportGenericProducts()(Sited).attrs[GENERIC_PRODUCTS])) != []
 
 
 def test_outline_linear_sites_bias_on_the_left_stays_an_add():

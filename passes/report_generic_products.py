@@ -1,0 +1,57 @@
+"""ReportGenericProducts: products by constant weights that no site took, recorded for a warning.
+
+A product by a constant weight that no bscompile pass proved to be a weight site stays on
+TVM's generic path: correct, but TVM's unscheduled CPU kernels are one to two orders of
+magnitude slower than the site kernels (``x[64, 64] @ C[1, 64, 2048]``: 23.9 ms a call
+against 196 us as a site). The user should hear of it at compile time, not from a profile.
+
+Contract
+- Input: Relax after bscompile's passes (sites outlined and lowered), before TVM's lowering.
+- Output: the same module with the attribute ``bscompile.generic_products``
+  (:data:`GENERIC_PRODUCTS`): the JSON text of a list, in program order, of one entry per
+  ``matmul``, ``conv1d`` or ``conv2d`` of any Relax function with a constant operand --
+  ``{"op", "function", "shapes"}``, the operands' shapes (a symbolic dim as its name). An empty
+  list when there is none. Nothing else changes; running it again records the same list.
+"""
+
+from __future__ import annotations
+
+import json
+
+import tvm
+from tvm import relax
+
+from bscompile.sites import tensor_dims
+
+#: The module attribute: JSON list of the generic products (read by the driver).
+GENERIC_PRODUCTS = "bscompile.generic_products"
+
+_PRODUCTS = {tvm.ir.Op.get(f"relax.{name}"): name for name in ("matmul", "nn.conv1d", "nn.conv2d")}
+
+
+def _dims(e: relax.Expr) -> list[int | str] | None:
+    dims = tensor_dims(getattr(e.ty, "shape", None))
+    return None if dims is None else [d if isinstance(d, int) else str(d) for d in dims]
+
+
+def generic_products(mod: tvm.IRModule) -> list[dict]:
+    """The entries of :data:`GENERIC_PRODUCTS` for ``mod`` (see the module docstring)."""
+    found: list[dict] = []
+    for gv, func in mod.functions_items():
+        if not isinstance(func, relax.Function):
+            continue
+
+        def visit(e, name=gv.name_hint):
+            if isinstance(e, relax.Call) and e.op in _PRODUCTS and any(isinstance(a, tvm.ir.expr.Constant) for a in e.args):
+                found.append({"op": _PRODUCTS[e.op], "function": name, "shapes": [_dims(a) for a in e.args]})
+
+        relax.analysis.post_order_visit(func.body, visit)
+    return found
+
+
+@tvm.transform.module_pass(opt_level=0, name="ReportGenericProducts")
+class ReportGenericProducts:
+    """Record the products by constants left to TVM's generic kernels (contract: module docstring)."""
+
+    def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        return mod.with_attr(GENERIC_PRODUCTS, json.dumps(generic_products(mod)))
