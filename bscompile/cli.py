@@ -196,6 +196,7 @@ def cmd_inspect(args) -> int:
     import tarfile
 
     from bscompile.driver import analyze_model
+    from bscompile.passes.report_generic_products import describe, generic_products
     from bscompile.report import dynamic_table, input_table, reasons, weight_table
     from bscompile.sites import weight_entries
 
@@ -218,21 +219,20 @@ def cmd_inspect(args) -> int:
               f"in {manifest.compile_seconds:.1f} s\n")
         print(input_table(manifest.inputs))
         print("\n".join(f"output {o.name}[{', '.join(map(str, o.shape))}] {o.dtype}" for o in manifest.outputs) + "\n")
-        weights = manifest.weights
-        for g in manifest.extra.get("generic_products", []):  # (compile warned of them)
-            print(f"not a weight site: {g['op']} of {' and '.join(map(str, g['shapes']))} in {g['function']} "
-                  "(TVM's generic kernel)")
+        weights, generic = manifest.weights, manifest.extra.get("generic_products", [])
     else:
         kw = _compile_kwargs(args)
         from bscompile.target import resolve_target
 
         spec = resolve_target(kw["target"], kw["cpu"])
         im, mod, _ = analyze_model(args.model, kw["input_shapes"], spec, sparse=kw["sparse"], block=kw["block"])
-        weights = weight_entries(mod)
+        weights, generic = weight_entries(mod), generic_products(mod)
         if args.json:
             print(json.dumps(weights, indent=2))
             return 0
         print(input_table(im.inputs) + "\n")
+    for g in generic:  # (compile warns of them)
+        print(f"not a weight site: {describe(g)} (TVM's generic kernel)")
     print(weight_table(weights))
     dynamic = dynamic_table(weights)
     if dynamic:

@@ -29,7 +29,7 @@ from bscompile.codegen.layout import BlockShape
 from bscompile.errors import BscompileError
 from bscompile.frontend.onnx import ImportedModel, import_onnx
 from bscompile.passes.pipeline import bscompile_passes
-from bscompile.passes.report_generic_products import GENERIC_PRODUCTS
+from bscompile.passes.report_generic_products import GENERIC_PRODUCTS, describe
 from bscompile.records import TuningRecord, check_schedules, load_records
 from bscompile.runtime.artifact import Manifest, pack_imports_incbin, write_artifact
 from bscompile.runtime.module import CompiledModule, load
@@ -215,14 +215,15 @@ def analyze_model(model, input_shapes=None, target="llvm", *, sparse: bool = Tru
 def compile(model: str | os.PathLike | onnx.ModelProto, target: str | dict | TargetSpec = "llvm", *,
             input_shapes: dict[str, tuple[int, ...]] | None = None, sparse: bool = True,
             block: BlockShape | str | None = None, cpu: str | None = None, records: dict | str | None = None,
-            dump_ir=None,
-            progress: Progress | None = None) -> Artifact:
+            dump_ir=None, progress: Progress | None = None, warn_generic: bool = True) -> Artifact:
     """Compile an ONNX model (path or ModelProto) for ``target``.
 
     ``sparse=False`` compiles bscompile's own dense path (same kernels, every block
     present); ``block`` forces one block shape on every weight that has zeros;
     ``records`` (a path or loaded dict) applies measured choices from ``bscompile tune``;
-    ``dump_ir`` (a directory) receives the IR after every pass.
+    ``dump_ir`` (a directory) receives the IR after every pass. Products by constants that no
+    site took (``manifest.extra["generic_products"]``) are logged as warnings unless ``warn_generic``
+    is False (a caller compiling the same model again).
     """
     t0 = np.append(_clock(), 0.0)
     spec = resolve_target(target, cpu)
@@ -237,11 +238,11 @@ def compile(model: str | os.PathLike | onnx.ModelProto, target: str | dict | Tar
     mod = _run(pipeline, im.mod, spec, dump_ir, progress, relax_timer)
     weights = recorded_weights(mod)
     inputs, outputs = recorded_signature(mod)
-    generic = json.loads(str(mod.attrs[GENERIC_PRODUCTS]))
-    for g in generic:  # (correct, but TVM's unscheduled kernels: passes/report_generic_products.py)
-        operands = " and ".join("[" + ", ".join(map(str, d)) + "]" if d is not None else "[?]" for d in g["shapes"])
-        _log.warning(f"bscompile: warning: a {g['op']} of {operands} (a constant operand, in {g['function']}) is no "
-                     "weight site: TVM's generic kernel computes it, often 10-100x slower than a site")
+    # (absent only where the caller disabled the pass)
+    generic = json.loads(str(mod.attrs[GENERIC_PRODUCTS])) if GENERIC_PRODUCTS in mod.attrs else []
+    for g in generic if warn_generic else ():  # (correct, but see passes/report_generic_products.py)
+        _log.warning(f"bscompile: warning: {describe(g)}, by a constant, is no weight site: TVM's generic "
+                     "kernel computes it (on CPUs often 10-100x slower than a site's)")
     if progress:
         progress(f"building for {spec.name} ({len(weights)} weight sites)")
     t_relax = np.append(_clock(), _rss_mib())

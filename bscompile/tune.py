@@ -262,7 +262,7 @@ def check_on_device(tuned_bsc: str, model, compile_kwargs: dict, remote: str, pr
     with tempfile.TemporaryDirectory(prefix="bscompile-untuned-") as tmp:
         if progress:
             progress("compiling the untuned model for the whole-model check")
-        untuned = bscompile.compile(model, **compile_kwargs).export(Path(tmp) / "untuned.bsc")
+        untuned = bscompile.compile(model, warn_generic=False, **compile_kwargs).export(Path(tmp) / "untuned.bsc")
         ref: list[np.ndarray] = []
         with RemoteMeasurer.connect(remote, compile_kwargs["target"]) as m:
             t_untuned = m.time_artifact(untuned, feeds, ref.extend)

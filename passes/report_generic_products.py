@@ -6,12 +6,15 @@ magnitude slower than the site kernels (``x[64, 64] @ C[1, 64, 2048]``: 23.9 ms 
 against 196 us as a site). The user should hear of it at compile time, not from a profile.
 
 Contract
-- Input: Relax after bscompile's passes (sites outlined and lowered), before TVM's lowering.
+- Input: Relax after bscompile's passes (sites outlined and lowered; constants folded, so a
+  weight is an inline constant operand), before TVM's lowering.
 - Output: the same module with the attribute ``bscompile.generic_products``
-  (:data:`GENERIC_PRODUCTS`): the JSON text of a list, in program order, of one entry per
-  ``matmul``, ``conv1d`` or ``conv2d`` of any Relax function with a constant operand --
-  ``{"op", "function", "shapes"}``, the operands' shapes (a symbolic dim as its name). An empty
-  list when there is none. Nothing else changes; running it again records the same list.
+  (:data:`GENERIC_PRODUCTS`): the JSON text of a list of the ``matmul``, ``einsum`` and
+  convolution (``conv1d/2d/3d`` and their transposes) calls of any Relax function with a
+  constant operand, one entry per distinct ``{"op", "function", "shapes"}`` (the operands'
+  shapes, a symbolic dim by its name) with its ``count`` (a product in an unrolled loop is one
+  entry), in order of first appearance. An empty list when there is none. Nothing else
+  changes; running it again records the same list.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from bscompile.sites import tensor_dims
 #: The module attribute: JSON list of the generic products (read by the driver).
 GENERIC_PRODUCTS = "bscompile.generic_products"
 
-_PRODUCTS = {tvm.ir.Op.get(f"relax.{name}"): name for name in ("matmul", "nn.conv1d", "nn.conv2d")}
+_PRODUCTS = {tvm.ir.Op.get(f"relax.{name}"): name.removeprefix("nn.")
+             for name in ("matmul", "einsum", "nn.conv1d", "nn.conv2d", "nn.conv3d", "nn.conv1d_transpose",
+                          "nn.conv2d_transpose", "nn.conv3d_transpose")}
 
 
 def _dims(e: relax.Expr) -> list[int | str] | None:
@@ -36,17 +41,28 @@ def _dims(e: relax.Expr) -> list[int | str] | None:
 
 def generic_products(mod: tvm.IRModule) -> list[dict]:
     """The entries of :data:`GENERIC_PRODUCTS` for ``mod`` (see the module docstring)."""
-    found: list[dict] = []
+    found: dict[str, dict] = {}
     for gv, func in mod.functions_items():
         if not isinstance(func, relax.Function):
             continue
 
         def visit(e, name=gv.name_hint):
-            if isinstance(e, relax.Call) and e.op in _PRODUCTS and any(isinstance(a, tvm.ir.expr.Constant) for a in e.args):
-                found.append({"op": _PRODUCTS[e.op], "function": name, "shapes": [_dims(a) for a in e.args]})
+            if not (isinstance(e, relax.Call) and e.op in _PRODUCTS):
+                return
+            args = list(e.args[0].fields) if isinstance(e.args[0], relax.Tuple) else list(e.args)  # (einsum: a tuple)
+            if any(isinstance(a, tvm.ir.expr.Constant) for a in args):
+                entry = {"op": _PRODUCTS[e.op], "function": name, "shapes": [_dims(a) for a in args]}
+                found.setdefault(json.dumps(entry), dict(entry, count=0))["count"] += 1
 
         relax.analysis.post_order_visit(func.body, visit)
-    return found
+    return list(found.values())
+
+
+def describe(entry: dict) -> str:
+    """One entry in words: ``matmul of [T, 64] and [1, 64, 2048] in main (x20)``."""
+    shapes = " and ".join("[" + ", ".join(map(str, d)) + "]" if d is not None else "[?]" for d in entry["shapes"])
+    count = entry.get("count", 1)
+    return f"{entry['op']} of {shapes} in {entry['function']}" + (f" (x{count})" if count > 1 else "")
 
 
 @tvm.transform.module_pass(opt_level=0, name="ReportGenericProducts")

@@ -257,9 +257,10 @@ def test_outline_linear_sites_leaves_other_products_alone():
 
 
 def test_report_generic_products():
-    """A product by a batch of two constant matrices (no site takes it) is recorded with its operands'
-    shapes, a symbolic dim by its name; a product of two run-time values and a site are not; nothing
-    else changes."""
+    """Products by a batch of two constant matrices (no site takes them) are recorded with their
+    operands' shapes, a symbolic dim by its name, twice the same one as one entry of count 2 (an
+    unrolled loop's steps), an einsum by a constant too; a product of two run-time values and a site
+    are not; nothing else changes."""
     w3 = np.ones((2, 3, 5), np.float32)
 
     @I.ir_module
@@ -269,11 +270,14 @@ def test_report_generic_products():
             with R.dataflow():
                 a = R.matmul(xb, R.const(w3))
                 b = R.matmul(xb, w)
-                R.output(a, b)
-            return (a, b)
+                c = R.matmul(xb, R.const(w3))
+                d = R.einsum((xb, R.const(np.ascontiguousarray(W.T))), "bij,jk->bik")
+                R.output(a, b, c, d)
+            return (a, b, c, d)
 
     expected = Before.with_attr(GENERIC_PRODUCTS, json.dumps(
-        [{"op": "matmul", "function": "main", "shapes": [[2, "n", 3], [2, 3, 5]]}]))
+        [{"op": "matmul", "function": "main", "shapes": [[2, "n", 3], [2, 3, 5]], "count": 2},
+         {"op": "einsum", "function": "main", "shapes": [[2, "n", 3], [3, 5]], "count": 1}]))
     tvm.ir.assert_structural_equal(_twice_is_once(ReportGenericProducts(), Before), expected)
 
     @I.ir_module
