@@ -228,6 +228,29 @@ def test_outline_linear_sites_weight_batch_of_one():
     tvm.ir.assert_structural_equal(after, OutlineLinearSites()(TwoD))
 
 
+def test_outline_linear_sites_leaves_other_products_alone():
+    """Run-time weights, a batch of two constant matrices, a symbolic K and a non-float32 product stay
+    as they are (a symbolic batch becomes a site: tests/test_symbolic.py; a bias added on the
+    left: the test above)."""
+    w3 = np.ones((2, 3, 5), np.float32)
+
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor((4, 3), "float32"), w: R.Tensor((3, 5), "float32"),
+                 xb: R.Tensor((2, 4, 3), "float32"), xh: R.Tensor((4, 3), "float16"),
+                 xk: R.Tensor((4, "k"), "float32")):
+            with R.dataflow():
+                a = R.matmul(x, w)
+                b = R.matmul(xb, R.const(w3))
+                e = R.matmul(xh, R.const(np.ascontiguousarray(W.T).astype(np.float16)))
+                f = R.matmul(xk, R.const(np.ascontiguousarray(W.T)))
+                R.output(a, b, e, f)
+            return (a, b, e, f)
+
+    tvm.ir.assert_structural_equal(OutlineLinearSites()(Before), Before)
+
+
 def test_report_generic_products():
     """Products by a batch of two constant matrices (no site takes them) are recorded with their
     operands' shapes, a symbolic dim by its name, twice the same one as one entry of count 2 (an
