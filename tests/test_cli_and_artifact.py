@@ -85,6 +85,33 @@ def test_compile_warns_of_a_product_left_to_tvm(model_dir, tmp_path):
     assert rc == 0 and "warning" not in err, err
 
 
+def test_generic_products_behind_a_kernel_or_a_variable(tmp_path):
+    """What the frontend leaves less plainly: an ``Einsum`` by a constant (imported as the ``call_tir``
+    of a TE kernel) and a ``Gemm`` in an ``If`` branch (outside a dataflow block, its weight is a
+    variable bound to the transposed constant) are reported too; results equal onnxruntime's
+    (rtol 1e-4, atol 1e-5)."""
+    rng = np.random.default_rng(4)
+    w, c = rng.standard_normal((8, 16)).astype(np.float32), rng.standard_normal((16, 8)).astype(np.float32)
+    then = helper.make_graph([helper.make_node("Gemm", ["x", "w"], ["yt"], transB=1)], "then", [],
+                             [helper.make_tensor_value_info("yt", TensorProto.FLOAT, [4, 8])],
+                             [onnx.numpy_helper.from_array(w, "w")])
+    other = helper.make_graph([helper.make_node("Einsum", ["x", "c"], ["ye"], equation="ij,jk->ik")], "else", [],
+                              [helper.make_tensor_value_info("ye", TensorProto.FLOAT, [4, 8])],
+                              [onnx.numpy_helper.from_array(c, "c")])
+    graph = helper.make_graph(
+        [helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0), helper.make_node("Greater", ["s", "z"], ["cond"]),
+         helper.make_node("If", ["cond"], ["y"], then_branch=then, else_branch=other)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])], [onnx.numpy_helper.from_array(np.float32(0), "z")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    art = bscompile.compile(model)
+    assert sorted(g["op"] for g in art.manifest.extra["generic_products"]) == ["einsum", "matmul"]
+    mod = art.load()
+    for sign in (1, -1):  # both branches
+        x = np.abs(rng.standard_normal((4, 16))).astype(np.float32) * sign
+        np.testing.assert_allclose(mod.run({"x": x})["y"], ort_run(model, {"x": x})["y"], rtol=1e-4, atol=1e-5)
+
+
 def test_run_writes_npy_directory(model_dir, tmp_path):
     art = bscompile.compile(model_dir / "mlp.onnx")
     art.export(tmp_path / "m.bsc")
