@@ -74,7 +74,7 @@ class _Outliner(relax.PyExprMutator):
         x, w, bias = found
         new = emit_linear_site(self.builder_, self.visit_expr(x), w, bias)
         out = binding.value.ty.shape
-        if len(out.values) != len(static_k_dims(x)):  # x of lower rank than a [1, K, N] weight
+        if len(out.values) != x.ty.ndim:  # x of lower rank than a [1, K, N] weight
             new = relax.op.reshape(self.builder_.emit(new), out)
         rebind(self, binding, new)
 

@@ -25,7 +25,7 @@ import json
 import tvm
 from tvm import relax
 
-from bscompile.sites import tensor_dims
+from bscompile.sites import dim_of, shape_text
 
 #: The module attribute: JSON list of the generic products (read by the driver).
 GENERIC_PRODUCTS = "bscompile.generic_products"
@@ -38,8 +38,8 @@ _LAYOUT = [tvm.ir.Op.get(f"relax.{name}") for name in ("permute_dims", "reshape"
 
 
 def _dims(e: relax.Expr) -> list[int | str] | None:
-    dims = tensor_dims(getattr(e.ty, "shape", None))
-    return None if dims is None else [d if isinstance(d, int) else str(d) for d in dims]
+    values = getattr(getattr(e.ty, "shape", None), "values", None)
+    return None if values is None else [dim_of(v) for v in values]
 
 
 def _product(call: relax.Call) -> tuple[str, list[relax.Expr]] | None:
@@ -89,7 +89,7 @@ def generic_products(mod: tvm.IRModule) -> list[dict]:
 
 def describe(entry: dict) -> str:
     """One entry in words: ``matmul of [T, 64] and [2, 64, 2048] in main (x20)``."""
-    shapes = " and ".join("[" + ", ".join(map(str, d)) + "]" if d is not None else "[?]" for d in entry["shapes"])
+    shapes = " and ".join(shape_text(d) if d is not None else "[?]" for d in entry["shapes"])
     count = entry.get("count", 1)
     return f"{entry['op']} of {shapes} in {entry['function']}" + (f" (x{count})" if count > 1 else "")
 
